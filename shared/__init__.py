@@ -1,0 +1,1 @@
+"""orderflow's common package: the contract, settings, broker topology, database and logging."""

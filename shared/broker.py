@@ -1,0 +1,147 @@
+"""The RabbitMQ topology, declared here once and by every service on connect, and publishing.
+
+Exchanges (public contract): `orders.commands` and `orders.events`, both durable topic exchanges.
+Queues (owned by orderflow): the bridge's command queue, the audit consumer's event queue, and one
+dead-letter queue that keeps every message a consumer gave up on, with the reason in its headers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from shared.contracts import COMMAND_ROUTING_KEYS, Command, OrderEvent
+from shared.settings import Settings
+
+COMMANDS_EXCHANGE = "orders.commands"
+EVENTS_EXCHANGE = "orders.events"
+DEAD_LETTER_EXCHANGE = "orders.dead-letter"
+DEAD_LETTER_QUEUE = "orders.dead-letter"
+REASON_HEADER = "x-orderflow-reason"
+ERROR_HEADER = "x-orderflow-error"
+CONSUMER_HEADER = "x-orderflow-consumer"
+
+
+@dataclass(frozen=True)
+class Topology:
+    commands: AbstractExchange
+    events: AbstractExchange
+    dead_letter: AbstractExchange
+
+
+async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
+    """A robust connection: it reconnects and re-declares what its channels declared."""
+    return await aio_pika.connect_robust(settings.amqp_url, client_properties={"connection_name": name})
+
+
+async def declare_topology(channel: AbstractChannel) -> Topology:
+    commands = await channel.declare_exchange(
+        COMMANDS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    events = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    dead_letter = await channel.declare_exchange(
+        DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    dead_letter_queue = await channel.declare_queue(
+        DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await dead_letter_queue.bind(dead_letter, routing_key="#")
+    return Topology(commands=commands, events=events, dead_letter=dead_letter)
+
+
+async def declare_consumer_queue(
+    channel: AbstractChannel, name: str, exchange: AbstractExchange, routing_key: str
+) -> AbstractQueue:
+    """A durable quorum queue (it counts redeliveries in `x-delivery-count`) that dead-letters."""
+    queue = await channel.declare_queue(
+        name,
+        durable=True,
+        arguments={"x-queue-type": "quorum", "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE},
+    )
+    await queue.bind(exchange, routing_key=routing_key)
+    return queue
+
+
+async def open_channel(connection: AbstractRobustConnection, prefetch: int = 0) -> tuple[AbstractChannel, Topology]:
+    """A channel with publisher confirms on (every publish waits for the broker's ack)."""
+    channel = await connection.channel(publisher_confirms=True)
+    if prefetch:
+        await channel.set_qos(prefetch_count=prefetch)
+    return channel, await declare_topology(channel)
+
+
+async def publish_command(topology: Topology, command: Command) -> None:
+    """Publish one command; returns once the broker confirmed it (raises otherwise)."""
+    await topology.commands.publish(
+        aio_pika.Message(
+            body=command.model_dump_json().encode(),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=str(command.command_id),
+            correlation_id=command.correlation_id,
+            type=command.type.value,
+        ),
+        routing_key=COMMAND_ROUTING_KEYS[command.type],
+        mandatory=True,
+    )
+
+
+async def publish_event(topology: Topology, event: OrderEvent) -> None:
+    await topology.events.publish(
+        aio_pika.Message(
+            body=event.model_dump_json().encode(),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=str(event.event_id),
+            correlation_id=event.correlation_id,
+            type=event.type.value,
+            timestamp=event.occurred_at,
+        ),
+        routing_key=event.type.routing_key,
+    )
+
+
+async def dead_letter(
+    topology: Topology,
+    message: AbstractIncomingMessage,
+    *,
+    consumer: str,
+    reason: str,
+    error: str,
+) -> None:
+    """Move a message the consumer gave up on to the dead-letter queue, saying why, then ack it.
+
+    Publishing (confirmed) comes before the ack, so a crash in between duplicates the message in
+    the dead-letter queue rather than losing it.
+    """
+    headers: dict[str, object] = dict(message.headers or {})
+    headers.update({REASON_HEADER: reason, ERROR_HEADER: error[:2000], CONSUMER_HEADER: consumer})
+    await topology.dead_letter.publish(
+        aio_pika.Message(
+            body=message.body,
+            headers=headers,
+            content_type=message.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            type=message.type,
+        ),
+        routing_key=message.routing_key or "unknown",
+    )
+    await message.ack()
+
+
+def delivery_count(message: AbstractIncomingMessage) -> int:
+    """How many times this message was delivered before (quorum queues count it)."""
+    headers: Mapping[str, object] = message.headers or {}
+    count = headers.get("x-delivery-count", 0)
+    return int(count) if isinstance(count, int) else 0

@@ -1,0 +1,120 @@
+"""PostgreSQL: the tables (sqlmodel) and the async engine (asyncpg).
+
+The schema itself is created and changed only by the migrations in `migrations/`; these models
+describe it for queries. `tests/test_migrations.py` checks the two agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, String, Text, func, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlmodel import Field, SQLModel
+
+from shared.settings import Settings
+
+
+def _timestamp(nullable: bool = True, default_now: bool = False) -> Any:
+    return Field(
+        default=None,
+        sa_column=Column(
+            DateTime(timezone=True),
+            nullable=nullable,
+            server_default=func.now() if default_now else None,
+        ),
+    )
+
+
+class Order(SQLModel, table=True):
+    """The read model of an order: business steps write their columns, the audit consumer
+    projects `state`, `address` and `reason` from the events."""
+
+    __tablename__ = "orders"
+
+    id: str = Field(primary_key=True, max_length=64)
+    payment_id: str = Field(max_length=64)
+    items: list[dict[str, Any]] = Field(sa_column=Column(JSONB, nullable=False))
+    address: dict[str, Any] = Field(sa_column=Column(JSONB, nullable=False))
+    amount_cents: int = Field(sa_column=Column(BigInteger, nullable=False))
+    state: str = Field(sa_column=Column(String(32), nullable=False, index=True))
+    last_event_seq: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    reason: str | None = Field(default=None, sa_column=Column(Text))
+    tracking_number: str | None = Field(default=None, max_length=64)
+    created_at: datetime | None = _timestamp(nullable=False, default_now=True)
+    updated_at: datetime | None = _timestamp(nullable=False, default_now=True)
+    validated_at: datetime | None = _timestamp()
+    package_prepared_at: datetime | None = _timestamp()
+    dispatched_at: datetime | None = _timestamp()
+    shipped_at: datetime | None = _timestamp()
+
+
+class Payment(SQLModel, table=True):
+    """One charge per `payment_id`: the primary key is what makes charging idempotent."""
+
+    __tablename__ = "payments"
+
+    payment_id: str = Field(primary_key=True, max_length=64)
+    order_id: str = Field(max_length=64, index=True)
+    amount_cents: int = Field(sa_column=Column(BigInteger, nullable=False))
+    status: str = Field(max_length=16)
+    charged_at: datetime | None = _timestamp(nullable=False, default_now=True)
+    refunded_at: datetime | None = _timestamp()
+
+
+class AuditEvent(SQLModel, table=True):
+    """Every event once: unique on `event_id`, and on `(order_id, seq)` for lifecycle events."""
+
+    __tablename__ = "order_events"
+    __table_args__ = (
+        Index(
+            "uq_order_events_order_seq",
+            "order_id",
+            "seq",
+            unique=True,
+            postgresql_where=text("seq > 0"),
+        ),
+    )
+
+    event_id: UUID = Field(primary_key=True)
+    order_id: str = Field(max_length=64)
+    seq: int
+    type: str = Field(max_length=32)
+    occurred_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    correlation_id: str | None = Field(default=None, max_length=128)
+    command_id: UUID | None = None
+    data: dict[str, Any] = Field(sa_column=Column(JSONB, nullable=False))
+    recorded_at: datetime | None = _timestamp(nullable=False, default_now=True)
+
+
+class ProcessedCommand(SQLModel, table=True):
+    """The bridge's tracking record: a command id here has had its one effect."""
+
+    __tablename__ = "processed_commands"
+
+    command_id: UUID = Field(primary_key=True)
+    order_id: str = Field(max_length=64)
+    type: str = Field(max_length=32)
+    outcome: str = Field(max_length=16)
+    detail: str | None = Field(default=None, sa_column=Column(Text))
+    processed_at: datetime | None = _timestamp(nullable=False, default_now=True)
+
+
+def create_engine(settings: Settings) -> AsyncEngine:
+    return create_async_engine(settings.database_url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@asynccontextmanager
+async def transaction(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A session whose work commits on success and rolls back on any error."""
+    async with sessions() as session, session.begin():
+        yield session

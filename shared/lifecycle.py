@@ -1,0 +1,48 @@
+"""How the outside world addresses an order's workflow: ids, names and the start input.
+
+The bridge starts and signals workflows with these; the workers implement them. Plain pydantic
+models only, so workflow code can import this module inside Temporal's sandbox.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from shared.contracts import PlaceOrder
+
+ORDER_WORKFLOW = "OrderWorkflow"
+SHIPPING_WORKFLOW = "ShippingWorkflow"
+
+
+class Signals:
+    """Signal names of `OrderWorkflow` (commands) and of `ShippingWorkflow`."""
+
+    APPROVE = "approve"
+    CANCEL = "cancel"
+    UPDATE_ADDRESS = "update_address"
+    # child -> parent
+    PACKAGE_PREPARED = "package_prepared"
+    CARRIER_DISPATCHED = "carrier_dispatched"
+    DISPATCH_FAILED = "dispatch_failed"
+
+
+STATUS_QUERY = "status"
+
+
+def order_workflow_id(order_id: str) -> str:
+    return f"order-{order_id}"
+
+
+class LifecyclePolicy(BaseModel):
+    """Timing and bounds of one lifecycle, fixed when it starts (from `Settings`)."""
+
+    review_window_seconds: float
+    lifecycle_deadline_seconds: float
+    max_shipping_attempts: int
+    activity_attempt_timeout_seconds: float
+    dispatch_attempts_per_shipment: int
+
+
+class OrderWorkflowInput(BaseModel):
+    order: PlaceOrder
+    policy: LifecyclePolicy

@@ -1,0 +1,62 @@
+"""Structured logs: one JSON line per event, from structlog and from the standard library alike.
+
+Workflow code logs through `temporalio.workflow.logger` (standard logging, silent during replay);
+its `extra` fields (order_id, step, attempt, ...) land in the same JSON lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+from shared.settings import Settings
+
+_SKIPPED_RECORD_FIELDS = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys() | {"message", "asctime"}
+)
+
+
+def _record_extras(_: object, __: str, event_dict: dict) -> dict:
+    """Copy a standard-library record's `extra=` fields into the event (Temporal's context too)."""
+    record: logging.LogRecord | None = event_dict.get("_record")
+    if record is not None:
+        for key, value in vars(record).items():
+            if key not in _SKIPPED_RECORD_FIELDS and not key.startswith("_") and key not in event_dict:
+                event_dict[key] = value
+    return event_dict
+
+
+def configure_logging(settings: Settings, service: str) -> None:
+    shared_processors: list = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.dict_tracebacks,
+    ]
+    renderer = (
+        structlog.processors.JSONRenderer(default=str)
+        if settings.log_json
+        else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[*shared_processors, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared_processors, _record_extras],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    for noisy in ("aiormq", "aio_pika", "sqlalchemy.engine", "httpx", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    structlog.contextvars.bind_contextvars(service=service)

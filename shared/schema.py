@@ -1,0 +1,40 @@
+"""Create the database if it is missing and bring its schema to the newest migration."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import make_url
+
+ALEMBIC_INI = Path(__file__).resolve().parents[1] / "alembic.ini"
+
+
+async def ensure_database(database_url: str) -> None:
+    url = make_url(database_url)
+    server = await asyncpg.connect(
+        host=url.host, port=url.port or 5432, user=url.username, password=url.password,
+        database="postgres",
+    )
+    try:
+        exists = await server.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", url.database)
+        if not exists:
+            await server.execute(f'CREATE DATABASE "{url.database}"')
+    finally:
+        await server.close()
+
+
+def upgrade(database_url: str) -> None:
+    """Apply every migration (alembic runs its own event loop, so call this outside one)."""
+    config = Config(str(ALEMBIC_INI))
+    config.attributes["database_url"] = database_url
+    config.attributes["configure_logging"] = False
+    command.upgrade(config, "head")
+
+
+def migrate(database_url: str) -> None:
+    asyncio.run(ensure_database(database_url))
+    upgrade(database_url)

