@@ -23,6 +23,9 @@ Identifier = Annotated[
 ]
 """An order id or payment id: 1 to 64 letters, digits, '.', '_' or '-'."""
 
+CorrelationId = Annotated[str, StringConstraints(max_length=128)]
+"""A caller's id that ties related commands and events together."""
+
 ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 OptionalText = Annotated[str, StringConstraints(strip_whitespace=True, max_length=500)]
 
@@ -68,6 +71,10 @@ class PlaceOrderPayload(Model):
     items: Annotated[list[OrderItem], Field(min_length=1, max_length=MAX_ITEMS)]
     address: Address
 
+    @property
+    def amount_cents(self) -> int:
+        return sum(item.qty * item.unit_price_cents for item in self.items)
+
 
 class ApproveOrderPayload(Model):
     reviewer: ShortText | None = None
@@ -86,7 +93,7 @@ class _CommandEnvelope(Model):
     command_id: UUID
     order_id: Identifier
     issued_at: AwareDatetime
-    correlation_id: Annotated[str, StringConstraints(max_length=128)] | None = None
+    correlation_id: CorrelationId | None = None
 
 
 class PlaceOrder(_CommandEnvelope):

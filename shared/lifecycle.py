@@ -41,6 +41,7 @@ class LifecyclePolicy(BaseModel):
     max_shipping_attempts: int
     activity_attempt_timeout_seconds: float
     dispatch_attempts_per_shipment: int
+    shipping_task_queue: str
 
 
 class OrderWorkflowInput(BaseModel):

@@ -34,7 +34,10 @@ def configure_logging(settings: Settings, service: str) -> None:
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.dict_tracebacks,
+        # tracebacks as data, without local variables (they hold whole requests and secrets)
+        structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        ),
     ]
     renderer = (
         structlog.processors.JSONRenderer(default=str)
@@ -59,4 +62,6 @@ def configure_logging(settings: Settings, service: str) -> None:
     root.setLevel(settings.log_level.upper())
     for noisy in ("aiormq", "aio_pika", "sqlalchemy.engine", "httpx", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # every failed attempt is logged once, by the workflow, with its step and attempt number
+    logging.getLogger("temporalio.activity").setLevel(logging.ERROR)
     structlog.contextvars.bind_contextvars(service=service)

@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     max_command_deliveries: int = Field(
         default=5, ge=1, description="deliveries of one command before it is dead-lettered"
     )
+    audit_prefetch: int = Field(default=64, ge=1)
+    max_event_deliveries: int = Field(
+        default=5, ge=1, description="deliveries of one event to the audit consumer before dead-lettering"
+    )
 
     # lifecycle timing: the contract says every lifecycle ends within 15 s of its start
     review_window_seconds: float = Field(default=8.0, gt=0)
@@ -58,6 +62,7 @@ class Settings(BaseSettings):
             max_shipping_attempts=self.max_shipping_attempts,
             activity_attempt_timeout_seconds=self.activity_attempt_timeout_seconds,
             dispatch_attempts_per_shipment=self.dispatch_attempts_per_shipment,
+            shipping_task_queue=self.shipping_task_queue,
         )
 
     @model_validator(mode="after")

@@ -1,0 +1,173 @@
+"""The six business functions of the lifecycle (and the refund that compensates a charge).
+
+Each business function calls `flaky_call()` first, as the contract says, then does its own database
+work. Every one of them is safe to run again: an activity attempt may time out after its work
+committed, and the retry must not do it twice.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import Counter
+from enum import StrEnum
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.workers import faults
+from shared.contracts import Address, OrderState, PlaceOrder
+from shared.db import Order, Payment, transaction
+
+Sessions = async_sessionmaker[AsyncSession]
+
+MAX_TOTAL_QUANTITY = 10_000
+
+
+class OrderInvalid(Exception):
+    """The order breaks a business rule: retrying cannot help."""
+
+
+class ChargeOutcome(StrEnum):
+    CHARGED = "charged"
+    ALREADY_CHARGED = "already_charged"
+
+
+class PaymentStatus(StrEnum):
+    CHARGED = "charged"
+    REFUNDED = "refunded"
+
+
+async def order_received(sessions: Sessions, order: PlaceOrder) -> None:
+    """Insert the order; receiving it again changes nothing."""
+    await faults.flaky_call()
+    payload = order.payload
+    async with transaction(sessions) as session:
+        await session.execute(
+            insert(Order)
+            .values(
+                id=order.order_id,
+                payment_id=payload.payment_id,
+                items=[item.model_dump() for item in payload.items],
+                address=payload.address.model_dump(),
+                amount_cents=payload.amount_cents,
+                state=OrderState.RECEIVED.value,
+            )
+            .on_conflict_do_nothing(index_elements=[Order.id])
+        )
+
+
+async def order_validated(sessions: Sessions, order_id: str) -> None:
+    """Check the stored order against the business rules and mark it validated."""
+    await faults.flaky_call()
+    async with transaction(sessions) as session:
+        order = await session.get(Order, order_id)
+        if order is None:
+            # not a business verdict: the insert has not landed where we read; a retry may see it
+            raise LookupError(f"order {order_id} is not in the database")
+        await _check_rules(session, order)
+        if order.validated_at is None:
+            order.validated_at = func.now()
+
+
+async def _check_rules(session: AsyncSession, order: Order) -> None:
+    skus = Counter(item["sku"] for item in order.items)
+    repeated = sorted(sku for sku, count in skus.items() if count > 1)
+    if repeated:
+        raise OrderInvalid(f"each SKU may appear once; repeated: {', '.join(repeated)}")
+    total = sum(item["qty"] for item in order.items)
+    if total > MAX_TOTAL_QUANTITY:
+        raise OrderInvalid(f"total quantity {total} exceeds {MAX_TOTAL_QUANTITY}")
+    owner = await session.scalar(
+        select(Payment.order_id).where(Payment.payment_id == order.payment_id)
+    )
+    if owner is not None and owner != order.id:
+        raise OrderInvalid(f"payment {order.payment_id} already belongs to order {owner}")
+
+
+async def payment_charged(
+    sessions: Sessions, *, payment_id: str, order_id: str, amount_cents: int
+) -> ChargeOutcome:
+    """Charge once per `payment_id`.
+
+    The insert claims the payment id inside the transaction: a concurrent second call waits on the
+    unique key until the first commits, then finds the row and counts as already processed. The
+    charge is recorded (committed) only when it succeeded; a failure rolls the claim back.
+    """
+    await faults.flaky_call()
+    async with transaction(sessions) as session:
+        claimed = await session.scalar(
+            insert(Payment)
+            .values(
+                payment_id=payment_id,
+                order_id=order_id,
+                amount_cents=amount_cents,
+                status=PaymentStatus.CHARGED.value,
+            )
+            .on_conflict_do_nothing(index_elements=[Payment.payment_id])
+            .returning(Payment.payment_id)
+        )
+        if claimed:
+            return ChargeOutcome.CHARGED
+        owner = await session.scalar(select(Payment.order_id).where(Payment.payment_id == payment_id))
+    if owner != order_id:
+        raise OrderInvalid(f"payment {payment_id} already belongs to order {owner}")
+    return ChargeOutcome.ALREADY_CHARGED
+
+
+async def package_prepared(sessions: Sessions, order_id: str) -> None:
+    await faults.flaky_call()
+    async with transaction(sessions) as session:
+        await session.execute(
+            update(Order)
+            .where(Order.id == order_id, Order.package_prepared_at.is_(None))
+            .values(package_prepared_at=func.now())
+        )
+
+
+async def carrier_dispatched(sessions: Sessions, order_id: str, address: Address) -> str:
+    """Hand the package to the carrier for `address`; returns the tracking number (kept across
+    retries and re-dispatches)."""
+    await faults.flaky_call()
+    async with transaction(sessions) as session:
+        tracking_number = await session.scalar(
+            update(Order)
+            .where(Order.id == order_id)
+            .values(
+                address=address.model_dump(),
+                tracking_number=func.coalesce(Order.tracking_number, _new_tracking_number()),
+                dispatched_at=func.coalesce(Order.dispatched_at, func.now()),
+            )
+            .returning(Order.tracking_number)
+        )
+    if tracking_number is None:
+        raise LookupError(f"order {order_id} is not in the database")
+    return tracking_number
+
+
+def _new_tracking_number() -> str:
+    return "TRK-" + secrets.token_hex(6).upper()
+
+
+async def order_shipped(sessions: Sessions, order_id: str) -> None:
+    await faults.flaky_call()
+    async with transaction(sessions) as session:
+        await session.execute(
+            update(Order)
+            .where(Order.id == order_id, Order.shipped_at.is_(None))
+            .values(shipped_at=func.now())
+        )
+
+
+async def payment_refunded(sessions: Sessions, payment_id: str) -> bool:
+    """Compensate a charge. Not one of the contract's six business steps, so no fault injection:
+    a refund must get through. Returns whether the payment is refunded (False: it never was charged).
+    """
+    async with transaction(sessions) as session:
+        await session.execute(
+            update(Payment)
+            .where(Payment.payment_id == payment_id, Payment.status == PaymentStatus.CHARGED.value)
+            .values(status=PaymentStatus.REFUNDED.value, refunded_at=func.now())
+        )
+        status = await session.scalar(select(Payment.status).where(Payment.payment_id == payment_id))
+    return status == PaymentStatus.REFUNDED.value

@@ -1,0 +1,95 @@
+"""ShippingWorkflow (task queue `shipping-tq`): prepare the package, then dispatch it to the carrier.
+
+A child of OrderWorkflow. It reports each milestone to the parent by signal, because the parent
+owns the order's status and the numbering of its events. When dispatch keeps failing it signals the
+parent `DispatchFailed(reason)` and ends; the parent decides whether to ship again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from services.workers.steps import (
+        Activities,
+        AttemptLog,
+        DispatchRequest,
+        DispatchResult,
+        ShippingInput,
+        ShippingResult,
+        StepExhausted,
+        StepPolicy,
+        run_step,
+    )
+    from shared.contracts import Address, Step
+    from shared.lifecycle import SHIPPING_WORKFLOW, Signals
+
+
+@workflow.defn(name=SHIPPING_WORKFLOW)
+class ShippingWorkflow:
+    @workflow.init
+    def __init__(self, shipment: ShippingInput) -> None:
+        self._address = shipment.address
+        self._attempts = AttemptLog(shipment.order_id)
+
+    @workflow.run
+    async def run(self, shipment: ShippingInput) -> ShippingResult:
+        parent = workflow.get_external_workflow_handle(shipment.parent_workflow_id)
+        timeout = timedelta(seconds=shipment.attempt_timeout_seconds)
+
+        if not shipment.package_ready:
+            await run_step(
+                Step.PREPARE_PACKAGE,
+                Activities.PREPARE_PACKAGE,
+                shipment.order_id,
+                policy=StepPolicy(attempt_timeout=timeout),
+                on_attempt=self._attempts,
+            )
+            await parent.signal(Signals.PACKAGE_PREPARED, self._attempts.report(Step.PREPARE_PACKAGE))
+
+        dispatch_policy = StepPolicy(attempt_timeout=timeout, max_attempts=shipment.dispatch_attempts)
+        try:
+            dispatched = await self._dispatch(shipment.order_id, dispatch_policy)
+        except StepExhausted as exhausted:
+            report = self._attempts.report(Step.DISPATCH_CARRIER, reason=str(exhausted))
+            await parent.signal(Signals.DISPATCH_FAILED, report)
+            return ShippingResult(dispatched=False, failure=str(exhausted))
+
+        report = self._attempts.report(
+            Step.DISPATCH_CARRIER, tracking_number=dispatched.tracking_number
+        )
+        await parent.signal(Signals.CARRIER_DISPATCHED, report)
+        return ShippingResult(dispatched=True, tracking_number=dispatched.tracking_number)
+
+    @workflow.signal(name=Signals.UPDATE_ADDRESS)
+    def update_address(self, address: Address) -> None:
+        self._address = address
+
+    async def _dispatch(self, order_id: str, policy: StepPolicy) -> DispatchResult:
+        """Dispatch to the current address; if it changes mid-dispatch, dispatch to the new one."""
+        while True:
+            address = self._address
+            dispatch = asyncio.create_task(
+                run_step(
+                    Step.DISPATCH_CARRIER,
+                    Activities.DISPATCH_CARRIER,
+                    DispatchRequest(order_id=order_id, address=address),
+                    policy=policy,
+                    on_attempt=self._attempts,
+                    result_type=DispatchResult,
+                )
+            )
+            try:
+                await workflow.wait_condition(lambda: dispatch.done() or self._address != address)
+                if dispatch.done():
+                    return dispatch.result()
+            finally:
+                # stops the attempt for the old address, or all of it when shipping is cancelled
+                dispatch.cancel()
+            workflow.logger.info(
+                "address changed during dispatch; dispatching to the new one",
+                extra={"order_id": order_id, "step": Step.DISPATCH_CARRIER.value},
+            )
