@@ -18,6 +18,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aiormq.abc import DeliveredMessage
 
 from shared.contracts import COMMAND_ROUTING_KEYS, Command, OrderEvent
 from shared.settings import Settings
@@ -29,6 +30,10 @@ DEAD_LETTER_QUEUE = "orders.dead-letter"
 REASON_HEADER = "x-orderflow-reason"
 ERROR_HEADER = "x-orderflow-error"
 CONSUMER_HEADER = "x-orderflow-consumer"
+
+
+class CommandNotRouted(Exception):
+    """The broker returned a command: no queue is bound for its routing key, so nobody would get it."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,8 @@ async def open_channel(connection: AbstractRobustConnection, prefetch: int = 0) 
 
 async def publish_command(topology: Topology, command: Command) -> None:
     """Publish one command; returns once the broker confirmed it (raises otherwise)."""
-    await topology.commands.publish(
+    routing_key = COMMAND_ROUTING_KEYS[command.type]
+    confirmation = await topology.commands.publish(
         aio_pika.Message(
             body=command.model_dump_json().encode(),
             content_type="application/json",
@@ -90,9 +96,12 @@ async def publish_command(topology: Topology, command: Command) -> None:
             correlation_id=command.correlation_id,
             type=command.type.value,
         ),
-        routing_key=COMMAND_ROUTING_KEYS[command.type],
+        routing_key=routing_key,
         mandatory=True,
     )
+    # a channel without on_return_raises hands an unroutable mandatory message back instead of raising
+    if isinstance(confirmation, DeliveredMessage):
+        raise CommandNotRouted(f"no queue is bound to {COMMANDS_EXCHANGE} for {routing_key!r}")
 
 
 async def publish_event(topology: Topology, event: OrderEvent) -> None:

@@ -1,0 +1,20 @@
+"""`python -m services.api`: serve the REST gateway on `api_host:api_port`."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from services.api.app import create_app
+from shared.logging import configure_logging
+from shared.settings import get_settings
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings, "api")
+    # log_config=None keeps uvicorn's loggers on the JSON handler configured above
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_config=None)
+
+
+if __name__ == "__main__":
+    main()

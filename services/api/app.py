@@ -1,0 +1,64 @@
+"""The REST gateway's FastAPI application: `create_app(settings)`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, status
+from fastapi.responses import JSONResponse
+
+from services.api import commands, health, orders
+from services.api.connections import Connections, DependencyUnavailable
+from shared.settings import Settings
+
+DESCRIPTION = """
+Place orders and steer their lifecycle over HTTP.
+
+**Commands** (`POST`) are published to the RabbitMQ exchange `orders.commands` and answered
+`202 Accepted` only once the broker has confirmed them; a `503` means nothing was published. A
+command's effect is asynchronous: follow the order with `GET /orders/{order_id}` and its
+`/events`. Retrying a command with the same `command_id` (or `Idempotency-Key` header) is safe.
+
+**Queries** (`GET`) read the order's workflow (live status) and the orders and audit tables.
+"""
+TAGS = [
+    {"name": "commands", "description": "Publish commands; answered once the broker confirmed them."},
+    {"name": "orders", "description": "An order's status, its history, and the list of orders."},
+    {"name": "health", "description": "Liveness and readiness probes."},
+]
+RETRY_AFTER_SECONDS = "5"
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="orderflow REST gateway",
+        version="0.1.0",
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.include_router(commands.router)
+    app.include_router(orders.router)
+    app.include_router(health.router)
+    app.add_exception_handler(DependencyUnavailable, dependency_unavailable)
+    return app
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Open the broker channel, database engine and Temporal client once; close them at shutdown."""
+    app.state.connections = await Connections.open(app.state.settings)
+    try:
+        yield
+    finally:
+        await app.state.connections.close()
+
+
+async def dependency_unavailable(_: Request, error: Exception) -> JSONResponse:
+    return JSONResponse(
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        content={"detail": str(error)},
+        headers={"Retry-After": RETRY_AFTER_SECONDS},
+    )

@@ -1,0 +1,122 @@
+"""Request and response bodies of the gateway, built on the contract's models and bounds."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from uuid import UUID
+
+from pydantic import BaseModel, Field
+
+from shared.contracts import (
+    ApproveOrderPayload,
+    CancelOrderPayload,
+    CommandType,
+    CorrelationId,
+    Identifier,
+    Model,
+    OrderEvent,
+    OrderItem,
+    OrderState,
+    OrderStatus,
+    PlaceOrderPayload,
+    Step,
+    UpdateAddressPayload,
+)
+
+
+# --- commands -------------------------------------------------------------------------------------
+class CommandOptions(Model):
+    """Fields every command request may carry besides its payload."""
+
+    command_id: UUID | None = Field(
+        default=None,
+        description="Send the same id when retrying: a command id has one effect however often it "
+        "arrives. Generated when absent (or taken from the Idempotency-Key header).",
+    )
+    correlation_id: CorrelationId | None = Field(
+        default=None, description="Copied onto the command and the events it causes."
+    )
+
+
+class PlaceOrderRequest(CommandOptions, PlaceOrderPayload):
+    order_id: Identifier | None = Field(default=None, description="Generated when absent.")
+
+
+class ApproveOrderRequest(CommandOptions, ApproveOrderPayload):
+    pass
+
+
+class CancelOrderRequest(CommandOptions, CancelOrderPayload):
+    pass
+
+
+class UpdateAddressRequest(CommandOptions, UpdateAddressPayload):
+    pass
+
+
+class CommandAccepted(BaseModel):
+    """The broker has the command (confirmed); the lifecycle applies it asynchronously."""
+
+    command_id: UUID
+    type: CommandType
+    order_id: str
+    status_url: str = Field(description="Where to follow the order: GET it.")
+
+
+# --- queries --------------------------------------------------------------------------------------
+class StatusSource(StrEnum):
+    WORKFLOW = "workflow"
+    READ_MODEL = "read_model"
+
+
+class OrderStatusView(OrderStatus):
+    """An order's status: live from its workflow, or from the orders table once that is gone."""
+
+    source: StatusSource = Field(
+        description="`workflow`: the running (or recently finished) workflow's status query; "
+        "`read_model`: the orders table, which lacks the step-level detail."
+    )
+    # the read model cannot know these, so the view relaxes them to "unknown" (null)
+    step: Step | None = Field(  # type: ignore[assignment]
+        default=None, description="Current step; only the workflow knows it."
+    )
+    shipping_attempts: int | None = Field(  # type: ignore[assignment]
+        default=None, description="Only the workflow knows it."
+    )
+    refunded: bool | None = Field(default=None, description="Only the workflow knows it.")  # type: ignore[assignment]
+    items: list[OrderItem] | None = Field(default=None, description="Only the orders table has them.")
+    amount_cents: int | None = Field(default=None, description="Only the orders table has it.")
+
+
+class OrderSummary(BaseModel):
+    order_id: str
+    state: OrderState
+    payment_id: str
+    amount_cents: int
+    reason: str | None
+    tracking_number: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class OrderPage(BaseModel):
+    items: list[OrderSummary]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at the end.")
+
+
+class OrderHistory(BaseModel):
+    order_id: str
+    events: list[OrderEvent] = Field(description="Ordered by `seq`, then by when they were recorded.")
+
+
+# --- health ---------------------------------------------------------------------------------------
+class DependencyCheck(BaseModel):
+    ok: bool
+    detail: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    checks: dict[str, DependencyCheck]
+    failed: list[str] = Field(description="Names of the dependencies that are not ready.")

@@ -1,0 +1,20 @@
+"""Errors the CLI reports as one message and an exit code, never as a traceback."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+
+WATCH_TIMEOUT_EXIT_CODE = 124  # like timeout(1)
+
+
+def fail(message: str, exit_code: int = 1) -> NoReturn:
+    typer.secho(f"Error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(exit_code)
+
+
+def reason(error: BaseException) -> str:
+    """A one-line reason for an error, even for exceptions without a message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -1,0 +1,95 @@
+"""Helpers for the REST gateway's and the CLI's tests: sample orders, read-model rows, a command tap."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import uuid4
+
+import pytest_asyncio
+from aio_pika.abc import AbstractChannel, AbstractQueue
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from shared import broker
+from shared.contracts import EventType, OrderState
+from shared.db import AuditEvent, Order, transaction
+
+ADDRESS: dict[str, Any] = {
+    "name": "Ada Lovelace",
+    "line1": "12 St James's Square",
+    "city": "London",
+    "postal_code": "SW1Y 4JH",
+    "country": "GB",
+}
+ITEMS: list[dict[str, Any]] = [{"sku": "BOOK-1", "qty": 2, "unit_price_cents": 1250}]
+
+
+def unique_id(prefix: str) -> str:
+    return f"{prefix}-{uuid4().hex[:12]}"
+
+
+def order_body(**overrides: Any) -> dict[str, Any]:
+    """A valid `POST /orders` body."""
+    return {"payment_id": unique_id("pay"), "items": ITEMS, "address": ADDRESS, **overrides}
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound and released at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@pytest_asyncio.fixture
+async def command_queue(
+    broker_channel: tuple[AbstractChannel, broker.Topology],
+) -> AsyncIterator[AbstractQueue]:
+    """A private queue that receives every command published to `orders.commands`."""
+    channel, topology = broker_channel
+    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await queue.bind(topology.commands, routing_key="order.#")
+    yield queue
+
+
+async def insert_order(
+    sessions: async_sessionmaker[AsyncSession],
+    order_id: str,
+    state: OrderState,
+    created_at: datetime | None = None,
+) -> None:
+    """A row of the orders read model, as the business functions and the projection write it."""
+    created_at = created_at or datetime.now(UTC)
+    async with transaction(sessions) as session:
+        session.add(
+            Order(
+                id=order_id,
+                payment_id=f"pay-{order_id}",
+                items=ITEMS,
+                address=ADDRESS,
+                amount_cents=2500,
+                state=state.value,
+                created_at=created_at,
+                updated_at=created_at,
+            )
+        )
+
+
+async def insert_events(
+    sessions: async_sessionmaker[AsyncSession], order_id: str, types_by_seq: dict[int, EventType]
+) -> None:
+    """Rows of the audit table, as the audit consumer writes them."""
+    async with transaction(sessions) as session:
+        for seq, event_type in types_by_seq.items():
+            session.add(
+                AuditEvent(
+                    event_id=uuid4(),
+                    order_id=order_id,
+                    seq=seq,
+                    type=event_type.value,
+                    occurred_at=datetime(2030, 1, 1, tzinfo=UTC) + timedelta(seconds=seq),
+                    data={"seq_was": seq},
+                )
+            )

@@ -1,0 +1,355 @@
+"""The `orderflow` CLI against a real gateway process (`python -m services.api`) and real servers.
+
+Commands run in-process with typer's CliRunner, in a thread so the test's event loop stays free;
+they talk HTTP to the gateway, which runs as its own process on a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import httpx
+import pytest
+import pytest_asyncio
+from aio_pika.abc import AbstractChannel, AbstractQueue
+from api_support import (
+    ADDRESS,
+    closed_port,
+    command_queue,  # noqa: F401 (a fixture)
+    insert_events,
+    insert_order,
+    unique_id,
+)
+from service_support import (
+    broker_channel,  # noqa: F401 (a fixture)
+    eventually,
+    next_message,
+)
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from typer.testing import CliRunner, Result
+
+from services.cli.errors import WATCH_TIMEOUT_EXIT_CODE
+from services.cli.main import app
+from shared import broker
+from shared.contracts import CommandType, EventType, OrderEvent, OrderState, PlaceOrder, command_adapter
+from shared.settings import Settings
+
+GATEWAY_START_TIMEOUT_SECONDS = 30.0
+ADDRESS_OPTIONS = [
+    "--name",
+    ADDRESS["name"],
+    "--line1",
+    ADDRESS["line1"],
+    "--city",
+    ADDRESS["city"],
+    "--postal-code",
+    ADDRESS["postal_code"],
+    "--country",
+    ADDRESS["country"],
+]
+COMMANDS = ["place", "approve", "cancel", "update-address", "status", "list", "history", "watch", "migrate"]
+
+runner = CliRunner()
+
+
+async def orderflow(*args: str, env: dict[str, str] | None = None) -> Result:
+    """Run the CLI in a thread: its commands block (HTTP) or run their own event loop (watch)."""
+    result: Result = await asyncio.to_thread(runner.invoke, app, list(args), env=env)
+    return result
+
+
+@pytest_asyncio.fixture(scope="module")
+async def api_url(
+    settings: Settings,
+    db_sessions: async_sessionmaker[AsyncSession],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[str]:
+    """A gateway process serving the test database, vhost and dev server on a free port."""
+    port = closed_port()
+    env = {
+        **os.environ,
+        "ORDERFLOW_DATABASE_URL": settings.database_url,
+        "ORDERFLOW_AMQP_URL": settings.amqp_url,
+        "ORDERFLOW_TEMPORAL_ADDRESS": settings.temporal_address,
+        "ORDERFLOW_API_HOST": "127.0.0.1",
+        "ORDERFLOW_API_PORT": str(port),
+    }
+    log_path = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.api"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await eventually(lambda: gateway_answers(url, process, log_path), GATEWAY_START_TIMEOUT_SECONDS)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+async def gateway_answers(url: str, process: subprocess.Popen[bytes], log_path: Path) -> bool:
+    if process.poll() is not None:
+        raise AssertionError(f"the gateway exited with {process.returncode}:\n{log_path.read_text()}")
+    try:
+        async with httpx.AsyncClient() as client:
+            return (await client.get(f"{url}/healthz")).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def accepted_command_id(result: Result) -> str:
+    assert result.exit_code == 0, result.output
+    command_id: str = json.loads(result.stdout)["command_id"]
+    return command_id
+
+
+# --- help and errors ------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", [[], *([name] for name in COMMANDS)])
+def test_every_command_has_help(command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--help"])
+
+    assert result.exit_code == 0, result.output
+    assert "Usage: orderflow" in result.stdout
+
+
+def test_a_bad_item_is_a_usage_error() -> None:
+    result = runner.invoke(app, ["place", "--payment-id", "p-1", "--item", "BOOK-1", *ADDRESS_OPTIONS])
+
+    assert result.exit_code == 2
+    assert "SKU:QTY[:PRICE_CENTS]" in result.output
+
+
+async def test_an_unreachable_gateway_is_a_clear_error() -> None:
+    result = await orderflow("status", "ord-1", "--api-url", f"http://127.0.0.1:{closed_port()}")
+
+    assert result.exit_code == 1
+    assert "cannot reach the gateway" in result.stderr
+    assert "Traceback" not in result.output
+
+
+# --- commands -------------------------------------------------------------------------------------
+async def test_place_publishes_the_order(api_url: str, command_queue: AbstractQueue) -> None:
+    order_id = unique_id("cli")
+
+    result = await orderflow(
+        "place",
+        "--api-url",
+        api_url,
+        "--order-id",
+        order_id,
+        "--payment-id",
+        "pay-cli-1",
+        "--item",
+        "BOOK-1:2:1250",
+        "--item",
+        "PEN-7:1",
+        *ADDRESS_OPTIONS,
+        "--region",
+        "Westminster",
+        "--json",
+    )
+
+    command_id = accepted_command_id(result)
+    message = await next_message(command_queue, lambda m: m.message_id == command_id)
+    command = PlaceOrder.model_validate_json(message.body)
+    assert command.order_id == order_id
+    assert command.payload.model_dump(mode="json")["items"] == [
+        {"sku": "BOOK-1", "qty": 2, "unit_price_cents": 1250},
+        {"sku": "PEN-7", "qty": 1, "unit_price_cents": 0},
+    ]
+    assert command.payload.address.region == "Westminster"
+
+
+async def test_place_shows_the_gateways_validation_errors(api_url: str) -> None:
+    result = await orderflow(
+        "place",
+        "--api-url",
+        api_url,
+        "--payment-id",
+        "pay 1",
+        "--item",
+        "BOOK-1:0",
+        *ADDRESS_OPTIONS[:-1],
+        "germany",
+    )
+
+    assert result.exit_code == 1
+    assert "422" in result.stderr
+    for field in ("payment_id", "items.0.qty", "address.country"):
+        assert field in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("arguments", "command_type", "payload"),
+    [
+        (["approve", "--reviewer", "grace"], CommandType.APPROVE, {"reviewer": "grace", "note": None}),
+        (["cancel", "--reason", "duplicate"], CommandType.CANCEL, {"reason": "duplicate"}),
+        (["update-address", *ADDRESS_OPTIONS[:-1], "IE"], CommandType.UPDATE_ADDRESS, None),
+    ],
+)
+async def test_order_commands_publish_their_type(
+    api_url: str,
+    command_queue: AbstractQueue,
+    arguments: list[str],
+    command_type: CommandType,
+    payload: dict[str, Any] | None,
+) -> None:
+    order_id = unique_id("cli")
+    verb, *options = arguments
+
+    result = await orderflow(verb, order_id, *options, "--api-url", api_url, "--json")
+
+    command_id = accepted_command_id(result)
+    message = await next_message(command_queue, lambda m: m.message_id == command_id)
+    command = command_adapter.validate_json(message.body)
+    assert (command.type, command.order_id) == (command_type, order_id)
+    if payload is not None:
+        assert command.payload.model_dump(mode="json") == payload
+    else:
+        assert command.payload.model_dump(mode="json")["address"]["country"] == "IE"
+
+
+async def test_commands_print_text_by_default(api_url: str, command_queue: AbstractQueue) -> None:
+    command_id = str(uuid4())
+
+    result = await orderflow("approve", "cli-text-1", "--command-id", command_id, "--api-url", api_url)
+
+    assert result.exit_code == 0, result.output
+    assert f"accepted: ApproveOrder for order cli-text-1 (command {command_id})" in result.stdout
+    await next_message(command_queue, lambda m: m.message_id == command_id)
+
+
+# --- queries --------------------------------------------------------------------------------------
+async def test_status_from_the_orders_table(
+    api_url: str, db_sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    order_id = unique_id("cli")
+    await insert_order(db_sessions, order_id, OrderState.PAID)
+
+    text = await orderflow("status", order_id, "--api-url", api_url)
+    as_json = await orderflow("status", order_id, "--api-url", api_url, "--json")
+
+    assert text.exit_code == 0, text.output
+    assert f"order {order_id}: paid (from the orders table)" in text.stdout
+    assert "Ada Lovelace, 12 St James's Square, London, SW1Y 4JH, GB" in text.stdout
+    assert json.loads(as_json.stdout)["source"] == "read_model"
+
+
+async def test_status_of_an_unknown_order_fails(api_url: str) -> None:
+    result = await orderflow("status", "cli-never-placed", "--api-url", api_url)
+
+    assert result.exit_code == 1
+    assert "404" in result.stderr and "cli-never-placed" in result.stderr
+
+
+async def test_list_pages_through_orders(api_url: str, db_sessions: async_sessionmaker[AsyncSession]) -> None:
+    # far in the future, so these are the newest orders whatever else the table holds
+    start = datetime(3000, 1, 1, tzinfo=UTC)
+    oldest, older, newer = (unique_id("cli") for _ in range(3))
+    for minute, order_id in enumerate([oldest, older, newer]):
+        await insert_order(db_sessions, order_id, OrderState.VALIDATED, start + timedelta(minutes=minute))
+
+    first = await orderflow("list", "--state", "validated", "--limit", "1", "--api-url", api_url, "--json")
+    cursor = json.loads(first.stdout)["next_cursor"]
+    second = await orderflow(
+        "list", "--state", "validated", "--limit", "1", "--cursor", cursor, "--api-url", api_url
+    )
+
+    assert [order["order_id"] for order in json.loads(first.stdout)["items"]] == [newer]
+    assert second.exit_code == 0, second.output
+    header, row, more = second.stdout.splitlines()
+    assert header.split() == ["ORDER", "STATE", "AMOUNT", "CREATED"]
+    assert row.split()[:3] == [older, "validated", "25.00"]
+    assert more.startswith("more: orderflow list --cursor ")
+
+
+async def test_history_prints_events_in_order(
+    api_url: str, db_sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    order_id = unique_id("cli")
+    await insert_events(db_sessions, order_id, {2: EventType.VALIDATED, 1: EventType.RECEIVED})
+
+    result = await orderflow("history", order_id, "--api-url", api_url)
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert [(line.split()[1], line.split()[3]) for line in lines] == [("#1", "received"), ("#2", "validated")]
+
+
+# --- watch ----------------------------------------------------------------------------------------
+def lifecycle_event(order_id: str, event_type: EventType, seq: int) -> OrderEvent:
+    return OrderEvent(
+        event_id=uuid4(), type=event_type, order_id=order_id, seq=seq, occurred_at=datetime.now(UTC)
+    )
+
+
+async def test_watch_follows_one_order_until_it_ends(
+    base_settings: Settings, broker_channel: tuple[AbstractChannel, broker.Topology]
+) -> None:
+    _, topology = broker_channel
+    order_id, other_id = unique_id("watch"), unique_id("watch")
+    events = [
+        lifecycle_event(other_id, EventType.COMPLETED, 1),
+        lifecycle_event(order_id, EventType.RECEIVED, 1),
+        lifecycle_event(order_id, EventType.CANCELLED, 2),
+    ]
+    watching = asyncio.create_task(
+        orderflow(
+            "watch", order_id, "--timeout", "20", "--json", env={"ORDERFLOW_AMQP_URL": base_settings.amqp_url}
+        )
+    )
+
+    async def watch_ended() -> bool:
+        # the watch's queue exists only once it has bound it, so publish until the watch is over
+        for event in events:
+            await broker.publish_event(topology, event)
+        await asyncio.wait([watching], timeout=0.2)
+        return watching.done()
+
+    await eventually(watch_ended, timeout=20)
+    result = watching.result()
+    assert result.exit_code == 0, result.output
+    seen = [OrderEvent.model_validate_json(line) for line in result.stdout.splitlines()]
+    assert {event.order_id for event in seen} == {order_id}
+    assert seen[-1].type == EventType.CANCELLED
+    assert f"watching order {order_id}" in result.stderr
+
+
+async def test_watch_gives_up_after_its_timeout(base_settings: Settings) -> None:
+    result = await orderflow(
+        "watch", unique_id("watch"), "--timeout", "0.5", env={"ORDERFLOW_AMQP_URL": base_settings.amqp_url}
+    )
+
+    assert result.exit_code == WATCH_TIMEOUT_EXIT_CODE
+    assert "did not end within 0.5 s" in result.stderr
+
+
+# --- migrate --------------------------------------------------------------------------------------
+async def test_migrate_brings_the_database_up_to_date(
+    base_settings: Settings, db_sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    result = await orderflow("migrate", env={"ORDERFLOW_DATABASE_URL": base_settings.database_url})
+
+    assert result.exit_code == 0, result.output
+    assert "is at the newest migration" in result.stdout
+
+
+async def test_migrate_reports_an_unreachable_database() -> None:
+    database_url = f"postgresql+asyncpg://postgres@127.0.0.1:{closed_port()}/orderflow"
+
+    result = await orderflow("migrate", env={"ORDERFLOW_DATABASE_URL": database_url})
+
+    assert result.exit_code == 1
+    assert "migration failed" in result.stderr
+    assert "Traceback" not in result.output
