@@ -40,6 +40,7 @@ class LifecyclePolicy(BaseModel):
     lifecycle_deadline_seconds: float
     max_shipping_attempts: int
     activity_attempt_timeout_seconds: float
+    parallel_attempts: int
     dispatch_attempts_per_shipment: int
     shipping_task_queue: str
 

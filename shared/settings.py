@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     activity_attempt_timeout_seconds: float = Field(
         default=0.5, gt=0, description="start-to-close of one business-step attempt"
     )
+    parallel_attempts: int = Field(
+        default=2, ge=1, le=5, description="attempts of one business step in flight at once"
+    )
     dispatch_attempts_per_shipment: int = Field(default=12, ge=1)
 
     # HTTP gateway
@@ -61,6 +64,7 @@ class Settings(BaseSettings):
             lifecycle_deadline_seconds=self.lifecycle_deadline_seconds,
             max_shipping_attempts=self.max_shipping_attempts,
             activity_attempt_timeout_seconds=self.activity_attempt_timeout_seconds,
+            parallel_attempts=self.parallel_attempts,
             dispatch_attempts_per_shipment=self.dispatch_attempts_per_shipment,
             shipping_task_queue=self.shipping_task_queue,
         )

@@ -82,9 +82,7 @@ class OrderWorkflow:
     def __init__(self, start: OrderWorkflowInput) -> None:
         self._order = start.order
         self._policy = start.policy
-        self._step_policy = StepPolicy(
-            attempt_timeout=timedelta(seconds=start.policy.activity_attempt_timeout_seconds)
-        )
+        self._step_policy = StepPolicy.of(start.policy)
         now = workflow.now()
         self._status = OrderStatus(
             order_id=self._order.order_id,
@@ -203,8 +201,7 @@ class OrderWorkflow:
                 parent_workflow_id=workflow.info().workflow_id,
                 address=self._status.address,
                 package_ready=self._package_ready,
-                attempt_timeout_seconds=self._policy.activity_attempt_timeout_seconds,
-                dispatch_attempts=self._policy.dispatch_attempts_per_shipment,
+                policy=self._policy,
             ),
             id=f"{workflow.info().workflow_id}-shipping-{attempt}",
             task_queue=self._policy.shipping_task_queue,

@@ -8,8 +8,6 @@ parent `DispatchFailed(reason)` and ends; the parent decides whether to ship aga
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
-
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
@@ -38,19 +36,20 @@ class ShippingWorkflow:
     @workflow.run
     async def run(self, shipment: ShippingInput) -> ShippingResult:
         parent = workflow.get_external_workflow_handle(shipment.parent_workflow_id)
-        timeout = timedelta(seconds=shipment.attempt_timeout_seconds)
 
         if not shipment.package_ready:
             await run_step(
                 Step.PREPARE_PACKAGE,
                 Activities.PREPARE_PACKAGE,
                 shipment.order_id,
-                policy=StepPolicy(attempt_timeout=timeout),
+                policy=StepPolicy.of(shipment.policy),
                 on_attempt=self._attempts,
             )
             await parent.signal(Signals.PACKAGE_PREPARED, self._attempts.report(Step.PREPARE_PACKAGE))
 
-        dispatch_policy = StepPolicy(attempt_timeout=timeout, max_attempts=shipment.dispatch_attempts)
+        dispatch_policy = StepPolicy.of(
+            shipment.policy, max_attempts=shipment.policy.dispatch_attempts_per_shipment
+        )
         try:
             dispatched = await self._dispatch(shipment.order_id, dispatch_policy)
         except StepExhausted as exhausted:

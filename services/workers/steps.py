@@ -11,6 +11,7 @@ and log every retry with its attempt number.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable
@@ -23,6 +24,7 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
     from shared.contracts import Address, Step, StepError
+    from shared.lifecycle import LifecyclePolicy
 
 
 class Activities:
@@ -66,8 +68,7 @@ class ShippingInput(BaseModel):
     parent_workflow_id: str
     address: Address
     package_ready: bool
-    attempt_timeout_seconds: float
-    dispatch_attempts: int
+    policy: LifecyclePolicy
 
 
 class ShippingResult(BaseModel):
@@ -96,13 +97,28 @@ class StepExhausted(Exception):
 
 @dataclass(frozen=True)
 class StepPolicy:
-    """Timing of one business step. Attempts either pass in milliseconds, fail at once, or hang:
-    a hang is cut at `attempt_timeout` and the next attempt starts right away. There is no pause
-    between attempts: the server fires timers with about a second's granularity, which would cost
-    more than the attempts themselves, and the lifecycle's deadline bounds the retrying anyway."""
+    """How one business step is attempted.
+
+    An attempt passes in milliseconds, fails at once, or hangs until `attempt_timeout` cuts it.
+    `parallel` attempts run side by side and the first success wins; a failed attempt is replaced
+    at once. Waiting out a hang is what makes a lifecycle slow, and with two attempts in flight a
+    hang rarely delays the step. The business functions are idempotent and charging is safe under
+    concurrency, so overlapping attempts have one effect. There is no pause between attempts: the
+    server fires timers with about a second's granularity, and the lifecycle's deadline bounds the
+    retrying anyway.
+    """
 
     attempt_timeout: timedelta
+    parallel: int = 1
     max_attempts: int | None = None  # None: keep trying until the lifecycle's deadline
+
+    @classmethod
+    def of(cls, lifecycle: LifecyclePolicy, max_attempts: int | None = None) -> StepPolicy:
+        return cls(
+            attempt_timeout=timedelta(seconds=lifecycle.activity_attempt_timeout_seconds),
+            parallel=lifecycle.parallel_attempts,
+            max_attempts=max_attempts,
+        )
 
 
 AttemptListener = Callable[[Step, int, str | None], None]
@@ -154,26 +170,54 @@ async def run_step(
     on_attempt: AttemptListener,
     result_type: type | None = None,
 ) -> Any:
-    attempt = 0
-    while True:
-        attempt += 1
-        on_attempt(step, attempt, None)
-        try:
-            return await workflow.execute_activity(
+    in_flight: dict[asyncio.Task[Any], int] = {}
+    attempts = 0
+    last_error = "no attempt made"
+
+    def launch() -> None:
+        nonlocal attempts
+        attempts += 1
+        on_attempt(step, attempts, None)
+        attempt = asyncio.create_task(
+            workflow.execute_activity(
                 activity,
                 arg,
                 result_type=result_type,
                 start_to_close_timeout=policy.attempt_timeout,
                 retry_policy=RetryPolicy(maximum_attempts=1),
             )
-        except ActivityError as err:
-            cause = err.cause
-            if isinstance(cause, ApplicationError) and cause.non_retryable:
-                raise
-            error = describe_failure(cause)
-            on_attempt(step, attempt, error)
-            if policy.max_attempts is not None and attempt >= policy.max_attempts:
-                raise StepExhausted(step, attempt, error) from err
+        )
+        # a losing attempt is cancelled; its outcome no longer matters
+        attempt.add_done_callback(_discard_outcome)
+        in_flight[attempt] = attempts
+
+    try:
+        while True:
+            while len(in_flight) < policy.parallel and (
+                policy.max_attempts is None or attempts < policy.max_attempts
+            ):
+                launch()
+            if not in_flight:
+                raise StepExhausted(step, attempts, last_error)
+            done, _ = await workflow.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            for finished in sorted(done, key=in_flight.__getitem__):  # deterministic order
+                number = in_flight.pop(finished)
+                try:
+                    return finished.result()
+                except ActivityError as err:
+                    cause = err.cause
+                    if isinstance(cause, ApplicationError) and cause.non_retryable:
+                        raise
+                    last_error = describe_failure(cause)
+                    on_attempt(step, number, last_error)
+    finally:
+        for attempt in in_flight:
+            attempt.cancel()
+
+
+def _discard_outcome(attempt: asyncio.Task[Any]) -> None:
+    if not attempt.cancelled():
+        attempt.exception()
 
 
 def describe_failure(cause: BaseException | None) -> str:
