@@ -11,6 +11,7 @@ import asyncio
 from typing import Any
 
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 from temporalio.worker import (
     ActivityInboundInterceptor,
     ExecuteActivityInput,
@@ -26,5 +27,9 @@ class AttemptDeadlineInterceptor(Interceptor):
 class _AttemptDeadline(ActivityInboundInterceptor):
     async def execute_activity(self, input: ExecuteActivityInput) -> Any:
         timeout = activity.info().start_to_close_timeout
-        async with asyncio.timeout(timeout.total_seconds() if timeout else None):
-            return await super().execute_activity(input)
+        try:
+            async with asyncio.timeout(timeout.total_seconds() if timeout else None):
+                return await super().execute_activity(input)
+        except TimeoutError:
+            seconds = timeout.total_seconds() if timeout else 0.0
+            raise ApplicationError(f"attempt timed out after {seconds:g} s", type="AttemptTimedOut") from None

@@ -1,0 +1,195 @@
+"""The whole of orderflow on one machine: a Temporal dev server, the migrations, and the four
+services (api, bridge, workers, audit) as child processes with their logs.
+
+`make run` runs `python -m services.stack`; the end-to-end tests and the benchmark start the same
+stack through `running_stack`, so what they measure is what users run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from shared import schema
+from shared.settings import Settings, get_settings
+
+SERVICES = ("api", "bridge", "workers", "audit")
+TEMPORAL_BINARY = Path(sys.executable).parent / "temporal"
+STOP_GRACE_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class TemporalDevServer:
+    """Where the dev server listens and keeps its data (a file, so `make run` survives restarts)."""
+
+    port: int = 7233
+    ui_port: int = 8233
+    db_file: Path | None = None  # None: in memory
+    ui: bool = True
+
+    def command(self) -> list[str]:
+        args = [
+            str(TEMPORAL_BINARY), "server", "start-dev",
+            "--ip", "127.0.0.1", "--port", str(self.port), "--ui-port", str(self.ui_port),
+            # the default SQLite settings cost the server two thirds of its throughput
+            "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=off",
+            "--log-level", "error",
+        ]
+        if self.db_file is not None:
+            args += ["--db-filename", str(self.db_file)]
+        if not self.ui:
+            args.append("--headless")
+        return args
+
+
+def service_environment(settings: Settings) -> dict[str, str]:
+    """The settings as ORDERFLOW_* variables, so every child process sees the same configuration."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        env[f"ORDERFLOW_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+class Stack:
+    """Child processes whose output goes, line by line and prefixed with their name, to `log`."""
+
+    def __init__(self, log: IO[str]) -> None:
+        self._log = log
+        self._processes: dict[str, asyncio.subprocess.Process] = {}
+        self._pumps: list[asyncio.Task[None]] = []
+
+    async def start(self, name: str, command: list[str], env: dict[str, str]) -> None:
+        process = await asyncio.create_subprocess_exec(
+            *command,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches us only; we stop the children in order
+        )
+        self._processes[name] = process
+        self._pumps.append(asyncio.create_task(self._pump(name, process)))
+
+    async def _pump(self, name: str, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        prefix = f"{name:<8}| "
+        async for line in process.stdout:
+            self._log.write(prefix + line.decode(errors="replace"))
+            self._log.flush()
+
+    async def first_exit(self) -> str:
+        """Wait until any child exits; returns its name."""
+        waits = {asyncio.create_task(p.wait()): name for name, p in self._processes.items()}
+        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        return waits[done.pop()]
+
+    def running(self, name: str) -> bool:
+        return self._processes[name].returncode is None
+
+    async def stop(self, names: list[str]) -> None:
+        """SIGTERM, then SIGKILL whatever has not stopped within the grace period."""
+        procs = [self._processes[n] for n in names if n in self._processes]
+        for process in procs:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        for process in procs:
+            try:
+                await asyncio.wait_for(process.wait(), STOP_GRACE_SECONDS)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+    async def close(self) -> None:
+        services = [n for n in self._processes if n != "temporal"]
+        await self.stop(services)
+        await self.stop(["temporal"])
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+
+
+async def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            if loop.time() > deadline:
+                raise RuntimeError(f"nothing listens on port {port} after {timeout} s") from None
+            await asyncio.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@asynccontextmanager
+async def running_stack(
+    settings: Settings,
+    *,
+    temporal: TemporalDevServer | None,
+    log: IO[str],
+    services: tuple[str, ...] = SERVICES,
+) -> AsyncIterator[Stack]:
+    """Migrate, start Temporal (unless `temporal` is None: then `settings` names a running one)
+    and the services; stop them all, services first, when the block ends."""
+    await schema.ensure_database(settings.database_url)
+    await asyncio.to_thread(schema.upgrade, settings.database_url)
+    async with AsyncExitStack() as exits:
+        stack = Stack(log)
+        exits.push_async_callback(stack.close)
+        if temporal is not None:
+            await stack.start("temporal", temporal.command(), dict(os.environ))
+            await wait_for_port(temporal.port)
+        env = service_environment(settings)
+        for name in services:
+            await stack.start(name, [sys.executable, "-m", f"services.{name}"], env)
+        if "api" in services:
+            await wait_for_port(settings.api_port)
+        yield stack
+
+
+async def run_until_interrupted() -> int:
+    settings = get_settings()
+    run_dir = Path(".run")
+    run_dir.mkdir(exist_ok=True)
+    temporal = TemporalDevServer(db_file=run_dir / "temporal.db")
+    settings = settings.model_copy(update={"temporal_address": f"127.0.0.1:{temporal.port}"})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with running_stack(settings, temporal=temporal, log=sys.stdout) as stack:
+        print(
+            "\norderflow is running:\n"
+            f"  API docs    {settings.api_url}/docs\n"
+            f"  Temporal UI http://127.0.0.1:{temporal.ui_port}\n"
+            f"  RabbitMQ    {settings.amqp_url.rsplit('@', 1)[-1]}  (exchanges orders.commands, orders.events)\n"
+            "  Ctrl-C stops everything.\n",
+            flush=True,
+        )
+        stopped = asyncio.create_task(stop.wait())
+        crashed = asyncio.create_task(stack.first_exit())
+        done, _ = await asyncio.wait({stopped, crashed}, return_when=asyncio.FIRST_COMPLETED)
+        if crashed in done:
+            print(f"\n{crashed.result()} exited; stopping everything.", file=sys.stderr)
+            return 1
+        crashed.cancel()
+    print("orderflow stopped.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(run_until_interrupted()))
