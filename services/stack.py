@@ -92,8 +92,8 @@ class Stack:
             task.cancel()
         return waits[done.pop()]
 
-    def running(self, name: str) -> bool:
-        return self._processes[name].returncode is None
+    def pids(self) -> dict[str, int]:
+        return {name: process.pid for name, process in self._processes.items()}
 
     async def stop(self, names: list[str]) -> None:
         """SIGTERM, then SIGKILL whatever has not stopped within the grace period."""
