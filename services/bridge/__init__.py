@@ -1,1 +1,1 @@
-
+"""The command bridge: consumes `orders.commands`, starts and signals order workflows."""

@@ -1,0 +1,113 @@
+"""The bridge's side of Temporal: a command becomes a workflow start or a signal.
+
+`apply` says what became of a command; it never publishes. Transient Temporal errors (server
+unreachable) propagate as `RPCError` for the caller to retry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.common import WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from shared.contracts import (
+    ApproveOrder,
+    CancelOrder,
+    Command,
+    CommandType,
+    PlaceOrder,
+    UpdateAddress,
+)
+from shared.lifecycle import ORDER_WORKFLOW, OrderWorkflowInput, Signals, order_workflow_id
+from shared.settings import Settings
+
+# the workflow's memo names the command that started it, so a redelivered PlaceOrder is recognised
+PLACE_COMMAND_MEMO = "place_command_id"
+
+ORDER_EXISTS = "order already exists"
+UNKNOWN_ORDER = "unknown order"
+ORDER_ENDED = "order already ended"
+
+SIGNAL_OF_COMMAND: dict[CommandType, str] = {
+    CommandType.APPROVE: Signals.APPROVE,
+    CommandType.CANCEL: Signals.CANCEL,
+    CommandType.UPDATE_ADDRESS: Signals.UPDATE_ADDRESS,
+}
+
+
+class OutcomeKind(StrEnum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: OutcomeKind
+    detail: str | None = None
+    """The rejection reason, or why the command counts as a duplicate."""
+
+
+ACCEPTED = Outcome(OutcomeKind.ACCEPTED)
+
+
+class OrderLifecycles:
+    """Starts and signals `OrderWorkflow`s on behalf of commands."""
+
+    def __init__(self, client: Client, settings: Settings) -> None:
+        self._client = client
+        self._settings = settings
+
+    async def apply(self, command: Command) -> Outcome:
+        if isinstance(command, PlaceOrder):
+            return await self._start(command)
+        return await self._signal(command)
+
+    async def _start(self, command: PlaceOrder) -> Outcome:
+        workflow_id = order_workflow_id(command.order_id)
+        try:
+            await self._client.start_workflow(
+                ORDER_WORKFLOW,
+                OrderWorkflowInput(order=command, policy=self._settings.lifecycle_policy()),
+                id=workflow_id,
+                task_queue=self._settings.order_task_queue,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                memo={PLACE_COMMAND_MEMO: str(command.command_id)},
+            )
+        except WorkflowAlreadyStartedError:
+            description = await self._client.get_workflow_handle(workflow_id).describe()
+            started_by = await description.memo_value(PLACE_COMMAND_MEMO, None)
+            if started_by == str(command.command_id):
+                return Outcome(OutcomeKind.DUPLICATE, "workflow already started by this command")
+            return Outcome(OutcomeKind.REJECTED, ORDER_EXISTS)
+        return ACCEPTED
+
+    async def _signal(self, command: ApproveOrder | CancelOrder | UpdateAddress) -> Outcome:
+        handle = self._client.get_workflow_handle(order_workflow_id(command.order_id))
+        try:
+            # the whole command is the argument: the workflow de-duplicates by its command_id
+            await handle.signal(SIGNAL_OF_COMMAND[command.type], command)
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+            return Outcome(OutcomeKind.REJECTED, await _why_not_running(handle))
+        return ACCEPTED
+
+
+async def _why_not_running(handle: WorkflowHandle[Any, Any]) -> str:
+    """Tell an order that never existed from one whose lifecycle has ended."""
+    try:
+        description = await handle.describe()
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            return UNKNOWN_ORDER
+        raise
+    if description.status == WorkflowExecutionStatus.RUNNING:
+        # another bridge instance started it since our signal: handling the command again will work
+        raise RuntimeError(f"workflow {handle.id} started while being signalled; retry the command")
+    return ORDER_ENDED

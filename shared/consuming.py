@@ -1,0 +1,211 @@
+"""How orderflow's consumers (the bridge, the audit consumer) treat the messages they receive.
+
+- Each delivered message runs in its own task; manual acks, given by the handler after its work.
+- A body that is not JSON, or not the contract's schema, goes to the dead-letter queue at once.
+- Transient outages (Temporal or PostgreSQL unreachable) are retried in place with capped
+  backoff: the message is neither lost nor counted as poison.
+- Any other error requeues the message; once it has been delivered `max_deliveries` times it is
+  dead-lettered with reason `processing_failed`. One bad message never stops the consumer.
+- On stop the consumer is cancelled and in-flight messages finish; a message still waiting out
+  an outage is left unacked, so the broker hands it out again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from typing import TypeVar
+
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.exceptions import AMQPError
+from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
+from temporalio.service import RPCError, RPCStatusCode
+
+from shared import broker
+from shared.settings import Settings
+
+T = TypeVar("T")
+M = TypeVar("M")
+
+FIRST_RETRY_DELAY_SECONDS = 0.1
+MAX_RETRY_DELAY_SECONDS = 5.0
+DRAIN_TIMEOUT_SECONDS = 15.0
+
+_TRANSIENT_RPC_STATUSES = frozenset(
+    {RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.RESOURCE_EXHAUSTED}
+)
+# connection exceptions, server shutting down or starting, too many connections, lost races
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "57P", "53300", "40001", "40P01")
+
+log = structlog.get_logger(__name__)
+
+
+class InvalidMessage(Exception):
+    """A body that is not JSON (`invalid_json`) or not the contract's schema (`schema_invalid`)."""
+
+    def __init__(self, reason: str, error: str) -> None:
+        super().__init__(error)
+        self.reason = reason
+        self.error = error
+
+
+class Stopping(Exception):
+    """The consumer was asked to stop while a message was waiting out an outage."""
+
+
+def parse_body(validate: Callable[[bytes], M], body: bytes) -> M:
+    try:
+        return validate(body)
+    except ValidationError as exc:
+        not_json = any(error["type"] == "json_invalid" for error in exc.errors())
+        raise InvalidMessage("invalid_json" if not_json else "schema_invalid", str(exc)) from exc
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying the same work later can succeed: Temporal or PostgreSQL unreachable."""
+    if isinstance(exc, RPCError):
+        return exc.status in _TRANSIENT_RPC_STATUSES
+    if isinstance(exc, DBAPIError):
+        sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+        return exc.connection_invalidated or sqlstate.startswith(_TRANSIENT_SQLSTATE_PREFIXES)
+    # asyncpg raises OSError (refused, reset, timed out) when it cannot reach the server
+    return isinstance(exc, OSError)
+
+
+async def retry_transient(operation: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T:
+    """Run `operation` until it succeeds or fails for good; `Stopping` if stopped meanwhile."""
+    delay = FIRST_RETRY_DELAY_SECONDS
+    while True:
+        try:
+            return await operation()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("transient failure, retrying", error=repr(exc), retry_in_seconds=delay)
+        if await _stopped_within(stop, delay):
+            raise Stopping
+        delay = min(delay * 2, MAX_RETRY_DELAY_SECONDS)
+
+
+async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+@asynccontextmanager
+async def consumer_channel(
+    settings: Settings, name: str, prefetch: int
+) -> AsyncIterator[tuple[AbstractChannel, broker.Topology]]:
+    """A connection named after the service, with one confirming channel; closed on exit."""
+    connection = await broker.connect(settings, name)
+    try:
+        yield await broker.open_channel(connection, prefetch)
+    finally:
+        await connection.close()
+
+
+class QueueConsumer:
+    """Feeds one queue's messages to a handler until stopped; settles what the handler could not."""
+
+    def __init__(
+        self, name: str, topology: broker.Topology, max_deliveries: int, stop: asyncio.Event
+    ) -> None:
+        self._name = name
+        self._topology = topology
+        self._max_deliveries = max_deliveries
+        self._stop = stop
+        self._in_flight: set[asyncio.Task[object]] = set()
+
+    async def run(
+        self,
+        queue: AbstractQueue,
+        validate: Callable[[bytes], M],
+        handle: Callable[[AbstractIncomingMessage, M], Awaitable[None]],
+    ) -> None:
+        """Consume until `stop` is set, then give in-flight messages time to finish."""
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._in_flight.add(task)
+            try:
+                await self._handle_safely(message, validate, handle)
+            finally:
+                self._in_flight.discard(task)
+
+        consumer_tag = await queue.consume(on_message)
+        log.info("consuming", queue=queue.name)
+        try:
+            await self._stop.wait()
+        finally:
+            with suppress(AMQPError, OSError, TimeoutError):
+                await queue.cancel(consumer_tag, timeout=5)
+            await self._drain()
+            log.info("stopped consuming", queue=queue.name)
+
+    async def _drain(self) -> None:
+        if not self._in_flight:
+            return
+        _, unfinished = await asyncio.wait(set(self._in_flight), timeout=DRAIN_TIMEOUT_SECONDS)
+        for task in unfinished:
+            task.cancel()
+
+    async def _handle_safely(
+        self,
+        message: AbstractIncomingMessage,
+        validate: Callable[[bytes], M],
+        handle: Callable[[AbstractIncomingMessage, M], Awaitable[None]],
+    ) -> None:
+        # every message runs in a task of its own (aio-pika's doing), so what the handler binds
+        # here (order id, command id, ...) stays on this message's log lines
+        structlog.contextvars.bind_contextvars(message_id=message.message_id)
+        try:
+            try:
+                model = parse_body(validate, message.body)
+            except InvalidMessage as invalid:
+                await self._dead_letter(message, invalid.reason, invalid.error)
+                return
+            await handle(message, model)
+        except Stopping:
+            log.info("stopping; message left for redelivery")
+        except Exception as error:
+            await self._requeue_or_give_up(message, error)
+
+    async def _requeue_or_give_up(self, message: AbstractIncomingMessage, error: Exception) -> None:
+        deliveries = broker.delivery_count(message) + 1
+        try:
+            if deliveries >= self._max_deliveries:
+                await self._dead_letter(message, "processing_failed", repr(error))
+            else:
+                log.warning(
+                    "processing failed, requeued",
+                    error=repr(error),
+                    deliveries=deliveries,
+                    exc_info=error,
+                )
+                await message.nack(requeue=True)
+        except Exception:
+            # the channel is gone: the broker hands the message out again after reconnecting
+            log.exception("could not settle message", error=repr(error))
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str, error: str) -> None:
+        await broker.dead_letter(
+            self._topology, message, consumer=self._name, reason=reason, error=error
+        )
+        log.error("message dead-lettered", outcome="dead_lettered", reason=reason, error=error)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM, for a service's main loop to wait on."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    return stop

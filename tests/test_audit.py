@@ -1,0 +1,305 @@
+"""The audit consumer against real RabbitMQ and PostgreSQL: events stored once, the read model
+projected without ever moving back, bad events dead-lettered, outages waited out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import uuid4
+
+import pytest
+import pytest_asyncio
+from aio_pika.abc import AbstractChannel, AbstractQueue
+from api_support import ADDRESS, insert_order, unique_id
+from service_support import (
+    DownDatabase,
+    broker_channel,  # noqa: F401 (a fixture)
+    consumer_queue,
+    dead_letter_of,
+    dead_lettered,
+    dead_letters,  # noqa: F401 (a fixture)
+    eventually,
+    publish_raw,
+    running,
+    verdict,
+    was_dead_lettered,
+)
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlmodel import col
+
+from services.audit.consumer import run_audit
+from shared.broker import ERROR_HEADER, Topology, publish_event
+from shared.contracts import EventType, OrderEvent, OrderState
+from shared.db import AuditEvent, Order
+from shared.settings import Settings
+
+Broker = tuple[AbstractChannel, Topology]
+Sessions = async_sessionmaker[AsyncSession]
+
+START = datetime(2026, 1, 1, tzinfo=UTC)
+NEW_ADDRESS: dict[str, Any] = {**ADDRESS, "line1": "1 Dorset Street", "postal_code": "W1U 4EG"}
+NEWEST_ADDRESS: dict[str, Any] = {**ADDRESS, "line1": "221B Baker Street", "postal_code": "NW1 6XE"}
+
+
+def event(order_id: str, seq: int, type: EventType, **data: Any) -> OrderEvent:
+    return OrderEvent(
+        event_id=uuid4(),
+        type=type,
+        order_id=order_id,
+        seq=seq,
+        occurred_at=START + timedelta(seconds=seq),
+        data=data,
+    )
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture
+def audit_settings(base_settings: Settings) -> Settings:
+    """An audit queue of this test's own; a poison event gets two tries."""
+    return base_settings.model_copy(
+        update={"audit_queue": f"test.audit.{uuid4().hex[:12]}", "max_event_deliveries": 2}
+    )
+
+
+@pytest_asyncio.fixture
+async def audit_queue(audit_settings: Settings, broker_channel: Broker) -> AsyncIterator[str]:
+    channel, topology = broker_channel
+    async with consumer_queue(channel, audit_settings.audit_queue, topology.events, "order.#"):
+        yield audit_settings.audit_queue
+
+
+@pytest_asyncio.fixture
+async def audit(
+    audit_settings: Settings, audit_queue: str, db_sessions: Sessions
+) -> AsyncIterator[Settings]:
+    async with running(run_audit, audit_settings):
+        yield audit_settings
+
+
+@pytest_asyncio.fixture
+async def order_id(db_sessions: Sessions) -> str:
+    """An order whose read-model row exists, as `order_received` inserts it."""
+    order_id = unique_id("ord")
+    await insert_order(db_sessions, order_id, OrderState.RECEIVED, created_at=START)
+    return order_id
+
+
+# --- helpers -------------------------------------------------------------------------------------
+async def publish(broker: Broker, *events: OrderEvent) -> None:
+    for one in events:
+        await publish_event(broker[1], one)
+
+
+async def stored_events(sessions: Sessions, order_id: str) -> list[AuditEvent]:
+    async with sessions() as session:
+        rows = await session.scalars(
+            select(AuditEvent)
+            .where(col(AuditEvent.order_id) == order_id)
+            .order_by(col(AuditEvent.seq))
+        )
+        return list(rows)
+
+
+async def stored(sessions: Sessions, *events: OrderEvent) -> None:
+    """Wait until every one of `events` is in the audit table."""
+
+    async def all_stored() -> bool:
+        async with sessions() as session:
+            found = await session.scalars(
+                select(col(AuditEvent.event_id)).where(
+                    col(AuditEvent.event_id).in_([e.event_id for e in events])
+                )
+            )
+            return len(list(found)) == len(events)
+
+    await eventually(all_stored)
+
+
+async def order_row(sessions: Sessions, order_id: str) -> Order:
+    async with sessions() as session:
+        order = await session.get(Order, order_id, populate_existing=True)
+    assert order is not None
+    return order
+
+
+async def progress(sessions: Sessions, order_id: str) -> tuple[str, int, datetime | None]:
+    order = await order_row(sessions, order_id)
+    return order.state, order.last_event_seq, order.updated_at
+
+
+# --- storing -------------------------------------------------------------------------------------
+async def test_an_event_delivered_twice_is_stored_once(
+    audit_settings: Settings,
+    audit_queue: str,
+    broker_channel: Broker,
+    dead_letters: AbstractQueue,
+    db_sessions: Sessions,
+    order_id: str,
+) -> None:
+    received, validated = (
+        event(order_id, 1, EventType.RECEIVED),
+        event(order_id, 2, EventType.VALIDATED),
+    )
+    await publish(broker_channel, received, received, validated)
+
+    # one message at a time, in queue order: once `validated` is stored, the repeat was handled
+    async with running(run_audit, audit_settings.model_copy(update={"audit_prefetch": 1})):
+        await stored(db_sessions, validated)
+
+    assert [(row.event_id, row.seq) for row in await stored_events(db_sessions, order_id)] == [
+        (received.event_id, 1),
+        (validated.event_id, 2),
+    ]
+    assert not await was_dead_lettered(dead_letters, str(received.event_id))
+
+
+async def test_events_are_stored_whole(
+    audit: Settings, broker_channel: Broker, db_sessions: Sessions
+) -> None:
+    rejection = OrderEvent(
+        event_id=uuid4(),
+        type=EventType.COMMAND_REJECTED,
+        order_id=unique_id("ord"),
+        seq=0,
+        occurred_at=START,
+        correlation_id="corr-7",
+        command_id=uuid4(),
+        data={"command_type": "ApproveOrder", "reason": "unknown order"},
+    )
+    await publish(broker_channel, rejection)
+    await stored(db_sessions, rejection)
+
+    [row] = await stored_events(db_sessions, rejection.order_id)
+    assert OrderEvent.model_validate(row.model_dump(exclude={"recorded_at"})) == rejection
+
+
+async def test_rejections_outside_a_lifecycle_are_all_kept(
+    audit: Settings, broker_channel: Broker, db_sessions: Sessions
+) -> None:
+    """seq 0 is not unique per order: each rejection of an unknown order is its own event."""
+    unknown_order = unique_id("ord")
+    rejections = [
+        event(unknown_order, 0, EventType.COMMAND_REJECTED, reason="unknown order")
+        for _ in range(2)
+    ]
+    await publish(broker_channel, *rejections)
+
+    await stored(db_sessions, *rejections)
+
+
+# --- the read model ------------------------------------------------------------------------------
+async def test_an_older_event_arriving_late_does_not_move_the_state_back(
+    audit: Settings, broker_channel: Broker, db_sessions: Sessions, order_id: str
+) -> None:
+    received, validated, awaiting = (
+        event(order_id, 1, EventType.RECEIVED),
+        event(order_id, 2, EventType.VALIDATED),
+        event(order_id, 3, EventType.AWAITING_APPROVAL),
+    )
+    await publish(broker_channel, received, awaiting)
+    await stored(db_sessions, received, awaiting)
+    assert await progress(db_sessions, order_id) == ("awaiting_approval", 3, awaiting.occurred_at)
+
+    await publish(broker_channel, validated)
+    await stored(db_sessions, validated)
+    assert await progress(db_sessions, order_id) == ("awaiting_approval", 3, awaiting.occurred_at)
+
+
+async def test_the_newest_address_wins_whatever_the_arrival_order(
+    audit: Settings, broker_channel: Broker, db_sessions: Sessions, order_id: str
+) -> None:
+    first_change = event(order_id, 2, EventType.ADDRESS_UPDATED, address=NEW_ADDRESS)
+    second_change = event(order_id, 3, EventType.ADDRESS_UPDATED, address=NEWEST_ADDRESS)
+    approved = event(order_id, 4, EventType.APPROVED)
+    # the newest state first: a late address change still applies, it does not change the state
+    await publish(broker_channel, approved)
+    await stored(db_sessions, approved)
+    await publish(broker_channel, second_change)
+    await stored(db_sessions, second_change)
+    await publish(broker_channel, first_change)
+    await stored(db_sessions, first_change)
+
+    order = await order_row(db_sessions, order_id)
+    assert (order.state, order.last_event_seq, order.address) == ("approved", 4, NEWEST_ADDRESS)
+
+
+async def test_the_lifecycle_projects_onto_the_order(
+    audit: Settings, broker_channel: Broker, db_sessions: Sessions, order_id: str
+) -> None:
+    lifecycle_and_state = [
+        (event(order_id, 1, EventType.RECEIVED), "received"),
+        (event(order_id, 2, EventType.VALIDATED), "validated"),
+        (event(order_id, 3, EventType.AWAITING_APPROVAL), "awaiting_approval"),
+        (event(order_id, 4, EventType.APPROVED), "approved"),
+        (event(order_id, 5, EventType.PAYMENT_CHARGED), "paid"),
+        (event(order_id, 6, EventType.SHIPPING_STARTED), "shipping"),
+        (event(order_id, 7, EventType.CARRIER_DISPATCHED, tracking_number="TRK-1"), "shipping"),
+        (event(order_id, 8, EventType.CANCELLED, reason="customer request"), "cancelled"),
+    ]
+    for one, state in lifecycle_and_state:
+        await publish(broker_channel, one)
+        await stored(db_sessions, one)
+        assert await progress(db_sessions, order_id) == (state, one.seq, one.occurred_at)
+
+    order = await order_row(db_sessions, order_id)
+    assert (order.reason, order.tracking_number, order.last_event_seq) == (
+        "customer request",
+        "TRK-1",
+        8,
+    )
+
+
+# --- failures ------------------------------------------------------------------------------------
+async def test_invalid_events_are_dead_lettered_and_the_consumer_keeps_going(
+    audit: Settings, broker_channel: Broker, dead_letters: AbstractQueue, db_sessions: Sessions
+) -> None:
+    events = broker_channel[1].events
+    received = event(unique_id("ord"), 1, EventType.RECEIVED).model_dump_json()
+    not_json = await publish_raw(events, "order.received", b"\xff not json")
+    not_an_event = await publish_raw(
+        events, "order.received", received.replace('"seq":1', '"seq":-1').encode()
+    )
+    valid = event(unique_id("ord"), 1, EventType.RECEIVED)
+    await publish(broker_channel, valid)
+
+    await stored(db_sessions, valid)
+    dead = await dead_lettered(dead_letters, {not_json, not_an_event})
+    assert verdict(dead[not_json]) == ("invalid_json", "audit")
+    assert verdict(dead[not_an_event]) == ("schema_invalid", "audit")
+    assert "seq" in str(dead[not_an_event].headers[ERROR_HEADER])
+
+
+async def test_an_event_that_keeps_failing_is_dead_lettered_after_its_deliveries(
+    audit: Settings,
+    broker_channel: Broker,
+    dead_letters: AbstractQueue,
+    db_sessions: Sessions,
+    order_id: str,
+) -> None:
+    # the tracking_number column holds 64 characters: projecting this event fails every time
+    unfit = event(order_id, 1, EventType.CARRIER_DISPATCHED, tracking_number="T" * 65)
+    await publish(broker_channel, unfit)
+
+    dead = await dead_letter_of(dead_letters, str(unfit.event_id))
+    assert verdict(dead) == ("processing_failed", "audit")
+    assert "too long" in str(dead.headers[ERROR_HEADER])
+    assert await stored_events(db_sessions, order_id) == []  # its transaction rolled back whole
+
+
+async def test_a_database_outage_neither_loses_nor_dead_letters_an_event(
+    audit_settings: Settings,
+    audit_queue: str,
+    broker_channel: Broker,
+    dead_letters: AbstractQueue,
+    db_sessions: Sessions,
+) -> None:
+    received = event(unique_id("ord"), 1, EventType.RECEIVED)
+    await publish(broker_channel, received)
+    async with DownDatabase() as down, running(run_audit, down.settings_for(audit_settings)):
+        await eventually(down.retried)
+
+    assert not await was_dead_lettered(dead_letters, str(received.event_id))
+    async with running(run_audit, audit_settings):
+        await stored(db_sessions, received)

@@ -1,0 +1,583 @@
+"""The command bridge against real RabbitMQ, PostgreSQL and a Temporal dev server.
+
+A stand-in `OrderWorkflow` (registered under the real name) records the input and the signals
+it receives, so the tests see exactly what the bridge delivered to Temporal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+from uuid import uuid4
+
+import pytest
+import pytest_asyncio
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from api_support import ADDRESS as SAMPLE_ADDRESS
+from api_support import unique_id
+from pydantic import BaseModel
+from service_support import (
+    DownDatabase,
+    broker_channel,  # noqa: F401 (a fixture)
+    consumer_queue,
+    dead_letter_of,
+    dead_lettered,
+    dead_letters,  # noqa: F401 (a fixture)
+    drain,
+    eventually,
+    publish_raw,
+    running,
+    take_messages,
+    verdict,
+    was_dead_lettered,
+)
+from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlmodel import col
+from temporalio import workflow
+from temporalio.client import (
+    Client,
+    WorkflowExecutionDescription,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+)
+from temporalio.service import RPCError, RPCStatusCode
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
+
+from services.bridge.consumer import OrderLocks, run_bridge
+from services.bridge.lifecycles import PLACE_COMMAND_MEMO
+from shared.broker import ERROR_HEADER, Topology, publish_command
+from shared.consuming import is_transient
+from shared.contracts import (
+    Address,
+    ApproveOrder,
+    CancelOrder,
+    Command,
+    EventType,
+    OrderEvent,
+    OrderItem,
+    PlaceOrder,
+    PlaceOrderPayload,
+    UpdateAddress,
+    UpdateAddressPayload,
+)
+from shared.db import ProcessedCommand
+from shared.lifecycle import ORDER_WORKFLOW, OrderWorkflowInput, Signals, order_workflow_id
+from shared.settings import Settings
+
+Broker = tuple[AbstractChannel, Topology]
+
+ADDRESS = Address.model_validate(SAMPLE_ADDRESS)
+NEW_ADDRESS = ADDRESS.model_copy(update={"line1": "1 Dorset Street", "postal_code": "W1U 4EG"})
+
+
+# --- the stand-in workflow -----------------------------------------------------------------------
+class ReceivedSignal(BaseModel):
+    name: str
+    command: dict[str, Any]
+
+
+@workflow.defn(name=ORDER_WORKFLOW)
+class StandInOrderWorkflow:
+    """Records its input and the command signals it gets, and runs until cancelled."""
+
+    def __init__(self) -> None:
+        self._input: OrderWorkflowInput | None = None
+        self._signals: list[ReceivedSignal] = []
+
+    @workflow.run
+    async def run(self, start: OrderWorkflowInput) -> None:
+        self._input = start
+        await workflow.wait_condition(lambda: False)
+
+    @workflow.signal(name=Signals.APPROVE)
+    def approve(self, command: ApproveOrder) -> None:
+        self._record(Signals.APPROVE, command)
+
+    @workflow.signal(name=Signals.CANCEL)
+    def cancel(self, command: CancelOrder) -> None:
+        self._record(Signals.CANCEL, command)
+
+    @workflow.signal(name=Signals.UPDATE_ADDRESS)
+    def update_address(self, command: UpdateAddress) -> None:
+        self._record(Signals.UPDATE_ADDRESS, command)
+
+    @workflow.query
+    def started_with(self) -> OrderWorkflowInput | None:
+        return self._input
+
+    @workflow.query
+    def signals(self) -> list[ReceivedSignal]:
+        return self._signals
+
+    def _record(self, name: str, command: ApproveOrder | CancelOrder | UpdateAddress) -> None:
+        self._signals.append(ReceivedSignal(name=name, command=command.model_dump(mode="json")))
+
+
+# --- commands ------------------------------------------------------------------------------------
+def place_order(order_id: str) -> PlaceOrder:
+    payload = PlaceOrderPayload(
+        payment_id=unique_id("pay"), items=[OrderItem(sku="sku-1", qty=2)], address=ADDRESS
+    )
+    return PlaceOrder(
+        command_id=uuid4(),
+        order_id=order_id,
+        issued_at=datetime.now(UTC),
+        correlation_id="corr-1",
+        payload=payload,
+    )
+
+
+def approve(order_id: str) -> ApproveOrder:
+    return ApproveOrder(command_id=uuid4(), order_id=order_id, issued_at=datetime.now(UTC))
+
+
+def cancel(order_id: str) -> CancelOrder:
+    return CancelOrder(command_id=uuid4(), order_id=order_id, issued_at=datetime.now(UTC))
+
+
+def update_address(order_id: str) -> UpdateAddress:
+    return UpdateAddress(
+        command_id=uuid4(),
+        order_id=order_id,
+        issued_at=datetime.now(UTC),
+        payload=UpdateAddressPayload(address=NEW_ADDRESS),
+    )
+
+
+def signal_of(name: str, command: Command) -> ReceivedSignal:
+    return ReceivedSignal(name=name, command=command.model_dump(mode="json"))
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture
+def bridge_settings(settings: Settings) -> Settings:
+    """A task queue and command queue of this test's own; a poison message gets two tries."""
+    test_id = uuid4().hex[:12]
+    return settings.model_copy(
+        update={
+            "order_task_queue": f"order-tq-{test_id}",
+            "command_queue": f"test.commands.{test_id}",
+            "max_command_deliveries": 2,
+        }
+    )
+
+
+@pytest_asyncio.fixture
+async def command_queue(bridge_settings: Settings, broker_channel: Broker) -> AsyncIterator[str]:
+    channel, topology = broker_channel
+    async with consumer_queue(channel, bridge_settings.command_queue, topology.commands, "order.*"):
+        yield bridge_settings.command_queue
+
+
+@pytest_asyncio.fixture
+async def stand_in_worker(
+    bridge_settings: Settings, temporal_client: Client
+) -> AsyncIterator[None]:
+    async with Worker(
+        temporal_client,
+        task_queue=bridge_settings.order_task_queue,
+        workflows=[StandInOrderWorkflow],
+        workflow_runner=UnsandboxedWorkflowRunner(),
+    ):
+        yield
+
+
+@pytest_asyncio.fixture
+async def bridge(
+    bridge_settings: Settings,
+    command_queue: str,
+    stand_in_worker: None,
+    db_sessions: async_sessionmaker[AsyncSession],  # the schema exists
+) -> AsyncIterator[Settings]:
+    """The bridge running against a worker that hosts the stand-in workflow."""
+    async with running(run_bridge, bridge_settings):
+        yield bridge_settings
+
+
+@pytest_asyncio.fixture
+async def rejections(broker_channel: Broker) -> AbstractQueue:
+    """Every `order.command_rejected` event published while the test runs."""
+    channel, topology = broker_channel
+    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await queue.bind(topology.events, routing_key=EventType.COMMAND_REJECTED.routing_key)
+    return queue
+
+
+# --- helpers -------------------------------------------------------------------------------------
+async def publish(broker: Broker, *commands: Command) -> None:
+    for command in commands:
+        await publish_command(broker[1], command)
+
+
+async def described(client: Client, order_id: str) -> WorkflowExecutionDescription:
+    """The order's workflow, once it exists."""
+    handle = client.get_workflow_handle(order_workflow_id(order_id))
+    return await eventually(lambda: _describe_if_started(handle))
+
+
+async def _describe_if_started(handle: WorkflowHandle) -> WorkflowExecutionDescription | None:
+    try:
+        return await handle.describe()
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            return None
+        raise
+
+
+async def signals_received(client: Client, order_id: str, count: int) -> list[ReceivedSignal]:
+    """The stand-in's signals, once it has at least `count` of them."""
+    handle = client.get_workflow_handle((await described(client, order_id)).id)
+
+    async def at_least_count() -> list[ReceivedSignal]:
+        signals = await handle.query(StandInOrderWorkflow.signals)
+        return signals if len(signals) >= count else []
+
+    return await eventually(at_least_count)
+
+
+async def rejections_of(
+    rejections: AbstractQueue, command: Command, count: int = 1
+) -> list[OrderEvent]:
+    messages = await take_messages(
+        rejections, lambda m: _event(m).command_id == command.command_id, count
+    )
+    return [_event(message) for message in messages]
+
+
+async def rejection_of(rejections: AbstractQueue, command: Command) -> OrderEvent:
+    [rejection] = await rejections_of(rejections, command)
+    return rejection
+
+
+def _event(message: AbstractIncomingMessage) -> OrderEvent:
+    return OrderEvent.model_validate_json(message.body)
+
+
+async def outcome_of(sessions: async_sessionmaker[AsyncSession], command: Command) -> str | None:
+    async with sessions() as session:
+        return await session.scalar(
+            select(col(ProcessedCommand.outcome)).where(
+                col(ProcessedCommand.command_id) == command.command_id
+            )
+        )
+
+
+async def recorded_outcome(sessions: async_sessionmaker[AsyncSession], command: Command) -> str:
+    return await eventually(lambda: outcome_of(sessions, command))
+
+
+def assert_rejected(event: OrderEvent, command: Command, reason: str) -> None:
+    assert event.type is EventType.COMMAND_REJECTED
+    assert (event.order_id, event.seq, event.command_id) == (
+        command.order_id,
+        0,
+        command.command_id,
+    )
+    assert event.correlation_id == command.correlation_id
+    assert event.data == {"command_type": command.type.value, "reason": reason}
+
+
+# --- starting workflows --------------------------------------------------------------------------
+async def test_place_order_starts_the_order_workflow(
+    bridge: Settings,
+    broker_channel: Broker,
+    temporal_client: Client,
+    db_sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    order_id = unique_id("ord")
+    command = place_order(order_id)
+    await publish(broker_channel, command)
+
+    description = await described(temporal_client, order_id)
+    assert description.id == order_workflow_id(order_id)
+    assert description.workflow_type == ORDER_WORKFLOW
+    assert description.task_queue == bridge.order_task_queue
+    assert await description.memo_value(PLACE_COMMAND_MEMO) == str(command.command_id)
+    started_with = await temporal_client.get_workflow_handle(description.id).query(
+        StandInOrderWorkflow.started_with
+    )
+    assert started_with == OrderWorkflowInput(order=command, policy=bridge.lifecycle_policy())
+    assert await recorded_outcome(db_sessions, command) == "accepted"
+
+
+async def test_a_second_place_order_for_the_same_order_is_rejected(
+    bridge: Settings,
+    broker_channel: Broker,
+    temporal_client: Client,
+    rejections: AbstractQueue,
+    db_sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    order_id = unique_id("ord")
+    first, second = place_order(order_id), place_order(order_id)
+    await publish(broker_channel, first)
+    started = await described(temporal_client, order_id)
+    await publish(broker_channel, second)
+
+    assert_rejected(await rejection_of(rejections, second), second, "order already exists")
+    assert await recorded_outcome(db_sessions, second) == "rejected"
+    still = await temporal_client.get_workflow_handle(order_workflow_id(order_id)).describe()
+    assert still.run_id == started.run_id
+    started_with = await temporal_client.get_workflow_handle(started.id).query(
+        StandInOrderWorkflow.started_with
+    )
+    assert started_with is not None and started_with.order == first
+
+
+async def test_a_place_order_redelivered_after_its_workflow_started_is_a_duplicate(
+    bridge: Settings,
+    broker_channel: Broker,
+    temporal_client: Client,
+    rejections: AbstractQueue,
+    db_sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    """The bridge stopped after starting the workflow and before recording the command."""
+    command = place_order(unique_id("ord"))
+    await temporal_client.start_workflow(
+        ORDER_WORKFLOW,
+        OrderWorkflowInput(order=command, policy=bridge.lifecycle_policy()),
+        id=order_workflow_id(command.order_id),
+        task_queue=bridge.order_task_queue,
+        memo={PLACE_COMMAND_MEMO: str(command.command_id)},
+    )
+    await publish(broker_channel, command)
+
+    assert await recorded_outcome(db_sessions, command) == "duplicate"
+    # a rejection would have been confirmed by the broker before the outcome was recorded
+    assert [_event(message) for message in await drain(rejections)] == []
+
+
+# --- signals -------------------------------------------------------------------------------------
+async def test_commands_reach_the_workflow_as_signals_in_order(
+    bridge: Settings, broker_channel: Broker, temporal_client: Client
+) -> None:
+    order_id = unique_id("ord")
+    approval, address_change, cancellation = (
+        approve(order_id),
+        update_address(order_id),
+        cancel(order_id),
+    )
+    await publish(broker_channel, place_order(order_id), approval, address_change, cancellation)
+
+    assert await signals_received(temporal_client, order_id, 3) == [
+        signal_of(Signals.APPROVE, approval),
+        signal_of(Signals.UPDATE_ADDRESS, address_change),
+        signal_of(Signals.CANCEL, cancellation),
+    ]
+
+
+async def test_place_and_approve_published_back_to_back_apply_in_that_order(
+    bridge_settings: Settings,
+    command_queue: str,
+    stand_in_worker: None,
+    db_sessions: async_sessionmaker[AsyncSession],
+    broker_channel: Broker,
+    temporal_client: Client,
+    rejections: AbstractQueue,
+) -> None:
+    orders = [
+        (place_order(order_id), approve(order_id))
+        for order_id in (unique_id("ord") for _ in range(8))
+    ]
+    # all waiting before the bridge starts, so it takes them in one burst and handles them at once
+    await publish(broker_channel, *(command for pair in orders for command in pair))
+
+    async with running(run_bridge, bridge_settings):
+        for place, approval in orders:
+            signals = await signals_received(temporal_client, place.order_id, 1)
+            assert signals == [signal_of(Signals.APPROVE, approval)]
+    assert await drain(rejections) == []
+
+
+async def test_a_command_delivered_twice_has_one_effect(
+    bridge: Settings,
+    broker_channel: Broker,
+    temporal_client: Client,
+    rejections: AbstractQueue,
+    db_sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    order_id = unique_id("ord")
+    place, approval, cancellation = place_order(order_id), approve(order_id), cancel(order_id)
+    # one order's commands apply in arrival order: once the cancel arrived, the repeats were handled
+    await publish(broker_channel, place, place, approval, approval, cancellation)
+
+    assert await signals_received(temporal_client, order_id, 2) == [
+        signal_of(Signals.APPROVE, approval),
+        signal_of(Signals.CANCEL, cancellation),
+    ]
+    assert await recorded_outcome(db_sessions, place) == "accepted"
+    assert await recorded_outcome(db_sessions, approval) == "accepted"
+    assert await drain(rejections) == []
+
+
+# --- rejections ----------------------------------------------------------------------------------
+async def test_a_command_for_an_unknown_order_is_rejected(
+    bridge: Settings,
+    broker_channel: Broker,
+    rejections: AbstractQueue,
+    db_sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    command = approve(unique_id("ord"))
+    await publish(broker_channel, command)
+
+    assert_rejected(await rejection_of(rejections, command), command, "unknown order")
+    assert await recorded_outcome(db_sessions, command) == "rejected"
+
+
+async def test_a_command_for_an_ended_order_is_rejected(
+    bridge: Settings, broker_channel: Broker, temporal_client: Client, rejections: AbstractQueue
+) -> None:
+    order_id = unique_id("ord")
+    await publish(broker_channel, place_order(order_id))
+    handle = temporal_client.get_workflow_handle(order_workflow_id(order_id))
+    await described(temporal_client, order_id)
+    await handle.cancel()
+    await eventually(lambda: _has_status(handle, WorkflowExecutionStatus.CANCELED))
+
+    command = update_address(order_id)
+    await publish(broker_channel, command)
+    assert_rejected(await rejection_of(rejections, command), command, "order already ended")
+
+
+async def _has_status(handle: WorkflowHandle, status: WorkflowExecutionStatus) -> bool:
+    return (await handle.describe()).status == status
+
+
+# --- failures ------------------------------------------------------------------------------------
+async def test_invalid_messages_are_dead_lettered_and_the_bridge_keeps_serving(
+    bridge: Settings,
+    broker_channel: Broker,
+    rejections: AbstractQueue,
+    dead_letters: AbstractQueue,
+) -> None:
+    commands = broker_channel[1].commands
+    without_payload = place_order(unique_id("ord")).model_dump(mode="json", exclude={"payload"})
+    not_json = await publish_raw(commands, "order.place", b"{not json")
+    not_a_command = await publish_raw(commands, "order.place", json.dumps(without_payload).encode())
+    valid = approve(unique_id("ord"))
+    await publish(broker_channel, valid)
+
+    assert_rejected(await rejection_of(rejections, valid), valid, "unknown order")
+    dead = await dead_lettered(dead_letters, {not_json, not_a_command})
+    assert verdict(dead[not_json]) == ("invalid_json", "bridge")
+    assert verdict(dead[not_a_command]) == ("schema_invalid", "bridge")
+    assert "payload" in str(dead[not_a_command].headers[ERROR_HEADER])
+    assert dead[not_json].body == b"{not json"
+
+
+@pytest_asyncio.fixture
+async def poisoned_orders(db_sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[str]:
+    """Recording a command of an order whose id starts with this prefix and '-' always fails."""
+    statements = [
+        """CREATE FUNCTION test_reject_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+             IF NEW.order_id LIKE 'poison-%' THEN RAISE EXCEPTION 'poisoned order'; END IF;
+             RETURN NEW;
+           END $$""",
+        """CREATE TRIGGER test_reject_poison BEFORE INSERT ON processed_commands
+           FOR EACH ROW EXECUTE FUNCTION test_reject_poison()""",
+    ]
+    await _execute(db_sessions, statements)
+    try:
+        yield "poison"
+    finally:
+        await _execute(
+            db_sessions,
+            [
+                "DROP TRIGGER test_reject_poison ON processed_commands",
+                "DROP FUNCTION test_reject_poison()",
+            ],
+        )
+
+
+async def _execute(sessions: async_sessionmaker[AsyncSession], statements: list[str]) -> None:
+    async with sessions() as session, session.begin():
+        for statement in statements:
+            await session.execute(text(statement))
+
+
+async def test_a_command_that_keeps_failing_is_dead_lettered_after_its_deliveries(
+    poisoned_orders: str,
+    bridge: Settings,
+    broker_channel: Broker,
+    rejections: AbstractQueue,
+    dead_letters: AbstractQueue,
+    db_sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    poison = approve(unique_id(poisoned_orders))
+    await publish(broker_channel, poison)
+
+    dead = await dead_letter_of(dead_letters, str(poison.command_id))
+    assert verdict(dead) == ("processing_failed", "bridge")
+    assert "poisoned order" in str(dead.headers[ERROR_HEADER])
+    # each of the two deliveries published its rejection, under one event id
+    first, again = await rejections_of(rejections, poison, count=2)
+    assert first.event_id == again.event_id
+    assert await outcome_of(db_sessions, poison) is None
+
+    valid = approve(unique_id("ord"))
+    await publish(broker_channel, valid)
+    assert_rejected(await rejection_of(rejections, valid), valid, "unknown order")
+
+
+async def test_a_database_outage_neither_loses_nor_dead_letters_a_command(
+    bridge_settings: Settings,
+    command_queue: str,
+    broker_channel: Broker,
+    rejections: AbstractQueue,
+    dead_letters: AbstractQueue,
+    db_sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    command = approve(unique_id("ord"))
+    await publish(broker_channel, command)
+    async with DownDatabase() as down, running(run_bridge, down.settings_for(bridge_settings)):
+        await eventually(down.retried)
+
+    assert not await was_dead_lettered(dead_letters, str(command.command_id))
+    async with running(run_bridge, bridge_settings):
+        assert_rejected(await rejection_of(rejections, command), command, "unknown order")
+    assert await outcome_of(db_sessions, command) == "rejected"
+
+
+# --- units ---------------------------------------------------------------------------------------
+def _db_error(sqlstate: str) -> DBAPIError:
+    class Orig(Exception):
+        pass
+
+    orig = Orig("boom")
+    orig.sqlstate = sqlstate  # type: ignore[attr-defined]
+    return DBAPIError("SELECT 1", None, orig)
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (RPCError("down", RPCStatusCode.UNAVAILABLE, b""), True),
+        (RPCError("not found", RPCStatusCode.NOT_FOUND, b""), False),
+        (ConnectionRefusedError("refused"), True),
+        (_db_error("57P01"), True),  # admin shutdown
+        (_db_error("08006"), True),  # connection failure
+        (_db_error("P0001"), False),  # raised by a trigger
+        (ValueError("bad"), False),
+    ],
+)
+def test_transient_failures_are_told_apart(error: Exception, transient: bool) -> None:
+    assert is_transient(error) is transient
+
+
+async def test_order_locks_are_granted_in_request_order_and_then_forgotten() -> None:
+    locks = OrderLocks()
+    granted: list[int] = []
+
+    async def take(turn: int) -> None:
+        async with locks.hold("order-1"):
+            granted.append(turn)
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(take(turn) for turn in range(5)))
+    assert granted == [0, 1, 2, 3, 4]
+    assert len(locks) == 0
