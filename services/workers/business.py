@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 from collections import Counter
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
@@ -117,12 +118,7 @@ async def payment_charged(
 
 async def package_prepared(sessions: Sessions, order_id: str) -> None:
     await faults.flaky_call()
-    async with transaction(sessions) as session:
-        await session.execute(
-            update(Order)
-            .where(Order.id == order_id, Order.package_prepared_at.is_(None))
-            .values(package_prepared_at=func.now())
-        )
+    await _stamp_once(sessions, order_id, Order.package_prepared_at)
 
 
 async def carrier_dispatched(sessions: Sessions, order_id: str, address: Address) -> str:
@@ -151,11 +147,14 @@ def _new_tracking_number() -> str:
 
 async def order_shipped(sessions: Sessions, order_id: str) -> None:
     await faults.flaky_call()
+    await _stamp_once(sessions, order_id, Order.shipped_at)
+
+
+async def _stamp_once(sessions: Sessions, order_id: str, column: Any) -> None:
+    """Set a milestone's timestamp the first time only, so a repeated step keeps the first."""
     async with transaction(sessions) as session:
         await session.execute(
-            update(Order)
-            .where(Order.id == order_id, Order.shipped_at.is_(None))
-            .values(shipped_at=func.now())
+            update(Order).where(Order.id == order_id, column.is_(None)).values({column.key: func.now()})
         )
 
 

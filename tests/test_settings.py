@@ -1,0 +1,32 @@
+"""Configuration: every setting is documented in .env.example, and nonsense is refused."""
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from shared.settings import Settings
+
+ENV_EXAMPLE = Path(__file__).resolve().parents[1] / ".env.example"
+
+
+def documented_settings() -> dict[str, str]:
+    lines = ENV_EXAMPLE.read_text().splitlines()
+    pairs = (line.split("=", 1) for line in lines if line.startswith("ORDERFLOW_"))
+    return {name: value for name, value in pairs}
+
+
+def test_env_example_lists_every_setting_with_its_default() -> None:
+    documented = documented_settings()
+    defaults = Settings(_env_file=None)
+    for name, field in Settings.model_fields.items():
+        key = f"ORDERFLOW_{name.upper()}"
+        assert key in documented, f"{key} is missing from .env.example"
+        parsed = Settings(_env_file=None, **{name: documented[key]})
+        assert getattr(parsed, name) == getattr(defaults, name), f"{key} in .env.example is not the default"
+    assert len(documented) == len(Settings.model_fields)
+
+
+def test_a_review_window_longer_than_the_lifecycle_is_refused() -> None:
+    with pytest.raises(ValidationError, match="review_window_seconds"):
+        Settings(_env_file=None, review_window_seconds=20, lifecycle_deadline_seconds=14)
