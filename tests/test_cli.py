@@ -326,6 +326,26 @@ async def test_watch_follows_one_order_until_it_ends(
     assert f"watching order {order_id}" in result.stderr
 
 
+async def test_watch_shows_the_history_first_and_ends_at_once_for_an_ended_order(
+    api_url: str, base_settings: Settings, db_sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    order_id = unique_id("watch")
+    await insert_events(
+        db_sessions, order_id, {1: EventType.RECEIVED, 2: EventType.VALIDATED, 3: EventType.FAILED}
+    )
+
+    result = await orderflow(
+        "watch", order_id, "--timeout", "20", "--json", "--api-url", api_url,
+        env={"ORDERFLOW_AMQP_URL": base_settings.amqp_url},
+    )
+
+    assert result.exit_code == 0, result.output
+    seen = [OrderEvent.model_validate_json(line) for line in result.stdout.splitlines()]
+    assert [(event.seq, event.type) for event in seen] == [
+        (1, EventType.RECEIVED), (2, EventType.VALIDATED), (3, EventType.FAILED)
+    ]
+
+
 async def test_watch_gives_up_after_its_timeout(base_settings: Settings) -> None:
     result = await orderflow(
         "watch", unique_id("watch"), "--timeout", "0.5", env={"ORDERFLOW_AMQP_URL": base_settings.amqp_url}

@@ -218,8 +218,10 @@ def watch(
         float, typer.Option("--timeout", min=0.1, help="Give up after this many seconds (exit code 124).")
     ] = 60.0,
     as_json: AsJson = False,
+    api_url: ApiUrl = None,
 ) -> None:
-    """Print an order's events live from the broker; exit 0 once it completes, is cancelled or fails."""
+    """Print an order's events so far, then live from the broker; exit 0 once it completes, is
+    cancelled or fails."""
 
     def print_event(event: OrderEvent) -> None:
         item = event.model_dump(mode="json")
@@ -228,8 +230,18 @@ def watch(
     def announce() -> None:
         typer.echo(f"watching order {order_id} for up to {timeout:g} s ...", err=True)
 
+    def events_so_far() -> list[OrderEvent]:
+        try:
+            found = gateway(api_url).get(order_path(order_id, "events"))
+        except typer.Exit:  # the gateway said why; live events still come from the broker
+            typer.echo("showing live events only", err=True)
+            return []
+        return [OrderEvent.model_validate(item) for item in found["events"]]
+
     try:
-        ended = asyncio.run(follow_order(settings(), order_id, timeout, print_event, announce))
+        ended = asyncio.run(
+            follow_order(settings(), order_id, timeout, print_event, announce, events_so_far)
+        )
     except (AMQPError, OSError) as error:
         fail(f"cannot follow events on the broker: {reason(error)}")
     if ended is None:

@@ -1,9 +1,14 @@
-"""`orderflow watch`: follow one order's events on the `orders.events` exchange until it ends."""
+"""`orderflow watch`: follow one order's events on the `orders.events` exchange until it ends.
+
+The queue is bound first and the audit history read second, so an event published in between is
+seen twice rather than missed; `event_id` tells the copies apart.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from uuid import UUID
 
 from aio_pika.abc import AbstractQueue, AbstractRobustConnection
 from pydantic import ValidationError
@@ -21,15 +26,28 @@ async def follow_order(
     timeout: float,
     on_event: Callable[[OrderEvent], None],
     on_listening: Callable[[], None],
+    history: Callable[[], list[OrderEvent]],
 ) -> OrderEvent | None:
-    """Report the order's events as they arrive; returns its terminal event, or None on timeout."""
+    """Report the order's events so far, then as they arrive, each once; returns its terminal
+    event, or None on timeout."""
+    seen: set[UUID] = set()
+
+    def report_new(event: OrderEvent) -> None:
+        if event.event_id not in seen:
+            seen.add(event.event_id)
+            on_event(event)
+
     connection = await broker.connect(settings, "orderflow-cli-watch")
     async with connection:
         queue = await bind_private_queue(connection)
         on_listening()
+        for event in await asyncio.to_thread(history):
+            report_new(event)
+            if event.type.is_terminal:
+                return event
         try:
             async with asyncio.timeout(timeout):
-                return await terminal_event(queue, order_id, on_event)
+                return await terminal_event(queue, order_id, report_new)
         except TimeoutError:
             return None
 
