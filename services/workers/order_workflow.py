@@ -210,6 +210,8 @@ class OrderWorkflow:
         try:
             return await self._shipment
         except ChildWorkflowError as err:
+            if self._ending:
+                raise  # we cancelled it: the order is stopping, not shipping again
             # a shipment that broke rather than reported: counts as one failed dispatch
             self._dispatch_failures.append(str(err.cause or err))
             return ShippingResult(dispatched=False, failure=str(err.cause or err))
@@ -283,7 +285,12 @@ class OrderWorkflow:
         self._status.address = address
         self._emit(EventType.ADDRESS_UPDATED, command=command, address=address.model_dump())
         if self._shipment is not None:
-            await self._shipment.signal(Signals.UPDATE_ADDRESS, address)
+            try:
+                await self._shipment.signal(Signals.UPDATE_ADDRESS, address)
+            except ApplicationError as err:
+                # the shipment ended meanwhile; the next one, if any, starts with the new address
+                if err.type != "ExternalWorkflowExecutionNotFound":
+                    raise
 
     def _approve_blocked(self) -> str | None:
         if self._approval is not None:
