@@ -1,0 +1,361 @@
+"""The business functions against a freshly migrated PostgreSQL database, and the fault injector.
+
+The business tests substitute `faults.flaky_call` with a no-op (the contract allows it in unit
+tests): what is tested is the database work and its idempotency. The fault injector itself is
+tested on its own at the end, as the contract specifies it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+from uuid import uuid4
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from workflow_harness import wait_until
+
+from services.workers import business, faults
+from services.workers.business import ChargeOutcome, OrderInvalid, PaymentStatus
+from services.workers.faults import flaky_call  # the real one, before any test substitutes it
+from shared.contracts import Address, OrderItem, OrderState, PlaceOrder, PlaceOrderPayload
+from shared.db import Order, Payment, transaction
+
+Sessions = async_sessionmaker[AsyncSession]
+
+ADDRESS = Address(
+    name="Grace Hopper", line1="1 Compiler Way", city="Arlington", postal_code="22201", country="US"
+)
+NEW_ADDRESS = Address(
+    name="Grace Hopper", line1="9 Navy Yard", city="Washington", postal_code="20374", country="US"
+)
+ITEMS = [
+    OrderItem(sku="SKU-A", qty=2, unit_price_cents=700),
+    OrderItem(sku="SKU-B", qty=1, unit_price_cents=600),
+]
+
+
+async def no_fault() -> None:
+    return None
+
+
+@pytest.fixture
+def sessions(db_sessions: Sessions, monkeypatch: pytest.MonkeyPatch) -> Sessions:
+    monkeypatch.setattr(faults, "flaky_call", no_fault)
+    return db_sessions
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid4().hex[:12]}"
+
+
+def place_order(
+    order_id: str | None = None, payment_id: str | None = None, items: list[OrderItem] = ITEMS
+) -> PlaceOrder:
+    return PlaceOrder(
+        command_id=uuid4(),
+        order_id=order_id or unique("order"),
+        issued_at=datetime.now(UTC),
+        payload=PlaceOrderPayload(payment_id=payment_id or unique("pay"), items=items, address=ADDRESS),
+    )
+
+
+async def received(sessions: Sessions, **order: Any) -> PlaceOrder:
+    placed = place_order(**order)
+    await business.order_received(sessions, placed)
+    return placed
+
+
+async def charge(sessions: Sessions, placed: PlaceOrder, order_id: str | None = None) -> ChargeOutcome:
+    return await business.payment_charged(
+        sessions,
+        payment_id=placed.payload.payment_id,
+        order_id=order_id or placed.order_id,
+        amount_cents=placed.payload.amount_cents,
+    )
+
+
+async def stored_order(sessions: Sessions, order_id: str) -> Order:
+    async with sessions() as session:
+        order = await session.get(Order, order_id)
+    assert order is not None, f"order {order_id} is not stored"
+    return order
+
+
+async def stored_payments(sessions: Sessions, payment_id: str) -> list[Payment]:
+    async with sessions() as session:
+        return list(await session.scalars(select(Payment).where(Payment.payment_id == payment_id)))
+
+
+# --- order_received / order_validated ------------------------------------------------------------
+async def test_order_received_inserts_the_order_once(sessions: Sessions) -> None:
+    placed = await received(sessions)
+    await business.order_received(sessions, placed)
+
+    async with sessions() as session:
+        count = await session.scalar(select(func.count()).select_from(Order).where(Order.id == placed.order_id))
+    assert count == 1
+    order = await stored_order(sessions, placed.order_id)
+    assert order.state == OrderState.RECEIVED.value
+    assert order.payment_id == placed.payload.payment_id
+    assert order.amount_cents == 2 * 700 + 600
+    assert order.items == [item.model_dump() for item in ITEMS]
+    assert order.address == ADDRESS.model_dump()
+    assert order.validated_at is None
+
+
+async def test_order_validated_marks_the_order_once(sessions: Sessions) -> None:
+    placed = await received(sessions)
+    await business.order_validated(sessions, placed.order_id)
+    first = (await stored_order(sessions, placed.order_id)).validated_at
+    await business.order_validated(sessions, placed.order_id)
+
+    assert first is not None
+    assert (await stored_order(sessions, placed.order_id)).validated_at == first
+
+
+@pytest.mark.parametrize(
+    ("items", "complaint"),
+    [
+        ([OrderItem(sku="SKU-A", qty=1), OrderItem(sku="SKU-A", qty=2)], "repeated: SKU-A"),
+        ([OrderItem(sku=f"SKU-{n}", qty=1_000) for n in range(11)], "exceeds"),
+    ],
+    ids=["repeated-sku", "too-many-pieces"],
+)
+async def test_order_validated_rejects_a_broken_rule(
+    sessions: Sessions, items: list[OrderItem], complaint: str
+) -> None:
+    placed = await received(sessions, items=items)
+
+    with pytest.raises(OrderInvalid, match=complaint):
+        await business.order_validated(sessions, placed.order_id)
+    assert (await stored_order(sessions, placed.order_id)).validated_at is None
+
+
+async def test_order_validated_rejects_a_payment_owned_by_another_order(sessions: Sessions) -> None:
+    first = await received(sessions)
+    assert await charge(sessions, first) is ChargeOutcome.CHARGED
+    second = await received(sessions, payment_id=first.payload.payment_id)
+
+    with pytest.raises(OrderInvalid, match=f"belongs to order {first.order_id}"):
+        await business.order_validated(sessions, second.order_id)
+
+
+async def test_order_validated_of_a_missing_order_is_worth_retrying(sessions: Sessions) -> None:
+    # not a business verdict (the insert may not be visible yet), so not OrderInvalid
+    with pytest.raises(LookupError):
+        await business.order_validated(sessions, unique("missing"))
+
+
+# --- payment_charged / payment_refunded -----------------------------------------------------------
+async def test_payment_charged_charges_once(sessions: Sessions) -> None:
+    placed = await received(sessions)
+
+    assert await charge(sessions, placed) is ChargeOutcome.CHARGED
+    assert await charge(sessions, placed) is ChargeOutcome.ALREADY_CHARGED
+    [payment] = await stored_payments(sessions, placed.payload.payment_id)
+    assert (payment.order_id, payment.status) == (placed.order_id, PaymentStatus.CHARGED.value)
+    assert payment.amount_cents == placed.payload.amount_cents
+
+
+@asynccontextmanager
+async def commit_held_back(
+    sessions: Sessions, inserted: asyncio.Event, release: asyncio.Event
+) -> AsyncIterator[AsyncSession]:
+    """`transaction` whose first use stops after its work, before committing, until released."""
+    async with transaction(sessions) as session:
+        yield session
+        if not inserted.is_set():
+            inserted.set()
+            await release.wait()
+
+
+async def other_backends_waiting_on_a_lock(sessions: Sessions) -> int:
+    async with sessions() as session:
+        waiting = await session.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+        )
+    return int(waiting or 0)
+
+
+async def test_concurrent_charges_of_one_payment_charge_once(
+    sessions: Sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first charge claims the payment id and holds its transaction open; the second must then
+    # wait on the unique key (we see it waiting in pg_stat_activity) and find the charge made.
+    placed = await received(sessions)
+    inserted, release = asyncio.Event(), asyncio.Event()
+    monkeypatch.setattr(
+        business, "transaction", lambda factory: commit_held_back(factory, inserted, release)
+    )
+
+    first = asyncio.create_task(charge(sessions, placed))
+    try:
+        await asyncio.wait_for(inserted.wait(), 5)
+        second = asyncio.create_task(charge(sessions, placed))
+
+        async def second_is_blocked() -> bool:
+            return await other_backends_waiting_on_a_lock(sessions) >= 1
+
+        await wait_until(second_is_blocked, "the second charge to wait on the first one's claim")
+        assert not second.done()
+    finally:
+        release.set()  # never leave the first transaction open, whatever happened
+    outcomes = await asyncio.wait_for(asyncio.gather(first, second), 5)
+
+    assert outcomes == [ChargeOutcome.CHARGED, ChargeOutcome.ALREADY_CHARGED]
+    assert len(await stored_payments(sessions, placed.payload.payment_id)) == 1
+
+
+async def test_many_concurrent_charges_of_one_payment_charge_once(sessions: Sessions) -> None:
+    placed = await received(sessions)
+
+    outcomes = await asyncio.gather(*(charge(sessions, placed) for _ in range(8)))
+
+    assert sorted(outcomes) == [ChargeOutcome.ALREADY_CHARGED] * 7 + [ChargeOutcome.CHARGED]
+    assert len(await stored_payments(sessions, placed.payload.payment_id)) == 1
+
+
+async def test_payment_charged_for_a_payment_owned_by_another_order_is_invalid(sessions: Sessions) -> None:
+    first = await received(sessions)
+    await charge(sessions, first)
+
+    with pytest.raises(OrderInvalid, match=f"belongs to order {first.order_id}"):
+        await charge(sessions, first, order_id=unique("other-order"))
+    [payment] = await stored_payments(sessions, first.payload.payment_id)
+    assert payment.order_id == first.order_id
+
+
+async def test_payment_refunded_refunds_once(sessions: Sessions) -> None:
+    placed = await received(sessions)
+    await charge(sessions, placed)
+    payment_id = placed.payload.payment_id
+
+    assert await business.payment_refunded(sessions, payment_id) is True
+    [refunded] = await stored_payments(sessions, payment_id)
+    assert refunded.status == PaymentStatus.REFUNDED.value and refunded.refunded_at is not None
+    assert await business.payment_refunded(sessions, payment_id) is True
+    [again] = await stored_payments(sessions, payment_id)
+    assert again.refunded_at == refunded.refunded_at
+
+
+async def test_payment_refunded_of_an_unknown_payment_is_false(sessions: Sessions) -> None:
+    payment_id = unique("never-charged")
+
+    assert await business.payment_refunded(sessions, payment_id) is False
+    assert await stored_payments(sessions, payment_id) == []
+
+
+# --- shipping -------------------------------------------------------------------------------------
+async def test_carrier_dispatched_keeps_its_tracking_number_and_takes_the_new_address(
+    sessions: Sessions,
+) -> None:
+    placed = await received(sessions)
+
+    tracking_number = await business.carrier_dispatched(sessions, placed.order_id, ADDRESS)
+    first = await stored_order(sessions, placed.order_id)
+    again = await business.carrier_dispatched(sessions, placed.order_id, NEW_ADDRESS)
+    second = await stored_order(sessions, placed.order_id)
+
+    assert tracking_number.startswith("TRK-")
+    assert again == tracking_number
+    assert (first.tracking_number, first.address) == (tracking_number, ADDRESS.model_dump())
+    assert (second.tracking_number, second.address) == (tracking_number, NEW_ADDRESS.model_dump())
+    assert first.dispatched_at is not None and second.dispatched_at == first.dispatched_at
+
+
+async def test_carrier_dispatched_for_a_missing_order_is_worth_retrying(sessions: Sessions) -> None:
+    with pytest.raises(LookupError):
+        await business.carrier_dispatched(sessions, unique("missing"), ADDRESS)
+
+
+@pytest.mark.parametrize(
+    ("mark", "column"),
+    [(business.package_prepared, "package_prepared_at"), (business.order_shipped, "shipped_at")],
+    ids=["package_prepared", "order_shipped"],
+)
+async def test_step_timestamps_are_set_once(
+    sessions: Sessions, mark: Callable[[Sessions, str], Awaitable[None]], column: str
+) -> None:
+    placed = await received(sessions)
+
+    await mark(sessions, placed.order_id)
+    first = getattr(await stored_order(sessions, placed.order_id), column)
+    await mark(sessions, placed.order_id)
+
+    assert first is not None
+    assert getattr(await stored_order(sessions, placed.order_id), column) == first
+
+
+# --- the fault injector ---------------------------------------------------------------------------
+async def failing_fault() -> None:
+    raise RuntimeError("Forced failure for testing")
+
+
+BusinessStep = Callable[[Sessions, PlaceOrder], Awaitable[Any]]
+BUSINESS_STEPS: dict[str, BusinessStep] = {
+    "order_received": business.order_received,
+    "order_validated": lambda sessions, placed: business.order_validated(sessions, placed.order_id),
+    "payment_charged": charge,
+    "package_prepared": lambda sessions, placed: business.package_prepared(sessions, placed.order_id),
+    "carrier_dispatched": lambda sessions, placed: business.carrier_dispatched(
+        sessions, placed.order_id, NEW_ADDRESS
+    ),
+    "order_shipped": lambda sessions, placed: business.order_shipped(sessions, placed.order_id),
+}
+
+
+async def order_snapshot(sessions: Sessions, order_id: str) -> dict[str, Any] | None:
+    async with sessions() as session:
+        order = await session.get(Order, order_id)
+    return order.model_dump() if order else None
+
+
+@pytest.mark.parametrize("step", BUSINESS_STEPS.values(), ids=BUSINESS_STEPS.keys())
+async def test_each_business_step_calls_the_fault_injector_first(
+    db_sessions: Sessions, monkeypatch: pytest.MonkeyPatch, step: BusinessStep
+) -> None:
+    placed = place_order()
+    if step is not business.order_received:
+        monkeypatch.setattr(faults, "flaky_call", no_fault)
+        await business.order_received(db_sessions, placed)
+    before = await order_snapshot(db_sessions, placed.order_id)
+    monkeypatch.setattr(faults, "flaky_call", failing_fault)
+
+    with pytest.raises(RuntimeError, match="Forced failure for testing"):
+        await step(db_sessions, placed)
+
+    # the failure came before any database work
+    assert await order_snapshot(db_sessions, placed.order_id) == before
+    assert await stored_payments(db_sessions, placed.payload.payment_id) == []
+
+
+@pytest.mark.parametrize("draw", [0.0, 0.1, 0.3299])
+async def test_flaky_call_fails_a_third_of_the_time(monkeypatch: pytest.MonkeyPatch, draw: float) -> None:
+    monkeypatch.setattr(random, "random", lambda: draw)
+
+    with pytest.raises(RuntimeError, match=r"^Forced failure for testing$"):
+        await flaky_call()
+
+
+@pytest.mark.parametrize("draw", [0.33, 0.5, 0.6699])
+async def test_flaky_call_hangs_a_third_of_the_time(monkeypatch: pytest.MonkeyPatch, draw: float) -> None:
+    monkeypatch.setattr(random, "random", lambda: draw)
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(flaky_call(), 0.2)
+
+
+@pytest.mark.parametrize("draw", [0.67, 0.9, 0.9999])
+async def test_flaky_call_passes_a_third_of_the_time(monkeypatch: pytest.MonkeyPatch, draw: float) -> None:
+    monkeypatch.setattr(random, "random", lambda: draw)
+
+    assert await asyncio.wait_for(flaky_call(), 1) is None

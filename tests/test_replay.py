@@ -1,0 +1,81 @@
+"""Recorded histories still replay on today's workflow code: no nondeterminism.
+
+`tests/histories/*.json` are real histories of OrderWorkflow and its ShippingWorkflow children
+(happy path, cancel after payment, a dispatch failure shipped again), recorded from the scenarios
+in `workflow_harness.py`. A change to the workflows that would break orders already running
+fails here. If the change is intended (and no order that old can still be running, or the change
+is behind `workflow.patched`), record them again and commit the new files:
+
+    .venv/bin/python tests/record_histories.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from record_histories import HISTORIES, SCENARIOS
+from temporalio import workflow
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, WorkflowRunner
+from temporalio.workflow import NondeterminismError
+
+from services.workers.order_workflow import OrderWorkflow
+from services.workers.shipping_workflow import ShippingWorkflow
+from services.workers.steps import Activities
+from services.workers.worker import sandbox_runner
+from shared.contracts import OrderStatus, Step
+from shared.lifecycle import ORDER_WORKFLOW, OrderWorkflowInput, order_workflow_id
+
+RECORDED = sorted(HISTORIES.glob("*.json"))
+
+
+def load(path: Path) -> WorkflowHistory:
+    # the file name is the workflow id: replay needs it, since the child ids derive from it
+    return WorkflowHistory.from_json(path.stem, path.read_text())
+
+
+def replayer(*workflows: type, runner: WorkflowRunner | None = None) -> Replayer:
+    return Replayer(
+        workflows=list(workflows),
+        data_converter=pydantic_data_converter,
+        workflow_runner=runner or sandbox_runner(),
+    )
+
+
+def test_every_scenario_has_its_histories() -> None:
+    names = {path.stem for path in RECORDED}
+    for order_id in SCENARIOS:
+        assert order_workflow_id(order_id) in names
+        assert f"{order_workflow_id(order_id)}-shipping-1" in names
+
+
+@pytest.mark.parametrize("path", RECORDED, ids=[path.stem for path in RECORDED])
+async def test_recorded_history_replays(path: Path) -> None:
+    history = load(path)
+    assert len(history.events) > 10
+
+    result = await replayer(OrderWorkflow, ShippingWorkflow).replay_workflow(history)
+
+    assert result.replay_failure is None
+
+
+@workflow.defn(name=ORDER_WORKFLOW)
+class ValidatesFirst(OrderWorkflow):
+    """OrderWorkflow with two steps swapped: the kind of change replay must catch."""
+
+    @workflow.run
+    async def run(self, start: OrderWorkflowInput) -> OrderStatus:
+        return await super().run(start)
+
+    async def _lifecycle(self) -> None:
+        await self._step(Step.VALIDATE, Activities.VALIDATE_ORDER, self._order.order_id)
+        await super()._lifecycle()
+
+
+async def test_replay_catches_a_changed_workflow() -> None:
+    # unsandboxed: the sandbox would re-import this test module, which is not workflow code
+    changed = replayer(ValidatesFirst, ShippingWorkflow, runner=UnsandboxedWorkflowRunner())
+    with pytest.raises(NondeterminismError):
+        await changed.replay_workflow(load(HISTORIES / "order-replay-happy-path.json"))
