@@ -157,6 +157,10 @@ class OrderWorkflow:
             await workflow.wait_condition(lambda: self._approval is not None, timeout=window)
         except asyncio.TimeoutError:
             raise LifecycleStopped(Ending(OrderState.CANCELLED, "review_timeout")) from None
+        if self._status.state is OrderState.AWAITING_APPROVAL:
+            self._record_approval()
+
+    def _record_approval(self) -> None:
         approval = self._approval
         assert approval is not None
         self._reach(
@@ -180,14 +184,21 @@ class OrderWorkflow:
         )
 
     async def _ship(self) -> str:
-        """Run ShippingWorkflow until one dispatches; each DispatchFailed is one more try."""
-        for attempt in range(1, self._policy.max_shipping_attempts + 1):
-            self._status.shipping_attempts = attempt
+        """Run ShippingWorkflow until one dispatches to the order's current address; each
+        DispatchFailed is one more try, up to the policy's bound."""
+        shipment = failures = 0
+        while failures < self._policy.max_shipping_attempts:
+            shipment += 1
+            self._status.shipping_attempts = shipment
             self._status.step = Step.DISPATCH_CARRIER if self._package_ready else Step.PREPARE_PACKAGE
-            self._reach(OrderState.SHIPPING, EventType.SHIPPING_STARTED, shipping_attempt=attempt)
-            result = await self._run_shipment(attempt)
-            if result.dispatched and result.tracking_number:
+            self._reach(OrderState.SHIPPING, EventType.SHIPPING_STARTED, shipping_attempt=shipment)
+            result = await self._run_shipment(shipment)
+            if not (result.dispatched and result.tracking_number):
+                failures += 1
+            elif result.address in (None, self._status.address):
                 return result.tracking_number
+            # else an address update was accepted while this dispatch was being reported: the
+            # carrier has the old address, so dispatch again (the tracking number is kept)
         reason = f"dispatch failed {self._policy.max_shipping_attempts} times"
         if self._dispatch_failures:
             reason += f"; last: {self._dispatch_failures[-1]}"
@@ -266,6 +277,10 @@ class OrderWorkflow:
     def approve(self, command: ApproveOrder) -> None:
         if self._accept(command, self._approve_blocked()):
             self._approval = command
+            # in review, record it now, so its event comes before anything later in this task;
+            # an early approval waits for the review step
+            if self._status.state is OrderState.AWAITING_APPROVAL:
+                self._record_approval()
 
     @workflow.signal(name=Signals.CANCEL)
     def cancel(self, command: CancelOrder) -> None:
@@ -341,11 +356,13 @@ class OrderWorkflow:
     @workflow.signal(name=Signals.CARRIER_DISPATCHED)
     def carrier_dispatched(self, report: StepReport) -> None:
         self._attempts.merge(report)
-        self._dispatched = True
+        address = report.address or self._status.address
+        # a dispatch to an address changed meanwhile is redone, so the order is not yet dispatched
+        self._dispatched = address == self._status.address
         self._emit(
             EventType.CARRIER_DISPATCHED,
             tracking_number=report.tracking_number,
-            address=self._status.address.model_dump(),
+            address=address.model_dump(),
         )
 
     @workflow.signal(name=Signals.DISPATCH_FAILED)

@@ -51,24 +51,29 @@ class ShippingWorkflow:
             shipment.policy, max_attempts=shipment.policy.dispatch_attempts_per_shipment
         )
         try:
-            dispatched = await self._dispatch(shipment.order_id, dispatch_policy)
+            dispatched, address = await self._dispatch(shipment.order_id, dispatch_policy)
         except StepExhausted as exhausted:
             report = self._attempts.report(Step.DISPATCH_CARRIER, reason=str(exhausted))
             await parent.signal(Signals.DISPATCH_FAILED, report)
             return ShippingResult(dispatched=False, failure=str(exhausted))
 
         report = self._attempts.report(
-            Step.DISPATCH_CARRIER, tracking_number=dispatched.tracking_number
+            Step.DISPATCH_CARRIER, tracking_number=dispatched.tracking_number, address=address
         )
         await parent.signal(Signals.CARRIER_DISPATCHED, report)
-        return ShippingResult(dispatched=True, tracking_number=dispatched.tracking_number)
+        return ShippingResult(
+            dispatched=True, tracking_number=dispatched.tracking_number, address=address
+        )
 
     @workflow.signal(name=Signals.UPDATE_ADDRESS)
     def update_address(self, address: Address) -> None:
         self._address = address
 
-    async def _dispatch(self, order_id: str, policy: StepPolicy) -> DispatchResult:
-        """Dispatch to the current address; if it changes mid-dispatch, dispatch to the new one."""
+    async def _dispatch(
+        self, order_id: str, policy: StepPolicy
+    ) -> tuple[DispatchResult, Address]:
+        """Dispatch to the current address; if it changes mid-dispatch, dispatch to the new one.
+        Returns the carrier's answer and the address it was given."""
         while True:
             address = self._address
             dispatch = asyncio.create_task(
@@ -84,7 +89,7 @@ class ShippingWorkflow:
             try:
                 await workflow.wait_condition(lambda: dispatch.done() or self._address != address)
                 if dispatch.done():
-                    return dispatch.result()
+                    return dispatch.result(), address
             finally:
                 # stops the attempt for the old address, or all of it when shipping is cancelled
                 dispatch.cancel()

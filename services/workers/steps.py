@@ -74,6 +74,7 @@ class ShippingInput(BaseModel):
 class ShippingResult(BaseModel):
     dispatched: bool
     tracking_number: str | None = None
+    address: Address | None = None  # where the carrier was sent
     failure: str | None = None
 
 
@@ -84,6 +85,7 @@ class StepReport(BaseModel):
     attempts: int
     errors: list[StepError] = []
     tracking_number: str | None = None
+    address: Address | None = None  # where the carrier was sent
     reason: str | None = None
 
 
