@@ -347,14 +347,14 @@ class OrderWorkflow:
 
     # --- progress reports from the shipping child ------------------------------------------------
     @workflow.signal(name=Signals.PACKAGE_PREPARED)
-    def package_prepared(self, report: StepReport) -> None:
+    def on_package_prepared(self, report: StepReport) -> None:
         self._attempts.merge(report)
         self._package_ready = True
         self._status.step = Step.DISPATCH_CARRIER
         self._emit(EventType.PACKAGE_PREPARED)
 
     @workflow.signal(name=Signals.CARRIER_DISPATCHED)
-    def carrier_dispatched(self, report: StepReport) -> None:
+    def on_carrier_dispatched(self, report: StepReport) -> None:
         self._attempts.merge(report)
         address = report.address or self._status.address
         # a dispatch to an address changed meanwhile is redone, so the order is not yet dispatched
@@ -366,7 +366,7 @@ class OrderWorkflow:
         )
 
     @workflow.signal(name=Signals.DISPATCH_FAILED)
-    def dispatch_failed(self, report: StepReport) -> None:
+    def on_dispatch_failed(self, report: StepReport) -> None:
         self._attempts.merge(report)
         reason = report.reason or "dispatch failed"
         self._dispatch_failures.append(reason)
