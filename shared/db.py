@@ -36,6 +36,8 @@ class Order(SQLModel, table=True):
     projects `state`, `address` and `reason` from the events."""
 
     __tablename__ = "orders"
+    # newest first is how orders are listed
+    __table_args__ = (Index("ix_orders_created_at", text("created_at DESC"), "id"),)
 
     id: str = Field(primary_key=True, max_length=64)
     payment_id: str = Field(max_length=64)
