@@ -76,6 +76,22 @@ async def declare_consumer_queue(
     return queue
 
 
+async def declare_command_queue(
+    channel: AbstractChannel, topology: Topology, settings: Settings
+) -> AbstractQueue:
+    """The bridge's queue of commands. The gateway declares it too, so a command accepted before
+    the bridge first started waits for it instead of being unroutable."""
+    return await declare_consumer_queue(channel, settings.command_queue, topology.commands, "order.*")
+
+
+async def declare_audit_queue(
+    channel: AbstractChannel, topology: Topology, settings: Settings
+) -> AbstractQueue:
+    """The audit consumer's queue of events. The workers declare it too, so an event published
+    before the audit consumer first started still reaches the audit table."""
+    return await declare_consumer_queue(channel, settings.audit_queue, topology.events, "order.#")
+
+
 async def open_channel(connection: AbstractRobustConnection, prefetch: int = 0) -> tuple[AbstractChannel, Topology]:
     """A channel with publisher confirms on (every publish waits for the broker's ack)."""
     channel = await connection.channel(publisher_confirms=True)

@@ -94,7 +94,7 @@ async def api_without_broker(settings: Settings) -> AsyncIterator[httpx.AsyncCli
 
 @pytest.fixture
 def empty_vhost(base_settings: Settings) -> Iterator[Settings]:
-    """Settings for a vhost of this test alone, where no queue is bound to `orders.commands`."""
+    """Settings for a vhost of this test alone, where nothing was declared yet."""
     ctl = shutil.which("rabbitmqctl")
     assert ctl, "rabbitmqctl is needed to create a vhost without bindings"
     vhost = f"orderflow_api_unroutable_{uuid4().hex[:8]}"
@@ -281,8 +281,26 @@ async def test_an_invalid_command_is_422_even_when_the_broker_is_down(
     assert response.status_code == 422
 
 
+async def test_a_command_waits_for_a_bridge_that_never_started(
+    empty_vhost: Settings, settings: Settings
+) -> None:
+    async with gateway(settings.model_copy(update={"amqp_url": empty_vhost.amqp_url})) as client:
+        response = await client.post("/orders", json=order_body())
+
+    assert response.status_code == 202, response.text
+    connection = await aio_pika.connect(empty_vhost.amqp_url)
+    async with connection:
+        queue = await (await connection.channel()).get_queue(settings.command_queue)
+        waiting = await queue.get(no_ack=True)
+    assert waiting.message_id == response.json()["command_id"]
+
+
 async def test_unroutable_command_is_503(empty_vhost: Settings, settings: Settings) -> None:
     async with gateway(settings.model_copy(update={"amqp_url": empty_vhost.amqp_url})) as client:
+        # someone deletes the bridge's queue behind the gateway's back
+        connection = await aio_pika.connect(empty_vhost.amqp_url)
+        async with connection:
+            await (await connection.channel()).queue_delete(settings.command_queue)
         response = await client.post("/orders", json=order_body())
 
     assert response.status_code == 503

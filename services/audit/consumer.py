@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.audit.projection import record_event
 from shared import db
-from shared.broker import declare_consumer_queue
+from shared.broker import declare_audit_queue
 from shared.consuming import QueueConsumer, consumer_channel, retry_transient
 from shared.contracts import OrderEvent
 from shared.settings import Settings
@@ -27,9 +27,7 @@ async def run_audit(settings: Settings, stop: asyncio.Event) -> None:
     broker_channel = consumer_channel(settings, CONSUMER_NAME, settings.audit_prefetch)
     try:
         async with broker_channel as (channel, topology):
-            queue = await declare_consumer_queue(
-                channel, settings.audit_queue, topology.events, "order.#"
-            )
+            queue = await declare_audit_queue(channel, topology, settings)
             audit = AuditLog(db.session_factory(engine), stop)
             consumer = QueueConsumer(CONSUMER_NAME, topology, settings.max_event_deliveries, stop)
             await consumer.run(queue, OrderEvent.model_validate_json, audit.handle)

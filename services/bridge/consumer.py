@@ -28,7 +28,7 @@ from sqlmodel import col
 
 from services.bridge.lifecycles import OrderLifecycles, Outcome, OutcomeKind
 from shared import db
-from shared.broker import Topology, declare_consumer_queue, publish_event
+from shared.broker import Topology, declare_command_queue, publish_event
 from shared.consuming import QueueConsumer, Stopping, consumer_channel, retry_transient
 from shared.contracts import Command, EventType, OrderEvent, command_adapter
 from shared.db import ProcessedCommand
@@ -55,9 +55,7 @@ async def run_bridge(settings: Settings, stop: asyncio.Event) -> None:
     broker_channel = consumer_channel(settings, CONSUMER_NAME, settings.command_prefetch)
     try:
         async with broker_channel as (channel, topology):
-            queue = await declare_consumer_queue(
-                channel, settings.command_queue, topology.commands, "order.*"
-            )
+            queue = await declare_command_queue(channel, topology, settings)
             bridge = Bridge(
                 OrderLifecycles(temporal, settings),
                 ProcessedCommands(db.session_factory(engine)),

@@ -69,7 +69,8 @@ async def running_workers(client: Client, settings: Settings) -> AsyncIterator[N
         stack.push_async_callback(engine.dispose)
         connection = await broker.connect(settings, "workers")
         stack.push_async_callback(connection.close)
-        _, topology = await broker.open_channel(connection)
+        channel, topology = await broker.open_channel(connection)
+        await broker.declare_audit_queue(channel, topology, settings)
         activities = OrderActivities(db.session_factory(engine), topology)
         for worker in (order_worker(client, settings, activities), shipping_worker(client, settings, activities)):
             await stack.enter_async_context(worker)
