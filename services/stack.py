@@ -64,9 +64,11 @@ class Stack:
     def __init__(self, log: IO[str]) -> None:
         self._log = log
         self._processes: dict[str, asyncio.subprocess.Process] = {}
+        self._commands: dict[str, tuple[list[str], dict[str, str]]] = {}
         self._pumps: list[asyncio.Task[None]] = []
 
     async def start(self, name: str, command: list[str], env: dict[str, str]) -> None:
+        self._commands[name] = (command, env)
         process = await asyncio.create_subprocess_exec(
             *command,
             env=env,
@@ -91,6 +93,13 @@ class Stack:
         for task in pending:
             task.cancel()
         return waits[done.pop()]
+
+    async def crash_and_restart(self, name: str) -> None:
+        """Kill a child without warning (SIGKILL) and start it again, as a supervisor would."""
+        process = self._processes[name]
+        process.kill()
+        await process.wait()
+        await self.start(name, *self._commands[name])
 
     def pids(self) -> dict[str, int]:
         return {name: process.pid for name, process in self._processes.items()}

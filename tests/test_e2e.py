@@ -22,7 +22,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.stack import free_port, running_stack
+from services.stack import Stack, free_port, running_stack
 from shared import broker
 from shared.contracts import (
     Address,
@@ -39,23 +39,30 @@ from service_support import eventually, publish_raw, take_messages
 
 pytestmark = pytest.mark.e2e
 
-LIFECYCLE_TIMEOUT = 30.0  # generous: the contract's 15 s is measured by bench/lifecycle.py
+LIFECYCLE_TIMEOUT = 60.0  # generous: the contract's 15 s is measured by bench/lifecycle.py
 ADDRESS = {"name": "Ada Lovelace", "line1": "12 St James's Square", "city": "London",
            "postal_code": "SW1Y 4JH", "country": "GB"}
 
 
 class EventLog:
-    """Every event on `orders.events` (through a queue of our own), by order."""
+    """Every event on `orders.events` (through a queue of our own), by order, each event id once:
+    delivery is at least once, and a redelivered event is the same event."""
 
     def __init__(self) -> None:
         self.by_order: dict[str, list[OrderEvent]] = {}
+        self.repeats = 0
+        self._seen: set[UUID] = set()
         self._changed = asyncio.Condition()
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         event = OrderEvent.model_validate_json(message.body)
         async with self._changed:
-            self.by_order.setdefault(event.order_id, []).append(event)
-            self._changed.notify_all()
+            if event.event_id in self._seen:
+                self.repeats += 1
+            else:
+                self._seen.add(event.event_id)
+                self.by_order.setdefault(event.order_id, []).append(event)
+                self._changed.notify_all()
         await message.ack()
 
     def of(self, order_id: str, type_: EventType) -> list[OrderEvent]:
@@ -76,19 +83,31 @@ class EventLog:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def system(settings: Settings, migrated_database: str) -> AsyncIterator[Settings]:
+async def stack(settings: Settings, migrated_database: str) -> AsyncIterator[tuple[Settings, Stack]]:
     """api, bridge, workers and audit as processes against the test database, vhost and server."""
     port = free_port()
     system_settings = settings.model_copy(
-        update={"api_port": port, "api_url": f"http://127.0.0.1:{port}"}
+        update={
+            "api_port": port,
+            "api_url": f"http://127.0.0.1:{port}",
+            # these tests check what happens, not how fast (bench/lifecycle.py measures that with
+            # the default 8 s and 14 s): a slow machine must not turn an order into a timeout
+            "review_window_seconds": 30.0,
+            "lifecycle_deadline_seconds": 45.0,
+        }
     )
     with tempfile.NamedTemporaryFile("w+", prefix="orderflow-e2e-", suffix=".log", delete=False) as log:
         try:
-            async with running_stack(system_settings, temporal=None, log=log):
-                yield system_settings
+            async with running_stack(system_settings, temporal=None, log=log) as processes:
+                yield system_settings, processes
         finally:
             # the services' own logs, for whoever reads a failure
             print(f"service logs: {log.name}")
+
+
+@pytest.fixture
+def system(stack: tuple[Settings, Stack]) -> Settings:
+    return stack[0]
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -280,3 +299,44 @@ async def test_a_duplicate_command_id_has_one_effect(
     assert kinds.count("approved") == 1
     assert "command_rejected" not in kinds
     assert events.of(order_id, EventType.COMMAND_REJECTED) == []
+
+
+async def test_orders_in_flight_survive_a_worker_crash(
+    stack: tuple[Settings, Stack],
+    amqp: tuple[broker.Topology, EventLog, AbstractQueue],
+    db_sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    _, processes = stack
+    topology, events, _ = amqp
+    order_ids = [f"e2e-crash-{uuid4().hex[:8]}" for _ in range(3)]
+    for order_id in order_ids:
+        await broker.publish_command(topology, place_command(order_id))
+    for order_id in order_ids:
+        await events.wait_for(order_id, EventType.AWAITING_APPROVAL)
+
+    await processes.crash_and_restart("workers")
+    for order_id in order_ids:
+        await broker.publish_command(topology, approve_command(order_id))
+    endings = [await events.wait_for_end(order_id) for order_id in order_ids]
+
+    assert [e.type for e in endings] == [EventType.COMPLETED] * 3, [e.data for e in endings]
+    for order_id in order_ids:
+        trail = await full_trail_stored(db_sessions, events, order_id)
+        assert [row.seq for row in trail] == list(range(1, len(trail) + 1))
+        assert [row.type for row in trail].count("payment_charged") == 1
+
+
+async def test_commands_wait_out_a_bridge_crash(
+    stack: tuple[Settings, Stack],
+    amqp: tuple[broker.Topology, EventLog, AbstractQueue],
+) -> None:
+    _, processes = stack
+    topology, events, _ = amqp
+    order_id = f"e2e-bridge-{uuid4().hex[:8]}"
+
+    await processes.crash_and_restart("bridge")
+    await broker.publish_command(topology, place_command(order_id))
+    await events.wait_for(order_id, EventType.AWAITING_APPROVAL)
+    await broker.publish_command(topology, approve_command(order_id))
+
+    assert (await events.wait_for_end(order_id)).type is EventType.COMPLETED

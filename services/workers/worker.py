@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.client import Client
@@ -22,6 +24,9 @@ from shared.settings import Settings
 SANDBOX_PASSTHROUGH = ("shared", "services.workers.steps", "pydantic", "pydantic_core", "annotated_types")
 
 
+STICKY_QUEUE_TIMEOUT = timedelta(seconds=2)
+
+
 def sandbox_runner() -> SandboxedWorkflowRunner:
     return SandboxedWorkflowRunner(
         restrictions=SandboxRestrictions.default.with_passthrough_modules(*SANDBOX_PASSTHROUGH)
@@ -29,11 +34,11 @@ def sandbox_runner() -> SandboxedWorkflowRunner:
 
 
 def order_worker(client: Client, settings: Settings, activities: OrderActivities) -> Worker:
-    return Worker(
+    return _worker(
         client,
-        task_queue=settings.order_task_queue,
-        workflows=[OrderWorkflow],
-        activities=[
+        settings.order_task_queue,
+        OrderWorkflow,
+        [
             activities.receive_order,
             activities.validate_order,
             activities.charge_payment,
@@ -41,21 +46,31 @@ def order_worker(client: Client, settings: Settings, activities: OrderActivities
             activities.refund_payment,
             activities.publish_events,
         ],
-        workflow_runner=sandbox_runner(),
-        interceptors=[AttemptDeadlineInterceptor()],
-        max_concurrent_activities=500,
     )
 
 
 def shipping_worker(client: Client, settings: Settings, activities: OrderActivities) -> Worker:
+    return _worker(
+        client,
+        settings.shipping_task_queue,
+        ShippingWorkflow,
+        [activities.prepare_package, activities.dispatch_carrier],
+    )
+
+
+def _worker(client: Client, task_queue: str, workflow_class: type, activities: list[Any]) -> Worker:
     return Worker(
         client,
-        task_queue=settings.shipping_task_queue,
-        workflows=[ShippingWorkflow],
-        activities=[activities.prepare_package, activities.dispatch_carrier],
+        task_queue=task_queue,
+        workflows=[workflow_class],
+        activities=activities,
         workflow_runner=sandbox_runner(),
         interceptors=[AttemptDeadlineInterceptor()],
+        # hung attempts hold a slot only until their timeout, but there are many at once
         max_concurrent_activities=500,
+        # after a crash, a workflow's next task waits this long for the dead worker before any
+        # worker takes it (the default, 10 s, would eat most of a lifecycle's 15 s)
+        sticky_queue_schedule_to_start_timeout=STICKY_QUEUE_TIMEOUT,
     )
 
 
