@@ -232,11 +232,12 @@ def watch(
 
     def events_so_far() -> list[OrderEvent]:
         try:
-            found = gateway(api_url).get(order_path(order_id, "events"))
+            found = gateway(api_url).get_if_known(order_path(order_id, "events"))
         except typer.Exit:  # the gateway said why; live events still come from the broker
             typer.echo("showing live events only", err=True)
             return []
-        return [OrderEvent.model_validate(item) for item in found["events"]]
+        # an order placed a moment ago may have no history yet
+        return [OrderEvent.model_validate(item) for item in found["events"]] if found else []
 
     try:
         ended = asyncio.run(
