@@ -346,6 +346,19 @@ async def test_watch_shows_the_history_first_and_ends_at_once_for_an_ended_order
     ]
 
 
+async def test_watch_of_an_order_without_history_yet_is_no_error(
+    api_url: str, base_settings: Settings
+) -> None:
+    result = await orderflow(
+        "watch", unique_id("watch"), "--timeout", "0.5", "--api-url", api_url,
+        env={"ORDERFLOW_AMQP_URL": base_settings.amqp_url},
+    )
+
+    assert result.exit_code == WATCH_TIMEOUT_EXIT_CODE
+    assert "404" not in result.stderr
+    assert "live events only" not in result.stderr
+
+
 async def test_watch_gives_up_after_its_timeout(base_settings: Settings) -> None:
     result = await orderflow(
         "watch", unique_id("watch"), "--timeout", "0.5", env={"ORDERFLOW_AMQP_URL": base_settings.amqp_url}
