@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
@@ -117,7 +117,7 @@ class UpdateAddress(_CommandEnvelope):
 
 
 Command = Annotated[
-    Union[PlaceOrder, ApproveOrder, CancelOrder, UpdateAddress], Field(discriminator="type")
+    PlaceOrder | ApproveOrder | CancelOrder | UpdateAddress, Field(discriminator="type")
 ]
 command_adapter: TypeAdapter[Command] = TypeAdapter(Command)
 

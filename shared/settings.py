@@ -70,7 +70,7 @@ class Settings(BaseSettings):
         )
 
     @model_validator(mode="after")
-    def _review_fits_in_lifecycle(self) -> "Settings":
+    def _review_fits_in_lifecycle(self) -> Settings:
         if self.review_window_seconds >= self.lifecycle_deadline_seconds:
             raise ValueError("review_window_seconds must be shorter than lifecycle_deadline_seconds")
         return self

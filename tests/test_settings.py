@@ -19,7 +19,7 @@ def documented_settings() -> dict[str, str]:
 def test_env_example_lists_every_setting_with_its_default() -> None:
     documented = documented_settings()
     defaults = Settings(_env_file=None)
-    for name, field in Settings.model_fields.items():
+    for name in Settings.model_fields:
         key = f"ORDERFLOW_{name.upper()}"
         assert key in documented, f"{key} is missing from .env.example"
         parsed = Settings(_env_file=None, **{name: documented[key]})

@@ -117,7 +117,7 @@ class OrderWorkflow:
                 lambda: lifecycle.done() or self._stop_request is not None,
                 timeout=self._time_left(),
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._stop_request = Ending(OrderState.FAILED, "deadline_exceeded")
         ending = await self._ending_of(lifecycle)
         await self._finish(ending)
@@ -155,7 +155,7 @@ class OrderWorkflow:
         self._reach(OrderState.AWAITING_APPROVAL, EventType.AWAITING_APPROVAL, review_window_seconds=window)
         try:
             await workflow.wait_condition(lambda: self._approval is not None, timeout=window)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise LifecycleStopped(Ending(OrderState.CANCELLED, "review_timeout")) from None
         if self._status.state is OrderState.AWAITING_APPROVAL:
             self._record_approval()
