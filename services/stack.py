@@ -171,11 +171,13 @@ async def running_stack(
 
 
 async def run_until_interrupted() -> int:
+    """`make run`: the dev server listens where ORDERFLOW_TEMPORAL_ADDRESS says (its UI 1000 ports
+    higher, 8233 by default) and keeps its data in .run/, so orders survive a restart."""
     settings = get_settings()
     run_dir = Path(".run")
     run_dir.mkdir(exist_ok=True)
-    temporal = TemporalDevServer(db_file=run_dir / "temporal.db")
-    settings = settings.model_copy(update={"temporal_address": f"127.0.0.1:{temporal.port}"})
+    port = int(settings.temporal_address.rsplit(":", 1)[1])
+    temporal = TemporalDevServer(port=port, ui_port=port + 1000, db_file=run_dir / "temporal.db")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
