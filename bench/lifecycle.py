@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,13 +26,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from uuid import uuid4
 
-import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
-from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.stack import Stack, TemporalDevServer, free_port, running_stack  # noqa: E402
+from services.stack import (  # noqa: E402
+    Stack,
+    TemporalDevServer,
+    free_port,
+    isolated_settings,
+    running_stack,
+)
 from shared import broker  # noqa: E402
 from shared.contracts import (  # noqa: E402
     Address,
@@ -45,6 +47,7 @@ from shared.contracts import (  # noqa: E402
     PlaceOrder,
     PlaceOrderPayload,
 )
+from shared.schema import drop_database  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 
 BENCH_NAME = "orderflow_bench"
@@ -85,34 +88,10 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[index]
 
 
-def fresh_vhost() -> str:
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None:
-        print("rabbitmqctl not found: using vhost '/'", file=sys.stderr)
-        return "/"
-    subprocess.run([ctl, "-q", "delete_vhost", BENCH_NAME], capture_output=True)
-    subprocess.run([ctl, "-q", "add_vhost", BENCH_NAME], check=True, capture_output=True)
-    subprocess.run([ctl, "-q", "set_permissions", "-p", BENCH_NAME, "guest", ".*", ".*", ".*"], check=True)
-    return BENCH_NAME
-
-
-async def fresh_database(database_url: str) -> None:
-    url = make_url(database_url)
-    server = await asyncpg.connect(host=url.host, port=url.port or 5432, user=url.username, database="postgres")
-    try:
-        await server.execute(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)')
-    finally:
-        await server.close()
-
-
 def bench_settings(parallel_attempts: int, temporal_port: int) -> Settings:
-    defaults = Settings()
-    vhost = fresh_vhost()
     api_port = free_port()
-    return defaults.model_copy(
+    return isolated_settings(Settings(), BENCH_NAME).model_copy(
         update={
-            "database_url": make_url(defaults.database_url).set(database=BENCH_NAME).render_as_string(False),
-            "amqp_url": defaults.amqp_url.rstrip("/") + "/" + ("%2F" if vhost == "/" else vhost),
             "temporal_address": f"127.0.0.1:{temporal_port}",
             "api_port": api_port,
             "api_url": f"http://127.0.0.1:{api_port}",
@@ -190,7 +169,7 @@ async def drive(settings: Settings, run: Run, count: int, rate: float, patience:
 async def bench_once(parallel_attempts: int, count: int, rate: float, patience: float) -> Run:
     temporal = TemporalDevServer(port=free_port(), ui_port=free_port(), ui=False)
     settings = bench_settings(parallel_attempts, temporal.port)
-    await fresh_database(settings.database_url)
+    await drop_database(settings.database_url)
     run = Run(parallel_attempts=parallel_attempts)
     with tempfile.NamedTemporaryFile("w", prefix="orderflow-bench-", suffix=".log", delete=False) as log:
         async with running_stack(settings, temporal=temporal, log=log) as stack:

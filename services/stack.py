@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+from urllib.parse import quote
+
+from sqlalchemy.engine import make_url
 
 from shared import schema
 from shared.settings import Settings, get_settings
@@ -136,6 +141,29 @@ async def wait_for_port(port: int, timeout: float = 30.0) -> None:
             if loop.time() > deadline:
                 raise RuntimeError(f"nothing listens on port {port} after {timeout} s") from None
             await asyncio.sleep(0.1)
+
+
+def isolated_settings(settings: Settings, name: str) -> Settings:
+    """`settings` moved to a database and a RabbitMQ vhost called `name`, the vhost made anew, so
+    tests and benchmarks never share queues or rows with a running `make run`. Without rabbitmqctl
+    (not root, say) the vhost stays `/`."""
+    ctl = shutil.which("rabbitmqctl")
+    vhost = name if ctl else "/"
+    if ctl:
+        subprocess.run([ctl, "-q", "delete_vhost", name], capture_output=True)
+        subprocess.run([ctl, "-q", "add_vhost", name], check=True, capture_output=True)
+        subprocess.run(
+            [ctl, "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
+            check=True,
+            capture_output=True,
+        )
+    database_url = make_url(settings.database_url).set(database=name)
+    return settings.model_copy(
+        update={
+            "database_url": database_url.render_as_string(hide_password=False),
+            "amqp_url": settings.amqp_url.rstrip("/") + "/" + quote(vhost, safe=""),
+        }
+    )
 
 
 def free_port() -> int:

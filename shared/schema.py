@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -14,15 +16,28 @@ ALEMBIC_INI = Path(__file__).resolve().parents[1] / "alembic.ini"
 
 
 async def ensure_database(database_url: str) -> None:
+    async with _server(database_url) as (server, name):
+        exists = await server.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            await server.execute(f'CREATE DATABASE "{name}"')
+
+
+async def drop_database(database_url: str) -> None:
+    """Drop the database if it exists, disconnecting whoever uses it (tests and benchmarks)."""
+    async with _server(database_url) as (server, name):
+        await server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@asynccontextmanager
+async def _server(database_url: str) -> AsyncIterator[tuple[asyncpg.Connection, str]]:
+    """A connection to the server's `postgres` database, and the name of the URL's database."""
     url = make_url(database_url)
     server = await asyncpg.connect(
         host=url.host, port=url.port or 5432, user=url.username, password=url.password,
         database="postgres",
     )
     try:
-        exists = await server.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", url.database)
-        if not exists:
-            await server.execute(f'CREATE DATABASE "{url.database}"')
+        yield server, str(url.database)
     finally:
         await server.close()
 

