@@ -6,7 +6,9 @@ approves each order through the command queue when its `awaiting_approval` event
 times each order from its PlaceOrder to its terminal event on `orders.events`.
 
     python bench/lifecycle.py --orders 200 --rate 4
-    python bench/lifecycle.py --orders 200 --rate 4 --parallel-attempts 1,2   # side by side
+    python bench/lifecycle.py --orders 200 --rate 4 --variants 1:0.5,2:0.5   # side by side
+
+A variant is PARALLEL_ATTEMPTS:ATTEMPT_TIMEOUT_SECONDS; the default is the shipped configuration.
 
 Prints, per configuration: completed / cancelled / failed / lost (accepted, no terminal event),
 the end-to-end time distribution, how many took longer than 15 s, and the CPU the services and the
@@ -64,7 +66,7 @@ class OrderClock:
 
 @dataclass
 class Run:
-    parallel_attempts: int
+    variant: Variant
     orders: dict[str, OrderClock] = field(default_factory=dict)
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
@@ -88,14 +90,29 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[index]
 
 
-def bench_settings(parallel_attempts: int, temporal_port: int) -> Settings:
+@dataclass(frozen=True)
+class Variant:
+    parallel_attempts: int
+    attempt_timeout: float
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        parallel, timeout = text.split(":")
+        return cls(int(parallel), float(timeout))
+
+    def __str__(self) -> str:
+        return f"{self.parallel_attempts}x {self.attempt_timeout:g}s"
+
+
+def bench_settings(variant: Variant, temporal_port: int) -> Settings:
     api_port = free_port()
     return isolated_settings(Settings(), BENCH_NAME).model_copy(
         update={
             "temporal_address": f"127.0.0.1:{temporal_port}",
             "api_port": api_port,
             "api_url": f"http://127.0.0.1:{api_port}",
-            "parallel_attempts": parallel_attempts,
+            "parallel_attempts": variant.parallel_attempts,
+            "activity_attempt_timeout_seconds": variant.attempt_timeout,
         }
     )
 
@@ -166,11 +183,11 @@ async def drive(settings: Settings, run: Run, count: int, rate: float, patience:
         await connection.close()
 
 
-async def bench_once(parallel_attempts: int, count: int, rate: float, patience: float) -> Run:
+async def bench_once(variant: Variant, count: int, rate: float, patience: float) -> Run:
     temporal = TemporalDevServer(port=free_port(), ui_port=free_port(), ui=False)
-    settings = bench_settings(parallel_attempts, temporal.port)
+    settings = bench_settings(variant, temporal.port)
     await drop_database(settings.database_url)
-    run = Run(parallel_attempts=parallel_attempts)
+    run = Run(variant=variant)
     with tempfile.NamedTemporaryFile("w", prefix="orderflow-bench-", suffix=".log", delete=False) as log:
         async with running_stack(settings, temporal=temporal, log=log) as stack:
             await asyncio.sleep(2)  # let the workers start polling
@@ -183,7 +200,7 @@ async def bench_once(parallel_attempts: int, count: int, rate: float, patience: 
 
 
 def report(runs: list[Run], rate: float) -> None:
-    columns = [f"parallel={r.parallel_attempts}" for r in runs]
+    columns = [str(r.variant) for r in runs]
     rows: list[tuple[str, list[str]]] = []
 
     def row(label: str, values: list[str]) -> None:
@@ -210,20 +227,25 @@ def report(runs: list[Run], rate: float) -> None:
         for other in runs[1:]:
             for label, fraction in (("p50", 0.5), ("p99", 0.99)):
                 ratio = percentile(other.durations, fraction) / percentile(base.durations, fraction)
-                print(f"{label} ratio parallel={other.parallel_attempts} / parallel={base.parallel_attempts}: {ratio:.2f}")
+                print(f"{label} ratio {other.variant} / {base.variant}: {ratio:.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--orders", type=int, default=200)
     parser.add_argument("--rate", type=float, default=4.0, help="orders placed per second")
-    parser.add_argument("--parallel-attempts", default="2", help="comma-separated; one run per value")
+    shipped = Settings()
+    parser.add_argument(
+        "--variants",
+        default=f"{shipped.parallel_attempts}:{shipped.activity_attempt_timeout_seconds:g}",
+        help="comma-separated PARALLEL_ATTEMPTS:ATTEMPT_TIMEOUT_SECONDS; one run each, side by side",
+    )
     parser.add_argument("--patience", type=float, default=60.0, help="seconds to wait after the last order")
     args = parser.parse_args()
     runs = []
-    for value in (int(v) for v in args.parallel_attempts.split(",")):
-        print(f"running {args.orders} orders at {args.rate:g}/s with parallel_attempts={value} ...", file=sys.stderr)
-        runs.append(asyncio.run(bench_once(value, args.orders, args.rate, args.patience)))
+    for variant in (Variant.parse(v) for v in args.variants.split(",")):
+        print(f"running {args.orders} orders at {args.rate:g}/s, attempts {variant} ...", file=sys.stderr)
+        runs.append(asyncio.run(bench_once(variant, args.orders, args.rate, args.patience)))
     report(runs, args.rate)
     if any(r.lost for r in runs):
         sys.exit(1)

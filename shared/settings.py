@@ -43,10 +43,10 @@ class Settings(BaseSettings):
     lifecycle_deadline_seconds: float = Field(default=14.0, gt=0)
     max_shipping_attempts: int = Field(default=3, ge=1)
     activity_attempt_timeout_seconds: float = Field(
-        default=0.5, gt=0, description="start-to-close of one business-step attempt"
+        default=0.3, gt=0, description="start-to-close of one business-step attempt"
     )
     parallel_attempts: int = Field(
-        default=2, ge=1, le=5, description="attempts of one business step in flight at once"
+        default=3, ge=1, le=5, description="attempts of one business step in flight at once"
     )
     dispatch_attempts_per_shipment: int = Field(default=12, ge=1)
 

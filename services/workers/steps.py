@@ -104,8 +104,8 @@ class StepPolicy:
 
     An attempt passes in milliseconds, fails at once, or hangs until `attempt_timeout` cuts it.
     `parallel` attempts run side by side and the first success wins; a failed attempt is replaced
-    at once. Waiting out a hang is what makes a lifecycle slow, and with two attempts in flight a
-    hang rarely delays the step. The business functions are idempotent and charging is safe under
+    at once. Waiting out a hang is what makes a lifecycle slow, and with several attempts in
+    flight a hang rarely delays the step. The business functions are idempotent and charging is safe under
     concurrency, so overlapping attempts have one effect. There is no pause between attempts: the
     server fires timers with about a second's granularity, and the lifecycle's deadline bounds the
     retrying anyway.
