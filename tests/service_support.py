@@ -66,11 +66,10 @@ async def dead_letters(broker_channel: tuple[AbstractChannel, broker.Topology]) 
 
 
 @asynccontextmanager
-async def consumer_queue(
-    channel: AbstractChannel, name: str, exchange: AbstractExchange, routing_key: str
-) -> AsyncIterator[AbstractQueue]:
-    """A service's queue, declared before the service so nothing published early is lost."""
-    queue = await broker.declare_consumer_queue(channel, name, exchange, routing_key)
+async def consumer_queue(declared: Awaitable[AbstractQueue]) -> AsyncIterator[AbstractQueue]:
+    """A service's queue, declared (as the service declares it) before the service starts, so
+    nothing published early is lost; deleted afterwards."""
+    queue = await declared
     try:
         yield queue
     finally:

@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
 from services.audit.consumer import run_audit
-from shared.broker import ERROR_HEADER, Topology, publish_event
+from shared.broker import ERROR_HEADER, Topology, declare_audit_queue, publish_event
 from shared.contracts import EventType, OrderEvent, OrderState
 from shared.db import AuditEvent, Order
 from shared.settings import Settings
@@ -66,7 +66,7 @@ def audit_settings(base_settings: Settings) -> Settings:
 @pytest_asyncio.fixture
 async def audit_queue(audit_settings: Settings, broker_channel: Broker) -> AsyncIterator[str]:
     channel, topology = broker_channel
-    async with consumer_queue(channel, audit_settings.audit_queue, topology.events, "order.#"):
+    async with consumer_queue(declare_audit_queue(channel, topology, audit_settings)):
         yield audit_settings.audit_queue
 
 

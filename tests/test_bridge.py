@@ -50,7 +50,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from services.bridge.consumer import OrderLocks, run_bridge
 from services.bridge.lifecycles import PLACE_COMMAND_MEMO
-from shared.broker import ERROR_HEADER, Topology, publish_command
+from shared.broker import ERROR_HEADER, Topology, declare_command_queue, publish_command
 from shared.consuming import is_transient
 from shared.contracts import (
     Address,
@@ -170,7 +170,7 @@ def bridge_settings(settings: Settings) -> Settings:
 @pytest_asyncio.fixture
 async def command_queue(bridge_settings: Settings, broker_channel: Broker) -> AsyncIterator[str]:
     channel, topology = broker_channel
-    async with consumer_queue(channel, bridge_settings.command_queue, topology.commands, "order.*"):
+    async with consumer_queue(declare_command_queue(channel, topology, bridge_settings)):
         yield bridge_settings.command_queue
 
 
