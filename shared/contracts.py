@@ -131,6 +131,8 @@ COMMAND_ROUTING_KEYS: dict[CommandType, str] = {
 
 # --- events ---------------------------------------------------------------------------------------
 class EventType(StrEnum):
+    QUEUED = "queued"
+    ADMITTED = "admitted"
     RECEIVED = "received"
     VALIDATED = "validated"
     AWAITING_APPROVAL = "awaiting_approval"
@@ -175,8 +177,9 @@ class OrderEvent(Model):
 
 # --- status ---------------------------------------------------------------------------------------
 class OrderState(StrEnum):
-    """Where an order stands; the last four are terminal or waiting on a person."""
+    """Where an order stands. `queued`: accepted, waiting for the bridge to admit its lifecycle."""
 
+    QUEUED = "queued"
     RECEIVED = "received"
     VALIDATED = "validated"
     AWAITING_APPROVAL = "awaiting_approval"
@@ -228,6 +231,8 @@ class OrderStatus(BaseModel):
     refunded: bool = False
     reason: str | None = None
     tracking_number: str | None = None
+    queued_at: datetime | None = None
+    """When the bridge took the placement in; `started_at - queued_at` is the admission wait."""
     started_at: datetime
     updated_at: datetime
     finished_at: datetime | None = None

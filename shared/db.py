@@ -107,6 +107,33 @@ class ProcessedCommand(SQLModel, table=True):
     processed_at: datetime | None = _timestamp(nullable=False, default_now=True)
 
 
+class Admission(SQLModel, table=True):
+    """The bridge's record of one order's admission: from the placement's arrival (or a command
+    that overtook it) until its lifecycle ends. Rows `admitting` or `running` hold the slots that
+    `max_running_lifecycles` bounds."""
+
+    __tablename__ = "admissions"
+    __table_args__ = (
+        Index(
+            "ix_admissions_holding_slot",
+            "status",
+            postgresql_where=text("status IN ('admitting', 'running')"),
+        ),
+    )
+
+    order_id: str = Field(primary_key=True, max_length=64)
+    status: str = Field(max_length=16)
+    place_command_id: UUID | None = None
+    early_commands: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JSONB, nullable=False, server_default="[]")
+    )
+    cancel_command_id: UUID | None = None
+    created_at: datetime | None = _timestamp(nullable=False, default_now=True)
+    queued_at: datetime | None = _timestamp()
+    admitted_at: datetime | None = _timestamp()
+    ended_at: datetime | None = _timestamp()
+
+
 def create_engine(settings: Settings) -> AsyncEngine:
     return create_async_engine(settings.database_url, pool_size=10, max_overflow=10, pool_pre_ping=True)
 

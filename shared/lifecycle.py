@@ -6,9 +6,12 @@ models only, so workflow code can import this module inside Temporal's sandbox.
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from datetime import datetime
+from typing import Annotated
 
-from shared.contracts import PlaceOrder
+from pydantic import BaseModel, Field
+
+from shared.contracts import ApproveOrder, PlaceOrder, UpdateAddress
 
 ORDER_WORKFLOW = "OrderWorkflow"
 SHIPPING_WORKFLOW = "ShippingWorkflow"
@@ -45,6 +48,16 @@ class LifecyclePolicy(BaseModel):
     shipping_task_queue: str
 
 
+EarlyCommand = Annotated[ApproveOrder | UpdateAddress, Field(discriminator="type")]
+"""A command that reached an order while it waited for admission; it applies as the lifecycle starts."""
+
+
 class OrderWorkflowInput(BaseModel):
     order: PlaceOrder
     policy: LifecyclePolicy
+    queued_at: datetime | None = None
+    """When the bridge took the placement in (None: started without waiting)."""
+    first_seq: int = 1
+    """The seq of the workflow's first event: the bridge numbered the ones before (`queued`)."""
+    early_commands: list[EarlyCommand] = []
+    """Commands accepted while the order waited, in arrival order (the workflow de-duplicates)."""

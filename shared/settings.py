@@ -27,16 +27,42 @@ class Settings(BaseSettings):
     shipping_task_queue: str = "shipping-tq"
 
     # broker queues owned by orderflow (the exchanges are the public contract and fixed)
-    command_queue: str = "orders.commands.bridge"
+    command_queue: str = Field(
+        default="orders.commands.bridge", description="approve, cancel and update-address commands"
+    )
+    placement_queue: str = Field(
+        default="orders.commands.place", description="PlaceOrder commands waiting for admission"
+    )
     audit_queue: str = "orders.events.audit"
     command_prefetch: int = Field(default=64, ge=1)
     max_command_deliveries: int = Field(
         default=5, ge=1, description="deliveries of one command before it is dead-lettered"
     )
+    placement_prefetch: int = Field(
+        default=100, ge=1, description="placements one bridge holds (registered, waiting for a slot) at once"
+    )
     audit_prefetch: int = Field(default=64, ge=1)
     max_event_deliveries: int = Field(
         default=5, ge=1, description="deliveries of one event to the audit consumer before dead-lettering"
     )
+
+    # admission and shedding: RabbitMQ holds the placements the running lifecycles leave waiting
+    max_running_lifecycles: int = Field(
+        default=24, ge=1, description="lifecycles running at once, across all bridges"
+    )
+    placement_backlog_limit: int = Field(
+        default=2000,
+        ge=1,
+        description="placements waiting in the broker before new ones are refused (503 / negative confirm); "
+        "fixed when the placement queue is first declared",
+    )
+    shed_retry_after_seconds: int = Field(
+        default=5, ge=1, description="Retry-After of a 503 for a placement refused because the backlog is full"
+    )
+
+    # how many of each service `make run` starts (competing consumers / pollers)
+    bridge_instances: int = Field(default=1, ge=1)
+    worker_instances: int = Field(default=1, ge=1)
 
     # lifecycle timing: the contract says every lifecycle ends within 15 s of its start
     review_window_seconds: float = Field(default=8.0, gt=0)
