@@ -3,6 +3,11 @@ services (api, bridge, workers, audit) as child processes with their logs.
 
 `make run` runs `python -m services.stack`; the end-to-end tests and the benchmark start the same
 stack through `running_stack`, so what they measure is what users run.
+
+Bridges and workers are competing consumers (of the command and placement queues) and pollers (of
+the task queues), so several of each may run: `ORDERFLOW_BRIDGE_INSTANCES` and
+`ORDERFLOW_WORKER_INSTANCES` say how many. A lone instance is named after its service (`bridge`);
+several are numbered (`bridge-1`, `bridge-2`), and `Stack.instances("bridge")` names them all.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from shared import schema
 from shared.settings import Settings, get_settings
 
 SERVICES = ("api", "bridge", "workers", "audit")
+INSTANCE_SEPARATOR = "-"
 TEMPORAL_BINARY = Path(sys.executable).parent / "temporal"
 STOP_GRACE_SECONDS = 10.0
 
@@ -53,6 +59,24 @@ class TemporalDevServer:
         if not self.ui:
             args.append("--headless")
         return args
+
+
+def instance_count(settings: Settings, service: str) -> int:
+    """How many processes of `service` the stack runs."""
+    return {"bridge": settings.bridge_instances, "workers": settings.worker_instances}.get(service, 1)
+
+
+def instance_names(service: str, count: int) -> list[str]:
+    """`bridge` for one, `bridge-1`, `bridge-2`, ... for several."""
+    if count == 1:
+        return [service]
+    return [f"{service}{INSTANCE_SEPARATOR}{number}" for number in range(1, count + 1)]
+
+
+def service_of(name: str) -> str:
+    """The service a process name belongs to: `bridge-2` → `bridge`, `temporal` → `temporal`."""
+    service, _, number = name.rpartition(INSTANCE_SEPARATOR)
+    return service if service and number.isdigit() else name
 
 
 def service_environment(settings: Settings) -> dict[str, str]:
@@ -99,12 +123,21 @@ class Stack:
             task.cancel()
         return waits[done.pop()]
 
+    def instances(self, service: str) -> list[str]:
+        """The names of the processes of `service` (`bridge`, or `bridge-1`, `bridge-2`, ...)."""
+        return [name for name in self._processes if service_of(name) == service]
+
     async def crash_and_restart(self, name: str) -> None:
-        """Kill a child without warning (SIGKILL) and start it again, as a supervisor would."""
-        process = self._processes[name]
-        process.kill()
-        await process.wait()
-        await self.start(name, *self._commands[name])
+        """Kill a child without warning (SIGKILL) and start it again, as a supervisor would.
+        `name` is one process (`bridge-2`) or a service (`bridge`: all of its instances)."""
+        names = [name] if name in self._processes else self.instances(name)
+        if not names:
+            raise KeyError(f"no process or service called {name!r}")
+        for each in names:
+            process = self._processes[each]
+            process.kill()
+            await process.wait()
+            await self.start(each, *self._commands[each])
 
     def pids(self) -> dict[str, int]:
         return {name: process.pid for name, process in self._processes.items()}
@@ -191,8 +224,9 @@ async def running_stack(
             await stack.start("temporal", temporal.command(), dict(os.environ))
             await wait_for_port(temporal.port)
         env = service_environment(settings)
-        for name in services:
-            await stack.start(name, [sys.executable, "-m", f"services.{name}"], env)
+        for service in services:
+            for name in instance_names(service, instance_count(settings, service)):
+                await stack.start(name, [sys.executable, "-m", f"services.{service}"], env)
         if "api" in services:
             await wait_for_port(settings.api_port)
         yield stack
@@ -216,6 +250,7 @@ async def run_until_interrupted() -> int:
             f"  API docs    {settings.api_url}/docs\n"
             f"  Temporal UI http://127.0.0.1:{temporal.ui_port}\n"
             f"  RabbitMQ    {settings.amqp_url.rsplit('@', 1)[-1]}  (exchanges orders.commands, orders.events)\n"
+            f"  Processes   {', '.join(name for name in stack.pids() if name != 'temporal')}\n"
             "  Ctrl-C stops everything.\n",
             flush=True,
         )

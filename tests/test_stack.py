@@ -1,8 +1,10 @@
-"""`make run` (python -m services.stack): everything comes up, answers, and Ctrl-C stops it all."""
+"""`make run` (python -m services.stack): everything comes up, answers, and Ctrl-C stops it all;
+several bridges and workers run side by side when the settings ask for them."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import sys
@@ -12,7 +14,7 @@ import httpx
 import pytest
 
 from service_support import eventually
-from services.stack import free_port, service_environment
+from services.stack import free_port, instance_names, running_stack, service_environment, service_of
 from shared.settings import Settings
 
 START_TIMEOUT_SECONDS = 60.0
@@ -27,6 +29,8 @@ async def test_the_run_command_starts_everything_and_stops_cleanly_on_ctrl_c(
             "temporal_address": f"127.0.0.1:{temporal_port}",
             "api_port": api_port,
             "api_url": f"http://127.0.0.1:{api_port}",
+            "bridge_instances": 2,
+            "worker_instances": 2,
         }
     )
     log_path = tmp_path / "run.log"
@@ -59,11 +63,44 @@ async def test_the_run_command_starts_everything_and_stops_cleanly_on_ctrl_c(
     assert exit_code == 0, output
     assert f"API docs    {settings.api_url}/docs" in output
     assert "orderflow stopped." in output
-    for service in ("api", "bridge", "workers", "audit"):
-        assert f"\n{service:<8}| " in output, f"no log line from {service}"
+    for name in ("api", "bridge-1", "bridge-2", "workers-1", "workers-2", "audit"):
+        assert f"\n{name:<8}| " in output, f"no log line from {name}"
     # nothing is left behind listening
     for port in (api_port, temporal_port):
         with pytest.raises(OSError):
             await asyncio.open_connection("127.0.0.1", port)
     assert (tmp_path / ".run" / "temporal.db").exists()
     assert os.path.getsize(tmp_path / ".run" / "temporal.db") > 0
+
+
+def test_instances_are_named_after_their_service() -> None:
+    assert instance_names("bridge", 1) == ["bridge"]
+    assert instance_names("workers", 3) == ["workers-1", "workers-2", "workers-3"]
+    assert [service_of(n) for n in ("bridge", "bridge-2", "workers-10", "temporal")] == [
+        "bridge", "bridge", "workers", "temporal",
+    ]
+
+
+async def test_several_bridges_and_workers_start_restart_and_stop(settings: Settings, migrated_database: str) -> None:
+    settings = settings.model_copy(update={"bridge_instances": 2, "worker_instances": 2})
+    log = io.StringIO()
+    async with running_stack(settings, temporal=None, log=log, services=("bridge", "workers")) as stack:
+        assert stack.instances("bridge") == ["bridge-1", "bridge-2"]
+        assert stack.instances("workers") == ["workers-1", "workers-2"]
+
+        async def all_logged() -> bool:
+            return all(f"\n{name:<8}| " in "\n" + log.getvalue() for name in stack.pids())
+
+        await eventually(all_logged, START_TIMEOUT_SECONDS)
+        before = stack.pids()
+        await stack.crash_and_restart("bridge")  # a service: every instance of it
+        after = stack.pids()
+        assert all(after[name] != before[name] for name in ("bridge-1", "bridge-2"))
+        assert all(after[name] == before[name] for name in ("workers-1", "workers-2"))
+        await stack.crash_and_restart("workers-2")  # one instance
+        assert stack.pids()["workers-2"] != before["workers-2"]
+        assert stack.pids()["workers-1"] == before["workers-1"]
+        pids = list(stack.pids().values())
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
