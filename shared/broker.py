@@ -1,8 +1,14 @@
 """The RabbitMQ topology, declared here once and by every service on connect, and publishing.
 
 Exchanges (public contract): `orders.commands` and `orders.events`, both durable topic exchanges.
-Queues (owned by orderflow): the bridge's command queue, the audit consumer's event queue, and one
-dead-letter queue that keeps every message a consumer gave up on, with the reason in its headers.
+Queues (owned by orderflow):
+- the placement queue (`order.place`): PlaceOrder commands wait here, durably, until the bridge
+  admits their lifecycle. It is bounded: once `placement_backlog_limit` placements are waiting the
+  broker refuses new ones with a negative publisher confirm (`x-overflow: reject-publish`), so a
+  placement is either refused at the door or accepted for good;
+- the command queue (approve, cancel, update address): never behind waiting placements;
+- the audit consumer's event queue, and one dead-letter queue that keeps every message a consumer
+  gave up on, with the reason in its headers.
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aio_pika.exceptions import DeliveryError
 from aiormq.abc import DeliveredMessage
 
-from shared.contracts import COMMAND_ROUTING_KEYS, Command, OrderEvent
+from shared.contracts import COMMAND_ROUTING_KEYS, Command, CommandType, OrderEvent
 from shared.settings import Settings
 
 COMMANDS_EXCHANGE = "orders.commands"
@@ -34,6 +41,10 @@ CONSUMER_HEADER = "x-orderflow-consumer"
 
 class CommandNotRouted(Exception):
     """The broker returned a command: no queue is bound for its routing key, so nobody would get it."""
+
+
+class CommandRefused(Exception):
+    """The broker negatively confirmed a command: the placement backlog is full."""
 
 
 @dataclass(frozen=True)
@@ -64,24 +75,70 @@ async def declare_topology(channel: AbstractChannel) -> Topology:
 
 
 async def declare_consumer_queue(
-    channel: AbstractChannel, name: str, exchange: AbstractExchange, routing_key: str
+    channel: AbstractChannel,
+    name: str,
+    exchange: AbstractExchange,
+    routing_keys: tuple[str, ...],
+    arguments: Mapping[str, object] | None = None,
 ) -> AbstractQueue:
     """A durable quorum queue (it counts redeliveries in `x-delivery-count`) that dead-letters."""
     queue = await channel.declare_queue(
         name,
         durable=True,
-        arguments={"x-queue-type": "quorum", "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE},
+        arguments={
+            "x-queue-type": "quorum",
+            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+            **(arguments or {}),
+        },
     )
-    await queue.bind(exchange, routing_key=routing_key)
+    for routing_key in routing_keys:
+        await queue.bind(exchange, routing_key=routing_key)
     return queue
+
+
+PLACE_ROUTING_KEY = COMMAND_ROUTING_KEYS[CommandType.PLACE]
+STEERING_ROUTING_KEYS = tuple(key for key in COMMAND_ROUTING_KEYS.values() if key != PLACE_ROUTING_KEY)
+# before placements had a queue of their own, the command queue took every command with this key
+LEGACY_COMMAND_BINDING = "order.*"
 
 
 async def declare_command_queue(
     channel: AbstractChannel, topology: Topology, settings: Settings
 ) -> AbstractQueue:
-    """The bridge's queue of commands. The gateway declares it too, so a command accepted before
-    the bridge first started waits for it instead of being unroutable."""
-    return await declare_consumer_queue(channel, settings.command_queue, topology.commands, "order.*")
+    """The bridge's queue of approve, cancel and update-address commands. The gateway declares it
+    (and the placement queue) too, so a command accepted before the bridge first started waits
+    for it instead of being unroutable."""
+    queue = await declare_consumer_queue(
+        channel, settings.command_queue, topology.commands, STEERING_ROUTING_KEYS
+    )
+    await queue.unbind(topology.commands, LEGACY_COMMAND_BINDING)
+    return queue
+
+
+async def declare_placement_queue(
+    channel: AbstractChannel, topology: Topology, settings: Settings
+) -> AbstractQueue:
+    """Where placements wait for admission; full at `placement_backlog_limit` ready messages.
+
+    A queue's arguments are fixed when it is first declared: to change the limit on a broker that
+    has the queue, delete the (drained) queue or set a `max-length` policy on it."""
+    return await declare_consumer_queue(
+        channel,
+        settings.placement_queue,
+        topology.commands,
+        (PLACE_ROUTING_KEY,),
+        {"x-max-length": settings.placement_backlog_limit, "x-overflow": "reject-publish"},
+    )
+
+
+async def declare_command_queues(
+    channel: AbstractChannel, topology: Topology, settings: Settings
+) -> tuple[AbstractQueue, AbstractQueue]:
+    """The placement queue and the command queue, for publishers that must not go unrouted."""
+    return (
+        await declare_placement_queue(channel, topology, settings),
+        await declare_command_queue(channel, topology, settings),
+    )
 
 
 async def declare_audit_queue(
@@ -89,7 +146,7 @@ async def declare_audit_queue(
 ) -> AbstractQueue:
     """The audit consumer's queue of events. The workers declare it too, so an event published
     before the audit consumer first started still reaches the audit table."""
-    return await declare_consumer_queue(channel, settings.audit_queue, topology.events, "order.#")
+    return await declare_consumer_queue(channel, settings.audit_queue, topology.events, ("order.#",))
 
 
 async def open_channel(connection: AbstractRobustConnection, prefetch: int = 0) -> tuple[AbstractChannel, Topology]:
@@ -101,9 +158,11 @@ async def open_channel(connection: AbstractRobustConnection, prefetch: int = 0) 
 
 
 async def publish_command(topology: Topology, command: Command) -> None:
-    """Publish one command; returns once the broker confirmed it (raises otherwise)."""
+    """Publish one command; returns once the broker confirmed it. Raises `CommandRefused` when
+    the broker refused it (placement backlog full), `CommandNotRouted` when no queue took it."""
     routing_key = COMMAND_ROUTING_KEYS[command.type]
-    confirmation = await topology.commands.publish(
+    try:
+        confirmation = await topology.commands.publish(
         aio_pika.Message(
             body=command.model_dump_json().encode(),
             content_type="application/json",
@@ -112,9 +171,11 @@ async def publish_command(topology: Topology, command: Command) -> None:
             correlation_id=command.correlation_id,
             type=command.type.value,
         ),
-        routing_key=routing_key,
-        mandatory=True,
-    )
+            routing_key=routing_key,
+            mandatory=True,
+        )
+    except DeliveryError as refused:
+        raise CommandRefused(f"the broker refused {routing_key!r}: its queue is full") from refused
     # a channel without on_return_raises hands an unroutable mandatory message back instead of raising
     if isinstance(confirmation, DeliveredMessage):
         raise CommandNotRouted(f"no queue is bound to {COMMANDS_EXCHANGE} for {routing_key!r}")

@@ -53,6 +53,10 @@ class InvalidMessage(Exception):
         self.error = error
 
 
+class RetrySoon(Exception):
+    """Work that cannot proceed yet but will: retried in place like a transient outage."""
+
+
 class Stopping(Exception):
     """The consumer was asked to stop while a message was waiting out an outage."""
 
@@ -67,6 +71,8 @@ def parse_body(validate: Callable[[bytes], M], body: bytes) -> M:
 
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying the same work later can succeed: Temporal or PostgreSQL unreachable."""
+    if isinstance(exc, RetrySoon):
+        return True
     if isinstance(exc, RPCError):
         return exc.status in _TRANSIENT_RPC_STATUSES
     if isinstance(exc, DBAPIError):
@@ -86,12 +92,12 @@ async def retry_transient(operation: Callable[[], Awaitable[T]], stop: asyncio.E
             if not is_transient(exc):
                 raise
             log.warning("transient failure, retrying", error=repr(exc), retry_in_seconds=delay)
-        if await _stopped_within(stop, delay):
+        if await stopped_within(stop, delay):
             raise Stopping
         delay = min(delay * 2, MAX_RETRY_DELAY_SECONDS)
 
 
-async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
     try:
         await asyncio.wait_for(stop.wait(), timeout=seconds)
     except TimeoutError:

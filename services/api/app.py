@@ -10,13 +10,16 @@ from fastapi.responses import JSONResponse
 
 from services.api import commands, health, orders
 from services.api.connections import Connections, DependencyUnavailable
+from services.api.publishing import BacklogFull
 from shared.settings import Settings
 
 DESCRIPTION = """
 Place orders and steer their lifecycle over HTTP.
 
 **Commands** (`POST`) are published to the RabbitMQ exchange `orders.commands` and answered
-`202 Accepted` only once the broker has confirmed them; a `503` means nothing was published. A
+`202 Accepted` only once the broker has confirmed them; a `503` means nothing was published. When
+more placements wait for admission than the system takes, `POST /orders` answers `503` with a
+`Retry-After` header (the backlog is full): the order was refused, not accepted and then failed. A
 command's effect is asynchronous: follow the order with `GET /orders/{order_id}` and its
 `/events`. Retrying a command with the same `command_id` (or `Idempotency-Key` header) is safe.
 
@@ -43,6 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(orders.router)
     app.include_router(health.router)
     app.add_exception_handler(DependencyUnavailable, dependency_unavailable)
+    app.add_exception_handler(BacklogFull, backlog_full)
     return app
 
 
@@ -61,4 +65,13 @@ async def dependency_unavailable(_: Request, error: Exception) -> JSONResponse:
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
         content={"detail": str(error)},
         headers={"Retry-After": RETRY_AFTER_SECONDS},
+    )
+
+
+async def backlog_full(request: Request, error: Exception) -> JSONResponse:
+    retry_after = request.app.state.settings.shed_retry_after_seconds
+    return JSONResponse(
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        content={"detail": str(error)},
+        headers={"Retry-After": str(retry_after)},
     )

@@ -51,9 +51,21 @@ IdempotencyKey = Annotated[
         "used as the command id as is).",
     ),
 ]
+RETRY_AFTER_HEADER = {
+    "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+}
 COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {
     status.HTTP_503_SERVICE_UNAVAILABLE: {
         "description": "The broker did not confirm the command; retry, with the same command id.",
+        "headers": RETRY_AFTER_HEADER,
+    },
+}
+PLACE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status.HTTP_503_SERVICE_UNAVAILABLE: {
+        "description": "Not accepted, nothing published: the broker did not confirm the command, or "
+        "the backlog of orders waiting to start is full (shed at the door). Retry after "
+        "`Retry-After` seconds, with the same command id.",
+        "headers": RETRY_AFTER_HEADER,
     },
 }
 
@@ -62,8 +74,9 @@ COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {
     "",
     status_code=status.HTTP_202_ACCEPTED,
     summary="Place an order",
-    description="Publishes a `PlaceOrder` command (routing key `order.place`).",
-    responses=COMMAND_RESPONSES,
+    description="Publishes a `PlaceOrder` command (routing key `order.place`). The order is `queued` "
+    "until the bridge admits its lifecycle (at most `max_running_lifecycles` run at once).",
+    responses=PLACE_RESPONSES,
 )
 async def place_order(
     body: PlaceOrderRequest, request: Request, publisher: PublisherDep, idempotency_key: IdempotencyKey = None

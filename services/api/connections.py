@@ -93,7 +93,7 @@ async def open_broker(settings: Settings) -> BrokerLink:
     connection = await broker.connect(settings, "orderflow-api")
     try:
         channel, topology = await broker.open_channel(connection)
-        await broker.declare_command_queue(channel, topology, settings)
+        await broker.declare_command_queues(channel, topology, settings)
     except BaseException:
         await connection.close()
         raise

@@ -8,12 +8,17 @@ import structlog
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from services.api.connections import BrokerLink, DependencyUnavailable, LazyConnection, describe
-from shared.broker import CommandNotRouted, publish_command
+from shared.broker import CommandNotRouted, CommandRefused, publish_command
 from shared.contracts import Command
 
 PUBLISH_TIMEOUT_SECONDS = 5.0
 
 log = structlog.get_logger(__name__)
+
+
+class BacklogFull(Exception):
+    """The broker refused a placement: as many orders wait for admission as the system takes.
+    The gateway answers 503 with Retry-After; nothing was published."""
 
 
 class CommandPublisher:
@@ -33,6 +38,12 @@ class CommandPublisher:
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
                 await publish_command(link.topology, command)
+        except CommandRefused as refused:
+            log.warning("placement refused: backlog full", **context)
+            raise BacklogFull(
+                "too many orders are waiting to start: the placement was not accepted; "
+                "retry after the time in Retry-After"
+            ) from refused
         except (CommandNotRouted, TimeoutError, *CONNECTION_EXCEPTIONS) as error:
             log.warning("command not accepted", **context, reason=describe(error))
             raise DependencyUnavailable(

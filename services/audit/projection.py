@@ -19,6 +19,8 @@ from shared.contracts import EventType, OrderEvent, OrderState
 from shared.db import AuditEvent, Order
 
 STATE_OF_EVENT: dict[EventType, OrderState] = {
+    EventType.QUEUED: OrderState.QUEUED,
+    EventType.ADMITTED: OrderState.RECEIVED,
     EventType.RECEIVED: OrderState.RECEIVED,
     EventType.VALIDATED: OrderState.VALIDATED,
     EventType.AWAITING_APPROVAL: OrderState.AWAITING_APPROVAL,

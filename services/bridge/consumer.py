@@ -1,12 +1,18 @@
 """The command bridge: commands from `orders.commands` become workflow starts and signals.
 
+Placements (their own queue) are registered at once and held, unacked, until `admission` gives
+them a slot: then the lifecycle starts and the placement is acked. Approve, cancel and update
+address (the command queue) never wait behind placements: they signal a running lifecycle, apply
+to a waiting order, or wait for a placement they overtook.
+
 Each command, in its order's arrival order:
 1. a command id already in `processed_commands` is a duplicate: acked, no effect;
-2. otherwise it is applied to its order's workflow (`lifecycles`); a command that cannot reach a
-   running workflow is answered with an `order.command_rejected` event (seq 0);
+2. otherwise it is applied; a command that cannot apply is answered with an
+   `order.command_rejected` event (seq 0 when there is no lifecycle to number it);
 3. the outcome is recorded in `processed_commands`, then the message is acked.
-A crash between 2 and 3 redelivers the command: the start is recognised by the workflow's memo, a
-signal is de-duplicated by the workflow, and a rejection is re-published with the same event id.
+A crash between 2 and 3 redelivers the command: a start is recognised by the workflow's memo and
+a registration by its record, a signal is de-duplicated by the workflow, and an event is
+re-published with the same event id.
 """
 
 from __future__ import annotations
@@ -15,29 +21,62 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
-from typing import TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 from uuid import UUID, uuid5
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
+from temporalio.client import WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
 
-from services.bridge.lifecycles import OrderLifecycles, Outcome, OutcomeKind
-from shared import db
-from shared.broker import Topology, declare_command_queue, publish_event
-from shared.consuming import QueueConsumer, Stopping, consumer_channel, retry_transient
-from shared.contracts import Command, EventType, OrderEvent, command_adapter
+from services.bridge.admission import (
+    AdmissionLedger,
+    Registration,
+    SlotGate,
+    Steering,
+    slot_leak_threshold,
+)
+from services.bridge.lifecycles import (
+    ORDER_ENDED,
+    ORDER_EXISTS,
+    UNKNOWN_ORDER,
+    OrderLifecycles,
+    Outcome,
+    OutcomeKind,
+)
+from shared import admissions, broker, db
+from shared.admissions import AdmissionStatus
+from shared.broker import Topology, declare_command_queue, declare_placement_queue, publish_event
+from shared.consuming import QueueConsumer, Stopping, retry_transient, stopped_within
+from shared.contracts import (
+    ApproveOrder,
+    CancelOrder,
+    Command,
+    EventType,
+    OrderEvent,
+    PlaceOrder,
+    UpdateAddress,
+    command_adapter,
+)
 from shared.db import ProcessedCommand
 from shared.settings import Settings
 from shared.temporal import connect_temporal
 
 T = TypeVar("T")
+SteeringCommand = ApproveOrder | CancelOrder | UpdateAddress
 
 CONSUMER_NAME = "bridge"
+SWEEP_INTERVAL_SECONDS = 1.0
+LEAK_CHECK_EVERY_SWEEPS = 10
+
+WAITING_FOR_PLACEMENT = "waiting for the order's placement"
+APPLIES_AT_START = "applies when the order's lifecycle starts"
+CANCELLED_BEFORE_ADMISSION = "cancelled before its lifecycle started"
 
 LOG_EVENT_OF_OUTCOME: dict[OutcomeKind, str] = {
     OutcomeKind.ACCEPTED: "command accepted",
@@ -52,19 +91,34 @@ async def run_bridge(settings: Settings, stop: asyncio.Event) -> None:
     """Consume commands until `stop` is set, let in-flight ones finish, then disconnect."""
     temporal = await connect_temporal(settings)
     engine = db.create_engine(settings)
-    broker_channel = consumer_channel(settings, CONSUMER_NAME, settings.command_prefetch)
+    connection = await broker.connect(settings, CONSUMER_NAME)
     try:
-        async with broker_channel as (channel, topology):
-            queue = await declare_command_queue(channel, topology, settings)
-            bridge = Bridge(
-                OrderLifecycles(temporal, settings),
-                ProcessedCommands(db.session_factory(engine)),
-                topology,
-                stop,
-            )
-            consumer = QueueConsumer(CONSUMER_NAME, topology, settings.max_command_deliveries, stop)
-            await consumer.run(queue, command_adapter.validate_json, bridge.handle)
+        # two channels: the prefetch of one bounds held placements, of the other commands in hand
+        command_channel, topology = await broker.open_channel(connection, settings.command_prefetch)
+        placement_channel, _ = await broker.open_channel(connection, settings.placement_prefetch)
+        placements = await declare_placement_queue(placement_channel, topology, settings)
+        commands = await declare_command_queue(command_channel, topology, settings)
+        sessions = db.session_factory(engine)
+        bridge = Bridge(
+            OrderLifecycles(temporal, settings),
+            AdmissionLedger(sessions, settings.max_running_lifecycles),
+            SlotGate(settings.database_url),
+            ProcessedCommands(sessions),
+            topology,
+            stop,
+        )
+
+        def consumer() -> QueueConsumer:
+            return QueueConsumer(CONSUMER_NAME, topology, settings.max_command_deliveries, stop)
+
+        await asyncio.gather(
+            consumer().run(placements, PlaceOrder.model_validate_json, bridge.handle_placement),
+            consumer().run(commands, command_adapter.validate_json, bridge.handle),
+            bridge.sweep(placements, slot_leak_threshold(settings.lifecycle_deadline_seconds)),
+            bridge.gate.listen(stop),
+        )
     finally:
+        await connection.close()
         await engine.dispose()
 
 
@@ -74,58 +128,214 @@ class Bridge:
     def __init__(
         self,
         lifecycles: OrderLifecycles,
+        ledger: AdmissionLedger,
+        gate: SlotGate,
         processed: ProcessedCommands,
         topology: Topology,
         stop: asyncio.Event,
     ) -> None:
         self._lifecycles = lifecycles
+        self._ledger = ledger
+        self.gate = gate
         self._processed = processed
         self._topology = topology
         self._stop = stop
         self._order_locks = OrderLocks()
 
     async def handle(self, message: AbstractIncomingMessage, command: Command) -> None:
+        """An approve, cancel or update-address command."""
+        if isinstance(command, PlaceOrder):  # published to the command queue by hand: still a placement
+            await self.handle_placement(message, command)
+            return
+        steering: SteeringCommand = command
+        self._bind_log_context(command)
+        async with self._ordered(command.order_id):
+            outcome = await self._apply_once(command, lambda: self._steer(steering))
+        await self._settle(message, outcome)
+
+    async def handle_placement(self, message: AbstractIncomingMessage, command: PlaceOrder) -> None:
+        """Not under the order's lock throughout: the wait for a slot must not hold up commands."""
+        self._bind_log_context(command)
+        outcome = await self._apply_once(command, lambda: self._place(command))
+        await self._settle(message, outcome)
+
+    @staticmethod
+    def _bind_log_context(command: Command) -> None:
         structlog.contextvars.bind_contextvars(
             order_id=command.order_id,
             command_id=str(command.command_id),
             command_type=command.type.value,
         )
-        # nothing above yields to the event loop, so locks are asked for in delivery order
-        async with self._order_locks.hold(command.order_id):
-            if self._stop.is_set():
-                raise Stopping  # later commands of this order must not overtake this one
-            outcome = await self._apply_once(command)
-        await message.ack()
-        log.info(
-            LOG_EVENT_OF_OUTCOME[outcome.kind], outcome=outcome.kind.value, reason=outcome.detail
-        )
 
-    async def _apply_once(self, command: Command) -> Outcome:
+    async def _settle(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
+        await message.ack()
+        log.info(LOG_EVENT_OF_OUTCOME[outcome.kind], outcome=outcome.kind.value, reason=outcome.detail)
+
+    async def _apply_once(self, command: Command, apply: Callable[[], Awaitable[Outcome]]) -> Outcome:
         if await self._retry(lambda: self._processed.contains(command.command_id)):
             return Outcome(OutcomeKind.DUPLICATE, "command already processed")
-        outcome = await self._retry(lambda: self._lifecycles.apply(command))
+        outcome = await apply()
         if outcome.kind is OutcomeKind.REJECTED:
-            await publish_event(self._topology, rejection_event(command, outcome.detail or ""))
+            await self._publish(rejection_event(command, outcome.detail or ""))
         await self._retry(lambda: self._processed.record(command, outcome))
         return outcome
+
+    # --- placements ------------------------------------------------------------------------------
+    async def _place(self, command: PlaceOrder) -> Outcome:
+        """Register the placement, wait for a slot, start the lifecycle."""
+        async with self._ordered(command.order_id):
+            registration = await self._retry(
+                lambda: self._ledger.register(command, lambda r: self._publish_registration(command, r))
+            )
+        if registration is None:
+            return Outcome(OutcomeKind.REJECTED, ORDER_EXISTS)
+        if registration.status is AdmissionStatus.CANCELLED:
+            return Outcome(OutcomeKind.ACCEPTED, CANCELLED_BEFORE_ADMISSION)
+        slot = await self.gate.wait_for(
+            lambda: self._retry(lambda: self._ledger.take_slot(command.order_id)), self._stop
+        )
+        if slot is AdmissionStatus.WAITING:
+            raise Stopping  # still waiting: the broker keeps the placement for the next bridge
+        if isinstance(slot, AdmissionStatus):
+            return Outcome(OutcomeKind.ACCEPTED, CANCELLED_BEFORE_ADMISSION)
+        log.info(
+            "lifecycle admitted",
+            admission_wait_seconds=round((datetime.now(UTC) - slot.queued_at).total_seconds(), 3),
+        )
+        outcome = await self._retry(
+            lambda: self._lifecycles.start(command, slot.queued_at, slot.early_commands)
+        )
+        if outcome.kind is OutcomeKind.REJECTED:
+            await self._retry(lambda: self._ledger.not_started(command.order_id))
+        else:
+            await self._retry(lambda: self._ledger.started(command.order_id))
+        return outcome
+
+    async def _publish_registration(self, command: PlaceOrder, registration: Registration) -> None:
+        await self._publish(
+            bridge_event(command, EventType.QUEUED, seq=1, queued_at=registration.queued_at.isoformat())
+        )
+        if registration.cancel is not None:
+            await self._publish(cancelled_before_admission(registration.cancel))
+
+    # --- approve, cancel, update address ---------------------------------------------------------
+    async def _steer(self, command: SteeringCommand) -> Outcome:
+        while True:
+            steering = await self._retry(
+                lambda: self._ledger.steer(
+                    command, lambda: self._publish(cancelled_before_admission(command))
+                )
+            )
+            match steering:
+                case Steering.SIGNAL:
+                    return await self._retry(lambda: self._lifecycles.signal(command))
+                case Steering.APPLIED_WAITING:
+                    return Outcome(OutcomeKind.ACCEPTED, APPLIES_AT_START)
+                case Steering.CANCELLED_WAITING:
+                    return Outcome(OutcomeKind.ACCEPTED, CANCELLED_BEFORE_ADMISSION)
+                case Steering.PARKED:
+                    return Outcome(OutcomeKind.ACCEPTED, WAITING_FOR_PLACEMENT)
+                case Steering.ENDED:
+                    return Outcome(OutcomeKind.REJECTED, ORDER_ENDED)
+            # no record: a lifecycle from before admission existed, or the placement is behind
+            outcome = await self._retry(lambda: self._lifecycles.signal(command))
+            if outcome.detail != UNKNOWN_ORDER:
+                return outcome
+            if await self._retry(lambda: self._ledger.park(command)):
+                return Outcome(OutcomeKind.ACCEPTED, WAITING_FOR_PLACEMENT)
+            # the placement registered meanwhile: steer again
+
+    # --- housekeeping ----------------------------------------------------------------------------
+    async def sweep(self, placements: AbstractQueue, leak_threshold: timedelta) -> None:
+        """Every second: reject parked commands that no placement can still be coming for, and
+        now and then release slots of lifecycles that ended without releasing them."""
+        drained_at: datetime | None = None
+        sweeps = 0
+        while not await stopped_within(self._stop, SWEEP_INTERVAL_SECONDS):
+            sweeps += 1
+            try:
+                drained_at = await self._reject_unplaced(placements, drained_at)
+                if sweeps % LEAK_CHECK_EVERY_SWEEPS == 0:
+                    await self._release_leaked_slots(leak_threshold)
+            except Exception as error:  # housekeeping waits for the next round, never stops the bridge
+                log.warning("housekeeping failed; trying again", error=repr(error))
+
+    async def _reject_unplaced(self, placements: AbstractQueue, drained_at: datetime | None) -> datetime | None:
+        """A command parked before a moment when no placement waited in the broker (every one
+        published by then is registered) has no placement coming: reject it as `unknown order`.
+        Returns the moment the placement queue was last seen empty (None: it is not)."""
+        declared = await placements.declare()
+        if declared.message_count:
+            return None
+        if drained_at is not None:
+            for order_id in await self._ledger.unplaced_before(drained_at):
+                try:
+                    await self._ledger.give_up_unplaced(order_id, self._reject_parked)
+                except Exception as error:  # one order's trouble must not keep the others parked
+                    log.warning("could not reject parked commands", order_id=order_id, error=repr(error))
+        return await self._ledger.now()
+
+    async def _reject_parked(self, commands: list[Command]) -> None:
+        for command in commands:
+            await self._publish(rejection_event(command, UNKNOWN_ORDER))
+            await self._processed.record(command, Outcome(OutcomeKind.REJECTED, UNKNOWN_ORDER), replace=True)
+            log.info("parked command rejected", order_id=command.order_id, command_id=str(command.command_id))
+
+    async def _release_leaked_slots(self, threshold: timedelta) -> None:
+        for order_id in await self._ledger.running_since(await self._ledger.now() - threshold):
+            try:
+                description = await self._lifecycles.describe(order_id)
+            except RPCError as error:
+                if error.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                description = None
+            if description is None or description.status != WorkflowExecutionStatus.RUNNING:
+                await admissions.release(self._ledger.sessions, order_id)
+                log.warning("released the slot of a lifecycle that ended without releasing it", order_id=order_id)
+
+    # --- helpers ---------------------------------------------------------------------------------
+    @asynccontextmanager
+    async def _ordered(self, order_id: str) -> AsyncIterator[None]:
+        """This bridge's commands of one order, one at a time in delivery order."""
+        # nothing before this yields to the event loop, so locks are asked for in delivery order
+        async with self._order_locks.hold(order_id):
+            if self._stop.is_set():
+                raise Stopping  # later commands of this order must not overtake this one
+            yield
+
+    async def _publish(self, event: OrderEvent) -> None:
+        await self._retry(lambda: publish_event(self._topology, event))
 
     async def _retry(self, operation: Callable[[], Awaitable[T]]) -> T:
         return await retry_transient(operation, self._stop)
 
 
-def rejection_event(command: Command, reason: str) -> OrderEvent:
-    """`order.command_rejected` for a command that found no running lifecycle."""
+def bridge_event(command: Command, event: EventType, seq: int, **data: Any) -> OrderEvent:
+    """An event the bridge publishes on behalf of `command`; its id is derived from the command,
+    so an event re-published after a crash is seen once."""
     return OrderEvent(
-        # derived from the command, so a rejection re-published after a crash is seen once
-        event_id=uuid5(command.command_id, EventType.COMMAND_REJECTED.value),
-        type=EventType.COMMAND_REJECTED,
+        event_id=uuid5(command.command_id, event.value),
+        type=event,
         order_id=command.order_id,
-        seq=0,
+        seq=seq,
         occurred_at=datetime.now(UTC),
         correlation_id=command.correlation_id,
         command_id=command.command_id,
-        data={"command_type": command.type.value, "reason": reason},
+        data=data,
     )
+
+
+def rejection_event(command: Command, reason: str) -> OrderEvent:
+    """`order.command_rejected` for a command that found no running lifecycle."""
+    return bridge_event(
+        command, EventType.COMMAND_REJECTED, seq=0, command_type=command.type.value, reason=reason
+    )
+
+
+def cancelled_before_admission(command: SteeringCommand) -> OrderEvent:
+    """The end of an order cancelled while it waited: seq 2, after its `queued`."""
+    reason = (command.payload.reason if isinstance(command, CancelOrder) else None) or "cancelled on request"
+    return bridge_event(command, EventType.CANCELLED, seq=2, reason=reason, refunded=False, admitted=False)
 
 
 class ProcessedCommands:
@@ -143,19 +353,24 @@ class ProcessedCommands:
             )
         return found is not None
 
-    async def record(self, command: Command, outcome: Outcome) -> None:
-        async with db.transaction(self._sessions) as session:
-            await session.execute(
-                insert(ProcessedCommand)
-                .values(
-                    command_id=command.command_id,
-                    order_id=command.order_id,
-                    type=command.type.value,
-                    outcome=outcome.kind.value,
-                    detail=outcome.detail,
-                )
-                .on_conflict_do_nothing()
+    async def record(self, command: Command, outcome: Outcome, replace: bool = False) -> None:
+        """Record the outcome; `replace` overrules an earlier one (a parked command rejected)."""
+        statement = insert(ProcessedCommand).values(
+            command_id=command.command_id,
+            order_id=command.order_id,
+            type=command.type.value,
+            outcome=outcome.kind.value,
+            detail=outcome.detail,
+        )
+        if replace:
+            statement = statement.on_conflict_do_update(
+                index_elements=[col(ProcessedCommand.command_id)],
+                set_={"outcome": outcome.kind.value, "detail": outcome.detail},
             )
+        else:
+            statement = statement.on_conflict_do_nothing()
+        async with db.transaction(self._sessions) as session:
+            await session.execute(statement)
 
 
 class OrderLocks:

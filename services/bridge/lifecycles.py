@@ -1,16 +1,23 @@
-"""The bridge's side of Temporal: a command becomes a workflow start or a signal.
+"""The bridge's side of Temporal: an admitted placement becomes a workflow start, any other command
+a signal.
 
-`apply` says what became of a command; it never publishes. Transient Temporal errors (server
+`start` and `signal` say what became of a command; they never publish. Transient Temporal errors (server
 unreachable) propagate as `RPCError` for the caller to retry.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.client import (
+    Client,
+    WorkflowExecutionDescription,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+)
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
@@ -18,12 +25,17 @@ from temporalio.service import RPCError, RPCStatusCode
 from shared.contracts import (
     ApproveOrder,
     CancelOrder,
-    Command,
     CommandType,
     PlaceOrder,
     UpdateAddress,
 )
-from shared.lifecycle import ORDER_WORKFLOW, OrderWorkflowInput, Signals, order_workflow_id
+from shared.lifecycle import (
+    ORDER_WORKFLOW,
+    EarlyCommand,
+    OrderWorkflowInput,
+    Signals,
+    order_workflow_id,
+)
 from shared.settings import Settings
 
 # the workflow's memo names the command that started it, so a redelivered PlaceOrder is recognised
@@ -63,17 +75,22 @@ class OrderLifecycles:
         self._client = client
         self._settings = settings
 
-    async def apply(self, command: Command) -> Outcome:
-        if isinstance(command, PlaceOrder):
-            return await self._start(command)
-        return await self._signal(command)
-
-    async def _start(self, command: PlaceOrder) -> Outcome:
+    async def start(
+        self, command: PlaceOrder, queued_at: datetime, early_commands: list[EarlyCommand]
+    ) -> Outcome:
+        """Start the order's lifecycle; its events follow the bridge's `queued` (seq 1)."""
         workflow_id = order_workflow_id(command.order_id)
+        start = OrderWorkflowInput(
+            order=command,
+            policy=self._settings.lifecycle_policy(),
+            queued_at=queued_at,
+            first_seq=2,
+            early_commands=early_commands,
+        )
         try:
             await self._client.start_workflow(
                 ORDER_WORKFLOW,
-                OrderWorkflowInput(order=command, policy=self._settings.lifecycle_policy()),
+                start,
                 id=workflow_id,
                 task_queue=self._settings.order_task_queue,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
@@ -87,7 +104,10 @@ class OrderLifecycles:
             return Outcome(OutcomeKind.REJECTED, ORDER_EXISTS)
         return ACCEPTED
 
-    async def _signal(self, command: ApproveOrder | CancelOrder | UpdateAddress) -> Outcome:
+    async def describe(self, order_id: str) -> WorkflowExecutionDescription:
+        return await self._client.get_workflow_handle(order_workflow_id(order_id)).describe()
+
+    async def signal(self, command: ApproveOrder | CancelOrder | UpdateAddress) -> Outcome:
         handle = self._client.get_workflow_handle(order_workflow_id(command.order_id))
         try:
             # the whole command is the argument: the workflow de-duplicates by its command_id
