@@ -290,7 +290,7 @@ async def test_a_command_waits_for_a_bridge_that_never_started(
     assert response.status_code == 202, response.text
     connection = await aio_pika.connect(empty_vhost.amqp_url)
     async with connection:
-        queue = await (await connection.channel()).get_queue(settings.command_queue)
+        queue = await (await connection.channel()).get_queue(settings.placement_queue)
         waiting = await queue.get(no_ack=True)
     assert waiting.message_id == response.json()["command_id"]
 
@@ -300,7 +300,7 @@ async def test_unroutable_command_is_503(empty_vhost: Settings, settings: Settin
         # someone deletes the bridge's queue behind the gateway's back
         connection = await aio_pika.connect(empty_vhost.amqp_url)
         async with connection:
-            await (await connection.channel()).queue_delete(settings.command_queue)
+            await (await connection.channel()).queue_delete(settings.placement_queue)
         response = await client.post("/orders", json=order_body())
 
     assert response.status_code == 503
