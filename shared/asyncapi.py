@@ -50,14 +50,25 @@ COMMAND_MODELS: dict[CommandType, type[BaseModel]] = {
 }
 
 COMMAND_SUMMARIES: dict[CommandType, str] = {
-    CommandType.PLACE: "Place a new order and start its lifecycle. Placing an order id that "
+    CommandType.PLACE: "Place a new order. It is `queued` until the bridge admits its lifecycle "
+    "(at most ORDERFLOW_MAX_RUNNING_LIFECYCLES run at once); its 15 seconds count from then. "
+    "Placements wait durably in the broker, up to ORDERFLOW_PLACEMENT_BACKLOG_LIMIT of them: past "
+    "that the broker answers the publish with a negative confirm (basic.nack), the order is refused "
+    "and nothing was accepted; retry later with the same command_id. Placing an order id that "
     "already exists starts no second lifecycle.",
-    CommandType.APPROVE: "Approve an order that waits for manual review.",
-    CommandType.CANCEL: "Cancel an order. Accepted until dispatch; after payment it is refunded.",
-    CommandType.UPDATE_ADDRESS: "Change the shipping address. Accepted until dispatch.",
+    CommandType.APPROVE: "Approve an order that waits for manual review (sent while the order is "
+    "queued, it applies when review comes).",
+    CommandType.CANCEL: "Cancel an order. Accepted until dispatch; after payment it is refunded. A "
+    "queued order is cancelled before it starts.",
+    CommandType.UPDATE_ADDRESS: "Change the shipping address. Accepted until dispatch (for a queued "
+    "order, it applies as the lifecycle starts).",
 }
 
 EVENT_SUMMARIES: dict[EventType, str] = {
+    EventType.QUEUED: "The placement was accepted and waits for admission (seq 1). `data.queued_at` "
+    "says since when.",
+    EventType.ADMITTED: "The lifecycle started: its 15 seconds count from here. `data` carries "
+    "`queued_at` and `admission_wait_seconds`.",
     EventType.RECEIVED: "The order was recorded.",
     EventType.VALIDATED: "The order passed validation.",
     EventType.AWAITING_APPROVAL: "The order waits for an ApproveOrder. The review window is "
@@ -72,7 +83,8 @@ EVENT_SUMMARIES: dict[EventType, str] = {
     EventType.SHIPPED: "The order was marked shipped.",
     EventType.COMPLETED: "The lifecycle finished successfully.",
     EventType.ADDRESS_UPDATED: "The shipping address changed.",
-    EventType.CANCELLED: "The order was cancelled; `data` says whether a refund was made.",
+    EventType.CANCELLED: "The order was cancelled; `data` says whether a refund was made "
+    "(`refunded`) and, for an order cancelled while queued, `admitted: false`.",
     EventType.FAILED: "The lifecycle failed; `data` carries the reason.",
     EventType.COMMAND_REJECTED: "A command could not apply (for example a cancel after shipment, "
     "or an approve of an unknown order); `command_id` names it and `data` carries the reason.",
@@ -91,6 +103,11 @@ COMMAND_DESCRIPTION = f"""\
 Publish to the durable topic exchange `{COMMANDS_EXCHANGE}` with routing key `order.<command>`,
 `content_type=application/json`, persistent delivery (`delivery_mode=2`) and
 `message_id` = the body's `command_id`. The body's `type` names the command and is required.
+
+Placements (`order.place`) go to a bounded queue: when the backlog of orders waiting to start is
+full, the broker refuses the publish with a negative confirm (`basic.nack`), so use publisher
+confirms. A refused placement was not accepted at all; an accepted one is never failed for lack of
+capacity. The other commands are never held up behind waiting placements.
 
 Idempotent: the same `command_id` delivered twice has one effect. A command that cannot apply
 produces an `order.command_rejected` event naming its `command_id` and the reason. A message that
