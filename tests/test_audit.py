@@ -3,6 +3,7 @@ projected without ever moving back, bad events dead-lettered, outages waited out
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,7 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from services.audit.consumer import run_audit
+from services.audit.consumer import AuditLog, run_audit
 from shared.broker import ERROR_HEADER, Topology, declare_audit_queue, publish_event
 from shared.contracts import EventType, OrderEvent, OrderState
 from shared.db import AuditEvent, Order
@@ -303,3 +304,32 @@ async def test_a_database_outage_neither_loses_nor_dead_letters_an_event(
     assert not await was_dead_lettered(dead_letters, str(received.event_id))
     async with running(run_audit, audit_settings):
         await stored(db_sessions, received)
+
+
+class AckedMessage:
+    """Just enough of an incoming message for `AuditLog.handle`: it remembers its ack."""
+
+    def __init__(self) -> None:
+        self.acked = False
+
+    async def ack(self) -> None:
+        self.acked = True
+
+
+async def test_events_arriving_together_share_a_transaction_and_a_bad_one_fails_alone(
+    db_sessions: Sessions, order_id: str
+) -> None:
+    audit_log = AuditLog(db_sessions, asyncio.Event(), max_batch=50)
+    good = [event(order_id, seq, EventType.VALIDATED) for seq in (1, 2, 3)]
+    unfit = event(order_id, 4, EventType.CARRIER_DISPATCHED, tracking_number="T" * 65)
+    messages = [AckedMessage() for _ in range(4)]
+
+    outcomes = await asyncio.gather(
+        *(audit_log.handle(m, e) for m, e in zip(messages, [*good, unfit], strict=True)),  # type: ignore[arg-type]
+        return_exceptions=True,
+    )
+
+    assert outcomes[:3] == [None, None, None]
+    assert "too long" in str(outcomes[3])
+    assert [m.acked for m in messages] == [True, True, True, False]
+    assert [row.seq for row in await stored_events(db_sessions, order_id)] == [1, 2, 3]
