@@ -1,254 +1,184 @@
 """Orders through the whole pipeline, with the real fault injector, timed from command to end.
 
-Starts its own system (Temporal dev server, api, bridge, workers, audit: the `make run` launcher)
-on a database and RabbitMQ vhost of its own, publishes PlaceOrder commands at a steady rate,
-approves each order through the command queue when its `awaiting_approval` event arrives, and
-times each order from its PlaceOrder to its terminal event on `orders.events`.
+Starts its own system (Temporal dev server, api, bridge(s), workers, audit: the `make run`
+launcher) on a database and RabbitMQ vhost of its own, places orders, approves each through the
+command queue when its `awaiting_approval` event arrives, and follows every order on
+`orders.events`.
+
+Steady load (the default): N orders at a steady rate; one run per attempt variant, side by side
 
     python bench/lifecycle.py --orders 200 --rate 4
-    python bench/lifecycle.py --orders 200 --rate 4 --variants 1:0.5,2:0.5   # side by side
+    python bench/lifecycle.py --orders 200 --rate 4 --variants 1:0.5,2:0.5
+
+Burst: N orders offered as fast as the broker (or with `--via api` the REST gateway) takes them,
+at most --burst-rate a second; what the system refuses at the door (negative confirm, 503) is shed
+
+    python bench/lifecycle.py --burst 200 --burst-rate 100
+    python bench/lifecycle.py --burst 500 --via api --bridges 2 --workers 2
+
+Capacity search: a steady run of --duration seconds at each rate, side by side, and the highest
+rate held (lifecycle p99 <= 5 s, none failed, cancelled or lost)
+
+    python bench/lifecycle.py --capacity 3,4,5,6 --duration 120
+
+Baseline: add `--baseline` to any of these to run the same load on the same lifecycle's shape on
+bare Temporal (bench/bare_lifecycle.py: no broker, no database, the same fault injector and step
+loop) and print the ratios pipeline / baseline of throughput and CPU per order
+
+    python bench/lifecycle.py --orders 30 --rate 4 --baseline
+    python bench/lifecycle.py --orders 30 --rate 4 --baseline-only     # the baseline on its own
 
 A variant is PARALLEL_ATTEMPTS:ATTEMPT_TIMEOUT_SECONDS; the default is the shipped configuration.
+`--bridges N --workers N` run that many of each service.
 
-Prints, per configuration: completed / cancelled / failed / lost (accepted, no terminal event),
-the end-to-end time distribution, how many took longer than 15 s, and the CPU the services and the
-Temporal server used per order.
+Prints per run: offered / accepted / shed, completed / cancelled / failed / lost (accepted, no
+terminal event within --patience seconds of the last one), orders whose events did not arrive as
+seq 1, 2, 3, ... (gaps, steps back or repeats), the admission wait (placed → `admitted`), the
+lifecycle time (`admitted` → terminal event) and the end-to-end time (placed → terminal) as
+p50/p90/p99/max, the drain time (first accepted → last terminal event), the throughput (completed
+orders per second of drain time), and the CPU per accepted order of each kind of process (all
+instances of a service summed).
+
+Exits non-zero if any order was lost, failed or out of order, took longer than 15 s from admission
+to its end, or could not be placed for a reason other than shedding; in a capacity search also
+when no rate was held.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
-import tempfile
-import time
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
-from uuid import uuid4
-
-from aio_pika.abc import AbstractIncomingMessage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.stack import (  # noqa: E402
-    Stack,
-    TemporalDevServer,
-    free_port,
-    isolated_settings,
-    running_stack,
-)
-from shared import broker  # noqa: E402
-from shared.contracts import (  # noqa: E402
-    Address,
-    ApproveOrder,
-    EventType,
-    OrderEvent,
-    OrderItem,
-    PlaceOrder,
-    PlaceOrderPayload,
-)
-from shared.schema import drop_database  # noqa: E402
+from bench import report  # noqa: E402
+from bench.baseline import running_baseline  # noqa: E402
+from bench.load import Load, SystemUnderTest, offer  # noqa: E402
+from bench.measure import Ledger, Outcome, cpu_spent  # noqa: E402
+from bench.pipeline import Entry, PipelineConfig, Variant, running_pipeline  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 
-BENCH_NAME = "orderflow_bench"
-CONTRACT_SECONDS = 15.0
-ADDRESS = Address(name="Bench", line1="1 Load Street", city="Testville", postal_code="12345", country="DE")
-
-
-@dataclass
-class OrderClock:
-    placed_at: float
-    ended_at: float | None = None
-    ending: EventType | None = None
-
-
-@dataclass
-class Run:
-    variant: Variant
-    orders: dict[str, OrderClock] = field(default_factory=dict)
-    cpu_seconds: dict[str, float] = field(default_factory=dict)
-    wall_seconds: float = 0.0
-
-    def ended(self, kind: EventType) -> int:
-        return sum(1 for clock in self.orders.values() if clock.ending is kind)
-
-    @property
-    def lost(self) -> int:
-        return sum(1 for clock in self.orders.values() if clock.ending is None)
-
-    @property
-    def durations(self) -> list[float]:
-        return sorted(c.ended_at - c.placed_at for c in self.orders.values() if c.ended_at is not None)
-
-
-def percentile(sorted_values: list[float], fraction: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    index = min(len(sorted_values) - 1, max(0, round(fraction * len(sorted_values)) - 1))
-    return sorted_values[index]
+SystemFactory = Callable[[Ledger], AbstractAsyncContextManager[SystemUnderTest]]
 
 
 @dataclass(frozen=True)
-class Variant:
-    parallel_attempts: int
-    attempt_timeout: float
+class Trial:
+    """One column of the report: a load on one configuration."""
 
-    @classmethod
-    def parse(cls, text: str) -> Variant:
-        parallel, timeout = text.split(":")
-        return cls(int(parallel), float(timeout))
+    label: str
+    load: Load
+    config: PipelineConfig
 
-    def __str__(self) -> str:
-        return f"{self.parallel_attempts}x {self.attempt_timeout:g}s"
+    def pipeline(self) -> SystemFactory:
+        return lambda ledger: running_pipeline(self.config, ledger)
+
+    def baseline(self) -> SystemFactory:
+        policy = self.config.variant.applied_to(Settings()).lifecycle_policy()
+        return lambda ledger: running_baseline(policy, ledger)
 
 
-def bench_settings(variant: Variant, temporal_port: int) -> Settings:
-    api_port = free_port()
-    return isolated_settings(Settings(), BENCH_NAME).model_copy(
-        update={
-            "temporal_address": f"127.0.0.1:{temporal_port}",
-            "api_port": api_port,
-            "api_url": f"http://127.0.0.1:{api_port}",
-            "parallel_attempts": variant.parallel_attempts,
-            "activity_attempt_timeout_seconds": variant.attempt_timeout,
-        }
+async def measure(label: str, system_of: SystemFactory, load: Load, patience: float) -> Outcome:
+    """Offer `load` to a fresh system and follow every order to its end."""
+    print(f"running {label}: {load} ...", file=sys.stderr)
+    ledger = Ledger()
+    async with system_of(ledger) as system:
+        before = system.cpu_seconds()
+        await offer(system, ledger, load)
+        await ledger.settle(patience)
+        after = system.cpu_seconds()
+    return Outcome(label, load.orders, load.rate, ledger, cpu_spent(before, after))
+
+
+async def run_trials(
+    trials: list[Trial], patience: float, *, pipeline: bool = True, baseline: bool = False
+) -> tuple[list[Outcome], list[report.Comparison]]:
+    outcomes, comparisons = [], []
+    for trial in trials:
+        ran = []
+        if pipeline:
+            ran.append(await measure(trial.label, trial.pipeline(), trial.load, patience))
+        if baseline:
+            ran.append(await measure(f"bare {trial.label}", trial.baseline(), trial.load, patience))
+        if len(ran) == 2:
+            comparisons.append(report.Comparison(*ran))
+        outcomes += ran
+    return outcomes, comparisons
+
+
+def trials_of(args: argparse.Namespace) -> list[Trial]:
+    configs = [
+        PipelineConfig(Variant.parse(v), bridges=args.bridges, workers=args.workers, entry=args.via)
+        for v in args.variants.split(",")
+    ]
+    if args.capacity:
+        if len(configs) > 1:
+            raise SystemExit("--capacity takes one variant")
+        rates = [float(r) for r in args.capacity.split(",")]
+        return [Trial(f"{rate:g}/s", Load(max(1, round(rate * args.duration)), rate), configs[0]) for rate in rates]
+    load = Load(args.burst, args.burst_rate, burst=True) if args.burst else Load(args.orders, args.rate)
+    return [Trial(str(config), load, config) for config in configs]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    load = parser.add_argument_group("load (steady by default)")
+    load.add_argument("--orders", type=int, default=200, help="steady: how many orders")
+    load.add_argument("--rate", type=float, default=4.0, help="steady: orders placed per second")
+    load.add_argument("--burst", type=int, metavar="N", help="offer N orders as fast as they are taken")
+    load.add_argument("--burst-rate", type=float, default=100.0, help="burst: at most this many a second")
+    load.add_argument("--capacity", metavar="RATE[,RATE...]", help="steady runs at each rate, side by side")
+    load.add_argument("--duration", type=float, default=120.0, help="capacity: seconds of load per rate")
+    system = parser.add_argument_group("system")
+    system.add_argument("--via", choices=list(Entry), default=Entry.BROKER, type=Entry, help="where placements go in")
+    system.add_argument("--bridges", type=int, default=1, help="bridge processes")
+    system.add_argument("--workers", type=int, default=1, help="worker processes")
+    system.add_argument(
+        "--variants",
+        default=Variant.shipped().spec(),
+        help="comma-separated PARALLEL_ATTEMPTS:ATTEMPT_TIMEOUT_SECONDS; one run each, side by side",
     )
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its waited-for children, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = sum(int(v) for v in fields[11:15])
-    return ticks / 100.0
-
-
-def stack_cpu(stack: Stack) -> dict[str, float]:
-    return {name: process_cpu_seconds(pid) for name, pid in stack.pids().items()}
-
-
-def place_command(order_id: str) -> PlaceOrder:
-    return PlaceOrder(
-        command_id=uuid4(),
-        order_id=order_id,
-        issued_at=datetime.now(UTC),
-        payload=PlaceOrderPayload(
-            payment_id=f"pay-{order_id}",
-            items=[OrderItem(sku="SKU-1", qty=1, unit_price_cents=999)],
-            address=ADDRESS,
-        ),
+    system.add_argument("--baseline", action="store_true", help="also run each load on bare Temporal")
+    system.add_argument("--baseline-only", action="store_true", help="run each load on bare Temporal only")
+    parser.add_argument(
+        "--patience", type=float, default=60.0, help="seconds without an order ending before the rest count as lost"
     )
-
-
-async def drive(settings: Settings, run: Run, count: int, rate: float, patience: float) -> None:
-    """Place `count` orders at `rate` per second, approve each when asked, wait for the ends."""
-    connection = await broker.connect(settings, "bench")
-    channel, topology = await broker.open_channel(connection)
-    approvals: set[asyncio.Task[None]] = set()
-    all_ended = asyncio.Event()
-
-    async def on_event(message: AbstractIncomingMessage) -> None:
-        await message.ack()
-        event = OrderEvent.model_validate_json(message.body)
-        clock = run.orders.get(event.order_id)
-        if clock is None:
-            return
-        if event.type is EventType.AWAITING_APPROVAL:
-            approve = ApproveOrder(command_id=uuid4(), order_id=event.order_id, issued_at=datetime.now(UTC))
-            task = asyncio.create_task(broker.publish_command(topology, approve))
-            approvals.add(task)
-            task.add_done_callback(approvals.discard)
-        elif event.type.is_terminal and clock.ending is None:
-            clock.ended_at, clock.ending = time.monotonic(), event.type
-            if len(run.orders) == count and all(c.ending for c in run.orders.values()):
-                all_ended.set()
-
-    events = await channel.declare_queue(exclusive=True, auto_delete=True)
-    await events.bind(topology.events, routing_key="order.#")
-    await events.consume(on_event)
-    try:
-        started = time.monotonic()
-        for index in range(count):
-            await asyncio.sleep(max(0.0, started + index / rate - time.monotonic()))
-            order_id = f"bench-{uuid4().hex[:12]}"
-            run.orders[order_id] = OrderClock(placed_at=time.monotonic())
-            await broker.publish_command(topology, place_command(order_id))
-        try:
-            await asyncio.wait_for(all_ended.wait(), patience)
-        except TimeoutError:
-            pass  # whatever has not ended by now counts as lost
-        run.wall_seconds = time.monotonic() - started
-    finally:
-        await connection.close()
-
-
-async def bench_once(variant: Variant, count: int, rate: float, patience: float) -> Run:
-    temporal = TemporalDevServer(port=free_port(), ui_port=free_port(), ui=False)
-    settings = bench_settings(variant, temporal.port)
-    await drop_database(settings.database_url)
-    run = Run(variant=variant)
-    with tempfile.NamedTemporaryFile("w", prefix="orderflow-bench-", suffix=".log", delete=False) as log:
-        async with running_stack(settings, temporal=temporal, log=log) as stack:
-            await asyncio.sleep(2)  # let the workers start polling
-            before = stack_cpu(stack)
-            await drive(settings, run, count, rate, patience)
-            after = stack_cpu(stack)
-        print(f"  (service logs: {log.name})", file=sys.stderr)
-    run.cpu_seconds = {name: after[name] - before[name] for name in after}
-    return run
-
-
-def report(runs: list[Run], rate: float) -> None:
-    columns = [str(r.variant) for r in runs]
-    rows: list[tuple[str, list[str]]] = []
-
-    def row(label: str, values: list[str]) -> None:
-        rows.append((label, values))
-
-    row("orders", [str(len(r.orders)) for r in runs])
-    row("offered rate (orders/s)", [f"{rate:g}" for _ in runs])
-    for kind in (EventType.COMPLETED, EventType.CANCELLED, EventType.FAILED):
-        row(kind.value, [str(r.ended(kind)) for r in runs])
-    row("lost (no terminal event)", [str(r.lost) for r in runs])
-    for label, fraction in (("min", 0.0), ("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)):
-        row(f"{label} end-to-end (s)", [f"{percentile(r.durations, fraction):.2f}" for r in runs])
-    row("mean end-to-end (s)", [f"{statistics.fmean(r.durations):.2f}" for r in runs])
-    row(f"over {CONTRACT_SECONDS:g} s", [str(sum(d > CONTRACT_SECONDS for d in r.durations)) for r in runs])
-    row("terminal within 15 s (%)", [f"{100 * sum(d <= CONTRACT_SECONDS for d in r.durations) / len(r.orders):.1f}" for r in runs])
-    for process in ("temporal", "workers", "bridge", "audit", "api"):
-        row(f"CPU ms/order {process}", [f"{1000 * r.cpu_seconds.get(process, 0) / len(r.orders):.0f}" for r in runs])
-    width = max(len(label) for label, _ in rows)
-    print(f"{'':<{width}}  " + "  ".join(f"{c:>12}" for c in columns))
-    for label, values in rows:
-        print(f"{label:<{width}}  " + "  ".join(f"{v:>12}" for v in values))
-    if len(runs) > 1:
-        base = runs[0]
-        for other in runs[1:]:
-            for label, fraction in (("p50", 0.5), ("p99", 0.99)):
-                ratio = percentile(other.durations, fraction) / percentile(base.durations, fraction)
-                print(f"{label} ratio {other.variant} / {base.variant}: {ratio:.2f}")
+    args = parser.parse_args()
+    if args.burst and args.capacity:
+        parser.error("--burst and --capacity are different modes")
+    return args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--orders", type=int, default=200)
-    parser.add_argument("--rate", type=float, default=4.0, help="orders placed per second")
-    shipped = Settings()
-    parser.add_argument(
-        "--variants",
-        default=f"{shipped.parallel_attempts}:{shipped.activity_attempt_timeout_seconds:g}",
-        help="comma-separated PARALLEL_ATTEMPTS:ATTEMPT_TIMEOUT_SECONDS; one run each, side by side",
+    args = parse_args()
+    outcomes, comparisons = asyncio.run(
+        run_trials(
+            trials_of(args),
+            args.patience,
+            pipeline=not args.baseline_only,
+            baseline=args.baseline or args.baseline_only,
+        )
     )
-    parser.add_argument("--patience", type=float, default=60.0, help="seconds to wait after the last order")
-    args = parser.parse_args()
-    runs = []
-    for variant in (Variant.parse(v) for v in args.variants.split(",")):
-        print(f"running {args.orders} orders at {args.rate:g}/s, attempts {variant} ...", file=sys.stderr)
-        runs.append(asyncio.run(bench_once(variant, args.orders, args.rate, args.patience)))
-    report(runs, args.rate)
-    if any(r.lost for r in runs):
-        sys.exit(1)
+    print(report.table(outcomes))
+    for comparison in comparisons:
+        print(f"pipeline / baseline  {comparison}")
+    pipelines = [c.pipeline for c in comparisons] or outcomes
+    failed = False
+    if args.capacity:
+        print(report.capacity_verdict(pipelines))
+        failed = not any(report.held(o) for o in pipelines)
+    faults = report.sequence_faults(outcomes)
+    if faults:
+        print(f"events out of order:\n{faults}", file=sys.stderr)
+    for outcome in outcomes:
+        if problems := outcome.problems():
+            print(f"FAIL {outcome.label}: {', '.join(problems)}", file=sys.stderr)
+            failed = True
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""The offered load: N orders placed at a given rate, open loop, into any system under test.
+
+A system under test (the orderflow pipeline, or the bare-Temporal baseline) places one order when
+asked and reports what becomes of it into the run's `Ledger` by itself (admission, approval
+requests, endings). Placements are paced by the clock, not by the answers: each goes out at its
+scheduled time, and at most `MAX_IN_FLIGHT` wait for an answer at once, so a system that takes
+placements slower than offered slows the load down rather than piling up requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Protocol
+from uuid import uuid4
+
+from bench.measure import Ledger
+
+MAX_IN_FLIGHT = 64
+
+
+class Shed(Exception):
+    """The system refused a placement at the door (backlog full): a negative confirm or a 503."""
+
+
+class SystemUnderTest(Protocol):
+    async def place(self, order_id: str) -> None:
+        """Returns once the system has taken the order; raises `Shed` if it refused it."""
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU used so far, by kind of process."""
+
+
+@dataclass(frozen=True)
+class Load:
+    orders: int
+    rate: float
+    """Orders offered per second."""
+    burst: bool = False
+
+    def __str__(self) -> str:
+        return f"{'burst of ' if self.burst else ''}{self.orders} orders at {self.rate:g}/s"
+
+
+async def offer(system: SystemUnderTest, ledger: Ledger, load: Load) -> None:
+    """Place `load.orders` orders at `load.rate` per second; returns when every placement has
+    been answered."""
+    in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
+    placements: set[asyncio.Task[None]] = set()
+    started = time.monotonic()
+    for index in range(load.orders):
+        await asyncio.sleep(max(0.0, started + index / load.rate - time.monotonic()))
+        await in_flight.acquire()
+        placement = asyncio.create_task(_place(system, ledger, f"bench-{uuid4().hex[:12]}"))
+        placements.add(placement)
+
+        def answered(done: asyncio.Task[None]) -> None:
+            placements.discard(done)
+            in_flight.release()
+
+        placement.add_done_callback(answered)
+    await asyncio.gather(*placements)
+
+
+async def _place(system: SystemUnderTest, ledger: Ledger, order_id: str) -> None:
+    clock = ledger.offer(order_id)
+    try:
+        await system.place(order_id)
+    except Shed:
+        clock.shed = True
+    except Exception as error:
+        clock.error = f"{type(error).__name__}: {error}"
+    else:
+        clock.accepted_at = time.monotonic()

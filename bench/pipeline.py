@@ -1,0 +1,185 @@
+"""orderflow itself as the system under test: the `make run` stack on a database and RabbitMQ
+vhost of its own, placements over AMQP or the REST gateway, approvals through the command queue.
+
+A subscriber on `orders.events` feeds every event into the run's `Ledger` (times, seq checks) and
+approves each order when its `awaiting_approval` event arrives, as a reviewer would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from uuid import uuid4
+
+import httpx
+from aio_pika.abc import AbstractIncomingMessage
+
+from bench.load import Shed
+from bench.measure import Ledger, cpu_by_kind
+from services.stack import Stack, TemporalDevServer, free_port, isolated_settings, running_stack, service_of
+from shared import broker
+from shared.contracts import (
+    Address,
+    ApproveOrder,
+    EventType,
+    OrderEvent,
+    OrderItem,
+    PlaceOrder,
+    PlaceOrderPayload,
+)
+from shared.schema import drop_database
+from shared.settings import Settings
+
+BENCH_NAME = "orderflow_bench"
+WARM_UP_SECONDS = 2.0  # let the workers start polling before the clock starts
+ADDRESS = Address(name="Bench", line1="1 Load Street", city="Testville", postal_code="12345", country="DE")
+ITEMS = [OrderItem(sku="SKU-1", qty=1, unit_price_cents=999)]
+
+
+class Entry(StrEnum):
+    """Where placements go in."""
+
+    BROKER = "broker"  # PlaceOrder straight to orders.commands, publisher confirms
+    API = "api"  # POST /orders on the REST gateway
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How business-step attempts run: PARALLEL_ATTEMPTS:ATTEMPT_TIMEOUT_SECONDS."""
+
+    parallel_attempts: int
+    attempt_timeout: float
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        parallel, timeout = text.split(":")
+        return cls(int(parallel), float(timeout))
+
+    @classmethod
+    def shipped(cls) -> Variant:
+        settings = Settings()
+        return cls(settings.parallel_attempts, settings.activity_attempt_timeout_seconds)
+
+    def spec(self) -> str:
+        return f"{self.parallel_attempts}:{self.attempt_timeout:g}"
+
+    def applied_to(self, settings: Settings) -> Settings:
+        return settings.model_copy(
+            update={
+                "parallel_attempts": self.parallel_attempts,
+                "activity_attempt_timeout_seconds": self.attempt_timeout,
+            }
+        )
+
+    def __str__(self) -> str:
+        return f"{self.parallel_attempts}x {self.attempt_timeout:g}s"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    variant: Variant
+    bridges: int = 1
+    workers: int = 1
+    entry: Entry = Entry.BROKER
+
+    def __str__(self) -> str:
+        scale = f" {self.bridges}b{self.workers}w" if (self.bridges, self.workers) != (1, 1) else ""
+        return f"{self.variant}{scale}"
+
+    def settings(self, temporal_port: int) -> Settings:
+        api_port = free_port()
+        return self.variant.applied_to(isolated_settings(Settings(), BENCH_NAME)).model_copy(
+            update={
+                "temporal_address": f"127.0.0.1:{temporal_port}",
+                "api_port": api_port,
+                "api_url": f"http://127.0.0.1:{api_port}",
+                "bridge_instances": self.bridges,
+                "worker_instances": self.workers,
+            }
+        )
+
+
+def place_command(order_id: str) -> PlaceOrder:
+    return PlaceOrder(
+        command_id=uuid4(),
+        order_id=order_id,
+        issued_at=datetime.now(UTC),
+        payload=PlaceOrderPayload(payment_id=f"pay-{order_id}", items=ITEMS, address=ADDRESS),
+    )
+
+
+def approve_command(order_id: str) -> ApproveOrder:
+    return ApproveOrder(command_id=uuid4(), order_id=order_id, issued_at=datetime.now(UTC))
+
+
+class Pipeline:
+    """The running stack, placing orders through `entry` and following them on `orders.events`."""
+
+    def __init__(self, stack: Stack, topology: broker.Topology, ledger: Ledger, api: httpx.AsyncClient | None) -> None:
+        self._stack = stack
+        self._topology = topology
+        self._ledger = ledger
+        self._api = api
+        self._approvals: set[asyncio.Task[None]] = set()
+
+    async def place(self, order_id: str) -> None:
+        if self._api is None:
+            try:
+                await broker.publish_command(self._topology, place_command(order_id))
+            except broker.CommandRefused as refused:  # the broker's negative confirm: backlog full
+                raise Shed(str(refused)) from refused
+            return
+        command = place_command(order_id)
+        answer = await self._api.post(
+            "/orders",
+            json={"order_id": order_id, **command.payload.model_dump(mode="json", exclude_none=True)},
+        )
+        if answer.status_code == 503:
+            raise Shed(answer.headers.get("retry-after", ""))
+        answer.raise_for_status()
+
+    def cpu_seconds(self) -> dict[str, float]:
+        return cpu_by_kind(self._stack.pids(), service_of)
+
+    async def on_event(self, message: AbstractIncomingMessage) -> None:
+        await message.ack()
+        event = OrderEvent.model_validate_json(message.body)
+        clock = self._ledger.observe(event.order_id, event.type, seq=event.seq, event_id=event.event_id)
+        if clock is not None and event.type is EventType.AWAITING_APPROVAL and not clock.approval_requested:
+            clock.approval_requested = True
+            self._approve(event.order_id)
+
+    def _approve(self, order_id: str) -> None:
+        task = asyncio.create_task(broker.publish_command(self._topology, approve_command(order_id)))
+        self._approvals.add(task)
+        task.add_done_callback(self._approvals.discard)
+
+
+@asynccontextmanager
+async def running_pipeline(config: PipelineConfig, ledger: Ledger) -> AsyncIterator[Pipeline]:
+    """A fresh stack (its own Temporal dev server, database and vhost) with the bench subscribed."""
+    temporal = TemporalDevServer(port=free_port(), ui_port=free_port(), ui=False)
+    settings = config.settings(temporal.port)
+    await drop_database(settings.database_url)
+    with tempfile.NamedTemporaryFile("w", prefix="orderflow-bench-", suffix=".log", delete=False) as log:
+        print(f"  (service logs: {log.name})", file=sys.stderr)
+        async with AsyncExitStack() as exits:
+            stack = await exits.enter_async_context(running_stack(settings, temporal=temporal, log=log))
+            connection = await broker.connect(settings, "bench")
+            exits.push_async_callback(connection.close)
+            channel, topology = await broker.open_channel(connection)
+            api = None
+            if config.entry is Entry.API:
+                api = await exits.enter_async_context(httpx.AsyncClient(base_url=settings.api_url, timeout=30))
+            pipeline = Pipeline(stack, topology, ledger, api)
+            events = await channel.declare_queue(exclusive=True, auto_delete=True)
+            await events.bind(topology.events, routing_key="order.#")
+            await events.consume(pipeline.on_event)
+            await asyncio.sleep(WARM_UP_SECONDS)
+            yield pipeline
