@@ -48,11 +48,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
+
+import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -155,6 +158,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    # the bench's own log lines (a client waiting for a server to start) would break up the report
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     outcomes, comparisons = asyncio.run(
         run_trials(
             trials_of(args),

@@ -8,6 +8,7 @@ approves each order when its `awaiting_approval` event arrives, as a reviewer wo
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import tempfile
 from collections.abc import AsyncIterator
@@ -22,7 +23,15 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from bench.load import Shed
 from bench.measure import Ledger, cpu_by_kind
-from services.stack import Stack, TemporalDevServer, free_port, isolated_settings, running_stack, service_of
+from services.stack import (
+    Stack,
+    TemporalDevServer,
+    drop_vhost,
+    free_port,
+    isolated_settings,
+    running_stack,
+    service_of,
+)
 from shared import broker
 from shared.contracts import (
     Address,
@@ -92,9 +101,10 @@ class PipelineConfig:
         scale = f" {self.bridges}b{self.workers}w" if (self.bridges, self.workers) != (1, 1) else ""
         return f"{self.variant}{scale}"
 
-    def settings(self, temporal_port: int) -> Settings:
+    def settings(self, temporal_port: int, name: str) -> Settings:
+        """Settings on a database and vhost called `name`, made anew."""
         api_port = free_port()
-        return self.variant.applied_to(isolated_settings(Settings(), BENCH_NAME)).model_copy(
+        return self.variant.applied_to(isolated_settings(Settings(), name)).model_copy(
             update={
                 "temporal_address": f"127.0.0.1:{temporal_port}",
                 "api_port": api_port,
@@ -165,11 +175,14 @@ class Pipeline:
 async def running_pipeline(config: PipelineConfig, ledger: Ledger) -> AsyncIterator[Pipeline]:
     """A fresh stack (its own Temporal dev server, database and vhost) with the bench subscribed."""
     temporal = TemporalDevServer(port=free_port(), ui_port=free_port(), ui=False)
-    settings = config.settings(temporal.port)
+    name = f"{BENCH_NAME}_{os.getpid()}"  # benchmarks run side by side do not meet
+    settings = config.settings(temporal.port, name)
     await drop_database(settings.database_url)
     with tempfile.NamedTemporaryFile("w", prefix="orderflow-bench-", suffix=".log", delete=False) as log:
         print(f"  (service logs: {log.name})", file=sys.stderr)
         async with AsyncExitStack() as exits:
+            exits.push_async_callback(drop_database, settings.database_url)
+            exits.callback(drop_vhost, name)
             stack = await exits.enter_async_context(running_stack(settings, temporal=temporal, log=log))
             connection = await broker.connect(settings, "bench")
             exits.push_async_callback(connection.close)

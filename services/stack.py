@@ -199,6 +199,13 @@ def isolated_settings(settings: Settings, name: str) -> Settings:
     )
 
 
+def drop_vhost(name: str) -> None:
+    """Delete the RabbitMQ vhost `isolated_settings` made (nothing without rabbitmqctl)."""
+    ctl = shutil.which("rabbitmqctl")
+    if ctl:
+        subprocess.run([ctl, "-q", "delete_vhost", name], check=False, capture_output=True)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
