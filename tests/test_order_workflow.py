@@ -3,11 +3,12 @@
 The workflows run on Temporal's time-skipping test server with the production sandbox runner and
 the pydantic data converter; every activity is a mock registered under its real name (see
 `workflow_harness.py`). Time skips only while a test awaits the lifecycle's result and no
-activity attempt is in flight: before that, a test steers the order in real time, polling the
-events the `publish_events` mock received.
+workflow task is open (a step's attempts are local activities: its task stays open while they
+run): before that, a test steers the order in real time, polling the events the
+`publish_events` mock received.
 
-The last tests make messages arrive together (one worker is stopped meanwhile) to check the
-address update against the ends of a shipment.
+The last tests make messages arrive together with the ends of a shipment, to check the address
+update against them.
 """
 
 from __future__ import annotations
@@ -21,16 +22,21 @@ import pytest_asyncio
 from temporalio.api.enums.v1 import EventType as HistoryEventType
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Replayer
 from workflow_harness import (
     ADDRESS,
     AMOUNT_CENTS,
     NEW_ADDRESS,
+    PRODUCTION_ATTEMPTS,
     TRACKING_NUMBER,
+    Mocked,
     OrderHarness,
     Role,
     cancel_after_payment_scenario,
     dispatch_retry_scenario,
+    early_commands_scenario,
     fails,
+    flaky,
     hangs,
     happy_path_scenario,
     invalid,
@@ -39,15 +45,28 @@ from workflow_harness import (
     waits_for,
 )
 
-from services.workers.steps import Activities, ChargeRequest, DispatchRequest
+from services.workers.boundary import (
+    ChargePaymentInput,
+    DispatchCarrierInput,
+    MarkShippedInput,
+    OrderActivities,
+    PreparePackageInput,
+    ReceiveOrderInput,
+    RefundPaymentInput,
+    ReleaseAdmissionInput,
+    ValidateOrderInput,
+)
+from services.workers.order_workflow import OrderWorkflow
+from services.workers.shipping_workflow import ShippingWorkflow
+from services.workers.worker import sandbox_runner
 from shared.contracts import Address, EventType, OrderEvent, OrderState, Step
 
 E = EventType
 HAPPY_EVENTS = [
-    E.RECEIVED, E.VALIDATED, E.AWAITING_APPROVAL, E.APPROVED, E.PAYMENT_CHARGED,
+    E.ADMITTED, E.RECEIVED, E.VALIDATED, E.AWAITING_APPROVAL, E.APPROVED, E.PAYMENT_CHARGED,
     E.SHIPPING_STARTED, E.PACKAGE_PREPARED, E.CARRIER_DISPATCHED, E.SHIPPED, E.COMPLETED,
 ]  # fmt: skip
-UNTIL_REVIEW = [E.RECEIVED, E.VALIDATED, E.AWAITING_APPROVAL]
+UNTIL_REVIEW = [E.ADMITTED, E.RECEIVED, E.VALIDATED, E.AWAITING_APPROVAL]
 UNTIL_SHIPPING = [*UNTIL_REVIEW, E.APPROVED, E.PAYMENT_CHARGED, E.SHIPPING_STARTED]
 
 
@@ -78,17 +97,18 @@ async def stoppable_harness(time_skipping_env: WorkflowEnvironment) -> AsyncIter
 
 @pytest_asyncio.fixture
 async def harness_on_dev_server(temporal_dev_server: WorkflowEnvironment) -> AsyncIterator[OrderHarness]:
-    """For parallel attempts: the test server cannot take a cancel of an attempt whose completion
-    is already on its way (the real server can), and parallel attempts cancel their losers."""
-    async with order_harness(temporal_dev_server.client) as harness:
+    """On a real server: production's attempts against mocks that fail, hang or pass like the
+    contract's fault injector."""
+    async with order_harness(temporal_dev_server.client, unscripted=flaky(seed=7), policy=PRODUCTION_ATTEMPTS) as harness:
         yield harness
 
 
 # --- assertions shared by the tests ---------------------------------------------------------------
-def assert_numbered(harness: OrderHarness) -> list[OrderEvent]:
-    """The published events: this order's, each once, numbered 1..n without gaps, one terminal last."""
+def assert_numbered(harness: OrderHarness, first_seq: int = 1) -> list[OrderEvent]:
+    """The published events: this order's, each once, numbered from `first_seq` without gaps, one
+    terminal last."""
     events = harness.mocks.events
-    assert [event.seq for event in events] == list(range(1, len(events) + 1))
+    assert [event.seq for event in events] == list(range(first_seq, first_seq + len(events)))
     assert len({event.event_id for event in events}) == len(events)
     assert {event.order_id for event in events} == {harness.order_id}
     assert {event.correlation_id for event in events} == {harness.order.correlation_id}
@@ -97,9 +117,9 @@ def assert_numbered(harness: OrderHarness) -> list[OrderEvent]:
     return events
 
 
-def assert_not_called(harness: OrderHarness, *names: str) -> None:
-    for name in names:
-        assert harness.mocks.called(name) == [], f"{name} should not have been called"
+def assert_not_called(harness: OrderHarness, *mocked: Mocked) -> None:
+    for activity in mocked:
+        assert harness.mocks.called(activity) == [], f"{activity.__name__} should not have been called"
 
 
 # --- the lifecycle's paths ------------------------------------------------------------------------
@@ -118,17 +138,18 @@ async def test_approved_order_completes_with_every_step_and_event(harness: Order
     assert status.recent_errors == []
     assert await harness.status() == status
 
-    calls = harness.mocks.calls
+    called = harness.mocks.called
     order, order_id = harness.order, harness.order_id
-    assert calls[Activities.RECEIVE_ORDER] == [order]
-    assert calls[Activities.VALIDATE_ORDER] == [order_id]
-    assert calls[Activities.CHARGE_PAYMENT] == [
-        ChargeRequest(order_id=order_id, payment_id=order.payload.payment_id, amount_cents=AMOUNT_CENTS)
+    assert called(OrderActivities.receive_order) == [ReceiveOrderInput(order=order)]
+    assert called(OrderActivities.validate_order) == [ValidateOrderInput(order_id=order_id)]
+    assert called(OrderActivities.charge_payment) == [
+        ChargePaymentInput(order_id=order_id, payment_id=order.payload.payment_id, amount_cents=AMOUNT_CENTS)
     ]
-    assert calls[Activities.PREPARE_PACKAGE] == [order_id]
-    assert calls[Activities.DISPATCH_CARRIER] == [DispatchRequest(order_id=order_id, address=ADDRESS)]
-    assert calls[Activities.MARK_SHIPPED] == [order_id]
-    assert_not_called(harness, Activities.REFUND_PAYMENT)
+    assert called(OrderActivities.prepare_package) == [PreparePackageInput(order_id=order_id)]
+    assert called(OrderActivities.dispatch_carrier) == [DispatchCarrierInput(order_id=order_id, address=ADDRESS)]
+    assert called(OrderActivities.mark_shipped) == [MarkShippedInput(order_id=order_id)]
+    assert called(OrderActivities.release_admission) == [ReleaseAdmissionInput(order_id=order_id)]
+    assert_not_called(harness, OrderActivities.refund_payment)
 
     events = assert_numbered(harness)
     assert [event.type for event in events] == HAPPY_EVENTS
@@ -152,7 +173,7 @@ async def test_cancel_before_approval_ends_without_charging(harness: OrderHarnes
     status = await harness.result()
 
     assert (status.state, status.reason, status.refunded) == (OrderState.CANCELLED, "found it cheaper", False)
-    assert_not_called(harness, Activities.CHARGE_PAYMENT, Activities.REFUND_PAYMENT, Activities.PREPARE_PACKAGE)
+    assert_not_called(harness, OrderActivities.charge_payment, OrderActivities.refund_payment, OrderActivities.prepare_package)
     events = assert_numbered(harness)
     assert [event.type for event in events] == [*UNTIL_REVIEW, E.CANCELLED]
     assert events[-1].command_id == cancel.command_id
@@ -164,9 +185,11 @@ async def test_cancel_after_payment_refunds_and_stops_the_shipment(harness_on_ow
     status, cancel = await cancel_after_payment_scenario(harness)
 
     assert (status.state, status.reason, status.refunded) == (OrderState.CANCELLED, cancel.payload.reason, True)
-    assert harness.mocks.called(Activities.REFUND_PAYMENT) == [harness.order.payload.payment_id]
+    assert harness.mocks.called(OrderActivities.refund_payment) == [
+        RefundPaymentInput(payment_id=harness.order.payload.payment_id)
+    ]
     assert await harness.shipment_status(1) is WorkflowExecutionStatus.CANCELED
-    assert_not_called(harness, Activities.MARK_SHIPPED)
+    assert_not_called(harness, OrderActivities.mark_shipped)
     events = assert_numbered(harness)
     events_after_cancel = [event.type.value for event in events[len(UNTIL_SHIPPING) + 1 : -1]]
     # A cancel ends the lifecycle where it is: the cancelled shipment is not retried.
@@ -181,11 +204,11 @@ async def test_cancel_after_payment_refunds_and_stops_the_shipment(harness_on_ow
 async def test_address_update_before_dispatch_reaches_the_running_shipment(harness: OrderHarness) -> None:
     # The package is held back, so the update arrives while the shipment runs and before dispatch.
     gate = asyncio.Event()
-    harness.mocks.script(Activities.PREPARE_PACKAGE, then=waits_for(gate))
+    harness.mocks.script(OrderActivities.prepare_package, then=waits_for(gate))
     await harness.start()
     await harness.wait_for_event(E.AWAITING_APPROVAL)
     await harness.approve()
-    await harness.wait_for_call(Activities.PREPARE_PACKAGE)
+    await harness.wait_for_call(OrderActivities.prepare_package)
     update = await harness.update_address(NEW_ADDRESS)
     updated = await harness.wait_for_event(E.ADDRESS_UPDATED)
     assert (await harness.status()).address == NEW_ADDRESS
@@ -194,7 +217,7 @@ async def test_address_update_before_dispatch_reaches_the_running_shipment(harne
 
     assert status.state is OrderState.COMPLETED
     assert status.address == NEW_ADDRESS
-    dispatched_to = [request.address for request in harness.mocks.called(Activities.DISPATCH_CARRIER)]
+    dispatched_to = [request.address for request in harness.mocks.called(OrderActivities.dispatch_carrier)]
     assert dispatched_to == [NEW_ADDRESS]
     assert updated.command_id == update.command_id
     assert updated.data == {"address": NEW_ADDRESS.model_dump()}
@@ -208,7 +231,7 @@ async def test_address_update_before_dispatch_reaches_the_running_shipment(harne
 async def test_address_update_after_dispatch_is_rejected(harness: OrderHarness) -> None:
     # Marking shipped is held back, so the order is dispatched but still running.
     gate = asyncio.Event()
-    harness.mocks.script(Activities.MARK_SHIPPED, then=waits_for(gate))
+    harness.mocks.script(OrderActivities.mark_shipped, then=waits_for(gate))
     await harness.start()
     await harness.wait_for_event(E.AWAITING_APPROVAL)
     await harness.approve()
@@ -222,7 +245,7 @@ async def test_address_update_after_dispatch_is_rejected(harness: OrderHarness) 
     assert rejected.data == {"command_type": "UpdateAddress", "reason": "order already dispatched"}
     assert status.state is OrderState.COMPLETED
     assert status.address == ADDRESS
-    assert [request.address for request in harness.mocks.called(Activities.DISPATCH_CARRIER)] == [ADDRESS]
+    assert [request.address for request in harness.mocks.called(OrderActivities.dispatch_carrier)] == [ADDRESS]
     events = assert_numbered(harness)
     assert E.ADDRESS_UPDATED not in [event.type for event in events]
 
@@ -234,7 +257,7 @@ async def test_review_window_expiry_cancels_the_order(harness: OrderHarness) -> 
     assert (status.state, status.reason, status.refunded) == (OrderState.CANCELLED, "review_timeout", False)
     assert status.finished_at is not None
     assert status.finished_at - status.started_at >= timedelta(seconds=harness.policy.review_window_seconds)
-    assert_not_called(harness, Activities.CHARGE_PAYMENT, Activities.REFUND_PAYMENT)
+    assert_not_called(harness, OrderActivities.charge_payment, OrderActivities.refund_payment)
     events = assert_numbered(harness)
     assert [event.type for event in events] == [*UNTIL_REVIEW, E.CANCELLED]
     assert events[-1].command_id is None
@@ -251,8 +274,8 @@ async def test_dispatch_failure_makes_the_parent_ship_again(harness: OrderHarnes
     assert status.attempts[Step.DISPATCH_CARRIER] == per_shipment + 1
     assert [error.step for error in status.recent_errors] == [Step.DISPATCH_CARRIER] * per_shipment
     # the package was prepared once; the second shipment only dispatches
-    assert len(harness.mocks.called(Activities.PREPARE_PACKAGE)) == 1
-    assert len(harness.mocks.called(Activities.DISPATCH_CARRIER)) == per_shipment + 1
+    assert len(harness.mocks.called(OrderActivities.prepare_package)) == 1
+    assert len(harness.mocks.called(OrderActivities.dispatch_carrier)) == per_shipment + 1
     events = assert_numbered(harness)
     assert [event.type for event in events] == [
         *UNTIL_SHIPPING, E.PACKAGE_PREPARED, E.DISPATCH_FAILED,
@@ -270,7 +293,7 @@ async def test_dispatch_failure_makes_the_parent_ship_again(harness: OrderHarnes
 
 
 async def test_dispatch_failing_every_time_fails_the_order_and_refunds(harness: OrderHarness) -> None:
-    harness.mocks.script(Activities.DISPATCH_CARRIER, then=fails("carrier down"))
+    harness.mocks.script(OrderActivities.dispatch_carrier, then=fails("carrier down"))
     await harness.start(max_shipping_attempts=2)
     await harness.wait_for_event(E.AWAITING_APPROVAL)
     await harness.approve()
@@ -280,10 +303,12 @@ async def test_dispatch_failing_every_time_fails_the_order_and_refunds(harness: 
     assert status.reason is not None and "dispatch" in status.reason and "carrier down" in status.reason
     assert status.refunded is True
     assert status.shipping_attempts == 2
-    assert harness.mocks.called(Activities.REFUND_PAYMENT) == [harness.order.payload.payment_id]
+    assert harness.mocks.called(OrderActivities.refund_payment) == [
+        RefundPaymentInput(payment_id=harness.order.payload.payment_id)
+    ]
     per_shipment = harness.policy.dispatch_attempts_per_shipment
-    assert len(harness.mocks.called(Activities.DISPATCH_CARRIER)) == 2 * per_shipment
-    assert_not_called(harness, Activities.MARK_SHIPPED)
+    assert len(harness.mocks.called(OrderActivities.dispatch_carrier)) == 2 * per_shipment
+    assert_not_called(harness, OrderActivities.mark_shipped)
     events = assert_numbered(harness)
     assert [event.type for event in events].count(E.DISPATCH_FAILED) == 2
     assert events[-1].type is E.FAILED
@@ -293,7 +318,7 @@ async def test_dispatch_failing_every_time_fails_the_order_and_refunds(harness: 
 async def test_duplicate_commands_apply_once(harness: OrderHarness) -> None:
     # Charging is held back so every signal lands while the order is still waiting to ship.
     gate = asyncio.Event()
-    harness.mocks.script(Activities.CHARGE_PAYMENT, then=waits_for(gate))
+    harness.mocks.script(OrderActivities.charge_payment, then=waits_for(gate))
     await harness.start()
     await harness.wait_for_event(E.AWAITING_APPROVAL)
     update_id, approve_id = uuid4(), uuid4()
@@ -317,11 +342,11 @@ async def test_duplicate_commands_apply_once(harness: OrderHarness) -> None:
         (E.COMMAND_REJECTED, other.command_id),
     ]
     assert rejected.data == {"command_type": "ApproveOrder", "reason": "order already approved"}
-    assert [request.address for request in harness.mocks.called(Activities.DISPATCH_CARRIER)] == [NEW_ADDRESS]
+    assert [request.address for request in harness.mocks.called(OrderActivities.dispatch_carrier)] == [NEW_ADDRESS]
 
 
 async def test_invalid_order_fails_without_charging(harness: OrderHarness) -> None:
-    harness.mocks.script(Activities.VALIDATE_ORDER, invalid("each SKU may appear once; repeated: SKU-1"))
+    harness.mocks.script(OrderActivities.validate_order, invalid("each SKU may appear once; repeated: SKU-1"))
     await harness.start()
     status = await harness.result()
 
@@ -329,14 +354,14 @@ async def test_invalid_order_fails_without_charging(harness: OrderHarness) -> No
     assert status.reason == "invalid order: each SKU may appear once; repeated: SKU-1"
     assert status.refunded is False
     assert status.attempts[Step.VALIDATE] == 1, "a business-rule violation is not retried"
-    assert_not_called(harness, Activities.CHARGE_PAYMENT, Activities.REFUND_PAYMENT)
+    assert_not_called(harness, OrderActivities.charge_payment, OrderActivities.refund_payment)
     events = assert_numbered(harness)
-    assert [event.type for event in events] == [E.RECEIVED, E.FAILED]
+    assert [event.type for event in events] == [E.ADMITTED, E.RECEIVED, E.FAILED]
     assert events[-1].data == {"reason": status.reason, "refunded": False}
 
 
 async def test_status_counts_attempts_and_keeps_their_errors(harness: OrderHarness) -> None:
-    harness.mocks.script(Activities.RECEIVE_ORDER, fails("database away #1"), fails("database away #2"))
+    harness.mocks.script(OrderActivities.receive_order, fails("database away #1"), fails("database away #2"))
     await harness.start()
     await harness.wait_for_event(E.AWAITING_APPROVAL)
     status = await harness.status()
@@ -344,15 +369,14 @@ async def test_status_counts_attempts_and_keeps_their_errors(harness: OrderHarne
     assert status.attempts[Step.RECEIVE] == 3
     errors = [(error.step, error.attempt, error.error) for error in status.recent_errors]
     assert errors == [(Step.RECEIVE, 1, "database away #1"), (Step.RECEIVE, 2, "database away #2")]
-    assert len(harness.mocks.called(Activities.RECEIVE_ORDER)) == 3
+    assert len(harness.mocks.called(OrderActivities.receive_order)) == 3
     await harness.approve()
     assert (await harness.result()).attempts[Step.RECEIVE] == 3
 
 
-async def test_parallel_attempts_do_not_wait_out_a_hang(harness_on_dev_server: OrderHarness) -> None:
+async def test_parallel_attempts_do_not_wait_out_a_hang(harness: OrderHarness) -> None:
     # With two attempts in flight, a hung first attempt does not hold the step up.
-    harness = harness_on_dev_server
-    harness.mocks.script(Activities.RECEIVE_ORDER, hangs)
+    harness.mocks.script(OrderActivities.receive_order, hangs)
     await harness.start(parallel_attempts=2, activity_attempt_timeout_seconds=5.0)
     await harness.wait_for_event(E.RECEIVED, timeout=2.0)
     status = await harness.status()
@@ -368,20 +392,119 @@ async def test_deadline_ends_an_order_whose_step_never_succeeds(harness_on_own_s
     # Every attempt hangs until its timeout cuts it. The test server does not skip time while an
     # attempt is in flight, so this deadline passes in real time: keep it short.
     harness = harness_on_own_server
-    harness.mocks.script(Activities.RECEIVE_ORDER, then=hangs)
+    harness.mocks.script(OrderActivities.receive_order, then=hangs)
     await harness.start(lifecycle_deadline_seconds=2.0, review_window_seconds=1.0)
     status = await harness.result()
 
-    assert (status.state, status.reason, status.refunded) == (OrderState.FAILED, "deadline_exceeded", False)
+    reason = "deadline_exceeded: step receive still running after 2 s"
+    assert (status.state, status.reason, status.refunded) == (OrderState.FAILED, reason, False)
     started = (await harness.handle.describe()).start_time
     assert status.finished_at is not None
     assert timedelta(seconds=2) <= status.finished_at - started <= timedelta(seconds=2.5)
     assert status.attempts[Step.RECEIVE] > 1
     assert all(error.error == "attempt timed out" for error in status.recent_errors)
-    assert_not_called(harness, Activities.VALIDATE_ORDER, Activities.CHARGE_PAYMENT, Activities.REFUND_PAYMENT)
+    assert_not_called(harness, OrderActivities.validate_order, OrderActivities.charge_payment, OrderActivities.refund_payment)
     events = assert_numbered(harness)
-    assert [event.type for event in events] == [E.FAILED]
-    assert events[-1].data == {"reason": "deadline_exceeded", "refunded": False}
+    assert [event.type for event in events] == [E.ADMITTED, E.FAILED]
+    assert events[-1].data == {"reason": reason, "refunded": False}
+
+
+# --- admission: the start input ------------------------------------------------------------------
+async def test_an_admitted_order_numbers_after_queued_and_applies_its_early_commands(
+    harness: OrderHarness,
+) -> None:
+    status, (approval, update) = await early_commands_scenario(harness)
+
+    assert status.state is OrderState.COMPLETED
+    assert status.address == NEW_ADDRESS
+    assert status.queued_at is not None
+    events = assert_numbered(harness, first_seq=2)  # the bridge's `queued` was seq 1
+    assert [event.type for event in events] == [E.ADMITTED, E.ADDRESS_UPDATED, *HAPPY_EVENTS[1:]]
+    admitted = events[0].data
+    assert admitted["queued_at"] == status.queued_at.isoformat()
+    assert admitted["admission_wait_seconds"] >= 1.5
+    assert [(event.type, event.command_id) for event in events if event.command_id is not None] == [
+        (E.ADDRESS_UPDATED, update.command_id),
+        (E.APPROVED, approval.command_id),
+    ]
+    dispatched_to = [request.address for request in harness.mocks.called(OrderActivities.dispatch_carrier)]
+    assert dispatched_to == [NEW_ADDRESS]
+
+
+async def test_an_order_started_without_waiting_says_so(harness: OrderHarness) -> None:
+    await harness.start()
+    admitted = await harness.wait_for_event(E.ADMITTED)
+
+    assert admitted.seq == 1
+    assert admitted.data == {"queued_at": None, "admission_wait_seconds": None}
+    assert (await harness.status()).queued_at is None
+
+
+async def test_early_commands_sent_again_as_signals_apply_once(harness: OrderHarness) -> None:
+    gate = asyncio.Event()
+    harness.mocks.script(OrderActivities.charge_payment, then=waits_for(gate))
+    approval, update = harness.approval(), harness.address_update(NEW_ADDRESS)
+    await harness.start(activity_attempt_timeout_seconds=5.0, first_seq=2, early_commands=[approval, update])
+    await harness.wait_for_call(OrderActivities.charge_payment)
+    await harness.approve(command_id=approval.command_id)
+    await harness.update_address(NEW_ADDRESS, command_id=update.command_id)
+    other = await harness.approve()
+    await harness.wait_for_event(E.COMMAND_REJECTED)  # handled in order: the duplicates were too
+    gate.set()
+    status = await harness.result()
+
+    assert status.state is OrderState.COMPLETED
+    events = assert_numbered(harness, first_seq=2)
+    assert [(event.type, event.command_id) for event in events if event.command_id is not None] == [
+        (E.ADDRESS_UPDATED, update.command_id),
+        (E.APPROVED, approval.command_id),
+        (E.COMMAND_REJECTED, other.command_id),
+    ]
+
+
+# --- events and the admission slot ----------------------------------------------------------------
+async def test_events_wait_in_order_while_the_broker_is_away(harness: OrderHarness) -> None:
+    # The first batch cannot be published for a while: the local activity gives up, a regular
+    # activity retries in the background, and later events queue behind it.
+    away = [fails("broker away")] * 7  # four for the local activity, then three in the background
+    harness.mocks.script(OrderActivities.publish_events, *away)
+    status, _ = await happy_path_scenario(harness)
+
+    assert status.state is OrderState.COMPLETED
+    events = assert_numbered(harness)
+    assert [event.type for event in events] == HAPPY_EVENTS
+    assert len(harness.mocks.called(OrderActivities.publish_events)) > len(away)
+
+
+async def test_every_ending_gives_the_admission_slot_back_once(harness: OrderHarness) -> None:
+    harness.mocks.script(OrderActivities.release_admission, fails("database away"), fails("database away"))
+    await harness.start()
+    status = await harness.result()  # the review window passes
+
+    assert status.state is OrderState.CANCELLED
+    released = harness.mocks.called(OrderActivities.release_admission)
+    assert released == [ReleaseAdmissionInput(order_id=harness.order_id)] * 3  # retried until it got through
+
+
+# --- production's attempts ------------------------------------------------------------------------
+async def test_production_attempts_against_the_fault_mix_complete_and_replay(
+    harness_on_dev_server: OrderHarness,
+) -> None:
+    # Three attempts in flight, 0.3 s each, against mocks that fail, hang or pass like the fault
+    # injector: losers are cancelled in flight, and the histories that leaves replay as recorded.
+    harness = harness_on_dev_server
+    status, _ = await happy_path_scenario(harness)
+
+    assert status.state is OrderState.COMPLETED
+    assert {error.error for error in status.recent_errors} <= {"Forced failure for testing", "attempt timed out"}
+    assert_numbered(harness)
+    replayer = Replayer(
+        workflows=[OrderWorkflow, ShippingWorkflow],
+        data_converter=harness.client.data_converter,
+        workflow_runner=sandbox_runner(),
+    )
+    for history in (await harness.histories()).values():
+        assert (await replayer.replay_workflow(history)).replay_failure is None
 
 
 # --- an address update racing the shipment --------------------------------------------------------
@@ -395,11 +518,11 @@ async def test_address_update_as_a_failed_shipment_ends_goes_to_the_next_shipmen
     harness = stoppable_harness
     gate = asyncio.Event()
     refused = fails("carrier refused")
-    harness.mocks.script(Activities.DISPATCH_CARRIER, waits_for(gate, then=refused), refused)
+    harness.mocks.script(OrderActivities.dispatch_carrier, waits_for(gate, then=refused), refused)
     await harness.start()
     await harness.wait_for_event(E.AWAITING_APPROVAL)
     await harness.approve()
-    await harness.wait_for_call(Activities.DISPATCH_CARRIER)
+    await harness.wait_for_call(OrderActivities.dispatch_carrier)
     async with harness.worker_stopped(Role.ORDERS):
         gate.set()
         await harness.wait_for_shipment(1, WorkflowExecutionStatus.COMPLETED)
@@ -408,7 +531,7 @@ async def test_address_update_as_a_failed_shipment_ends_goes_to_the_next_shipmen
 
     assert status.state is OrderState.COMPLETED
     assert status.address == NEW_ADDRESS
-    dispatched_to = [request.address for request in harness.mocks.called(Activities.DISPATCH_CARRIER)]
+    dispatched_to = [request.address for request in harness.mocks.called(OrderActivities.dispatch_carrier)]
     assert dispatched_to == [ADDRESS, ADDRESS, NEW_ADDRESS]
     assert harness.mocks.events_of(E.ADDRESS_UPDATED)[0].command_id == update.command_id
     events = assert_numbered(harness)
@@ -417,65 +540,56 @@ async def test_address_update_as_a_failed_shipment_ends_goes_to_the_next_shipmen
     ]
 
 
-async def test_address_update_as_dispatch_completes_reaches_the_carrier(
-    stoppable_harness: OrderHarness,
-) -> None:
-    # The update must reach the shipment in the same workflow task as its dispatch result: the
-    # shipments' workflow worker is away while the dispatch to the old address completes and the
-    # update is forwarded. Signals are handled before results, so the shipment sees both at once.
-    harness = stoppable_harness
+async def test_address_update_during_the_dispatch_reaches_the_carrier(harness: OrderHarness) -> None:
+    # The update reaches the shipment while its dispatch to the old address is in flight. The
+    # attempt is a local activity, so the shipment's workflow task is open until the attempt
+    # passes and only then takes the update; its result must not report the old address as done.
     gate = asyncio.Event()
-    harness.mocks.script(Activities.DISPATCH_CARRIER, waits_for(gate))
-    await harness.start()
+    harness.mocks.script(OrderActivities.dispatch_carrier, waits_for(gate))
+    await harness.start(activity_attempt_timeout_seconds=5.0)
     await harness.wait_for_event(E.AWAITING_APPROVAL)
     await harness.approve()
-    await harness.wait_for_call(Activities.DISPATCH_CARRIER)
-    async with harness.worker_stopped(Role.SHIPMENTS):
-        gate.set()
-        await harness.update_address(NEW_ADDRESS)
-        await harness.wait_for_shipment_history(
-            1,
-            HistoryEventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED,
-            HistoryEventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED,
-        )
+    await harness.wait_for_call(OrderActivities.dispatch_carrier)
+    await harness.update_address(NEW_ADDRESS)
+    await harness.wait_for_shipment_history(1, HistoryEventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED)
+    gate.set()
     status = await harness.result()
 
     assert status.state is OrderState.COMPLETED
     assert status.address == NEW_ADDRESS
-    dispatched = harness.mocks.events_of(E.CARRIER_DISPATCHED)[0]
-    dispatched_to = [request.address for request in harness.mocks.called(Activities.DISPATCH_CARRIER)]
+    dispatched = harness.mocks.events_of(E.CARRIER_DISPATCHED)
+    dispatched_to = [request.address for request in harness.mocks.called(OrderActivities.dispatch_carrier)]
     # the update was accepted (address_updated), so the carrier must end up with the new address
     assert E.ADDRESS_UPDATED in harness.mocks.event_types()
     assert dispatched_to[-1] == NEW_ADDRESS, (
         f"the carrier was last given {dispatched_to[-1].line1!r}, the order says {status.address.line1!r}"
     )
-    assert dispatched.data["address"] == NEW_ADDRESS.model_dump()
+    assert dispatched[-1].data["address"] == NEW_ADDRESS.model_dump()
+    assert_numbered(harness)
 
 
 async def test_address_update_overtaken_by_the_dispatch_report_is_not_claimed(
     stoppable_harness: OrderHarness,
 ) -> None:
-    # The shipment has dispatched to the old address and its CarrierDispatched report is on its
-    # way, but the order has not seen it when the update arrives: both workflow workers are away
-    # while the dispatch completes and the update is sent; the shipment then reports, and only
-    # then does the order handle the update and the report, in that order.
+    # The shipment has dispatched to the old address and ended, but the order has not seen its
+    # result when the update arrives: the order worker is away while the shipment completes and
+    # the update is sent. Signals are handled before the child's result, so the order accepts the
+    # update, then learns that the carrier has the old address.
     harness = stoppable_harness
     gate = asyncio.Event()
-    harness.mocks.script(Activities.DISPATCH_CARRIER, waits_for(gate))
-    await harness.start()
+    harness.mocks.script(OrderActivities.dispatch_carrier, waits_for(gate))
+    await harness.start(activity_attempt_timeout_seconds=5.0)
     await harness.wait_for_event(E.AWAITING_APPROVAL)
     await harness.approve()
-    await harness.wait_for_call(Activities.DISPATCH_CARRIER)
+    await harness.wait_for_call(OrderActivities.dispatch_carrier)
     async with harness.worker_stopped(Role.ORDERS):
-        async with harness.worker_stopped(Role.SHIPMENTS):
-            gate.set()
-            await harness.wait_for_shipment_history(1, HistoryEventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED)
-            await harness.update_address(NEW_ADDRESS)
+        gate.set()
         await harness.wait_for_shipment(1, WorkflowExecutionStatus.COMPLETED)
+        await harness.update_address(NEW_ADDRESS)
     status = await harness.result()
 
     assert status.state is OrderState.COMPLETED
-    dispatched_to = [request.address for request in harness.mocks.called(Activities.DISPATCH_CARRIER)]
+    dispatched_to = [request.address for request in harness.mocks.called(OrderActivities.dispatch_carrier)]
     reported = Address.model_validate(harness.mocks.events_of(E.CARRIER_DISPATCHED)[-1].data["address"])
     # whatever the order decides about the late update, what it reports must be what the carrier got
     assert reported == dispatched_to[-1], (
@@ -484,3 +598,4 @@ async def test_address_update_overtaken_by_the_dispatch_report_is_not_claimed(
     assert status.address == dispatched_to[-1], (
         f"the order's address is {status.address.line1!r} but the carrier was given {dispatched_to[-1].line1!r}"
     )
+    assert_numbered(harness)

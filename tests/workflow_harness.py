@@ -1,51 +1,64 @@
 """Run the real OrderWorkflow and ShippingWorkflow against scripted activity mocks.
 
-`MockActivities` registers one mock under each real activity name (`Activities.*`); every mock
-records its calls and plays a script of behaviours (pass, fail, hang, wait for a gate, ...), and
-the `publish_events` mock keeps every event the workflow published. `OrderHarness` runs workers on
-fresh order and shipping task queues with the production sandbox runner and interceptor, starts one
-order and steers it with the same signals the bridge sends; a test may stop a worker for a while
-to make things arrive together.
+`MockActivities` implements `OrderActivities` (so the mocks run under the real names); every mock
+records its inputs and plays a script of behaviours (pass, fail, hang, wait for a gate, ...), and
+the `publish_events` mock keeps every event the workflow published. `OrderHarness` runs workers
+built as in production (`services.workers.worker`) on fresh order and shipping task queues, starts
+one order and steers it with the same signals the bridge sends; a test may stop a worker for a
+while to make things arrive together.
 
-The three `*_scenario` functions at the end are shared by the workflow tests and by
+The `*_scenario` functions at the end are shared by the workflow tests and by
 `record_histories.py`, which records the histories that `test_replay.py` replays.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import shutil
 import sys
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
+from pydantic import BaseModel
 from temporalio import activity
 from temporalio.api.enums.v1 import EventType as HistoryEventType
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowHistory,
+)
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from services.workers.interceptors import AttemptDeadlineInterceptor
-from services.workers.order_workflow import OrderWorkflow
-from services.workers.shipping_workflow import ShippingWorkflow
-from services.workers.steps import (
+from services.workers.boundary import (
     ORDER_INVALID,
-    Activities,
-    ChargeRequest,
+    ChargePaymentInput,
     ChargeResult,
-    DispatchRequest,
+    DispatchCarrierInput,
     DispatchResult,
+    MarkShippedInput,
+    OrderActivities,
+    PreparePackageInput,
+    PublishEventsInput,
+    ReceiveOrderInput,
+    RefundPaymentInput,
+    ReleaseAdmissionInput,
+    ValidateOrderInput,
 )
-from services.workers.worker import sandbox_runner
+from services.workers.steps import WORKFLOW_TASK_TIMEOUT
+from services.workers.worker import order_worker, shipping_worker
 from shared.contracts import (
     Address,
     ApproveOrder,
@@ -64,6 +77,7 @@ from shared.contracts import (
 from shared.lifecycle import (
     ORDER_WORKFLOW,
     STATUS_QUERY,
+    EarlyCommand,
     LifecyclePolicy,
     OrderWorkflowInput,
     Signals,
@@ -94,6 +108,10 @@ TEST_POLICY: dict[str, Any] = dict(
     activity_attempt_timeout_seconds=0.5,
     parallel_attempts=1,
     dispatch_attempts_per_shipment=2,
+)
+# Production's attempts (3 in flight, 0.3 s each), for the tests and recordings that need losers.
+PRODUCTION_ATTEMPTS: dict[str, Any] = dict(
+    activity_attempt_timeout_seconds=0.3, parallel_attempts=3, dispatch_attempts_per_shipment=12
 )
 
 # Real seconds a test waits for something the workflow should do promptly.
@@ -129,6 +147,21 @@ async def hangs() -> None:
     await asyncio.Event().wait()
 
 
+def flaky(seed: int) -> Behaviour:
+    """Like the contract's fault injector (a third fail, a third hang, a third pass), but from a
+    seeded generator, so a recording can be made again."""
+    draw = random.Random(seed).random
+
+    async def behaviour() -> None:
+        r = draw()
+        if r < 0.33:
+            raise ApplicationError("Forced failure for testing")
+        if r < 0.67:
+            await hangs()
+
+    return behaviour
+
+
 def waits_for(gate: asyncio.Event, then: Behaviour = passes) -> Behaviour:
     """Holds the attempt until the test opens the gate (attempts time out meanwhile), then plays
     `then`."""
@@ -141,22 +174,36 @@ def waits_for(gate: asyncio.Event, then: Behaviour = passes) -> Behaviour:
 
 
 # --- the mocks ------------------------------------------------------------------------------------
-class MockActivities:
-    """One mock per activity name: records each call, then plays the next scripted behaviour."""
+Mocked = Callable[..., Awaitable[Any]]
+"""An activity of `OrderActivities`, e.g. `OrderActivities.dispatch_carrier`: names a mock."""
 
-    def __init__(self) -> None:
-        self.calls: dict[str, list[Any]] = defaultdict(list)
+
+BUSINESS_STEPS = frozenset(
+    {"receive_order", "validate_order", "charge_payment", "prepare_package", "dispatch_carrier", "mark_shipped"}
+)
+"""The activities that call the fault injector in production."""
+
+
+class MockActivities(OrderActivities):
+    """One mock per activity: records each input, then plays the next scripted behaviour.
+
+    Unscripted, a business step plays `steps_otherwise`, the other activities pass."""
+
+    def __init__(self, steps_otherwise: Behaviour = passes) -> None:
+        self.calls: dict[str, list[BaseModel]] = defaultdict(list)
         self.events: list[OrderEvent] = []
         self._scripts: dict[str, deque[Behaviour]] = defaultdict(deque)
-        self._otherwise: dict[str, Behaviour] = {}
+        self._otherwise: dict[str, Behaviour] = {name: steps_otherwise for name in BUSINESS_STEPS}
 
-    def script(self, name: str, *first: Behaviour, then: Behaviour = passes) -> None:
-        """The next calls of `name` play `first` in order, every later call plays `then`."""
-        self._scripts[name] = deque(first)
-        self._otherwise[name] = then
+    def script(self, mocked: Mocked, *first: Behaviour, then: Behaviour | None = None) -> None:
+        """The next calls of `mocked` play `first` in order, every later call plays `then` (by
+        default what it played unscripted)."""
+        self._scripts[mocked.__name__] = deque(first)
+        if then is not None:
+            self._otherwise[mocked.__name__] = then
 
-    def called(self, name: str) -> list[Any]:
-        return self.calls[name]
+    def called(self, mocked: Mocked) -> list[Any]:
+        return self.calls[mocked.__name__]
 
     def event_types(self) -> list[EventType]:
         return [event.type for event in self.events]
@@ -164,60 +211,51 @@ class MockActivities:
     def events_of(self, event_type: EventType) -> list[OrderEvent]:
         return [event for event in self.events if event.type is event_type]
 
-    async def _play(self, name: str, arg: Any) -> None:
-        self.calls[name].append(arg)
+    async def _play(self, name: str, input: BaseModel) -> None:
+        self.calls[name].append(input)
         script = self._scripts[name]
         behaviour = script.popleft() if script else self._otherwise.get(name, passes)
         await behaviour()
 
-    @activity.defn(name=Activities.RECEIVE_ORDER)
-    async def receive_order(self, order: PlaceOrder) -> None:
-        await self._play(Activities.RECEIVE_ORDER, order)
+    @activity.defn
+    async def receive_order(self, input: ReceiveOrderInput) -> None:
+        await self._play("receive_order", input)
 
-    @activity.defn(name=Activities.VALIDATE_ORDER)
-    async def validate_order(self, order_id: str) -> None:
-        await self._play(Activities.VALIDATE_ORDER, order_id)
+    @activity.defn
+    async def validate_order(self, input: ValidateOrderInput) -> None:
+        await self._play("validate_order", input)
 
-    @activity.defn(name=Activities.CHARGE_PAYMENT)
-    async def charge_payment(self, request: ChargeRequest) -> ChargeResult:
-        await self._play(Activities.CHARGE_PAYMENT, request)
+    @activity.defn
+    async def charge_payment(self, input: ChargePaymentInput) -> ChargeResult:
+        await self._play("charge_payment", input)
         return ChargeResult(already_charged=False)
 
-    @activity.defn(name=Activities.PREPARE_PACKAGE)
-    async def prepare_package(self, order_id: str) -> None:
-        await self._play(Activities.PREPARE_PACKAGE, order_id)
+    @activity.defn
+    async def prepare_package(self, input: PreparePackageInput) -> None:
+        await self._play("prepare_package", input)
 
-    @activity.defn(name=Activities.DISPATCH_CARRIER)
-    async def dispatch_carrier(self, request: DispatchRequest) -> DispatchResult:
-        await self._play(Activities.DISPATCH_CARRIER, request)
+    @activity.defn
+    async def dispatch_carrier(self, input: DispatchCarrierInput) -> DispatchResult:
+        await self._play("dispatch_carrier", input)
         return DispatchResult(tracking_number=TRACKING_NUMBER)
 
-    @activity.defn(name=Activities.MARK_SHIPPED)
-    async def mark_shipped(self, order_id: str) -> None:
-        await self._play(Activities.MARK_SHIPPED, order_id)
+    @activity.defn
+    async def mark_shipped(self, input: MarkShippedInput) -> None:
+        await self._play("mark_shipped", input)
 
-    @activity.defn(name=Activities.REFUND_PAYMENT)
-    async def refund_payment(self, payment_id: str) -> bool:
-        await self._play(Activities.REFUND_PAYMENT, payment_id)
+    @activity.defn
+    async def refund_payment(self, input: RefundPaymentInput) -> bool:
+        await self._play("refund_payment", input)
         return True
 
-    @activity.defn(name=Activities.PUBLISH_EVENTS)
-    async def publish_events(self, events: list[OrderEvent]) -> None:
-        await self._play(Activities.PUBLISH_EVENTS, events)
-        self.events.extend(events)
+    @activity.defn
+    async def publish_events(self, input: PublishEventsInput) -> None:
+        await self._play("publish_events", input)
+        self.events.extend(input.events)
 
-    def order_queue_activities(self) -> list[Callable[..., Any]]:
-        return [
-            self.receive_order,
-            self.validate_order,
-            self.charge_payment,
-            self.mark_shipped,
-            self.refund_payment,
-            self.publish_events,
-        ]
-
-    def shipping_queue_activities(self) -> list[Callable[..., Any]]:
-        return [self.prepare_package, self.dispatch_carrier]
+    @activity.defn
+    async def release_admission(self, input: ReleaseAdmissionInput) -> None:
+        await self._play("release_admission", input)
 
 
 # --- commands -------------------------------------------------------------------------------------
@@ -242,18 +280,10 @@ def policy_for(shipping_queue: str) -> LifecyclePolicy:
 
 # --- the harness ----------------------------------------------------------------------------------
 class Role(StrEnum):
-    """What a worker polls for. The shipping queue's workflows and activities have a worker each,
-    so a test can stop the shipments' workflow tasks while their activities go on."""
+    """What a worker polls for: a workflow's local activities run in the worker of its queue."""
 
     ORDERS = "orders"  # the order task queue: OrderWorkflow and its activities
-    SHIPMENTS = "shipments"  # the shipping task queue's ShippingWorkflow
-    SHIPPING_ACTIVITIES = "shipping activities"  # the shipping task queue's activities
-
-
-# as in production (services.workers.worker), with the mocks in place of the activities
-WORKER_OPTIONS: dict[str, Any] = dict(
-    workflow_runner=sandbox_runner(), interceptors=[AttemptDeadlineInterceptor()]
-)
+    SHIPMENTS = "shipments"  # the shipping task queue: ShippingWorkflow and its activities
 
 
 async def wait_until(
@@ -282,6 +312,7 @@ class OrderHarness:
         *,
         order_id: str | None = None,
         sticky: bool = True,
+        policy: dict[str, Any] | None = None,
     ) -> None:
         self.client = client
         self.mocks = mocks
@@ -289,7 +320,7 @@ class OrderHarness:
         self.shipping_queue = shipping_queue
         self.sticky = sticky
         self.order = place_order(order_id or unique_order_id())
-        self.policy = policy_for(shipping_queue)
+        self.policy = policy_for(shipping_queue).model_copy(update=policy or {})
         self._handle: WorkflowHandle[Any, OrderStatus] | None = None
         self._workers: dict[Role, tuple[Worker, asyncio.Task[None]]] = {}
 
@@ -309,26 +340,53 @@ class OrderHarness:
         assert self._handle is not None, "start() the lifecycle first"
         return self._handle
 
-    async def start(self, **policy: Any) -> WorkflowHandle[Any, OrderStatus]:
+    async def start(
+        self,
+        *,
+        queued_at: datetime | None = None,
+        first_seq: int = 1,
+        early_commands: list[EarlyCommand] | None = None,
+        **policy: Any,
+    ) -> WorkflowHandle[Any, OrderStatus]:
+        """Start the lifecycle as the bridge does; `policy` overrides the test policy's fields."""
         if policy:
             self.policy = self.policy.model_copy(update=policy)
+        start = OrderWorkflowInput(
+            order=self.order,
+            policy=self.policy,
+            queued_at=queued_at,
+            first_seq=first_seq,
+            early_commands=early_commands or [],
+        )
         self._handle = await self.client.start_workflow(
             ORDER_WORKFLOW,
-            OrderWorkflowInput(order=self.order, policy=self.policy),
+            start,
             id=self.workflow_id,
             task_queue=self.order_queue,
+            task_timeout=WORKFLOW_TASK_TIMEOUT,
             result_type=OrderStatus,
         )
         return self._handle
 
     # commands, as the bridge sends them
-    async def approve(self, command_id: UUID | None = None) -> ApproveOrder:
-        command = ApproveOrder(
+    def approval(self, command_id: UUID | None = None) -> ApproveOrder:
+        return ApproveOrder(
             command_id=command_id or uuid4(),
             order_id=self.order_id,
             issued_at=datetime.now(UTC),
             payload=ApproveOrderPayload(reviewer="reviewer-1", note="looks fine"),
         )
+
+    def address_update(self, address: Address, command_id: UUID | None = None) -> UpdateAddress:
+        return UpdateAddress(
+            command_id=command_id or uuid4(),
+            order_id=self.order_id,
+            issued_at=datetime.now(UTC),
+            payload=UpdateAddressPayload(address=address),
+        )
+
+    async def approve(self, command_id: UUID | None = None) -> ApproveOrder:
+        command = self.approval(command_id)
         await self.handle.signal(Signals.APPROVE, command)
         return command
 
@@ -343,12 +401,7 @@ class OrderHarness:
         return command
 
     async def update_address(self, address: Address, command_id: UUID | None = None) -> UpdateAddress:
-        command = UpdateAddress(
-            command_id=command_id or uuid4(),
-            order_id=self.order_id,
-            issued_at=datetime.now(UTC),
-            payload=UpdateAddressPayload(address=address),
-        )
+        command = self.address_update(address, command_id)
         await self.handle.signal(Signals.UPDATE_ADDRESS, command)
         return command
 
@@ -361,8 +414,9 @@ class OrderHarness:
         await wait_until(lambda: bool(self.mocks.events_of(event_type)), what, timeout)
         return self.mocks.events_of(event_type)[0]
 
-    async def wait_for_call(self, name: str, count: int = 1) -> None:
-        await wait_until(lambda: len(self.mocks.called(name)) >= count, f"{count} call(s) of {name}")
+    async def wait_for_call(self, mocked: Mocked, count: int = 1) -> None:
+        what = f"{count} call(s) of {mocked.__name__}"
+        await wait_until(lambda: len(self.mocks.called(mocked)) >= count, what)
 
     async def result(self) -> OrderStatus:
         """The lifecycle's final status; time skips while this waits. Fails if it never ends."""
@@ -393,7 +447,7 @@ class OrderHarness:
 
         await wait_until(reached, f"shipment {attempt} to be {status.name}")
 
-    async def wait_for_shipment_history(self, attempt: int, *wanted: HistoryEventType) -> None:
+    async def wait_for_shipment_history(self, attempt: int, *wanted: HistoryEventType.ValueType) -> None:
         """Until the shipment's history holds an event of each `wanted` type."""
 
         async def recorded() -> bool:
@@ -403,23 +457,24 @@ class OrderHarness:
         names = [HistoryEventType.Name(event_type) for event_type in wanted]
         await wait_until(recorded, f"shipment {attempt} to record {names}")
 
+    async def histories(self) -> dict[str, WorkflowHistory]:
+        """The order's history and each of its shipments', by workflow id."""
+        workflow_ids = [self.workflow_id]
+        attempt = 1
+        while await self.shipment_status(attempt) is not None:
+            workflow_ids.append(self.shipment_id(attempt))
+            attempt += 1
+        return {wid: await self.client.get_workflow_handle(wid).fetch_history() for wid in workflow_ids}
+
     # workers
     def start_worker(self, role: Role) -> None:
         """Poll for `role` (a new worker each time: a worker runs once)."""
-        queue, workflows, activities = {
-            Role.ORDERS: (self.order_queue, [OrderWorkflow], self.mocks.order_queue_activities()),
-            Role.SHIPMENTS: (self.shipping_queue, [ShippingWorkflow], []),
-            Role.SHIPPING_ACTIVITIES: (self.shipping_queue, [], self.mocks.shipping_queue_activities()),
+        build, queue = {
+            Role.ORDERS: (order_worker, self.order_queue),
+            Role.SHIPMENTS: (shipping_worker, self.shipping_queue),
         }[role]
-        worker = Worker(
-            self.client,
-            task_queue=queue,
-            workflows=workflows,
-            activities=activities,
-            # without a cache a workflow's tasks go to the shared queue, each replaying the history
-            max_cached_workflows=1000 if self.sticky else 0,
-            **WORKER_OPTIONS,
-        )
+        # without a cache a workflow's tasks go to the shared queue, each replaying the history
+        worker = build(self.client, queue, self.mocks, max_cached_workflows=1000 if self.sticky else 0)
         self._workers[role] = (worker, asyncio.create_task(worker.run()))
 
     async def stop_worker(self, role: Role) -> None:
@@ -466,13 +521,20 @@ async def own_time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
 
 @asynccontextmanager
 async def order_harness(
-    client: Client, *, order_id: str | None = None, sticky: bool = True
+    client: Client,
+    *,
+    order_id: str | None = None,
+    sticky: bool = True,
+    unscripted: Behaviour = passes,
+    policy: dict[str, Any] | None = None,
 ) -> AsyncIterator[OrderHarness]:
-    """Workers for both task queues (fresh names) with the mocks, and a harness for one order."""
-    mocks = MockActivities()
+    """Workers for both task queues (fresh names) with the mocks, and a harness for one order.
+    `unscripted` is what a business step's mock plays when its script does not say; `policy`
+    overrides fields of the test policy."""
+    mocks = MockActivities(unscripted)
     suffix = uuid4().hex[:8]
     queues = f"order-tq-{suffix}", f"shipping-tq-{suffix}"
-    harness = OrderHarness(client, mocks, *queues, order_id=order_id, sticky=sticky)
+    harness = OrderHarness(client, mocks, *queues, order_id=order_id, sticky=sticky, policy=policy)
     for role in Role:
         harness.start_worker(role)
     try:
@@ -493,20 +555,29 @@ async def happy_path_scenario(harness: OrderHarness) -> tuple[OrderStatus, Appro
 
 async def cancel_after_payment_scenario(harness: OrderHarness) -> tuple[OrderStatus, CancelOrder]:
     """Dispatch hangs, so the order is paid and its shipment running when the cancel arrives."""
-    harness.mocks.script(Activities.DISPATCH_CARRIER, then=hangs)
-    await harness.start()
+    harness.mocks.script(OrderActivities.dispatch_carrier, then=hangs)
+    await harness.start(dispatch_attempts_per_shipment=20)  # still dispatching when the cancel lands
     await harness.wait_for_event(EventType.AWAITING_APPROVAL)
     await harness.approve()
-    await harness.wait_for_call(Activities.DISPATCH_CARRIER)
+    await harness.wait_for_call(OrderActivities.dispatch_carrier)
     cancel = await harness.cancel()
     return await harness.result(), cancel
+
+
+async def early_commands_scenario(harness: OrderHarness) -> tuple[OrderStatus, list[EarlyCommand]]:
+    """Started as the bridge starts an order that waited for a slot: after its `queued` event
+    (seq 1), with the approval and an address change that arrived meanwhile."""
+    early: list[EarlyCommand] = [harness.approval(), harness.address_update(NEW_ADDRESS)]
+    queued_at = datetime.now(UTC) - timedelta(seconds=1.5)
+    await harness.start(queued_at=queued_at, first_seq=2, early_commands=early)
+    return await harness.result(), early
 
 
 async def dispatch_retry_scenario(harness: OrderHarness) -> OrderStatus:
     """The first shipment's dispatch fails every attempt it has; the second shipment's passes."""
     per_shipment = harness.policy.dispatch_attempts_per_shipment
     refusals = [fails(f"carrier refused #{n}") for n in range(1, per_shipment + 1)]
-    harness.mocks.script(Activities.DISPATCH_CARRIER, *refusals)
+    harness.mocks.script(OrderActivities.dispatch_carrier, *refusals)
     await harness.start()
     await harness.wait_for_event(EventType.AWAITING_APPROVAL)
     await harness.approve()

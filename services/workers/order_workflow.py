@@ -1,42 +1,61 @@
 """OrderWorkflow (task queue `order-tq`): one order's whole lifecycle.
 
-    receive → validate → manual review → charge payment → ShippingWorkflow → mark shipped
+    admitted → receive → validate → manual review → charge payment → ShippingWorkflow → mark shipped
 
 Every order ends (completed, cancelled or failed) within its deadline: a cancel request or the
 deadline stops the lifecycle wherever it is, the child shipment is cancelled with it and a charged
-payment is refunded. Each state change is an event on `orders.events`, numbered 1, 2, 3, ... by
-this workflow, which is the one place that knows the order's history in order.
+payment is refunded; then the order's admission slot is given back. Each state change is an event
+on `orders.events`, numbered by this workflow's outbox, the one place that knows the order's
+history in order.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
+from enum import StrEnum
 from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
+from temporalio.exceptions import ApplicationError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
-    from services.workers.steps import (
+    from services.workers.boundary import (
         ORDER_INVALID,
-        Activities,
-        AttemptLog,
-        ChargeRequest,
+        CarrierDispatched,
+        ChargePaymentInput,
         ChargeResult,
+        DispatchFailed,
+        MarkShippedInput,
+        OrderActivities,
+        PackagePrepared,
+        ReceiveOrderInput,
+        RefundPaymentInput,
+        ReleaseAdmissionInput,
         ShippingInput,
         ShippingResult,
+        ValidateOrderInput,
+    )
+    from services.workers.outbox import Command, Outbox
+    from services.workers.shipping_workflow import ShippingWorkflow
+    from services.workers.steps import (
+        DEADLINE_EXCEEDED,
+        WORKFLOW_TASK_TIMEOUT,
+        Activity,
+        AttemptLog,
+        P,
+        R,
+        StepDeadlineExceeded,
         StepPolicy,
-        StepReport,
+        deadline_reason,
         run_step,
     )
     from shared.contracts import (
         ApproveOrder,
         CancelOrder,
         EventType,
-        OrderEvent,
         OrderState,
         OrderStatus,
         Step,
@@ -44,19 +63,18 @@ with workflow.unsafe.imports_passed_through():
     )
     from shared.lifecycle import (
         ORDER_WORKFLOW,
-        SHIPPING_WORKFLOW,
         STATUS_QUERY,
         OrderWorkflowInput,
         Signals,
     )
 
-Command = ApproveOrder | CancelOrder | UpdateAddress
-
-PUBLISH_TIMEOUT = timedelta(seconds=5)
-# publishing must get through eventually: retried without limit while the broker is away
-PUBLISH_RETRY = RetryPolicy(
-    initial_interval=timedelta(milliseconds=100), maximum_interval=timedelta(seconds=2)
-)
+# Refund and admission release are not fault-injected and must get through: one local activity
+# each, retried in the worker with backoff until it succeeds. The backoff stays far below the
+# local retry threshold (60 s), so Core never turns it into a workflow timer.
+MUST_GET_THROUGH: dict[str, Any] = {
+    "start_to_close_timeout": timedelta(seconds=5),
+    "retry_policy": RetryPolicy(initial_interval=timedelta(milliseconds=100), maximum_interval=timedelta(seconds=2)),
+}
 
 
 @dataclass(frozen=True)
@@ -76,13 +94,34 @@ class LifecycleStopped(Exception):
         self.ending = ending
 
 
+class ShippingPhase(StrEnum):
+    PREPARING = "preparing"  # no package yet
+    PACKAGE_READY = "package_ready"
+    DISPATCHED = "dispatched"  # the carrier has it, for the order's current address
+
+
+@dataclass
+class Shipping:
+    """The order's shipping: how far the package got, the running shipment, what failed."""
+
+    phase: ShippingPhase = ShippingPhase.PREPARING
+    shipments: int = 0
+    current: workflow.ChildWorkflowHandle[ShippingWorkflow, ShippingResult] | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def step(self) -> Step:
+        return Step.PREPARE_PACKAGE if self.phase is ShippingPhase.PREPARING else Step.DISPATCH_CARRIER
+
+
 @workflow.defn(name=ORDER_WORKFLOW)
 class OrderWorkflow:
     @workflow.init
     def __init__(self, start: OrderWorkflowInput) -> None:
         self._order = start.order
         self._policy = start.policy
-        self._step_policy = StepPolicy.of(start.policy)
+        self._deadline = workflow.info().workflow_start_time + timedelta(seconds=start.policy.lifecycle_deadline_seconds)
+        self._step_policy = StepPolicy.of(start.policy, self._deadline)
         now = workflow.now()
         self._status = OrderStatus(
             order_id=self._order.order_id,
@@ -90,27 +129,24 @@ class OrderWorkflow:
             step=Step.RECEIVE,
             address=self._order.payload.address,
             payment_id=self._order.payload.payment_id,
+            queued_at=start.queued_at,
             started_at=now,
             updated_at=now,
         )
         self._attempts = AttemptLog(self._order.order_id)
-        self._seq = 0
-        self._outbox: list[OrderEvent] = []
+        self._outbox = Outbox(self._order, start.first_seq)
+        self._shipping = Shipping()
         self._commands_seen: set[str] = set()
         self._approval: ApproveOrder | None = None
         self._stop_request: Ending | None = None
         self._ending = False
-        self._closing = False
         self._charge_started = False
-        self._package_ready = False
-        self._dispatched = False
-        self._shipment: workflow.ChildWorkflowHandle[Any, ShippingResult] | None = None
-        self._dispatch_failures: list[str] = []
+        self._admit(start)
 
     # --- the lifecycle ---------------------------------------------------------------------------
     @workflow.run
     async def run(self, start: OrderWorkflowInput) -> OrderStatus:
-        publisher = asyncio.create_task(self._publish_events())
+        publisher = asyncio.create_task(self._outbox.publish())
         lifecycle = asyncio.create_task(self._lifecycle())
         try:
             await workflow.wait_condition(
@@ -118,19 +154,22 @@ class OrderWorkflow:
                 timeout=self._time_left(),
             )
         except TimeoutError:
-            self._stop_request = Ending(OrderState.FAILED, "deadline_exceeded")
+            reason = deadline_reason(self._status.step, self._policy.lifecycle_deadline_seconds)
+            self._stop_request = Ending(OrderState.FAILED, reason)
         ending = await self._ending_of(lifecycle)
         await self._finish(ending)
-        self._closing = True
+        await self._release_admission()
+        self._outbox.close()
         await publisher
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.status()
 
     async def _lifecycle(self) -> None:
-        await self._step(Step.RECEIVE, Activities.RECEIVE_ORDER, self._order)
+        order_id = self._order.order_id
+        await self._step(Step.RECEIVE, OrderActivities.receive_order, ReceiveOrderInput(order=self._order))
         self._reach(OrderState.RECEIVED, EventType.RECEIVED)
 
-        await self._step(Step.VALIDATE, Activities.VALIDATE_ORDER, self._order.order_id)
+        await self._step(Step.VALIDATE, OrderActivities.validate_order, ValidateOrderInput(order_id=order_id))
         self._reach(OrderState.VALIDATED, EventType.VALIDATED)
 
         await self._review()
@@ -146,8 +185,26 @@ class OrderWorkflow:
         tracking_number = await self._ship()
         self._status.tracking_number = tracking_number
 
-        await self._step(Step.MARK_SHIPPED, Activities.MARK_SHIPPED, self._order.order_id)
+        await self._step(Step.MARK_SHIPPED, OrderActivities.mark_shipped, MarkShippedInput(order_id=order_id))
         self._reach(OrderState.SHIPPED, EventType.SHIPPED, tracking_number=tracking_number)
+
+    def _admit(self, start: OrderWorkflowInput) -> None:
+        """The first event, then the commands that reached the order while it waited for a slot."""
+        wait = None
+        if start.queued_at is not None:
+            waited = workflow.info().workflow_start_time - start.queued_at
+            wait = round(max(waited.total_seconds(), 0.0), 3)
+        self._reach(
+            OrderState.RECEIVED,
+            EventType.ADMITTED,
+            queued_at=start.queued_at.isoformat() if start.queued_at else None,
+            admission_wait_seconds=wait,
+        )
+        for command in start.early_commands:
+            if isinstance(command, ApproveOrder):
+                self.approve(command)
+            else:
+                self._change_address(command)
 
     async def _review(self) -> None:
         self._status.step = Step.REVIEW
@@ -174,60 +231,83 @@ class OrderWorkflow:
     async def _charge_payment(self) -> ChargeResult:
         # from here on a stop refunds: an attempt cut short may still have charged
         self._charge_started = True
-        request = ChargeRequest(
+        charge = ChargePaymentInput(
             order_id=self._order.order_id,
             payment_id=self._order.payload.payment_id,
             amount_cents=self._order.payload.amount_cents,
         )
-        return await self._step(
-            Step.CHARGE_PAYMENT, Activities.CHARGE_PAYMENT, request, result_type=ChargeResult
-        )
+        return await self._step(Step.CHARGE_PAYMENT, OrderActivities.charge_payment, charge)
 
     async def _ship(self) -> str:
         """Run ShippingWorkflow until one dispatches to the order's current address; each
         DispatchFailed is one more try, up to the policy's bound."""
-        shipment = failures = 0
+        failures = 0
         while failures < self._policy.max_shipping_attempts:
-            shipment += 1
-            self._status.shipping_attempts = shipment
-            self._status.step = Step.DISPATCH_CARRIER if self._package_ready else Step.PREPARE_PACKAGE
-            self._reach(OrderState.SHIPPING, EventType.SHIPPING_STARTED, shipping_attempt=shipment)
-            result = await self._run_shipment(shipment)
-            if not (result.dispatched and result.tracking_number):
+            self._shipping.shipments += 1
+            self._status.shipping_attempts = self._shipping.shipments
+            self._status.step = self._shipping.step
+            self._reach(OrderState.SHIPPING, EventType.SHIPPING_STARTED, shipping_attempt=self._shipping.shipments)
+            result = await self._run_shipment()
+            if result.dispatched is None:
                 failures += 1
-            elif result.address in (None, self._status.address):
-                return result.tracking_number
-            # else an address update was accepted while this dispatch was being reported: the
+            elif self._record_dispatch(result.dispatched):
+                return result.dispatched.tracking_number
+            # else an address update was accepted while this shipment was dispatching: the
             # carrier has the old address, so dispatch again (the tracking number is kept)
         reason = f"dispatch failed {self._policy.max_shipping_attempts} times"
-        if self._dispatch_failures:
-            reason += f"; last: {self._dispatch_failures[-1]}"
+        if self._shipping.failures:
+            reason += f"; last: {self._shipping.failures[-1]}"
         raise LifecycleStopped(Ending(OrderState.FAILED, reason))
 
-    async def _run_shipment(self, attempt: int) -> ShippingResult:
-        self._shipment = await workflow.start_child_workflow(
-            SHIPPING_WORKFLOW,
+    async def _run_shipment(self) -> ShippingResult:
+        shipping = self._shipping
+        shipping.current = await workflow.start_child_workflow(
+            ShippingWorkflow.run,
             ShippingInput(
                 order_id=self._order.order_id,
                 parent_workflow_id=workflow.info().workflow_id,
                 address=self._status.address,
-                package_ready=self._package_ready,
+                package_ready=shipping.phase is not ShippingPhase.PREPARING,
                 policy=self._policy,
+                deadline=self._deadline,
             ),
-            id=f"{workflow.info().workflow_id}-shipping-{attempt}",
+            id=f"{workflow.info().workflow_id}-shipping-{shipping.shipments}",
             task_queue=self._policy.shipping_task_queue,
-            result_type=ShippingResult,
+            task_timeout=WORKFLOW_TASK_TIMEOUT,
         )
         try:
-            return await self._shipment
+            result = await shipping.current
         except ChildWorkflowError as err:
             if self._ending:
                 raise  # we cancelled it: the order is stopping, not shipping again
+            cause = err.cause
+            if isinstance(cause, ApplicationError) and cause.type == DEADLINE_EXCEEDED:
+                raise LifecycleStopped(Ending(OrderState.FAILED, cause.message)) from err
             # a shipment that broke rather than reported: counts as one failed dispatch
-            self._dispatch_failures.append(str(err.cause or err))
-            return ShippingResult(dispatched=False, failure=str(err.cause or err))
+            shipping.failures.append(str(cause or err))
+            return ShippingResult()
         finally:
-            self._shipment = None
+            shipping.current = None
+        if self._ending:
+            # it ended before it saw our cancel (its task was busy with attempts), which the SDK
+            # then drops: record what the carrier got, and stop as asked
+            if result.dispatched is not None:
+                self._record_dispatch(result.dispatched)
+            raise asyncio.CancelledError()
+        return result
+
+    def _record_dispatch(self, dispatched: CarrierDispatched) -> bool:
+        """The carrier has the package; True if for the order's current address."""
+        self._attempts.merge(dispatched.dispatch)
+        self._emit(
+            EventType.CARRIER_DISPATCHED,
+            tracking_number=dispatched.tracking_number,
+            address=dispatched.address.model_dump(),
+        )
+        if dispatched.address != self._status.address:
+            return False
+        self._shipping.phase = ShippingPhase.DISPATCHED
+        return True
 
     # --- how it ends -----------------------------------------------------------------------------
     async def _ending_of(self, lifecycle: asyncio.Task[None]) -> Ending | None:
@@ -237,7 +317,7 @@ class OrderWorkflow:
             lifecycle.cancel()
             try:
                 await lifecycle
-            except (asyncio.CancelledError, ActivityError, ChildWorkflowError, LifecycleStopped):
+            except (asyncio.CancelledError, ApplicationError, ChildWorkflowError, LifecycleStopped):
                 pass  # stopped on purpose; the stop request says why
             return self._stop_request
         try:
@@ -268,11 +348,15 @@ class OrderWorkflow:
 
     async def _refund(self) -> bool:
         self._status.step = Step.REFUND
-        return await self._step(
-            Step.REFUND, Activities.REFUND_PAYMENT, self._order.payload.payment_id, result_type=bool
-        )
+        refund = RefundPaymentInput(payment_id=self._order.payload.payment_id)
+        return await workflow.execute_local_activity_method(OrderActivities.refund_payment, refund, **MUST_GET_THROUGH)
 
-    # --- commands (signals from the bridge) ------------------------------------------------------
+    async def _release_admission(self) -> None:
+        """The lifecycle has ended: give its admission slot back, or capacity is lost for good."""
+        release = ReleaseAdmissionInput(order_id=self._order.order_id)
+        await workflow.execute_local_activity_method(OrderActivities.release_admission, release, **MUST_GET_THROUGH)
+
+    # --- commands (signals from the bridge, or early commands at the start) ----------------------
     @workflow.signal(name=Signals.APPROVE)
     def approve(self, command: ApproveOrder) -> None:
         if self._accept(command, self._approve_blocked()):
@@ -294,18 +378,24 @@ class OrderWorkflow:
 
     @workflow.signal(name=Signals.UPDATE_ADDRESS)
     async def update_address(self, command: UpdateAddress) -> None:
-        if not self._accept(command, self._change_blocked()):
+        if not self._change_address(command):
             return
-        address = command.payload.address
-        self._status.address = address
-        self._emit(EventType.ADDRESS_UPDATED, command=command, address=address.model_dump())
-        if self._shipment is not None:
+        shipment = self._shipping.current
+        if shipment is not None:
             try:
-                await self._shipment.signal(Signals.UPDATE_ADDRESS, address)
+                await shipment.signal(ShippingWorkflow.update_address, command.payload.address)
             except ApplicationError as err:
                 # the shipment ended meanwhile; the next one, if any, starts with the new address
                 if err.type != "ExternalWorkflowExecutionNotFound":
                     raise
+
+    def _change_address(self, command: UpdateAddress) -> bool:
+        if not self._accept(command, self._change_blocked()):
+            return False
+        address = command.payload.address
+        self._status.address = address
+        self._emit(EventType.ADDRESS_UPDATED, command=command, address=address.model_dump())
+        return True
 
     def _approve_blocked(self) -> str | None:
         if self._approval is not None:
@@ -315,7 +405,7 @@ class OrderWorkflow:
     def _change_blocked(self) -> str | None:
         if self._ending or self._stop_request is not None:
             return "order has ended or is ending"
-        if self._dispatched:
+        if self._shipping.phase is ShippingPhase.DISPATCHED:
             return "order already dispatched"
         return None
 
@@ -347,39 +437,24 @@ class OrderWorkflow:
 
     # --- progress reports from the shipping child ------------------------------------------------
     @workflow.signal(name=Signals.PACKAGE_PREPARED)
-    def on_package_prepared(self, report: StepReport) -> None:
-        self._attempts.merge(report)
-        self._package_ready = True
-        self._status.step = Step.DISPATCH_CARRIER
+    def on_package_prepared(self, prepared: PackagePrepared) -> None:
+        self._attempts.merge(prepared.prepare)
+        self._shipping.phase = ShippingPhase.PACKAGE_READY
+        self._status.step = self._shipping.step
         self._emit(EventType.PACKAGE_PREPARED)
 
-    @workflow.signal(name=Signals.CARRIER_DISPATCHED)
-    def on_carrier_dispatched(self, report: StepReport) -> None:
-        self._attempts.merge(report)
-        address = report.address or self._status.address
-        # a dispatch to an address changed meanwhile is redone, so the order is not yet dispatched
-        self._dispatched = address == self._status.address
-        self._emit(
-            EventType.CARRIER_DISPATCHED,
-            tracking_number=report.tracking_number,
-            address=address.model_dump(),
-        )
-
     @workflow.signal(name=Signals.DISPATCH_FAILED)
-    def on_dispatch_failed(self, report: StepReport) -> None:
-        self._attempts.merge(report)
-        reason = report.reason or "dispatch failed"
-        self._dispatch_failures.append(reason)
-        self._emit(
-            EventType.DISPATCH_FAILED, reason=reason, shipping_attempt=self._status.shipping_attempts
-        )
+    def on_dispatch_failed(self, failed: DispatchFailed) -> None:
+        self._attempts.merge(failed.dispatch)
+        self._shipping.failures.append(failed.reason)
+        self._emit(EventType.DISPATCH_FAILED, reason=failed.reason, shipping_attempt=self._shipping.shipments)
         workflow.logger.warning(
             "dispatch failed",
             extra={
                 "order_id": self._order.order_id,
                 "step": Step.DISPATCH_CARRIER.value,
-                "attempt": self._status.shipping_attempts,
-                "error": reason,
+                "attempt": self._shipping.shipments,
+                "error": failed.reason,
             },
         )
 
@@ -390,21 +465,15 @@ class OrderWorkflow:
         )
 
     # --- helpers ---------------------------------------------------------------------------------
-    async def _step(self, step: Step, activity: str, arg: Any, result_type: type | None = None) -> Any:
+    async def _step(self, step: Step, activity: Activity[P, R], arg: P) -> R:
         self._status.step = step
         try:
-            return await run_step(
-                step,
-                activity,
-                arg,
-                policy=self._step_policy,
-                on_attempt=self._attempts,
-                result_type=result_type,
-            )
-        except ActivityError as err:
-            cause = err.cause
-            if isinstance(cause, ApplicationError) and cause.type == ORDER_INVALID:
-                raise LifecycleStopped(Ending(OrderState.FAILED, f"invalid order: {cause.message}")) from err
+            return await run_step(step, activity, arg, policy=self._step_policy, on_attempt=self._attempts)
+        except StepDeadlineExceeded as exceeded:
+            raise LifecycleStopped(Ending(OrderState.FAILED, exceeded.message)) from exceeded
+        except ApplicationError as err:
+            if err.type == ORDER_INVALID:
+                raise LifecycleStopped(Ending(OrderState.FAILED, f"invalid order: {err.message}")) from err
             raise
 
     def _reach(self, state: OrderState, event: EventType, command: Command | None = None, **data: Any) -> None:
@@ -417,43 +486,15 @@ class OrderWorkflow:
                 "order_id": self._order.order_id,
                 "state": state.value,
                 "step": self._status.step.value,
-                "seq": self._seq,
+                "seq": self._outbox.last_seq,
             },
         )
 
-    def _emit(self, event: EventType, command: Command | None = None, **data: Any) -> None:
-        self._seq += 1
-        now = workflow.now()
-        self._status.updated_at = now
-        if event.is_terminal:
-            self._status.finished_at = now
-        self._outbox.append(
-            OrderEvent(
-                event_id=workflow.uuid4(),
-                type=event,
-                order_id=self._order.order_id,
-                seq=self._seq,
-                occurred_at=now,
-                correlation_id=self._order.correlation_id,
-                command_id=command.command_id if command else None,
-                data=data,
-            )
-        )
-
-    async def _publish_events(self) -> None:
-        """Publish the outbox in order, in batches, until the lifecycle has closed."""
-        while True:
-            await workflow.wait_condition(lambda: bool(self._outbox) or self._closing)
-            if not self._outbox:
-                return
-            batch, self._outbox = self._outbox, []
-            await workflow.execute_activity(
-                Activities.PUBLISH_EVENTS,
-                batch,
-                start_to_close_timeout=PUBLISH_TIMEOUT,
-                retry_policy=PUBLISH_RETRY,
-            )
+    def _emit(self, event_type: EventType, command: Command | None = None, **data: Any) -> None:
+        event = self._outbox.emit(event_type, command, **data)
+        self._status.updated_at = event.occurred_at
+        if event_type.is_terminal:
+            self._status.finished_at = event.occurred_at
 
     def _time_left(self) -> timedelta:
-        deadline = workflow.info().workflow_start_time + timedelta(seconds=self._policy.lifecycle_deadline_seconds)
-        return max(deadline - workflow.now(), timedelta(0))
+        return max(self._deadline - workflow.now(), timedelta(0))

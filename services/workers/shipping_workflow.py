@@ -1,27 +1,30 @@
 """ShippingWorkflow (task queue `shipping-tq`): prepare the package, then dispatch it to the carrier.
 
-A child of OrderWorkflow. It reports each milestone to the parent by signal, because the parent
-owns the order's status and the numbering of its events. When dispatch keeps failing it signals the
-parent `DispatchFailed(reason)` and ends; the parent decides whether to ship again.
+A child of OrderWorkflow, which owns the order's status and the numbering of its events. The
+shipment signals `PackagePrepared` as soon as the package is ready, and returns the dispatch (the
+tracking number and the address the carrier was given). When dispatch keeps failing it signals
+the parent `DispatchFailed(reason)` and ends; the parent decides whether to ship again.
 """
 
 from __future__ import annotations
 
 import asyncio
+
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from services.workers.steps import (
-        Activities,
-        AttemptLog,
-        DispatchRequest,
+    from services.workers.boundary import (
+        CarrierDispatched,
+        DispatchCarrierInput,
+        DispatchFailed,
         DispatchResult,
+        OrderActivities,
+        PackagePrepared,
+        PreparePackageInput,
         ShippingInput,
         ShippingResult,
-        StepExhausted,
-        StepPolicy,
-        run_step,
     )
+    from services.workers.steps import AttemptLog, StepExhausted, StepPolicy, run_step
     from shared.contracts import Address, Step
     from shared.lifecycle import SHIPPING_WORKFLOW, Signals
 
@@ -36,42 +39,38 @@ class ShippingWorkflow:
     @workflow.run
     async def run(self, shipment: ShippingInput) -> ShippingResult:
         parent = workflow.get_external_workflow_handle(shipment.parent_workflow_id)
+        policy = StepPolicy.of(shipment.policy, shipment.deadline)
 
         if not shipment.package_ready:
+            prepare = PreparePackageInput(order_id=shipment.order_id)
             await run_step(
-                Step.PREPARE_PACKAGE,
-                Activities.PREPARE_PACKAGE,
-                shipment.order_id,
-                policy=StepPolicy.of(shipment.policy),
-                on_attempt=self._attempts,
+                Step.PREPARE_PACKAGE, OrderActivities.prepare_package, prepare, policy=policy, on_attempt=self._attempts
             )
-            await parent.signal(Signals.PACKAGE_PREPARED, self._attempts.report(Step.PREPARE_PACKAGE))
+            # awaited: the parent has it before this shipment's result or failure
+            await parent.signal(Signals.PACKAGE_PREPARED, PackagePrepared(prepare=self._attempts.report(Step.PREPARE_PACKAGE)))
 
         dispatch_policy = StepPolicy.of(
-            shipment.policy, max_attempts=shipment.policy.dispatch_attempts_per_shipment
+            shipment.policy, shipment.deadline, max_attempts=shipment.policy.dispatch_attempts_per_shipment
         )
         try:
             dispatched, address = await self._dispatch(shipment.order_id, dispatch_policy)
         except StepExhausted as exhausted:
-            report = self._attempts.report(Step.DISPATCH_CARRIER, reason=str(exhausted))
-            await parent.signal(Signals.DISPATCH_FAILED, report)
-            return ShippingResult(dispatched=False, failure=str(exhausted))
-
-        report = self._attempts.report(
-            Step.DISPATCH_CARRIER, tracking_number=dispatched.tracking_number, address=address
-        )
-        await parent.signal(Signals.CARRIER_DISPATCHED, report)
+            failed = DispatchFailed(reason=str(exhausted), dispatch=self._attempts.report(Step.DISPATCH_CARRIER))
+            await parent.signal(Signals.DISPATCH_FAILED, failed)
+            return ShippingResult()
         return ShippingResult(
-            dispatched=True, tracking_number=dispatched.tracking_number, address=address
+            dispatched=CarrierDispatched(
+                tracking_number=dispatched.tracking_number,
+                address=address,
+                dispatch=self._attempts.report(Step.DISPATCH_CARRIER),
+            )
         )
 
     @workflow.signal(name=Signals.UPDATE_ADDRESS)
     def update_address(self, address: Address) -> None:
         self._address = address
 
-    async def _dispatch(
-        self, order_id: str, policy: StepPolicy
-    ) -> tuple[DispatchResult, Address]:
+    async def _dispatch(self, order_id: str, policy: StepPolicy) -> tuple[DispatchResult, Address]:
         """Dispatch to the current address; if it changes mid-dispatch, dispatch to the new one.
         Returns the carrier's answer and the address it was given."""
         while True:
@@ -79,11 +78,10 @@ class ShippingWorkflow:
             dispatch = asyncio.create_task(
                 run_step(
                     Step.DISPATCH_CARRIER,
-                    Activities.DISPATCH_CARRIER,
-                    DispatchRequest(order_id=order_id, address=address),
+                    OrderActivities.dispatch_carrier,
+                    DispatchCarrierInput(order_id=order_id, address=address),
                     policy=policy,
                     on_attempt=self._attempts,
-                    result_type=DispatchResult,
                 )
             )
             try:
@@ -91,7 +89,7 @@ class ShippingWorkflow:
                 if dispatch.done():
                     return dispatch.result(), address
             finally:
-                # stops the attempt for the old address, or all of it when shipping is cancelled
+                # stops the attempts for the old address, or all of them when shipping is cancelled
                 dispatch.cancel()
             workflow.logger.info(
                 "address changed during dispatch; dispatching to the new one",

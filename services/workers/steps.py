@@ -1,21 +1,25 @@
-"""What the workflows and the activities exchange, and how a workflow runs one business step.
+"""How a workflow runs one business step: hedged local-activity attempts (`run_step`).
 
-Workflow code imports this module, so it holds no I/O: activity names, their plain pydantic inputs
-and outputs, and `run_step`, the retry loop every business step goes through.
+Why the workflow retries instead of Temporal's retry policy: the fault injector hangs a third of the
+attempts, so each attempt gets a short timeout and several run side by side; doing that here lets
+the workflow count attempts, keep each attempt's error for the status query, and log every retry
+with its attempt number.
 
-Why the workflow retries instead of Temporal's server-side retry policy: the fault injector hangs a
-third of the attempts, so each attempt gets a short start-to-close timeout and is retried at once;
-doing that here lets the workflow count attempts, keep each attempt's error for the status query,
-and log every retry with its attempt number.
+Why local activities: an attempt runs in the worker that runs the workflow, and leaves one marker
+in the history (its result or error, which the Temporal UI shows) instead of a server round trip
+and three to five events. Core cuts an attempt at its start-to-close timeout and cancels it in the
+worker, so a hung attempt gives its slot back at once.
+
+Workflow code imports this module, so it holds no I/O.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any
-from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -24,70 +28,37 @@ from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
 with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
-    from shared.contracts import Address, Step, StepError
+    from services.workers.boundary import StepAttempts
+    from shared.contracts import Step, StepError
     from shared.lifecycle import LifecyclePolicy
 
+P = TypeVar("P", bound=BaseModel)
+R = TypeVar("R")
 
-class Activities:
-    """Activity names: the workflows call them by name; tests register mocks under them."""
+Activity = Callable[[Any, P], Awaitable[R]]
+"""An activity method of `OrderActivities`, e.g. `OrderActivities.charge_payment`."""
 
-    RECEIVE_ORDER = "receive_order"
-    VALIDATE_ORDER = "validate_order"
-    CHARGE_PAYMENT = "charge_payment"
-    PREPARE_PACKAGE = "prepare_package"
-    DISPATCH_CARRIER = "dispatch_carrier"
-    MARK_SHIPPED = "mark_shipped"
-    REFUND_PAYMENT = "refund_payment"
-    PUBLISH_EVENTS = "publish_events"
+ONE_ATTEMPT = RetryPolicy(maximum_attempts=1)
 
+WORKFLOW_TASK_TIMEOUT = timedelta(seconds=1)
+"""The workflow task timeout lifecycles should run with (the shipments do; the bridge starts the
+orders). While attempts are in flight a workflow task stays open, and Core renews it at 80 % of
+this: that is how long signals (a cancel, say) and timers wait during a long step, and how soon
+the workflow of a crashed worker moves on to another."""
 
-ORDER_INVALID = "OrderInvalid"
-"""ApplicationError type of a business-rule violation: not retried, the order fails."""
-
-
-class ChargeRequest(BaseModel):
-    order_id: str
-    payment_id: str
-    amount_cents: int
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+"""ApplicationError type of a step given up at the lifecycle's deadline."""
 
 
-class ChargeResult(BaseModel):
-    already_charged: bool
+def deadline_reason(step: Step, deadline_seconds: float) -> str:
+    return f"deadline_exceeded: step {step.value} still running after {deadline_seconds:g} s"
 
 
-class DispatchRequest(BaseModel):
-    order_id: str
-    address: Address
+class StepDeadlineExceeded(ApplicationError):
+    """The lifecycle's deadline passed while the step was still being attempted."""
 
-
-class DispatchResult(BaseModel):
-    tracking_number: str
-
-
-class ShippingInput(BaseModel):
-    order_id: str
-    parent_workflow_id: str
-    address: Address
-    package_ready: bool
-    policy: LifecyclePolicy
-
-
-class ShippingResult(BaseModel):
-    dispatched: bool
-    tracking_number: str | None = None
-    address: Address | None = None  # where the carrier was sent
-    failure: str | None = None
-
-
-class StepReport(BaseModel):
-    """What the shipping child tells its parent about a step it ran (the parent owns the status)."""
-
-    step: Step
-    attempts: int
-    errors: list[StepError] = []
-    tracking_number: str | None = None
-    address: Address | None = None  # where the carrier was sent
-    reason: str | None = None
+    def __init__(self, step: Step, deadline_seconds: float) -> None:
+        super().__init__(deadline_reason(step, deadline_seconds), type=DEADLINE_EXCEEDED, non_retryable=True)
 
 
 class StepExhausted(Exception):
@@ -95,7 +66,6 @@ class StepExhausted(Exception):
 
     def __init__(self, step: Step, attempts: int, last_error: str) -> None:
         super().__init__(f"{step.value} failed {attempts} times; last error: {last_error}")
-        self.last_error = last_error
 
 
 @dataclass(frozen=True)
@@ -104,21 +74,27 @@ class StepPolicy:
 
     An attempt passes in milliseconds, fails at once, or hangs until `attempt_timeout` cuts it.
     `parallel` attempts run side by side and the first success wins; a failed attempt is replaced
-    at once. Waiting out a hang is what makes a lifecycle slow, and with several attempts in
-    flight a hang rarely delays the step. The business functions are idempotent and charging is safe under
-    concurrency, so overlapping attempts have one effect. There is no pause between attempts: the
-    server fires timers with about a second's granularity, and the lifecycle's deadline bounds the
-    retrying anyway.
+    at once, without a pause: waiting out a hang is what makes a lifecycle slow, and with several
+    attempts in flight a hang rarely delays the step. The business functions are idempotent and
+    charging is safe under concurrency, so overlapping attempts have one effect.
+
+    No attempt starts after `deadline` (workflow time): the step fails with `StepDeadlineExceeded`.
+    The step checks this itself because while attempts are in flight the workflow task stays open,
+    and a timer that fires meanwhile is only seen when the task ends.
     """
 
     attempt_timeout: timedelta
+    deadline: datetime
+    deadline_seconds: float  # the lifecycle's deadline, for the failure reason
     parallel: int = 1
-    max_attempts: int | None = None  # None: keep trying until the lifecycle's deadline
+    max_attempts: int | None = None  # None: keep trying until the deadline
 
     @classmethod
-    def of(cls, lifecycle: LifecyclePolicy, max_attempts: int | None = None) -> StepPolicy:
+    def of(cls, lifecycle: LifecyclePolicy, deadline: datetime, max_attempts: int | None = None) -> StepPolicy:
         return cls(
             attempt_timeout=timedelta(seconds=lifecycle.activity_attempt_timeout_seconds),
+            deadline=deadline,
+            deadline_seconds=lifecycle.lifecycle_deadline_seconds,
             parallel=lifecycle.parallel_attempts,
             max_attempts=max_attempts,
         )
@@ -152,11 +128,11 @@ class AttemptLog:
             extra={"order_id": self.order_id, "step": step.value, "attempt": attempt, "error": error},
         )
 
-    def report(self, step: Step, **outcome: Any) -> StepReport:
+    def report(self, step: Step) -> StepAttempts:
         errors = [error for error in self.errors if error.step == step]
-        return StepReport(step=step, attempts=self.attempts.get(step, 0), errors=errors, **outcome)
+        return StepAttempts(step=step, attempts=self.attempts.get(step, 0), errors=errors)
 
-    def merge(self, report: StepReport) -> None:
+    def merge(self, report: StepAttempts) -> None:
         self.attempts[report.step] = self.attempts.get(report.step, 0) + report.attempts
         self._keep(report.errors)
 
@@ -166,61 +142,78 @@ class AttemptLog:
 
 async def run_step(
     step: Step,
-    activity: str,
-    arg: Any,
+    activity: Activity[P, R],
+    arg: P,
     *,
     policy: StepPolicy,
     on_attempt: AttemptListener,
-    result_type: type | None = None,
-) -> Any:
-    in_flight: dict[asyncio.Task[Any], int] = {}
-    attempts = 0
+) -> R:
+    """Attempt `activity(arg)` as `policy` says; the first attempt that succeeds gives the result.
+
+    Raises the ApplicationError of an attempt that failed for good (a non-retryable one),
+    `StepExhausted` when `policy.max_attempts` failed, `StepDeadlineExceeded` at the deadline.
+    Losing attempts still in flight are cancelled.
+
+    Each finished attempt is dealt with in a callback, in the order the attempts finished: what
+    the step does next (replace it, win, give up) then depends on that order alone, which a replay
+    reproduces from the markers, and not on how finished attempts were grouped into activations.
+    """
+    outcome: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+    in_flight: dict[int, workflow.ActivityHandle[R]] = {}
+    launched = 0
     last_error = "no attempt made"
 
     def launch() -> None:
-        nonlocal attempts
-        attempts += 1
-        on_attempt(step, attempts, None)
-        attempt = asyncio.create_task(
-            workflow.execute_activity(
-                activity,
-                arg,
-                result_type=result_type,
-                start_to_close_timeout=policy.attempt_timeout,
-                retry_policy=RetryPolicy(maximum_attempts=1),
-            )
+        nonlocal launched
+        launched += 1
+        number = launched
+        on_attempt(step, number, None)
+        attempt = workflow.start_local_activity_method(
+            activity,
+            arg,
+            start_to_close_timeout=policy.attempt_timeout,
+            retry_policy=ONE_ATTEMPT,
+            summary=f"{step.value} attempt {number}",
         )
-        # a losing attempt is cancelled; its outcome no longer matters
-        attempt.add_done_callback(_discard_outcome)
-        in_flight[attempt] = attempts
+        in_flight[number] = attempt
+        attempt.add_done_callback(lambda finished: settle(number, finished))
 
+    def settle(number: int, attempt: workflow.ActivityHandle[R]) -> None:
+        nonlocal last_error
+        del in_flight[number]
+        if attempt.cancelled():
+            return
+        error = attempt.exception()  # read even for a loser, so asyncio does not report it
+        if outcome.done():
+            return  # a loser, cancelled when the step was decided
+        if error is None:
+            outcome.set_result(attempt.result())
+            return
+        # a local activity's own error comes as it is; its timeout wrapped in an ActivityError
+        cause = error.cause if isinstance(error, ActivityError) else error
+        if isinstance(cause, ApplicationError) and cause.non_retryable:
+            outcome.set_exception(cause)
+            return
+        last_error = describe_failure(cause)
+        on_attempt(step, number, last_error)
+        refill()
+
+    def refill() -> None:
+        if workflow.now() >= policy.deadline:
+            outcome.set_exception(StepDeadlineExceeded(step, policy.deadline_seconds))
+            return
+        while len(in_flight) < policy.parallel and (policy.max_attempts is None or launched < policy.max_attempts):
+            launch()
+        if not in_flight:
+            outcome.set_exception(StepExhausted(step, launched, last_error))
+
+    refill()
     try:
-        while True:
-            while len(in_flight) < policy.parallel and (
-                policy.max_attempts is None or attempts < policy.max_attempts
-            ):
-                launch()
-            if not in_flight:
-                raise StepExhausted(step, attempts, last_error)
-            done, _ = await workflow.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-            for finished in sorted(done, key=in_flight.__getitem__):  # deterministic order
-                number = in_flight.pop(finished)
-                try:
-                    return finished.result()
-                except ActivityError as err:
-                    cause = err.cause
-                    if isinstance(cause, ApplicationError) and cause.non_retryable:
-                        raise
-                    last_error = describe_failure(cause)
-                    on_attempt(step, number, last_error)
+        return await outcome
     finally:
-        for attempt in in_flight:
+        outcome.cancel()  # decided or abandoned: a loser's end must not launch another attempt
+        for attempt in in_flight.values():
             attempt.cancel()
-
-
-def _discard_outcome(attempt: asyncio.Task[Any]) -> None:
-    if not attempt.cancelled():
-        attempt.exception()
 
 
 def describe_failure(cause: BaseException | None) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
 from typing import Any
@@ -10,21 +10,39 @@ from typing import Any
 from temporalio import workflow
 from temporalio.client import Client
 from temporalio.worker import Worker
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+from temporalio.worker.workflow_sandbox import (
+    SandboxedWorkflowRunner,
+    SandboxRestrictions,
+)
 
-from services.workers.activities import OrderActivities
-from services.workers.interceptors import AttemptDeadlineInterceptor
+from services.workers.activities import BusinessActivities
+from services.workers.boundary import OrderActivities
 from services.workers.order_workflow import OrderWorkflow
 from services.workers.shipping_workflow import ShippingWorkflow
 from shared import broker, db
 from shared.settings import Settings
 
 # Imported once outside the sandbox instead of again for every workflow run: these are pure
-# (models and the step loop) and re-importing them per run costs the worker most of its CPU.
-SANDBOX_PASSTHROUGH = ("shared", "services.workers.steps", "pydantic", "pydantic_core", "annotated_types")
-
+# (models, the outbox and the step loop) and re-importing them per run costs the worker CPU.
+SANDBOX_PASSTHROUGH = (
+    "shared",
+    "services.workers.boundary",
+    "services.workers.outbox",
+    "services.workers.steps",
+    "pydantic",
+    "pydantic_core",
+    "annotated_types",
+)
 
 STICKY_QUEUE_TIMEOUT = timedelta(seconds=2)
+
+# A step's attempts run in the worker that runs the workflow, as local activities, and the
+# workflow task stays open while they run: every lifecycle in a step holds a workflow task slot
+# and up to `parallel_attempts` local activity slots (a hung attempt only until its timeout,
+# when Core cancels it). The defaults (100 each) would cap a worker at 100 lifecycles in a step.
+MAX_WORKFLOW_TASKS = 500
+MAX_LOCAL_ACTIVITIES = 1000
+MAX_ACTIVITIES = 100  # only publish_events runs as a regular activity, while the broker is away
 
 
 def sandbox_runner() -> SandboxedWorkflowRunner:
@@ -33,44 +51,50 @@ def sandbox_runner() -> SandboxedWorkflowRunner:
     )
 
 
-def order_worker(client: Client, settings: Settings, activities: OrderActivities) -> Worker:
-    return _worker(
-        client,
-        settings.order_task_queue,
-        OrderWorkflow,
-        [
-            activities.receive_order,
-            activities.validate_order,
-            activities.charge_payment,
-            activities.mark_shipped,
-            activities.refund_payment,
-            activities.publish_events,
-        ],
-    )
+def order_activities(activities: OrderActivities) -> list[Callable[..., Any]]:
+    """What the order task queue's worker runs: OrderWorkflow's activities, local or not."""
+    return [
+        activities.receive_order,
+        activities.validate_order,
+        activities.charge_payment,
+        activities.mark_shipped,
+        activities.refund_payment,
+        activities.publish_events,
+        activities.release_admission,
+    ]
 
 
-def shipping_worker(client: Client, settings: Settings, activities: OrderActivities) -> Worker:
-    return _worker(
-        client,
-        settings.shipping_task_queue,
-        ShippingWorkflow,
-        [activities.prepare_package, activities.dispatch_carrier],
-    )
+def shipping_activities(activities: OrderActivities) -> list[Callable[..., Any]]:
+    return [activities.prepare_package, activities.dispatch_carrier]
 
 
-def _worker(client: Client, task_queue: str, workflow_class: type, activities: list[Any]) -> Worker:
+def order_worker(client: Client, task_queue: str, activities: OrderActivities, **options: Any) -> Worker:
+    return workflow_worker(client, task_queue, OrderWorkflow, order_activities(activities), **options)
+
+
+def shipping_worker(client: Client, task_queue: str, activities: OrderActivities, **options: Any) -> Worker:
+    return workflow_worker(client, task_queue, ShippingWorkflow, shipping_activities(activities), **options)
+
+
+def workflow_worker(
+    client: Client, task_queue: str, workflow_class: type, activities: list[Callable[..., Any]], **options: Any
+) -> Worker:
+    """A worker as in production; tests pass `options` (a smaller cache, say) on top."""
+    settings: dict[str, Any] = {
+        "workflow_runner": sandbox_runner(),
+        "max_concurrent_workflow_tasks": MAX_WORKFLOW_TASKS,
+        "max_concurrent_local_activities": MAX_LOCAL_ACTIVITIES,
+        "max_concurrent_activities": MAX_ACTIVITIES,
+        # after a crash, a workflow's next task waits this long for the dead worker before any
+        # worker takes it (the default, 10 s, would eat most of a lifecycle's 15 s)
+        "sticky_queue_schedule_to_start_timeout": STICKY_QUEUE_TIMEOUT,
+    }
     return Worker(
         client,
         task_queue=task_queue,
         workflows=[workflow_class],
         activities=activities,
-        workflow_runner=sandbox_runner(),
-        interceptors=[AttemptDeadlineInterceptor()],
-        # hung attempts hold a slot only until their timeout, but there are many at once
-        max_concurrent_activities=500,
-        # after a crash, a workflow's next task waits this long for the dead worker before any
-        # worker takes it (the default, 10 s, would eat most of a lifecycle's 15 s)
-        sticky_queue_schedule_to_start_timeout=STICKY_QUEUE_TIMEOUT,
+        **(settings | options),
     )
 
 
@@ -86,7 +110,10 @@ async def running_workers(client: Client, settings: Settings) -> AsyncIterator[N
         stack.push_async_callback(connection.close)
         channel, topology = await broker.open_channel(connection)
         await broker.declare_audit_queue(channel, topology, settings)
-        activities = OrderActivities(db.session_factory(engine), topology)
-        for worker in (order_worker(client, settings, activities), shipping_worker(client, settings, activities)):
+        activities = BusinessActivities(db.session_factory(engine), topology)
+        for worker in (
+            order_worker(client, settings.order_task_queue, activities),
+            shipping_worker(client, settings.shipping_task_queue, activities),
+        ):
             await stack.enter_async_context(worker)
         yield
