@@ -1,8 +1,9 @@
 """Recorded histories still replay on today's workflow code: no nondeterminism.
 
 `tests/histories/*.json` are real histories of OrderWorkflow and its ShippingWorkflow children
-(happy path, cancel after payment, a dispatch failure shipped again), recorded from the scenarios
-in `workflow_harness.py`. A change to the workflows that would break orders already running
+(happy path, cancel after payment, a dispatch failure shipped again, a start with early
+commands), recorded from the scenarios in `workflow_harness.py` with production's attempts: three
+local activities in flight, failed, timed-out and cancelled ones among them. A change to the workflows that would break orders already running
 fails here. If the change is intended (and no order that old can still be running, or the change
 is behind `workflow.patched`), record them again and commit the new files:
 
@@ -21,9 +22,9 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, WorkflowRunner
 from temporalio.workflow import NondeterminismError
 
+from services.workers.boundary import OrderActivities, ValidateOrderInput
 from services.workers.order_workflow import OrderWorkflow
 from services.workers.shipping_workflow import ShippingWorkflow
-from services.workers.steps import Activities
 from services.workers.worker import sandbox_runner
 from shared.contracts import OrderStatus, Step
 from shared.lifecycle import ORDER_WORKFLOW, OrderWorkflowInput, order_workflow_id
@@ -70,7 +71,7 @@ class ValidatesFirst(OrderWorkflow):
         return await super().run(start)
 
     async def _lifecycle(self) -> None:
-        await self._step(Step.VALIDATE, Activities.VALIDATE_ORDER, self._order.order_id)
+        await self._step(Step.VALIDATE, OrderActivities.validate_order, ValidateOrderInput(order_id=self._order.order_id))
         await super()._lifecycle()
 
 
