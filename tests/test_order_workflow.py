@@ -507,6 +507,26 @@ async def test_production_attempts_against_the_fault_mix_complete_and_replay(
         assert (await replayer.replay_workflow(history)).replay_failure is None
 
 
+async def test_deadline_ends_a_shipment_whose_dispatch_never_succeeds(harness_on_own_server: OrderHarness) -> None:
+    # The shipment gives up at the lifecycle's deadline itself: its workflow task is open while
+    # attempts are in flight, so it would see the order's cancel only at the task's next renewal.
+    harness = harness_on_own_server
+    harness.mocks.script(OrderActivities.dispatch_carrier, then=hangs)
+    await harness.start(lifecycle_deadline_seconds=3.0, review_window_seconds=2.0, dispatch_attempts_per_shipment=50)
+    await harness.wait_for_event(E.AWAITING_APPROVAL)
+    await harness.approve()
+    status = await harness.result()
+
+    reason = "deadline_exceeded: step dispatch_carrier still running after 3 s"
+    assert (status.state, status.reason, status.refunded) == (OrderState.FAILED, reason, True)
+    started = (await harness.handle.describe()).start_time
+    assert status.finished_at is not None
+    assert status.finished_at - started <= timedelta(seconds=3.5)
+    assert status.shipping_attempts == 1
+    events = assert_numbered(harness)
+    assert [event.type for event in events] == [*UNTIL_SHIPPING, E.PACKAGE_PREPARED, E.FAILED]
+
+
 # --- an address update racing the shipment --------------------------------------------------------
 async def test_address_update_as_a_failed_shipment_ends_goes_to_the_next_shipment(
     stoppable_harness: OrderHarness,

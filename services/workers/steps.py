@@ -10,6 +10,15 @@ in the history (its result or error, which the Temporal UI shows) instead of a s
 and three to five events. Core cuts an attempt at its start-to-close timeout and cancels it in the
 worker, so a hung attempt gives its slot back at once.
 
+Replay: each local-activity marker must meet the same local activity (by sequence number) when the
+workflow replays, or Core fails the task ("Missing associated machine for LocalActivity(n)"). Two
+known ways to get there: a local retry whose backoff exceeds the local retry threshold, which Core
+turns into a workflow timer and a new sequence number that a cancel can then name before Core
+knows it; and reacting to finished attempts in an order that depends on how they were grouped
+into activations (Core replays them in marker order). Our attempts never retry locally (the
+local activities that do back off at most 2 s), and `run_step` reacts to each attempt in the
+order they finished.
+
 Workflow code imports this module, so it holds no I/O.
 """
 

@@ -73,6 +73,8 @@ def order_worker(client: Client, task_queue: str, activities: OrderActivities, *
 
 
 def shipping_worker(client: Client, task_queue: str, activities: OrderActivities, **options: Any) -> Worker:
+    # its activities are all local: no polls for remote activity tasks
+    options = {"no_remote_activities": True} | options
     return workflow_worker(client, task_queue, ShippingWorkflow, shipping_activities(activities), **options)
 
 
