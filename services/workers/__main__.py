@@ -1,19 +1,37 @@
 """`python -m services.workers`: the order and shipping workers, until SIGINT or SIGTERM."""
 
 import asyncio
+import logging
 import signal
+import warnings
 
 import structlog
+from temporalio.runtime import LogForwardingConfig, LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 
 from services.workers.worker import running_workers
 from shared.logging import configure_logging
 from shared.settings import get_settings
 from shared.temporal import connect_temporal
 
+# Expected once per hung attempt, so not worth a line each: Core cuts the attempt at its timeout,
+# and the attempt (cancelled) or a loser (finished just as it was cancelled) reports back late.
+ROUTINE = ("Tried to complete untracked local activity",)
+
+
+def route_core_logs() -> None:
+    """Core's log lines into our JSON logs (they went to stderr as text), without the routine ones."""
+    core = logging.getLogger("temporalio.core")
+    core.addFilter(lambda record: not any(routine in record.getMessage() for routine in ROUTINE))
+    filter = TelemetryFilter(core_level="WARN", other_level="ERROR")
+    logs = LoggingConfig(filter=filter, forwarding=LogForwardingConfig(logger=core))
+    Runtime.set_default(Runtime(telemetry=TelemetryConfig(logging=logs)))
+    warnings.filterwarnings("ignore", message="Cannot find activity to cancel")
+
 
 async def main() -> None:
     settings = get_settings()
     configure_logging(settings, "workers")
+    route_core_logs()
     log = structlog.get_logger()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
