@@ -4,12 +4,13 @@
                            (review window)                                     (bounded re-shipping)
     alongside: the lifecycle deadline; a stopped order is refunded if it was charged
 
-The six business steps only call the contract's fault injector (`services.workers.faults.flaky_call`,
-unchanged) and run through the project's own `run_step` (3 attempts in flight × 0.3 s by default,
-from the same `LifecyclePolicy` as the pipeline's settings). Nothing else: no events published, no
-status kept, no progress signals from the child. Two points of the lifecycle are reported to the
-bench on the worker's stdout by a local activity (`notify`): when the order waits for approval (the
-bench then signals `approve`) and how it ended.
+The six business steps are the project's own activity signatures (`OrderActivities`) implemented by
+the contract's fault injector alone (`services.workers.faults.flaky_call`, unchanged), run as local
+activities through the project's own `run_step` (3 attempts in flight × 0.3 s by default, from the
+same `LifecyclePolicy` as the pipeline's settings), by workers configured as the project's. Nothing
+else: no events published, no status kept, no progress signals from the child, no admission. Two
+points of the lifecycle are reported to the bench on the worker's stdout by a local activity
+(`notify`): when the order waits for approval (the bench then signals `approve`) and how it ended.
 
 Run by the bench as a worker process:  python -m bench.bare_lifecycle --address 127.0.0.1:7233
 """
@@ -21,102 +22,117 @@ import asyncio
 import logging
 import os
 import sys
-from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import TypeVar
 
+from pydantic import BaseModel
 from temporalio import activity, workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
     from services.workers import faults
-    from services.workers.steps import Activities, StepExhausted, StepPolicy, run_step
-    from shared.contracts import Step
-    from shared.lifecycle import LifecyclePolicy
+    from services.workers.boundary import (
+        ChargePaymentInput,
+        ChargeResult,
+        DispatchCarrierInput,
+        DispatchResult,
+        MarkShippedInput,
+        OrderActivities,
+        PreparePackageInput,
+        PublishEventsInput,
+        ReceiveOrderInput,
+        RefundPaymentInput,
+        ReleaseAdmissionInput,
+        ValidateOrderInput,
+    )
+    from services.workers.steps import Activity, StepExhausted, StepPolicy, run_step
+    from shared.contracts import Address, Step
+    from shared.lifecycle import LifecyclePolicy, OrderWorkflowInput
 
-TASK_QUEUE = "bare-order-tq"
+ORDER_TASK_QUEUE = "bare-order-tq"
+SHIPPING_TASK_QUEUE = "bare-shipping-tq"
 ORDER_WORKFLOW = "BareOrderWorkflow"
 SHIPPING_WORKFLOW = "BareShippingWorkflow"
 APPROVE_SIGNAL = "approve"
-NOTIFY = "notify"
 NOTICE_MARK = "BARE-LIFECYCLE"
 """A line `BARE-LIFECYCLE <order id> <event>` on the worker's stdout is a notice for the bench."""
 
 AWAITING_APPROVAL, COMPLETED, CANCELLED, FAILED = "awaiting_approval", "completed", "cancelled", "failed"
 NOTICES = (AWAITING_APPROVAL, COMPLETED, CANCELLED, FAILED)
 NOTIFY_TIMEOUT = timedelta(seconds=5)
+# retried, but never backing off past Core's local retry threshold (see services/workers/steps.py)
+NOTIFY_RETRY = RetryPolicy(maximum_interval=timedelta(seconds=1))
+
+
+P = TypeVar("P", bound=BaseModel)
+R = TypeVar("R")
 
 
 def workflow_id(order_id: str) -> str:
     return f"bare-{order_id}"
 
 
-@dataclass
-class BareOrder:
+class BareShipment(BaseModel):
     order_id: str
+    address: Address
     policy: LifecyclePolicy
-
-
-@dataclass
-class BareShipment:
-    order_id: str
-    policy: LifecyclePolicy
+    deadline: datetime
     package_ready: bool
 
 
-@dataclass
-class Shipped:
+class Shipped(BaseModel):
     package_ready: bool
     tracking_number: str | None = None
 
 
 # --- activities: the fault injector and nothing else ---------------------------------------------
-@activity.defn(name=Activities.RECEIVE_ORDER)
-async def receive_order(order_id: str) -> None:
-    await faults.flaky_call()
+class BareActivities(OrderActivities):
+    """The business steps without their database work; what they return is made up."""
+
+    @activity.defn
+    async def receive_order(self, input: ReceiveOrderInput) -> None:
+        await faults.flaky_call()
+
+    @activity.defn
+    async def validate_order(self, input: ValidateOrderInput) -> None:
+        await faults.flaky_call()
+
+    @activity.defn
+    async def charge_payment(self, input: ChargePaymentInput) -> ChargeResult:
+        await faults.flaky_call()
+        return ChargeResult(already_charged=False)
+
+    @activity.defn
+    async def prepare_package(self, input: PreparePackageInput) -> None:
+        await faults.flaky_call()
+
+    @activity.defn
+    async def dispatch_carrier(self, input: DispatchCarrierInput) -> DispatchResult:
+        await faults.flaky_call()
+        return DispatchResult(tracking_number=f"TRK-{input.order_id}")
+
+    @activity.defn
+    async def mark_shipped(self, input: MarkShippedInput) -> None:
+        await faults.flaky_call()
+
+    @activity.defn
+    async def refund_payment(self, input: RefundPaymentInput) -> bool:
+        return True  # the pipeline's refund calls no fault injector either
+
+    @activity.defn
+    async def publish_events(self, input: PublishEventsInput) -> None:
+        raise NotImplementedError("the baseline publishes no events")
+
+    @activity.defn
+    async def release_admission(self, input: ReleaseAdmissionInput) -> None:
+        raise NotImplementedError("the baseline admits every order at once")
 
 
-@activity.defn(name=Activities.VALIDATE_ORDER)
-async def validate_order(order_id: str) -> None:
-    await faults.flaky_call()
-
-
-@activity.defn(name=Activities.CHARGE_PAYMENT)
-async def charge_payment(order_id: str) -> None:
-    await faults.flaky_call()
-
-
-@activity.defn(name=Activities.PREPARE_PACKAGE)
-async def prepare_package(order_id: str) -> None:
-    await faults.flaky_call()
-
-
-@activity.defn(name=Activities.DISPATCH_CARRIER)
-async def dispatch_carrier(order_id: str) -> str:
-    await faults.flaky_call()
-    return f"TRK-{order_id}"
-
-
-@activity.defn(name=Activities.MARK_SHIPPED)
-async def mark_shipped(order_id: str) -> None:
-    await faults.flaky_call()
-
-
-@activity.defn(name=Activities.REFUND_PAYMENT)
-async def refund_payment(order_id: str) -> None:
-    pass  # the pipeline's refund calls no fault injector either
-
-
-@activity.defn(name=NOTIFY)
+@activity.defn
 async def notify(notice: str) -> None:
     # one write, so that the line arrives whole between whatever else goes to stdout
     os.write(sys.stdout.fileno(), f"{NOTICE_MARK} {notice}\n".encode())
-
-
-ACTIVITIES = [
-    receive_order, validate_order, charge_payment, prepare_package, dispatch_carrier, mark_shipped,
-    refund_payment, notify,
-]
 
 
 # --- workflows -----------------------------------------------------------------------------------
@@ -124,13 +140,14 @@ def _no_bookkeeping(step: Step, attempt: int, error: str | None) -> None:
     """The baseline keeps no attempt log: nothing to show, nothing to log."""
 
 
-async def business_step(step: Step, activity_name: str, order_id: str, policy: StepPolicy) -> object:
-    return await run_step(step, activity_name, order_id, policy=policy, on_attempt=_no_bookkeeping)
+async def business_step(step: Step, activity: Activity[P, R], arg: P, policy: StepPolicy) -> R:
+    """One business step through the project's step loop."""
+    return await run_step(step, activity, arg, policy=policy, on_attempt=_no_bookkeeping)
 
 
 async def tell_bench(order_id: str, event: str) -> None:
     await workflow.execute_local_activity(
-        NOTIFY, f"{order_id} {event}", start_to_close_timeout=NOTIFY_TIMEOUT, retry_policy=RetryPolicy()
+        notify, f"{order_id} {event}", start_to_close_timeout=NOTIFY_TIMEOUT, retry_policy=NOTIFY_RETRY
     )
 
 
@@ -147,18 +164,22 @@ class BareOrderWorkflow:
         self._charged = False
 
     @workflow.run
-    async def run(self, order: BareOrder) -> str:
-        lifecycle = asyncio.create_task(self._lifecycle(order))
-        deadline = timedelta(seconds=order.policy.lifecycle_deadline_seconds)
+    async def run(self, start: OrderWorkflowInput) -> str:
+        order_id, policy = start.order.order_id, start.policy
+        deadline = workflow.info().workflow_start_time + timedelta(seconds=policy.lifecycle_deadline_seconds)
+        steps = StepPolicy.of(policy, deadline)
+        lifecycle = asyncio.create_task(self._lifecycle(start, steps, deadline))
         try:
-            await workflow.wait_condition(lifecycle.done, timeout=deadline)
+            await workflow.wait_condition(lifecycle.done, timeout=deadline - workflow.now())
             ending = self._ending_of(lifecycle)
         except TimeoutError:
             lifecycle.cancel()
             ending = FAILED
         if ending != COMPLETED and self._charged:
-            await business_step(Step.REFUND, Activities.REFUND_PAYMENT, order.order_id, StepPolicy.of(order.policy))
-        await tell_bench(order.order_id, ending)
+            refund = StepPolicy.of(policy, workflow.now() + timedelta(seconds=policy.lifecycle_deadline_seconds))
+            payment = RefundPaymentInput(payment_id=start.order.payload.payment_id)
+            await business_step(Step.REFUND, OrderActivities.refund_payment, payment, refund)
+        await tell_bench(order_id, ending)
         return ending
 
     @staticmethod
@@ -167,38 +188,50 @@ class BareOrderWorkflow:
             lifecycle.result()
         except Stopped as stopped:
             return stopped.ending
+        except Exception:  # noqa: BLE001 - a step given up at the deadline
+            return FAILED
         return COMPLETED
 
-    async def _lifecycle(self, order: BareOrder) -> None:
-        policy = StepPolicy.of(order.policy)
-        await business_step(Step.RECEIVE, Activities.RECEIVE_ORDER, order.order_id, policy)
-        await business_step(Step.VALIDATE, Activities.VALIDATE_ORDER, order.order_id, policy)
+    async def _lifecycle(self, start: OrderWorkflowInput, steps: StepPolicy, deadline: datetime) -> None:
+        order = start.order
+        await business_step(Step.RECEIVE, OrderActivities.receive_order, ReceiveOrderInput(order=order), steps)
+        validate = ValidateOrderInput(order_id=order.order_id)
+        await business_step(Step.VALIDATE, OrderActivities.validate_order, validate, steps)
         await tell_bench(order.order_id, AWAITING_APPROVAL)
-        window = timedelta(seconds=order.policy.review_window_seconds)
         try:
-            await workflow.wait_condition(lambda: self._approved, timeout=window)
+            await workflow.wait_condition(lambda: self._approved, timeout=start.policy.review_window_seconds)
         except TimeoutError:
             raise Stopped(CANCELLED) from None
         self._charged = True  # from here on a stop refunds
-        await business_step(Step.CHARGE_PAYMENT, Activities.CHARGE_PAYMENT, order.order_id, policy)
-        await self._ship(order)
-        await business_step(Step.MARK_SHIPPED, Activities.MARK_SHIPPED, order.order_id, policy)
+        charge = ChargePaymentInput(
+            order_id=order.order_id, payment_id=order.payload.payment_id, amount_cents=order.payload.amount_cents
+        )
+        await business_step(Step.CHARGE_PAYMENT, OrderActivities.charge_payment, charge, steps)
+        shipment = BareShipment(
+            order_id=order.order_id,
+            address=order.payload.address,
+            policy=start.policy,
+            deadline=deadline,
+            package_ready=False,
+        )
+        await self._ship(shipment)
+        mark = MarkShippedInput(order_id=order.order_id)
+        await business_step(Step.MARK_SHIPPED, OrderActivities.mark_shipped, mark, steps)
 
-    async def _ship(self, order: BareOrder) -> None:
-        package_ready = False
-        for attempt in range(1, order.policy.max_shipping_attempts + 1):
+    async def _ship(self, shipment: BareShipment) -> None:
+        for attempt in range(1, shipment.policy.max_shipping_attempts + 1):
             try:
                 shipped = await workflow.execute_child_workflow(
-                    SHIPPING_WORKFLOW,
-                    BareShipment(order.order_id, order.policy, package_ready),
+                    BareShippingWorkflow.run,
+                    shipment,
                     id=f"{workflow.info().workflow_id}-shipping-{attempt}",
-                    result_type=Shipped,
+                    task_queue=SHIPPING_TASK_QUEUE,
                 )
             except ChildWorkflowError:
                 continue
             if shipped.tracking_number:
                 return
-            package_ready = shipped.package_ready
+            shipment = shipment.model_copy(update={"package_ready": shipped.package_ready})
         raise Stopped(FAILED)
 
     @workflow.signal(name=APPROVE_SIGNAL)
@@ -210,21 +243,20 @@ class BareOrderWorkflow:
 class BareShippingWorkflow:
     @workflow.run
     async def run(self, shipment: BareShipment) -> Shipped:
+        order_id = shipment.order_id
         if not shipment.package_ready:
-            await business_step(
-                Step.PREPARE_PACKAGE, Activities.PREPARE_PACKAGE, shipment.order_id, StepPolicy.of(shipment.policy)
-            )
-        dispatch = StepPolicy.of(shipment.policy, max_attempts=shipment.policy.dispatch_attempts_per_shipment)
+            prepare = PreparePackageInput(order_id=order_id)
+            policy = StepPolicy.of(shipment.policy, shipment.deadline)
+            await business_step(Step.PREPARE_PACKAGE, OrderActivities.prepare_package, prepare, policy)
+        dispatch = StepPolicy.of(
+            shipment.policy, shipment.deadline, max_attempts=shipment.policy.dispatch_attempts_per_shipment
+        )
         try:
-            tracking_number = await business_step(
-                Step.DISPATCH_CARRIER, Activities.DISPATCH_CARRIER, shipment.order_id, dispatch
-            )
+            carrier = DispatchCarrierInput(order_id=order_id, address=shipment.address)
+            dispatched = await business_step(Step.DISPATCH_CARRIER, OrderActivities.dispatch_carrier, carrier, dispatch)
         except StepExhausted:
             return Shipped(package_ready=True)
-        return Shipped(package_ready=True, tracking_number=str(tracking_number))
-
-
-WORKFLOWS = [BareOrderWorkflow, BareShippingWorkflow]
+        return Shipped(package_ready=True, tracking_number=dispatched.tracking_number)
 
 
 # --- the worker process ----------------------------------------------------------------------------
@@ -238,30 +270,28 @@ def quiet() -> None:
 
 
 async def run_worker(address: str) -> None:
-    from temporalio.worker import Worker
-
+    """The order and the shipping worker, configured as the project's (sandbox, slots, stickiness)."""
     # the workflows by their module's real name: as `python -m`, this file is `__main__`, which
     # the workflow sandbox cannot import again
-    from bench.bare_lifecycle import ACTIVITIES, WORKFLOWS
-    from services.workers.interceptors import AttemptDeadlineInterceptor
-    from services.workers.worker import STICKY_QUEUE_TIMEOUT, sandbox_runner
+    from bench.bare_lifecycle import BareActivities, BareOrderWorkflow, BareShippingWorkflow, notify
+    from services.workers.worker import order_activities, shipping_activities, workflow_worker
     from shared.settings import Settings
     from shared.temporal import connect_temporal
 
     quiet()
     client = await connect_temporal(Settings(temporal_address=address))
-    worker = Worker(
-        client,
-        task_queue=TASK_QUEUE,
-        workflows=WORKFLOWS,
-        activities=ACTIVITIES,
-        workflow_runner=sandbox_runner(),
-        interceptors=[AttemptDeadlineInterceptor()],
-        max_concurrent_activities=500,
-        sticky_queue_schedule_to_start_timeout=STICKY_QUEUE_TIMEOUT,
-    )
-    print("bare worker polling", TASK_QUEUE, flush=True)
-    await worker.run()
+    activities = BareActivities()
+    local_only = {"no_remote_activities": True}  # every activity of the baseline is local
+    workers = [
+        workflow_worker(
+            client, ORDER_TASK_QUEUE, BareOrderWorkflow, [*order_activities(activities), notify], **local_only
+        ),
+        workflow_worker(
+            client, SHIPPING_TASK_QUEUE, BareShippingWorkflow, shipping_activities(activities), **local_only
+        ),
+    ]
+    print("bare workers polling", ORDER_TASK_QUEUE, SHIPPING_TASK_QUEUE, flush=True)
+    await asyncio.gather(*(worker.run() for worker in workers))
 
 
 def main() -> None:

@@ -22,10 +22,11 @@ from typing import IO, cast
 from temporalio.client import Client
 
 from bench import bare_lifecycle as bare
+from bench.load import place_command
 from bench.measure import Ledger, cpu_by_kind
 from services.stack import Stack, TemporalDevServer, free_port, service_of, wait_for_port
 from shared.contracts import EventType
-from shared.lifecycle import LifecyclePolicy
+from shared.lifecycle import LifecyclePolicy, OrderWorkflowInput
 from shared.settings import Settings
 from shared.temporal import connect_temporal
 
@@ -68,10 +69,10 @@ class Baseline:
     async def place(self, order_id: str) -> None:
         assert self._client is not None
         await self._client.start_workflow(
-            bare.ORDER_WORKFLOW,
-            bare.BareOrder(order_id, self._policy),
+            bare.BareOrderWorkflow.run,
+            OrderWorkflowInput(order=place_command(order_id), policy=self._policy),
             id=bare.workflow_id(order_id),
-            task_queue=bare.TASK_QUEUE,
+            task_queue=bare.ORDER_TASK_QUEUE,
         )
         self._ledger.observe(order_id, EventType.ADMITTED)
 
@@ -88,7 +89,7 @@ class Baseline:
 
     async def _approve(self, order_id: str) -> None:
         assert self._client is not None
-        await self._client.get_workflow_handle(bare.workflow_id(order_id)).signal(bare.APPROVE_SIGNAL)
+        await self._client.get_workflow_handle(bare.workflow_id(order_id)).signal(bare.BareOrderWorkflow.approve)
 
 
 @asynccontextmanager

@@ -12,12 +12,16 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol
 from uuid import uuid4
 
 from bench.measure import Ledger
+from shared.contracts import Address, OrderItem, PlaceOrder, PlaceOrderPayload
 
 MAX_IN_FLIGHT = 64
+ADDRESS = Address(name="Bench", line1="1 Load Street", city="Testville", postal_code="12345", country="DE")
+ITEMS = [OrderItem(sku="SKU-1", qty=1, unit_price_cents=999)]
 
 
 class Shed(Exception):
@@ -73,3 +77,13 @@ async def _place(system: SystemUnderTest, ledger: Ledger, order_id: str) -> None
         clock.error = f"{type(error).__name__}: {error}"
     else:
         clock.accepted_at = time.monotonic()
+
+
+def place_command(order_id: str) -> PlaceOrder:
+    """Every order of the bench: one item, one address."""
+    return PlaceOrder(
+        command_id=uuid4(),
+        order_id=order_id,
+        issued_at=datetime.now(UTC),
+        payload=PlaceOrderPayload(payment_id=f"pay-{order_id}", items=ITEMS, address=ADDRESS),
+    )

@@ -21,7 +21,7 @@ from uuid import uuid4
 import httpx
 from aio_pika.abc import AbstractIncomingMessage
 
-from bench.load import Shed
+from bench.load import Shed, place_command
 from bench.measure import Ledger, cpu_by_kind
 from services.stack import (
     Stack,
@@ -33,22 +33,12 @@ from services.stack import (
     service_of,
 )
 from shared import broker
-from shared.contracts import (
-    Address,
-    ApproveOrder,
-    EventType,
-    OrderEvent,
-    OrderItem,
-    PlaceOrder,
-    PlaceOrderPayload,
-)
+from shared.contracts import ApproveOrder, EventType, OrderEvent
 from shared.schema import drop_database
 from shared.settings import Settings
 
 BENCH_NAME = "orderflow_bench"
 WARM_UP_SECONDS = 2.0  # let the workers start polling before the clock starts
-ADDRESS = Address(name="Bench", line1="1 Load Street", city="Testville", postal_code="12345", country="DE")
-ITEMS = [OrderItem(sku="SKU-1", qty=1, unit_price_cents=999)]
 
 
 class Entry(StrEnum):
@@ -113,15 +103,6 @@ class PipelineConfig:
                 "worker_instances": self.workers,
             }
         )
-
-
-def place_command(order_id: str) -> PlaceOrder:
-    return PlaceOrder(
-        command_id=uuid4(),
-        order_id=order_id,
-        issued_at=datetime.now(UTC),
-        payload=PlaceOrderPayload(payment_id=f"pay-{order_id}", items=ITEMS, address=ADDRESS),
-    )
 
 
 def approve_command(order_id: str) -> ApproveOrder:
