@@ -136,6 +136,7 @@ class Outcome:
     offered_rate: float
     ledger: Ledger
     cpu_seconds: dict[str, float]
+    baseline: bool = False
 
     def _clocks(self) -> list[OrderClock]:
         return list(self.ledger.orders.values())
@@ -213,6 +214,11 @@ class Outcome:
         """CPU per accepted order of one kind of process, or of all of them (None)."""
         seconds = sum(self.cpu_seconds.values()) if process is None else self.cpu_seconds.get(process, 0.0)
         return 1000 * seconds / self.accepted if self.accepted else float("nan")
+
+    @property
+    def cores_busy(self) -> float:
+        """CPU seconds of the whole system per second of drain time."""
+        return sum(self.cpu_seconds.values()) / self.drain_seconds if self.drain_seconds else float("nan")
 
     def problems(self) -> list[str]:
         """What makes the run fail: lost, failed, out-of-order, over 15 s, broken placements."""

@@ -53,6 +53,7 @@ def rows_of(outcomes: list[Outcome]) -> list[tuple[str, Column]]:
         ("throughput (completed/s)", lambda o: f"{o.throughput:.2f}"),
         *((f"CPU ms/order {process}", _cpu(process)) for process in processes(outcomes)),
         ("CPU ms/order total", lambda o: _ms(o.cpu_ms_per_order())),
+        ("CPU cores busy while draining", lambda o: f"{o.cores_busy:.2f}"),
     ]
 
 
