@@ -98,8 +98,11 @@ async def stoppable_harness(time_skipping_env: WorkflowEnvironment) -> AsyncIter
 @pytest_asyncio.fixture
 async def harness_on_dev_server(temporal_dev_server: WorkflowEnvironment) -> AsyncIterator[OrderHarness]:
     """On a real server: production's attempts against mocks that fail, hang or pass like the
-    contract's fault injector."""
-    async with order_harness(temporal_dev_server.client, unscripted=flaky(seed=7), policy=PRODUCTION_ATTEMPTS) as harness:
+    contract's fault injector. Without a workflow cache: every workflow task replays the history
+    so far, so a replay that disagrees with the first run fails the lifecycle as it goes."""
+    async with order_harness(
+        temporal_dev_server.client, unscripted=flaky(seed=7), policy=PRODUCTION_ATTEMPTS, sticky=False
+    ) as harness:
         yield harness
 
 
