@@ -6,7 +6,7 @@ models only, so workflow code can import this module inside Temporal's sandbox.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated
 
 from pydantic import BaseModel, Field
@@ -30,6 +30,12 @@ class Signals:
 
 
 STATUS_QUERY = "status"
+
+WORKFLOW_TASK_TIMEOUT = timedelta(seconds=1)
+"""The workflow task timeout lifecycles run with (the bridge starts orders with it, orders start
+their shipments with it). While local-activity attempts are in flight a workflow task stays open
+and is renewed at 80 % of this: that is how long a signal (a cancel, say) or a timer can wait
+during a long step, and how soon a crashed worker's workflow moves on to another worker."""
 
 
 def order_workflow_id(order_id: str) -> str:

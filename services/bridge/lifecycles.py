@@ -31,6 +31,7 @@ from shared.contracts import (
 )
 from shared.lifecycle import (
     ORDER_WORKFLOW,
+    WORKFLOW_TASK_TIMEOUT,
     EarlyCommand,
     OrderWorkflowInput,
     Signals,
@@ -93,6 +94,7 @@ class OrderLifecycles:
                 start,
                 id=workflow_id,
                 task_queue=self._settings.order_task_queue,
+                task_timeout=WORKFLOW_TASK_TIMEOUT,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 memo={PLACE_COMMAND_MEMO: str(command.command_id)},
             )
