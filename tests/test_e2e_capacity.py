@@ -1,0 +1,124 @@
+"""End to end, scaled out and above the admission bound: two bridges, two workers, at most three
+lifecycles at once, the real fault injector and the shipped timings (8 s review window, 14 s
+deadline) — the admission wait does not count against them.
+
+The admission bound is global per database, so this module runs on a database and vhost of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from uuid import uuid4
+
+import httpx
+import pytest
+import pytest_asyncio
+from test_e2e import ADDRESS, EventLog, approve_command, place_command
+
+from services.stack import free_port, isolated_settings, running_stack
+from shared import broker, schema
+from shared.contracts import CancelOrder, EventType, OrderEvent
+from shared.settings import Settings
+
+pytestmark = pytest.mark.e2e
+
+CAPACITY_DATABASE = "orderflow_test_capacity"
+ORDERS = 40
+MAX_RUNNING = 3
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def system(settings: Settings) -> AsyncIterator[Settings]:
+    port = free_port()
+    scaled = isolated_settings(Settings(log_json=True), CAPACITY_DATABASE).model_copy(
+        update={
+            "temporal_address": settings.temporal_address,
+            "api_port": port,
+            "api_url": f"http://127.0.0.1:{port}",
+            "bridge_instances": 2,
+            "worker_instances": 2,
+            "max_running_lifecycles": MAX_RUNNING,
+        }
+    )
+    await schema.drop_database(scaled.database_url)
+    with tempfile.NamedTemporaryFile("w+", prefix="orderflow-e2e-capacity-", suffix=".log", delete=False) as log:
+        try:
+            async with running_stack(scaled, temporal=None, log=log):
+                yield scaled
+        finally:
+            print(f"service logs: {log.name}")
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def amqp(system: Settings) -> AsyncIterator[tuple[broker.Topology, EventLog]]:
+    connection = await broker.connect(system, "e2e-capacity-tests")
+    try:
+        channel, topology = await broker.open_channel(connection)
+        events = EventLog()
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(topology.events, routing_key="order.#")
+        await queue.consume(events.on_message)
+        yield topology, events
+    finally:
+        await connection.close()
+
+
+def cancel_command(order_id: str) -> CancelOrder:
+    return CancelOrder(command_id=uuid4(), order_id=order_id, issued_at=datetime.now(UTC))
+
+
+async def test_a_burst_above_the_bound_all_ends_as_its_commands_say(
+    system: Settings, amqp: tuple[broker.Topology, EventLog]
+) -> None:
+    topology, events = amqp
+    order_ids = [f"cap-{uuid4().hex[:10]}" for _ in range(ORDERS)]
+    to_cancel = set(order_ids[::8])
+    async with httpx.AsyncClient(base_url=system.api_url, timeout=10) as api:
+        for index, order_id in enumerate(order_ids):
+            # half over HTTP, half over AMQP; each followed at once by its approval or cancel
+            if index % 2:
+                response = await api.post("/orders", json={"order_id": order_id, "payment_id": f"pay-{order_id}",
+                                                           "items": [{"sku": "BOOK-1", "qty": 1}], "address": ADDRESS})
+                assert response.status_code == 202, response.text
+            else:
+                await broker.publish_command(topology, place_command(order_id))
+            follow_up = cancel_command(order_id) if order_id in to_cancel else approve_command(order_id)
+            await broker.publish_command(topology, follow_up)
+
+    endings = await asyncio.gather(*(events.wait_for_end(order_id) for order_id in order_ids))
+
+    for order_id, ending in zip(order_ids, endings, strict=True):
+        expected = EventType.CANCELLED if order_id in to_cancel else EventType.COMPLETED
+        assert ending.type is expected, (order_id, ending)
+        trail = events.by_order[order_id]
+        assert [e.seq for e in sorted(trail, key=lambda e: e.seq) if e.seq] == list(range(1, len(trail) + 1))
+        assert trail[0].type is EventType.QUEUED
+        assert not events.of(order_id, EventType.COMMAND_REJECTED)
+        if expected is EventType.COMPLETED:
+            assert _lifecycle_seconds(trail) <= 15.0
+    assert max_concurrently_running(events, order_ids) <= MAX_RUNNING
+
+
+def _lifecycle_seconds(trail: list[OrderEvent]) -> float:
+    admitted = next(e for e in trail if e.type is EventType.ADMITTED)
+    ended = next(e for e in trail if e.type.is_terminal)
+    return (ended.occurred_at - admitted.occurred_at).total_seconds()
+
+
+def max_concurrently_running(events: EventLog, order_ids: list[str]) -> int:
+    """The most lifecycles between `admitted` and their terminal event at any moment."""
+    changes: list[tuple[datetime, int]] = []
+    for order_id in order_ids:
+        trail = events.by_order[order_id]
+        admitted = [e.occurred_at for e in trail if e.type is EventType.ADMITTED]
+        if admitted:
+            ended = next(e.occurred_at for e in trail if e.type.is_terminal)
+            changes += [(admitted[0], 1), (ended, -1)]
+    running = peak = 0
+    for _, change in sorted(changes, key=lambda c: (c[0], c[1])):  # an end before a start at a tie
+        running += change
+        peak = max(peak, running)
+    return peak
