@@ -208,7 +208,7 @@ async def test_orders_over_http_and_amqp_reach_completed_with_a_gapless_audit_tr
         assert [row.seq for row in trail] == list(range(1, len(trail) + 1))
         assert len({row.event_id for row in trail}) == len(trail)
         kinds = [row.type for row in trail]
-        assert kinds[:4] == ["received", "validated", "awaiting_approval", "approved"]
+        assert kinds[:6] == ["queued", "admitted", "received", "validated", "awaiting_approval", "approved"]
         assert kinds[-2:] == ["shipped", "completed"]
         assert {"payment_charged", "package_prepared", "carrier_dispatched"} <= set(kinds)
 
@@ -272,7 +272,7 @@ async def test_malformed_and_invalid_commands_are_dead_lettered_and_the_bridge_k
     order_id = f"e2e-after-poison-{uuid4().hex[:8]}"
     await broker.publish_command(topology, place_command(order_id))
     received = await events.wait_for(order_id, EventType.RECEIVED)
-    assert received.seq == 1
+    assert received.seq == 3  # after `queued` and `admitted`
 
 
 async def test_a_duplicate_command_id_has_one_effect(
