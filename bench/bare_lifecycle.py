@@ -48,7 +48,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from services.workers.steps import Activity, StepExhausted, StepPolicy, run_step
     from shared.contracts import Address, Step
-    from shared.lifecycle import LifecyclePolicy, OrderWorkflowInput
+    from shared.lifecycle import WORKFLOW_TASK_TIMEOUT, LifecyclePolicy, OrderWorkflowInput
 
 ORDER_TASK_QUEUE = "bare-order-tq"
 SHIPPING_TASK_QUEUE = "bare-shipping-tq"
@@ -226,6 +226,7 @@ class BareOrderWorkflow:
                     shipment,
                     id=f"{workflow.info().workflow_id}-shipping-{attempt}",
                     task_queue=SHIPPING_TASK_QUEUE,
+                    task_timeout=WORKFLOW_TASK_TIMEOUT,
                 )
             except ChildWorkflowError:
                 continue

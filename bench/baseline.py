@@ -26,7 +26,7 @@ from bench.load import place_command
 from bench.measure import Ledger, cpu_by_kind
 from services.stack import Stack, TemporalDevServer, free_port, service_of, wait_for_port
 from shared.contracts import EventType
-from shared.lifecycle import LifecyclePolicy, OrderWorkflowInput
+from shared.lifecycle import WORKFLOW_TASK_TIMEOUT, LifecyclePolicy, OrderWorkflowInput
 from shared.settings import Settings
 from shared.temporal import connect_temporal
 
@@ -73,6 +73,7 @@ class Baseline:
             OrderWorkflowInput(order=place_command(order_id), policy=self._policy),
             id=bare.workflow_id(order_id),
             task_queue=bare.ORDER_TASK_QUEUE,
+            task_timeout=WORKFLOW_TASK_TIMEOUT,  # as the bridge starts lifecycles
         )
         self._ledger.observe(order_id, EventType.ADMITTED)
 
