@@ -6,7 +6,13 @@ import signal
 import warnings
 
 import structlog
-from temporalio.runtime import LogForwardingConfig, LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
+from temporalio.runtime import (
+    LogForwardingConfig,
+    LoggingConfig,
+    Runtime,
+    TelemetryConfig,
+    TelemetryFilter,
+)
 
 from services.workers.worker import running_workers
 from shared.logging import configure_logging
@@ -22,8 +28,8 @@ def route_core_logs() -> None:
     """Core's log lines into our JSON logs (they went to stderr as text), without the routine ones."""
     core = logging.getLogger("temporalio.core")
     core.addFilter(lambda record: not any(routine in record.getMessage() for routine in ROUTINE))
-    filter = TelemetryFilter(core_level="WARN", other_level="ERROR")
-    logs = LoggingConfig(filter=filter, forwarding=LogForwardingConfig(logger=core))
+    levels = TelemetryFilter(core_level="WARN", other_level="ERROR")
+    logs = LoggingConfig(filter=levels, forwarding=LogForwardingConfig(logger=core))
     Runtime.set_default(Runtime(telemetry=TelemetryConfig(logging=logs)))
     warnings.filterwarnings("ignore", message="Cannot find activity to cancel")
 
