@@ -57,7 +57,6 @@ from services.workers.boundary import (
     ReleaseAdmissionInput,
     ValidateOrderInput,
 )
-from services.workers.steps import WORKFLOW_TASK_TIMEOUT
 from services.workers.worker import order_worker, shipping_worker
 from shared.contracts import (
     Address,
@@ -77,6 +76,7 @@ from shared.contracts import (
 from shared.lifecycle import (
     ORDER_WORKFLOW,
     STATUS_QUERY,
+    WORKFLOW_TASK_TIMEOUT,
     EarlyCommand,
     LifecyclePolicy,
     OrderWorkflowInput,

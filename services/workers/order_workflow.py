@@ -42,7 +42,6 @@ with workflow.unsafe.imports_passed_through():
     from services.workers.shipping_workflow import ShippingWorkflow
     from services.workers.steps import (
         DEADLINE_EXCEEDED,
-        WORKFLOW_TASK_TIMEOUT,
         Activity,
         AttemptLog,
         P,
@@ -64,6 +63,7 @@ with workflow.unsafe.imports_passed_through():
     from shared.lifecycle import (
         ORDER_WORKFLOW,
         STATUS_QUERY,
+        WORKFLOW_TASK_TIMEOUT,
         OrderWorkflowInput,
         Signals,
     )

@@ -49,12 +49,6 @@ Activity = Callable[[Any, P], Awaitable[R]]
 
 ONE_ATTEMPT = RetryPolicy(maximum_attempts=1)
 
-WORKFLOW_TASK_TIMEOUT = timedelta(seconds=1)
-"""The workflow task timeout lifecycles should run with (the shipments do; the bridge starts the
-orders). While attempts are in flight a workflow task stays open, and Core renews it at 80 % of
-this: that is how long signals (a cancel, say) and timers wait during a long step, and how soon
-the workflow of a crashed worker moves on to another."""
-
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 """ApplicationError type of a step given up at the lifecycle's deadline."""
 
