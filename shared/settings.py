@@ -60,6 +60,11 @@ class Settings(BaseSettings):
         default=5, ge=1, description="Retry-After of a 503 for a placement refused because the backlog is full"
     )
 
+    workflow_sandbox: bool = Field(
+        default=True,
+        description="run workflows in Temporal's sandbox (safer; costs about a fifth of the worker's CPU)",
+    )
+
     # how many of each service `make run` starts (competing consumers / pollers)
     bridge_instances: int = Field(default=1, ge=1)
     worker_instances: int = Field(default=1, ge=1)

@@ -9,7 +9,7 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import (
     SandboxedWorkflowRunner,
     SandboxRestrictions,
@@ -49,6 +49,14 @@ def sandbox_runner() -> SandboxedWorkflowRunner:
     return SandboxedWorkflowRunner(
         restrictions=SandboxRestrictions.default.with_passthrough_modules(*SANDBOX_PASSTHROUGH)
     )
+
+
+def workflow_runner(settings: Settings) -> WorkflowRunner:
+    """The sandbox unless the operator traded it for CPU (`ORDERFLOW_WORKFLOW_SANDBOX=false`):
+    it re-imports each workflow module per run and wraps every activation, about a fifth of the
+    worker's CPU per order (docs/performance.md). Without it nothing stops workflow code calling
+    the clock or I/O at run time; the replay tests still catch a change that breaks determinism."""
+    return sandbox_runner() if settings.workflow_sandbox else UnsandboxedWorkflowRunner()
 
 
 def order_activities(activities: OrderActivities) -> list[Callable[..., Any]]:
@@ -113,9 +121,10 @@ async def running_workers(client: Client, settings: Settings) -> AsyncIterator[N
         channel, topology = await broker.open_channel(connection)
         await broker.declare_audit_queue(channel, topology, settings)
         activities = BusinessActivities(db.session_factory(engine), topology)
+        runner = workflow_runner(settings)
         for worker in (
-            order_worker(client, settings.order_task_queue, activities),
-            shipping_worker(client, settings.shipping_task_queue, activities),
+            order_worker(client, settings.order_task_queue, activities, workflow_runner=runner),
+            shipping_worker(client, settings.shipping_task_queue, activities, workflow_runner=runner),
         ):
             await stack.enter_async_context(worker)
         yield
