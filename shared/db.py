@@ -14,9 +14,11 @@ from uuid import UUID
 
 from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, String, Text, func, text
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlmodel import Field, SQLModel
 
+from shared.contracts import OrderState, PlaceOrder
 from shared.settings import Settings
 
 
@@ -132,6 +134,24 @@ class Admission(SQLModel, table=True):
     queued_at: datetime | None = _timestamp()
     admitted_at: datetime | None = _timestamp()
     ended_at: datetime | None = _timestamp()
+
+
+async def insert_order(session: AsyncSession, order: PlaceOrder, state: OrderState) -> None:
+    """The order's row as first written (by whoever comes first: the bridge registering the
+    placement, or the lifecycle receiving it); a second insert changes nothing."""
+    payload = order.payload
+    await session.execute(
+        insert(Order)
+        .values(
+            id=order.order_id,
+            payment_id=payload.payment_id,
+            items=[item.model_dump() for item in payload.items],
+            address=payload.address.model_dump(),
+            amount_cents=payload.amount_cents,
+            state=state.value,
+        )
+        .on_conflict_do_nothing(index_elements=[Order.id])  # type: ignore[list-item]
+    )
 
 
 def create_engine(settings: Settings) -> AsyncEngine:

@@ -38,7 +38,7 @@ from shared.contracts import (
     PlaceOrder,
     command_adapter,
 )
-from shared.db import Admission, Order, transaction
+from shared.db import Admission, insert_order, transaction
 from shared.lifecycle import EarlyCommand
 
 # any fixed number: the key of the advisory lock under which slots are counted and taken
@@ -115,7 +115,8 @@ class AdmissionLedger:
             if cancel is not None:
                 row.status = AdmissionStatus.CANCELLED.value
                 row.cancel_command_id = cancel.command_id
-            await _insert_read_model(session, command)
+            # the order is listed from the moment it is accepted; its events move it on
+            await insert_order(session, command, OrderState.QUEUED)
             registration = Registration(AdmissionStatus(row.status), row.queued_at, cancel)
             await publish(registration)
             return registration
@@ -249,23 +250,6 @@ class AdmissionLedger:
 async def _locked_row(session: AsyncSession, order_id: str) -> Admission | None:
     return await session.scalar(
         select(Admission).where(col(Admission.order_id) == order_id).with_for_update()
-    )
-
-
-async def _insert_read_model(session: AsyncSession, command: PlaceOrder) -> None:
-    """The order is listed from the moment it is accepted, as `queued` (its events move it on)."""
-    payload = command.payload
-    await session.execute(
-        pg_insert(Order)
-        .values(
-            id=command.order_id,
-            payment_id=payload.payment_id,
-            items=[item.model_dump() for item in payload.items],
-            address=payload.address.model_dump(),
-            amount_cents=payload.amount_cents,
-            state=OrderState.QUEUED.value,
-        )
-        .on_conflict_do_nothing(index_elements=[col(Order.id)])
     )
 
 

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.workers import faults
 from shared.contracts import Address, OrderState, PlaceOrder
-from shared.db import Order, Payment, transaction
+from shared.db import Order, Payment, insert_order, transaction
 
 Sessions = async_sessionmaker[AsyncSession]
 
@@ -42,20 +42,8 @@ class PaymentStatus(StrEnum):
 async def order_received(sessions: Sessions, order: PlaceOrder) -> None:
     """Insert the order; receiving it again changes nothing."""
     await faults.flaky_call()
-    payload = order.payload
     async with transaction(sessions) as session:
-        await session.execute(
-            insert(Order)
-            .values(
-                id=order.order_id,
-                payment_id=payload.payment_id,
-                items=[item.model_dump() for item in payload.items],
-                address=payload.address.model_dump(),
-                amount_cents=payload.amount_cents,
-                state=OrderState.RECEIVED.value,
-            )
-            .on_conflict_do_nothing(index_elements=[Order.id])
-        )
+        await insert_order(session, order, OrderState.RECEIVED)
 
 
 async def order_validated(sessions: Sessions, order_id: str) -> None:
