@@ -45,9 +45,20 @@ from shared.broker import (
     declare_placement_queue,
     publish_command,
 )
-from shared.contracts import ApproveOrder, CancelOrder, EventType, OrderEvent, OrderState
+from shared.contracts import (
+    ApproveOrder,
+    CancelOrder,
+    EventType,
+    OrderEvent,
+    OrderState,
+)
 from shared.db import Admission, Order
-from shared.lifecycle import ORDER_WORKFLOW, OrderWorkflowInput, Signals, order_workflow_id
+from shared.lifecycle import (
+    ORDER_WORKFLOW,
+    OrderWorkflowInput,
+    Signals,
+    order_workflow_id,
+)
 from shared.settings import Settings
 
 Broker = tuple[AbstractChannel, Topology]

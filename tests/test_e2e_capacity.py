@@ -16,7 +16,14 @@ from uuid import uuid4
 import httpx
 import pytest
 import pytest_asyncio
-from test_e2e import ADDRESS, EventLog, approve_command, place_command
+from aio_pika.abc import AbstractQueue
+from test_e2e import (  # noqa: F401 (amqp is a fixture, here on this module's system)
+    ADDRESS,
+    EventLog,
+    amqp,
+    approve_command,
+    place_command,
+)
 
 from services.stack import free_port, isolated_settings, running_stack
 from shared import broker, schema
@@ -54,28 +61,15 @@ async def system(settings: Settings) -> AsyncIterator[Settings]:
             print(f"service logs: {log.name}")
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def amqp(system: Settings) -> AsyncIterator[tuple[broker.Topology, EventLog]]:
-    connection = await broker.connect(system, "e2e-capacity-tests")
-    try:
-        channel, topology = await broker.open_channel(connection)
-        events = EventLog()
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(topology.events, routing_key="order.#")
-        await queue.consume(events.on_message)
-        yield topology, events
-    finally:
-        await connection.close()
-
-
 def cancel_command(order_id: str) -> CancelOrder:
     return CancelOrder(command_id=uuid4(), order_id=order_id, issued_at=datetime.now(UTC))
 
 
 async def test_a_burst_above_the_bound_all_ends_as_its_commands_say(
-    system: Settings, amqp: tuple[broker.Topology, EventLog]
+    system: Settings,
+    amqp: tuple[broker.Topology, EventLog, AbstractQueue],  # noqa: F811 (the fixture)
 ) -> None:
-    topology, events = amqp
+    topology, events, _ = amqp
     order_ids = [f"cap-{uuid4().hex[:10]}" for _ in range(ORDERS)]
     to_cancel = set(order_ids[::8])
     async with httpx.AsyncClient(base_url=system.api_url, timeout=10) as api:

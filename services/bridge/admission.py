@@ -21,9 +21,10 @@ from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+
 import asyncpg
 import structlog
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -207,14 +208,7 @@ class AdmissionLedger:
 
     async def unplaced_before(self, created_before: datetime) -> list[str]:
         """Orders with commands parked before `created_before` and still no placement."""
-        async with self.sessions() as session:
-            rows = await session.scalars(
-                select(col(Admission.order_id)).where(
-                    col(Admission.status) == AdmissionStatus.UNPLACED.value,
-                    col(Admission.created_at) < created_before,
-                )
-            )
-            return list(rows)
+        return await self._orders(AdmissionStatus.UNPLACED, col(Admission.created_at) < created_before)
 
     async def give_up_unplaced(
         self, order_id: str, publish_rejections: Callable[[list[Command]], Awaitable[None]]
@@ -237,12 +231,12 @@ class AdmissionLedger:
 
     async def running_since(self, admitted_before: datetime) -> list[str]:
         """Orders holding a slot since before `admitted_before`: candidates for a leaked slot."""
+        return await self._orders(AdmissionStatus.RUNNING, col(Admission.admitted_at) < admitted_before)
+
+    async def _orders(self, status: AdmissionStatus, condition: ColumnElement[bool]) -> list[str]:
         async with self.sessions() as session:
             rows = await session.scalars(
-                select(col(Admission.order_id)).where(
-                    col(Admission.status) == AdmissionStatus.RUNNING.value,
-                    col(Admission.admitted_at) < admitted_before,
-                )
+                select(col(Admission.order_id)).where(col(Admission.status) == status.value, condition)
             )
             return list(rows)
 

@@ -51,7 +51,12 @@ from services.bridge.lifecycles import (
 )
 from shared import admissions, broker, db
 from shared.admissions import AdmissionStatus
-from shared.broker import Topology, declare_command_queue, declare_placement_queue, publish_event
+from shared.broker import (
+    Topology,
+    declare_command_queue,
+    declare_placement_queue,
+    publish_event,
+)
 from shared.consuming import QueueConsumer, Stopping, retry_transient, stopped_within
 from shared.contracts import (
     ApproveOrder,
