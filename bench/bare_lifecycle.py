@@ -271,18 +271,25 @@ def quiet() -> None:
 
 
 async def run_worker(address: str) -> None:
-    """The order and the shipping worker, configured as the project's (sandbox, slots, stickiness)."""
+    """The order and the shipping worker, configured as the project's (runner, slots, stickiness)."""
     # the workflows by their module's real name: as `python -m`, this file is `__main__`, which
     # the workflow sandbox cannot import again
     from bench.bare_lifecycle import BareActivities, BareOrderWorkflow, BareShippingWorkflow, notify
-    from services.workers.worker import order_activities, shipping_activities, workflow_worker
+    from services.workers.worker import (
+        order_activities,
+        shipping_activities,
+        workflow_runner,
+        workflow_worker,
+    )
     from shared.settings import Settings
     from shared.temporal import connect_temporal
 
     quiet()
-    client = await connect_temporal(Settings(temporal_address=address))
+    settings = Settings(temporal_address=address)
+    client = await connect_temporal(settings)
     activities = BareActivities()
-    local_only = {"no_remote_activities": True}  # every activity of the baseline is local
+    # every activity of the baseline is local; the workflows run as the pipeline's do (sandbox or not)
+    local_only = {"no_remote_activities": True, "workflow_runner": workflow_runner(settings)}
     workers = [
         workflow_worker(
             client, ORDER_TASK_QUEUE, BareOrderWorkflow, [*order_activities(activities), notify], **local_only

@@ -61,8 +61,9 @@ class Settings(BaseSettings):
     )
 
     workflow_sandbox: bool = Field(
-        default=True,
-        description="run workflows in Temporal's sandbox (safer; costs about a fifth of the worker's CPU)",
+        default=False,
+        description="run workflows in Temporal's sandbox in production too (the tests always do); "
+        "costs about a quarter of the workers' CPU",
     )
 
     # how many of each service `make run` starts (competing consumers / pollers)

@@ -1,5 +1,5 @@
-"""End to end, scaled out and above the admission bound: two bridges, two workers (workflows
-unsandboxed), at most three lifecycles at once, the real fault injector and the shipped timings
+"""End to end, scaled out and above the admission bound: two bridges, two workers (workflows in
+the sandbox), at most three lifecycles at once, the real fault injector and the shipped timings
 (8 s review window, 14 s deadline) — the admission wait does not count against them.
 
 The admission bound is global per database, so this module runs on a database and vhost of its own.
@@ -48,8 +48,8 @@ async def system(settings: Settings) -> AsyncIterator[Settings]:
             "bridge_instances": 2,
             "worker_instances": 2,
             "max_running_lifecycles": MAX_RUNNING,
-            # the operators' CPU-saving option runs here; tests/test_e2e.py runs the sandbox
-            "workflow_sandbox": False,
+            # production's runner is unsandboxed (tests/test_e2e.py); the sandboxed option runs here
+            "workflow_sandbox": True,
         }
     )
     await schema.drop_database(scaled.database_url)

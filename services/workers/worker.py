@@ -52,10 +52,11 @@ def sandbox_runner() -> SandboxedWorkflowRunner:
 
 
 def workflow_runner(settings: Settings) -> WorkflowRunner:
-    """The sandbox unless the operator traded it for CPU (`ORDERFLOW_WORKFLOW_SANDBOX=false`):
-    it re-imports each workflow module per run and wraps every activation, about a fifth of the
-    worker's CPU per order (docs/performance.md). Without it nothing stops workflow code calling
-    the clock or I/O at run time; the replay tests still catch a change that breaks determinism."""
+    """Production runs workflows without Temporal's sandbox unless `ORDERFLOW_WORKFLOW_SANDBOX`:
+    the sandbox re-imports each workflow module per run and wraps every activation, about a
+    quarter of the workers' CPU per order (docs/performance.md). Its guard stays where it finds
+    mistakes: the workflow tests run every workflow in it (a call to the clock, randomness or I/O
+    fails there), and the replay tests catch a change that breaks determinism."""
     return sandbox_runner() if settings.workflow_sandbox else UnsandboxedWorkflowRunner()
 
 
