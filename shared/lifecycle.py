@@ -25,7 +25,6 @@ class Signals:
     UPDATE_ADDRESS = "update_address"
     # child -> parent
     PACKAGE_PREPARED = "package_prepared"
-    CARRIER_DISPATCHED = "carrier_dispatched"
     DISPATCH_FAILED = "dispatch_failed"
 
 
