@@ -20,6 +20,7 @@ from shared.broker import (
     CONSUMER_HEADER,
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
+    DELIVERIES_HEADER,
     ERROR_HEADER,
     EVENTS_EXCHANGE,
     REASON_HEADER,
@@ -297,8 +298,14 @@ def _schemas() -> Doc:
                 "description": "The consumer that gave up, such as the bridge or the audit "
                 "consumer.",
             },
+            DELIVERIES_HEADER: {
+                "type": "integer",
+                "minimum": 1,
+                "description": "How many times the consumer had received the message when it "
+                "gave up.",
+            },
         },
-        "required": [REASON_HEADER, ERROR_HEADER, CONSUMER_HEADER],
+        "required": [REASON_HEADER, ERROR_HEADER, CONSUMER_HEADER, DELIVERIES_HEADER],
         "additionalProperties": True,
     }
     return schemas

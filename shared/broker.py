@@ -37,6 +37,8 @@ DEAD_LETTER_QUEUE = "orders.dead-letter"
 REASON_HEADER = "x-orderflow-reason"
 ERROR_HEADER = "x-orderflow-error"
 CONSUMER_HEADER = "x-orderflow-consumer"
+# the broker's own x-delivery-count starts again in the dead-letter queue: keep what it said
+DELIVERIES_HEADER = "x-orderflow-deliveries"
 
 
 class CommandNotRouted(Exception):
@@ -210,7 +212,14 @@ async def dead_letter(
     the dead-letter queue rather than losing it.
     """
     headers: dict[str, object] = dict(message.headers or {})
-    headers.update({REASON_HEADER: reason, ERROR_HEADER: error[:2000], CONSUMER_HEADER: consumer})
+    headers.update(
+        {
+            REASON_HEADER: reason,
+            ERROR_HEADER: error[:2000],
+            CONSUMER_HEADER: consumer,
+            DELIVERIES_HEADER: delivery_count(message) + 1,
+        }
+    )
     await topology.dead_letter.publish(
         aio_pika.Message(
             body=message.body,

@@ -196,7 +196,9 @@ class QueueConsumer:
                     deliveries=deliveries,
                     exc_info=error,
                 )
-                await message.nack(requeue=True)
+                # reject, not nack: RabbitMQ >= 4.3 counts only rejects in a quorum queue's
+                # x-delivery-count, and that count is what sends a poison message to the DLQ
+                await message.reject(requeue=True)
         except Exception:
             # the channel is gone: the broker hands the message out again after reconnecting
             log.exception("could not settle message", error=repr(error))

@@ -13,6 +13,7 @@ from shared.broker import (
     COMMANDS_EXCHANGE,
     CONSUMER_HEADER,
     DEAD_LETTER_QUEUE,
+    DELIVERIES_HEADER,
     ERROR_HEADER,
     EVENTS_EXCHANGE,
     REASON_HEADER,
@@ -134,4 +135,9 @@ def test_dead_letter_queue_and_its_headers(doc: dict[str, Any]) -> None:
     queue = resolve(doc, channel["bindings"]["$ref"])["amqp"]["queue"]
     assert queue["name"] == DEAD_LETTER_QUEUE and queue["durable"]
     headers = resolve(doc, message_of(doc, channel)["headers"]["$ref"])
-    assert set(headers["required"]) == {REASON_HEADER, ERROR_HEADER, CONSUMER_HEADER}
+    assert set(headers["required"]) == {
+        REASON_HEADER,
+        ERROR_HEADER,
+        CONSUMER_HEADER,
+        DELIVERIES_HEADER,
+    }
