@@ -73,7 +73,8 @@ class Order(SQLModel, table=True):
 
 
 class Payment(SQLModel, table=True):
-    """One charge per `payment_id`: the primary key is what makes charging idempotent."""
+    """One charge per `payment_id`: the primary key is what makes charging idempotent. A voided
+    row (no `charged_at`) holds the id for an order that stopped before its charge committed."""
 
     __tablename__ = "payments"
 
@@ -81,8 +82,9 @@ class Payment(SQLModel, table=True):
     order_id: str = Field(max_length=64, index=True)
     amount_cents: int = Field(sa_column=Column(BigInteger, nullable=False))
     status: str = Field(max_length=16)
-    charged_at: datetime | None = _timestamp(nullable=False, default_now=True)
+    charged_at: datetime | None = _timestamp(default_now=True)
     refunded_at: datetime | None = _timestamp()
+    voided_at: datetime | None = _timestamp()
 
 
 class AuditEvent(SQLModel, table=True):

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from workflow_harness import wait_until
 
 from services.workers import business, faults
-from services.workers.business import ChargeOutcome, OrderInvalid, PaymentStatus
+from services.workers.business import ChargeOutcome, OrderInvalid, PaymentStatus, PaymentVoided
 from services.workers.faults import flaky_call  # the real one, before any test substitutes it
 from shared.contracts import Address, OrderItem, OrderState, PlaceOrder, PlaceOrderPayload
 from shared.db import Order, Payment, transaction
@@ -73,6 +73,15 @@ async def received(sessions: Sessions, **order: Any) -> PlaceOrder:
 
 async def charge(sessions: Sessions, placed: PlaceOrder, order_id: str | None = None) -> ChargeOutcome:
     return await business.payment_charged(
+        sessions,
+        payment_id=placed.payload.payment_id,
+        order_id=order_id or placed.order_id,
+        amount_cents=placed.payload.amount_cents,
+    )
+
+
+async def refund(sessions: Sessions, placed: PlaceOrder, order_id: str | None = None) -> bool:
+    return await business.payment_refunded(
         sessions,
         payment_id=placed.payload.payment_id,
         order_id=order_id or placed.order_id,
@@ -239,19 +248,69 @@ async def test_payment_refunded_refunds_once(sessions: Sessions) -> None:
     await charge(sessions, placed)
     payment_id = placed.payload.payment_id
 
-    assert await business.payment_refunded(sessions, payment_id) is True
+    assert await refund(sessions, placed) is True
     [refunded] = await stored_payments(sessions, payment_id)
     assert refunded.status == PaymentStatus.REFUNDED.value and refunded.refunded_at is not None
-    assert await business.payment_refunded(sessions, payment_id) is True
+    assert await refund(sessions, placed) is True
     [again] = await stored_payments(sessions, payment_id)
     assert again.refunded_at == refunded.refunded_at
 
 
-async def test_payment_refunded_of_an_unknown_payment_is_false(sessions: Sessions) -> None:
-    payment_id = unique("never-charged")
+async def test_a_refund_before_any_charge_voids_the_payment_so_a_late_attempt_cannot_charge(
+    sessions: Sessions,
+) -> None:
+    # the order stopped while a charge attempt was still on its way (in flaky_call, say): the
+    # refund finds nothing charged, and the attempt that arrives afterwards must not charge
+    placed = await received(sessions)
+    payment_id = placed.payload.payment_id
 
-    assert await business.payment_refunded(sessions, payment_id) is False
-    assert await stored_payments(sessions, payment_id) == []
+    assert await refund(sessions, placed) is False
+    with pytest.raises(PaymentVoided, match="voided"):
+        await charge(sessions, placed)
+
+    [payment] = await stored_payments(sessions, payment_id)
+    assert payment.status == PaymentStatus.VOIDED.value
+    assert payment.charged_at is None and payment.voided_at is not None
+    assert await refund(sessions, placed) is False  # refunding again changes nothing
+
+
+async def test_an_abandoned_charge_that_commits_after_the_refund_began_is_refunded(
+    sessions: Sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The abandoned attempt has claimed the payment id and holds its transaction open; the refund
+    # must wait on that claim (we see it waiting in pg_stat_activity), then refund what committed.
+    placed = await received(sessions)
+    inserted, release = asyncio.Event(), asyncio.Event()
+    monkeypatch.setattr(
+        business, "transaction", lambda factory: commit_held_back(factory, inserted, release)
+    )
+
+    abandoned = asyncio.create_task(charge(sessions, placed))
+    try:
+        await asyncio.wait_for(inserted.wait(), 5)
+        refunding = asyncio.create_task(refund(sessions, placed))
+
+        async def refund_is_blocked() -> bool:
+            return await other_backends_waiting_on_a_lock(sessions) >= 1
+
+        await wait_until(refund_is_blocked, "the refund to wait on the charge's claim")
+        assert not refunding.done()
+    finally:
+        release.set()
+    charged, refunded = await asyncio.wait_for(asyncio.gather(abandoned, refunding), 5)
+
+    assert (charged, refunded) == (ChargeOutcome.CHARGED, True)
+    [payment] = await stored_payments(sessions, placed.payload.payment_id)
+    assert payment.status == PaymentStatus.REFUNDED.value
+
+
+async def test_a_refund_never_touches_another_orders_payment(sessions: Sessions) -> None:
+    first = await received(sessions)
+    await charge(sessions, first)
+
+    assert await refund(sessions, first, order_id=unique("other-order")) is False
+    [payment] = await stored_payments(sessions, first.payload.payment_id)
+    assert (payment.order_id, payment.status) == (first.order_id, PaymentStatus.CHARGED.value)
 
 
 # --- shipping -------------------------------------------------------------------------------------

@@ -189,7 +189,11 @@ async def test_cancel_after_payment_refunds_and_stops_the_shipment(harness_on_ow
 
     assert (status.state, status.reason, status.refunded) == (OrderState.CANCELLED, cancel.payload.reason, True)
     assert harness.mocks.called(OrderActivities.refund_payment) == [
-        RefundPaymentInput(payment_id=harness.order.payload.payment_id)
+        RefundPaymentInput(
+            order_id=harness.order.order_id,
+            payment_id=harness.order.payload.payment_id,
+            amount_cents=harness.order.payload.amount_cents,
+        )
     ]
     assert await harness.shipment_status(1) is WorkflowExecutionStatus.CANCELED
     assert_not_called(harness, OrderActivities.mark_shipped)
@@ -307,7 +311,11 @@ async def test_dispatch_failing_every_time_fails_the_order_and_refunds(harness: 
     assert status.refunded is True
     assert status.shipping_attempts == 2
     assert harness.mocks.called(OrderActivities.refund_payment) == [
-        RefundPaymentInput(payment_id=harness.order.payload.payment_id)
+        RefundPaymentInput(
+            order_id=harness.order.order_id,
+            payment_id=harness.order.payload.payment_id,
+            amount_cents=harness.order.payload.amount_cents,
+        )
     ]
     per_shipment = harness.policy.dispatch_attempts_per_shipment
     assert len(harness.mocks.called(OrderActivities.dispatch_carrier)) == 2 * per_shipment

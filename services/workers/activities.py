@@ -11,6 +11,7 @@ from temporalio.exceptions import ApplicationError
 from services.workers import business
 from services.workers.boundary import (
     ORDER_INVALID,
+    PAYMENT_VOIDED,
     ChargePaymentInput,
     ChargeResult,
     DispatchCarrierInput,
@@ -70,7 +71,12 @@ class BusinessActivities(OrderActivities):
 
     @activity.defn
     async def refund_payment(self, input: RefundPaymentInput) -> bool:
-        return await business.payment_refunded(self._sessions, input.payment_id)
+        return await business.payment_refunded(
+            self._sessions,
+            payment_id=input.payment_id,
+            order_id=input.order_id,
+            amount_cents=input.amount_cents,
+        )
 
     @activity.defn
     async def publish_events(self, input: PublishEventsInput) -> None:
@@ -84,8 +90,11 @@ class BusinessActivities(OrderActivities):
 
 @contextmanager
 def _business_rules() -> Iterator[None]:
-    """Turns a business-rule violation into a non-retryable activity failure."""
+    """Turns a business-rule violation, or a charge of a voided payment, into a non-retryable
+    activity failure."""
     try:
         yield
     except business.OrderInvalid as exc:
         raise ApplicationError(str(exc), type=ORDER_INVALID, non_retryable=True) from exc
+    except business.PaymentVoided as exc:
+        raise ApplicationError(str(exc), type=PAYMENT_VOIDED, non_retryable=True) from exc

@@ -18,6 +18,7 @@ from shared.contracts import Address, OrderEvent, PlaceOrder, Step, StepError
 from shared.lifecycle import LifecyclePolicy
 
 ORDER_INVALID = "OrderInvalid"
+PAYMENT_VOIDED = "PaymentVoided"  # a charge attempt outlived its order's stop; only ever abandoned
 """ApplicationError type of a business-rule violation: not retried, the order fails."""
 
 
@@ -59,6 +60,8 @@ class MarkShippedInput(BaseModel):
 
 class RefundPaymentInput(BaseModel):
     payment_id: str
+    order_id: str
+    amount_cents: int
 
 
 class PublishEventsInput(BaseModel):
@@ -99,7 +102,7 @@ class OrderActivities(ABC):
     @activity.defn
     @abstractmethod
     async def refund_payment(self, input: RefundPaymentInput) -> bool:
-        """True if the payment is refunded (False: it never was charged)."""
+        """True if the payment is refunded; False if no charge had committed, which voids it."""
 
     @activity.defn
     @abstractmethod

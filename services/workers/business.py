@@ -34,9 +34,14 @@ class ChargeOutcome(StrEnum):
     ALREADY_CHARGED = "already_charged"
 
 
+class PaymentVoided(Exception):
+    """The order stopped (and voided its payment) before this charge attempt could commit."""
+
+
 class PaymentStatus(StrEnum):
     CHARGED = "charged"
     REFUNDED = "refunded"
+    VOIDED = "voided"  # the order stopped before any charge committed: nothing may charge it now
 
 
 async def order_received(sessions: Sessions, order: PlaceOrder) -> None:
@@ -81,7 +86,9 @@ async def payment_charged(
 
     The insert claims the payment id inside the transaction: a concurrent second call waits on the
     unique key until the first commits, then finds the row and counts as already processed. The
-    charge is recorded (committed) only when it succeeded; a failure rolls the claim back.
+    charge is recorded (committed) only when it succeeded; a failure rolls the claim back. A
+    payment voided by `payment_refunded` is never charged: an attempt abandoned by a stopping
+    order that runs on anyway raises `PaymentVoided` instead.
     """
     await faults.flaky_call()
     async with transaction(sessions) as session:
@@ -98,9 +105,15 @@ async def payment_charged(
         )
         if claimed:
             return ChargeOutcome.CHARGED
-        owner = await session.scalar(select(Payment.order_id).where(Payment.payment_id == payment_id))
-    if owner != order_id:
-        raise OrderInvalid(f"payment {payment_id} already belongs to order {owner}")
+        existing = (
+            await session.execute(
+                select(Payment.order_id, Payment.status).where(Payment.payment_id == payment_id)
+            )
+        ).one()
+    if existing.order_id != order_id:
+        raise OrderInvalid(f"payment {payment_id} already belongs to order {existing.order_id}")
+    if existing.status != PaymentStatus.CHARGED.value:
+        raise PaymentVoided(f"payment {payment_id} is {existing.status}: order {order_id} has stopped")
     return ChargeOutcome.ALREADY_CHARGED
 
 
@@ -146,15 +159,40 @@ async def _stamp_once(sessions: Sessions, order_id: str, column: Any) -> None:
         )
 
 
-async def payment_refunded(sessions: Sessions, payment_id: str) -> bool:
-    """Compensate a charge. Not one of the contract's six business steps, so no fault injection:
-    a refund must get through. Returns whether the payment is refunded (False: it never was charged).
+async def payment_refunded(
+    sessions: Sessions, *, payment_id: str, order_id: str, amount_cents: int
+) -> bool:
+    """Compensate a charge, for an order that stops after its charge step began. Not one of the
+    contract's six business steps, so no fault injection: a refund must get through.
+
+    Returns True if a charge was refunded. If no charge has committed, the payment id is claimed
+    as voided instead (False), so a charge attempt still running somewhere cannot commit after us:
+    the same unique key orders the two, whichever reaches it first.
     """
     async with transaction(sessions) as session:
-        await session.execute(
-            update(Payment)
-            .where(Payment.payment_id == payment_id, Payment.status == PaymentStatus.CHARGED.value)
-            .values(status=PaymentStatus.REFUNDED.value, refunded_at=func.now())
+        status = await session.scalar(
+            insert(Payment)
+            .values(
+                payment_id=payment_id,
+                order_id=order_id,
+                amount_cents=amount_cents,
+                status=PaymentStatus.VOIDED.value,
+                charged_at=None,
+                voided_at=func.now(),
+            )
+            .on_conflict_do_update(
+                index_elements=[Payment.payment_id],
+                set_={
+                    "status": PaymentStatus.REFUNDED.value,
+                    "refunded_at": func.coalesce(Payment.refunded_at, func.now()),
+                },
+                # only this order's charge is ours to refund; a voided or refunded row stays
+                where=(Payment.order_id == order_id) & (Payment.status == PaymentStatus.CHARGED.value),
+            )
+            .returning(Payment.status)
         )
-        status = await session.scalar(select(Payment.status).where(Payment.payment_id == payment_id))
+        if status is None:  # the row was there and not a charge of ours to refund
+            status = await session.scalar(
+                select(Payment.status).where(Payment.payment_id == payment_id, Payment.order_id == order_id)
+            )
     return status == PaymentStatus.REFUNDED.value

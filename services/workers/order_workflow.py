@@ -348,7 +348,11 @@ class OrderWorkflow:
 
     async def _refund(self) -> bool:
         self._status.step = Step.REFUND
-        refund = RefundPaymentInput(payment_id=self._order.payload.payment_id)
+        refund = RefundPaymentInput(
+            order_id=self._order.order_id,
+            payment_id=self._order.payload.payment_id,
+            amount_cents=self._order.payload.amount_cents,
+        )
         return await workflow.execute_local_activity_method(OrderActivities.refund_payment, refund, **MUST_GET_THROUGH)
 
     async def _release_admission(self) -> None:
