@@ -29,6 +29,8 @@ class Signals:
 
 
 STATUS_QUERY = "status"
+EVENTS_QUERY = "events"
+"""Every event the lifecycle emitted so far (a list of `OrderEvent`), published or not."""
 
 WORKFLOW_TASK_TIMEOUT = timedelta(seconds=3)
 """The workflow task timeout lifecycles run with (the bridge starts orders with it, orders start

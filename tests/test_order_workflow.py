@@ -18,14 +18,17 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from uuid import uuid4
 
+import pytest
 import pytest_asyncio
 from temporalio.api.enums.v1 import EventType as HistoryEventType
-from temporalio.client import WorkflowExecutionStatus
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.exceptions import CancelledError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 from workflow_harness import (
     ADDRESS,
     AMOUNT_CENTS,
+    LIFECYCLE_BOUND,
     NEW_ADDRESS,
     PRODUCTION_ATTEMPTS,
     TRACKING_NUMBER,
@@ -57,9 +60,11 @@ from services.workers.boundary import (
     ValidateOrderInput,
 )
 from services.workers.order_workflow import OrderWorkflow
+from services.workers.order_workflow import CANCELLED_THROUGH_TEMPORAL
 from services.workers.shipping_workflow import ShippingWorkflow
 from services.workers.worker import sandbox_runner
 from shared.contracts import Address, EventType, OrderEvent, OrderState, Step
+from shared.lifecycle import EVENTS_QUERY
 
 E = EventType
 HAPPY_EVENTS = [
@@ -206,6 +211,81 @@ async def test_cancel_after_payment_refunds_and_stops_the_shipment(harness_on_ow
     assert [event.type for event in events] == [*UNTIL_SHIPPING, E.PACKAGE_PREPARED, E.CANCELLED]
     assert events[-1].command_id == cancel.command_id
     assert events[-1].data == {"reason": cancel.payload.reason, "refunded": True}
+
+
+async def cancelled_through_temporal(harness: OrderHarness) -> OrderStatus:
+    """Cancel the workflow as an operator would (CLI, UI, SDK); it must close as Canceled."""
+    await harness.handle.cancel()
+    with pytest.raises(WorkflowFailureError) as failure:
+        await asyncio.wait_for(harness.handle.result(), LIFECYCLE_BOUND)
+    assert isinstance(failure.value.cause, CancelledError)
+    return await harness.status()
+
+
+async def test_a_cancellation_through_temporal_in_review_ends_the_order_as_cancelled(
+    harness: OrderHarness,
+) -> None:
+    await harness.start()
+    await harness.wait_for_event(E.AWAITING_APPROVAL)
+    status = await cancelled_through_temporal(harness)
+
+    assert (status.state, status.reason, status.refunded) == (
+        OrderState.CANCELLED, CANCELLED_THROUGH_TEMPORAL, False,
+    )  # fmt: skip
+    assert_not_called(harness, OrderActivities.charge_payment, OrderActivities.refund_payment)
+    assert harness.mocks.called(OrderActivities.release_admission) != []
+    events = assert_numbered(harness)
+    assert [event.type for event in events] == [*UNTIL_REVIEW, E.CANCELLED]
+    assert events[-1].command_id is None
+    assert events[-1].data == {"reason": CANCELLED_THROUGH_TEMPORAL, "refunded": False}
+
+
+async def test_a_cancellation_through_temporal_after_payment_refunds_and_stops_the_shipment(
+    harness_on_own_server: OrderHarness,
+) -> None:
+    harness = harness_on_own_server
+    harness.mocks.script(OrderActivities.dispatch_carrier, then=hangs)
+    await harness.start(dispatch_attempts_per_shipment=20)
+    await harness.wait_for_event(E.AWAITING_APPROVAL)
+    await harness.approve()
+    await harness.wait_for_call(OrderActivities.dispatch_carrier)
+    status = await cancelled_through_temporal(harness)
+
+    assert (status.state, status.reason, status.refunded) == (OrderState.CANCELLED, CANCELLED_THROUGH_TEMPORAL, True)
+    assert len(harness.mocks.called(OrderActivities.refund_payment)) == 1
+    assert await harness.shipment_status(1) is WorkflowExecutionStatus.CANCELED
+    events = assert_numbered(harness)
+    assert [event.type for event in events] == [*UNTIL_SHIPPING, E.PACKAGE_PREPARED, E.CANCELLED]
+    assert events[-1].data == {"reason": CANCELLED_THROUGH_TEMPORAL, "refunded": True}
+
+
+async def test_a_cancel_during_a_charge_attempt_refunds_whatever_the_attempt_did(
+    harness_on_own_server: OrderHarness,
+) -> None:
+    # the charge attempt is in flight when the cancel lands: it may yet commit, so the order
+    # refunds (the business layer voids a payment nothing charged yet)
+    harness = harness_on_own_server
+    gate = asyncio.Event()
+    harness.mocks.script(OrderActivities.charge_payment, then=waits_for(gate))
+    await harness.start()
+    await harness.wait_for_event(E.AWAITING_APPROVAL)
+    await harness.approve()
+    await harness.wait_for_call(OrderActivities.charge_payment)
+    await harness.cancel(reason="changed my mind mid-charge")
+    status = await harness.result()
+    gate.set()
+
+    assert (status.state, status.refunded) == (OrderState.CANCELLED, True)
+    assert len(harness.mocks.called(OrderActivities.refund_payment)) == 1
+    events = assert_numbered(harness)
+    assert [event.type for event in events] == [*UNTIL_REVIEW, E.APPROVED, E.CANCELLED]
+
+
+async def test_the_events_query_returns_every_event_the_lifecycle_emitted(harness: OrderHarness) -> None:
+    await happy_path_scenario(harness)
+
+    emitted = await harness.handle.query(EVENTS_QUERY, result_type=list[OrderEvent])
+    assert emitted == harness.mocks.events
 
 
 async def test_address_update_before_dispatch_reaches_the_running_shipment(harness: OrderHarness) -> None:

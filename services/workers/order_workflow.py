@@ -2,8 +2,9 @@
 
     admitted → receive → validate → manual review → charge payment → ShippingWorkflow → mark shipped
 
-Every order ends (completed, cancelled or failed) within its deadline: a cancel request or the
-deadline stops the lifecycle wherever it is, the child shipment is cancelled with it and a charged
+Every order ends (completed, cancelled or failed) within its deadline: a cancel (a CancelOrder
+command, or a cancellation requested through Temporal) or the deadline stops the lifecycle wherever
+it is, the child shipment is cancelled with it and a charged
 payment is refunded; then the order's admission slot is given back. Each state change is an event
 on `orders.events`, numbered by this workflow's outbox, the one place that knows the order's
 history in order.
@@ -55,6 +56,7 @@ with workflow.unsafe.imports_passed_through():
         ApproveOrder,
         CancelOrder,
         EventType,
+        OrderEvent,
         OrderState,
         OrderStatus,
         Step,
@@ -62,6 +64,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from shared.lifecycle import (
         ORDER_WORKFLOW,
+        EVENTS_QUERY,
         STATUS_QUERY,
         WORKFLOW_TASK_TIMEOUT,
         OrderWorkflowInput,
@@ -75,6 +78,9 @@ MUST_GET_THROUGH: dict[str, Any] = {
     "start_to_close_timeout": timedelta(seconds=5),
     "retry_policy": RetryPolicy(initial_interval=timedelta(milliseconds=100), maximum_interval=timedelta(seconds=2)),
 }
+
+
+CANCELLED_THROUGH_TEMPORAL = "cancelled through Temporal (workflow cancellation request)"
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,7 @@ class OrderWorkflow:
     async def run(self, start: OrderWorkflowInput) -> OrderStatus:
         publisher = asyncio.create_task(self._outbox.publish())
         lifecycle = asyncio.create_task(self._lifecycle())
+        cancelled_through_temporal = False
         try:
             await workflow.wait_condition(
                 lambda: lifecycle.done() or self._stop_request is not None,
@@ -156,13 +163,31 @@ class OrderWorkflow:
         except TimeoutError:
             reason = deadline_reason(self._status.step, self._policy.lifecycle_deadline_seconds)
             self._stop_request = Ending(OrderState.FAILED, reason)
+        except asyncio.CancelledError:
+            # an operator cancelled the workflow (CLI, UI, SDK): end it like a CancelOrder
+            cancelled_through_temporal = True
+            if self._stop_request is None:
+                self._stop_request = Ending(OrderState.CANCELLED, CANCELLED_THROUGH_TEMPORAL)
+                self._log_cancel(CANCELLED_THROUGH_TEMPORAL)
+        conclusion = asyncio.create_task(self._conclude(lifecycle, publisher))
+        while not conclusion.done():
+            try:
+                await asyncio.shield(conclusion)
+            except asyncio.CancelledError:
+                # a Temporal cancel while the order is already ending changes nothing: the refund,
+                # the slot release and the last events must still happen
+                cancelled_through_temporal = True
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        if cancelled_through_temporal and self._status.state is OrderState.CANCELLED:
+            raise asyncio.CancelledError  # Temporal shows the workflow as Canceled, as asked
+        return self.status()
+
+    async def _conclude(self, lifecycle: asyncio.Task[None], publisher: asyncio.Task[None]) -> None:
         ending = await self._ending_of(lifecycle)
         await self._finish(ending)
         await self._release_admission()
         self._outbox.close()
         await publisher
-        await workflow.wait_condition(workflow.all_handlers_finished)
-        return self.status()
 
     async def _lifecycle(self) -> None:
         order_id = self._order.order_id
@@ -375,10 +400,13 @@ class OrderWorkflow:
         if self._accept(command, self._change_blocked()):
             reason = command.payload.reason or "cancelled on request"
             self._stop_request = Ending(OrderState.CANCELLED, reason, command)
-            workflow.logger.info(
-                "cancel requested",
-                extra={"order_id": self._order.order_id, "step": self._status.step.value, "reason": reason},
-            )
+            self._log_cancel(reason)
+
+    def _log_cancel(self, reason: str) -> None:
+        workflow.logger.info(
+            "cancel requested",
+            extra={"order_id": self._order.order_id, "step": self._status.step.value, "reason": reason},
+        )
 
     @workflow.signal(name=Signals.UPDATE_ADDRESS)
     async def update_address(self, command: UpdateAddress) -> None:
@@ -461,6 +489,12 @@ class OrderWorkflow:
                 "error": failed.reason,
             },
         )
+
+    @workflow.query(name=EVENTS_QUERY)
+    def events(self) -> list[OrderEvent]:
+        """Every event this lifecycle emitted, published or not: after a termination the bridge's
+        reconciler publishes what the workflow could not, then says how the order ended."""
+        return list(self._outbox.emitted)
 
     @workflow.query(name=STATUS_QUERY)
     def status(self) -> OrderStatus:

@@ -48,6 +48,7 @@ class Outbox:
         self._next_seq = first_seq
         self._pending: list[OrderEvent] = []
         self._closed = False
+        self.emitted: list[OrderEvent] = []
 
     @property
     def last_seq(self) -> int:
@@ -66,6 +67,7 @@ class Outbox:
         )
         self._next_seq += 1
         self._pending.append(event)
+        self.emitted.append(event)
         return event
 
     def close(self) -> None:
