@@ -87,6 +87,10 @@ EVENT_SUMMARIES: dict[EventType, str] = {
     EventType.CANCELLED: "The order was cancelled; `data` says whether a refund was made "
     "(`refunded`) and, for an order cancelled while queued, `admitted: false`.",
     EventType.FAILED: "The lifecycle failed; `data` carries the reason.",
+    EventType.TERMINATED: "The order's workflow was terminated through Temporal (or timed out or "
+    "failed there), so none of its own code ran at the end. Written by the reconciler: `data` "
+    "carries the `reason` (with the termination's reason), `workflow_status`, whether the payment "
+    "had been `charged`, and whether it was `refunded` (every charge is).",
     EventType.COMMAND_REJECTED: "A command could not apply (for example a cancel after shipment, "
     "or an approve of an unknown order); `command_id` names it and `data` carries the reason.",
 }

@@ -147,6 +147,7 @@ class EventType(StrEnum):
     ADDRESS_UPDATED = "address_updated"
     CANCELLED = "cancelled"
     FAILED = "failed"
+    TERMINATED = "terminated"  # the workflow was terminated: its ending written by the reconciler
     COMMAND_REJECTED = "command_rejected"
 
     @property
@@ -158,7 +159,9 @@ class EventType(StrEnum):
         return self in TERMINAL_EVENTS
 
 
-TERMINAL_EVENTS = frozenset({EventType.COMPLETED, EventType.CANCELLED, EventType.FAILED})
+TERMINAL_EVENTS = frozenset(
+    {EventType.COMPLETED, EventType.CANCELLED, EventType.FAILED, EventType.TERMINATED}
+)
 
 
 class OrderEvent(Model):
@@ -190,10 +193,16 @@ class OrderState(StrEnum):
     COMPLETED = "completed"
     CANCELLED = "cancelled"
     FAILED = "failed"
+    TERMINATED = "terminated"  # its workflow was terminated (no workflow code ran at the end)
 
     @property
     def is_terminal(self) -> bool:
-        return self in (OrderState.COMPLETED, OrderState.CANCELLED, OrderState.FAILED)
+        return self in (
+            OrderState.COMPLETED,
+            OrderState.CANCELLED,
+            OrderState.FAILED,
+            OrderState.TERMINATED,
+        )
 
 
 class Step(StrEnum):

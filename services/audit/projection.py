@@ -34,6 +34,7 @@ STATE_OF_EVENT: dict[EventType, OrderState] = {
     EventType.COMPLETED: OrderState.COMPLETED,
     EventType.CANCELLED: OrderState.CANCELLED,
     EventType.FAILED: OrderState.FAILED,
+    EventType.TERMINATED: OrderState.TERMINATED,
 }
 """`address_updated` and `command_rejected` leave the state as it is."""
 
@@ -44,7 +45,7 @@ FACT_OF_EVENT: dict[EventType, str] = {
     EventType.SHIPPED: "tracking_number",
 }
 
-EVENTS_WITH_REASON = frozenset({EventType.CANCELLED, EventType.FAILED})
+EVENTS_WITH_REASON = frozenset({EventType.CANCELLED, EventType.FAILED, EventType.TERMINATED})
 
 
 async def record_event(session: AsyncSession, event: OrderEvent) -> bool:

@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from enum import StrEnum
 
 import asyncpg
@@ -229,10 +229,6 @@ class AdmissionLedger:
             await publish_rejections(_commands_of(row))
             await session.delete(row)
 
-    async def running_since(self, admitted_before: datetime) -> list[str]:
-        """Orders holding a slot since before `admitted_before`: candidates for a leaked slot."""
-        return await self._orders(AdmissionStatus.RUNNING, col(Admission.admitted_at) < admitted_before)
-
     async def _orders(self, status: AdmissionStatus, condition: ColumnElement[bool]) -> list[str]:
         async with self.sessions() as session:
             rows = await session.scalars(
@@ -322,9 +318,3 @@ async def _first_of(a: asyncio.Event, b: asyncio.Event, timeout: float | None) -
     for task in pending:
         task.cancel()
     return waits[done.pop()] if done else None
-
-
-def slot_leak_threshold(lifecycle_deadline_seconds: float) -> timedelta:
-    """A lifecycle still holding its slot this long after admission has probably ended unseen."""
-    return timedelta(seconds=lifecycle_deadline_seconds + 30)
-

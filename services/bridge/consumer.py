@@ -21,7 +21,7 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 from uuid import UUID, uuid5
 
@@ -31,15 +31,12 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
-from temporalio.client import WorkflowExecutionStatus
-from temporalio.service import RPCError, RPCStatusCode
 
 from services.bridge.admission import (
     AdmissionLedger,
     Registration,
     SlotGate,
     Steering,
-    slot_leak_threshold,
 )
 from services.bridge.lifecycles import (
     ORDER_ENDED,
@@ -49,7 +46,7 @@ from services.bridge.lifecycles import (
     Outcome,
     OutcomeKind,
 )
-from shared import admissions, broker, db
+from shared import broker, db
 from shared.admissions import AdmissionStatus
 from shared.broker import (
     Topology,
@@ -77,7 +74,6 @@ SteeringCommand = ApproveOrder | CancelOrder | UpdateAddress
 
 CONSUMER_NAME = "bridge"
 SWEEP_INTERVAL_SECONDS = 1.0
-LEAK_CHECK_EVERY_SWEEPS = 10
 
 WAITING_FOR_PLACEMENT = "waiting for the order's placement"
 APPLIES_AT_START = "applies when the order's lifecycle starts"
@@ -119,7 +115,7 @@ async def run_bridge(settings: Settings, stop: asyncio.Event) -> None:
         await asyncio.gather(
             consumer().run(placements, PlaceOrder.model_validate_json, bridge.handle_placement),
             consumer().run(commands, command_adapter.validate_json, bridge.handle),
-            bridge.sweep(placements, slot_leak_threshold(settings.lifecycle_deadline_seconds)),
+            bridge.sweep(placements),
             bridge.gate.listen(stop),
         )
     finally:
@@ -251,17 +247,13 @@ class Bridge:
             # the placement registered meanwhile: steer again
 
     # --- housekeeping ----------------------------------------------------------------------------
-    async def sweep(self, placements: AbstractQueue, leak_threshold: timedelta) -> None:
-        """Every second: reject parked commands that no placement can still be coming for, and
-        now and then release slots of lifecycles that ended without releasing them."""
+    async def sweep(self, placements: AbstractQueue) -> None:
+        """Every second: reject parked commands that no placement can still be coming for. (Slots
+        of lifecycles that ended without releasing them are the workers' reconciler's.)"""
         drained_at: datetime | None = None
-        sweeps = 0
         while not await stopped_within(self._stop, SWEEP_INTERVAL_SECONDS):
-            sweeps += 1
             try:
                 drained_at = await self._reject_unplaced(placements, drained_at)
-                if sweeps % LEAK_CHECK_EVERY_SWEEPS == 0:
-                    await self._release_leaked_slots(leak_threshold)
             except Exception as error:  # housekeeping waits for the next round, never stops the bridge
                 log.warning("housekeeping failed; trying again", error=repr(error))
 
@@ -285,18 +277,6 @@ class Bridge:
             await self._publish(rejection_event(command, UNKNOWN_ORDER))
             await self._processed.record(command, Outcome(OutcomeKind.REJECTED, UNKNOWN_ORDER), replace=True)
             log.info("parked command rejected", order_id=command.order_id, command_id=str(command.command_id))
-
-    async def _release_leaked_slots(self, threshold: timedelta) -> None:
-        for order_id in await self._ledger.running_since(await self._ledger.now() - threshold):
-            try:
-                description = await self._lifecycles.describe(order_id)
-            except RPCError as error:
-                if error.status != RPCStatusCode.NOT_FOUND:
-                    raise
-                description = None
-            if description is None or description.status != WorkflowExecutionStatus.RUNNING:
-                await admissions.release(self._ledger.sessions, order_id)
-                log.warning("released the slot of a lifecycle that ended without releasing it", order_id=order_id)
 
     # --- helpers ---------------------------------------------------------------------------------
     @asynccontextmanager

@@ -14,7 +14,6 @@ from typing import Any
 
 from temporalio.client import (
     Client,
-    WorkflowExecutionDescription,
     WorkflowExecutionStatus,
     WorkflowHandle,
 )
@@ -105,9 +104,6 @@ class OrderLifecycles:
                 return Outcome(OutcomeKind.DUPLICATE, "workflow already started by this command")
             return Outcome(OutcomeKind.REJECTED, ORDER_EXISTS)
         return ACCEPTED
-
-    async def describe(self, order_id: str) -> WorkflowExecutionDescription:
-        return await self._client.get_workflow_handle(order_workflow_id(order_id)).describe()
 
     async def signal(self, command: ApproveOrder | CancelOrder | UpdateAddress) -> Outcome:
         handle = self._client.get_workflow_handle(order_workflow_id(command.order_id))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
@@ -18,6 +19,7 @@ from temporalio.worker.workflow_sandbox import (
 from services.workers.activities import BusinessActivities
 from services.workers.boundary import OrderActivities
 from services.workers.order_workflow import OrderWorkflow
+from services.workers.reconciler import Reconciler
 from services.workers.shipping_workflow import ShippingWorkflow
 from shared import broker, db
 from shared.settings import Settings
@@ -111,7 +113,8 @@ def workflow_worker(
 
 @asynccontextmanager
 async def running_workers(client: Client, settings: Settings) -> AsyncIterator[None]:
-    """Both workers polling, with their database pool and broker channel, until the block ends."""
+    """Both workers polling, and the reconciler of terminated lifecycles beside them, with their
+    database pool and broker channel, until the block ends."""
     # the JSON log line carries the workflow's context as fields, not appended to the message
     workflow.logger.workflow_info_on_message = False
     async with AsyncExitStack() as stack:
@@ -121,11 +124,16 @@ async def running_workers(client: Client, settings: Settings) -> AsyncIterator[N
         stack.push_async_callback(connection.close)
         channel, topology = await broker.open_channel(connection)
         await broker.declare_audit_queue(channel, topology, settings)
-        activities = BusinessActivities(db.session_factory(engine), topology)
+        sessions = db.session_factory(engine)
+        activities = BusinessActivities(sessions, topology)
         runner = workflow_runner(settings)
         for worker in (
             order_worker(client, settings.order_task_queue, activities, workflow_runner=runner),
             shipping_worker(client, settings.shipping_task_queue, activities, workflow_runner=runner),
         ):
             await stack.enter_async_context(worker)
+        stop_reconciling = asyncio.Event()
+        reconciling = asyncio.create_task(Reconciler(client, sessions, topology).run(stop_reconciling))
+        stack.push_async_callback(lambda: reconciling)
+        stack.callback(stop_reconciling.set)
         yield

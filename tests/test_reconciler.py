@@ -1,0 +1,200 @@
+"""Orders whose workflow an operator cancelled or terminated through Temporal end truthfully:
+status, read model and history agree, and no payment stays charged. Real workers (order worker
+only: shipments never run here, so a charged order stays in `shipping` until we act), bridge,
+audit consumer, PostgreSQL, RabbitMQ and a Temporal dev server; a database and vhost of this
+module's own, so the reconciler sees only these orders."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from uuid import uuid4
+
+import pytest
+import pytest_asyncio
+from service_support import eventually, running
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.client import Client, WorkflowExecutionStatus
+from test_bridge import approve, place_order
+
+from services.audit.consumer import run_audit
+from services.bridge.consumer import run_bridge
+from services.stack import drop_vhost, isolated_settings
+from services.workers import reconciler
+from services.workers.activities import BusinessActivities
+from services.workers.business import PaymentStatus
+from services.workers.order_workflow import CANCELLED_THROUGH_TEMPORAL
+from services.workers.reconciler import Reconciler
+from services.workers.worker import order_worker
+from shared import broker, db, schema
+from shared.admissions import AdmissionStatus
+from shared.contracts import EventType, OrderState, PlaceOrder
+from shared.db import Admission, AuditEvent, Order, Payment
+from shared.lifecycle import order_workflow_id
+from shared.settings import Settings
+
+RECONCILER_DATABASE = "orderflow_test_reconciler"
+Sessions = async_sessionmaker[AsyncSession]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def reconciler_settings(settings: Settings) -> AsyncIterator[Settings]:
+    test_id = uuid4().hex[:8]
+    isolated = isolated_settings(Settings(log_json=True), RECONCILER_DATABASE).model_copy(
+        update={
+            "temporal_address": settings.temporal_address,
+            "order_task_queue": f"order-tq-{test_id}",
+            "shipping_task_queue": f"shipping-tq-{test_id}",  # nobody polls it
+            "review_window_seconds": 60.0,
+            "lifecycle_deadline_seconds": 90.0,
+        }
+    )
+    await schema.drop_database(isolated.database_url)
+    await schema.ensure_database(isolated.database_url)
+    await asyncio.to_thread(schema.upgrade, isolated.database_url)
+    yield isolated
+    drop_vhost(RECONCILER_DATABASE)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def sessions(reconciler_settings: Settings) -> AsyncIterator[Sessions]:
+    engine = db.create_engine(reconciler_settings)
+    yield db.session_factory(engine)
+    await engine.dispose()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def pipeline(
+    reconciler_settings: Settings, sessions: Sessions, temporal_client: Client, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[broker.Topology, Reconciler]]:
+    """Bridge, audit consumer and order worker running; the reconciler, not yet, for the test to
+    call; it acts on workflows closed any time ago."""
+    monkeypatch.setattr(reconciler, "SETTLE_TIME", reconciler.timedelta(0))
+    settings = reconciler_settings
+    connection = await broker.connect(settings, "tests")
+    try:
+        channel, topology = await broker.open_channel(connection)
+        await broker.declare_command_queues(channel, topology, settings)  # before anything is sent
+        activities = BusinessActivities(sessions, topology)
+        async with (
+            running(run_audit, settings),
+            running(run_bridge, settings),
+            order_worker(temporal_client, settings.order_task_queue, activities),
+        ):
+            yield topology, Reconciler(temporal_client, sessions, topology)
+    finally:
+        await connection.close()
+
+
+async def placed(topology: broker.Topology, sessions: Sessions, *then_approve: bool) -> PlaceOrder:
+    order = place_order(f"rec-{uuid4().hex[:10]}")
+    await broker.publish_command(topology, order)
+    if then_approve:
+        await broker.publish_command(topology, approve(order.order_id))
+    return order
+
+
+async def state_of(sessions: Sessions, order_id: str) -> OrderState | None:
+    async with sessions() as session:
+        order = await session.get(Order, order_id)
+    return OrderState(order.state) if order else None
+
+
+async def reaches(sessions: Sessions, order_id: str, state: OrderState) -> None:
+    async def reached() -> bool:
+        return await state_of(sessions, order_id) is state
+
+    await eventually(reached, timeout=20)
+
+
+async def trail(sessions: Sessions, order_id: str) -> list[AuditEvent]:
+    async with sessions() as session:
+        rows = await session.scalars(
+            select(AuditEvent).where(AuditEvent.order_id == order_id).order_by(AuditEvent.seq)
+        )
+        return list(rows)
+
+
+async def row_of(sessions: Sessions, model: type, key: str) -> object:
+    async with sessions() as session:
+        return await session.get(model, key)
+
+
+def assert_gapless_ending_with(events: list[AuditEvent], last: EventType) -> None:
+    assert [event.seq for event in events] == list(range(1, len(events) + 1))
+    assert events[-1].type == last.value
+    assert sum(EventType(event.type).is_terminal for event in events) == 1
+
+
+async def test_a_terminated_order_in_review_is_reported_terminated_and_its_slot_released(
+    pipeline: tuple[broker.Topology, Reconciler], sessions: Sessions, temporal_client: Client
+) -> None:
+    topology, reconcile = pipeline
+    order = await placed(topology, sessions)
+    still_running = await placed(topology, sessions)
+    await reaches(sessions, order.order_id, OrderState.AWAITING_APPROVAL)
+    await reaches(sessions, still_running.order_id, OrderState.AWAITING_APPROVAL)
+
+    handle = temporal_client.get_workflow_handle(order_workflow_id(order.order_id))
+    await handle.terminate(reason="stuck in a test")
+    assert await reconcile.reconcile() == [order.order_id]  # the running order is left alone
+    assert await reconcile.reconcile() == []  # and once is enough
+
+    await reaches(sessions, order.order_id, OrderState.TERMINATED)
+    events = await trail(sessions, order.order_id)
+    assert_gapless_ending_with(events, EventType.TERMINATED)
+    ending = dict(events[-1].data)
+    reason = ending.pop("reason")
+    assert reason.startswith("terminated through Temporal by ") and reason.endswith(": stuck in a test")
+    assert ending == {"workflow_status": "terminated", "charged": False, "refunded": False}
+    payment = await row_of(sessions, Payment, order.payload.payment_id)
+    assert isinstance(payment, Payment) and payment.status == PaymentStatus.VOIDED.value
+    admission = await row_of(sessions, Admission, order.order_id)
+    assert isinstance(admission, Admission) and admission.status == AdmissionStatus.ENDED.value
+    assert await state_of(sessions, still_running.order_id) is OrderState.AWAITING_APPROVAL
+
+
+async def test_a_terminated_charged_order_is_refunded_and_says_it_was_charged(
+    pipeline: tuple[broker.Topology, Reconciler], sessions: Sessions, temporal_client: Client
+) -> None:
+    topology, reconcile = pipeline
+    order = await placed(topology, sessions, True)
+    await reaches(sessions, order.order_id, OrderState.SHIPPING)  # and stays: no shipping worker
+
+    handle = temporal_client.get_workflow_handle(order_workflow_id(order.order_id))
+    await handle.terminate(reason="operator pulled the plug")
+    assert await reconcile.reconcile() == [order.order_id]
+
+    await reaches(sessions, order.order_id, OrderState.TERMINATED)
+    events = await trail(sessions, order.order_id)
+    assert_gapless_ending_with(events, EventType.TERMINATED)
+    assert EventType.PAYMENT_CHARGED.value in [event.type for event in events]
+    assert events[-1].data["charged"] is True and events[-1].data["refunded"] is True
+    payment = await row_of(sessions, Payment, order.payload.payment_id)
+    assert isinstance(payment, Payment) and payment.status == PaymentStatus.REFUNDED.value
+
+
+async def test_a_cancellation_through_temporal_ends_the_order_and_the_read_model_agrees(
+    pipeline: tuple[broker.Topology, Reconciler], sessions: Sessions, temporal_client: Client
+) -> None:
+    # (a cancel after payment refunds: tests/test_order_workflow.py; here the whole path to the
+    # read model, in review, since a shipment that no worker runs could not be cancelled)
+    topology, reconcile = pipeline
+    order = await placed(topology, sessions)
+    await reaches(sessions, order.order_id, OrderState.AWAITING_APPROVAL)
+
+    handle = temporal_client.get_workflow_handle(order_workflow_id(order.order_id))
+    await handle.cancel()
+
+    await reaches(sessions, order.order_id, OrderState.CANCELLED)
+    assert (await handle.describe()).status is WorkflowExecutionStatus.CANCELED
+    events = await trail(sessions, order.order_id)
+    assert_gapless_ending_with(events, EventType.CANCELLED)
+    assert events[-1].data == {"reason": CANCELLED_THROUGH_TEMPORAL, "refunded": False}
+    async with sessions() as session:
+        stored = await session.get(Order, order.order_id)
+    assert stored is not None and stored.reason == CANCELLED_THROUGH_TEMPORAL
+    admission = await row_of(sessions, Admission, order.order_id)
+    assert isinstance(admission, Admission) and admission.status == AdmissionStatus.ENDED.value
+    assert await reconcile.reconcile() == []  # it ended itself: nothing to reconcile
