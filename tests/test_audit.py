@@ -333,3 +333,22 @@ async def test_events_arriving_together_share_a_transaction_and_a_bad_one_fails_
     assert "too long" in str(outcomes[3])
     assert [m.acked for m in messages] == [True, True, True, False]
     assert [row.seq for row in await stored_events(db_sessions, order_id)] == [1, 2, 3]
+
+
+async def test_a_handler_cancelled_mid_batch_holds_up_no_later_event(
+    db_sessions: Sessions, order_id: str
+) -> None:
+    """When the broker connection drops, the handlers of its deliveries are cancelled, possibly
+    while their batch is being written (the broker delivers those events again). The events that
+    arrive meanwhile must still be recorded and acked."""
+    audit_log = AuditLog(db_sessions, asyncio.Event())
+    dropped, kept = event(order_id, 1, EventType.RECEIVED), event(order_id, 2, EventType.VALIDATED)
+    kept_message = AckedMessage()
+
+    dropped_handler = asyncio.create_task(audit_log.handle(AckedMessage(), dropped))  # type: ignore[arg-type]
+    await asyncio.sleep(0)  # it has handed its event to the writer and waits for the batch
+    dropped_handler.cancel()
+    await asyncio.wait_for(audit_log.handle(kept_message, kept), timeout=10)  # type: ignore[arg-type]
+
+    assert kept_message.acked
+    assert [row.seq for row in await stored_events(db_sessions, order_id)] == [1, 2]

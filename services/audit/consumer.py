@@ -85,11 +85,14 @@ class AuditLog:
             if len(batch) > 1:
                 for single in batch:
                     await self._write([single])
-            else:
+            elif not batch[0][1].cancelled():
                 batch[0][1].set_exception(error)
             return
         for (_, recorded), is_new in zip(batch, outcomes, strict=True):
-            recorded.set_result(is_new)
+            # a handler cancelled meanwhile (its channel closed; the broker delivers its event
+            # again) waits for nothing, and must not stop the writer before the events after it
+            if not recorded.cancelled():
+                recorded.set_result(is_new)
 
     async def _record(self, events: list[OrderEvent]) -> list[bool]:
         async with db.transaction(self._sessions) as session:
