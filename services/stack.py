@@ -139,6 +139,11 @@ class Stack:
             await process.wait()
             await self.start(each, *self._commands[each])
 
+    def exited(self) -> dict[str, int]:
+        """The children that have ended by themselves, with their exit codes: nobody restarts
+        them, so anything here is a service that crashed or gave up."""
+        return {name: p.returncode for name, p in self._processes.items() if p.returncode is not None}
+
     def pids(self) -> dict[str, int]:
         return {name: process.pid for name, process in self._processes.items()}
 

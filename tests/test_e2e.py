@@ -21,7 +21,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.stack import Stack, free_port, running_stack
+from services.stack import free_port, running_stack
 from shared import broker
 from shared.contracts import (
     Address,
@@ -82,7 +82,7 @@ class EventLog:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def stack(settings: Settings, migrated_database: str) -> AsyncIterator[tuple[Settings, Stack]]:
+async def system(settings: Settings, migrated_database: str) -> AsyncIterator[Settings]:
     """api, bridge, workers and audit as processes against the test database, vhost and server."""
     port = free_port()
     system_settings = settings.model_copy(
@@ -97,16 +97,11 @@ async def stack(settings: Settings, migrated_database: str) -> AsyncIterator[tup
     )
     with tempfile.NamedTemporaryFile("w+", prefix="orderflow-e2e-", suffix=".log", delete=False) as log:
         try:
-            async with running_stack(system_settings, temporal=None, log=log) as processes:
-                yield system_settings, processes
+            async with running_stack(system_settings, temporal=None, log=log):
+                yield system_settings
         finally:
             # the services' own logs, for whoever reads a failure
             print(f"service logs: {log.name}")
-
-
-@pytest.fixture
-def system(stack: tuple[Settings, Stack]) -> Settings:
-    return stack[0]
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -298,44 +293,3 @@ async def test_a_duplicate_command_id_has_one_effect(
     assert kinds.count("approved") == 1
     assert "command_rejected" not in kinds
     assert events.of(order_id, EventType.COMMAND_REJECTED) == []
-
-
-async def test_orders_in_flight_survive_a_worker_crash(
-    stack: tuple[Settings, Stack],
-    amqp: tuple[broker.Topology, EventLog, AbstractQueue],
-    db_sessions: async_sessionmaker[AsyncSession],
-) -> None:
-    _, processes = stack
-    topology, events, _ = amqp
-    order_ids = [f"e2e-crash-{uuid4().hex[:8]}" for _ in range(3)]
-    for order_id in order_ids:
-        await broker.publish_command(topology, place_command(order_id))
-    for order_id in order_ids:
-        await events.wait_for(order_id, EventType.AWAITING_APPROVAL)
-
-    await processes.crash_and_restart("workers")
-    for order_id in order_ids:
-        await broker.publish_command(topology, approve_command(order_id))
-    endings = [await events.wait_for_end(order_id) for order_id in order_ids]
-
-    assert [e.type for e in endings] == [EventType.COMPLETED] * 3, [e.data for e in endings]
-    for order_id in order_ids:
-        trail = await full_trail_stored(db_sessions, events, order_id)
-        assert [row.seq for row in trail] == list(range(1, len(trail) + 1))
-        assert [row.type for row in trail].count("payment_charged") == 1
-
-
-async def test_commands_wait_out_a_bridge_crash(
-    stack: tuple[Settings, Stack],
-    amqp: tuple[broker.Topology, EventLog, AbstractQueue],
-) -> None:
-    _, processes = stack
-    topology, events, _ = amqp
-    order_id = f"e2e-bridge-{uuid4().hex[:8]}"
-
-    await processes.crash_and_restart("bridge")
-    await broker.publish_command(topology, place_command(order_id))
-    await events.wait_for(order_id, EventType.AWAITING_APPROVAL)
-    await broker.publish_command(topology, approve_command(order_id))
-
-    assert (await events.wait_for_end(order_id)).type is EventType.COMPLETED

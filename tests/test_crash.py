@@ -1,0 +1,416 @@
+"""Crashes in the middle of the work: the services killed -9 and the servers restarted while orders
+are in flight, and afterwards every order complete, once.
+
+The system runs as in tests/test_e2e.py (the `make run` launcher, the real fault injector), but on
+servers of its own (tests/private_servers.py): a PostgreSQL and a RabbitMQ that may be restarted
+without disturbing anybody else's tests, and a Temporal dev server that keeps its state in a file
+and so survives its own restart.
+
+A crash lands mid-work where the work itself is made to wait, not at a moment guessed with a
+sleep: the test writes the unique key that the work is about to write (the payment of a charge,
+the tracking record of a placement, an event's place in the audit table) in a transaction it
+holds open, sees the service's session waiting for it in `pg_blocking_pids`, kills the service,
+and rolls its transaction back. The work then happens as if the test had never been there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from uuid import uuid4
+
+import httpx
+import pytest
+import pytest_asyncio
+from aio_pika.abc import AbstractChannel
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from private_servers import PrivatePostgres, PrivateRabbitMQ, private_servers
+from service_support import eventually
+from sqlalchemy import Insert, func, insert, select, text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.client import Client
+from test_e2e import (
+    LIFECYCLE_TIMEOUT,
+    EventLog,
+    approve_command,
+    audit_trail,
+    full_trail_stored,
+    place_command,
+)
+
+from services.stack import Stack, TemporalDevServer, free_port, running_stack
+from shared import broker, db
+from shared.contracts import Command, EventType
+from shared.db import AuditEvent, Order, Payment, ProcessedCommand
+from shared.lifecycle import order_workflow_id
+from shared.settings import Settings
+from shared.temporal import connect_temporal
+
+pytestmark = pytest.mark.e2e
+
+CRASH_DATABASE = "orderflow_crash"
+EVENTS_QUEUE = "crash-tests.events"
+OUTAGE_SECONDS = 2.0  # long enough for every service to run into a server that is down
+# the steps a completed order takes once each
+ONCE_PER_ORDER = ("queued", "admitted", "received", "validated", "approved", "payment_charged", "shipped", "completed")
+
+
+@dataclass(frozen=True)
+class CrashSystem:
+    settings: Settings
+    stack: Stack
+    postgres: PrivatePostgres
+    rabbitmq: PrivateRabbitMQ
+    temporal: Client
+
+
+@dataclass(frozen=True)
+class Subscriber:
+    """The tests' connection: publishes commands, collects every event."""
+
+    channel: AbstractChannel
+    topology: broker.Topology
+    events: EventLog
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def crash(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[CrashSystem]:
+    """api, bridge, workers and audit as processes, on private servers and a Temporal dev server
+    that keeps its state in a file."""
+    temporal = TemporalDevServer(
+        port=free_port(), ui_port=free_port(), db_file=tmp_path_factory.mktemp("temporal") / "temporal.db", ui=False
+    )
+    api_port = free_port()
+    async with private_servers() as (postgres, rabbitmq):
+        settings = Settings(log_json=True).model_copy(
+            update={
+                "database_url": postgres.database_url(CRASH_DATABASE),
+                "amqp_url": rabbitmq.amqp_url,
+                "temporal_address": f"127.0.0.1:{temporal.port}",
+                "api_port": api_port,
+                "api_url": f"http://127.0.0.1:{api_port}",
+                # as in tests/test_e2e.py: what happens is checked here, not how fast, and a
+                # recovery must not turn an order into a timeout
+                "review_window_seconds": 30.0,
+                "lifecycle_deadline_seconds": 45.0,
+            }
+        )
+        with tempfile.NamedTemporaryFile("w+", prefix="orderflow-crash-", suffix=".log", delete=False) as log:
+            try:
+                async with running_stack(settings, temporal=temporal, log=log) as stack:
+                    client = await connect_temporal(settings)
+                    yield CrashSystem(settings, stack, postgres, rabbitmq, client)
+            finally:
+                print(f"service logs: {log.name}")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def db_sessions(crash: CrashSystem) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """Sessions on the private server's database."""
+    engine = db.create_engine(crash.settings)
+    yield db.session_factory(engine)
+    await engine.dispose()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def amqp(crash: CrashSystem) -> AsyncIterator[Subscriber]:
+    connection = await broker.connect(crash.settings, "crash-tests")
+    try:
+        channel, topology = await broker.open_channel(connection)
+        events = EventLog()
+        # durable: what is published while the broker restarts waits for us in it
+        queue = await channel.declare_queue(EVENTS_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+        await queue.bind(topology.events, routing_key="order.#")
+        await queue.consume(events.on_message)
+        yield Subscriber(channel, topology, events)
+    finally:
+        await connection.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def api(crash: CrashSystem) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=crash.settings.api_url, timeout=10) as client:
+        yield client
+
+
+@pytest.fixture(autouse=True)
+def no_service_gave_up(crash: CrashSystem) -> None:
+    """Whatever a test does to them, the services must still run afterwards (nobody restarts a
+    service that exits by itself)."""
+    yield
+    assert crash.stack.exited() == {}
+
+
+def new_order_id(kind: str) -> str:
+    return f"crash-{kind}-{uuid4().hex[:8]}"
+
+
+async def publish(subscriber: Subscriber, command: Command) -> None:
+    """Publish as a client riding out an outage: again, with the same command id (so one effect),
+    until the broker confirms it."""
+
+    async def confirmed() -> bool:
+        try:
+            async with asyncio.timeout(5):
+                await broker.publish_command(subscriber.topology, command)
+        except (TimeoutError, *CONNECTION_EXCEPTIONS):
+            return False
+        return True
+
+    await eventually(confirmed, timeout=LIFECYCLE_TIMEOUT)
+
+
+async def place_and_approve(subscriber: Subscriber, order_ids: list[str]) -> None:
+    """Place the orders and approve each when it asks for it."""
+    for order_id in order_ids:
+        await publish(subscriber, place_command(order_id))
+    for order_id in order_ids:
+        await subscriber.events.wait_for(order_id, EventType.AWAITING_APPROVAL)
+        await publish(subscriber, approve_command(order_id))
+
+
+async def completed(subscriber: Subscriber, order_ids: list[str]) -> None:
+    endings = [await subscriber.events.wait_for_end(order_id) for order_id in order_ids]
+    assert [e.type for e in endings] == [EventType.COMPLETED] * len(order_ids), [e.data for e in endings]
+
+
+@asynccontextmanager
+async def holding(
+    sessions: async_sessionmaker[AsyncSession], row: Insert
+) -> AsyncIterator[Callable[[], Awaitable[bool]]]:
+    """Insert `row` in a transaction held open until the block ends, then rolled back: whoever
+    writes the same unique key meanwhile waits for us, in the middle of its work. Yields a check:
+    is a session waiting for us now?"""
+    async with sessions() as holder:
+        await holder.execute(row)
+        holder_pid = await holder.scalar(select(func.pg_backend_pid()))
+
+        async def someone_waits() -> bool:
+            async with sessions() as observer:
+                waiting = await observer.scalar(
+                    text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"),
+                    {"pid": holder_pid},
+                )
+            return bool(waiting)
+
+        try:
+            yield someone_waits
+        finally:
+            await holder.rollback()
+
+
+async def assert_completed_once(
+    sessions: async_sessionmaker[AsyncSession], events: EventLog, order_id: str
+) -> None:
+    """Every event the order published is stored once, numbered 1, 2, 3, ...; each step happened
+    once; one payment, charged; and the read model says completed, with the tracking number."""
+    trail = await full_trail_stored(sessions, events, order_id)
+    assert [row.seq for row in trail] == list(range(1, len(trail) + 1))
+    assert {row.event_id for row in trail} == {event.event_id for event in events.by_order[order_id]}
+    kinds = [row.type for row in trail]
+    assert {kind: kinds.count(kind) for kind in ONCE_PER_ORDER} == dict.fromkeys(ONCE_PER_ORDER, 1)
+    async with sessions() as session:
+        order = await session.get(Order, order_id)
+        payments = await session.scalars(select(Payment).where(Payment.order_id == order_id))
+        charges = [(payment.payment_id, payment.status) for payment in payments]
+    assert order is not None
+    shipped = next(row for row in trail if row.type == "shipped")
+    assert (order.state, order.last_event_seq, order.tracking_number) == (
+        "completed", len(trail), shipped.data["tracking_number"]
+    )
+    assert charges == [(f"pay-{order_id}", "charged")]
+
+
+# --- the services killed -9 -----------------------------------------------------------------------
+
+
+async def test_workers_killed_during_a_charge_charge_once_and_complete(
+    crash: CrashSystem, amqp: Subscriber, db_sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    order_id = new_order_id("charge")
+    await publish(amqp, place_command(order_id))
+    await amqp.events.wait_for(order_id, EventType.AWAITING_APPROVAL)
+
+    payment = insert(Payment).values(payment_id=f"pay-{order_id}", order_id=order_id, amount_cents=1, status="charged")
+    async with holding(db_sessions, payment) as charge_waits:
+        await publish(amqp, approve_command(order_id))
+        await eventually(charge_waits)  # a charge attempt is in the worker, writing the payment
+        await crash.stack.crash_and_restart("workers")
+
+    await completed(amqp, [order_id])
+    await assert_completed_once(db_sessions, amqp.events, order_id)
+
+
+async def test_bridge_killed_between_starting_a_lifecycle_and_acking_its_placement(
+    crash: CrashSystem, amqp: Subscriber, db_sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    order_id = new_order_id("start")
+    place = place_command(order_id)
+    workflow = crash.temporal.get_workflow_handle(order_workflow_id(order_id))
+
+    # the bridge records a command's outcome after applying it and before acking it
+    record = insert(ProcessedCommand).values(
+        command_id=place.command_id, order_id=order_id, type=place.type.value, outcome="accepted"
+    )
+    async with holding(db_sessions, record) as recording_waits:
+        await publish(amqp, place)
+        await eventually(recording_waits)
+        started_run = (await workflow.describe()).run_id
+        await crash.stack.crash_and_restart("bridge")
+
+    await amqp.events.wait_for(order_id, EventType.AWAITING_APPROVAL)
+    await publish(amqp, approve_command(order_id))
+    await completed(amqp, [order_id])
+
+    runs = [run.run_id async for run in crash.temporal.list_workflows(f'WorkflowId = "{workflow.id}"')]
+    assert runs == [started_run]
+    await assert_completed_once(db_sessions, amqp.events, order_id)
+    async with db_sessions() as session:
+        outcome = await session.scalar(
+            select(ProcessedCommand.outcome).where(ProcessedCommand.command_id == place.command_id)
+        )
+    assert outcome == "duplicate"  # the redelivered placement found its lifecycle running
+
+
+async def test_audit_killed_mid_batch_loses_and_repeats_nothing(
+    crash: CrashSystem, amqp: Subscriber, db_sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """The audit consumer writes the events that arrived while it was busy as one transaction. A
+    `plug` order's first event holds the consumer up while the rest of its events arrive; then it
+    goes, and the next batch (the plug's other events, then a `victim` order's first) stops at the
+    victim, uncommitted, when the consumer is killed."""
+    plug, victim = new_order_id("plug"), new_order_id("victim")
+
+    def first_event_of(order_id: str) -> Insert:
+        return insert(AuditEvent).values(
+            event_id=uuid4(), order_id=order_id, seq=1, type="queued", occurred_at=datetime.now(UTC), data={}
+        )
+
+    async def all_delivered_to_audit() -> bool:
+        queue = await amqp.channel.declare_queue(crash.settings.audit_queue, passive=True)
+        return queue.declaration_result.message_count == 0
+
+    async with holding(db_sessions, first_event_of(victim)) as batch_waits_on_victim:
+        async with holding(db_sessions, first_event_of(plug)) as batch_waits_on_plug:
+            await place_and_approve(amqp, [plug])
+            await eventually(batch_waits_on_plug)
+            await completed(amqp, [plug])
+            await publish(amqp, place_command(victim))
+            await amqp.events.wait_for(victim, EventType.QUEUED)
+            await eventually(all_delivered_to_audit)
+        await eventually(batch_waits_on_victim)
+        stored = [row.type for row in await audit_trail(db_sessions, plug)]
+        assert stored == ["queued"]  # the rest is written, uncommitted, by the batch in progress
+        await crash.stack.crash_and_restart("audit")
+
+    await amqp.events.wait_for(victim, EventType.AWAITING_APPROVAL)
+    await publish(amqp, approve_command(victim))
+    await completed(amqp, [victim])
+    for order_id in (plug, victim):
+        await assert_completed_once(db_sessions, amqp.events, order_id)
+
+
+async def test_orders_in_flight_survive_a_worker_crash(
+    crash: CrashSystem, amqp: Subscriber, db_sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    order_ids = [new_order_id("worker") for _ in range(3)]
+    for order_id in order_ids:
+        await publish(amqp, place_command(order_id))
+    for order_id in order_ids:
+        await amqp.events.wait_for(order_id, EventType.AWAITING_APPROVAL)
+
+    await crash.stack.crash_and_restart("workers")
+    for order_id in order_ids:
+        await publish(amqp, approve_command(order_id))
+
+    await completed(amqp, order_ids)
+    for order_id in order_ids:
+        await assert_completed_once(db_sessions, amqp.events, order_id)
+
+
+async def test_commands_wait_out_a_bridge_crash(crash: CrashSystem, amqp: Subscriber) -> None:
+    order_id = new_order_id("bridge")
+
+    await crash.stack.crash_and_restart("bridge")
+    await place_and_approve(amqp, [order_id])
+
+    await completed(amqp, [order_id])
+
+
+# --- the servers restarted ------------------------------------------------------------------------
+
+
+async def test_rabbitmq_restarted_while_the_services_run(
+    crash: CrashSystem, amqp: Subscriber, api: httpx.AsyncClient, db_sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    in_flight = [new_order_id("amqp-before") for _ in range(3)]
+    over_http, over_amqp = new_order_id("amqp-http"), new_order_id("amqp-after")
+    await place_and_approve(amqp, in_flight)
+    await amqp.events.wait_for(in_flight[0], EventType.APPROVED)  # the lifecycles are under way
+
+    await crash.rabbitmq.stop()
+    placement = place_command(over_http)
+    body = {"order_id": over_http, "command_id": str(placement.command_id),
+            **placement.payload.model_dump(mode="json", exclude_none=True)}
+    refused = await api.post("/orders", json=body)
+    assert refused.status_code == 503, refused.text  # no broker, no promise
+    await crash.rabbitmq.start()
+    broker_back_at = datetime.now(UTC)
+
+    async def accepted() -> bool:
+        response = await api.post("/orders", json=body)
+        assert response.status_code in (202, 503), response.text
+        return response.status_code == 202
+
+    await eventually(accepted, timeout=LIFECYCLE_TIMEOUT)  # the gateway is connected again
+    await publish(amqp, place_command(over_amqp))
+    for order_id in (over_http, over_amqp):
+        await amqp.events.wait_for(order_id, EventType.AWAITING_APPROVAL)
+        await publish(amqp, approve_command(order_id))
+
+    await completed(amqp, [*in_flight, over_http, over_amqp])
+    for order_id in (*in_flight, over_http, over_amqp):
+        await assert_completed_once(db_sessions, amqp.events, order_id)
+    # the workers went on without the broker, and published those events once it was back
+    endings = [await amqp.events.wait_for_end(order_id) for order_id in in_flight]
+    assert any(ending.occurred_at < broker_back_at for ending in endings)
+
+
+async def test_postgres_restarted_while_the_services_run(
+    crash: CrashSystem, amqp: Subscriber, api: httpx.AsyncClient, db_sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    in_flight = [new_order_id("pg-before") for _ in range(3)]
+    after = new_order_id("pg-after")
+    await place_and_approve(amqp, in_flight)
+    await amqp.events.wait_for(in_flight[0], EventType.PAYMENT_CHARGED)
+
+    await crash.postgres.stop()
+    readiness = await api.get("/readyz")
+    assert (readiness.status_code, readiness.json()["failed"]) == (503, ["database"])
+    await asyncio.sleep(OUTAGE_SECONDS)
+    await crash.postgres.start()
+    await place_and_approve(amqp, [after])
+
+    await completed(amqp, [*in_flight, after])
+    for order_id in (*in_flight, after):
+        await assert_completed_once(db_sessions, amqp.events, order_id)
+
+
+async def test_temporal_restarted_while_the_services_run(
+    crash: CrashSystem, amqp: Subscriber, db_sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    in_flight = [new_order_id("temporal-before") for _ in range(3)]
+    after = new_order_id("temporal-after")
+    await place_and_approve(amqp, in_flight)
+    await amqp.events.wait_for(in_flight[0], EventType.APPROVED)  # the lifecycles are under way
+
+    await crash.stack.crash_and_restart("temporal")
+    await place_and_approve(amqp, [after])
+
+    await completed(amqp, [*in_flight, after])
+    for order_id in (*in_flight, after):
+        await assert_completed_once(db_sessions, amqp.events, order_id)
