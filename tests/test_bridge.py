@@ -436,17 +436,22 @@ async def test_a_command_delivered_twice_has_one_effect(
 ) -> None:
     order_id = unique_id("ord")
     place, approval, cancellation = place_order(order_id), approve(order_id), cancel(order_id)
+    relocation, last = update_address(order_id), update_address(order_id)
     await publish(broker_channel, place, place)
     await described(temporal_client, order_id)
-    # one order's commands apply in arrival order: once the cancel arrived, the repeats were handled
-    await publish(broker_channel, approval, approval, cancellation)
+    # one order's commands apply in arrival order: once the last arrived, the repeats were handled
+    await publish(
+        broker_channel, relocation, relocation, approval, approval, cancellation, cancellation, last
+    )
 
-    assert await signals_received(temporal_client, order_id, 2) == [
+    assert await signals_received(temporal_client, order_id, 4) == [
+        signal_of(Signals.UPDATE_ADDRESS, relocation),
         signal_of(Signals.APPROVE, approval),
         signal_of(Signals.CANCEL, cancellation),
+        signal_of(Signals.UPDATE_ADDRESS, last),
     ]
-    assert await recorded_outcome(db_sessions, place) == "accepted"
-    assert await recorded_outcome(db_sessions, approval) == "accepted"
+    for command in (place, relocation, approval, cancellation):
+        assert await recorded_outcome(db_sessions, command) == "accepted"
     assert await drain(rejections) == []
 
 

@@ -63,7 +63,7 @@ from services.workers.order_workflow import OrderWorkflow
 from services.workers.order_workflow import CANCELLED_THROUGH_TEMPORAL
 from services.workers.shipping_workflow import ShippingWorkflow
 from services.workers.worker import sandbox_runner
-from shared.contracts import Address, EventType, OrderEvent, OrderState, Step
+from shared.contracts import Address, EventType, OrderEvent, OrderState, OrderStatus, Step
 from shared.lifecycle import EVENTS_QUERY
 
 E = EventType
@@ -113,15 +113,18 @@ async def harness_on_dev_server(temporal_dev_server: WorkflowEnvironment) -> Asy
 
 # --- assertions shared by the tests ---------------------------------------------------------------
 def assert_numbered(harness: OrderHarness, first_seq: int = 1) -> list[OrderEvent]:
-    """The published events: this order's, each once, numbered from `first_seq` without gaps, one
-    terminal last."""
+    """The published events (each id once, always with the same content: delivery is at least
+    once): this order's, numbered from `first_seq` without gaps, one terminal, followed by nothing
+    but rejections of commands that came too late."""
     events = harness.mocks.events
+    assert harness.mocks.conflicting == []
     assert [event.seq for event in events] == list(range(first_seq, first_seq + len(events)))
     assert len({event.event_id for event in events}) == len(events)
     assert {event.order_id for event in events} == {harness.order_id}
     assert {event.correlation_id for event in events} == {harness.order.correlation_id}
-    assert [event.type.is_terminal for event in events].count(True) == 1
-    assert events[-1].type.is_terminal
+    terminal = [index for index, event in enumerate(events) if event.type.is_terminal]
+    assert len(terminal) == 1
+    assert {event.type for event in events[terminal[0] + 1 :]} <= {E.COMMAND_REJECTED}
     return events
 
 
@@ -286,6 +289,61 @@ async def test_the_events_query_returns_every_event_the_lifecycle_emitted(harnes
 
     emitted = await harness.handle.query(EVENTS_QUERY, result_type=list[OrderEvent])
     assert emitted == harness.mocks.events
+
+
+async def test_a_cancel_delivered_twice_ends_the_order_once(harness: OrderHarness) -> None:
+    await harness.start()
+    await harness.wait_for_event(E.AWAITING_APPROVAL)
+    cancel_id = uuid4()
+    await harness.cancel(command_id=cancel_id)
+    await harness.cancel(command_id=cancel_id)
+    status = await harness.result()
+
+    assert status.state is OrderState.CANCELLED
+    events = assert_numbered(harness)
+    assert [event.type for event in events] == [*UNTIL_REVIEW, E.CANCELLED]  # the repeat: no rejection
+    assert events[-1].command_id == cancel_id
+
+
+async def test_an_approval_racing_a_cancel_loses_if_the_cancel_came_first(harness: OrderHarness) -> None:
+    await harness.start()
+    await harness.wait_for_event(E.AWAITING_APPROVAL)
+    cancel = await harness.cancel()
+    approval = await harness.approve()
+    status = await harness.result()
+
+    assert status.state is OrderState.CANCELLED
+    assert_not_called(harness, OrderActivities.charge_payment, OrderActivities.refund_payment)
+    events = assert_numbered(harness)
+    # the approval is rejected, before or after the cancelled event depending on whether it
+    # arrived while the order was ending or once it had ended
+    assert sorted(event.type for event in events[len(UNTIL_REVIEW) :]) == [E.CANCELLED, E.COMMAND_REJECTED]
+    [rejected] = [event for event in events if event.type is E.COMMAND_REJECTED]
+    assert (rejected.command_id, rejected.data["reason"]) == (approval.command_id, "order has ended or is ending")
+    [cancelled] = [event for event in events if event.type is E.CANCELLED]
+    assert cancelled.command_id == cancel.command_id
+
+
+async def test_a_cancel_racing_an_approval_still_cancels_and_leaves_nothing_charged(
+    harness_on_own_server: OrderHarness,
+) -> None:
+    harness = harness_on_own_server
+    await harness.start()
+    await harness.wait_for_event(E.AWAITING_APPROVAL)
+    approval = await harness.approve()
+    cancel = await harness.cancel()
+    status = await harness.result()
+
+    assert status.state is OrderState.CANCELLED
+    # however far the charge got before the cancel landed, whatever it did is undone
+    charged = harness.mocks.called(OrderActivities.charge_payment) != []
+    assert harness.mocks.called(OrderActivities.refund_payment) != [] if charged else True
+    assert status.refunded is charged
+    events = assert_numbered(harness)
+    assert [event.type for event in events][: len(UNTIL_REVIEW) + 1] == [*UNTIL_REVIEW, E.APPROVED]
+    assert E.COMMAND_REJECTED not in [event.type for event in events]
+    assert (events[-1].type, events[-1].command_id) == (E.CANCELLED, cancel.command_id)
+    assert events[len(UNTIL_REVIEW)].command_id == approval.command_id
 
 
 async def test_address_update_before_dispatch_reaches_the_running_shipment(harness: OrderHarness) -> None:

@@ -8,6 +8,9 @@ fails here. If the change is intended (and no order that old can still be runnin
 is behind `workflow.patched`), record them again and commit the new files:
 
     .venv/bin/python tests/record_histories.py
+
+Histories recorded before a patched change are kept in a folder named after it (e.g.
+`before-commit-ending/`): orders running across an upgrade must still replay.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from services.workers.worker import sandbox_runner
 from shared.contracts import OrderStatus, Step
 from shared.lifecycle import ORDER_WORKFLOW, OrderWorkflowInput, order_workflow_id
 
-RECORDED = sorted(HISTORIES.glob("*.json"))
+RECORDED = sorted(HISTORIES.rglob("*.json"))
 
 
 def load(path: Path) -> WorkflowHistory:
@@ -52,7 +55,7 @@ def test_every_scenario_has_its_histories() -> None:
         assert f"{order_workflow_id(order_id)}-shipping-1" in names
 
 
-@pytest.mark.parametrize("path", RECORDED, ids=[path.stem for path in RECORDED])
+@pytest.mark.parametrize("path", RECORDED, ids=[str(path.relative_to(HISTORIES).with_suffix("")) for path in RECORDED])
 async def test_recorded_history_replays(path: Path) -> None:
     history = load(path)
     assert len(history.events) > 10

@@ -192,6 +192,8 @@ class MockActivities(OrderActivities):
     def __init__(self, steps_otherwise: Behaviour = passes) -> None:
         self.calls: dict[str, list[BaseModel]] = defaultdict(list)
         self.events: list[OrderEvent] = []
+        self.conflicting: list[tuple[OrderEvent, OrderEvent]] = []
+        """Events published again under the same id with other content: never allowed."""
         self._scripts: dict[str, deque[Behaviour]] = defaultdict(deque)
         self._otherwise: dict[str, Behaviour] = {name: steps_otherwise for name in BUSINESS_STEPS}
 
@@ -251,7 +253,14 @@ class MockActivities(OrderActivities):
     @activity.defn
     async def publish_events(self, input: PublishEventsInput) -> None:
         await self._play("publish_events", input)
-        self.events.extend(input.events)
+        # at least once: a workflow task retried (a signal landed as it completed, say) runs its
+        # local activities again, and a republished event must be the same event
+        seen = {event.event_id: event for event in self.events}
+        for event in input.events:
+            if event.event_id not in seen:
+                self.events.append(event)
+            elif seen[event.event_id] != event:
+                self.conflicting.append((seen[event.event_id], event))
 
     @activity.defn
     async def release_admission(self, input: ReleaseAdmissionInput) -> None:
@@ -390,9 +399,11 @@ class OrderHarness:
         await self.handle.signal(Signals.APPROVE, command)
         return command
 
-    async def cancel(self, reason: str | None = "customer changed their mind") -> CancelOrder:
+    async def cancel(
+        self, reason: str | None = "customer changed their mind", command_id: UUID | None = None
+    ) -> CancelOrder:
         command = CancelOrder(
-            command_id=uuid4(),
+            command_id=command_id or uuid4(),
             order_id=self.order_id,
             issued_at=datetime.now(UTC),
             payload=CancelOrderPayload(reason=reason),

@@ -71,7 +71,8 @@ class Outbox:
         return event
 
     def close(self) -> None:
-        """No more events: `publish` returns once the pending ones are out."""
+        """The lifecycle has ended: `publish` returns once the pending events are out (later
+        ones, rejections of commands that came too late, need another `publish`)."""
         self._closed = True
 
     async def publish(self) -> None:
