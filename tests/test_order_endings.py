@@ -1,5 +1,6 @@
-"""Orders whose workflow an operator cancelled or terminated through Temporal end truthfully:
-status, read model and history agree, and no payment stays charged. Real workers (order worker
+"""However an order ends, it ends truthfully: cancelled or terminated by an operator through
+Temporal, cancelled before it started, failed early. Status, read model and history agree, and no
+payment stays charged. Real workers (order worker
 only: shipments never run here, so a charged order stays in `shipping` until we act), bridge,
 audit consumer, PostgreSQL, RabbitMQ and a Temporal dev server; a database and vhost of this
 module's own, so the reconciler sees only these orders."""
@@ -16,7 +17,7 @@ from service_support import eventually, running
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client, WorkflowExecutionStatus
-from test_bridge import approve, place_order
+from test_bridge import approve, cancel, place_order
 
 from services.audit.consumer import run_audit
 from services.bridge.consumer import run_bridge
@@ -29,7 +30,7 @@ from services.workers.reconciler import Reconciler
 from services.workers.worker import order_worker
 from shared import broker, db, schema
 from shared.admissions import AdmissionStatus
-from shared.contracts import EventType, OrderState, PlaceOrder
+from shared.contracts import CancelOrder, EventType, OrderItem, OrderState, PlaceOrder
 from shared.db import Admission, AuditEvent, Order, Payment
 from shared.lifecycle import order_workflow_id
 from shared.settings import Settings
@@ -188,7 +189,12 @@ async def test_a_cancellation_through_temporal_ends_the_order_and_the_read_model
     await handle.cancel()
 
     await reaches(sessions, order.order_id, OrderState.CANCELLED)
-    assert (await handle.describe()).status is WorkflowExecutionStatus.CANCELED
+
+
+    async def closed_as_canceled() -> bool:
+        return (await handle.describe()).status is WorkflowExecutionStatus.CANCELED
+
+    await eventually(closed_as_canceled)
     events = await trail(sessions, order.order_id)
     assert_gapless_ending_with(events, EventType.CANCELLED)
     assert events[-1].data == {"reason": CANCELLED_THROUGH_TEMPORAL, "refunded": False}
@@ -198,3 +204,31 @@ async def test_a_cancellation_through_temporal_ends_the_order_and_the_read_model
     admission = await row_of(sessions, Admission, order.order_id)
     assert isinstance(admission, Admission) and admission.status == AdmissionStatus.ENDED.value
     assert await reconcile.reconcile() == []  # it ended itself: nothing to reconcile
+
+
+async def test_the_read_model_holds_every_accepted_order_whatever_its_first_event(
+    pipeline: tuple[broker.Topology, Reconciler], sessions: Sessions
+) -> None:
+    # orders that end before their `received`: cancelled before their placement arrived (the
+    # cancel waits for it), cancelled right behind it, and one that fails validation
+    topology, _ = pipeline
+    early = place_order(f"rec-early-{uuid4().hex[:8]}")
+    behind = place_order(f"rec-behind-{uuid4().hex[:8]}")
+    invalid = place_order(f"rec-invalid-{uuid4().hex[:8]}")
+    invalid = invalid.model_copy(
+        update={"payload": invalid.payload.model_copy(update={"items": [OrderItem(sku="A", qty=1)] * 2})}
+    )
+    early_cancel: CancelOrder = cancel(early.order_id)
+    for command in (early_cancel, early, behind, cancel(behind.order_id), invalid):
+        await broker.publish_command(topology, command)
+
+    expected = {
+        early.order_id: OrderState.CANCELLED,
+        behind.order_id: OrderState.CANCELLED,
+        invalid.order_id: OrderState.FAILED,
+    }
+    for order_id, state in expected.items():
+        await reaches(sessions, order_id, state)
+        events = await trail(sessions, order_id)
+        assert_gapless_ending_with(events, EventType.CANCELLED if state is OrderState.CANCELLED else EventType.FAILED)
+    assert (await trail(sessions, early.order_id))[-1].command_id == early_cancel.command_id
