@@ -23,6 +23,7 @@ from shared.broker import (
     DELIVERIES_HEADER,
     ERROR_HEADER,
     EVENTS_EXCHANGE,
+    EXCHANGE_HEADER,
     REASON_HEADER,
 )
 from shared.contracts import (
@@ -307,6 +308,12 @@ def _schemas() -> Doc:
                 "minimum": 1,
                 "description": "How many times the consumer had received the message when it "
                 "gave up.",
+            },
+            EXCHANGE_HEADER: {
+                "type": "string",
+                "description": "The exchange the message was first published to, where a replay "
+                "sends it back (the message's own exchange is now the dead-letter exchange). "
+                "Absent on messages dead-lettered before orderflow set it.",
             },
         },
         "required": [REASON_HEADER, ERROR_HEADER, CONSUMER_HEADER, DELIVERIES_HEADER],

@@ -39,6 +39,9 @@ ERROR_HEADER = "x-orderflow-error"
 CONSUMER_HEADER = "x-orderflow-consumer"
 # the broker's own x-delivery-count starts again in the dead-letter queue: keep what it said
 DELIVERIES_HEADER = "x-orderflow-deliveries"
+# a message in the dead-letter queue shows that exchange as its own: keep where it came from, so a
+# replay can send it back there
+EXCHANGE_HEADER = "x-orderflow-exchange"
 
 
 class CommandNotRouted(Exception):
@@ -218,6 +221,7 @@ async def dead_letter(
             ERROR_HEADER: error[:2000],
             CONSUMER_HEADER: consumer,
             DELIVERIES_HEADER: delivery_count(message) + 1,
+            EXCHANGE_HEADER: message.exchange,
         }
     )
     await topology.dead_letter.publish(
