@@ -1,20 +1,32 @@
-"""Helpers for the REST gateway's and the CLI's tests: sample orders, read-model rows, a command tap."""
+"""Helpers for the REST gateway's and the CLI's tests: sample orders, read-model rows, a command tap,
+a vhost of their own and a gateway process."""
 
 from __future__ import annotations
 
+import shutil
 import socket
-from collections.abc import AsyncIterator
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import httpx
 import pytest_asyncio
 from aio_pika.abc import AbstractChannel, AbstractQueue
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from services.stack import service_environment
 from shared import broker
 from shared.contracts import EventType, OrderState
 from shared.db import AuditEvent, Order, transaction
+from shared.settings import Settings
+
+GATEWAY_START_TIMEOUT_SECONDS = 30.0
 
 ADDRESS: dict[str, Any] = {
     "name": "Ada Lovelace",
@@ -41,6 +53,61 @@ def closed_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
     return port
+
+
+@contextmanager
+def own_vhost(settings: Settings, name: str) -> Iterator[Settings]:
+    """`settings` moved to a new RabbitMQ vhost called `name` plus a random suffix, where nothing is
+    declared yet and nothing of other tests arrives; deleted afterwards."""
+    ctl = shutil.which("rabbitmqctl")
+    assert ctl, "rabbitmqctl is needed to create a vhost"
+    vhost = f"{name}_{uuid4().hex[:8]}"
+    subprocess.run([ctl, "-q", "add_vhost", vhost], check=True, capture_output=True)
+    subprocess.run(
+        [ctl, "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield settings.model_copy(update={"amqp_url": settings.amqp_url.rsplit("/", 1)[0] + "/" + vhost})
+    finally:
+        subprocess.run([ctl, "-q", "delete_vhost", vhost], check=True, capture_output=True)
+
+
+@contextmanager
+def gateway_process(settings: Settings, log_path: Path) -> Iterator[str]:
+    """`python -m services.api` serving `settings` on a free port, its output in `log_path`; yields
+    its URL once it answers."""
+    port = closed_port()
+    env = {
+        **service_environment(settings),
+        "ORDERFLOW_API_HOST": "127.0.0.1",
+        "ORDERFLOW_API_PORT": str(port),
+    }
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.api"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + GATEWAY_START_TIMEOUT_SECONDS
+        while not answers(url):
+            if process.poll() is not None:
+                raise AssertionError(f"the gateway exited with {process.returncode}:\n{log_path.read_text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the gateway did not answer within {GATEWAY_START_TIMEOUT_SECONDS} s")
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz").status_code == httpx.codes.OK
+    except httpx.TransportError:
+        return False
 
 
 @pytest_asyncio.fixture

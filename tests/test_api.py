@@ -6,8 +6,6 @@ against rows inserted into the read model and a stand-in `OrderWorkflow` answeri
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -27,6 +25,7 @@ from api_support import (
     insert_events,
     insert_order,
     order_body,
+    own_vhost,
     unique_id,
 )
 from service_support import (
@@ -95,18 +94,8 @@ async def api_without_broker(settings: Settings) -> AsyncIterator[httpx.AsyncCli
 @pytest.fixture
 def empty_vhost(base_settings: Settings) -> Iterator[Settings]:
     """Settings for a vhost of this test alone, where nothing was declared yet."""
-    ctl = shutil.which("rabbitmqctl")
-    assert ctl, "rabbitmqctl is needed to create a vhost without bindings"
-    vhost = f"orderflow_api_unroutable_{uuid4().hex[:8]}"
-    subprocess.run([ctl, "-q", "add_vhost", vhost], check=True, capture_output=True)
-    subprocess.run(
-        [ctl, "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-        check=True,
-        capture_output=True,
-    )
-    amqp_url = base_settings.amqp_url.rsplit("/", 1)[0] + "/" + vhost
-    yield base_settings.model_copy(update={"amqp_url": amqp_url})
-    subprocess.run([ctl, "-q", "delete_vhost", vhost], check=True, capture_output=True)
+    with own_vhost(base_settings, "orderflow_api_unroutable") as settings:
+        yield settings
 
 
 # --- commands -------------------------------------------------------------------------------------
@@ -259,8 +248,28 @@ async def test_command_id_and_idempotency_key_must_agree(api: httpx.AsyncClient)
         "/orders/ord-1/approve", json={"command_id": str(uuid4())}, headers={"Idempotency-Key": "other"}
     )
 
-    assert response.status_code == 422
+    assert response.status_code == 409
     assert "Idempotency-Key" in response.json()["detail"]
+
+
+async def test_a_body_that_is_not_utf8_is_400(api: httpx.AsyncClient) -> None:
+    response = await api.post(
+        "/orders", content=b'{"payment_id": "\xff"}', headers={"content-type": "application/json"}
+    )
+
+    assert response.status_code == 400
+    assert response.json()["detail"]
+
+
+async def test_order_item_numbers_are_json_integers(api: httpx.AsyncClient) -> None:
+    quantities = [True, "2", 2.5]
+    responses = [
+        await api.post("/orders", json=order_body(items=[{"sku": "A", "qty": qty}])) for qty in quantities
+    ]
+
+    assert [response.status_code for response in responses] == [422, 422, 422]
+    accepted = await api.post("/orders", json=order_body(items=[{"sku": "A", "qty": 2.0}]))
+    assert accepted.status_code == 202, accepted.text
 
 
 async def test_commands_are_503_when_the_broker_is_down(api_without_broker: httpx.AsyncClient) -> None:
@@ -499,6 +508,24 @@ async def test_readyz_names_the_broker_when_it_is_down(api_without_broker: httpx
     assert readiness["failed"] == ["broker"]
     assert readiness["checks"]["database"]["ok"] and readiness["checks"]["temporal"]["ok"]
     assert readiness["checks"]["broker"]["detail"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("OPTIONS", "/orders", "GET, POST"),
+        ("DELETE", "/orders/ord-1", "GET"),
+        ("GET", "/orders/ord-1/cancel", "POST"),
+    ],
+)
+async def test_a_method_the_path_lacks_is_405_naming_all_it_has(
+    api: httpx.AsyncClient, method: str, path: str, allowed: str
+) -> None:
+    response = await api.request(method, path)
+
+    assert response.status_code == 405
+    assert response.headers["Allow"] == allowed
+    assert allowed in response.json()["detail"]
 
 
 async def test_openapi_documents_the_gateway(api: httpx.AsyncClient) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
-from fastapi import FastAPI, Request, status
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, status
 
 from services.api import commands, health, orders
 from services.api.connections import Connections, DependencyUnavailable
+from services.api.errors import backlog_full, dependency_unavailable, method_not_allowed
+from services.api.openapi import openapi_document
 from services.api.publishing import BacklogFull
 from shared.settings import Settings
 
@@ -24,13 +26,15 @@ command's effect is asynchronous: follow the order with `GET /orders/{order_id}`
 `/events`. Retrying a command with the same `command_id` (or `Idempotency-Key` header) is safe.
 
 **Queries** (`GET`) read the order's workflow (live status) and the orders and audit tables.
+
+**Errors** answer `{"detail": "<what went wrong>"}`, except a `422`, whose `detail` lists the
+invalid fields (`loc`, `msg`, `type`). Each operation documents the errors it can answer with.
 """
 TAGS = [
     {"name": "commands", "description": "Publish commands; answered once the broker confirmed them."},
     {"name": "orders", "description": "An order's status, its history, and the list of orders."},
     {"name": "health", "description": "Liveness and readiness probes."},
 ]
-RETRY_AFTER_SECONDS = "5"
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -41,12 +45,14 @@ def create_app(settings: Settings) -> FastAPI:
         openapi_tags=TAGS,
         lifespan=lifespan,
     )
+    app.openapi = partial(openapi_document, app)  # type: ignore[method-assign]
     app.state.settings = settings
     app.include_router(commands.router)
     app.include_router(orders.router)
     app.include_router(health.router)
     app.add_exception_handler(DependencyUnavailable, dependency_unavailable)
     app.add_exception_handler(BacklogFull, backlog_full)
+    app.add_exception_handler(status.HTTP_405_METHOD_NOT_ALLOWED, method_not_allowed)
     return app
 
 
@@ -59,19 +65,3 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         await app.state.connections.close()
 
-
-async def dependency_unavailable(_: Request, error: Exception) -> JSONResponse:
-    return JSONResponse(
-        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-        content={"detail": str(error)},
-        headers={"Retry-After": RETRY_AFTER_SECONDS},
-    )
-
-
-async def backlog_full(request: Request, error: Exception) -> JSONResponse:
-    retry_after = request.app.state.settings.shed_retry_after_seconds
-    return JSONResponse(
-        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-        content={"detail": str(error)},
-        headers={"Retry-After": str(retry_after)},
-    )

@@ -13,6 +13,7 @@ from uuid import UUID, uuid4, uuid5
 from fastapi import APIRouter, Header, HTTPException, Request, status
 
 from services.api.dependencies import OrderIdPath, PublisherDep
+from services.api.errors import UNREADABLE_BODY, Responses, documented_error
 from services.api.publishing import CommandPublisher
 from services.api.schemas import (
     ApproveOrderRequest,
@@ -51,22 +52,24 @@ IdempotencyKey = Annotated[
         "used as the command id as is).",
     ),
 ]
-RETRY_AFTER_HEADER = {
-    "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+COMMAND_RESPONSES: Responses = {
+    **UNREADABLE_BODY,
+    status.HTTP_409_CONFLICT: documented_error(
+        "`command_id` and the `Idempotency-Key` header name different commands: send one of them "
+        "(or both naming the same command)."
+    ),
+    status.HTTP_503_SERVICE_UNAVAILABLE: documented_error(
+        "The broker did not confirm the command; retry, with the same command id.", retry_after=True
+    ),
 }
-COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status.HTTP_503_SERVICE_UNAVAILABLE: {
-        "description": "The broker did not confirm the command; retry, with the same command id.",
-        "headers": RETRY_AFTER_HEADER,
-    },
-}
-PLACE_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status.HTTP_503_SERVICE_UNAVAILABLE: {
-        "description": "Not accepted, nothing published: the broker did not confirm the command, or "
-        "the backlog of orders waiting to start is full (shed at the door). Retry after "
-        "`Retry-After` seconds, with the same command id.",
-        "headers": RETRY_AFTER_HEADER,
-    },
+PLACE_RESPONSES: Responses = {
+    **COMMAND_RESPONSES,
+    status.HTTP_503_SERVICE_UNAVAILABLE: documented_error(
+        "Not accepted, nothing published: the broker did not confirm the command, or the backlog of "
+        "orders waiting to start is full (shed at the door). Retry after `Retry-After` seconds, with "
+        "the same command id.",
+        retry_after=True,
+    ),
 }
 
 
@@ -167,8 +170,9 @@ def payload_of(body: CommandOptions, payload_type: type[PayloadT]) -> PayloadT:
 def resolve_command_id(from_body: UUID | None, idempotency_key: str | None) -> UUID:
     from_key = command_id_for_key(idempotency_key) if idempotency_key else None
     if from_body and from_key and from_body != from_key:
+        # a conflict, not a validation error: each id alone is valid, but the key stands for another command
         raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            status.HTTP_409_CONFLICT,
             detail="command_id and the Idempotency-Key header name different commands: send one of them",
         )
     return from_body or from_key or uuid4()

@@ -50,7 +50,8 @@ async def run_check(
             return DependencyCheck(ok=True, detail=await check(connections))
     except DependencyUnavailable as error:
         return DependencyCheck(ok=False, detail=error.reason)
-    except Exception as error:  # a readiness check reports every failure rather than raising it
+    # a readiness check reports every failure rather than raising it
+    except Exception as error:  # noqa: BLE001
         return DependencyCheck(ok=False, detail=describe(error))
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated
 
 import structlog
 from fastapi import APIRouter, HTTPException, Query, status
@@ -14,8 +14,15 @@ from temporalio.service import RPCError, RPCStatusCode
 from services.api import read_model
 from services.api.connections import Connections, DependencyUnavailable, describe
 from services.api.dependencies import ConnectionsDep, OrderIdPath, SessionDep
-from services.api.read_model import Cursor, InvalidCursor
-from services.api.schemas import OrderHistory, OrderPage, OrderStatusView, OrderSummary, StatusSource
+from services.api.errors import Responses, documented_error
+from services.api.read_model import CURSOR_PATTERN, Cursor
+from services.api.schemas import (
+    OrderHistory,
+    OrderPage,
+    OrderStatusView,
+    OrderSummary,
+    StatusSource,
+)
 from shared.contracts import OrderEvent, OrderState, OrderStatus
 from shared.db import Order
 from shared.lifecycle import STATUS_QUERY, order_workflow_id
@@ -27,8 +34,8 @@ STATUS_QUERY_TIMEOUT = timedelta(seconds=2)
 
 log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/orders", tags=["orders"])
-NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    status.HTTP_404_NOT_FOUND: {"description": "Neither Temporal nor the orders table knows the order."}
+NOT_FOUND: Responses = {
+    status.HTTP_404_NOT_FOUND: documented_error("Neither Temporal nor the orders table knows the order.")
 }
 
 
@@ -39,9 +46,9 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
     "reads the orders table; `source` says which answered.",
     responses={
         **NOT_FOUND,
-        status.HTTP_503_SERVICE_UNAVAILABLE: {
-            "description": "Temporal cannot be asked and the orders table has no row for the order."
-        },
+        status.HTTP_503_SERVICE_UNAVAILABLE: documented_error(
+            "Temporal cannot be asked and the orders table has no row for the order.", retry_after=True
+        ),
     },
 )
 async def order_status(
@@ -78,13 +85,11 @@ async def list_orders(
     state: Annotated[OrderState | None, Query(description="Only orders in this state.")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="Page size.")] = DEFAULT_PAGE_SIZE,
     cursor: Annotated[
-        str | None, Query(max_length=512, description="A `next_cursor` from the previous page.")
+        str | None,
+        Query(pattern=CURSOR_PATTERN, description="A `next_cursor` from the previous page, as is."),
     ] = None,
 ) -> OrderPage:
-    try:
-        after = Cursor.decode(cursor) if cursor else None
-    except InvalidCursor as error:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(error)) from error
+    after = Cursor.decode(cursor) if cursor else None
     orders, next_cursor = await read_model.list_orders(session, state, limit, after)
     return OrderPage(
         items=[summary_from_row(order) for order in orders],

@@ -1,0 +1,87 @@
+"""The gateway's error answers and how they are documented.
+
+Every error but a validation error has one body, `ErrorMessage` (`{"detail": "a sentence"}`); a 422
+lists the invalid fields (FastAPI's `HTTPValidationError`). Each operation documents the errors it
+can answer with, so the OpenAPI document says exactly what a client may get.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request, status
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.routing import compile_path
+
+from services.api.schemas import ErrorMessage
+
+Responses = dict[int | str, dict[str, Any]]
+
+# the broker and Temporal are reconnected on the next request that needs them
+DEPENDENCY_RETRY_AFTER_SECONDS = 5
+
+RETRY_AFTER_HEADER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "required": True,
+        "schema": {"type": "integer"},
+    }
+}
+
+
+def documented_error(description: str, *, retry_after: bool = False) -> dict[str, Any]:
+    """An error answer as an operation's `responses` entry: its `ErrorMessage` body and headers."""
+    response: dict[str, Any] = {"model": ErrorMessage, "description": description}
+    if retry_after:
+        response["headers"] = RETRY_AFTER_HEADER
+    return response
+
+
+# FastAPI answers a JSON syntax error with a 422, but a body it cannot even decode with a 400
+UNREADABLE_BODY: Responses = {
+    status.HTTP_400_BAD_REQUEST: documented_error(
+        "The body cannot be read as JSON: it is not UTF-8 text, or it is nested too deeply."
+    )
+}
+
+
+async def dependency_unavailable(_: Request, error: Exception) -> JSONResponse:
+    return JSONResponse(
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        content=ErrorMessage(detail=str(error)).model_dump(),
+        headers={"Retry-After": str(DEPENDENCY_RETRY_AFTER_SECONDS)},
+    )
+
+
+async def backlog_full(request: Request, error: Exception) -> JSONResponse:
+    retry_after = request.app.state.settings.shed_retry_after_seconds
+    return JSONResponse(
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        content=ErrorMessage(detail=str(error)).model_dump(),
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+async def method_not_allowed(request: Request, error: Exception) -> JSONResponse:
+    """A 405 whose `Allow` names every method of the path. Starlette's names only those of the
+    first route matching it, and `/orders` is two routes (GET lists, POST places)."""
+    assert isinstance(error, HTTPException)
+    allowed = sorted(
+        set(error.headers["Allow"].split(", ") if error.headers else ())
+        | documented_methods(request.app, request.url.path)
+    )
+    allow = ", ".join(allowed)
+    return JSONResponse(
+        status_code=status.HTTP_405_METHOD_NOT_ALLOWED,
+        content=ErrorMessage(detail=f"{request.method} is not allowed here; allowed: {allow}").model_dump(),
+        headers={"Allow": allow},
+    )
+
+
+def documented_methods(app: FastAPI, path: str) -> set[str]:
+    """The methods the OpenAPI document lists for the path template that `path` matches."""
+    for template, operations in app.openapi()["paths"].items():
+        if compile_path(template)[0].match(path):
+            return {method.upper() for method in operations}
+    return set()
