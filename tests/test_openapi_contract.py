@@ -1,0 +1,106 @@
+"""The gateway keeps the promises of its OpenAPI document, as schemathesis checks them.
+
+Schemathesis makes requests from the gateway's document, valid and invalid, one operation after
+another and in linked sequences, and sends them to a gateway process (real broker, database and
+Temporal). Every check it has runs on each answer: documented status codes, headers and bodies,
+valid requests accepted, invalid ones rejected, `Allow` on a 405, no server errors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import hypothesis
+import pytest
+import schemathesis
+from api_support import gateway_process, own_vhost
+from pydantic import StringConstraints, TypeAdapter, ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.api.app import create_app
+from services.api.openapi import stripped_text_pattern
+from shared.settings import Settings
+
+# Made-up examples per operation, besides the coverage phase's boundary values (about a hundred per
+# operation): the whole file takes about 40 s on two cores.
+EXAMPLES_PER_OPERATION = 25
+LINKED_SEQUENCES = 25
+HYPOTHESIS_SETTINGS = hypothesis.settings(
+    max_examples=EXAMPLES_PER_OPERATION,
+    deadline=None,  # a real server over HTTP: the time of one request says nothing about the gateway
+    database=None,  # no examples kept between runs: CI starts afresh anyway
+    # Schemathesis discards drafts that end in a newline (Python's `$` also matches before one), and
+    # the text patterns end in optional whitespace: a matter of generation speed, not a finding
+    suppress_health_check=[hypothesis.HealthCheck.filter_too_much, hypothesis.HealthCheck.too_slow],
+)
+
+# The document the gateway serves, made without starting it (test collection needs it); the first
+# test checks that the process serves this very document.
+DOCUMENT = create_app(Settings()).openapi()
+schema = schemathesis.openapi.from_dict(DOCUMENT)
+
+
+@pytest.fixture(scope="module")
+def gateway_url(
+    settings: Settings,
+    db_sessions: async_sessionmaker[AsyncSession],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    """A gateway on a vhost of its own, so the commands it publishes reach no other test."""
+    with (
+        own_vhost(settings, "orderflow_contract") as contract_settings,
+        gateway_process(contract_settings, tmp_path_factory.mktemp("gateway") / "gateway.log") as url,
+    ):
+        yield url
+
+
+@pytest.mark.parametrize(("min_length", "max_length"), [(0, 1), (0, 3), (1, 1), (1, 3)])
+def test_a_stripped_text_pattern_allows_what_the_contract_accepts(min_length: int, max_length: int) -> None:
+    stripped_text = TypeAdapter(
+        Annotated[str, StringConstraints(strip_whitespace=True, min_length=min_length, max_length=max_length)]
+    )
+    pattern = re.compile(stripped_text_pattern(min_length, max_length))
+    for length in range(6):
+        for characters in itertools.product("a \t\n\u3000\x1c", repeat=length):
+            text = "".join(characters)
+            try:
+                stripped_text.validate_python(text)
+                accepted = True
+            except ValidationError:
+                accepted = False
+            assert bool(pattern.search(text)) == accepted, repr(text)
+
+
+def test_the_gateway_serves_the_document_under_test(gateway_url: str) -> None:
+    assert httpx.get(f"{gateway_url}/openapi.json").json() == DOCUMENT
+
+
+@schema.parametrize()
+@HYPOTHESIS_SETTINGS
+def test_every_operation_keeps_its_documented_contract(case: schemathesis.Case, gateway_url: str) -> None:
+    case.call_and_validate(base_url=gateway_url)  # every check schemathesis has is on by default
+
+
+def test_linked_operations_keep_their_documented_contract(gateway_url: str, tmp_path: Path) -> None:
+    """Sequences of requests linked by their data (an order placed, then asked for). Schemathesis's
+    CLI runs them: its Python state machine discards every sequence under Hypothesis 6.170."""
+    run = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "schemathesis"), "run", f"{gateway_url}/openapi.json",
+            "--checks", "all", "--phases", "stateful", "--max-examples", str(LINKED_SEQUENCES),
+        ],
+        cwd=tmp_path,  # where it keeps its Hypothesis database
+        check=False,  # its report is the assertion's message
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert run.returncode == 0, run.stdout + run.stderr
