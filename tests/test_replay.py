@@ -10,7 +10,7 @@ is behind `workflow.patched`), record them again and commit the new files:
     .venv/bin/python tests/record_histories.py
 
 Histories recorded before a patched change are kept in a folder named after it (e.g.
-`before-commit-ending/`): orders running across an upgrade must still replay.
+`before-publishing-committed-events/`): orders running across an upgrade must still replay.
 """
 
 from __future__ import annotations

@@ -80,8 +80,6 @@ MUST_GET_THROUGH: dict[str, Any] = {
 }
 
 
-COMMIT_BEFORE_COMPLETING = timedelta(milliseconds=1)
-COMMIT_BEFORE_COMPLETING_PATCH = "commit-ending-before-completing"
 CANCELLED_THROUGH_TEMPORAL = "cancelled through Temporal (workflow cancellation request)"
 
 
@@ -189,14 +187,7 @@ class OrderWorkflow:
         await self._release_admission()
         self._outbox.close()
         await publisher
-        # The workflow task that completes the workflow is failed, and run again from history, if
-        # a signal lands while it runs; in the rerun that signal is handled first, so events this
-        # task already published could come out differently the second time. A timer commits the
-        # task that published the ending, and the completing task only answers late commands
-        # (rejections, in arrival order both times). Lifecycles that began before this rule
-        # complete as they were recorded (the patch marker tells them apart on replay).
-        if workflow.patched(COMMIT_BEFORE_COMPLETING_PATCH):
-            await workflow.sleep(COMMIT_BEFORE_COMPLETING)
+        # a command that lands while the order ends is answered (rejected) before completing
         await workflow.wait_condition(workflow.all_handlers_finished)
         await self._outbox.publish()
 

@@ -2,10 +2,18 @@
 
 Workflow code: `emit` appends an event, `publish` (a task beside the lifecycle) sends what has
 accumulated, one batch at a time, until `close` and the last batch is out.
+
+An event is published only once the workflow task that emitted it is committed to the history.
+A task that fails (its worker died, it timed out, a signal landed as it completed the workflow)
+is run again from the history, and signals that arrived meanwhile are then handled first: had
+its events gone out, the rerun could emit other events under the same ids and seqs. A later task
+having started is the proof of commit; when none starts soon (the order waits for a reviewer,
+say), a short timer ends the task and starts the next.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -40,13 +48,23 @@ PUBLISH_EVENTUALLY_ATTEMPT = timedelta(seconds=5)
 PUBLISH_EVENTUALLY_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=100), maximum_interval=timedelta(seconds=2)
 )
+COMMIT_TIMER = timedelta(milliseconds=1)
+# lifecycles that began before events waited for their commit keep publishing as recorded
+PUBLISH_COMMITTED_PATCH = "publish-committed-events"
+
+
+@dataclass(frozen=True)
+class Pending:
+    event: OrderEvent
+    emitted_in: int
+    """The history length when the event was emitted: it identifies the emitting workflow task."""
 
 
 class Outbox:
     def __init__(self, order: PlaceOrder, first_seq: int) -> None:
         self._order = order
         self._next_seq = first_seq
-        self._pending: list[OrderEvent] = []
+        self._pending: list[Pending] = []
         self._closed = False
         self.emitted: list[OrderEvent] = []
 
@@ -66,7 +84,7 @@ class Outbox:
             data=data,
         )
         self._next_seq += 1
-        self._pending.append(event)
+        self._pending.append(Pending(event, workflow.info().get_current_history_length()))
         self.emitted.append(event)
         return event
 
@@ -80,7 +98,7 @@ class Outbox:
             await workflow.wait_condition(lambda: bool(self._pending) or self._closed)
             if not self._pending:
                 return
-            batch, self._pending = PublishEventsInput(events=self._pending), []
+            batch = PublishEventsInput(events=await self._committed_batch())
             try:
                 await workflow.execute_local_activity_method(
                     OrderActivities.publish_events,
@@ -99,3 +117,18 @@ class Outbox:
                     start_to_close_timeout=PUBLISH_EVENTUALLY_ATTEMPT,
                     retry_policy=PUBLISH_EVENTUALLY_RETRY,
                 )
+
+    async def _committed_batch(self) -> list[OrderEvent]:
+        """Take the pending events whose workflow task is committed, waiting for that if need be."""
+        if not workflow.patched(PUBLISH_COMMITTED_PATCH):
+            batch, self._pending = [pending.event for pending in self._pending], []
+            return batch
+        if not self._committed(self._pending[0]):
+            await workflow.sleep(COMMIT_TIMER)
+        committed = [pending for pending in self._pending if self._committed(pending)]
+        self._pending = self._pending[len(committed) :]
+        return [pending.event for pending in committed]
+
+    @staticmethod
+    def _committed(pending: Pending) -> bool:
+        return workflow.info().get_current_history_length() > pending.emitted_in
