@@ -10,17 +10,19 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Annotated, Any
 
 import typer
 from aio_pika.exceptions import AMQPError
 from sqlalchemy.engine import make_url
 
-from services.cli import render
+from services.cli import dlq, render
 from services.cli.errors import WATCH_TIMEOUT_EXIT_CODE, fail, reason
 from services.cli.gateway import Gateway, order_path
 from services.cli.watch import follow_order
 from shared import schema
+from shared.broker import DEAD_LETTER_QUEUE
 from shared.contracts import OrderEvent, OrderState
 from shared.settings import Settings
 
@@ -258,3 +260,113 @@ def migrate() -> None:
     except Exception as error:  # any failure is reported as a message, not a traceback
         fail(f"migration failed: {reason(error)}")
     typer.echo(f"database {make_url(database_url).database!r} is at the newest migration")
+
+
+# --- the dead-letter queue ------------------------------------------------------------------------
+dlq_app = typer.Typer(
+    name="dlq",
+    help=f"Inspect the dead-letter queue ({DEAD_LETTER_QUEUE}) and replay what a consumer "
+    "gave up on. Works on the broker that settings.amqp_url (env ORDERFLOW_AMQP_URL) names.",
+    no_args_is_help=True,
+)
+app.add_typer(dlq_app)
+
+WithReason = Annotated[
+    str | None,
+    typer.Option(
+        "--reason",
+        help="Only dead letters with this reason: invalid_json, schema_invalid or processing_failed.",
+    ),
+]
+FromConsumer = Annotated[
+    str | None,
+    typer.Option("--consumer", help="Only dead letters that this consumer gave up on: bridge or audit."),
+]
+
+
+@dlq_app.command("list")
+def list_dead_letters(
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Show at most this many, oldest first.")] = 50,
+    with_reason: WithReason = None,
+    from_consumer: FromConsumer = None,
+    as_json: AsJson = False,
+) -> None:
+    """List dead letters, oldest first; the queue is left as it was.
+
+    One line each: message id, consumer, reason, deliveries, routing key and the error (shortened).
+    """
+    selection = dlq.Selection(reason=with_reason, consumer=from_consumer)
+    found = dlq.run(dlq.find(settings(), selection))
+    shown = found[:limit]
+    if as_json:
+        items = [dlq.as_json(dead_letter, with_body=False) for dead_letter in shown]
+        typer.echo(json.dumps(items, indent=2, default=str))
+    else:
+        typer.echo(dlq.summaries(shown))
+    if len(found) > limit:
+        typer.echo(f"{len(found) - limit} more not shown (--limit)", err=True)
+
+
+@dlq_app.command("show")
+def show_dead_letter(
+    message_id: Annotated[
+        str, typer.Argument(help="Its message id (see `orderflow dlq list`).", show_default=False)
+    ],
+    as_json: AsJson = False,
+) -> None:
+    """Show one dead letter: why, where it came from, and its body.
+
+    The error in full, the consumer, deliveries, exchange and routing key, and the body
+    pretty-printed if it is JSON.
+    """
+    oldest, *copies = dlq.run(dlq.find(settings(), dlq.Selection(message_ids=frozenset({message_id}))))
+    if as_json:
+        typer.echo(json.dumps(dlq.as_json(oldest, with_body=True), indent=2, default=str))
+    else:
+        typer.echo(dlq.details(oldest))
+    if copies:
+        typer.echo(f"{len(copies)} more dead letter(s) have this message id", err=True)
+
+
+@dlq_app.command("replay")
+def replay_dead_letters(
+    message_ids: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="MESSAGE_ID...", help="The dead letters to replay.", show_default=False),
+    ] = None,
+    replay_all: Annotated[
+        bool, typer.Option("--all", help="Replay every dead letter (that --reason and --consumer select).")
+    ] = False,
+    with_reason: WithReason = None,
+    from_consumer: FromConsumer = None,
+    exchange: Annotated[
+        str | None,
+        typer.Option(
+            "--exchange",
+            help="Where to send dead letters that do not say which exchange they came from (older ones).",
+        ),
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Replay --all without asking.")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Republish dead letters to the exchange they came from, and remove them from the queue.
+
+    Each goes with its routing key, body, message id, content type and type, and leaves the
+    dead-letter queue once the broker has confirmed it. Safe to repeat: consumers take a command id
+    or event id once.
+    """
+    if bool(message_ids) == replay_all:
+        raise typer.BadParameter("give message ids or --all (not both)", param_hint="MESSAGE_ID... / --all")
+    if (with_reason or from_consumer) and not replay_all:
+        raise typer.BadParameter("--reason and --consumer select with --all", param_hint="--all")
+    selection = dlq.Selection(frozenset(message_ids or ()), with_reason, from_consumer)
+    if replay_all and not yes:
+        count = len(dlq.run(dlq.find(settings(), selection)))
+        if not count:
+            fail("no dead letter matches")
+        typer.confirm(f"Replay {count} dead letter(s) to the exchanges they came from?", abort=True)
+
+    def report(replayed: dlq.Replayed) -> None:
+        typer.echo(json.dumps(asdict(replayed)) if as_json else dlq.replayed_text(replayed))
+
+    dlq.run(dlq.replay(settings(), selection, exchange, report))
