@@ -17,6 +17,7 @@ from service_support import eventually, running
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client, WorkflowExecutionStatus
+from test_api import gateway
 from test_bridge import approve, cancel, place_order
 
 from services.audit.consumer import run_audit
@@ -129,7 +130,10 @@ def assert_gapless_ending_with(events: list[AuditEvent], last: EventType) -> Non
 
 
 async def test_a_terminated_order_in_review_is_reported_terminated_and_its_slot_released(
-    pipeline: tuple[broker.Topology, Reconciler], sessions: Sessions, temporal_client: Client
+    pipeline: tuple[broker.Topology, Reconciler],
+    sessions: Sessions,
+    temporal_client: Client,
+    reconciler_settings: Settings,
 ) -> None:
     topology, reconcile = pipeline
     order = await placed(topology, sessions)
@@ -139,10 +143,18 @@ async def test_a_terminated_order_in_review_is_reported_terminated_and_its_slot_
 
     handle = temporal_client.get_workflow_handle(order_workflow_id(order.order_id))
     await handle.terminate(reason="stuck in a test")
-    assert await reconcile.reconcile() == [order.order_id]  # the running order is left alone
-    assert await reconcile.reconcile() == []  # and once is enough
+    async with gateway(reconciler_settings) as api:
+        # at once, before the reconciler: the workflow's stale answer is not taken
+        status = (await api.get(f"/orders/{order.order_id}")).json()
+        assert (status["state"], status["source"]) == ("terminated", "read_model")
+        assert await reconcile.reconcile() == [order.order_id]  # the running order is left alone
+        assert await reconcile.reconcile() == []  # and once is enough
 
-    await reaches(sessions, order.order_id, OrderState.TERMINATED)
+        await reaches(sessions, order.order_id, OrderState.TERMINATED)
+        status = (await api.get(f"/orders/{order.order_id}")).json()
+        assert status["state"] == "terminated" and "stuck in a test" in status["reason"]
+        listed = (await api.get("/orders", params={"state": "terminated"})).json()
+        assert order.order_id in [item["order_id"] for item in listed["items"]]
     events = await trail(sessions, order.order_id)
     assert_gapless_ending_with(events, EventType.TERMINATED)
     ending = dict(events[-1].data)
@@ -177,7 +189,10 @@ async def test_a_terminated_charged_order_is_refunded_and_says_it_was_charged(
 
 
 async def test_a_cancellation_through_temporal_ends_the_order_and_the_read_model_agrees(
-    pipeline: tuple[broker.Topology, Reconciler], sessions: Sessions, temporal_client: Client
+    pipeline: tuple[broker.Topology, Reconciler],
+    sessions: Sessions,
+    temporal_client: Client,
+    reconciler_settings: Settings,
 ) -> None:
     # (a cancel after payment refunds: tests/test_order_workflow.py; here the whole path to the
     # read model, in review, since a shipment that no worker runs could not be cancelled)
@@ -195,6 +210,9 @@ async def test_a_cancellation_through_temporal_ends_the_order_and_the_read_model
         return (await handle.describe()).status is WorkflowExecutionStatus.CANCELED
 
     await eventually(closed_as_canceled)
+    async with gateway(reconciler_settings) as api:
+        status = (await api.get(f"/orders/{order.order_id}")).json()
+    assert (status["state"], status["reason"]) == ("cancelled", CANCELLED_THROUGH_TEMPORAL)
     events = await trail(sessions, order.order_id)
     assert_gapless_ending_with(events, EventType.CANCELLED)
     assert events[-1].data == {"reason": CANCELLED_THROUGH_TEMPORAL, "refunded": False}

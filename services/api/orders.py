@@ -8,7 +8,12 @@ from typing import Annotated
 import structlog
 from fastapi import APIRouter, HTTPException, Query, status
 from sqlalchemy.ext.asyncio import AsyncSession
-from temporalio.client import WorkflowQueryFailedError, WorkflowQueryRejectedError
+from temporalio.client import (
+    WorkflowExecutionStatus,
+    WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
+)
+from temporalio.common import QueryRejectCondition
 from temporalio.service import RPCError, RPCStatusCode
 
 from services.api import read_model
@@ -97,13 +102,24 @@ async def list_orders(
     )
 
 
-class NoWorkflowAnswer(Exception):
-    """The status query got no answer: the workflow is missing, or Temporal could not be asked."""
+# closed without the workflow's own ending: until the workers' reconciler has written it, the
+# orders table still shows where the lifecycle was
+ENDED_WITHOUT_ITS_CODE = frozenset(
+    {WorkflowExecutionStatus.TERMINATED, WorkflowExecutionStatus.TIMED_OUT, WorkflowExecutionStatus.FAILED}
+)
 
-    def __init__(self, reason: str, workflow_missing: bool) -> None:
+
+class NoWorkflowAnswer(Exception):
+    """The status query got no answer: the workflow is missing, closed other than by completing
+    (`closed_as`), or Temporal could not be asked."""
+
+    def __init__(
+        self, reason: str, workflow_missing: bool, closed_as: WorkflowExecutionStatus | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.workflow_missing = workflow_missing
+        self.closed_as = closed_as
 
 
 async def query_workflow_status(connections: Connections, order_id: str) -> OrderStatus:
@@ -111,8 +127,13 @@ async def query_workflow_status(connections: Connections, order_id: str) -> Orde
     try:
         client = await connections.temporal.get()
         handle = client.get_workflow_handle(order_workflow_id(order_id))
+        # a workflow that was cancelled, terminated or failed through Temporal would answer with
+        # the state it was in; the orders table has its ending
         live: OrderStatus = await handle.query(
-            STATUS_QUERY, result_type=OrderStatus, rpc_timeout=STATUS_QUERY_TIMEOUT
+            STATUS_QUERY,
+            result_type=OrderStatus,
+            rpc_timeout=STATUS_QUERY_TIMEOUT,
+            reject_condition=QueryRejectCondition.NOT_COMPLETED_CLEANLY,
         )
         return live
     except (
@@ -123,7 +144,8 @@ async def query_workflow_status(connections: Connections, order_id: str) -> Orde
         TimeoutError,
     ) as error:
         missing = isinstance(error, RPCError) and error.status == RPCStatusCode.NOT_FOUND
-        raise NoWorkflowAnswer(describe(error), workflow_missing=missing) from error
+        closed_as = error.status if isinstance(error, WorkflowQueryRejectedError) else None
+        raise NoWorkflowAnswer(describe(error), missing, closed_as) from error
 
 
 async def status_from_read_model(
@@ -131,7 +153,12 @@ async def status_from_read_model(
 ) -> OrderStatusView:
     order = await read_model.find_order(session, order_id)
     if order is not None:
-        return status_from_row(order)
+        view = status_from_row(order)
+        if no_answer.closed_as in ENDED_WITHOUT_ITS_CODE and not view.state.is_terminal:
+            closed_as = no_answer.closed_as.name.lower()
+            reason = f"the workflow was {closed_as} through Temporal; the order's ending follows shortly"
+            return view.model_copy(update={"state": OrderState.TERMINATED, "reason": reason})
+        return view
     if no_answer.workflow_missing:
         raise unknown_order(order_id) from no_answer
     # Temporal could not be asked, so "unknown" would be a guess
