@@ -1,4 +1,5 @@
-"""PostgreSQL and RabbitMQ servers of our own, for the tests that restart them (and bench/chaos.py).
+"""PostgreSQL and RabbitMQ servers of our own, for the tests that restart them (and bench/chaos.py),
+and a client's publish that rides out such a restart.
 
 The machine's servers on 5432 and 5672 are shared with whoever else runs tests at the same time, so
 whatever restarts a server restarts one started here: on free ports, with its data in a temporary
@@ -16,13 +17,19 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+
 from services.stack import free_port, wait_for_port
+from shared import broker
+from shared.contracts import Command
 
 POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's; its tools are not on the PATH
 # the server script itself: the /usr/sbin wrapper would switch to the rabbitmq user and its home
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 30.0
+PUBLISH_ATTEMPT_SECONDS = 5.0
+PUBLISH_RETRY_SECONDS = 0.2
 
 
 async def run(*command: str) -> None:
@@ -144,3 +151,17 @@ async def private_servers() -> AsyncIterator[tuple[PrivatePostgres, PrivateRabbi
         exits.push_async_callback(rabbitmq.stop)  # also stops a node that never opened its port
         await rabbitmq.start()
         yield postgres, rabbitmq
+
+
+async def publish_until_confirmed(topology: broker.Topology, command: Command, patience: float) -> None:
+    """Publish as a client riding out a broker restart does: again, with the same command id (so
+    one effect), until the broker confirms it; TimeoutError after `patience` seconds. The robust
+    connection reconnects meanwhile."""
+    async with asyncio.timeout(patience):
+        while True:
+            try:
+                async with asyncio.timeout(PUBLISH_ATTEMPT_SECONDS):
+                    await broker.publish_command(topology, command)
+                return
+            except (TimeoutError, *CONNECTION_EXCEPTIONS):
+                await asyncio.sleep(PUBLISH_RETRY_SECONDS)

