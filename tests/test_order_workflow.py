@@ -395,6 +395,21 @@ async def test_address_update_after_dispatch_is_rejected(harness: OrderHarness) 
     assert E.ADDRESS_UPDATED not in [event.type for event in events]
 
 
+async def test_the_reviewers_time_does_not_count_against_the_deadline(
+    harness: OrderHarness, time_skipping_env: WorkflowEnvironment
+) -> None:
+    # the review takes three times the whole deadline; the work before and after it fits
+    await harness.start(lifecycle_deadline_seconds=2.0, review_window_seconds=60.0)
+    await harness.wait_for_event(E.AWAITING_APPROVAL)
+    await time_skipping_env.sleep(6)
+    await harness.approve()
+    status = await harness.result()
+
+    assert status.state is OrderState.COMPLETED
+    assert status.finished_at is not None
+    assert status.finished_at - status.started_at >= timedelta(seconds=6)
+
+
 async def test_review_window_expiry_cancels_the_order(harness: OrderHarness) -> None:
     await harness.start()
     status = await harness.result()

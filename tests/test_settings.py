@@ -2,8 +2,6 @@
 
 from pathlib import Path
 
-import pytest
-from pydantic import ValidationError
 
 from shared.settings import Settings
 
@@ -25,8 +23,3 @@ def test_env_example_lists_every_setting_with_its_default() -> None:
         parsed = Settings(_env_file=None, **{name: documented[key]})
         assert getattr(parsed, name) == getattr(defaults, name), f"{key} in .env.example is not the default"
     assert len(documented) == len(Settings.model_fields)
-
-
-def test_a_review_window_longer_than_the_lifecycle_is_refused() -> None:
-    with pytest.raises(ValidationError, match="review_window_seconds"):
-        Settings(_env_file=None, review_window_seconds=20, lifecycle_deadline_seconds=14)

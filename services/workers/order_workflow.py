@@ -2,19 +2,20 @@
 
     admitted → receive → validate → manual review → charge payment → ShippingWorkflow → mark shipped
 
-Every order ends (completed, cancelled or failed) within its deadline: a cancel (a CancelOrder
-command, or a cancellation requested through Temporal) or the deadline stops the lifecycle wherever
-it is, the child shipment is cancelled with it and a charged
-payment is refunded; then the order's admission slot is given back. Each state change is an event
-on `orders.events`, numbered by this workflow's outbox, the one place that knows the order's
-history in order.
+Every order ends (completed, cancelled or failed) within its deadline, which counts the
+lifecycle's own work and not the time its reviewer takes (the review window bounds that). A cancel
+(a CancelOrder command, or a cancellation requested through Temporal) or the deadline stops the
+lifecycle wherever it is, the child shipment is cancelled with it and a charged payment is
+refunded; then the order's admission slot is given back. Each state change is an event on
+`orders.events`, numbered by this workflow's outbox, the one place that knows the order's history
+in order.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -80,6 +81,8 @@ MUST_GET_THROUGH: dict[str, Any] = {
 }
 
 
+# lifecycles that began when the reviewer's time counted against the deadline keep it that way
+REVIEW_OUTSIDE_DEADLINE_PATCH = "review-outside-deadline"
 CANCELLED_THROUGH_TEMPORAL = "cancelled through Temporal (workflow cancellation request)"
 
 
@@ -147,22 +150,19 @@ class OrderWorkflow:
         self._stop_request: Ending | None = None
         self._ending = False
         self._charge_started = False
+        self._review_began: datetime | None = None  # set while the order waits for its reviewer
+        self._review_outside_deadline = False
         self._admit(start)
 
     # --- the lifecycle ---------------------------------------------------------------------------
     @workflow.run
     async def run(self, start: OrderWorkflowInput) -> OrderStatus:
+        self._review_outside_deadline = workflow.patched(REVIEW_OUTSIDE_DEADLINE_PATCH)
         publisher = asyncio.create_task(self._outbox.publish())
         lifecycle = asyncio.create_task(self._lifecycle())
         cancelled_through_temporal = False
         try:
-            await workflow.wait_condition(
-                lambda: lifecycle.done() or self._stop_request is not None,
-                timeout=self._time_left(),
-            )
-        except TimeoutError:
-            reason = deadline_reason(self._status.step, self._policy.lifecycle_deadline_seconds)
-            self._stop_request = Ending(OrderState.FAILED, reason)
+            await self._until_ended_or_stopped(lifecycle)
         except asyncio.CancelledError:
             # an operator cancelled the workflow (CLI, UI, SDK): end it like a CancelOrder
             cancelled_through_temporal = True
@@ -180,6 +180,29 @@ class OrderWorkflow:
         if cancelled_through_temporal and self._status.state is OrderState.CANCELLED:
             raise asyncio.CancelledError  # Temporal shows the workflow as Canceled, as asked
         return self.status()
+
+    async def _until_ended_or_stopped(self, lifecycle: asyncio.Task[None]) -> None:
+        """Until the lifecycle ends, a stop is asked for, or the deadline passes: the lifecycle's
+        own work has `lifecycle_deadline_seconds`, the time a reviewer takes does not count."""
+        while True:
+            try:
+                await workflow.wait_condition(
+                    lambda: lifecycle.done() or self._stop_request is not None,
+                    timeout=self._time_left(),
+                )
+                return
+            except TimeoutError:
+                if self._review_outside_deadline and self._review_began is not None:
+                    # the clock stops while the order waits for its reviewer
+                    await workflow.wait_condition(
+                        lambda: lifecycle.done() or self._stop_request is not None or self._review_began is None
+                    )
+                    continue
+                if self._review_outside_deadline and self._time_left() > timedelta(0):
+                    continue  # the deadline moved on by the reviewer's time
+                reason = deadline_reason(self._status.step, self._policy.lifecycle_deadline_seconds)
+                self._stop_request = Ending(OrderState.FAILED, reason)
+                return
 
     async def _conclude(self, lifecycle: asyncio.Task[None], publisher: asyncio.Task[None]) -> None:
         ending = await self._ending_of(lifecycle)
@@ -237,12 +260,22 @@ class OrderWorkflow:
         self._status.step = Step.REVIEW
         window = self._policy.review_window_seconds
         self._reach(OrderState.AWAITING_APPROVAL, EventType.AWAITING_APPROVAL, review_window_seconds=window)
+        self._review_began = workflow.now()
         try:
             await workflow.wait_condition(lambda: self._approval is not None, timeout=window)
         except TimeoutError:
             raise LifecycleStopped(Ending(OrderState.CANCELLED, "review_timeout")) from None
+        finally:
+            self._end_review()
         if self._status.state is OrderState.AWAITING_APPROVAL:
             self._record_approval()
+
+    def _end_review(self) -> None:
+        assert self._review_began is not None
+        if self._review_outside_deadline:
+            self._deadline += workflow.now() - self._review_began
+            self._step_policy = StepPolicy.of(self._policy, self._deadline)
+        self._review_began = None
 
     def _record_approval(self) -> None:
         approval = self._approval
