@@ -244,10 +244,19 @@ async def running_stack(
         yield stack
 
 
+def for_a_person(settings: Settings) -> Settings:
+    """`make run`'s settings: a person reads its logs, so readable lines (one per event, as JSON
+    would be) unless ORDERFLOW_LOG_JSON was chosen; services started on their own write JSON."""
+    if "log_json" in settings.model_fields_set:
+        return settings
+    return settings.model_copy(update={"log_json": False})
+
+
 async def run_until_interrupted() -> int:
     """`make run`: the dev server listens where ORDERFLOW_TEMPORAL_ADDRESS says (its UI 1000 ports
-    higher, 8233 by default) and keeps its data in .run/, so orders survive a restart."""
-    settings = get_settings()
+    higher, 8233 by default) and keeps its data in .run/, so orders survive a restart. Logs are
+    readable lines unless ORDERFLOW_LOG_JSON says otherwise."""
+    settings = for_a_person(get_settings())
     run_dir = Path(".run")
     run_dir.mkdir(exist_ok=True)
     port = int(settings.temporal_address.rsplit(":", 1)[1])

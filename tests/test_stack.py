@@ -14,7 +14,14 @@ import httpx
 import pytest
 
 from service_support import eventually
-from services.stack import free_port, instance_names, running_stack, service_environment, service_of
+from services.stack import (
+    for_a_person,
+    free_port,
+    instance_names,
+    running_stack,
+    service_environment,
+    service_of,
+)
 from shared.settings import Settings
 
 START_TIMEOUT_SECONDS = 60.0
@@ -71,6 +78,14 @@ async def test_the_run_command_starts_everything_and_stops_cleanly_on_ctrl_c(
             await asyncio.open_connection("127.0.0.1", port)
     assert (tmp_path / ".run" / "temporal.db").exists()
     assert os.path.getsize(tmp_path / ".run" / "temporal.db") > 0
+
+
+def test_make_run_logs_readable_lines_unless_json_was_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ORDERFLOW_LOG_JSON", raising=False)
+    assert Settings(_env_file=None).log_json is True  # a service on its own
+    assert for_a_person(Settings(_env_file=None)).log_json is False
+    monkeypatch.setenv("ORDERFLOW_LOG_JSON", "true")
+    assert for_a_person(Settings(_env_file=None)).log_json is True
 
 
 def test_instances_are_named_after_their_service() -> None:
