@@ -8,6 +8,8 @@ Bridges and workers are competing consumers (of the command and placement queues
 the task queues), so several of each may run: `ORDERFLOW_BRIDGE_INSTANCES` and
 `ORDERFLOW_WORKER_INSTANCES` say how many. A lone instance is named after its service (`bridge`);
 several are numbered (`bridge-1`, `bridge-2`), and `Stack.instances("bridge")` names them all.
+Each instance serves its metrics on a port of its own: the service's `*_METRICS_PORT` for the
+first, counting up from there for the others.
 """
 
 from __future__ import annotations
@@ -77,6 +79,37 @@ def service_of(name: str) -> str:
     """The service a process name belongs to: `bridge-2` → `bridge`, `temporal` → `temporal`."""
     service, _, number = name.rpartition(INSTANCE_SEPARATOR)
     return service if service and number.isdigit() else name
+
+
+METRICS_PORT_SETTINGS = {
+    "bridge": "bridge_metrics_port",
+    "workers": "worker_metrics_port",
+    "audit": "audit_metrics_port",
+}
+
+
+def metrics_ports(settings: Settings, service: str) -> list[int]:
+    """The metrics port of each instance of `service`, in `instance_names` order (0: none)."""
+    setting = METRICS_PORT_SETTINGS.get(service)
+    first = getattr(settings, setting) if setting else 0
+    return [first + number if first else 0 for number in range(instance_count(settings, service))]
+
+
+def check_metrics_ports(settings: Settings, services: tuple[str, ...]) -> None:
+    """Refuse a stack whose instances would try to serve metrics on one port (or the API's)."""
+    ports = [port for service in services for port in metrics_ports(settings, service) if port]
+    if "api" in services:
+        ports.append(settings.api_port)
+    if len(set(ports)) != len(ports):
+        raise ValueError(
+            f"metrics ports overlap: {sorted(ports)}; space out the ORDERFLOW_*_METRICS_PORT settings"
+        )
+
+
+def instance_environment(env: dict[str, str], service: str, metrics_port: int) -> dict[str, str]:
+    """`env` for one instance of `service`: with its own metrics port."""
+    setting = METRICS_PORT_SETTINGS.get(service)
+    return env | {f"ORDERFLOW_{setting.upper()}": str(metrics_port)} if setting else env
 
 
 def service_environment(settings: Settings) -> dict[str, str]:
@@ -227,6 +260,7 @@ async def running_stack(
 ) -> AsyncIterator[Stack]:
     """Migrate, start Temporal (unless `temporal` is None: then `settings` names a running one)
     and the services; stop them all, services first, when the block ends."""
+    check_metrics_ports(settings, services)
     await schema.ensure_database(settings.database_url)
     await asyncio.to_thread(schema.upgrade, settings.database_url)
     async with AsyncExitStack() as exits:
@@ -237,8 +271,10 @@ async def running_stack(
             await wait_for_port(temporal.port)
         env = service_environment(settings)
         for service in services:
-            for name in instance_names(service, instance_count(settings, service)):
-                await stack.start(name, [sys.executable, "-m", f"services.{service}"], env)
+            names = instance_names(service, instance_count(settings, service))
+            for name, metrics_port in zip(names, metrics_ports(settings, service), strict=True):
+                command = [sys.executable, "-m", f"services.{service}"]
+                await stack.start(name, command, instance_environment(env, service, metrics_port))
         if "api" in services:
             await wait_for_port(settings.api_port)
         yield stack

@@ -29,6 +29,7 @@ from aiormq.abc import DeliveredMessage
 
 from shared.contracts import COMMAND_ROUTING_KEYS, Command, CommandType, OrderEvent
 from shared.settings import Settings
+from shared.tracing import trace_headers
 
 COMMANDS_EXCHANGE = "orders.commands"
 EVENTS_EXCHANGE = "orders.events"
@@ -175,6 +176,7 @@ async def publish_command(topology: Topology, command: Command) -> None:
             message_id=str(command.command_id),
             correlation_id=command.correlation_id,
             type=command.type.value,
+            headers=trace_headers(),
         ),
             routing_key=routing_key,
             mandatory=True,
@@ -196,6 +198,7 @@ async def publish_event(topology: Topology, event: OrderEvent) -> None:
             correlation_id=event.correlation_id,
             type=event.type.value,
             timestamp=event.occurred_at,
+            headers=trace_headers(),
         ),
         routing_key=event.type.routing_key,
     )

@@ -8,6 +8,8 @@
   dead-lettered with reason `processing_failed`. One bad message never stops the consumer.
 - On stop the consumer is cancelled and in-flight messages finish; a message still waiting out
   an outage is left unacked, so the broker hands it out again.
+- Each message is counted per queue (consumed, requeued, dead-lettered) and, while tracing is on,
+  handled in a span that continues its publisher's trace.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from typing import TypeVar
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import AMQPError
+from prometheus_client import Counter
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 from temporalio.service import RPCError, RPCStatusCode
 
-from shared import broker
+from shared import broker, tracing
 from shared.settings import Settings
 
 T = TypeVar("T")
@@ -42,6 +45,16 @@ _TRANSIENT_RPC_STATUSES = frozenset(
 _TRANSIENT_SQLSTATE_PREFIXES = ("08", "57P", "53300", "40001", "40P01")
 
 log = structlog.get_logger(__name__)
+
+MESSAGES_CONSUMED = Counter(
+    "orderflow_messages_consumed", "Messages delivered to a consumer (a redelivery counts again)", ["queue"]
+)
+MESSAGES_REQUEUED = Counter(
+    "orderflow_messages_requeued", "Messages handed back to their queue after a failure", ["queue"]
+)
+MESSAGES_DEAD_LETTERED = Counter(
+    "orderflow_messages_dead_lettered", "Messages a consumer gave up on, by reason", ["queue", "reason"]
+)
 
 
 class InvalidMessage(Exception):
@@ -141,8 +154,10 @@ class QueueConsumer:
             task = asyncio.current_task()
             assert task is not None
             self._in_flight.add(task)
+            MESSAGES_CONSUMED.labels(queue.name).inc()
             try:
-                await self._handle_safely(message, validate, handle)
+                with tracing.consuming(message, queue.name):
+                    await self._handle_safely(message, queue.name, validate, handle)
             finally:
                 self._in_flight.discard(task)
 
@@ -166,6 +181,7 @@ class QueueConsumer:
     async def _handle_safely(
         self,
         message: AbstractIncomingMessage,
+        queue: str,
         validate: Callable[[bytes], M],
         handle: Callable[[AbstractIncomingMessage, M], Awaitable[None]],
     ) -> None:
@@ -176,19 +192,23 @@ class QueueConsumer:
             try:
                 model = parse_body(validate, message.body)
             except InvalidMessage as invalid:
-                await self._dead_letter(message, invalid.reason, invalid.error)
+                tracing.record_failure(invalid)
+                await self._dead_letter(message, queue, invalid.reason, invalid.error)
                 return
             await handle(message, model)
         except Stopping:
             log.info("stopping; message left for redelivery")
-        except Exception as error:
-            await self._requeue_or_give_up(message, error)
+        except Exception as error:  # noqa: BLE001 (any failure requeues: it never stops the consumer)
+            tracing.record_failure(error)
+            await self._requeue_or_give_up(message, queue, error)
 
-    async def _requeue_or_give_up(self, message: AbstractIncomingMessage, error: Exception) -> None:
+    async def _requeue_or_give_up(
+        self, message: AbstractIncomingMessage, queue: str, error: Exception
+    ) -> None:
         deliveries = broker.delivery_count(message) + 1
         try:
             if deliveries >= self._max_deliveries:
-                await self._dead_letter(message, "processing_failed", repr(error))
+                await self._dead_letter(message, queue, "processing_failed", repr(error))
             else:
                 log.warning(
                     "processing failed, requeued",
@@ -199,14 +219,18 @@ class QueueConsumer:
                 # reject, not nack: RabbitMQ >= 4.3 counts only rejects in a quorum queue's
                 # x-delivery-count, and that count is what sends a poison message to the DLQ
                 await message.reject(requeue=True)
+                MESSAGES_REQUEUED.labels(queue).inc()
         except Exception:
             # the channel is gone: the broker hands the message out again after reconnecting
             log.exception("could not settle message", error=repr(error))
 
-    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str, error: str) -> None:
+    async def _dead_letter(
+        self, message: AbstractIncomingMessage, queue: str, reason: str, error: str
+    ) -> None:
         await broker.dead_letter(
             self._topology, message, consumer=self._name, reason=reason, error=error
         )
+        MESSAGES_DEAD_LETTERED.labels(queue, reason).inc()
         log.error("message dead-lettered", outcome="dead_lettered", reason=reason, error=error)
 
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import pytest_asyncio
 from aio_pika.abc import AbstractChannel, AbstractQueue
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from services.api.app import create_app
 from services.stack import service_environment
 from shared import broker
 from shared.contracts import EventType, OrderState
@@ -72,6 +73,18 @@ def own_vhost(settings: Settings, name: str) -> Iterator[Settings]:
         yield settings.model_copy(update={"amqp_url": settings.amqp_url.rsplit("/", 1)[0] + "/" + vhost})
     finally:
         subprocess.run([ctl, "-q", "delete_vhost", vhost], check=True, capture_output=True)
+
+
+@asynccontextmanager
+async def gateway(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of the gateway app, its lifespan running."""
+    app = create_app(settings)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://gw") as client,
+    ):
+        yield client
 
 
 @contextmanager

@@ -7,7 +7,6 @@ against rows inserted into the read model and a stand-in `OrderWorkflow` answeri
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
@@ -22,6 +21,7 @@ from api_support import (
     ITEMS,
     closed_port,
     command_queue,  # noqa: F401 (a fixture)
+    gateway,
     insert_events,
     insert_order,
     order_body,
@@ -38,7 +38,6 @@ from temporalio import workflow
 from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from services.api.app import create_app
 from shared.contracts import (
     COMMAND_ROUTING_KEYS,
     MAX_ITEMS,
@@ -58,18 +57,6 @@ from shared.settings import Settings
 
 async def command_message(queue: AbstractQueue, command_id: str) -> AbstractIncomingMessage:
     return await next_message(queue, lambda message: message.message_id == command_id)
-
-
-@asynccontextmanager
-async def gateway(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client of the gateway app, its lifespan running."""
-    app = create_app(settings)
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://gw") as client,
-    ):
-        yield client
 
 
 # --- fixtures of this file ------------------------------------------------------------------------

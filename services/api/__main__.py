@@ -7,11 +7,13 @@ import uvicorn
 from services.api.app import create_app
 from shared.logging import configure_logging
 from shared.settings import get_settings
+from shared.tracing import configure_tracing
 
 
 def main() -> None:
     settings = get_settings()
     configure_logging(settings, "api")
+    configure_tracing(settings, "api")  # before the app: FastAPI traces once a provider is installed
     # log_config=None keeps uvicorn's loggers on the JSON handler configured above
     uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_config=None)
 

@@ -8,7 +8,7 @@ from functools import partial
 
 from fastapi import FastAPI, status
 
-from services.api import commands, health, orders
+from services.api import commands, health, orders, telemetry
 from services.api.connections import Connections, DependencyUnavailable
 from services.api.errors import backlog_full, dependency_unavailable, method_not_allowed
 from services.api.openapi import openapi_document
@@ -44,12 +44,16 @@ def create_app(settings: Settings) -> FastAPI:
         description=DESCRIPTION,
         openapi_tags=TAGS,
         lifespan=lifespan,
+        # FastAPI traces requests by itself once a tracer provider is installed (shared/tracing.py)
+        telemetry={"exclude": telemetry.untraced},
     )
     app.openapi = partial(openapi_document, app)  # type: ignore[method-assign]
     app.state.settings = settings
     app.include_router(commands.router)
     app.include_router(orders.router)
     app.include_router(health.router)
+    app.include_router(telemetry.router)
+    app.add_middleware(telemetry.HttpMetrics)
     app.add_exception_handler(DependencyUnavailable, dependency_unavailable)
     app.add_exception_handler(BacklogFull, backlog_full)
     app.add_exception_handler(status.HTTP_405_METHOD_NOT_ALLOWED, method_not_allowed)

@@ -7,12 +7,16 @@ import asyncio
 from services.audit.consumer import CONSUMER_NAME, run_audit
 from shared.consuming import stop_on_signals
 from shared.logging import configure_logging
+from shared.metrics import serve_metrics
 from shared.settings import get_settings
+from shared.tracing import configure_tracing
 
 
 async def main() -> None:
     settings = get_settings()
     configure_logging(settings, CONSUMER_NAME)
+    configure_tracing(settings, CONSUMER_NAME)
+    serve_metrics(settings.metrics_host, settings.audit_metrics_port)
     await run_audit(settings, stop_on_signals())
 
 

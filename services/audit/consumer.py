@@ -1,5 +1,6 @@
 """The audit consumer: every event on `orders.events` lands once in `order_events`, and the
-`orders` read model follows it (`projection`), in one transaction acked after its commit."""
+`orders` read model follows it (`projection`), in one transaction acked after its commit. A
+terminal event recorded is a lifecycle ended (`lifecycle_metrics`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from services.audit.lifecycle_metrics import (
+    LifecycleEnding,
+    count_endings,
+    lifecycle_ending,
+)
 from services.audit.projection import record_event
 from shared import db
 from shared.broker import declare_audit_queue
@@ -81,7 +87,7 @@ class AuditLog:
         events = [event for event, _ in batch]
         try:
             outcomes = await retry_transient(lambda: self._record(events), self._stop)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 (whatever failed, each event is tried alone)
             if len(batch) > 1:
                 for single in batch:
                     await self._write([single])
@@ -95,5 +101,13 @@ class AuditLog:
                 recorded.set_result(is_new)
 
     async def _record(self, events: list[OrderEvent]) -> list[bool]:
+        recorded: list[bool] = []
+        endings: list[LifecycleEnding] = []
         async with db.transaction(self._sessions) as session:
-            return [await record_event(session, event) for event in events]
+            for event in events:
+                recorded.append(await record_event(session, event))
+                if recorded[-1] and event.type.is_terminal:
+                    endings.append(await lifecycle_ending(session, event))
+        # once committed: a batch rolled back is recorded (and counted) again
+        count_endings(endings)
+        return recorded

@@ -67,7 +67,7 @@ from shared.contracts import (
 )
 from shared.db import ProcessedCommand
 from shared.settings import Settings
-from shared.temporal import connect_temporal
+from shared.temporal import connect_temporal, tracing_interceptors
 
 T = TypeVar("T")
 SteeringCommand = ApproveOrder | CancelOrder | UpdateAddress
@@ -90,7 +90,7 @@ log = structlog.get_logger(__name__)
 
 async def run_bridge(settings: Settings, stop: asyncio.Event) -> None:
     """Consume commands until `stop` is set, let in-flight ones finish, then disconnect."""
-    temporal = await connect_temporal(settings)
+    temporal = await connect_temporal(settings, interceptors=tracing_interceptors())
     engine = db.create_engine(settings)
     connection = await broker.connect(settings, CONSUMER_NAME)
     try:

@@ -10,34 +10,36 @@ from temporalio.runtime import (
     LogForwardingConfig,
     LoggingConfig,
     Runtime,
-    TelemetryConfig,
     TelemetryFilter,
 )
 
 from services.workers.worker import running_workers
 from shared.logging import configure_logging
+from shared.metrics import serve_metrics, temporal_runtime
 from shared.settings import get_settings
 from shared.temporal import connect_temporal
+from shared.tracing import configure_tracing
 
 # Expected once per hung attempt, so not worth a line each: Core cuts the attempt at its timeout,
 # and the attempt (cancelled) or a loser (finished just as it was cancelled) reports back late.
 ROUTINE = ("Tried to complete untracked local activity",)
 
 
-def route_core_logs() -> None:
+def core_logs() -> LoggingConfig:
     """Core's log lines into our JSON logs (they went to stderr as text), without the routine ones."""
     core = logging.getLogger("temporalio.core")
     core.addFilter(lambda record: not any(routine in record.getMessage() for routine in ROUTINE))
-    levels = TelemetryFilter(core_level="WARN", other_level="ERROR")
-    logs = LoggingConfig(filter=levels, forwarding=LogForwardingConfig(logger=core))
-    Runtime.set_default(Runtime(telemetry=TelemetryConfig(logging=logs)))
     warnings.filterwarnings("ignore", message="Cannot find activity to cancel")
+    levels = TelemetryFilter(core_level="WARN", other_level="ERROR")
+    return LoggingConfig(filter=levels, forwarding=LogForwardingConfig(logger=core))
 
 
 async def main() -> None:
     settings = get_settings()
     configure_logging(settings, "workers")
-    route_core_logs()
+    configure_tracing(settings, "workers")
+    Runtime.set_default(temporal_runtime(settings.worker_metrics_port, logging=core_logs()))
+    serve_metrics(settings.metrics_host, settings.worker_metrics_port)
     log = structlog.get_logger()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -23,6 +23,7 @@ from services.workers.reconciler import Reconciler
 from services.workers.shipping_workflow import ShippingWorkflow
 from shared import broker, db
 from shared.settings import Settings
+from shared.temporal import tracing_interceptors
 
 # Imported once outside the sandbox instead of again for every workflow run: these are pure
 # (models, the outbox and the step loop) and re-importing them per run costs the worker CPU.
@@ -34,6 +35,8 @@ SANDBOX_PASSTHROUGH = (
     "pydantic",
     "pydantic_core",
     "annotated_types",
+    # the tracing interceptor's workflow side: one OpenTelemetry (its context, its tracer) for all
+    "opentelemetry",
 )
 
 STICKY_QUEUE_TIMEOUT = timedelta(seconds=2)
@@ -101,6 +104,7 @@ def workflow_worker(
         # after a crash, a workflow's next task waits this long for the dead worker before any
         # worker takes it (the default, 10 s, would eat most of a lifecycle's 15 s)
         "sticky_queue_schedule_to_start_timeout": STICKY_QUEUE_TIMEOUT,
+        "interceptors": tracing_interceptors(),
     }
     return Worker(
         client,

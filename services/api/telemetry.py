@@ -1,0 +1,129 @@
+"""The gateway's metrics: its HTTP requests, the admission backlog, and `GET /metrics` that
+serves them with the rest of the process's registry."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+import structlog
+from fastapi import APIRouter, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlmodel import col
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.api.dependencies import ConnectionsDep
+from shared.admissions import AdmissionStatus
+from shared.db import Admission
+
+METRICS_PATH = "/metrics"
+# scrapes and probes come every few seconds and say nothing about orders: not traced
+UNTRACED_PATHS = frozenset({METRICS_PATH, "/healthz", "/readyz"})
+UNMATCHED_ROUTE = "unmatched"  # any path no route takes, so scanners cannot multiply the series
+
+HTTP_REQUESTS = Counter(
+    "orderflow_http_requests", "HTTP requests answered, by route template, method and status", ["method", "route", "status"]
+)
+HTTP_REQUEST_DURATION = Histogram(
+    "orderflow_http_request_duration_seconds",
+    "Time to answer an HTTP request, by route template and method",
+    ["method", "route"],
+)
+
+log = structlog.get_logger(__name__)
+router = APIRouter()
+
+
+class HttpMetrics:
+    """ASGI middleware: counts and times every request under its route's template."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the client gets if the app fails before answering
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._app(scope, receive, send_noting_status)
+        finally:
+            # the router has put the matched route into the scope by now
+            route = getattr(scope.get("route"), "path", UNMATCHED_ROUTE)
+            HTTP_REQUESTS.labels(scope["method"], route, str(status)).inc()
+            HTTP_REQUEST_DURATION.labels(scope["method"], route).observe(time.perf_counter() - started)
+
+
+def untraced(scope: MutableMapping[str, Any]) -> bool:
+    """For FastAPI's own tracing: the requests it leaves out."""
+    return scope.get("path") in UNTRACED_PATHS
+
+
+BACKLOG_STATUSES = [
+    status.value for status in AdmissionStatus if status is AdmissionStatus.WAITING or status.holds_slot
+]
+
+
+class AdmissionBacklog(Collector):
+    """Placements waiting for a slot and lifecycles holding one, across all bridges, as counted in
+    the `admissions` table (nothing when it could not be read)."""
+
+    def __init__(self, counts: dict[AdmissionStatus, int] | None) -> None:
+        self._counts = counts
+
+    @classmethod
+    async def read(cls, sessions: async_sessionmaker[AsyncSession]) -> AdmissionBacklog:
+        try:
+            async with sessions() as session:
+                rows = await session.execute(
+                    select(col(Admission.status), func.count())
+                    .where(col(Admission.status).in_(BACKLOG_STATUSES))
+                    .group_by(col(Admission.status))
+                )
+                return cls({AdmissionStatus(status): count for status, count in rows.all()})
+        except Exception as error:  # noqa: BLE001 (a scrape answers without the backlog rather than fail)
+            log.warning("admission backlog unavailable", error=repr(error))
+            return cls(None)
+
+    def collect(self) -> Iterable[Metric]:
+        if self._counts is None:
+            return
+        yield GaugeMetricFamily(
+            "orderflow_admission_placements_waiting",
+            "Placements registered by a bridge and waiting for a slot (more may wait in the broker)",
+            value=self._counts.get(AdmissionStatus.WAITING, 0),
+        )
+        yield GaugeMetricFamily(
+            "orderflow_admission_lifecycles_running",
+            "Lifecycles holding a slot (running or being started), at most ORDERFLOW_MAX_RUNNING_LIFECYCLES",
+            value=sum(self._counts.get(status, 0) for status in AdmissionStatus if status.holds_slot),
+        )
+
+
+@router.get(METRICS_PATH, include_in_schema=False)
+async def metrics(connections: ConnectionsDep) -> Response:
+    """The process's metrics in Prometheus' text format, the admission backlog read just now."""
+    backlog = CollectorRegistry()
+    backlog.register(await AdmissionBacklog.read(connections.sessions))
+    return Response(generate_latest(REGISTRY) + generate_latest(backlog), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,194 @@
+"""Traces: one order's trace runs from the gateway's request over the broker into the bridge, on
+through Temporal into the workflow (in the sandbox) and its activities, and over the broker again
+to the audit consumer. Off without an exporter: nothing is traced or sent along."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Iterator
+from uuid import uuid4
+
+import httpx
+import pytest
+import pytest_asyncio
+from aio_pika.abc import AbstractChannel
+from api_support import gateway, order_body
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from service_support import (
+    broker_channel,  # noqa: F401 (a fixture)
+    consumer_queue,
+    eventually,
+    running,
+)
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.client import Client
+
+from services.audit.consumer import run_audit
+from services.bridge.consumer import run_bridge
+from services.workers.worker import running_workers
+from shared import broker
+from shared.contracts import OrderState
+from shared.db import Order
+from shared.settings import Settings
+from shared.tracing import tracing_enabled
+
+Broker = tuple[AbstractChannel, broker.Topology]
+Sessions = async_sessionmaker[AsyncSession]
+
+
+@pytest.fixture(scope="module")
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Every span this process ends while the module runs, kept in memory. A process installs its
+    tracer provider once, so the first to need one installs it and later ones add to it."""
+    if not tracing_enabled():
+        trace.set_tracer_provider(TracerProvider())
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield exporter
+    exporter.shutdown()
+
+
+@pytest.fixture
+def trip_settings(settings: Settings) -> Settings:
+    """Queues and task queues of this test's own; the real workflows, in Temporal's sandbox."""
+    test_id = uuid4().hex[:12]
+    return settings.model_copy(
+        update={
+            "order_task_queue": f"order-tq-{test_id}",
+            "shipping_task_queue": f"shipping-tq-{test_id}",
+            "command_queue": f"test.commands.{test_id}",
+            "placement_queue": f"test.placements.{test_id}",
+            "audit_queue": f"test.audit.{test_id}",
+            "workflow_sandbox": True,
+            "max_running_lifecycles": 100_000,
+        }
+    )
+
+
+@pytest_asyncio.fixture
+async def system(
+    trip_settings: Settings,
+    broker_channel: Broker,  # noqa: F811
+    temporal_client: Client,
+    db_sessions: Sessions,
+    spans: InMemorySpanExporter,
+) -> AsyncIterator[httpx.AsyncClient]:
+    """Gateway, bridge, workers and audit consumer in this process, tracing into `spans`."""
+    channel, topology = broker_channel
+    async with (
+        consumer_queue(broker.declare_placement_queue(channel, topology, trip_settings)),
+        consumer_queue(broker.declare_command_queue(channel, topology, trip_settings)),
+        consumer_queue(broker.declare_audit_queue(channel, topology, trip_settings)),
+        running_workers(temporal_client, trip_settings),
+        running(run_bridge, trip_settings),
+        running(run_audit, trip_settings),
+        gateway(trip_settings) as api,
+    ):
+        yield api
+
+
+def in_trace(spans: InMemorySpanExporter, trace_id: int) -> dict[str, list[ReadableSpan]]:
+    """The spans of one trace so far, by name."""
+    found: dict[str, list[ReadableSpan]] = {}
+    for span in spans.get_finished_spans():
+        if span.context is not None and span.context.trace_id == trace_id:
+            found.setdefault(span.name, []).append(span)
+    return found
+
+
+def parent_of(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent is not None else None
+
+
+def span_id(span: ReadableSpan) -> int:
+    assert span.context is not None
+    return span.context.span_id
+
+
+async def test_one_trace_runs_from_the_request_through_the_broker_temporal_and_back_to_the_audit(
+    system: httpx.AsyncClient, trip_settings: Settings, spans: InMemorySpanExporter, db_sessions: Sessions
+) -> None:
+    placed = await system.post("/orders", json=order_body())
+    assert placed.status_code == httpx.codes.ACCEPTED
+    order_id = placed.json()["order_id"]
+    [request] = [
+        span
+        for span in spans.get_finished_spans()
+        if span.kind is SpanKind.SERVER and span.name == "POST /orders"
+    ]
+    assert request.context is not None
+    trace_id = request.context.trace_id
+    placement = f"process {trip_settings.placement_queue}"
+    audit = f"process {trip_settings.audit_queue}"
+
+    async def whole_trip() -> dict[str, list[ReadableSpan]] | None:
+        found = in_trace(spans, trace_id)
+        needed = (placement, "StartWorkflow:OrderWorkflow", "RunWorkflow:OrderWorkflow", "RunActivity:publish_events", audit)
+        return found if all(name in found for name in needed) else None
+
+    trip = await eventually(whole_trip)
+
+    # the broker hop: the bridge's span continues the request's
+    [consumed] = trip[placement]
+    assert consumed.kind is SpanKind.CONSUMER
+    assert consumed.attributes is not None
+    assert consumed.attributes["messaging.message.id"] == placed.json()["command_id"]
+    assert parent_of(consumed) in {span_id(span) for span in trip_spans(trip)} - {span_id(consumed)}
+    # into Temporal: the bridge starts the workflow inside that span
+    [start] = trip["StartWorkflow:OrderWorkflow"]
+    assert parent_of(start) == span_id(consumed)
+    # and out again: events published by the workflow's activity reach the audit consumer's span
+    publishing = {span_id(span) for span in trip["RunActivity:publish_events"]}
+    assert any(parent_of(span) in publishing for span in trip[audit])
+
+    await system.post(f"/orders/{order_id}/cancel", json={"reason": "trace seen"})
+    await eventually(lambda: _ended(db_sessions, order_id))
+
+
+def trip_spans(trip: dict[str, list[ReadableSpan]]) -> list[ReadableSpan]:
+    return [span for named in trip.values() for span in named]
+
+
+async def _ended(sessions: Sessions, order_id: str) -> bool:
+    async with sessions() as session:
+        order = await session.get(Order, order_id, populate_existing=True)
+    return order is not None and OrderState(order.state).is_terminal
+
+
+def test_without_an_exporter_nothing_is_traced_and_the_console_exporter_prints_a_line_per_span() -> None:
+    # a process of its own: this one has a tracer provider installed for good
+    script = textwrap.dedent(
+        """
+        from opentelemetry import trace
+        from shared.settings import Settings
+        from shared.temporal import tracing_interceptors
+        from shared.tracing import configure_tracing, trace_headers, tracing_enabled
+
+        configure_tracing(Settings(_env_file=None), "probe")
+        print(tracing_enabled(), trace_headers(), tracing_interceptors(), flush=True)
+        configure_tracing(Settings(_env_file=None, otel_exporter="console"), "probe")
+        with trace.get_tracer("probe").start_as_current_span("probing"):
+            print(trace_headers()["traceparent"], flush=True)
+        trace.get_tracer_provider().shutdown()
+        """
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    off, traceparent, exported = ran.stdout.splitlines()
+    assert off == "False {} []"
+    span = json.loads(exported)
+    assert span["name"] == "probing"
+    assert span["resource"]["attributes"]["service.name"] == "orderflow-probe"
+    # the header carried the span's own trace and span ids
+    _, trace_id, parent_id, _ = traceparent.split("-")
+    assert (f"0x{trace_id}", f"0x{parent_id}") == (span["context"]["trace_id"], span["context"]["span_id"])
