@@ -13,10 +13,12 @@ Queues (owned by orderflow):
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aio_pika
+import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -24,7 +26,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import DeliveryError
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError
 from aiormq.abc import DeliveredMessage
 
 from shared.contracts import COMMAND_ROUTING_KEYS, Command, CommandType, OrderEvent
@@ -40,6 +42,8 @@ ERROR_HEADER = "x-orderflow-error"
 CONSUMER_HEADER = "x-orderflow-consumer"
 # the broker's own x-delivery-count starts again in the dead-letter queue: keep what it said
 DELIVERIES_HEADER = "x-orderflow-deliveries"
+CONNECT_PATIENCE_SECONDS = 60.0
+CONNECT_RETRY_SECONDS = 1.0
 # a message in the dead-letter queue shows that exchange as its own: keep where it came from, so a
 # replay can send it back there
 EXCHANGE_HEADER = "x-orderflow-exchange"
@@ -60,9 +64,22 @@ class Topology:
     dead_letter: AbstractExchange
 
 
-async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
-    """A robust connection: it reconnects and re-declares what its channels declared."""
-    return await aio_pika.connect_robust(settings.amqp_url, client_properties={"connection_name": name})
+async def connect(
+    settings: Settings, name: str, patience: float = CONNECT_PATIENCE_SECONDS
+) -> AbstractRobustConnection:
+    """A robust connection: it reconnects and re-declares what its channels declared. It does so
+    only once it has connected, so the first connection waits up to `patience` seconds for a broker
+    that is down or restarting: a service started meanwhile waits for it instead of exiting."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    while True:
+        try:
+            return await aio_pika.connect_robust(settings.amqp_url, client_properties={"connection_name": name})
+        except CONNECTION_EXCEPTIONS as error:
+            if loop.time() >= deadline:
+                raise
+            structlog.get_logger().info("waiting for the broker", connection=name, error=str(error))
+            await asyncio.sleep(CONNECT_RETRY_SECONDS)
 
 
 async def declare_topology(channel: AbstractChannel) -> Topology:

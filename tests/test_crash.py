@@ -368,6 +368,8 @@ async def test_rabbitmq_restarted_while_the_services_run(
             **placement.payload.model_dump(mode="json", exclude_none=True)}
     refused = await api.post("/orders", json=body)
     assert refused.status_code == 503, refused.text  # no broker, no promise
+    for consumer in ("workers", "bridge", "audit"):  # started while it is away, they wait for it
+        await crash.stack.crash_and_restart(consumer)
     await crash.rabbitmq.start()
     broker_back_at = datetime.now(UTC)
 

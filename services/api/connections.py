@@ -90,7 +90,7 @@ class BrokerLink:
 
 
 async def open_broker(settings: Settings) -> BrokerLink:
-    connection = await broker.connect(settings, "orderflow-api")
+    connection = await broker.connect(settings, "orderflow-api", patience=0)
     try:
         channel, topology = await broker.open_channel(connection)
         await broker.declare_command_queues(channel, topology, settings)
