@@ -14,7 +14,7 @@ from uuid import uuid4
 import pytest
 import pytest_asyncio
 from service_support import eventually, running
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client, WorkflowExecutionStatus
 from test_api import gateway
@@ -32,7 +32,7 @@ from services.workers.worker import order_worker
 from shared import broker, db, schema
 from shared.admissions import AdmissionStatus
 from shared.contracts import CancelOrder, EventType, OrderItem, OrderState, PlaceOrder
-from shared.db import Admission, AuditEvent, Order, Payment
+from shared.db import Admission, AuditEvent, Order, Payment, ProcessedCommand
 from shared.lifecycle import order_workflow_id
 from shared.settings import Settings
 
@@ -250,3 +250,45 @@ async def test_the_read_model_holds_every_accepted_order_whatever_its_first_even
         events = await trail(sessions, order_id)
         assert_gapless_ending_with(events, EventType.CANCELLED if state is OrderState.CANCELLED else EventType.FAILED)
     assert (await trail(sessions, early.order_id))[-1].command_id == early_cancel.command_id
+
+
+async def forget_outcome(sessions: Sessions, command_id: object) -> None:
+    """As if the bridge had crashed after applying the command and before recording it."""
+    async with sessions() as session, session.begin():
+        await session.execute(delete(ProcessedCommand).where(ProcessedCommand.command_id == command_id))
+
+
+async def outcome_of(sessions: Sessions, command_id: object) -> ProcessedCommand | None:
+    async with sessions() as session:
+        return await session.get(ProcessedCommand, command_id)
+
+
+async def test_a_command_delivered_again_after_its_order_ended_is_a_duplicate_not_a_rejection(
+    pipeline: tuple[broker.Topology, Reconciler], sessions: Sessions, temporal_client: Client
+) -> None:
+    topology, _ = pipeline
+    order = await placed(topology, sessions)
+    approval = approve(order.order_id)
+    await broker.publish_command(topology, approval)
+    await reaches(sessions, order.order_id, OrderState.SHIPPING)  # approved: it took the command
+    early_cancel = cancel(f"rec-gone-{uuid4().hex[:8]}")
+    waiting = place_order(early_cancel.order_id)
+    await broker.publish_command(topology, early_cancel)
+    await broker.publish_command(topology, waiting)
+    await reaches(sessions, waiting.order_id, OrderState.CANCELLED)
+
+    await temporal_client.get_workflow_handle(order_workflow_id(order.order_id)).terminate(reason="ended")
+    for command in (approval, early_cancel):
+        await forget_outcome(sessions, command.command_id)
+        await broker.publish_command(topology, command)
+
+    async def redelivery_recorded() -> bool:
+        return all([await outcome_of(sessions, c.command_id) for c in (approval, early_cancel)])
+
+    await eventually(redelivery_recorded)
+    await asyncio.sleep(1)  # a rejection would be published before the outcome is recorded
+    assert (await outcome_of(sessions, approval.command_id)).outcome == "duplicate"  # type: ignore[union-attr]
+    assert (await outcome_of(sessions, early_cancel.command_id)).outcome == "accepted"  # type: ignore[union-attr]
+    for command in (approval, early_cancel):
+        rejections = [e for e in await trail(sessions, command.order_id) if e.type == EventType.COMMAND_REJECTED.value]
+        assert rejections == []

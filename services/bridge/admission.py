@@ -173,6 +173,8 @@ class AdmissionLedger:
                     raise AdmissionInProgress(command.order_id)
                 case AdmissionStatus.RUNNING | AdmissionStatus.ENDED:
                     return Steering.SIGNAL
+                case AdmissionStatus.CANCELLED if row.cancel_command_id == command.command_id:
+                    return Steering.CANCELLED_WAITING  # this very cancel, delivered again
                 case AdmissionStatus.CANCELLED:
                     return Steering.ENDED
                 case AdmissionStatus.UNPLACED:

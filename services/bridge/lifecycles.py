@@ -8,12 +8,13 @@ unreachable) propagate as `RPCError` for the caller to retry.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
 from temporalio.client import (
     Client,
+    WorkflowQueryFailedError,
     WorkflowExecutionStatus,
     WorkflowHandle,
 )
@@ -25,10 +26,12 @@ from shared.contracts import (
     ApproveOrder,
     CancelOrder,
     CommandType,
+    OrderEvent,
     PlaceOrder,
     UpdateAddress,
 )
 from shared.lifecycle import (
+    EVENTS_QUERY,
     ORDER_WORKFLOW,
     WORKFLOW_TASK_TIMEOUT,
     EarlyCommand,
@@ -44,6 +47,8 @@ PLACE_COMMAND_MEMO = "place_command_id"
 ORDER_EXISTS = "order already exists"
 UNKNOWN_ORDER = "unknown order"
 ORDER_ENDED = "order already ended"
+APPLIED_BEFORE_THE_END = "taken by the lifecycle before it ended"
+EVENTS_QUERY_TIMEOUT = timedelta(seconds=10)
 
 SIGNAL_OF_COMMAND: dict[CommandType, str] = {
     CommandType.APPROVE: Signals.APPROVE,
@@ -113,7 +118,12 @@ class OrderLifecycles:
         except RPCError as err:
             if err.status != RPCStatusCode.NOT_FOUND:
                 raise
-            return Outcome(OutcomeKind.REJECTED, await _why_not_running(handle))
+            reason = await _why_not_running(handle)
+            if reason == ORDER_ENDED and await _was_applied(handle, command):
+                # delivered again after the lifecycle took it and ended (the first delivery's
+                # outcome was never recorded): it is a duplicate, not a rejection
+                return Outcome(OutcomeKind.DUPLICATE, APPLIED_BEFORE_THE_END)
+            return Outcome(OutcomeKind.REJECTED, reason)
         return ACCEPTED
 
 
@@ -129,3 +139,15 @@ async def _why_not_running(handle: WorkflowHandle[Any, Any]) -> str:
         # another bridge instance started it since our signal: handling the command again will work
         raise RuntimeError(f"workflow {handle.id} started while being signalled; retry the command")
     return ORDER_ENDED
+
+
+async def _was_applied(handle: WorkflowHandle[Any, Any], command: ApproveOrder | CancelOrder | UpdateAddress) -> bool:
+    """Whether the ended lifecycle took the command: each command it took (applied or rejected)
+    is named by one of its events. Its history answers, replayed by a worker."""
+    try:
+        emitted: list[OrderEvent] = await handle.query(
+            EVENTS_QUERY, result_type=list[OrderEvent], rpc_timeout=EVENTS_QUERY_TIMEOUT
+        )
+    except WorkflowQueryFailedError:
+        return False  # a workflow without the query (not an orderflow lifecycle) took nothing of ours
+    return any(event.command_id == command.command_id for event in emitted)
