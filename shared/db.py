@@ -16,6 +16,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    FetchedValue,
     Index,
     Integer,
     String,
@@ -88,7 +89,10 @@ class Payment(SQLModel, table=True):
 
 
 class AuditEvent(SQLModel, table=True):
-    """Every event once: unique on `event_id`, and on `(order_id, seq)` for lifecycle events."""
+    """Every event once: unique on `event_id`, and on `(order_id, seq)` for lifecycle events.
+
+    `position` numbers the rows in the order their transactions commit; the table's trigger sets
+    it on insert (whatever the insert says) and NOTIFYs `orderflow_events` (migration 0004)."""
 
     __tablename__ = "order_events"
     __table_args__ = (
@@ -99,6 +103,8 @@ class AuditEvent(SQLModel, table=True):
             unique=True,
             postgresql_where=text("seq > 0"),
         ),
+        Index("uq_order_events_position", "position", unique=True),
+        Index("ix_order_events_order_position", "order_id", "position"),
     )
 
     event_id: UUID = Field(primary_key=True)
@@ -110,6 +116,9 @@ class AuditEvent(SQLModel, table=True):
     command_id: UUID | None = None
     data: dict[str, Any] = Field(sa_column=Column(JSONB, nullable=False))
     recorded_at: datetime | None = _timestamp(nullable=False, default_now=True)
+    position: int | None = Field(
+        default=None, sa_column=Column(BigInteger, nullable=False, server_default=FetchedValue())
+    )
 
 
 class ProcessedCommand(SQLModel, table=True):
