@@ -16,15 +16,39 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
+from service_support import DownDatabase
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.exceptions import ApplicationError
 from workflow_harness import wait_until
 
 from services.workers import business, faults
-from services.workers.business import ChargeOutcome, OrderInvalid, PaymentStatus, PaymentVoided
-from services.workers.faults import flaky_call  # the real one, before any test substitutes it
-from shared.contracts import Address, OrderItem, OrderState, PlaceOrder, PlaceOrderPayload
+from services.workers.activities import BusinessActivities
+from services.workers.boundary import (
+    DEPENDENCY_UNAVAILABLE,
+    ORDER_INVALID,
+    ReceiveOrderInput,
+    ValidateOrderInput,
+)
+from services.workers.business import (
+    ChargeOutcome,
+    OrderInvalid,
+    PaymentStatus,
+    PaymentVoided,
+)
+from services.workers.faults import (
+    flaky_call,  # the real one, before any test substitutes it
+)
+from shared import db
+from shared.contracts import (
+    Address,
+    OrderItem,
+    OrderState,
+    PlaceOrder,
+    PlaceOrderPayload,
+)
 from shared.db import Order, Payment, transaction
+from shared.settings import Settings
 
 Sessions = async_sessionmaker[AsyncSession]
 
@@ -418,3 +442,27 @@ async def test_flaky_call_passes_a_third_of_the_time(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(random, "random", lambda: draw)
 
     assert await asyncio.wait_for(flaky_call(), 1) is None
+
+
+# --- how the activities report failures -----------------------------------------------------------
+async def test_a_database_outage_is_reported_as_such_and_a_broken_rule_for_good(
+    sessions: Sessions, base_settings: Settings
+) -> None:
+    placed = await received(sessions)
+    async with DownDatabase() as down:
+        engine = db.create_engine(down.settings_for(base_settings))
+        try:
+            unreachable = BusinessActivities(db.session_factory(engine), topology=None)  # type: ignore[arg-type]
+            with pytest.raises(ApplicationError) as outage:
+                await unreachable.receive_order(ReceiveOrderInput(order=placed))
+        finally:
+            await engine.dispose()
+    assert (outage.value.type, outage.value.non_retryable) == (DEPENDENCY_UNAVAILABLE, False)
+
+    reused = placed.model_copy(update={"order_id": unique("other-order")})
+    await business.order_received(sessions, reused)
+    await charge(sessions, placed)
+    reachable = BusinessActivities(sessions, topology=None)  # type: ignore[arg-type]
+    with pytest.raises(ApplicationError) as broken:
+        await reachable.validate_order(ValidateOrderInput(order_id=reused.order_id))
+    assert (broken.value.type, broken.value.non_retryable) == (ORDER_INVALID, True)

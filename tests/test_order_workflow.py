@@ -36,6 +36,7 @@ from workflow_harness import (
     OrderHarness,
     Role,
     cancel_after_payment_scenario,
+    database_down,
     dispatch_retry_scenario,
     early_commands_scenario,
     fails,
@@ -59,11 +60,17 @@ from services.workers.boundary import (
     ReleaseAdmissionInput,
     ValidateOrderInput,
 )
-from services.workers.order_workflow import OrderWorkflow
-from services.workers.order_workflow import CANCELLED_THROUGH_TEMPORAL
+from services.workers.order_workflow import CANCELLED_THROUGH_TEMPORAL, OrderWorkflow
 from services.workers.shipping_workflow import ShippingWorkflow
 from services.workers.worker import sandbox_runner
-from shared.contracts import Address, EventType, OrderEvent, OrderState, OrderStatus, Step
+from shared.contracts import (
+    Address,
+    EventType,
+    OrderEvent,
+    OrderState,
+    OrderStatus,
+    Step,
+)
 from shared.lifecycle import EVENTS_QUERY
 
 E = EventType
@@ -450,6 +457,22 @@ async def test_dispatch_failure_makes_the_parent_ship_again(harness: OrderHarnes
     assert f"carrier refused #{per_shipment}" in failed.data["reason"]
     assert await harness.shipment_status(1) is WorkflowExecutionStatus.COMPLETED
     assert await harness.shipment_status(2) is WorkflowExecutionStatus.COMPLETED
+
+
+async def test_a_database_outage_spends_no_attempts_and_the_order_completes(harness: OrderHarness) -> None:
+    # three times the dispatch bound fail for want of a database, then it is back: the outage
+    # spends none of the shipment's attempts, and each retry waits a little longer
+    outage = [database_down] * (3 * harness.policy.dispatch_attempts_per_shipment)
+    harness.mocks.script(OrderActivities.dispatch_carrier, *outage)
+    await harness.start()
+    await harness.wait_for_event(E.AWAITING_APPROVAL)
+    await harness.approve()
+    status = await harness.result()
+
+    assert status.state is OrderState.COMPLETED
+    assert status.shipping_attempts == 1
+    assert len(harness.mocks.called(OrderActivities.dispatch_carrier)) == len(outage) + 1
+    assert E.DISPATCH_FAILED not in harness.mocks.event_types()
 
 
 async def test_dispatch_failing_every_time_fails_the_order_and_refunds(harness: OrderHarness) -> None:

@@ -43,6 +43,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from services.workers.boundary import (
+    DEPENDENCY_UNAVAILABLE,
     ORDER_INVALID,
     ChargePaymentInput,
     ChargeResult,
@@ -140,6 +141,11 @@ def invalid(message: str = "mock rule broken") -> Behaviour:
         raise ApplicationError(message, type=ORDER_INVALID, non_retryable=True)
 
     return behaviour
+
+
+async def database_down() -> None:
+    """How an attempt fails while the database is unreachable (see `activities._step_failures`)."""
+    raise ApplicationError("ConnectionRefusedError: connection refused", type=DEPENDENCY_UNAVAILABLE)
 
 
 async def hangs() -> None:

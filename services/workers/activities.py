@@ -10,6 +10,7 @@ from temporalio.exceptions import ApplicationError
 
 from services.workers import business
 from services.workers.boundary import (
+    DEPENDENCY_UNAVAILABLE,
     ORDER_INVALID,
     PAYMENT_VOIDED,
     ChargePaymentInput,
@@ -25,8 +26,10 @@ from services.workers.boundary import (
     ReleaseAdmissionInput,
     ValidateOrderInput,
 )
+from services.workers.steps import describe_failure
 from shared import admissions
 from shared.broker import Topology, publish_event
+from shared.consuming import is_transient
 
 
 class BusinessActivities(OrderActivities):
@@ -38,16 +41,17 @@ class BusinessActivities(OrderActivities):
 
     @activity.defn
     async def receive_order(self, input: ReceiveOrderInput) -> None:
-        await business.order_received(self._sessions, input.order)
+        with _step_failures():
+            await business.order_received(self._sessions, input.order)
 
     @activity.defn
     async def validate_order(self, input: ValidateOrderInput) -> None:
-        with _business_rules():
+        with _step_failures():
             await business.order_validated(self._sessions, input.order_id)
 
     @activity.defn
     async def charge_payment(self, input: ChargePaymentInput) -> ChargeResult:
-        with _business_rules():
+        with _step_failures():
             outcome = await business.payment_charged(
                 self._sessions,
                 payment_id=input.payment_id,
@@ -58,16 +62,19 @@ class BusinessActivities(OrderActivities):
 
     @activity.defn
     async def prepare_package(self, input: PreparePackageInput) -> None:
-        await business.package_prepared(self._sessions, input.order_id)
+        with _step_failures():
+            await business.package_prepared(self._sessions, input.order_id)
 
     @activity.defn
     async def dispatch_carrier(self, input: DispatchCarrierInput) -> DispatchResult:
-        tracking_number = await business.carrier_dispatched(self._sessions, input.order_id, input.address)
+        with _step_failures():
+            tracking_number = await business.carrier_dispatched(self._sessions, input.order_id, input.address)
         return DispatchResult(tracking_number=tracking_number)
 
     @activity.defn
     async def mark_shipped(self, input: MarkShippedInput) -> None:
-        await business.order_shipped(self._sessions, input.order_id)
+        with _step_failures():
+            await business.order_shipped(self._sessions, input.order_id)
 
     @activity.defn
     async def refund_payment(self, input: RefundPaymentInput) -> bool:
@@ -89,12 +96,17 @@ class BusinessActivities(OrderActivities):
 
 
 @contextmanager
-def _business_rules() -> Iterator[None]:
-    """Turns a business-rule violation, or a charge of a voided payment, into a non-retryable
-    activity failure."""
+def _step_failures() -> Iterator[None]:
+    """How a business step's failure reaches the workflow: a broken business rule, or a charge of
+    a voided payment, fails the step for good; a database outage is told apart from the step
+    failing (it will work again once the database is back); anything else is one failed attempt."""
     try:
         yield
     except business.OrderInvalid as exc:
         raise ApplicationError(str(exc), type=ORDER_INVALID, non_retryable=True) from exc
     except business.PaymentVoided as exc:
         raise ApplicationError(str(exc), type=PAYMENT_VOIDED, non_retryable=True) from exc
+    except Exception as exc:
+        if is_transient(exc):
+            raise ApplicationError(describe_failure(exc), type=DEPENDENCY_UNAVAILABLE) from exc
+        raise

@@ -18,6 +18,7 @@ from shared.contracts import Address, OrderEvent, PlaceOrder, Step, StepError
 from shared.lifecycle import LifecyclePolicy
 
 ORDER_INVALID = "OrderInvalid"
+DEPENDENCY_UNAVAILABLE = "DependencyUnavailable"  # the database could not be reached: not the step's fault
 PAYMENT_VOIDED = "PaymentVoided"  # a charge attempt outlived its order's stop; only ever abandoned
 """ApplicationError type of a business-rule violation: not retried, the order fails."""
 

@@ -37,7 +37,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
 with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
-    from services.workers.boundary import StepAttempts
+    from services.workers.boundary import DEPENDENCY_UNAVAILABLE, StepAttempts
     from shared.contracts import Step, StepError
     from shared.lifecycle import LifecyclePolicy
 
@@ -48,6 +48,11 @@ Activity = Callable[[Any, P], Awaitable[R]]
 """An activity method of `OrderActivities`, e.g. `OrderActivities.charge_payment`."""
 
 ONE_ATTEMPT = RetryPolicy(maximum_attempts=1)
+
+# an attempt that failed with DEPENDENCY_UNAVAILABLE spends no attempt of the step's bound; the
+# next attempt waits a little, longer each time
+FIRST_OUTAGE_BACKOFF = timedelta(milliseconds=200)
+MAX_OUTAGE_BACKOFF = timedelta(seconds=2)
 
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 """ApplicationError type of a step given up at the lifecycle's deadline."""
@@ -164,6 +169,8 @@ async def run_step(
     outcome: asyncio.Future[R] = asyncio.get_running_loop().create_future()
     in_flight: dict[int, workflow.ActivityHandle[R]] = {}
     launched = 0
+    outages = 0  # attempts that failed because the database was down: they spend no bound
+    backoff: asyncio.Task[None] | None = None
     last_error = "no attempt made"
 
     def launch() -> None:
@@ -199,16 +206,38 @@ async def run_step(
             return
         last_error = describe_failure(cause)
         on_attempt(step, number, last_error)
-        refill()
+        if isinstance(cause, ApplicationError) and cause.type == DEPENDENCY_UNAVAILABLE:
+            back_off()
+        else:
+            refill()
+
+    def back_off() -> None:
+        """The database is down: attempting again at once would fail at once, so wait a little
+        (longer each time, one wait for all the attempts that failed alike)."""
+        nonlocal outages, backoff
+        outages += 1
+        if backoff is None:
+            backoff = asyncio.create_task(refill_after(outage_backoff(outages)))
+
+    async def refill_after(delay: timedelta) -> None:
+        nonlocal backoff
+        await workflow.sleep(delay)
+        backoff = None
+        if not outcome.done():
+            refill()
 
     def refill() -> None:
         if workflow.now() >= policy.deadline:
             outcome.set_exception(StepDeadlineExceeded(step, policy.deadline_seconds))
             return
-        while len(in_flight) < policy.parallel and (policy.max_attempts is None or launched < policy.max_attempts):
+        if backoff is not None:
+            return  # the wait refills when it ends
+        while len(in_flight) < policy.parallel and (
+            policy.max_attempts is None or launched - outages < policy.max_attempts
+        ):
             launch()
         if not in_flight:
-            outcome.set_exception(StepExhausted(step, launched, last_error))
+            outcome.set_exception(StepExhausted(step, launched - outages, last_error))
 
     refill()
     try:
@@ -217,6 +246,12 @@ async def run_step(
         outcome.cancel()  # decided or abandoned: a loser's end must not launch another attempt
         for attempt in in_flight.values():
             attempt.cancel()
+        if backoff is not None:
+            backoff.cancel()
+
+
+def outage_backoff(outages: int) -> timedelta:
+    return min(FIRST_OUTAGE_BACKOFF * 2 ** (outages - 1), MAX_OUTAGE_BACKOFF)
 
 
 def describe_failure(cause: BaseException | None) -> str:
