@@ -64,8 +64,8 @@ with workflow.unsafe.imports_passed_through():
         UpdateAddress,
     )
     from shared.lifecycle import (
-        ORDER_WORKFLOW,
         EVENTS_QUERY,
+        ORDER_WORKFLOW,
         STATUS_QUERY,
         WORKFLOW_TASK_TIMEOUT,
         OrderWorkflowInput,
