@@ -22,6 +22,7 @@ import pytest
 import schemathesis
 from api_support import gateway_process, own_vhost
 from pydantic import StringConstraints, TypeAdapter, ValidationError
+from schemathesis.config import SchemathesisConfig
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.app import create_app
@@ -41,10 +42,19 @@ HYPOTHESIS_SETTINGS = hypothesis.settings(
     suppress_health_check=[hypothesis.HealthCheck.filter_too_much, hypothesis.HealthCheck.too_slow],
 )
 
+# Schemathesis reads an event stream until it ends, has sent 20 events or the request timeout has
+# passed. The gateway's event streams stay open while no event comes (that is what they are for),
+# so each gets a second of reading instead of the default ten.
+STREAM_READING = """
+[[operations]]
+include-path-regex = "/stream$"
+request-timeout = 1
+"""
+
 # The document the gateway serves, made without starting it (test collection needs it); the first
 # test checks that the process serves this very document.
 DOCUMENT = create_app(Settings()).openapi()
-schema = schemathesis.openapi.from_dict(DOCUMENT)
+schema = schemathesis.openapi.from_dict(DOCUMENT, config=SchemathesisConfig.from_str(STREAM_READING))
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +101,12 @@ def test_every_operation_keeps_its_documented_contract(case: schemathesis.Case, 
 def test_linked_operations_keep_their_documented_contract(gateway_url: str, tmp_path: Path) -> None:
     """Sequences of requests linked by their data (an order placed, then asked for). Schemathesis's
     CLI runs them: its Python state machine discards every sequence under Hypothesis 6.170."""
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(STREAM_READING)
     run = subprocess.run(
         [
-            str(Path(sys.executable).parent / "schemathesis"), "run", f"{gateway_url}/openapi.json",
+            str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(config),
+            "run", f"{gateway_url}/openapi.json",
             "--checks", "all", "--phases", "stateful", "--max-examples", str(LINKED_SEQUENCES),
         ],
         cwd=tmp_path,  # where it keeps its Hypothesis database

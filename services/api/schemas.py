@@ -135,6 +135,17 @@ class OrderHistory(BaseModel):
     events: list[OrderEvent] = Field(description="Ordered by `seq`, then by when they were recorded.")
 
 
+# --- streams -------------------------------------------------------------------------------------
+class StreamedEvent(OrderEvent):
+    """An event as the streams send it: the contract's event and its place in the audit table."""
+
+    position: int = Field(
+        ge=1,
+        description="Where the audit table has it, counting in commit order across all orders; "
+        "also the event's SSE `id`, which resumes a stream right after it.",
+    )
+
+
 # --- errors -------------------------------------------------------------------------------------
 class ErrorMessage(BaseModel):
     """The body of every error answer but a validation error (422, FastAPI's `HTTPValidationError`)."""

@@ -1,0 +1,410 @@
+"""Server-sent event streams from the audit table: one order's events, and every order's.
+
+The audit table is the source: a stream sends only what is committed, and can send it again from
+any point. An event's SSE `id` is its `position`, which numbers the table's rows in the order their
+transactions committed (migration 0004), so a client that reconnects with `Last-Event-ID` gets
+exactly the events after the last one it saw, of one order or of all. Each stream first sends an
+`id` of its own (no data, so no event is dispatched): the point it starts from, so that even a
+client that saw no event yet resumes from there.
+
+Streams learn of new events from the NOTIFY that every transaction storing events sends at its
+commit (the table's trigger), through one LISTEN connection per gateway process: an event reaches
+them milliseconds after the audit consumer stored it, and an idle stream costs no query at all,
+where polling would cost each open stream a query per interval and still lag by it. While that
+connection is down, the streams poll every `POLL_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
+from dataclasses import dataclass
+from types import FrameType
+from typing import Annotated, Any
+
+import asyncpg
+import structlog
+from fastapi import (
+    APIRouter,
+    Depends,
+    FastAPI,
+    Header,
+    HTTPException,
+    Query,
+    Request,
+    status,
+)
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import WithJsonSchema
+from sqlalchemy import ColumnElement, exists, func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from services.api.dependencies import ConnectionsDep, OrderIdPath
+from services.api.errors import Responses
+from services.api.schemas import StreamedEvent
+from shared.contracts import TERMINAL_EVENTS
+from shared.db import AuditEvent, Order
+
+EVENTS_CHANNEL = "orderflow_events"  # NOTIFY'd by the audit table's trigger (migration 0004)
+POLL_SECONDS = 1.0
+LISTEN_RETRY_SECONDS = 2.0
+PAGE_SIZE = 500  # events read per query
+RECONNECT_MILLISECONDS = 1000  # the SSE `retry`: how soon a client reconnects after a lost stream
+MAX_POSITION = 2**63 - 1  # positions are BIGINT
+TERMINAL_TYPES = [event_type.value for event_type in TERMINAL_EVENTS]
+
+log = structlog.get_logger(__name__)
+
+
+class EventFeed:
+    """Tells this process's streams when events were stored, and when the server stops."""
+
+    def __init__(self, database_url: str) -> None:
+        self._dsn = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+        self._stored = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.listening = False
+
+    def next_store(self) -> asyncio.Event:
+        """An event set once events are stored after this call: take it before reading, so that
+        nothing stored during the read goes unnoticed."""
+        return self._stored
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def wait(self, stored: asyncio.Event, timeout: float | None) -> None:
+        """Until `stored` is set, the server stops or `timeout` seconds pass (None: no limit); no
+        longer than `POLL_SECONDS` while notifications cannot be heard."""
+        if not self.listening:
+            timeout = POLL_SECONDS if timeout is None else min(timeout, POLL_SECONDS)
+        await first_of(stored, self.stopping, timeout)
+
+    def _wake(self, *_: object) -> None:
+        stored, self._stored = self._stored, asyncio.Event()
+        stored.set()
+
+    async def listen(self) -> None:
+        """Hear the NOTIFYs until the server stops; reconnects, and polling covers the gaps."""
+        while not self.stopping.is_set():
+            try:
+                await self._listen_while_connected()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                log.warning("cannot listen for stored events; streams poll", error=repr(error))
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), LISTEN_RETRY_SECONDS)
+
+    async def _listen_while_connected(self) -> None:
+        connection = await asyncpg.connect(self._dsn)
+        lost = asyncio.Event()
+        connection.add_termination_listener(lambda _: lost.set())
+        try:
+            await connection.add_listener(EVENTS_CHANNEL, self._wake)
+            self.listening = True
+            self._wake()  # events stored while nobody listened
+            await first_of(lost, self.stopping, timeout=None)
+        finally:
+            self.listening = False
+            with suppress(Exception):
+                await connection.close()
+
+
+async def first_of(a: asyncio.Event, b: asyncio.Event, timeout: float | None) -> None:
+    """Wait until `a` or `b` is set, or `timeout` seconds pass (None: no limit)."""
+    waits = [asyncio.create_task(a.wait()), asyncio.create_task(b.wait())]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
+
+
+@contextmanager
+def on_exit_signals(callback: Callable[[], None]) -> Iterator[None]:
+    """Call `callback` (in the event loop) on SIGINT and SIGTERM, then the handler installed before.
+
+    uvicorn's handler starts a graceful shutdown that waits for every response to finish, and an
+    event stream finishes only when told to; ASGI has no message for "the server is stopping". No
+    handler is wrapped where none is installed (a default handler ends the process anyway)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread
+        return
+    loop = asyncio.get_running_loop()
+    previous: dict[signal.Signals, Callable[[int, FrameType | None], Any]] = {}
+
+    def chained(handler: Callable[[int, FrameType | None], Any], sig: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(callback)
+        handler(sig, frame)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if callable(handler):
+            previous[sig] = handler
+            signal.signal(sig, lambda number, frame, handler=handler: chained(handler, number, frame))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@asynccontextmanager
+async def event_feed(app: FastAPI) -> AsyncIterator[None]:
+    """The process's `EventFeed` (`app.state.event_feed`), listening while the app runs; the streams
+    end when the server is told to stop, and at the latest when the app shuts down."""
+    feed = EventFeed(app.state.settings.database_url)
+    app.state.event_feed = feed
+    listener = asyncio.create_task(feed.listen())
+    try:
+        with on_exit_signals(feed.stop):
+            yield
+    finally:
+        feed.stop()
+        await listener
+
+
+router = APIRouter(tags=["orders"], lifespan=event_feed)
+
+
+def get_feed(request: Request) -> EventFeed:
+    feed: EventFeed = request.app.state.event_feed
+    return feed
+
+
+FeedDep = Annotated[EventFeed, Depends(get_feed)]
+
+# --- the resume point -----------------------------------------------------------------------------
+POSITION_MEANING = (
+    "An event's SSE `id` is its `position`: its place in the audit table, counting in the order "
+    "events were committed, across all orders."
+)
+# documented without the `null` of `int | None`: a header has no null (absent is absent)
+POSITION_SCHEMA = WithJsonSchema({"type": "integer", "minimum": 0, "maximum": MAX_POSITION})
+LastEventIdHeader = Annotated[
+    int | None,
+    Header(
+        alias="Last-Event-ID",
+        ge=0,
+        le=MAX_POSITION,
+        description="Resume after this event: the `id` of the last event received (an `EventSource` "
+        "sends it by itself when it reconnects). Wins over `last_event_id`.",
+    ),
+    POSITION_SCHEMA,
+]
+LastEventIdQuery = Annotated[
+    int | None,
+    Query(
+        ge=0,
+        le=MAX_POSITION,
+        description="The same as the `Last-Event-ID` header, for clients that cannot send headers.",
+    ),
+    POSITION_SCHEMA,
+]
+
+
+def resume_point(header: LastEventIdHeader = None, last_event_id: LastEventIdQuery = None) -> int | None:
+    """The position after which the client wants events, if it said."""
+    return header if header is not None else last_event_id
+
+
+ResumeDep = Annotated[int | None, Depends(resume_point)]
+
+
+def streamed(event: StreamedEvent) -> ServerSentEvent:
+    return ServerSentEvent(data=event, id=str(event.position))
+
+
+def starting_point(position: int) -> ServerSentEvent:
+    """No data, so no event for the client: its last event id becomes `position`, and it learns
+    how soon to reconnect."""
+    return ServerSentEvent(id=str(position), retry=RECONNECT_MILLISECONDS)
+
+
+@contextmanager
+def logging_early_ends(feed: EventFeed, **context: object) -> Iterator[None]:
+    """Log a stream that ends before its time: its client left, or the gateway is stopping."""
+    try:
+        yield
+    except (asyncio.CancelledError, GeneratorExit):
+        log.info("event stream closed: the client left", **context)
+        raise
+    if feed.stopping.is_set():
+        log.info("event stream closed: the gateway is stopping", **context)
+
+
+def stream_description(what: str, ends: str) -> str:
+    return (
+        f"{what} as server-sent events (`text/event-stream`), each event's `data` a JSON "
+        f"`StreamedEvent`. {POSITION_MEANING} Resume with `Last-Event-ID` (header) or "
+        "`last_event_id` (query) to get exactly the events after that one. The stream first sends "
+        "an `id` with no data (the point it starts from), then events in `position` order, with a "
+        f"`: ping` comment every 15 s while there is nothing to send. {ends}"
+    )
+
+
+# --- one order ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OrderStream:
+    order_id: str
+    after: int
+    ended: bool  # the order's ending (its terminal event) is at or before `after`
+
+
+async def order_stream_start(
+    order_id: OrderIdPath, connections: ConnectionsDep, after: ResumeDep
+) -> OrderStream:
+    """Where the order's stream starts; answers 404 for an unknown order and 204 for an ended one
+    with nothing after the resume point, before any stream begins."""
+    start = after or 0
+    async with connections.sessions() as session:
+        if not await order_is_known(session, order_id):
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND,
+                detail=f"order {order_id!r} is unknown: no events and no row in the orders table",
+            )
+        ending = await ending_position(session, order_id)
+        if ending is not None and not await order_events_after(session, order_id, start, limit=1):
+            # an EventSource stops reconnecting on a 204
+            raise HTTPException(status.HTTP_204_NO_CONTENT)
+    return OrderStream(order_id, start, ended=ending is not None and ending <= start)
+
+
+ORDER_STREAM_RESPONSES: Responses = {
+    status.HTTP_204_NO_CONTENT: {
+        "description": "The order has ended and nothing of it comes after `Last-Event-ID`: there is "
+        "nothing more to stream (an `EventSource` stops reconnecting)."
+    },
+    status.HTTP_404_NOT_FOUND: {
+        "description": "Neither the audit table nor the orders table knows the order.",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorMessage"}}},
+    },
+}
+
+
+@router.get(
+    "/orders/{order_id}/events/stream",
+    summary="Follow an order's events",
+    description=stream_description(
+        "The order's events from the audit table (all of them, or those after `Last-Event-ID`), then "
+        "each one as it is stored,",
+        "The stream ends after the order's terminal event (`completed`, `cancelled`, `failed` or "
+        "`terminated`) and whatever of the order was stored by then (a late command's "
+        "`command_rejected`), and when the gateway stops (reconnect to resume).",
+    ),
+    response_class=EventSourceResponse,
+    response_description="The order's events.",
+    responses=ORDER_STREAM_RESPONSES,
+)
+async def order_event_stream(
+    start: Annotated[OrderStream, Depends(order_stream_start)], feed: FeedDep, connections: ConnectionsDep
+) -> AsyncIterator[StreamedEvent]:
+    # the annotation documents the events' data; a ServerSentEvent is sent as it is
+    yield starting_point(start.after)  # type: ignore[misc]
+    after, ended = start.after, start.ended
+    with logging_early_ends(feed, stream="order", order_id=start.order_id):
+        while not feed.stopping.is_set():
+            stored = feed.next_store()
+            async with connections.sessions() as session:
+                events = await order_events_after(session, start.order_id, after, PAGE_SIZE)
+            for event in events:
+                yield streamed(event)  # type: ignore[misc]
+                after = event.position
+                ended = ended or event.type.is_terminal
+            if len(events) == PAGE_SIZE:
+                continue
+            if ended:  # everything stored up to the ending and after it is sent
+                return
+            await feed.wait(stored, timeout=None)
+
+
+# --- every order ----------------------------------------------------------------------------------
+@router.get(
+    "/events/stream",
+    summary="Follow every order's events",
+    description=stream_description(
+        "Every order's events from the audit table as they are stored (without `Last-Event-ID`: from "
+        "now on; `0`: from the first),",
+        "The stream runs until the client leaves, unless `limit` or `timeout` ends it sooner, and "
+        "ends when the gateway stops (reconnect to resume).",
+    ),
+    response_class=EventSourceResponse,
+    response_description="Every order's events.",
+)
+async def event_stream(
+    feed: FeedDep,
+    connections: ConnectionsDep,
+    after: ResumeDep,
+    limit: Annotated[
+        int | None, Query(ge=1, le=10_000, description="End the stream after this many events.")
+    ] = None,
+    timeout: Annotated[
+        int | None,
+        Query(ge=1, le=3600, description="End the stream after this many seconds (events or not)."),
+    ] = None,
+) -> AsyncIterator[StreamedEvent]:
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    if after is None:
+        async with connections.sessions() as session:
+            after = await newest_position(session)
+    yield starting_point(after)  # type: ignore[misc]  # as in order_event_stream
+    sent = 0
+    with logging_early_ends(feed, stream="all"):
+        while not feed.stopping.is_set() and (deadline is None or loop.time() < deadline):
+            stored = feed.next_store()
+            wanted = PAGE_SIZE if limit is None else min(PAGE_SIZE, limit - sent)
+            async with connections.sessions() as session:
+                events = await events_after(session, after, wanted)
+            for event in events:
+                yield streamed(event)  # type: ignore[misc]
+                after = event.position
+            sent += len(events)
+            if limit is not None and sent >= limit:
+                return
+            if len(events) < wanted:
+                await feed.wait(stored, timeout=None if deadline is None else deadline - loop.time())
+
+
+# --- queries of the audit table -------------------------------------------------------------------
+async def order_is_known(session: AsyncSession, order_id: str) -> bool:
+    has_events = exists().where(col(AuditEvent.order_id) == order_id)
+    has_row = exists().where(col(Order.id) == order_id)
+    return bool(await session.scalar(select(has_events | has_row)))
+
+
+async def ending_position(session: AsyncSession, order_id: str) -> int | None:
+    """The position of the order's terminal event, if it has ended."""
+    query = select(func.min(col(AuditEvent.position))).where(
+        col(AuditEvent.order_id) == order_id, col(AuditEvent.type).in_(TERMINAL_TYPES)
+    )
+    position: int | None = await session.scalar(query)
+    return position
+
+
+async def order_events_after(
+    session: AsyncSession, order_id: str, position: int, limit: int
+) -> list[StreamedEvent]:
+    return await events_after(session, position, limit, col(AuditEvent.order_id) == order_id)
+
+
+async def events_after(
+    session: AsyncSession, position: int, limit: int, *conditions: ColumnElement[bool]
+) -> list[StreamedEvent]:
+    """The first `limit` events after `position` (that meet `conditions`), in position order."""
+    query = (
+        select(AuditEvent)
+        .where(col(AuditEvent.position) > position, *conditions)
+        .order_by(col(AuditEvent.position))
+        .limit(limit)
+    )
+    return [StreamedEvent.model_validate(row, from_attributes=True) for row in await session.scalars(query)]
+
+
+async def newest_position(session: AsyncSession) -> int:
+    position: int | None = await session.scalar(select(func.max(col(AuditEvent.position))))
+    return position or 0
