@@ -20,7 +20,8 @@ from uuid import uuid4
 import httpx
 import pytest
 import pytest_asyncio
-from aio_pika.abc import AbstractChannel, AbstractQueue
+import uvicorn
+from aio_pika.abc import AbstractQueue
 from api_support import (
     ADDRESS,
     closed_port,
@@ -35,12 +36,22 @@ from service_support import (
     next_message,
 )
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
 from typer.testing import CliRunner, Result
 
 from services.cli.errors import WATCH_TIMEOUT_EXIT_CODE
 from services.cli.main import app
-from shared import broker
-from shared.contracts import CommandType, EventType, OrderEvent, OrderState, PlaceOrder, command_adapter
+from shared.contracts import (
+    CommandType,
+    EventType,
+    OrderEvent,
+    OrderState,
+    PlaceOrder,
+    command_adapter,
+)
 from shared.settings import Settings
 
 GATEWAY_START_TIMEOUT_SECONDS = 30.0
@@ -288,84 +299,130 @@ async def test_history_prints_events_in_order(
 
 
 # --- watch ----------------------------------------------------------------------------------------
-def lifecycle_event(order_id: str, event_type: EventType, seq: int) -> OrderEvent:
-    return OrderEvent(
-        event_id=uuid4(), type=event_type, order_id=order_id, seq=seq, occurred_at=datetime.now(UTC)
-    )
+def printed_events(result: Result) -> list[tuple[int, EventType]]:
+    """What `watch --json` printed: contract events (the streams' positions left out), one a line."""
+    events = [OrderEvent.model_validate_json(line) for line in result.stdout.splitlines()]
+    return [(event.seq, event.type) for event in events]
 
 
-async def test_watch_follows_one_order_until_it_ends(
-    base_settings: Settings, broker_channel: tuple[AbstractChannel, broker.Topology]
+@pytest.mark.parametrize(
+    ("ending", "exit_code"),
+    [(EventType.COMPLETED, 0), (EventType.CANCELLED, 3), (EventType.FAILED, 4), (EventType.TERMINATED, 5)],
+)
+async def test_watch_prints_the_events_until_the_order_ends_and_exits_with_its_ending(
+    api_url: str, db_sessions: async_sessionmaker[AsyncSession], ending: EventType, exit_code: int
 ) -> None:
-    _, topology = broker_channel
-    order_id, other_id = unique_id("watch"), unique_id("watch")
-    events = [
-        lifecycle_event(other_id, EventType.COMPLETED, 1),
-        lifecycle_event(order_id, EventType.RECEIVED, 1),
-        lifecycle_event(order_id, EventType.CANCELLED, 2),
-    ]
+    order_id = unique_id("watch")
+    await insert_events(db_sessions, order_id, {1: EventType.RECEIVED})
     watching = asyncio.create_task(
-        orderflow(
-            "watch", order_id, "--timeout", "20", "--json", env={"ORDERFLOW_AMQP_URL": base_settings.amqp_url}
-        )
+        orderflow("watch", order_id, "--timeout", "20", "--json", "--api-url", api_url)
     )
+    await asyncio.sleep(0.5)  # most likely the watch is following by now; if not, these are history
+    await insert_events(db_sessions, order_id, {2: EventType.VALIDATED})
+    await insert_events(db_sessions, order_id, {3: ending})
 
-    async def watch_ended() -> bool:
-        # the watch's queue exists only once it has bound it, so publish until the watch is over
-        for event in events:
-            await broker.publish_event(topology, event)
-        await asyncio.wait([watching], timeout=0.2)
-        return watching.done()
+    result = await asyncio.wait_for(watching, 30)
 
-    await eventually(watch_ended, timeout=20)
-    result = watching.result()
-    assert result.exit_code == 0, result.output
-    seen = [OrderEvent.model_validate_json(line) for line in result.stdout.splitlines()]
-    assert {event.order_id for event in seen} == {order_id}
-    assert seen[-1].type == EventType.CANCELLED
+    assert result.exit_code == exit_code, result.output
+    assert printed_events(result) == [(1, EventType.RECEIVED), (2, EventType.VALIDATED), (3, ending)]
     assert f"watching order {order_id}" in result.stderr
+    assert f"order {order_id} {ending.value}" in result.stderr
 
 
-async def test_watch_shows_the_history_first_and_ends_at_once_for_an_ended_order(
-    api_url: str, base_settings: Settings, db_sessions: async_sessionmaker[AsyncSession]
+async def test_watch_of_an_ended_order_prints_its_history_and_ends_at_once(
+    api_url: str, db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     order_id = unique_id("watch")
     await insert_events(
         db_sessions, order_id, {1: EventType.RECEIVED, 2: EventType.VALIDATED, 3: EventType.FAILED}
     )
 
-    result = await orderflow(
-        "watch", order_id, "--timeout", "20", "--json", "--api-url", api_url,
-        env={"ORDERFLOW_AMQP_URL": base_settings.amqp_url},
-    )
+    result = await orderflow("watch", order_id, "--timeout", "20", "--json", "--api-url", api_url)
+
+    assert result.exit_code == 4, result.output
+    assert printed_events(result) == [(1, EventType.RECEIVED), (2, EventType.VALIDATED), (3, EventType.FAILED)]
+
+
+async def test_watch_waits_for_an_order_that_is_not_known_yet(
+    api_url: str, db_sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    order_id = unique_id("watch")  # placed a moment ago, say: nothing stored yet
+    watching = asyncio.create_task(orderflow("watch", order_id, "--timeout", "20", "--api-url", api_url))
+    await asyncio.sleep(1)
+    await insert_events(db_sessions, order_id, {1: EventType.RECEIVED, 2: EventType.COMPLETED})
+
+    result = await asyncio.wait_for(watching, 30)
 
     assert result.exit_code == 0, result.output
-    seen = [OrderEvent.model_validate_json(line) for line in result.stdout.splitlines()]
-    assert [(event.seq, event.type) for event in seen] == [
-        (1, EventType.RECEIVED), (2, EventType.VALIDATED), (3, EventType.FAILED)
-    ]
+    assert f"order {order_id} is not known yet" in result.stderr
+    assert "404" not in result.output
+    assert [line.split()[3] for line in result.stdout.splitlines()] == ["received", "completed"]
 
 
-async def test_watch_of_an_order_without_history_yet_is_no_error(
-    api_url: str, base_settings: Settings
+async def test_watch_gives_up_after_its_timeout(
+    api_url: str, db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    result = await orderflow(
-        "watch", unique_id("watch"), "--timeout", "0.5", "--api-url", api_url,
-        env={"ORDERFLOW_AMQP_URL": base_settings.amqp_url},
-    )
+    order_id = unique_id("watch")
+    await insert_events(db_sessions, order_id, {1: EventType.RECEIVED})
+
+    result = await orderflow("watch", order_id, "--timeout", "1", "--api-url", api_url)
 
     assert result.exit_code == WATCH_TIMEOUT_EXIT_CODE
-    assert "404" not in result.stderr
-    assert "live events only" not in result.stderr
+    assert "did not end within 1 s" in result.stderr
+    assert "received" in result.stdout
 
 
-async def test_watch_gives_up_after_its_timeout(base_settings: Settings) -> None:
-    result = await orderflow(
-        "watch", unique_id("watch"), "--timeout", "0.5", env={"ORDERFLOW_AMQP_URL": base_settings.amqp_url}
-    )
+async def test_watch_reports_an_unreachable_gateway() -> None:
+    result = await orderflow("watch", "ord-1", "--api-url", f"http://127.0.0.1:{closed_port()}")
 
-    assert result.exit_code == WATCH_TIMEOUT_EXIT_CODE
-    assert "did not end within 0.5 s" in result.stderr
+    assert result.exit_code == 1
+    assert "cannot reach the gateway" in result.stderr
+    assert "Traceback" not in result.output
+
+
+async def test_watch_resumes_a_lost_stream_after_the_last_event_it_saw() -> None:
+    """A stand-in gateway whose first stream breaks off after one event, as a restarting gateway's
+    does; the watch asks again with Last-Event-ID and gets the rest."""
+    order_id = unique_id("watch")
+    asked_after: list[str | None] = []
+
+    async def stream(request: Request) -> StreamingResponse:
+        last_event_id = request.headers.get("last-event-id")
+        asked_after.append(last_event_id)
+        seq = 1 if last_event_id is None else 2
+        ending = EventType.RECEIVED if seq == 1 else EventType.COMPLETED
+        event = OrderEvent(
+            event_id=uuid4(), type=ending, order_id=order_id, seq=seq, occurred_at=datetime.now(UTC)
+        )
+        body = f"id: 0\n\ndata: {event.model_dump_json()}\nid: {seq * 10}\n\n"
+        return StreamingResponse(iter([body]), media_type="text/event-stream")
+
+    stand_in = Starlette(routes=[Route(f"/orders/{order_id}/events/stream", stream)])
+    port = closed_port()
+    server = uvicorn.Server(uvicorn.Config(stand_in, port=port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+
+    async def started() -> bool:
+        return server.started
+
+    try:
+        await eventually(started)
+        result = await orderflow("watch", order_id, "--timeout", "20", "--api-url", f"http://127.0.0.1:{port}")
+    finally:
+        server.should_exit = True
+        await serving
+
+    assert result.exit_code == 0, result.output
+    assert asked_after == [None, "10"]
+    assert [line.split()[3] for line in result.stdout.splitlines()] == ["received", "completed"]
+    assert "resuming" in result.stderr
+
+
+def test_watch_help_lists_its_exit_codes() -> None:
+    result = runner.invoke(app, ["watch", "--help"])
+
+    text = " ".join(result.stdout.split())
+    assert "Exit codes: 0 completed, 3 cancelled, 4 failed, 5 terminated; 124 if it has not ended" in text
 
 
 # --- migrate --------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, overload
+from typing import Any, NoReturn
 from urllib.parse import quote
 
 import httpx
@@ -27,36 +27,24 @@ class Gateway:
         present = {name: value for name, value in (params or {}).items() if value is not None}
         return self._request("GET", path, params=present)
 
-    def get_if_known(self, path: str) -> dict[str, Any] | None:
-        """Like `get`, but None where the gateway does not know the resource (404)."""
-        return self._request("GET", path, missing_ok=True)
-
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._request("POST", path, json=body)
 
-    @overload
-    def _request(
-        self, method: str, path: str, *, missing_ok: Literal[True], **options: Any
-    ) -> dict[str, Any] | None: ...
-
-    @overload
-    def _request(self, method: str, path: str, **options: Any) -> dict[str, Any]: ...
-
-    def _request(
-        self, method: str, path: str, *, missing_ok: bool = False, **options: Any
-    ) -> dict[str, Any] | None:
+    def _request(self, method: str, path: str, **options: Any) -> dict[str, Any]:
         try:
             with httpx.Client(base_url=self.base_url, timeout=REQUEST_TIMEOUT_SECONDS) as client:
                 response = client.request(method, path, **options)
         except httpx.HTTPError as error:
             fail(f"cannot reach the gateway at {self.base_url}: {reason(error)}")
-        if missing_ok and response.status_code == httpx.codes.NOT_FOUND:
-            return None
         if response.is_error:
-            answer = f"{response.status_code} {response.reason_phrase}"
-            fail(f"the gateway answered {answer}: {error_detail(response)}")
+            refused(response)
         body: dict[str, Any] = response.json()
         return body
+
+
+def refused(response: httpx.Response) -> NoReturn:
+    """Report an answer other than the one asked for, and exit."""
+    fail(f"the gateway answered {response.status_code} {response.reason_phrase}: {error_detail(response)}")
 
 
 def error_detail(response: httpx.Response) -> str:

@@ -1,5 +1,5 @@
-"""The `orderflow` command line: steer and follow orders through the REST gateway, watch events
-live on the broker, and migrate the database.
+"""The `orderflow` command line: steer and follow orders through the REST gateway (watch their
+events live on its event streams), and migrate the database.
 
 Every command has `--help`; output is human-readable unless `--json` is given; errors are one
 message and a non-zero exit code.
@@ -14,13 +14,12 @@ from dataclasses import asdict
 from typing import Annotated, Any
 
 import typer
-from aio_pika.exceptions import AMQPError
 from sqlalchemy.engine import make_url
 
 from services.cli import dlq, render
 from services.cli.errors import WATCH_TIMEOUT_EXIT_CODE, fail, reason
 from services.cli.gateway import Gateway, order_path
-from services.cli.watch import follow_order
+from services.cli.watch import ENDING_EXIT_CODES, follow_order
 from shared import schema
 from shared.broker import DEAD_LETTER_QUEUE
 from shared.contracts import OrderEvent, OrderState
@@ -213,7 +212,13 @@ def history(order_id: OrderId, api_url: ApiUrl = None, as_json: AsJson = False) 
     show(gateway(api_url).get(order_path(order_id, "events")), as_json, render.history)
 
 
-@app.command()
+WATCH_EXIT_CODES = ", ".join(f"{code} {ending.value}" for ending, code in ENDING_EXIT_CODES.items())
+
+
+@app.command(
+    epilog=f"Exit codes: {WATCH_EXIT_CODES}; {WATCH_TIMEOUT_EXIT_CODE} if it has not ended within "
+    "--timeout; 1 if the gateway cannot be reached or refuses."
+)
 def watch(
     order_id: OrderId,
     timeout: Annotated[
@@ -222,33 +227,23 @@ def watch(
     as_json: AsJson = False,
     api_url: ApiUrl = None,
 ) -> None:
-    """Print an order's events so far, then live from the broker; exit 0 once it completes, is
-    cancelled or fails."""
+    """Print an order's events so far, then each as it happens, until the order ends; the exit
+    code says how it ended. Follows the gateway's event stream of the order (nothing but the
+    gateway's URL is needed), resuming it if the connection is lost."""
 
     def print_event(event: OrderEvent) -> None:
         item = event.model_dump(mode="json")
         typer.echo(json.dumps(item) if as_json else render.event(item))
 
-    def announce() -> None:
-        typer.echo(f"watching order {order_id} for up to {timeout:g} s ...", err=True)
+    def note(text: str) -> None:
+        typer.echo(text, err=True)
 
-    def events_so_far() -> list[OrderEvent]:
-        try:
-            found = gateway(api_url).get_if_known(order_path(order_id, "events"))
-        except typer.Exit:  # the gateway said why; live events still come from the broker
-            typer.echo("showing live events only", err=True)
-            return []
-        # an order placed a moment ago may have no history yet
-        return [OrderEvent.model_validate(item) for item in found["events"]] if found else []
-
-    try:
-        ended = asyncio.run(
-            follow_order(settings(), order_id, timeout, print_event, announce, events_so_far)
-        )
-    except (AMQPError, OSError) as error:
-        fail(f"cannot follow events on the broker: {reason(error)}")
-    if ended is None:
+    note(f"watching order {order_id} for up to {timeout:g} s ...")
+    ending = asyncio.run(follow_order(gateway(api_url).base_url, order_id, timeout, print_event, note))
+    if ending is None:
         fail(f"order {order_id} did not end within {timeout:g} s", WATCH_TIMEOUT_EXIT_CODE)
+    note(f"order {order_id} {ending.type.value}")
+    raise typer.Exit(ENDING_EXIT_CODES[ending.type])
 
 
 @app.command()

@@ -1,78 +1,128 @@
-"""`orderflow watch`: follow one order's events on the `orders.events` exchange until it ends.
+"""`orderflow watch`: follow one order through the gateway's stream of its events until it ends.
 
-The queue is bound first and the audit history read second, so an event published in between is
-seen twice rather than missed; `event_id` tells the copies apart.
+`GET /orders/{id}/events/stream` sends the order's history, then each event as it is stored, and
+ends after the order's terminal event (and any rejection stored by then). A stream lost on the way
+(the gateway restarted, say) is resumed with `Last-Event-ID`, so every event is reported once.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from uuid import UUID
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
-from aio_pika.abc import AbstractQueue, AbstractRobustConnection
-from pydantic import ValidationError
+import httpx
 
-from shared import broker
-from shared.contracts import OrderEvent
-from shared.settings import Settings
+from services.cli.errors import fail, reason
+from services.cli.gateway import order_path, refused
+from shared.contracts import EventType, OrderEvent
 
-ALL_ORDER_EVENTS = "order.#"
+CONNECT_TIMEOUT_SECONDS = 5.0
+RETRY_SECONDS = 0.5  # before asking again for an order not known yet, or resuming a lost stream
+
+# how `orderflow watch` exits for each ending (and WATCH_TIMEOUT_EXIT_CODE when it gives up)
+ENDING_EXIT_CODES = {
+    EventType.COMPLETED: 0,
+    EventType.CANCELLED: 3,
+    EventType.FAILED: 4,
+    EventType.TERMINATED: 5,
+}
+
+
+@dataclass(frozen=True)
+class StreamedMessage:
+    """One block of an event stream: an `id`, and `data` unless it only moved the last event id."""
+
+    id: str | None
+    data: str | None
 
 
 async def follow_order(
-    settings: Settings,
+    base_url: str,
     order_id: str,
     timeout: float,
     on_event: Callable[[OrderEvent], None],
-    on_listening: Callable[[], None],
-    history: Callable[[], list[OrderEvent]],
+    on_note: Callable[[str], None],
 ) -> OrderEvent | None:
-    """Report the order's events so far, then as they arrive, each once; returns its terminal
-    event, or None on timeout."""
-    seen: set[UUID] = set()
+    """Report the order's events as the gateway streams them; returns its terminal event, or None
+    if it has not ended within `timeout` seconds. An unreachable gateway or an answer other than
+    the stream (or 404: the order may not be known yet) is fatal (`fail`)."""
+    try:
+        async with (
+            asyncio.timeout(timeout),
+            httpx.AsyncClient(
+                base_url=base_url, timeout=httpx.Timeout(CONNECT_TIMEOUT_SECONDS, read=None)
+            ) as client,
+        ):
+            return await _follow(client, order_id, on_event, on_note)
+    except TimeoutError:
+        return None
 
-    def report_new(event: OrderEvent) -> None:
-        if event.event_id not in seen:
-            seen.add(event.event_id)
-            on_event(event)
 
-    connection = await broker.connect(settings, "orderflow-cli-watch")
-    async with connection:
-        queue = await bind_private_queue(connection)
-        on_listening()
-        for event in await asyncio.to_thread(history):
-            report_new(event)
-            if event.type.is_terminal:
-                return event
+async def _follow(
+    client: httpx.AsyncClient,
+    order_id: str,
+    on_event: Callable[[OrderEvent], None],
+    on_note: Callable[[str], None],
+) -> OrderEvent:
+    path = order_path(order_id, "events/stream")
+    last_event_id: str | None = None
+    ending: OrderEvent | None = None
+    answered = told_unknown = False
+    while ending is None:
+        headers = {"Last-Event-ID": last_event_id} if last_event_id is not None else {}
         try:
-            async with asyncio.timeout(timeout):
-                return await terminal_event(queue, order_id, report_new)
-        except TimeoutError:
-            return None
+            async with client.stream("GET", path, headers=headers) as response:
+                answered = True
+                if response.status_code == httpx.codes.NOT_FOUND:
+                    if not told_unknown:
+                        on_note(f"order {order_id} is not known yet; waiting for it")
+                        told_unknown = True
+                elif response.status_code != httpx.codes.OK:
+                    await response.aread()
+                    refused(response)
+                else:
+                    async for message in server_sent_events(response):
+                        last_event_id = message.id
+                        if message.data is not None:
+                            event = contract_event(message.data)
+                            on_event(event)
+                            # read on: the stream ends after what was stored with the ending
+                            ending = event if event.type.is_terminal else ending
+                    if ending is None:
+                        on_note("the stream ended before the order did (the gateway stopped?); resuming")
+        except httpx.TransportError as error:
+            if not answered:
+                fail(f"cannot reach the gateway at {client.base_url}: {reason(error)}")
+            on_note(f"lost the stream ({reason(error)}); resuming")
+        if ending is None:
+            await asyncio.sleep(RETRY_SECONDS)
+    return ending
 
 
-async def bind_private_queue(connection: AbstractRobustConnection) -> AbstractQueue:
-    """A queue of our own that the broker deletes when we disconnect."""
-    channel = await connection.channel()
-    topology = await broker.declare_topology(channel)
-    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-    await queue.bind(topology.events, routing_key=ALL_ORDER_EVENTS)
-    return queue
+async def server_sent_events(response: httpx.Response) -> AsyncIterator[StreamedMessage]:
+    """The blocks of a `text/event-stream` body that carry an id or data, as the SSE standard reads
+    them: the last event id stays until a block changes it."""
+    event_id: str | None = None
+    data: list[str] = []
+    has_id = False
+    async for line in response.aiter_lines():
+        if line:
+            field, _, value = line.partition(":")  # a comment has an empty field name
+            value = value.removeprefix(" ")
+            if field == "data":
+                data.append(value)
+            elif field == "id":
+                event_id, has_id = value, True
+            continue
+        if data or has_id:
+            yield StreamedMessage(event_id, "\n".join(data) if data else None)
+        data, has_id = [], False
 
 
-async def terminal_event(
-    queue: AbstractQueue, order_id: str, on_event: Callable[[OrderEvent], None]
-) -> OrderEvent | None:
-    async with queue.iterator(no_ack=True) as messages:  # a private, throw-away copy: nothing to ack
-        async for message in messages:
-            try:
-                event = OrderEvent.model_validate_json(message.body)
-            except ValidationError:
-                continue  # not an event of the contract; the audit consumer dead-letters those
-            if event.order_id != order_id:
-                continue
-            on_event(event)
-            if event.type.is_terminal:
-                return event
-    return None
+def contract_event(data: str) -> OrderEvent:
+    """The contract's event in a streamed event's data (which adds its audit `position`)."""
+    fields = json.loads(data)
+    fields.pop("position", None)
+    return OrderEvent.model_validate(fields)
