@@ -8,7 +8,7 @@ from functools import partial
 
 from fastapi import FastAPI, status
 
-from services.api import commands, health, orders, streams, telemetry
+from services.api import commands, dashboard, health, orders, streams, telemetry
 from services.api.connections import Connections, DependencyUnavailable
 from services.api.errors import backlog_full, dependency_unavailable, method_not_allowed
 from services.api.openapi import openapi_document
@@ -53,6 +53,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(orders.router)
     app.include_router(health.router)
     app.include_router(streams.router)
+    app.include_router(dashboard.router)
     app.include_router(telemetry.router)
     app.add_middleware(telemetry.HttpMetrics)
     app.add_exception_handler(DependencyUnavailable, dependency_unavailable)

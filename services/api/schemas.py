@@ -135,7 +135,7 @@ class OrderHistory(BaseModel):
     events: list[OrderEvent] = Field(description="Ordered by `seq`, then by when they were recorded.")
 
 
-# --- streams -------------------------------------------------------------------------------------
+# --- streams and the dashboard --------------------------------------------------------------------
 class StreamedEvent(OrderEvent):
     """An event as the streams send it: the contract's event and its place in the audit table."""
 
@@ -143,6 +143,36 @@ class StreamedEvent(OrderEvent):
         ge=1,
         description="Where the audit table has it, counting in commit order across all orders; "
         "also the event's SSE `id`, which resumes a stream right after it.",
+    )
+
+
+class MinuteCount(BaseModel):
+    minute: datetime = Field(description="The minute's start (UTC).")
+    count: int
+
+
+class AdmissionLoad(BaseModel):
+    """How busy admission is (the `admissions` table)."""
+
+    backlog: int = Field(description="Placements registered and waiting for a lifecycle slot (`queued`).")
+    running: int = Field(description="Lifecycles holding a slot.")
+    max_running: int = Field(
+        description="Slots: lifecycles that may run at once, across all bridges (as the gateway is configured)."
+    )
+
+
+class Stats(BaseModel):
+    counts: dict[OrderState, int] = Field(description="Orders per state (every state, zero included).")
+    total: int = Field(description="All orders.")
+    admission: AdmissionLoad
+    completed_per_minute: list[MinuteCount] = Field(
+        description="Orders completed in each of the last minutes, oldest first; the last one is "
+        "the minute under way."
+    )
+    position: int = Field(
+        ge=0,
+        description="The newest event's `position` when these figures were read (0: none yet). Follow "
+        "`/events/stream` from it (`Last-Event-ID`) to miss nothing that changes them.",
     )
 
 

@@ -1,0 +1,95 @@
+"""The live dashboard (`/dashboard`: a page, a script and a style sheet from `static/`) and the figures
+it shows (`GET /stats`).
+
+The page lists orders (`GET /orders`), shows an order's status and timeline (`GET /orders/{id}`,
+its event stream) and steers it (the command endpoints); it follows every order through
+`/events/stream`, so it needs nothing but the gateway's public API.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from services.api.dependencies import SessionDep
+from services.api.schemas import AdmissionLoad, MinuteCount, Stats
+from services.api.streams import newest_position
+from shared.admissions import HOLDING_SLOT, AdmissionStatus
+from shared.contracts import OrderState
+from shared.db import Admission, Order
+
+STATIC_DIR = Path(__file__).parent / "static"
+THROUGHPUT_MINUTES = 10
+
+router = APIRouter()
+router.mount("/dashboard/static", StaticFiles(directory=STATIC_DIR), name="dashboard-static")
+
+
+@router.get("/dashboard", include_in_schema=False)
+async def dashboard() -> FileResponse:
+    return FileResponse(STATIC_DIR / "dashboard.html")
+
+
+@router.get(
+    "/stats",
+    tags=["orders"],
+    summary="Orders per state, admission load and throughput",
+    description="From the orders and admissions tables, read at one instant; `position` says which "
+    "events they include.",
+)
+async def stats(request: Request, session: SessionDep) -> Stats:
+    # one snapshot: the figures and `position` agree
+    await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+    counts = await orders_per_state(session)
+    return Stats(
+        counts=counts,
+        total=sum(counts.values()),
+        admission=await admission_load(session, request.app.state.settings.max_running_lifecycles),
+        completed_per_minute=await completed_per_minute(session, THROUGHPUT_MINUTES),
+        position=await newest_position(session),
+    )
+
+
+async def orders_per_state(session: AsyncSession) -> dict[OrderState, int]:
+    counted = await session.execute(select(col(Order.state), func.count()).group_by(col(Order.state)))
+    found = {OrderState(state): count for state, count in counted}
+    return {state: found.get(state, 0) for state in OrderState}
+
+
+async def admission_load(session: AsyncSession, max_running: int) -> AdmissionLoad:
+    counted = await session.execute(
+        select(col(Admission.status), func.count())
+        .where(col(Admission.status).in_([AdmissionStatus.WAITING.value, *HOLDING_SLOT]))
+        .group_by(col(Admission.status))
+    )
+    by_status = {status: count for status, count in counted}
+    return AdmissionLoad(
+        backlog=by_status.get(AdmissionStatus.WAITING.value, 0),
+        running=sum(by_status.get(status, 0) for status in HOLDING_SLOT),
+        max_running=max_running,
+    )
+
+
+# a completed order's `updated_at` is its `completed` event's time (the projection's last change)
+COMPLETED_PER_MINUTE = text(
+    """
+    SELECT minute, count(orders.id)
+    FROM generate_series(date_trunc('minute', now()) - make_interval(mins => :minutes - 1),
+                         date_trunc('minute', now()), interval '1 minute') AS minute
+    LEFT JOIN orders ON orders.state = :completed AND date_trunc('minute', orders.updated_at) = minute
+    GROUP BY minute ORDER BY minute
+    """
+)
+
+
+async def completed_per_minute(session: AsyncSession, minutes: int) -> list[MinuteCount]:
+    counted = await session.execute(
+        COMPLETED_PER_MINUTE, {"minutes": minutes, "completed": OrderState.COMPLETED.value}
+    )
+    return [MinuteCount(minute=minute, count=count) for minute, count in counted]
