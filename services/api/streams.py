@@ -22,6 +22,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from types import FrameType
 from typing import Annotated, Any
 
@@ -145,7 +146,7 @@ def on_exit_signals(callback: Callable[[], None]) -> Iterator[None]:
         handler = signal.getsignal(sig)
         if callable(handler):
             previous[sig] = handler
-            signal.signal(sig, lambda number, frame, handler=handler: chained(handler, number, frame))
+            signal.signal(sig, partial(chained, handler))
     try:
         yield
     finally:
