@@ -101,7 +101,7 @@ class EventFeed:
                     await asyncio.wait_for(self.stopping.wait(), LISTEN_RETRY_SECONDS)
 
     async def _listen_while_connected(self) -> None:
-        connection = await asyncpg.connect(self._dsn)
+        connection = await asyncpg.connect(self._dsn, timeout=LISTEN_RETRY_SECONDS)
         lost = asyncio.Event()
         connection.add_termination_listener(lambda _: lost.set())
         try:
@@ -111,8 +111,7 @@ class EventFeed:
             await first_of(lost, self.stopping, timeout=None)
         finally:
             self.listening = False
-            with suppress(Exception):
-                await connection.close()
+            connection.terminate()  # no goodbye to wait for: an unanswering server must not hold us
 
 
 async def first_of(a: asyncio.Event, b: asyncio.Event, timeout: float | None) -> None:
@@ -166,7 +165,9 @@ async def event_feed(app: FastAPI) -> AsyncIterator[None]:
             yield
     finally:
         feed.stop()
-        await listener
+        listener.cancel()  # it may be connecting to a database that does not answer
+        with suppress(asyncio.CancelledError):
+            await listener
 
 
 router = APIRouter(tags=["orders"], lifespan=event_feed)
