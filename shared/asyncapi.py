@@ -38,6 +38,7 @@ from shared.contracts import (
     PlaceOrder,
     UpdateAddress,
 )
+from shared.json_schema import StrippedTextJsonSchema
 
 Doc = dict[str, Any]
 
@@ -281,7 +282,9 @@ def _schemas() -> Doc:
     """The models' JSON schemas, each under its own name, referring to each other by `$ref`."""
     models = [*COMMAND_MODELS.values(), OrderEvent]
     _, top = models_json_schema(
-        [(model, "validation") for model in models], ref_template=SCHEMA_REF
+        [(model, "validation") for model in models],
+        ref_template=SCHEMA_REF,
+        schema_generator=StrippedTextJsonSchema,
     )
     schemas: Doc = top["$defs"]
     # Each command model defaults its `type`, but commands are parsed as a union discriminated by

@@ -11,7 +11,16 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 # --- bounds (documented in the AsyncAPI document) -------------------------------------------------
 MAX_ITEMS = 100
@@ -56,6 +65,15 @@ class OrderItem(Model):
     unit_price_cents: Annotated[int, Field(ge=0, le=MAX_UNIT_PRICE_CENTS)] = Field(
         default=0, description="Optional; the payment amount is the sum of qty x unit_price_cents"
     )
+
+    @field_validator("qty", "unit_price_cents", mode="before")
+    @classmethod
+    def _json_integer(cls, value: object) -> object:
+        """A JSON integer (`2`, or `2.0`, which JSON Schema counts as one), as the documents say:
+        pydantic alone would also make 2 of `true` or `"2"`."""
+        if isinstance(value, bool | str):
+            raise PydanticCustomError("int_type", "Input should be a valid integer")
+        return value
 
 
 # --- commands -------------------------------------------------------------------------------------

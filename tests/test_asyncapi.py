@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from shared.asyncapi import build_asyncapi, to_json
 from shared.broker import (
@@ -26,6 +27,7 @@ from shared.contracts import (
     CommandType,
     EventType,
     Identifier,
+    OrderItem,
 )
 
 DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "asyncapi.json"
@@ -144,3 +146,23 @@ def test_dead_letter_queue_and_its_headers(doc: dict[str, Any]) -> None:
     }
     # older dead letters lack it, so it is documented but not required
     assert EXCHANGE_HEADER in headers["properties"]
+
+
+@pytest.mark.parametrize(
+    ("qty", "accepted"), [(2, True), (2.0, True), (True, False), ("2", False), (2.5, False)]
+)
+def test_an_item_quantity_is_a_json_integer_as_documented(qty: object, accepted: bool) -> None:
+    body = {"sku": "BOOK-1", "qty": qty}
+    if accepted:
+        assert OrderItem.model_validate(body).qty == 2
+    else:
+        with pytest.raises(ValidationError):
+            OrderItem.model_validate(body)
+
+
+def test_stripped_text_is_documented_by_a_pattern_not_by_lengths(doc: dict[str, Any]) -> None:
+    name = doc["components"]["schemas"]["Address"]["properties"]["name"]
+    assert "maxLength" not in name and "minLength" not in name
+    pattern = re.compile(name["pattern"])
+    assert pattern.search(" " * 300 + "Ada" + " " * 300)  # accepted: stripped, it is 3 characters
+    assert not pattern.search("   ")  # refused: nothing is left

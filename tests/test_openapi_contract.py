@@ -26,7 +26,7 @@ from schemathesis.config import SchemathesisConfig
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.app import create_app
-from services.api.openapi import stripped_text_pattern
+from shared.json_schema import stripped_text_pattern
 from shared.settings import Settings
 
 # Made-up examples per operation, besides the coverage phase's boundary values (about a hundred per

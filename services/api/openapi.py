@@ -1,11 +1,5 @@
-"""The gateway's OpenAPI document: FastAPI's, with text fields described as they are checked.
-
-The contract strips surrounding whitespace from free text (names, address lines, reasons) before it
-checks the length, so `minLength`/`maxLength` would be wrong about both ends: `" "` has length 1 and
-is refused, a name padded with spaces past 200 characters is accepted. Such a field is documented
-by a pattern over the text as sent instead, so every body the document allows is accepted and every
-body it refuses is rejected.
-"""
+"""The gateway's OpenAPI document: FastAPI's, with the request bodies described as they are checked
+(see `shared.json_schema`)."""
 
 from __future__ import annotations
 
@@ -13,46 +7,12 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, models_json_schema
-from pydantic_core import core_schema
+from pydantic.json_schema import models_json_schema
 
 from services.api.schemas import REQUEST_BODIES
+from shared.json_schema import StrippedTextJsonSchema
 
 COMPONENT_REF = "#/components/schemas/{model}"
-# what pydantic strips (Rust's `str::trim`: Unicode's White_Space), spelled out so that every regex
-# dialect reads it alike (`\s` differs between JavaScript, Python and Rust)
-WHITESPACE = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-
-
-def stripped_text_pattern(min_length: int, max_length: int) -> str:
-    """A regex for text that is `min_length` (0 or 1) to `max_length` characters long once
-    surrounding whitespace is removed. The outer runs may take all of that whitespace, so at most
-    `max_length` characters remain between them; with `min_length` 1 the first of them is not whitespace."""
-    space = f"[{WHITESPACE}]*"
-    if min_length == 0:
-        return rf"^{space}[\s\S]{{0,{max_length}}}{space}$"
-    if min_length == 1:
-        return rf"^{space}[^{WHITESPACE}][\s\S]{{0,{max_length - 1}}}{space}$"
-    raise ValueError(f"no pattern for a stripped text of at least {min_length} characters")
-
-
-class StrippedTextJsonSchema(GenerateJsonSchema):
-    """Pydantic's JSON schema, but a stripped string's bounds become a `stripped_text_pattern`."""
-
-    def str_schema(self, schema: core_schema.StringSchema) -> JsonSchemaValue:
-        json_schema = super().str_schema(schema)
-        if not schema.get("strip_whitespace"):
-            return json_schema
-        if "pattern" in json_schema or "max_length" not in schema:
-            raise ValueError(f"a stripped string needs a maximum length and no pattern: {schema}")
-        min_length, max_length = schema.get("min_length", 0), schema["max_length"]
-        del json_schema["maxLength"]
-        json_schema.pop("minLength", None)
-        json_schema["pattern"] = stripped_text_pattern(min_length, max_length)
-        json_schema["description"] = (
-            f"Surrounding whitespace is removed; {min_length} to {max_length} characters remain."
-        )
-        return json_schema
 
 
 def openapi_document(app: FastAPI) -> dict[str, Any]:

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated
 from uuid import UUID
 
-from pydantic import BaseModel, Field, field_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, Field
 
 from shared.contracts import (
-    MAX_ITEMS,
     ApproveOrderPayload,
     CancelOrderPayload,
     CommandType,
@@ -42,21 +39,8 @@ class CommandOptions(Model):
     )
 
 
-class OrderItemInput(OrderItem):
-    """An order item whose numbers are JSON integers (`2`, or `2.0`), as documented: the contract's
-    `OrderItem` would also make a quantity or a price of `true` or `"2"`."""
-
-    @field_validator("qty", "unit_price_cents", mode="before")
-    @classmethod
-    def json_integer(cls, value: object) -> object:
-        if isinstance(value, bool | str):
-            raise PydanticCustomError("int_type", "Input should be a valid integer")
-        return value
-
-
 class PlaceOrderRequest(CommandOptions, PlaceOrderPayload):
     order_id: Identifier | None = Field(default=None, description="Generated when absent.")
-    items: Annotated[list[OrderItemInput], Field(min_length=1, max_length=MAX_ITEMS)]
 
 
 class ApproveOrderRequest(CommandOptions, ApproveOrderPayload):
