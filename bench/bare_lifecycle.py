@@ -177,7 +177,11 @@ class BareOrderWorkflow:
             ending = FAILED
         if ending != COMPLETED and self._charged:
             refund = StepPolicy.of(policy, workflow.now() + timedelta(seconds=policy.lifecycle_deadline_seconds))
-            payment = RefundPaymentInput(payment_id=start.order.payload.payment_id)
+            payment = RefundPaymentInput(
+                order_id=order_id,
+                payment_id=start.order.payload.payment_id,
+                amount_cents=start.order.payload.amount_cents,
+            )
             await business_step(Step.REFUND, OrderActivities.refund_payment, payment, refund)
         await tell_bench(order_id, ending)
         return ending
