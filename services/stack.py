@@ -95,6 +95,11 @@ def metrics_ports(settings: Settings, service: str) -> list[int]:
     return [first + number if first else 0 for number in range(instance_count(settings, service))]
 
 
+def metrics_urls(settings: Settings) -> str:
+    ports = [port for service in METRICS_PORT_SETTINGS for port in metrics_ports(settings, service) if port]
+    return ", ".join(f"http://{settings.metrics_host}:{port}/metrics" for port in ports) or "(off)"
+
+
 def check_metrics_ports(settings: Settings, services: tuple[str, ...]) -> None:
     """Refuse a stack whose instances would try to serve metrics on one port (or the API's)."""
     ports = [port for service in services for port in metrics_ports(settings, service) if port]
@@ -304,7 +309,9 @@ async def run_until_interrupted() -> int:
     async with running_stack(settings, temporal=temporal, log=sys.stdout) as stack:
         print(
             "\norderflow is running:\n"
+            f"  Dashboard   {settings.api_url}/dashboard\n"
             f"  API docs    {settings.api_url}/docs\n"
+            f"  Metrics     {settings.api_url}/metrics and {metrics_urls(settings)}\n"
             f"  Temporal UI http://127.0.0.1:{temporal.ui_port}\n"
             f"  RabbitMQ    {settings.amqp_url.rsplit('@', 1)[-1]}  (exchanges orders.commands, orders.events)\n"
             f"  Processes   {', '.join(name for name in stack.pids() if name != 'temporal')}\n"

@@ -69,6 +69,7 @@ async def test_the_run_command_starts_everything_and_stops_cleanly_on_ctrl_c(
     output = log_path.read_text()
     assert exit_code == 0, output
     assert f"API docs    {settings.api_url}/docs" in output
+    assert f"Dashboard   {settings.api_url}/dashboard" in output
     assert "orderflow stopped." in output
     for name in ("api", "bridge-1", "bridge-2", "workers-1", "workers-2", "audit"):
         assert f"\n{name:<8}| " in output, f"no log line from {name}"
