@@ -7,15 +7,28 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from shared.lifecycle import LifecyclePolicy
 
+ENV_PREFIX = "ORDERFLOW_"
+# what each URL setting must start with; checked when settings are read, so a typo is reported as
+# a bad setting at start-up rather than as a failed (or endlessly retried) connection later
+URL_SCHEMES = {
+    "amqp_url": ("amqp", "amqps"),
+    "api_url": ("http", "https"),
+    "otel_endpoint": ("http", "https"),
+}
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ORDERFLOW_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore")
 
     # connections
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/orderflow"
@@ -111,6 +124,32 @@ class Settings(BaseSettings):
     def _empty_port_disables(cls, value: object) -> object:
         return 0 if value == "" else value
 
+    @field_validator(*URL_SCHEMES)
+    @classmethod
+    def _url_with_host(cls, value: str, info: ValidationInfo) -> str:
+        schemes = URL_SCHEMES[info.field_name or ""]
+        try:
+            url = urlsplit(value)
+            usable = url.scheme in schemes and bool(url.hostname)
+        except ValueError:  # an unclosed [ of an IPv6 address, say
+            usable = False
+        if not usable:  # the value is not repeated: it may hold a password
+            kinds = " or ".join(f"{scheme}://" for scheme in schemes)
+            raise PydanticCustomError("url", f"should be a URL like {schemes[0]}://host:port/ ({kinds})")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgresql_url(cls, value: str) -> str:
+        try:
+            backend = make_url(value).get_backend_name()
+        except ArgumentError:
+            backend = None
+        if backend != "postgresql":
+            example = "postgresql+asyncpg://user@host:port/database"
+            raise PydanticCustomError("url", f"should be a PostgreSQL URL like {example}")
+        return value
+
     def lifecycle_policy(self) -> LifecyclePolicy:
         return LifecyclePolicy(
             review_window_seconds=self.review_window_seconds,
@@ -126,3 +165,13 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def invalid_settings_message(error: ValidationError) -> str:
+    """One line naming each bad setting by its environment variable, and what is wrong with it
+    (not its value, which may be a secret)."""
+    problems = (
+        f"{ENV_PREFIX}{'_'.join(str(part) for part in problem['loc']).upper()}: {problem['msg']}"
+        for problem in error.errors()
+    )
+    return f"invalid settings: {'; '.join(problems)}"

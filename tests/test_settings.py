@@ -2,8 +2,10 @@
 
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
 
-from shared.settings import Settings
+from shared.settings import Settings, invalid_settings_message
 
 ENV_EXAMPLE = Path(__file__).resolve().parents[1] / ".env.example"
 
@@ -23,3 +25,45 @@ def test_env_example_lists_every_setting_with_its_default() -> None:
         parsed = Settings(_env_file=None, **{name: documented[key]})
         assert getattr(parsed, name) == getattr(defaults, name), f"{key} in .env.example is not the default"
     assert len(documented) == len(Settings.model_fields)
+
+
+def refusal(**environment: str) -> str:
+    """The message for settings read from this environment (and no .env file)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in environment.items():
+            patch.setenv(name, value)
+        with pytest.raises(ValidationError) as refused:
+            Settings(_env_file=None)
+    return invalid_settings_message(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "reason"),
+    [
+        ("ORDERFLOW_API_PORT", "abc", "valid integer"),
+        ("ORDERFLOW_AMQP_URL", "guest@127.0.0.1:5672", "amqp://host:port/"),
+        ("ORDERFLOW_API_URL", "127.0.0.1:8000", "http://host:port/"),
+        ("ORDERFLOW_API_URL", "http://[::1", "http://host:port/"),
+        ("ORDERFLOW_DATABASE_URL", "mysql://127.0.0.1/orderflow", "PostgreSQL URL"),
+        ("ORDERFLOW_DATABASE_URL", "orderflow", "PostgreSQL URL"),
+        ("ORDERFLOW_OTEL_ENDPOINT", "127.0.0.1:4318", "http://host:port/"),
+    ],
+)
+def test_a_bad_setting_is_named_in_one_line(variable: str, value: str, reason: str) -> None:
+    message = refusal(**{variable: value})
+
+    assert message.startswith(f"invalid settings: {variable}: ")
+    assert reason in message
+    assert "\n" not in message
+
+
+def test_every_bad_setting_is_named() -> None:
+    message = refusal(ORDERFLOW_API_PORT="abc", ORDERFLOW_LOG_JSON="maybe")
+
+    assert "ORDERFLOW_API_PORT: " in message and "ORDERFLOW_LOG_JSON: " in message
+
+
+def test_a_refused_url_is_not_repeated_as_it_may_hold_a_password() -> None:
+    message = refusal(ORDERFLOW_AMQP_URL="amqp//orderflow:s3cret@rabbitmq:5672/")
+
+    assert "s3cret" not in message
