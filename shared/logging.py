@@ -10,8 +10,9 @@ import logging
 import sys
 
 import structlog
+from pydantic import ValidationError
 
-from shared.settings import Settings
+from shared.settings import Settings, get_settings, invalid_settings_message
 
 _SKIPPED_RECORD_FIELDS = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys() | {"message", "asctime"}
@@ -65,3 +66,14 @@ def configure_logging(settings: Settings, service: str) -> None:
     # every failed attempt is logged once, by the workflow, with its step and attempt number
     logging.getLogger("temporalio.activity").setLevel(logging.ERROR)
     structlog.contextvars.bind_contextvars(service=service)
+
+
+def settings_or_exit(service: str) -> Settings:
+    """The settings; when one is bad, one log line naming it and exit code 2, not a traceback. The
+    line is JSON, the default: the settings that could choose otherwise are what could not be read."""
+    try:
+        return get_settings()
+    except ValidationError as error:
+        configure_logging(Settings.model_construct(), service)
+        structlog.get_logger().critical(invalid_settings_message(error))
+        raise SystemExit(2) from None

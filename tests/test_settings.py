@@ -1,5 +1,9 @@
 """Configuration: every setting is documented in .env.example, and nonsense is refused."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +71,24 @@ def test_a_refused_url_is_not_repeated_as_it_may_hold_a_password() -> None:
     message = refusal(ORDERFLOW_AMQP_URL="amqp//orderflow:s3cret@rabbitmq:5672/")
 
     assert "s3cret" not in message
+
+
+@pytest.mark.parametrize("service", ["api", "bridge", "workers", "audit"])
+def test_a_service_with_a_bad_setting_exits_with_one_log_line(service: str) -> None:
+    environment = {**os.environ, "ORDERFLOW_API_PORT": "abc"}
+
+    finished = subprocess.run(
+        [sys.executable, "-m", f"services.{service}"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert finished.returncode == 2, finished.stderr
+    assert finished.stderr == ""
+    (line,) = finished.stdout.splitlines()
+    logged = json.loads(line)
+    assert logged["level"] == "critical" and logged["service"] == service
+    assert logged["event"].startswith("invalid settings: ORDERFLOW_API_PORT: ")

@@ -5,13 +5,12 @@ from __future__ import annotations
 import uvicorn
 
 from services.api.app import create_app
-from shared.logging import configure_logging
-from shared.settings import get_settings
+from shared.logging import configure_logging, settings_or_exit
 from shared.tracing import configure_tracing
 
 
 def main() -> None:
-    settings = get_settings()
+    settings = settings_or_exit("api")
     configure_logging(settings, "api")
     configure_tracing(settings, "api")  # before the app: FastAPI traces once a provider is installed
     # log_config=None keeps uvicorn's loggers on the JSON handler configured above

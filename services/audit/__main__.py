@@ -6,14 +6,13 @@ import asyncio
 
 from services.audit.consumer import CONSUMER_NAME, run_audit
 from shared.consuming import stop_on_signals
-from shared.logging import configure_logging
+from shared.logging import configure_logging, settings_or_exit
 from shared.metrics import serve_metrics
-from shared.settings import get_settings
 from shared.tracing import configure_tracing
 
 
 async def main() -> None:
-    settings = get_settings()
+    settings = settings_or_exit(CONSUMER_NAME)
     configure_logging(settings, CONSUMER_NAME)
     configure_tracing(settings, CONSUMER_NAME)
     serve_metrics(settings.metrics_host, settings.audit_metrics_port)

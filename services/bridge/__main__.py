@@ -8,14 +8,13 @@ from temporalio.runtime import Runtime
 
 from services.bridge.consumer import CONSUMER_NAME, run_bridge
 from shared.consuming import stop_on_signals
-from shared.logging import configure_logging
+from shared.logging import configure_logging, settings_or_exit
 from shared.metrics import serve_metrics, temporal_runtime
-from shared.settings import get_settings
 from shared.tracing import configure_tracing
 
 
 async def main() -> None:
-    settings = get_settings()
+    settings = settings_or_exit(CONSUMER_NAME)
     configure_logging(settings, CONSUMER_NAME)
     configure_tracing(settings, CONSUMER_NAME)
     Runtime.set_default(temporal_runtime(settings.bridge_metrics_port))

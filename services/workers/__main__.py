@@ -14,9 +14,8 @@ from temporalio.runtime import (
 )
 
 from services.workers.worker import running_workers
-from shared.logging import configure_logging
+from shared.logging import configure_logging, settings_or_exit
 from shared.metrics import serve_metrics, temporal_runtime
-from shared.settings import get_settings
 from shared.temporal import connect_temporal
 from shared.tracing import configure_tracing
 
@@ -35,7 +34,7 @@ def core_logs() -> LoggingConfig:
 
 
 async def main() -> None:
-    settings = get_settings()
+    settings = settings_or_exit("workers")
     configure_logging(settings, "workers")
     configure_tracing(settings, "workers")
     Runtime.set_default(temporal_runtime(settings.worker_metrics_port, logging=core_logs()))
