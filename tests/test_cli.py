@@ -11,8 +11,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -38,7 +41,12 @@ from service_support import (
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Route
 from typer.testing import CliRunner, Result
 
@@ -67,7 +75,9 @@ ADDRESS_OPTIONS = [
     "--country",
     ADDRESS["country"],
 ]
-COMMANDS = ["place", "approve", "cancel", "update-address", "status", "list", "history", "watch", "migrate"]
+COMMANDS = [
+    "place", "approve", "cancel", "update-address", "status", "list", "history", "watch", "migrate", "health"
+]
 
 runner = CliRunner()
 
@@ -146,6 +156,142 @@ async def test_an_unreachable_gateway_is_a_clear_error() -> None:
     assert result.exit_code == 1
     assert "cannot reach the gateway" in result.stderr
     assert "Traceback" not in result.output
+
+
+GATEWAY_COMMANDS = [
+    ["place", "--payment-id", "p-1", "--item", "BOOK-1:1", *ADDRESS_OPTIONS],
+    ["approve", "ord-1"],
+    ["cancel", "ord-1"],
+    ["update-address", "ord-1", *ADDRESS_OPTIONS],
+    ["status", "ord-1"],
+    ["list"],
+    ["history", "ord-1"],
+    ["health"],
+]
+SETTINGS_COMMANDS = [
+    *GATEWAY_COMMANDS, ["migrate"], ["dlq", "list"], ["dlq", "show", "m-1"], ["dlq", "replay", "m-1"]
+]
+
+
+@pytest.mark.parametrize("command", SETTINGS_COMMANDS, ids=lambda command: " ".join(command[:2]))
+async def test_a_bad_setting_is_one_line_that_names_it(command: list[str]) -> None:
+    result = await orderflow(*command, env={"ORDERFLOW_API_PORT": "abc"})
+
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("Error: invalid settings: ORDERFLOW_API_PORT: Input should be a valid integer")
+
+
+@pytest.mark.parametrize("command", GATEWAY_COMMANDS, ids=lambda command: command[0])
+async def test_an_unreachable_gateway_is_one_line_for_every_command(command: list[str]) -> None:
+    result = await orderflow(*command, "--api-url", f"http://127.0.0.1:{closed_port()}")
+
+    assert result.exit_code == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("Error: cannot reach the gateway at http://127.0.0.1:")
+
+
+async def test_an_unreachable_broker_is_one_line_at_once() -> None:
+    amqp_url = f"amqp://guest:guest@127.0.0.1:{closed_port()}/"
+
+    started = time.monotonic()
+    result = await orderflow("dlq", "list", env={"ORDERFLOW_AMQP_URL": amqp_url})
+
+    assert time.monotonic() - started < 10  # not the patience of a service that waits for it
+    assert result.exit_code == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("Error: cannot work on the dead-letter queue: AMQPConnectionError")
+
+
+def test_version_is_the_packages_whatever_the_settings() -> None:
+    result = runner.invoke(app, ["--version"], env={"ORDERFLOW_API_PORT": "abc"})
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"orderflow {version('orderflow')}\n"
+
+
+# --- health ---------------------------------------------------------------------------------------
+@asynccontextmanager
+async def stand_in_gateway(liveness: Response, readiness: Response) -> AsyncIterator[str]:
+    """A server on a free port answering /healthz and /readyz as told; yields its URL."""
+
+    async def healthz(_: Request) -> Response:
+        return liveness
+
+    async def readyz(_: Request) -> Response:
+        return readiness
+
+    port = closed_port()
+    stand_in = Starlette(routes=[Route("/healthz", healthz), Route("/readyz", readyz)])
+    server = uvicorn.Server(uvicorn.Config(stand_in, port=port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+
+    async def started() -> bool:
+        return server.started
+
+    try:
+        await eventually(started)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await serving
+
+
+async def test_health_of_a_ready_gateway(api_url: str) -> None:
+    text = await orderflow("health", "--api-url", api_url)
+    as_json = await orderflow("health", "--api-url", api_url, "--json")
+
+    assert text.exit_code == 0, text.output
+    header, *rows, verdict = text.stdout.splitlines()
+    assert header.split() == ["DEPENDENCY", "STATE", "DETAIL"]
+    assert {row.split()[0]: row.split()[1] for row in rows} == {
+        "gateway": "live", "broker": "ok", "database": "ok", "temporal": "ok"
+    }
+    assert verdict == "ready"
+    health = json.loads(as_json.stdout)
+    assert (health["gateway"], health["live"], health["ready"], health["failed"]) == (api_url, True, True, [])
+    assert set(health["checks"]) == {"broker", "database", "temporal"}
+
+
+async def test_health_of_a_gateway_that_is_not_ready_fails_and_names_the_dependency() -> None:
+    readiness = {
+        "ready": False,
+        "checks": {
+            "broker": {"ok": True, "detail": "channel open"},
+            "temporal": {"ok": False, "detail": "the workflow service is not serving"},
+        },
+        "failed": ["temporal"],
+    }
+    async with stand_in_gateway(JSONResponse({"status": "ok"}), JSONResponse(readiness, 503)) as url:
+        text = await orderflow("health", "--api-url", url)
+        as_json = await orderflow("health", "--api-url", url, "--json")
+
+    assert text.exit_code == 1
+    *_, temporal, verdict = text.stdout.splitlines()
+    assert temporal.split(maxsplit=2) == ["temporal", "FAILED", "the workflow service is not serving"]
+    assert verdict == "not ready: temporal"
+    assert as_json.exit_code == 1
+    assert json.loads(as_json.stdout)["failed"] == ["temporal"]
+
+
+@pytest.mark.parametrize(
+    ("liveness", "readiness", "said"),
+    [
+        (PlainTextResponse("down", 500), JSONResponse({}), "is not live: /healthz answered 500"),
+        (JSONResponse({"status": "ok"}), PlainTextResponse("hello"), "is not an orderflow gateway"),
+        (JSONResponse({"status": "ok"}), PlainTextResponse("gone", 404), "answered /readyz with 404"),
+    ],
+)
+async def test_health_of_something_else_than_a_gateway_is_one_line(
+    liveness: Response, readiness: Response, said: str
+) -> None:
+    async with stand_in_gateway(liveness, readiness) as url:
+        result = await orderflow("health", "--api-url", url)
+
+    assert result.exit_code == 1
+    (line,) = result.stderr.splitlines()
+    assert said in line
 
 
 # --- commands -------------------------------------------------------------------------------------

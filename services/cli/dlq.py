@@ -154,7 +154,8 @@ class Taken:
 async def dead_letters_taken(settings: Settings) -> AsyncIterator[Taken]:
     """Every message in the dead-letter queue, oldest first, taken unacknowledged; those the block
     does not ack go back, in the same order, when it ends."""
-    connection = await broker.connect(settings, CONNECTION_NAME)
+    # an operator's command says at once that the broker is down, rather than wait like a service
+    connection = await broker.connect(settings, CONNECTION_NAME, patience=0)
     async with connection:
         channel, _ = await broker.open_channel(connection)
         queue = await channel.get_queue(broker.DEAD_LETTER_QUEUE)

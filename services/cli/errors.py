@@ -7,6 +7,7 @@ from typing import NoReturn
 import typer
 
 WATCH_TIMEOUT_EXIT_CODE = 124  # like timeout(1)
+BAD_SETTING_EXIT_CODE = 2  # like a bad option: the invocation is wrong, not the system
 
 
 def fail(message: str, exit_code: int = 1) -> NoReturn:

@@ -9,28 +9,58 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import asdict
+from importlib.metadata import version
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 
-from services.cli import dlq, render
-from services.cli.errors import WATCH_TIMEOUT_EXIT_CODE, fail, reason
+from services.cli import dlq, health, render
+from services.cli.errors import (
+    BAD_SETTING_EXIT_CODE,
+    WATCH_TIMEOUT_EXIT_CODE,
+    fail,
+    reason,
+)
 from services.cli.gateway import Gateway, order_path
 from services.cli.watch import ENDING_EXIT_CODES, follow_order
 from shared import schema
 from shared.broker import DEAD_LETTER_QUEUE
 from shared.contracts import OrderEvent, OrderState
-from shared.settings import Settings
+from shared.settings import Settings, invalid_settings_message
 
 app = typer.Typer(
     name="orderflow",
     help="Operate orderflow: place and steer orders, follow them, and migrate the database.",
+    epilog="Exit codes: 0 done; 1 failed (refused, or a service cannot be reached); "
+    f"{BAD_SETTING_EXIT_CODE} a bad option or ORDERFLOW_* setting; `watch` and `health` say more.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,  # locals would print settings, passwords included
 )
+
+
+def print_version(requested: bool) -> None:
+    if requested:
+        typer.echo(f"orderflow {version('orderflow')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def orderflow(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=print_version, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    # Every failure is reported as one message of the command's own: without this, a library's
+    # warning (a failed connection, say) would also be printed, by logging's last-resort handler.
+    if not logging.getLogger().handlers:
+        logging.getLogger().addHandler(logging.NullHandler())
+
 
 # --- options shared by several commands -----------------------------------------------------------
 ApiUrl = Annotated[
@@ -57,8 +87,12 @@ Country = Annotated[
 
 
 def settings() -> Settings:
-    """Read per invocation, so the environment of this run counts."""
-    return Settings()
+    """Read per invocation, so the environment of this run counts; a bad setting ends the command
+    with one line naming it."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        fail(invalid_settings_message(error), BAD_SETTING_EXIT_CODE)
 
 
 def gateway(api_url: str | None) -> Gateway:
@@ -246,13 +280,23 @@ def watch(
     raise typer.Exit(ENDING_EXIT_CODES[ending.type])
 
 
+@app.command("health", epilog="Exit codes: 0 ready; 1 not ready, or the gateway cannot be reached.")
+def health_command(api_url: ApiUrl = None, as_json: AsJson = False) -> None:
+    """Ask the gateway whether it is live (/healthz) and ready (/readyz), and show the state of
+    each dependency it checks: the broker, the database and Temporal."""
+    found = health.gateway_health(gateway(api_url).base_url)
+    show(found, as_json, health.as_text)
+    if not found["ready"]:
+        raise typer.Exit(1)
+
+
 @app.command()
 def migrate() -> None:
     """Create the database if it is missing and apply every migration (settings.database_url)."""
     database_url = settings().database_url
     try:
         schema.migrate(database_url)
-    except Exception as error:  # any failure is reported as a message, not a traceback
+    except Exception as error:  # noqa: BLE001 (any failure is reported as a message, not a traceback)
         fail(f"migration failed: {reason(error)}")
     typer.echo(f"database {make_url(database_url).database!r} is at the newest migration")
 
