@@ -12,18 +12,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN useradd --create-home --uid 10001 orderflow
 WORKDIR /app
 
-# The runtime dependencies (no extras) first, read from pyproject.toml: editing the code then
-# reuses this layer instead of reinstalling them.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
-        > /tmp/requirements.txt \
-    && pip install --requirement /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+# The runtime dependencies first, at their locked versions and hashes (requirements/runtime.txt,
+# made by `make lock`; no test or dev extras): editing the code then reuses this layer.
+COPY requirements/runtime.txt requirements/
+RUN pip install --require-hashes --requirement requirements/runtime.txt
 
 COPY . .
+# A lock that pyproject.toml's dependencies have changed since fails the build (run `make lock`).
 # Editable, so the code runs from /app: `orderflow migrate` reads alembic.ini and migrations/ next to
 # shared/, and a regular install would leave both out of site-packages.
-RUN pip install --no-deps --editable .
+RUN python requirements/fingerprint.py --check requirements/runtime.txt \
+    && pip install --no-deps --editable .
 
 USER orderflow
 EXPOSE 8000

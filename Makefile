@@ -1,20 +1,45 @@
 # orderflow: `make run` runs the whole system, `make test` runs the tests.
-# Both create the virtual environment and install what they need first.
+# Both create the virtual environment and install what they need first, at the locked versions.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test bench asyncapi clean
+# The locks, with hashes: dev.txt is everything `make` installs (the runtime dependencies and the
+# test and dev extras), runtime.txt the same versions without the extras, for the Docker image.
+# uv's `pip compile` makes them: it resolves for every platform at once (--universal, so a Linux
+# image and a macOS laptop get the same versions) in seconds, and writes plain requirements files,
+# so pip installs them and nothing but `make lock` needs uv.
+DEV_LOCK := requirements/dev.txt
+RUNTIME_LOCK := requirements/runtime.txt
+UV := uv==0.13.9
+COMPILE := $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes \
+	--custom-compile-command "make lock" --quiet
 
+.PHONY: install lock run test bench asyncapi clean
+
+## The locked dependencies, then orderflow itself (editable); a lock that pyproject.toml's
+## dependencies have changed since is refused: run `make lock`.
 install: $(INSTALLED)
 
-$(INSTALLED): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
+
+$(INSTALLED): pyproject.toml $(DEV_LOCK) | $(BIN)/python
+	$(BIN)/python requirements/fingerprint.py --check $(DEV_LOCK)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --editable '.[test]'
+	$(BIN)/pip install --quiet --require-hashes --requirement $(DEV_LOCK)
+	$(BIN)/pip install --quiet --no-deps --editable .
 	touch $@
+
+## Lock pyproject.toml's dependencies again, keeping each locked version that it still allows
+## (`make lock UPGRADE=1`: the newest it allows); commit the locks with pyproject.toml.
+lock: | $(BIN)/python
+	$(BIN)/pip install --quiet $(UV)
+	$(COMPILE) --extra test --extra dev $(if $(UPGRADE),--upgrade) --output-file $(DEV_LOCK)
+	$(COMPILE) --constraint $(DEV_LOCK) --output-file $(RUNTIME_LOCK)
+	for lock in $(DEV_LOCK) $(RUNTIME_LOCK); do $(BIN)/python requirements/fingerprint.py >> $$lock; done
 
 ## Temporal dev server (UI on :8233), migrations, API (:8000), bridge, workers, audit; Ctrl-C stops all.
 run: install
