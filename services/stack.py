@@ -31,7 +31,8 @@ from urllib.parse import quote
 from sqlalchemy.engine import make_url
 
 from shared import schema
-from shared.settings import Settings, get_settings
+from shared.logging import settings_or_exit
+from shared.settings import Settings
 
 SERVICES = ("api", "bridge", "workers", "audit")
 INSTANCE_SEPARATOR = "-"
@@ -297,7 +298,7 @@ async def run_until_interrupted() -> int:
     """`make run`: the dev server listens where ORDERFLOW_TEMPORAL_ADDRESS says (its UI 1000 ports
     higher, 8233 by default) and keeps its data in .run/, so orders survive a restart. Logs are
     readable lines unless ORDERFLOW_LOG_JSON says otherwise."""
-    settings = for_a_person(get_settings())
+    settings = for_a_person(settings_or_exit("stack"))
     run_dir = Path(".run")
     run_dir.mkdir(exist_ok=True)
     port = int(settings.temporal_address.rsplit(":", 1)[1])
