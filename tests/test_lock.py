@@ -44,7 +44,7 @@ def pinned(lock: Path) -> dict[str, str]:
 def fingerprint_check(root: Path) -> subprocess.CompletedProcess[str]:
     """What `make install` and the Docker build run, for the checkout at `root`."""
     locks = [root / "requirements" / "dev.txt", root / "requirements" / "runtime.txt"]
-    command = [sys.executable, root / "requirements" / "fingerprint.py", "--check", *locks]
+    command: list[str | Path] = [sys.executable, root / "requirements" / "fingerprint.py", "--check", *locks]
     return subprocess.run(command, capture_output=True, text=True, check=False)
 
 
