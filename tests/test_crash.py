@@ -6,19 +6,20 @@ servers of its own (tests/private_servers.py): a PostgreSQL and a RabbitMQ that 
 without disturbing anybody else's tests, and a Temporal dev server that keeps its state in a file
 and so survives its own restart.
 
-A crash lands mid-work where the work itself is made to wait, not at a moment guessed with a
-sleep: the test writes the unique key that the work is about to write (the payment of a charge,
-the tracking record of a placement, an event's place in the audit table) in a transaction it
-holds open, sees the service's session waiting for it in `pg_blocking_pids`, kills the service,
-and rolls its transaction back. The work then happens as if the test had never been there.
+A service is killed mid-work at a point where the work itself is made to wait, not at a moment
+guessed with a sleep: the test writes the unique key that the work is about to write (the payment
+of a charge, the tracking record of a placement, an event's place in the audit table) in a
+transaction it holds open, sees the service's session waiting for it in `pg_blocking_pids`, kills
+the service, and rolls its transaction back. The work then happens as if the test had never been
+there. A server is restarted while orders are under way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from uuid import uuid4
@@ -34,7 +35,7 @@ from private_servers import (
     publish_until_confirmed,
 )
 from service_support import eventually
-from sqlalchemy import Insert, func, insert, select, text
+from sqlalchemy import Executable, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 from test_e2e import (
@@ -186,29 +187,39 @@ async def approvals_recorded(sessions: async_sessionmaker[AsyncSession], order_i
     return recorded == len(order_ids)
 
 
+@dataclass(frozen=True)
+class Hold:
+    """A transaction of the test's, holding rows or locks until it is rolled back."""
+
+    sessions: async_sessionmaker[AsyncSession]
+    session: AsyncSession
+    pid: int
+
+    async def someone_waits(self) -> bool:
+        """Whether another session waits for us now."""
+        async with self.sessions() as observer:
+            waiting = await observer.scalar(
+                text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"),
+                {"pid": self.pid},
+            )
+        return bool(waiting)
+
+    async def release(self) -> None:
+        await self.session.rollback()
+
+
 @asynccontextmanager
-async def holding(
-    sessions: async_sessionmaker[AsyncSession], row: Insert
-) -> AsyncIterator[Callable[[], Awaitable[bool]]]:
-    """Insert `row` in a transaction held open until the block ends, then rolled back: whoever
-    writes the same unique key meanwhile waits for us, in the middle of its work. Yields a check:
-    is a session waiting for us now?"""
-    async with sessions() as holder:
-        await holder.execute(row)
-        holder_pid = await holder.scalar(select(func.pg_backend_pid()))
-
-        async def someone_waits() -> bool:
-            async with sessions() as observer:
-                waiting = await observer.scalar(
-                    text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"),
-                    {"pid": holder_pid},
-                )
-            return bool(waiting)
-
+async def holding(sessions: async_sessionmaker[AsyncSession], statement: Executable) -> AsyncIterator[Hold]:
+    """Run `statement` in a transaction held open until the block ends (or `release`), then rolled
+    back: whoever needs what it wrote or locked meanwhile waits for us, in the middle of its work."""
+    async with sessions() as session:
+        async with asyncio.timeout(LIFECYCLE_TIMEOUT):  # what we wait for ourselves must not hang the test
+            await session.execute(statement)
+        hold = Hold(sessions, session, await session.scalar(select(func.pg_backend_pid())))
         try:
-            yield someone_waits
+            yield hold
         finally:
-            await holder.rollback()
+            await hold.release()
 
 
 async def assert_completed_once(
@@ -244,9 +255,9 @@ async def test_workers_killed_during_a_charge_charge_once_and_complete(
     await amqp.events.wait_for(order_id, EventType.AWAITING_APPROVAL)
 
     payment = insert(Payment).values(payment_id=f"pay-{order_id}", order_id=order_id, amount_cents=1, status="charged")
-    async with holding(db_sessions, payment) as charge_waits:
+    async with holding(db_sessions, payment) as claim:
         await publish(amqp, approve_command(order_id))
-        await eventually(charge_waits)  # a charge attempt is in the worker, writing the payment
+        await eventually(claim.someone_waits)  # a charge attempt is in the worker, writing the payment
         await crash.stack.crash_and_restart("workers")
 
     await completed(amqp, [order_id])
@@ -264,9 +275,9 @@ async def test_bridge_killed_between_starting_a_lifecycle_and_acking_its_placeme
     record = insert(ProcessedCommand).values(
         command_id=place.command_id, order_id=order_id, type=place.type.value, outcome="accepted"
     )
-    async with holding(db_sessions, record) as recording_waits:
+    async with holding(db_sessions, record) as claim:
         await publish(amqp, place)
-        await eventually(recording_waits)
+        await eventually(claim.someone_waits)
         started_run = (await workflow.describe()).run_id
         await crash.stack.crash_and_restart("bridge")
 
@@ -287,38 +298,36 @@ async def test_bridge_killed_between_starting_a_lifecycle_and_acking_its_placeme
 async def test_audit_killed_mid_batch_loses_and_repeats_nothing(
     crash: CrashSystem, amqp: Subscriber, db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    """The audit consumer writes the events that arrived while it was busy as one transaction. A
-    `plug` order's first event holds the consumer up while the rest of its events arrive; then it
-    goes, and the next batch (the plug's other events, then a `victim` order's first) stops at the
-    victim, uncommitted, when the consumer is killed."""
-    plug, victim = new_order_id("plug"), new_order_id("victim")
-
-    def first_event_of(order_id: str) -> Insert:
-        return insert(AuditEvent).values(
-            event_id=uuid4(), order_id=order_id, seq=1, type="queued", occurred_at=datetime.now(UTC), data={}
-        )
+    """The audit consumer writes the events that arrived while it was busy in one transaction. With
+    the audit table locked, two orders run to their end and their events pile up in the consumer.
+    Then the second order's read-model row is locked and the table released: the consumer's next
+    batch writes the first order's events and stops at the second's, uncommitted, when it is killed."""
+    first, second = new_order_id("batch"), new_order_id("stop")
 
     async def all_delivered_to_audit() -> bool:
         queue = await amqp.channel.declare_queue(crash.settings.audit_queue, passive=True)
         return queue.declaration_result.message_count == 0
 
-    async with holding(db_sessions, first_event_of(victim)) as batch_waits_on_victim:
-        async with holding(db_sessions, first_event_of(plug)) as batch_waits_on_plug:
-            await place_and_approve(amqp, [plug])
-            await eventually(batch_waits_on_plug)
-            await completed(amqp, [plug])
-            await publish(amqp, place_command(victim))
-            await amqp.events.wait_for(victim, EventType.QUEUED)
-            await eventually(all_delivered_to_audit)
-        await eventually(batch_waits_on_victim)
-        stored = [row.type for row in await audit_trail(db_sessions, plug)]
+    async with AsyncExitStack() as holds:
+        # inserts wait for this lock, reads do not
+        table = await holds.enter_async_context(
+            holding(db_sessions, text(f"LOCK TABLE {AuditEvent.__tablename__} IN SHARE ROW EXCLUSIVE MODE"))
+        )
+        for order_id in (first, second):
+            await place_and_approve(amqp, [order_id])
+            await completed(amqp, [order_id])
+        await eventually(table.someone_waits)  # the consumer's first batch: the first `queued`
+        await eventually(all_delivered_to_audit)  # every other event waits in the consumer
+        second_row = await holds.enter_async_context(
+            holding(db_sessions, select(Order.id).where(Order.id == second).with_for_update())
+        )
+        await table.release()
+        await eventually(second_row.someone_waits)
+        stored = [row.type for row in await audit_trail(db_sessions, first)]
         assert stored == ["queued"]  # the rest is written, uncommitted, by the batch in progress
         await crash.stack.crash_and_restart("audit")
 
-    await amqp.events.wait_for(victim, EventType.AWAITING_APPROVAL)
-    await publish(amqp, approve_command(victim))
-    await completed(amqp, [victim])
-    for order_id in (plug, victim):
+    for order_id in (first, second):
         await assert_completed_once(db_sessions, amqp.events, order_id)
 
 
