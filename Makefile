@@ -17,7 +17,7 @@ UV := uv==0.13.9
 COMPILE := $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes \
 	--custom-compile-command "make lock" --quiet
 
-.PHONY: install lock run test bench asyncapi clean
+.PHONY: install lock run test bench chaos asyncapi clean
 
 ## The locked dependencies, then orderflow itself (editable); a lock that pyproject.toml's
 ## dependencies have changed since is refused: run `make lock`.
@@ -52,6 +52,10 @@ test: install
 ## 200 orders through the whole pipeline with the real fault injector (see docs/performance.md).
 bench: install
 	$(BIN)/python bench/lifecycle.py --orders 200
+
+## 300 orders while every process is killed -9 and every server restarted, on servers of its own.
+chaos: install
+	$(BIN)/python bench/chaos.py
 
 ## Regenerate the AsyncAPI document from the contract models.
 asyncapi: install

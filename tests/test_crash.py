@@ -7,9 +7,9 @@ without disturbing anybody else's tests, and a Temporal dev server that keeps it
 and so survives its own restart.
 
 A service is killed mid-work at a point where the work itself is made to wait, not at a moment
-guessed with a sleep: the test writes the unique key that the work is about to write (the payment
-of a charge, the tracking record of a placement, an event's place in the audit table) in a
-transaction it holds open, sees the service's session waiting for it in `pg_blocking_pids`, kills
+guessed with a sleep: in a transaction it holds open, the test writes or locks what the work is
+about to write (the payment of a charge, the tracking record of a placement, the audit table and
+an order's read-model row), sees the service's session waiting for it in `pg_blocking_pids`, kills
 the service, and rolls its transaction back. The work then happens as if the test had never been
 there. A server is restarted while orders are under way.
 """
