@@ -176,7 +176,9 @@ class BareOrderWorkflow:
             lifecycle.cancel()
             ending = FAILED
         if ending != COMPLETED and self._charged:
-            refund = StepPolicy.of(policy, workflow.now() + timedelta(seconds=policy.lifecycle_deadline_seconds))
+            refund = StepPolicy.of(
+                policy, workflow.now() + timedelta(seconds=policy.lifecycle_deadline_seconds)
+            )
             payment = RefundPaymentInput(
                 order_id=order_id,
                 payment_id=start.order.payload.payment_id,
@@ -198,7 +200,9 @@ class BareOrderWorkflow:
 
     async def _lifecycle(self, start: OrderWorkflowInput, steps: StepPolicy, deadline: datetime) -> None:
         order = start.order
-        await business_step(Step.RECEIVE, OrderActivities.receive_order, ReceiveOrderInput(order=order), steps)
+        await business_step(
+            Step.RECEIVE, OrderActivities.receive_order, ReceiveOrderInput(order=order), steps
+        )
         validate = ValidateOrderInput(order_id=order.order_id)
         await business_step(Step.VALIDATE, OrderActivities.validate_order, validate, steps)
         await tell_bench(order.order_id, AWAITING_APPROVAL)
@@ -208,7 +212,9 @@ class BareOrderWorkflow:
             raise Stopped(CANCELLED) from None
         self._charged = True  # from here on a stop refunds
         charge = ChargePaymentInput(
-            order_id=order.order_id, payment_id=order.payload.payment_id, amount_cents=order.payload.amount_cents
+            order_id=order.order_id,
+            payment_id=order.payload.payment_id,
+            amount_cents=order.payload.amount_cents,
         )
         await business_step(Step.CHARGE_PAYMENT, OrderActivities.charge_payment, charge, steps)
         shipment = BareShipment(
@@ -258,7 +264,9 @@ class BareShippingWorkflow:
         )
         try:
             carrier = DispatchCarrierInput(order_id=order_id, address=shipment.address)
-            dispatched = await business_step(Step.DISPATCH_CARRIER, OrderActivities.dispatch_carrier, carrier, dispatch)
+            dispatched = await business_step(
+                Step.DISPATCH_CARRIER, OrderActivities.dispatch_carrier, carrier, dispatch
+            )
         except StepExhausted:
             return Shipped(package_ready=True)
         return Shipped(package_ready=True, tracking_number=dispatched.tracking_number)
@@ -307,7 +315,9 @@ async def run_worker(address: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--address", required=True, help="the Temporal server, host:port")
     args = parser.parse_args()
     try:

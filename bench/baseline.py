@@ -90,7 +90,9 @@ class Baseline:
 
     async def _approve(self, order_id: str) -> None:
         assert self._client is not None
-        await self._client.get_workflow_handle(bare.workflow_id(order_id)).signal(bare.BareOrderWorkflow.approve)
+        await self._client.get_workflow_handle(bare.workflow_id(order_id)).signal(
+            bare.BareOrderWorkflow.approve
+        )
 
 
 @asynccontextmanager
@@ -106,7 +108,9 @@ async def running_baseline(policy: LifecyclePolicy, ledger: Ledger) -> AsyncIter
             await stack.start("temporal", temporal.command(), dict(os.environ))
             await wait_for_port(temporal.port)
             worker_env = {**os.environ, "PYTHONPATH": str(REPO)}
-            await stack.start(WORKER, [sys.executable, "-m", "bench.bare_lifecycle", "--address", address], worker_env)
+            await stack.start(
+                WORKER, [sys.executable, "-m", "bench.bare_lifecycle", "--address", address], worker_env
+            )
             baseline.connected(await connect_temporal(Settings(temporal_address=address)))
             await asyncio.sleep(WARM_UP_SECONDS)
             yield baseline

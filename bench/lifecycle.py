@@ -88,7 +88,9 @@ class Trial:
         return lambda ledger: running_baseline(policy, ledger)
 
 
-async def measure(label: str, system_of: SystemFactory, load: Load, patience: float, *, baseline: bool) -> Outcome:
+async def measure(
+    label: str, system_of: SystemFactory, load: Load, patience: float, *, baseline: bool
+) -> Outcome:
     """Offer `load` to a fresh system and follow every order to its end."""
     print(f"running {label}: {load} ...", file=sys.stderr)
     ledger = Ledger()
@@ -109,7 +111,9 @@ async def run_trials(
         if pipeline:
             ran.append(await measure(trial.label, trial.pipeline(), trial.load, patience, baseline=False))
         if baseline:
-            ran.append(await measure(f"bare {trial.label}", trial.baseline(), trial.load, patience, baseline=True))
+            ran.append(
+                await measure(f"bare {trial.label}", trial.baseline(), trial.load, patience, baseline=True)
+            )
         if len(ran) == 2:
             comparisons.append(report.Comparison(*ran))
         outcomes += ran
@@ -125,13 +129,18 @@ def trials_of(args: argparse.Namespace) -> list[Trial]:
         if len(configs) > 1:
             raise SystemExit("--capacity takes one variant")
         rates = [float(r) for r in args.capacity.split(",")]
-        return [Trial(f"{rate:g}/s", Load(max(1, round(rate * args.duration)), rate), configs[0]) for rate in rates]
+        return [
+            Trial(f"{rate:g}/s", Load(max(1, round(rate * args.duration)), rate), configs[0])
+            for rate in rates
+        ]
     load = Load(args.burst, args.burst_rate, burst=True) if args.burst else Load(args.orders, args.rate)
     return [Trial(str(config), load, config) for config in configs]
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     load = parser.add_argument_group("load (steady by default)")
     load.add_argument("--orders", type=int, default=200, help="steady: how many orders")
     load.add_argument("--rate", type=float, default=4.0, help="steady: orders placed per second")
@@ -140,7 +149,9 @@ def parse_args() -> argparse.Namespace:
     load.add_argument("--capacity", metavar="RATE[,RATE...]", help="steady runs at each rate, side by side")
     load.add_argument("--duration", type=float, default=120.0, help="capacity: seconds of load per rate")
     system = parser.add_argument_group("system")
-    system.add_argument("--via", choices=list(Entry), default=Entry.BROKER, type=Entry, help="where placements go in")
+    system.add_argument(
+        "--via", choices=list(Entry), default=Entry.BROKER, type=Entry, help="where placements go in"
+    )
     system.add_argument("--bridges", type=int, default=1, help="bridge processes")
     system.add_argument("--workers", type=int, default=1, help="worker processes")
     system.add_argument(
@@ -151,7 +162,10 @@ def parse_args() -> argparse.Namespace:
     system.add_argument("--baseline", action="store_true", help="also run each load on bare Temporal")
     system.add_argument("--baseline-only", action="store_true", help="run each load on bare Temporal only")
     parser.add_argument(
-        "--patience", type=float, default=60.0, help="seconds without an order ending before the rest count as lost"
+        "--patience",
+        type=float,
+        default=60.0,
+        help="seconds without an order ending before the rest count as lost",
     )
     args = parser.parse_args()
     if args.burst and args.capacity:
@@ -199,6 +213,7 @@ def passed(outcomes: list[Outcome], *, capacity_search: bool) -> bool:
         print("FAIL no rate was held", file=sys.stderr)
         ok = False
     return ok
+
 
 if __name__ == "__main__":
     main()

@@ -183,7 +183,11 @@ class Outcome:
         return sum(c.redeliveries > 0 for c in self._clocks())
 
     def sequence_faults(self) -> list[str]:
-        return [f"{order_id}: {fault}" for order_id, c in self.ledger.orders.items() for fault in c.sequence_faults]
+        return [
+            f"{order_id}: {fault}"
+            for order_id, c in self.ledger.orders.items()
+            for fault in c.sequence_faults
+        ]
 
     @property
     def admission_wait(self) -> Spread:

@@ -112,7 +112,9 @@ def approve_command(order_id: str) -> ApproveOrder:
 class Pipeline:
     """The running stack, placing orders through `entry` and following them on `orders.events`."""
 
-    def __init__(self, stack: Stack, topology: broker.Topology, ledger: Ledger, api: httpx.AsyncClient | None) -> None:
+    def __init__(
+        self, stack: Stack, topology: broker.Topology, ledger: Ledger, api: httpx.AsyncClient | None
+    ) -> None:
         self._stack = stack
         self._topology = topology
         self._ledger = ledger
@@ -170,7 +172,9 @@ async def running_pipeline(config: PipelineConfig, ledger: Ledger) -> AsyncItera
             channel, topology = await broker.open_channel(connection)
             api = None
             if config.entry is Entry.API:
-                api = await exits.enter_async_context(httpx.AsyncClient(base_url=settings.api_url, timeout=30))
+                api = await exits.enter_async_context(
+                    httpx.AsyncClient(base_url=settings.api_url, timeout=30)
+                )
             pipeline = Pipeline(stack, topology, ledger, api)
             events = await channel.declare_queue(exclusive=True, auto_delete=True)
             await events.bind(topology.events, routing_key="order.#")

@@ -42,9 +42,15 @@ def rows_of(outcomes: list[Outcome]) -> list[tuple[str, Column]]:
         ("accepted", lambda o: o.accepted),
         ("shed (refused at the door)", lambda o: o.shed),
         ("placement errors", lambda o: o.errors),
-        *((kind.value, _ended(kind)) for kind in (EventType.COMPLETED, EventType.CANCELLED, EventType.FAILED)),
+        *(
+            (kind.value, _ended(kind))
+            for kind in (EventType.COMPLETED, EventType.CANCELLED, EventType.FAILED)
+        ),
         ("lost (accepted, no end)", lambda o: o.lost),
-        ("out-of-order orders (seq gap/reuse)", lambda o: o.out_of_order if o.ledger.sequence_checked else "-"),
+        (
+            "out-of-order orders (seq gap/reuse)",
+            lambda o: o.out_of_order if o.ledger.sequence_checked else "-",
+        ),
         ("orders with an event redelivered", lambda o: o.redelivered if o.ledger.sequence_checked else "-"),
         ("admission wait p50/p90/p99/max (s)", lambda o: o.admission_wait if o.admission_reported else "-"),
         ("lifecycle p50/p90/p99/max (s)", lambda o: o.lifecycle),

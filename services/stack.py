@@ -51,11 +51,22 @@ class TemporalDevServer:
 
     def command(self) -> list[str]:
         args = [
-            str(TEMPORAL_BINARY), "server", "start-dev",
-            "--ip", "127.0.0.1", "--port", str(self.port), "--ui-port", str(self.ui_port),
+            str(TEMPORAL_BINARY),
+            "server",
+            "start-dev",
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--ui-port",
+            str(self.ui_port),
             # the default SQLite settings cost the server two thirds of its throughput
-            "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=off",
-            "--log-level", "error",
+            "--sqlite-pragma",
+            "journal_mode=wal",
+            "--sqlite-pragma",
+            "synchronous=off",
+            "--log-level",
+            "error",
         ]
         if self.db_file is not None:
             args += ["--db-filename", str(self.db_file)]

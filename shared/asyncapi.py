@@ -209,7 +209,9 @@ def _add_dead_letters(document: Doc) -> None:
         f"headers say why. Nothing is redelivered from here automatically."
     )
     document["operations"][f"receive.{DEAD_LETTER_QUEUE}"] = _operation(
-        "receive", DEAD_LETTER_QUEUE, "DeadLetter",
+        "receive",
+        DEAD_LETTER_QUEUE,
+        "DeadLetter",
         "Operators inspect (and, if they choose, republish) messages that were given up on.",
     )
 
@@ -237,9 +239,7 @@ def _message(name: str, title: str, summary: str, payload: Doc, trait: str, amqp
     }
 
 
-def _operation(
-    action: str, channel: str, message: str, summary: str, bindings: str | None = None
-) -> Doc:
+def _operation(action: str, channel: str, message: str, summary: str, bindings: str | None = None) -> Doc:
     operation: Doc = {
         "action": action,
         "channel": {"$ref": f"#/channels/{channel}"},
@@ -303,14 +303,12 @@ def _schemas() -> Doc:
             ERROR_HEADER: {"type": "string", "description": "The error text (truncated)."},
             CONSUMER_HEADER: {
                 "type": "string",
-                "description": "The consumer that gave up, such as the bridge or the audit "
-                "consumer.",
+                "description": "The consumer that gave up, such as the bridge or the audit consumer.",
             },
             DELIVERIES_HEADER: {
                 "type": "integer",
                 "minimum": 1,
-                "description": "How many times the consumer had received the message when it "
-                "gave up.",
+                "description": "How many times the consumer had received the message when it gave up.",
             },
             EXCHANGE_HEADER: {
                 "type": "string",

@@ -74,7 +74,9 @@ async def connect(
     deadline = loop.time() + patience
     while True:
         try:
-            return await aio_pika.connect_robust(settings.amqp_url, client_properties={"connection_name": name})
+            return await aio_pika.connect_robust(
+                settings.amqp_url, client_properties={"connection_name": name}
+            )
         except CONNECTION_EXCEPTIONS as error:
             if loop.time() >= deadline:
                 raise
@@ -83,9 +85,7 @@ async def connect(
 
 
 async def declare_topology(channel: AbstractChannel) -> Topology:
-    commands = await channel.declare_exchange(
-        COMMANDS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
-    )
+    commands = await channel.declare_exchange(COMMANDS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     events = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     dead_letter = await channel.declare_exchange(
         DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
@@ -172,7 +172,9 @@ async def declare_audit_queue(
     return await declare_consumer_queue(channel, settings.audit_queue, topology.events, ("order.#",))
 
 
-async def open_channel(connection: AbstractRobustConnection, prefetch: int = 0) -> tuple[AbstractChannel, Topology]:
+async def open_channel(
+    connection: AbstractRobustConnection, prefetch: int = 0
+) -> tuple[AbstractChannel, Topology]:
     """A channel with publisher confirms on (every publish waits for the broker's ack)."""
     channel = await connection.channel(publisher_confirms=True)
     if prefetch:
@@ -186,15 +188,15 @@ async def publish_command(topology: Topology, command: Command) -> None:
     routing_key = COMMAND_ROUTING_KEYS[command.type]
     try:
         confirmation = await topology.commands.publish(
-        aio_pika.Message(
-            body=command.model_dump_json().encode(),
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=str(command.command_id),
-            correlation_id=command.correlation_id,
-            type=command.type.value,
-            headers=trace_headers(),
-        ),
+            aio_pika.Message(
+                body=command.model_dump_json().encode(),
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=str(command.command_id),
+                correlation_id=command.correlation_id,
+                type=command.type.value,
+                headers=trace_headers(),
+            ),
             routing_key=routing_key,
             mandatory=True,
         )

@@ -227,9 +227,7 @@ class QueueConsumer:
     async def _dead_letter(
         self, message: AbstractIncomingMessage, queue: str, reason: str, error: str
     ) -> None:
-        await broker.dead_letter(
-            self._topology, message, consumer=self._name, reason=reason, error=error
-        )
+        await broker.dead_letter(self._topology, message, consumer=self._name, reason=reason, error=error)
         MESSAGES_DEAD_LETTERED.labels(queue, reason).inc()
         log.error("message dead-lettered", outcome="dead_lettered", reason=reason, error=error)
 

@@ -27,9 +27,7 @@ MAX_ITEMS = 100
 MAX_QTY = 1_000
 MAX_UNIT_PRICE_CENTS = 100_000_000
 
-Identifier = Annotated[
-    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
-]
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
 """An order id or payment id: 1 to 64 letters, digits, '.', '_' or '-'."""
 
 CorrelationId = Annotated[str, StringConstraints(max_length=128)]
@@ -51,9 +49,7 @@ class Address(Model):
     line2: Annotated[str, StringConstraints(strip_whitespace=True, max_length=200)] | None = None
     city: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
     region: Annotated[str, StringConstraints(strip_whitespace=True, max_length=100)] | None = None
-    postal_code: Annotated[
-        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20)
-    ]
+    postal_code: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20)]
     country: Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")] = Field(
         description="ISO 3166-1 alpha-2 code, upper case"
     )
@@ -134,9 +130,7 @@ class UpdateAddress(_CommandEnvelope):
     payload: UpdateAddressPayload
 
 
-Command = Annotated[
-    PlaceOrder | ApproveOrder | CancelOrder | UpdateAddress, Field(discriminator="type")
-]
+Command = Annotated[PlaceOrder | ApproveOrder | CancelOrder | UpdateAddress, Field(discriminator="type")]
 command_adapter: TypeAdapter[Command] = TypeAdapter(Command)
 
 COMMAND_ROUTING_KEYS: dict[CommandType, str] = {

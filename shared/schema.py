@@ -33,7 +33,10 @@ async def _server(database_url: str) -> AsyncIterator[tuple[asyncpg.Connection, 
     """A connection to the server's `postgres` database, and the name of the URL's database."""
     url = make_url(database_url)
     server = await asyncpg.connect(
-        host=url.host, port=url.port or 5432, user=url.username, password=url.password,
+        host=url.host,
+        port=url.port or 5432,
+        user=url.username,
+        password=url.password,
         database="postgres",
     )
     try:

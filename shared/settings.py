@@ -71,7 +71,9 @@ class Settings(BaseSettings):
         "fixed when the placement queue is first declared",
     )
     shed_retry_after_seconds: int = Field(
-        default=5, ge=1, description="Retry-After of a 503 for a placement refused because the backlog is full"
+        default=5,
+        ge=1,
+        description="Retry-After of a 503 for a placement refused because the backlog is full",
     )
 
     workflow_sandbox: bool = Field(

@@ -72,7 +72,10 @@ async def temporal_dev_server() -> AsyncIterator[WorkflowEnvironment]:
         dev_server_existing_path=_binary("temporal"),
         dev_server_log_level="error",
         dev_server_extra_args=[
-            "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=off",
+            "--sqlite-pragma",
+            "journal_mode=wal",
+            "--sqlite-pragma",
+            "synchronous=off",
         ],
     )
     yield env

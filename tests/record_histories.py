@@ -46,7 +46,9 @@ SCENARIOS: dict[str, Scenario] = {
 async def record(order_id: str, scenario: Scenario, seed: int) -> list[Path]:
     async with (
         own_time_skipping_env() as env,
-        order_harness(env.client, order_id=order_id, unscripted=flaky(seed), policy=PRODUCTION_ATTEMPTS) as harness,
+        order_harness(
+            env.client, order_id=order_id, unscripted=flaky(seed), policy=PRODUCTION_ATTEMPTS
+        ) as harness,
     ):
         await scenario(harness)
         written = []

@@ -21,9 +21,7 @@ Runner = Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]]
 TIMEOUT_SECONDS = 15.0
 
 
-async def eventually(
-    check: Callable[[], Awaitable[T | None]], timeout: float = TIMEOUT_SECONDS
-) -> T:
+async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = TIMEOUT_SECONDS) -> T:
     """Poll `check` until it returns something truthy; fail if it has not within `timeout`."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -86,9 +84,7 @@ async def take_messages(
     taken: list[AbstractIncomingMessage] = []
 
     async def all_taken() -> bool:
-        while (
-            len(taken) < count and (message := await queue.get(no_ack=True, fail=False)) is not None
-        ):
+        while len(taken) < count and (message := await queue.get(no_ack=True, fail=False)) is not None:
             if matching(message):
                 taken.append(message)
         return len(taken) == count

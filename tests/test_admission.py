@@ -230,7 +230,9 @@ async def reaches(sessions: async_sessionmaker[AsyncSession], order_id: str, sta
 
 
 async def events_of(queue: AbstractQueue, order_id: str, count: int) -> list[OrderEvent]:
-    messages = await take_messages(queue, lambda m: OrderEvent.model_validate_json(m.body).order_id == order_id, count)
+    messages = await take_messages(
+        queue, lambda m: OrderEvent.model_validate_json(m.body).order_id == order_id, count
+    )
     return [OrderEvent.model_validate_json(m.body) for m in messages]
 
 
@@ -318,7 +320,9 @@ async def test_commands_for_a_waiting_order_apply_to_it(
         queued, cancelled = await events_of(events, to_cancel.order_id, 2)
         assert (queued.type, queued.seq) == (EventType.QUEUED, 1)
         assert (cancelled.type, cancelled.seq, cancelled.command_id) == (
-            EventType.CANCELLED, 2, cancellation.command_id,
+            EventType.CANCELLED,
+            2,
+            cancellation.command_id,
         )
         assert cancelled.data["refunded"] is False and cancelled.data["admitted"] is False
 
@@ -358,7 +362,6 @@ async def test_a_full_backlog_refuses_placements_at_the_door(
         assert "waiting to start" in response.json()["detail"]
         # nothing half-done: the backlog holds what was accepted, nothing else
         assert (await placements.declare()).message_count == accepted
-
 
 
 async def test_two_bridges_share_the_bound_and_keep_each_order_s_commands_in_order(

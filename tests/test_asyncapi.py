@@ -83,7 +83,10 @@ def test_each_command_has_its_routing_key_on_the_commands_exchange(
     channel = doc["channels"][key]
     assert channel["address"] == key
     assert exchange_of(doc, channel) == {
-        "name": COMMANDS_EXCHANGE, "type": "topic", "durable": True, "autoDelete": False,
+        "name": COMMANDS_EXCHANGE,
+        "type": "topic",
+        "durable": True,
+        "autoDelete": False,
         "vhost": "/",
     }
     message = message_of(doc, channel)
@@ -98,9 +101,7 @@ def test_each_command_has_its_routing_key_on_the_commands_exchange(
 
 
 @pytest.mark.parametrize("event", list(EventType))
-def test_each_event_has_its_routing_key_on_the_events_exchange(
-    doc: dict[str, Any], event: EventType
-) -> None:
+def test_each_event_has_its_routing_key_on_the_events_exchange(doc: dict[str, Any], event: EventType) -> None:
     channel = doc["channels"][event.routing_key]
     assert channel["address"] == f"order.{event.value}"
     assert exchange_of(doc, channel)["name"] == EVENTS_EXCHANGE
@@ -125,8 +126,12 @@ def test_schemas_carry_the_bounds(doc: dict[str, Any]) -> None:
     assert schemas["OrderItem"]["properties"]["qty"]["maximum"] == MAX_QTY
 
     identifier = TypeAdapter(Identifier).json_schema()
-    for schema, field in [("PlaceOrder", "order_id"), ("PlaceOrderPayload", "payment_id"),
-                          ("OrderItem", "sku"), ("OrderEvent", "order_id")]:
+    for schema, field in [
+        ("PlaceOrder", "order_id"),
+        ("PlaceOrderPayload", "payment_id"),
+        ("OrderItem", "sku"),
+        ("OrderEvent", "order_id"),
+    ]:
         prop = schemas[schema]["properties"][field]
         assert prop["pattern"] == identifier["pattern"] == r"^[A-Za-z0-9._-]+$"
         assert (prop["minLength"], prop["maxLength"]) == (1, 64)

@@ -72,9 +72,7 @@ async def audit_queue(audit_settings: Settings, broker_channel: Broker) -> Async
 
 
 @pytest_asyncio.fixture
-async def audit(
-    audit_settings: Settings, audit_queue: str, db_sessions: Sessions
-) -> AsyncIterator[Settings]:
+async def audit(audit_settings: Settings, audit_queue: str, db_sessions: Sessions) -> AsyncIterator[Settings]:
     async with running(run_audit, audit_settings):
         yield audit_settings
 
@@ -96,9 +94,7 @@ async def publish(broker: Broker, *events: OrderEvent) -> None:
 async def stored_events(sessions: Sessions, order_id: str) -> list[AuditEvent]:
     async with sessions() as session:
         rows = await session.scalars(
-            select(AuditEvent)
-            .where(col(AuditEvent.order_id) == order_id)
-            .order_by(col(AuditEvent.seq))
+            select(AuditEvent).where(col(AuditEvent.order_id) == order_id).order_by(col(AuditEvent.seq))
         )
         return list(rows)
 
@@ -182,8 +178,7 @@ async def test_rejections_outside_a_lifecycle_are_all_kept(
     """seq 0 is not unique per order: each rejection of an unknown order is its own event."""
     unknown_order = unique_id("ord")
     rejections = [
-        event(unknown_order, 0, EventType.COMMAND_REJECTED, reason="unknown order")
-        for _ in range(2)
+        event(unknown_order, 0, EventType.COMMAND_REJECTED, reason="unknown order") for _ in range(2)
     ]
     await publish(broker_channel, *rejections)
 

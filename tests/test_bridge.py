@@ -186,9 +186,7 @@ async def command_queue(bridge_settings: Settings, broker_channel: Broker) -> As
 
 
 @pytest_asyncio.fixture
-async def stand_in_worker(
-    bridge_settings: Settings, temporal_client: Client
-) -> AsyncIterator[None]:
+async def stand_in_worker(bridge_settings: Settings, temporal_client: Client) -> AsyncIterator[None]:
     async with Worker(
         temporal_client,
         task_queue=bridge_settings.order_task_queue,
@@ -265,12 +263,8 @@ async def commands_received(client: Client, order_id: str, count: int) -> list[U
     return await eventually(at_least_count)
 
 
-async def rejections_of(
-    rejections: AbstractQueue, command: Command, count: int = 1
-) -> list[OrderEvent]:
-    messages = await take_messages(
-        rejections, lambda m: _event(m).command_id == command.command_id, count
-    )
+async def rejections_of(rejections: AbstractQueue, command: Command, count: int = 1) -> list[OrderEvent]:
+    messages = await take_messages(rejections, lambda m: _event(m).command_id == command.command_id, count)
     return [_event(message) for message in messages]
 
 
@@ -412,10 +406,7 @@ async def test_place_and_approve_published_back_to_back_apply_in_that_order(
     temporal_client: Client,
     rejections: AbstractQueue,
 ) -> None:
-    orders = [
-        (place_order(order_id), approve(order_id))
-        for order_id in (unique_id("ord") for _ in range(8))
-    ]
+    orders = [(place_order(order_id), approve(order_id)) for order_id in (unique_id("ord") for _ in range(8))]
     # all waiting before the bridge starts, so it takes them in one burst and handles them at once
     await publish(broker_channel, *(command for pair in orders for command in pair))
 

@@ -131,7 +131,9 @@ async def test_order_received_inserts_the_order_once(sessions: Sessions) -> None
     await business.order_received(sessions, placed)
 
     async with sessions() as session:
-        count = await session.scalar(select(func.count()).select_from(Order).where(Order.id == placed.order_id))
+        count = await session.scalar(
+            select(func.count()).select_from(Order).where(Order.id == placed.order_id)
+        )
     assert count == 1
     order = await stored_order(sessions, placed.order_id)
     assert order.state == OrderState.RECEIVED.value
@@ -226,9 +228,7 @@ async def test_concurrent_charges_of_one_payment_charge_once(
     # wait on the unique key (we see it waiting in pg_stat_activity) and find the charge made.
     placed = await received(sessions)
     inserted, release = asyncio.Event(), asyncio.Event()
-    monkeypatch.setattr(
-        business, "transaction", lambda factory: commit_held_back(factory, inserted, release)
-    )
+    monkeypatch.setattr(business, "transaction", lambda factory: commit_held_back(factory, inserted, release))
 
     first = asyncio.create_task(charge(sessions, placed))
     try:
@@ -305,9 +305,7 @@ async def test_an_abandoned_charge_that_commits_after_the_refund_began_is_refund
     # must wait on that claim (we see it waiting in pg_stat_activity), then refund what committed.
     placed = await received(sessions)
     inserted, release = asyncio.Event(), asyncio.Event()
-    monkeypatch.setattr(
-        business, "transaction", lambda factory: commit_held_back(factory, inserted, release)
-    )
+    monkeypatch.setattr(business, "transaction", lambda factory: commit_held_back(factory, inserted, release))
 
     abandoned = asyncio.create_task(charge(sessions, placed))
     try:

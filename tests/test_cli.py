@@ -76,7 +76,16 @@ ADDRESS_OPTIONS = [
     ADDRESS["country"],
 ]
 COMMANDS = [
-    "place", "approve", "cancel", "update-address", "status", "list", "history", "watch", "migrate", "health"
+    "place",
+    "approve",
+    "cancel",
+    "update-address",
+    "status",
+    "list",
+    "history",
+    "watch",
+    "migrate",
+    "health",
 ]
 
 runner = CliRunner()
@@ -169,7 +178,11 @@ GATEWAY_COMMANDS = [
     ["health"],
 ]
 SETTINGS_COMMANDS = [
-    *GATEWAY_COMMANDS, ["migrate"], ["dlq", "list"], ["dlq", "show", "m-1"], ["dlq", "replay", "m-1"]
+    *GATEWAY_COMMANDS,
+    ["migrate"],
+    ["dlq", "list"],
+    ["dlq", "show", "m-1"],
+    ["dlq", "replay", "m-1"],
 ]
 
 
@@ -246,7 +259,10 @@ async def test_health_of_a_ready_gateway(api_url: str) -> None:
     header, *rows, verdict = text.stdout.splitlines()
     assert header.split() == ["DEPENDENCY", "STATE", "DETAIL"]
     assert {row.split()[0]: row.split()[1] for row in rows} == {
-        "gateway": "live", "broker": "ok", "database": "ok", "temporal": "ok"
+        "gateway": "live",
+        "broker": "ok",
+        "database": "ok",
+        "temporal": "ok",
     }
     assert verdict == "ready"
     health = json.loads(as_json.stdout)
@@ -486,7 +502,11 @@ async def test_watch_of_an_ended_order_prints_its_history_and_ends_at_once(
     result = await orderflow("watch", order_id, "--timeout", "20", "--json", "--api-url", api_url)
 
     assert result.exit_code == 4, result.output
-    assert printed_events(result) == [(1, EventType.RECEIVED), (2, EventType.VALIDATED), (3, EventType.FAILED)]
+    assert printed_events(result) == [
+        (1, EventType.RECEIVED),
+        (2, EventType.VALIDATED),
+        (3, EventType.FAILED),
+    ]
 
 
 async def test_watch_waits_for_an_order_that_is_not_known_yet(
@@ -553,7 +573,9 @@ async def test_watch_resumes_a_lost_stream_after_the_last_event_it_saw() -> None
 
     try:
         await eventually(started)
-        result = await orderflow("watch", order_id, "--timeout", "20", "--api-url", f"http://127.0.0.1:{port}")
+        result = await orderflow(
+            "watch", order_id, "--timeout", "20", "--api-url", f"http://127.0.0.1:{port}"
+        )
     finally:
         server.should_exit = True
         await serving

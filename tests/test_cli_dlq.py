@@ -260,7 +260,9 @@ async def test_show_json_has_the_headers_and_a_body_that_is_not_json_as_bytes(
     assert (item["reason"], item["error"], item["consumer"]) == ("invalid_json", "Invalid JSON", "bridge")
     assert (item["exchange"], item["routing_key"]) == (broker.COMMANDS_EXCHANGE, origin.routing_key)
     assert (item["content_type"], item["type"], item["correlation_id"]) == (
-        "application/json", "PlaceOrder", "corr-1"
+        "application/json",
+        "PlaceOrder",
+        "corr-1",
     )
     assert item["headers"][broker.EXCHANGE_HEADER] == broker.COMMANDS_EXCHANGE
     assert item["headers"]["x-client"] == "kept"
@@ -282,10 +284,15 @@ async def test_replay_sends_a_dead_letter_back_to_its_exchange_and_removes_it(
     )
     [message] = await drain(origin.queue)
     assert (message.message_id, message.body, message.routing_key, message.exchange) == (
-        replayed_id, body, origin.routing_key, broker.COMMANDS_EXCHANGE
+        replayed_id,
+        body,
+        origin.routing_key,
+        broker.COMMANDS_EXCHANGE,
     )
     assert (message.content_type, message.type, message.correlation_id) == (
-        "application/json", "PlaceOrder", "corr-1"
+        "application/json",
+        "PlaceOrder",
+        "corr-1",
     )
     assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
     # the publisher's headers, without the diagnosis or a delivery count from before
@@ -458,7 +465,10 @@ PLACE_ORDER = json.dumps(
             "payment_id": "pay-dlq",
             "items": [{"sku": "BOOK-1", "qty": 1}],
             "address": {
-                "name": "Ada", "line1": "12 Main St", "city": "Berlin", "postal_code": "10115",
+                "name": "Ada",
+                "line1": "12 Main St",
+                "city": "Berlin",
+                "postal_code": "10115",
                 "country": "DE",
             },
         },

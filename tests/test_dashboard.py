@@ -75,7 +75,9 @@ async def test_stats_count_orders_per_state_admissions_and_completions(
 
     grown = {state: after["counts"][state] - before["counts"][state] for state in after["counts"]}
     assert {state: count for state, count in grown.items() if count} == {
-        "queued": 2, "awaiting_approval": 1, "completed": 1
+        "queued": 2,
+        "awaiting_approval": 1,
+        "completed": 1,
     }
     assert set(after["counts"]) == {state.value for state in OrderState}
     assert after["total"] - before["total"] == 4
@@ -161,14 +163,26 @@ async def test_the_dashboard_follows_an_order_live_and_approves_it(
     row = page.locator(f'#orders tbody tr[data-order-id="{order_id}"]')
     await expect(row).to_be_visible(timeout=LIFECYCLE_TIMEOUT_MS)  # it appears, live
     await row.click()
-    await expect(page.locator("#detail-state")).to_have_text("awaiting_approval", timeout=LIFECYCLE_TIMEOUT_MS)
+    await expect(page.locator("#detail-state")).to_have_text(
+        "awaiting_approval", timeout=LIFECYCLE_TIMEOUT_MS
+    )
     await page.click("#approve")
     await expect(page.locator("#action-result")).to_have_text("ApproveOrder accepted")
 
     await expect(row.locator("td.state")).to_have_text("completed", timeout=LIFECYCLE_TIMEOUT_MS)
     await expect(page.locator("#detail-state")).to_have_text("completed", timeout=LIFECYCLE_TIMEOUT_MS)
-    timeline = await page.locator("#timeline li").evaluate_all("items => items.map(item => item.dataset.type)")
-    steps = ["received", "validated", "awaiting_approval", "approved", "payment_charged", "shipped", "completed"]
+    timeline = await page.locator("#timeline li").evaluate_all(
+        "items => items.map(item => item.dataset.type)"
+    )
+    steps = [
+        "received",
+        "validated",
+        "awaiting_approval",
+        "approved",
+        "payment_charged",
+        "shipped",
+        "completed",
+    ]
     assert [kind for kind in timeline if kind in steps] == steps
     await expect(page.locator("#approve")).to_be_disabled()
     assert await page.evaluate("window.loadedOnce") is True
@@ -186,5 +200,7 @@ async def test_the_dashboard_follows_an_order_live_and_approves_it(
 async def show_only(page: Page, state: str) -> None:
     """Filter the list by a state, and wait until it shows that state only."""
     await page.click(f'#states .chip[data-state="{state}"]')
-    await expect(page.locator(f'#states .chip[data-state="{state}"]')).to_have_attribute("aria-pressed", "true")
+    await expect(page.locator(f'#states .chip[data-state="{state}"]')).to_have_attribute(
+        "aria-pressed", "true"
+    )
     await expect(page.locator("#orders tbody td.state").filter(has_not_text=state)).to_have_count(0)

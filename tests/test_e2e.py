@@ -39,8 +39,13 @@ from service_support import eventually, publish_raw, take_messages
 pytestmark = pytest.mark.e2e
 
 LIFECYCLE_TIMEOUT = 60.0  # generous: the contract's 15 s is measured by bench/lifecycle.py
-ADDRESS = {"name": "Ada Lovelace", "line1": "12 St James's Square", "city": "London",
-           "postal_code": "SW1Y 4JH", "country": "GB"}
+ADDRESS = {
+    "name": "Ada Lovelace",
+    "line1": "12 St James's Square",
+    "city": "London",
+    "postal_code": "SW1Y 4JH",
+    "country": "GB",
+}
 
 
 class EventLog:
@@ -70,9 +75,7 @@ class EventLog:
     async def wait_for(self, order_id: str, *types: EventType) -> OrderEvent:
         async with self._changed:
             await asyncio.wait_for(
-                self._changed.wait_for(
-                    lambda: any(e.type in types for e in self.by_order.get(order_id, []))
-                ),
+                self._changed.wait_for(lambda: any(e.type in types for e in self.by_order.get(order_id, []))),
                 LIFECYCLE_TIMEOUT,
             )
         return next(e for e in self.by_order[order_id] if e.type in types)
@@ -146,8 +149,12 @@ def approve_command(order_id: str, command_id: UUID | None = None) -> ApproveOrd
 async def place_over_http(api: httpx.AsyncClient, order_id: str) -> None:
     response = await api.post(
         "/orders",
-        json={"order_id": order_id, "payment_id": f"pay-{order_id}",
-              "items": [{"sku": "BOOK-1", "qty": 1}], "address": ADDRESS},
+        json={
+            "order_id": order_id,
+            "payment_id": f"pay-{order_id}",
+            "items": [{"sku": "BOOK-1", "qty": 1}],
+            "address": ADDRESS,
+        },
     )
     assert response.status_code == 202, response.text
 
@@ -253,13 +260,18 @@ async def test_malformed_and_invalid_commands_are_dead_lettered_and_the_bridge_k
     invalid = await publish_raw(
         topology.commands,
         "order.place",
-        json.dumps({"command_id": str(uuid4()), "type": "PlaceOrder", "order_id": "bad id!",
-                    "issued_at": "yesterday", "payload": {}}).encode(),
+        json.dumps(
+            {
+                "command_id": str(uuid4()),
+                "type": "PlaceOrder",
+                "order_id": "bad id!",
+                "issued_at": "yesterday",
+                "payload": {},
+            }
+        ).encode(),
     )
 
-    letters = await take_messages(
-        dead_letters, lambda m: m.message_id in {not_json, invalid}, count=2
-    )
+    letters = await take_messages(dead_letters, lambda m: m.message_id in {not_json, invalid}, count=2)
     reasons = {m.message_id: m.headers[broker.REASON_HEADER] for m in letters}
     assert reasons == {not_json: "invalid_json", invalid: "schema_invalid"}
     assert all(m.headers[broker.ERROR_HEADER] for m in letters)

@@ -53,7 +53,9 @@ async def system(settings: Settings) -> AsyncIterator[Settings]:
         }
     )
     await schema.drop_database(scaled.database_url)
-    with tempfile.NamedTemporaryFile("w+", prefix="orderflow-e2e-capacity-", suffix=".log", delete=False) as log:
+    with tempfile.NamedTemporaryFile(
+        "w+", prefix="orderflow-e2e-capacity-", suffix=".log", delete=False
+    ) as log:
         try:
             async with running_stack(scaled, temporal=None, log=log):
                 yield scaled
@@ -76,8 +78,15 @@ async def test_a_burst_above_the_bound_all_ends_as_its_commands_say(
         for index, order_id in enumerate(order_ids):
             # half over HTTP, half over AMQP; each followed at once by its approval or cancel
             if index % 2:
-                response = await api.post("/orders", json={"order_id": order_id, "payment_id": f"pay-{order_id}",
-                                                           "items": [{"sku": "BOOK-1", "qty": 1}], "address": ADDRESS})
+                response = await api.post(
+                    "/orders",
+                    json={
+                        "order_id": order_id,
+                        "payment_id": f"pay-{order_id}",
+                        "items": [{"sku": "BOOK-1", "qty": 1}],
+                        "address": ADDRESS,
+                    },
+                )
                 assert response.status_code == 202, response.text
             else:
                 await broker.publish_command(topology, place_command(order_id))

@@ -84,7 +84,10 @@ async def test_the_gateway_counts_requests_by_route_template_and_serves_them(
     assert answer.headers["content-type"].startswith("text/plain")
     # every order id lands on its route's template, every unknown path on one series
     assert scraped(answer.text, "orderflow_http_requests_total", **order_route, status="404") == before + 2
-    assert scraped(answer.text, "orderflow_http_request_duration_seconds_count", **order_route) == timed_before + 2
+    assert (
+        scraped(answer.text, "orderflow_http_request_duration_seconds_count", **order_route)
+        == timed_before + 2
+    )
     assert scraped(answer.text, "orderflow_http_requests_total", **unmatched) == unmatched_before + 1
     assert "/no-such-path" not in answer.text
 
@@ -142,7 +145,9 @@ async def test_consumers_count_messages_consumed_requeued_and_dead_lettered_per_
         consuming = asyncio.create_task(consumer.run(queue, JSON_OBJECT.validate_json, handle))
         try:
             await eventually(
-                lambda: grown("orderflow_messages_dead_lettered_total", 0, queue=name, reason="processing_failed")
+                lambda: grown(
+                    "orderflow_messages_dead_lettered_total", 0, queue=name, reason="processing_failed"
+                )
             )
         finally:
             stop.set()
@@ -158,7 +163,9 @@ async def test_consumers_count_messages_consumed_requeued_and_dead_lettered_per_
 
 # --- lifecycle outcomes (the audit consumer) -----------------------------------------------------
 @pytest_asyncio.fixture
-async def audit(base_settings: Settings, broker_channel: Broker, db_sessions: Sessions) -> AsyncIterator[None]:  # noqa: F811
+async def audit(
+    base_settings: Settings, broker_channel: Broker, db_sessions: Sessions
+) -> AsyncIterator[None]:  # noqa: F811
     """The audit consumer on a queue of this test's own."""
     channel, topology = broker_channel
     settings = base_settings.model_copy(update={"audit_queue": f"test.audit.{uuid4().hex[:12]}"})
@@ -174,7 +181,9 @@ def lifecycle_event(order_id: str, seq: int, type: EventType, at: datetime) -> O
 
 
 async def test_the_audit_consumer_counts_each_ending_once_and_times_it_from_admission(
-    audit: None, broker_channel: Broker, db_sessions: Sessions  # noqa: F811
+    audit: None,
+    broker_channel: Broker,
+    db_sessions: Sessions,  # noqa: F811
 ) -> None:
     admitted_at = datetime.now(UTC)
     completed_order, cancelled_order = unique_id("completed"), unique_id("cancelled")
@@ -182,7 +191,10 @@ async def test_the_audit_consumer_counts_each_ending_once_and_times_it_from_admi
     completed = lifecycle_event(completed_order, 3, EventType.COMPLETED, admitted_at + timedelta(seconds=3.5))
     # cancelled while queued: it ends without ever being admitted
     cancelled = lifecycle_event(cancelled_order, 2, EventType.CANCELLED, admitted_at)
-    ended = {outcome: sample("orderflow_lifecycles_ended_total", outcome=outcome) for outcome in ("completed", "cancelled")}
+    ended = {
+        outcome: sample("orderflow_lifecycles_ended_total", outcome=outcome)
+        for outcome in ("completed", "cancelled")
+    }
     timed = {
         outcome: sample("orderflow_lifecycle_duration_seconds_count", outcome=outcome)
         for outcome in ("completed", "cancelled")
@@ -194,12 +206,16 @@ async def test_the_audit_consumer_counts_each_ending_once_and_times_it_from_admi
     for event in (admitted, completed, completed, cancelled):
         await broker.publish_event(broker_channel[1], event)
     await eventually(lambda: _stored(db_sessions, [admitted, completed, cancelled]))
-    await eventually(lambda: grown("orderflow_lifecycles_ended_total", ended["cancelled"], outcome="cancelled"))
+    await eventually(
+        lambda: grown("orderflow_lifecycles_ended_total", ended["cancelled"], outcome="cancelled")
+    )
 
     assert sample("orderflow_lifecycles_ended_total", outcome="completed") == ended["completed"] + 1
     assert sample("orderflow_lifecycles_ended_total", outcome="cancelled") == ended["cancelled"] + 1
     assert sample("orderflow_lifecycle_duration_seconds_count", outcome="completed") == timed["completed"] + 1
-    assert sample("orderflow_lifecycle_duration_seconds_sum", outcome="completed") == pytest.approx(time_spent + 3.5)
+    assert sample("orderflow_lifecycle_duration_seconds_sum", outcome="completed") == pytest.approx(
+        time_spent + 3.5
+    )
     assert sample("orderflow_lifecycle_duration_seconds_count", outcome="cancelled") == timed["cancelled"]
 
 

@@ -53,4 +53,3 @@ async def test_the_migrations_downgrade_and_upgrade_again(
         await engine.dispose()
         await drop_database(scratch)
     assert {"orders", "payments", "order_events", "processed_commands"} <= tables
-

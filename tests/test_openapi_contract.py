@@ -105,9 +105,17 @@ def test_linked_operations_keep_their_documented_contract(gateway_url: str, tmp_
     config.write_text(STREAM_READING)
     run = subprocess.run(
         [
-            str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(config),
-            "run", f"{gateway_url}/openapi.json",
-            "--checks", "all", "--phases", "stateful", "--max-examples", str(LINKED_SEQUENCES),
+            str(Path(sys.executable).parent / "schemathesis"),
+            "--config-file",
+            str(config),
+            "run",
+            f"{gateway_url}/openapi.json",
+            "--checks",
+            "all",
+            "--phases",
+            "stateful",
+            "--max-examples",
+            str(LINKED_SEQUENCES),
         ],
         cwd=tmp_path,  # where it keeps its Hypothesis database
         check=False,  # its report is the assertion's message

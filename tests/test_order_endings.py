@@ -68,7 +68,10 @@ async def sessions(reconciler_settings: Settings) -> AsyncIterator[Sessions]:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def pipeline(
-    reconciler_settings: Settings, sessions: Sessions, temporal_client: Client, monkeypatch: pytest.MonkeyPatch
+    reconciler_settings: Settings,
+    sessions: Sessions,
+    temporal_client: Client,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> AsyncIterator[tuple[broker.Topology, Reconciler]]:
     """Bridge, audit consumer and order worker running; the reconciler, not yet, for the test to
     call; it acts on workflows closed any time ago."""
@@ -205,7 +208,6 @@ async def test_a_cancellation_through_temporal_ends_the_order_and_the_read_model
 
     await reaches(sessions, order.order_id, OrderState.CANCELLED)
 
-
     async def closed_as_canceled() -> bool:
         return (await handle.describe()).status is WorkflowExecutionStatus.CANCELED
 
@@ -248,7 +250,9 @@ async def test_the_read_model_holds_every_accepted_order_whatever_its_first_even
     for order_id, state in expected.items():
         await reaches(sessions, order_id, state)
         events = await trail(sessions, order_id)
-        assert_gapless_ending_with(events, EventType.CANCELLED if state is OrderState.CANCELLED else EventType.FAILED)
+        assert_gapless_ending_with(
+            events, EventType.CANCELLED if state is OrderState.CANCELLED else EventType.FAILED
+        )
     assert (await trail(sessions, early.order_id))[-1].command_id == early_cancel.command_id
 
 
@@ -290,5 +294,7 @@ async def test_a_command_delivered_again_after_its_order_ended_is_a_duplicate_no
     assert (await outcome_of(sessions, approval.command_id)).outcome == "duplicate"  # type: ignore[union-attr]
     assert (await outcome_of(sessions, early_cancel.command_id)).outcome == "accepted"  # type: ignore[union-attr]
     for command in (approval, early_cancel):
-        rejections = [e for e in await trail(sessions, command.order_id) if e.type == EventType.COMMAND_REJECTED.value]
+        rejections = [
+            e for e in await trail(sessions, command.order_id) if e.type == EventType.COMMAND_REJECTED.value
+        ]
         assert rejections == []

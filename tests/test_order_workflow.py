@@ -164,7 +164,9 @@ async def test_approved_order_completes_with_every_step_and_event(harness: Order
         ChargePaymentInput(order_id=order_id, payment_id=order.payload.payment_id, amount_cents=AMOUNT_CENTS)
     ]
     assert called(OrderActivities.prepare_package) == [PreparePackageInput(order_id=order_id)]
-    assert called(OrderActivities.dispatch_carrier) == [DispatchCarrierInput(order_id=order_id, address=ADDRESS)]
+    assert called(OrderActivities.dispatch_carrier) == [
+        DispatchCarrierInput(order_id=order_id, address=ADDRESS)
+    ]
     assert called(OrderActivities.mark_shipped) == [MarkShippedInput(order_id=order_id)]
     assert called(OrderActivities.release_admission) == [ReleaseAdmissionInput(order_id=order_id)]
     assert_not_called(harness, OrderActivities.refund_payment)
@@ -179,7 +181,9 @@ async def test_approved_order_completes_with_every_step_and_event(harness: Order
     dispatched = by_type[E.CARRIER_DISPATCHED]
     assert dispatched.data == {"tracking_number": TRACKING_NUMBER, "address": ADDRESS.model_dump()}
     assert by_type[E.SHIPPED].data == {"tracking_number": TRACKING_NUMBER}
-    assert by_type[E.AWAITING_APPROVAL].data == {"review_window_seconds": harness.policy.review_window_seconds}
+    assert by_type[E.AWAITING_APPROVAL].data == {
+        "review_window_seconds": harness.policy.review_window_seconds
+    }
     assert all(event.command_id is None for event in events if event.type is not E.APPROVED)
     assert await harness.shipment_status(1) is WorkflowExecutionStatus.COMPLETED
 
@@ -191,18 +195,29 @@ async def test_cancel_before_approval_ends_without_charging(harness: OrderHarnes
     status = await harness.result()
 
     assert (status.state, status.reason, status.refunded) == (OrderState.CANCELLED, "found it cheaper", False)
-    assert_not_called(harness, OrderActivities.charge_payment, OrderActivities.refund_payment, OrderActivities.prepare_package)
+    assert_not_called(
+        harness,
+        OrderActivities.charge_payment,
+        OrderActivities.refund_payment,
+        OrderActivities.prepare_package,
+    )
     events = assert_numbered(harness)
     assert [event.type for event in events] == [*UNTIL_REVIEW, E.CANCELLED]
     assert events[-1].command_id == cancel.command_id
     assert events[-1].data == {"reason": "found it cheaper", "refunded": False}
 
 
-async def test_cancel_after_payment_refunds_and_stops_the_shipment(harness_on_own_server: OrderHarness) -> None:
+async def test_cancel_after_payment_refunds_and_stops_the_shipment(
+    harness_on_own_server: OrderHarness,
+) -> None:
     harness = harness_on_own_server
     status, cancel = await cancel_after_payment_scenario(harness)
 
-    assert (status.state, status.reason, status.refunded) == (OrderState.CANCELLED, cancel.payload.reason, True)
+    assert (status.state, status.reason, status.refunded) == (
+        OrderState.CANCELLED,
+        cancel.payload.reason,
+        True,
+    )
     assert harness.mocks.called(OrderActivities.refund_payment) == [
         RefundPaymentInput(
             order_id=harness.order.order_id,
@@ -261,7 +276,11 @@ async def test_a_cancellation_through_temporal_after_payment_refunds_and_stops_t
     await harness.wait_for_call(OrderActivities.dispatch_carrier)
     status = await cancelled_through_temporal(harness)
 
-    assert (status.state, status.reason, status.refunded) == (OrderState.CANCELLED, CANCELLED_THROUGH_TEMPORAL, True)
+    assert (status.state, status.reason, status.refunded) == (
+        OrderState.CANCELLED,
+        CANCELLED_THROUGH_TEMPORAL,
+        True,
+    )
     assert len(harness.mocks.called(OrderActivities.refund_payment)) == 1
     assert await harness.shipment_status(1) is WorkflowExecutionStatus.CANCELED
     events = assert_numbered(harness)
@@ -326,7 +345,10 @@ async def test_an_approval_racing_a_cancel_loses_if_the_cancel_came_first(harnes
     # arrived while the order was ending or once it had ended
     assert sorted(event.type for event in events[len(UNTIL_REVIEW) :]) == [E.CANCELLED, E.COMMAND_REJECTED]
     [rejected] = [event for event in events if event.type is E.COMMAND_REJECTED]
-    assert (rejected.command_id, rejected.data["reason"]) == (approval.command_id, "order has ended or is ending")
+    assert (rejected.command_id, rejected.data["reason"]) == (
+        approval.command_id,
+        "order has ended or is ending",
+    )
     [cancelled] = [event for event in events if event.type is E.CANCELLED]
     assert cancelled.command_id == cancel.command_id
 
@@ -375,7 +397,12 @@ async def test_address_update_before_dispatch_reaches_the_running_shipment(harne
     assert updated.data == {"address": NEW_ADDRESS.model_dump()}
     events = assert_numbered(harness)
     assert [event.type for event in events] == [
-        *UNTIL_SHIPPING, E.ADDRESS_UPDATED, E.PACKAGE_PREPARED, E.CARRIER_DISPATCHED, E.SHIPPED, E.COMPLETED
+        *UNTIL_SHIPPING,
+        E.ADDRESS_UPDATED,
+        E.PACKAGE_PREPARED,
+        E.CARRIER_DISPATCHED,
+        E.SHIPPED,
+        E.COMPLETED,
     ]
     assert harness.mocks.events_of(E.CARRIER_DISPATCHED)[0].data["address"] == NEW_ADDRESS.model_dump()
 
@@ -397,7 +424,9 @@ async def test_address_update_after_dispatch_is_rejected(harness: OrderHarness) 
     assert rejected.data == {"command_type": "UpdateAddress", "reason": "order already dispatched"}
     assert status.state is OrderState.COMPLETED
     assert status.address == ADDRESS
-    assert [request.address for request in harness.mocks.called(OrderActivities.dispatch_carrier)] == [ADDRESS]
+    assert [request.address for request in harness.mocks.called(OrderActivities.dispatch_carrier)] == [
+        ADDRESS
+    ]
     events = assert_numbered(harness)
     assert E.ADDRESS_UPDATED not in [event.type for event in events]
 
@@ -529,7 +558,9 @@ async def test_duplicate_commands_apply_once(harness: OrderHarness) -> None:
         (E.COMMAND_REJECTED, other.command_id),
     ]
     assert rejected.data == {"command_type": "ApproveOrder", "reason": "order already approved"}
-    assert [request.address for request in harness.mocks.called(OrderActivities.dispatch_carrier)] == [NEW_ADDRESS]
+    assert [request.address for request in harness.mocks.called(OrderActivities.dispatch_carrier)] == [
+        NEW_ADDRESS
+    ]
 
 
 async def test_invalid_order_fails_without_charging(harness: OrderHarness) -> None:
@@ -590,7 +621,12 @@ async def test_deadline_ends_an_order_whose_step_never_succeeds(harness_on_own_s
     assert timedelta(seconds=2) <= status.finished_at - started <= timedelta(seconds=2.5)
     assert status.attempts[Step.RECEIVE] > 1
     assert all(error.error == "attempt timed out" for error in status.recent_errors)
-    assert_not_called(harness, OrderActivities.validate_order, OrderActivities.charge_payment, OrderActivities.refund_payment)
+    assert_not_called(
+        harness,
+        OrderActivities.validate_order,
+        OrderActivities.charge_payment,
+        OrderActivities.refund_payment,
+    )
     events = assert_numbered(harness)
     assert [event.type for event in events] == [E.ADMITTED, E.FAILED]
     assert events[-1].data == {"reason": reason, "refunded": False}
@@ -683,7 +719,10 @@ async def test_production_attempts_against_the_fault_mix_complete_and_replay(
     status, _ = await happy_path_scenario(harness)
 
     assert status.state is OrderState.COMPLETED
-    assert {error.error for error in status.recent_errors} <= {"Forced failure for testing", "attempt timed out"}
+    assert {error.error for error in status.recent_errors} <= {
+        "Forced failure for testing",
+        "attempt timed out",
+    }
     assert_numbered(harness)
     replayer = Replayer(
         workflows=[OrderWorkflow, ShippingWorkflow],
@@ -694,12 +733,16 @@ async def test_production_attempts_against_the_fault_mix_complete_and_replay(
         assert (await replayer.replay_workflow(history)).replay_failure is None
 
 
-async def test_deadline_ends_a_shipment_whose_dispatch_never_succeeds(harness_on_own_server: OrderHarness) -> None:
+async def test_deadline_ends_a_shipment_whose_dispatch_never_succeeds(
+    harness_on_own_server: OrderHarness,
+) -> None:
     # The shipment gives up at the lifecycle's deadline itself: its workflow task is open while
     # attempts are in flight, so it would see the order's cancel only at the task's next renewal.
     harness = harness_on_own_server
     harness.mocks.script(OrderActivities.dispatch_carrier, then=hangs)
-    await harness.start(lifecycle_deadline_seconds=3.0, review_window_seconds=2.0, dispatch_attempts_per_shipment=50)
+    await harness.start(
+        lifecycle_deadline_seconds=3.0, review_window_seconds=2.0, dispatch_attempts_per_shipment=50
+    )
     await harness.wait_for_event(E.AWAITING_APPROVAL)
     await harness.approve()
     status = await harness.result()
@@ -743,7 +786,11 @@ async def test_address_update_as_a_failed_shipment_ends_goes_to_the_next_shipmen
     assert harness.mocks.events_of(E.ADDRESS_UPDATED)[0].command_id == update.command_id
     events = assert_numbered(harness)
     assert [event.type for event in events][-5:] == [
-        E.ADDRESS_UPDATED, E.SHIPPING_STARTED, E.CARRIER_DISPATCHED, E.SHIPPED, E.COMPLETED
+        E.ADDRESS_UPDATED,
+        E.SHIPPING_STARTED,
+        E.CARRIER_DISPATCHED,
+        E.SHIPPED,
+        E.COMPLETED,
     ]
 
 

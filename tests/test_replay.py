@@ -55,7 +55,9 @@ def test_every_scenario_has_its_histories() -> None:
         assert f"{order_workflow_id(order_id)}-shipping-1" in names
 
 
-@pytest.mark.parametrize("path", RECORDED, ids=[str(path.relative_to(HISTORIES).with_suffix("")) for path in RECORDED])
+@pytest.mark.parametrize(
+    "path", RECORDED, ids=[str(path.relative_to(HISTORIES).with_suffix("")) for path in RECORDED]
+)
 async def test_recorded_history_replays(path: Path) -> None:
     history = load(path)
     assert len(history.events) > 10
@@ -74,7 +76,9 @@ class ValidatesFirst(OrderWorkflow):
         return await super().run(start)
 
     async def _lifecycle(self) -> None:
-        await self._step(Step.VALIDATE, OrderActivities.validate_order, ValidateOrderInput(order_id=self._order.order_id))
+        await self._step(
+            Step.VALIDATE, OrderActivities.validate_order, ValidateOrderInput(order_id=self._order.order_id)
+        )
         await super()._lifecycle()
 
 

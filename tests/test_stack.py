@@ -43,13 +43,16 @@ async def test_the_run_command_starts_everything_and_stops_cleanly_on_ctrl_c(
     log_path = tmp_path / "run.log"
     with log_path.open("wb") as log:
         run = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.stack",
+            sys.executable,
+            "-m",
+            "services.stack",
             cwd=tmp_path,  # its .run/ goes here
             env={**service_environment(settings), "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
             stdout=log,
             stderr=asyncio.subprocess.STDOUT,
         )
     try:
+
         async def ready() -> bool:
             try:
                 async with httpx.AsyncClient() as client:
@@ -93,11 +96,16 @@ def test_instances_are_named_after_their_service() -> None:
     assert instance_names("bridge", 1) == ["bridge"]
     assert instance_names("workers", 3) == ["workers-1", "workers-2", "workers-3"]
     assert [service_of(n) for n in ("bridge", "bridge-2", "workers-10", "temporal")] == [
-        "bridge", "bridge", "workers", "temporal",
+        "bridge",
+        "bridge",
+        "workers",
+        "temporal",
     ]
 
 
-async def test_several_bridges_and_workers_start_restart_and_stop(settings: Settings, migrated_database: str) -> None:
+async def test_several_bridges_and_workers_start_restart_and_stop(
+    settings: Settings, migrated_database: str
+) -> None:
     settings = settings.model_copy(update={"bridge_instances": 2, "worker_instances": 2})
     log = io.StringIO()
     async with running_stack(settings, temporal=None, log=log, services=("bridge", "workers")) as stack:

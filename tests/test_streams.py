@@ -52,7 +52,9 @@ def order_event(order_id: str, seq: int, event_type: EventType) -> OrderEvent:
     )
 
 
-async def store(sessions: async_sessionmaker[AsyncSession], order_id: str, *kinds: tuple[int, EventType]) -> None:
+async def store(
+    sessions: async_sessionmaker[AsyncSession], order_id: str, *kinds: tuple[int, EventType]
+) -> None:
     """Events of one order, stored in one transaction as the audit consumer stores a batch."""
     async with transaction(sessions) as session:
         for seq, event_type in kinds:
@@ -155,7 +157,11 @@ async def test_an_order_stream_sends_the_history_then_live_events_and_ends_with_
 
     assert (start.id, start.data) == ("0", None)
     assert kinds_of(history + live + rest) == [
-        (1, R), (2, V), (3, A), (4, EventType.CANCELLED), (0, EventType.COMMAND_REJECTED)
+        (1, R),
+        (2, V),
+        (3, A),
+        (4, EventType.CANCELLED),
+        (0, EventType.COMMAND_REJECTED),
     ]
     positions = [event.position for event in history + live + rest]
     assert positions == sorted(positions) and len(set(positions)) == 5
@@ -175,7 +181,9 @@ async def test_an_order_stream_resumes_right_after_the_last_event_id(
         after_first = await stream.rest()
     async with streaming(url, params={"last_event_id": second.position}) as stream:
         after_second = await stream.rest()
-    async with streaming(url, headers={"Last-Event-ID": str(second.position)}, params={"last_event_id": 0}) as stream:
+    async with streaming(
+        url, headers={"Last-Event-ID": str(second.position)}, params={"last_event_id": 0}
+    ) as stream:
         header_wins = await stream.rest()
 
     assert kinds_of(after_first) == [(2, V), (3, EventType.COMPLETED)]
@@ -246,7 +254,9 @@ async def test_the_stream_of_every_order_resumes_exactly_and_ends_at_its_limit(
     before = await newest_position(db_sessions)
     await store(db_sessions, order_id, (1, R), (2, V), (3, A))
 
-    async with streaming(f"{gateway_url}/events/stream", params={"last_event_id": before, "limit": 2}) as stream:
+    async with streaming(
+        f"{gateway_url}/events/stream", params={"last_event_id": before, "limit": 2}
+    ) as stream:
         first_two = await stream.rest()
     async with streaming(
         f"{gateway_url}/events/stream",

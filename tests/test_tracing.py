@@ -132,7 +132,13 @@ async def test_one_trace_runs_from_the_request_through_the_broker_temporal_and_b
 
     async def whole_trip() -> dict[str, list[ReadableSpan]] | None:
         found = in_trace(spans, trace_id)
-        needed = (placement, "StartWorkflow:OrderWorkflow", "RunWorkflow:OrderWorkflow", "RunActivity:publish_events", audit)
+        needed = (
+            placement,
+            "StartWorkflow:OrderWorkflow",
+            "RunWorkflow:OrderWorkflow",
+            "RunActivity:publish_events",
+            audit,
+        )
         return found if all(name in found for name in needed) else None
 
     trip = await eventually(whole_trip)

@@ -185,7 +185,14 @@ Mocked = Callable[..., Awaitable[Any]]
 
 
 BUSINESS_STEPS = frozenset(
-    {"receive_order", "validate_order", "charge_payment", "prepare_package", "dispatch_carrier", "mark_shipped"}
+    {
+        "receive_order",
+        "validate_order",
+        "charge_payment",
+        "prepare_package",
+        "dispatch_carrier",
+        "mark_shipped",
+    }
 )
 """The activities that call the fault injector in production."""
 

@@ -70,4 +70,3 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await app.state.connections.close()
-

@@ -116,9 +116,7 @@ class Connections:
         engine = db.create_engine(settings)  # connects lazily, from its pool
         connections = cls(
             broker=LazyConnection("broker", partial(open_broker, settings), close_broker),
-            temporal=LazyConnection(
-                "temporal", partial(connect_temporal, settings, patience=0)
-            ),
+            temporal=LazyConnection("temporal", partial(connect_temporal, settings, patience=0)),
             engine=engine,
             sessions=db.session_factory(engine),
         )

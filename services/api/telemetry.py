@@ -35,7 +35,9 @@ UNTRACED_PATHS = frozenset({METRICS_PATH, "/healthz", "/readyz"})
 UNMATCHED_ROUTE = "unmatched"  # any path no route takes, so scanners cannot multiply the series
 
 HTTP_REQUESTS = Counter(
-    "orderflow_http_requests", "HTTP requests answered, by route template, method and status", ["method", "route", "status"]
+    "orderflow_http_requests",
+    "HTTP requests answered, by route template, method and status",
+    ["method", "route", "status"],
 )
 HTTP_REQUEST_DURATION = Histogram(
     "orderflow_http_request_duration_seconds",

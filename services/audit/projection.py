@@ -95,9 +95,7 @@ async def _project_fact(session: AsyncSession, event: OrderEvent) -> None:
     await session.execute(
         update(Order)
         .where(col(Order.id) == event.order_id)
-        .values(
-            {column: value, "updated_at": func.greatest(col(Order.updated_at), event.occurred_at)}
-        )
+        .values({column: value, "updated_at": func.greatest(col(Order.updated_at), event.occurred_at)})
     )
 
 
@@ -107,9 +105,7 @@ async def _lock_order(session: AsyncSession, order_id: str) -> bool:
     Holding it, the check for a newer event sees every concurrent transaction that projected one
     before us, and any that comes later waits for us and then sees our event.
     """
-    row = await session.execute(
-        select(col(Order.id)).where(col(Order.id) == order_id).with_for_update()
-    )
+    row = await session.execute(select(col(Order.id)).where(col(Order.id) == order_id).with_for_update())
     return row.first() is not None
 
 

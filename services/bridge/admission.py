@@ -257,7 +257,11 @@ def _cancel_of(row: Admission) -> CancelOrder | None:
     if row.cancel_command_id is None:
         return None
     return next(
-        (c for c in _commands_of(row) if isinstance(c, CancelOrder) and c.command_id == row.cancel_command_id),
+        (
+            c
+            for c in _commands_of(row)
+            if isinstance(c, CancelOrder) and c.command_id == row.cancel_command_id
+        ),
         None,
     )
 

@@ -257,7 +257,9 @@ class Bridge:
             except Exception as error:  # housekeeping waits for the next round, never stops the bridge
                 log.warning("housekeeping failed; trying again", error=repr(error))
 
-    async def _reject_unplaced(self, placements: AbstractQueue, drained_at: datetime | None) -> datetime | None:
+    async def _reject_unplaced(
+        self, placements: AbstractQueue, drained_at: datetime | None
+    ) -> datetime | None:
         """A command parked before a moment when no placement waited in the broker (every one
         published by then is registered) has no placement coming: reject it as `unknown order`.
         Returns the moment the placement queue was last seen empty (None: it is not)."""
@@ -332,9 +334,7 @@ class ProcessedCommands:
     async def contains(self, command_id: UUID) -> bool:
         async with self._sessions() as session:
             found = await session.scalar(
-                select(col(ProcessedCommand.command_id)).where(
-                    col(ProcessedCommand.command_id) == command_id
-                )
+                select(col(ProcessedCommand.command_id)).where(col(ProcessedCommand.command_id) == command_id)
             )
         return found is not None
 

@@ -141,7 +141,9 @@ async def _why_not_running(handle: WorkflowHandle[Any, Any]) -> str:
     return ORDER_ENDED
 
 
-async def _was_applied(handle: WorkflowHandle[Any, Any], command: ApproveOrder | CancelOrder | UpdateAddress) -> bool:
+async def _was_applied(
+    handle: WorkflowHandle[Any, Any], command: ApproveOrder | CancelOrder | UpdateAddress
+) -> bool:
     """Whether the ended lifecycle took the command: each command it took (applied or rejected)
     is named by one of its events. Its history answers, replayed by a worker."""
     try:

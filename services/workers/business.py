@@ -72,9 +72,7 @@ async def _check_rules(session: AsyncSession, order: Order) -> None:
     total = sum(item["qty"] for item in order.items)
     if total > MAX_TOTAL_QUANTITY:
         raise OrderInvalid(f"total quantity {total} exceeds {MAX_TOTAL_QUANTITY}")
-    owner = await session.scalar(
-        select(Payment.order_id).where(Payment.payment_id == order.payment_id)
-    )
+    owner = await session.scalar(select(Payment.order_id).where(Payment.payment_id == order.payment_id))
     if owner is not None and owner != order.id:
         raise OrderInvalid(f"payment {order.payment_id} already belongs to order {owner}")
 
@@ -159,9 +157,7 @@ async def _stamp_once(sessions: Sessions, order_id: str, column: Any) -> None:
         )
 
 
-async def payment_refunded(
-    sessions: Sessions, *, payment_id: str, order_id: str, amount_cents: int
-) -> bool:
+async def payment_refunded(sessions: Sessions, *, payment_id: str, order_id: str, amount_cents: int) -> bool:
     """Compensate a charge, for an order that stops after its charge step began. Not one of the
     contract's six business steps, so no fault injection: a refund must get through.
 

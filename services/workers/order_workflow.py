@@ -77,7 +77,9 @@ with workflow.unsafe.imports_passed_through():
 # local retry threshold (60 s), so Core never turns it into a workflow timer.
 MUST_GET_THROUGH: dict[str, Any] = {
     "start_to_close_timeout": timedelta(seconds=5),
-    "retry_policy": RetryPolicy(initial_interval=timedelta(milliseconds=100), maximum_interval=timedelta(seconds=2)),
+    "retry_policy": RetryPolicy(
+        initial_interval=timedelta(milliseconds=100), maximum_interval=timedelta(seconds=2)
+    ),
 }
 
 
@@ -129,7 +131,9 @@ class OrderWorkflow:
     def __init__(self, start: OrderWorkflowInput) -> None:
         self._order = start.order
         self._policy = start.policy
-        self._deadline = workflow.info().workflow_start_time + timedelta(seconds=start.policy.lifecycle_deadline_seconds)
+        self._deadline = workflow.info().workflow_start_time + timedelta(
+            seconds=start.policy.lifecycle_deadline_seconds
+        )
         self._step_policy = StepPolicy.of(start.policy, self._deadline)
         now = workflow.now()
         self._status = OrderStatus(
@@ -195,7 +199,9 @@ class OrderWorkflow:
                 if self._review_outside_deadline and self._review_began is not None:
                     # the clock stops while the order waits for its reviewer
                     await workflow.wait_condition(
-                        lambda: lifecycle.done() or self._stop_request is not None or self._review_began is None
+                        lambda: (
+                            lifecycle.done() or self._stop_request is not None or self._review_began is None
+                        )
                     )
                     continue
                 if self._review_outside_deadline and self._time_left() > timedelta(0):
@@ -306,7 +312,9 @@ class OrderWorkflow:
             self._shipping.shipments += 1
             self._status.shipping_attempts = self._shipping.shipments
             self._status.step = self._shipping.step
-            self._reach(OrderState.SHIPPING, EventType.SHIPPING_STARTED, shipping_attempt=self._shipping.shipments)
+            self._reach(
+                OrderState.SHIPPING, EventType.SHIPPING_STARTED, shipping_attempt=self._shipping.shipments
+            )
             result = await self._run_shipment()
             if result.dispatched is None:
                 failures += 1
@@ -413,12 +421,16 @@ class OrderWorkflow:
             payment_id=self._order.payload.payment_id,
             amount_cents=self._order.payload.amount_cents,
         )
-        return await workflow.execute_local_activity_method(OrderActivities.refund_payment, refund, **MUST_GET_THROUGH)
+        return await workflow.execute_local_activity_method(
+            OrderActivities.refund_payment, refund, **MUST_GET_THROUGH
+        )
 
     async def _release_admission(self) -> None:
         """The lifecycle has ended: give its admission slot back, or capacity is lost for good."""
         release = ReleaseAdmissionInput(order_id=self._order.order_id)
-        await workflow.execute_local_activity_method(OrderActivities.release_admission, release, **MUST_GET_THROUGH)
+        await workflow.execute_local_activity_method(
+            OrderActivities.release_admission, release, **MUST_GET_THROUGH
+        )
 
     # --- commands (signals from the bridge, or early commands at the start) ----------------------
     @workflow.signal(name=Signals.APPROVE)
@@ -549,7 +561,9 @@ class OrderWorkflow:
                 raise LifecycleStopped(Ending(OrderState.FAILED, f"invalid order: {err.message}")) from err
             raise
 
-    def _reach(self, state: OrderState, event: EventType, command: Command | None = None, **data: Any) -> None:
+    def _reach(
+        self, state: OrderState, event: EventType, command: Command | None = None, **data: Any
+    ) -> None:
         """A state transition: status, event and log line together."""
         self._status.state = state
         self._emit(event, command=command, **data)

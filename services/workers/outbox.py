@@ -42,7 +42,9 @@ Command = ApproveOrder | CancelOrder | UpdateAddress
 # Later batches wait for it: events reach the broker in order.
 PUBLISH_NOW_ATTEMPT = timedelta(milliseconds=500)
 PUBLISH_NOW_RETRY = RetryPolicy(
-    initial_interval=timedelta(milliseconds=100), maximum_interval=timedelta(milliseconds=400), maximum_attempts=4
+    initial_interval=timedelta(milliseconds=100),
+    maximum_interval=timedelta(milliseconds=400),
+    maximum_attempts=4,
 )
 PUBLISH_EVENTUALLY_ATTEMPT = timedelta(seconds=5)
 PUBLISH_EVENTUALLY_RETRY = RetryPolicy(

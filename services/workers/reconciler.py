@@ -82,7 +82,9 @@ class Reconciler:
                 if await self._reconcile(order_id):
                     ended.append(order_id)
             except Exception as error:  # noqa: BLE001 (one order's trouble must not hold up the rest)
-                log.warning("could not reconcile the order; trying again", order_id=order_id, error=repr(error))
+                log.warning(
+                    "could not reconcile the order; trying again", order_id=order_id, error=repr(error)
+                )
         return ended
 
     async def _holding_a_slot(self) -> list[str]:

@@ -44,10 +44,16 @@ class ShippingWorkflow:
         if not shipment.package_ready:
             prepare = PreparePackageInput(order_id=shipment.order_id)
             await run_step(
-                Step.PREPARE_PACKAGE, OrderActivities.prepare_package, prepare, policy=policy, on_attempt=self._attempts
+                Step.PREPARE_PACKAGE,
+                OrderActivities.prepare_package,
+                prepare,
+                policy=policy,
+                on_attempt=self._attempts,
             )
             # awaited: the parent has it before this shipment's result or failure
-            await parent.signal(Signals.PACKAGE_PREPARED, PackagePrepared(prepare=self._attempts.report(Step.PREPARE_PACKAGE)))
+            await parent.signal(
+                Signals.PACKAGE_PREPARED, PackagePrepared(prepare=self._attempts.report(Step.PREPARE_PACKAGE))
+            )
 
         dispatch_policy = StepPolicy.of(
             shipment.policy, shipment.deadline, max_attempts=shipment.policy.dispatch_attempts_per_shipment
@@ -55,7 +61,9 @@ class ShippingWorkflow:
         try:
             dispatched, address = await self._dispatch(shipment.order_id, dispatch_policy)
         except StepExhausted as exhausted:
-            failed = DispatchFailed(reason=str(exhausted), dispatch=self._attempts.report(Step.DISPATCH_CARRIER))
+            failed = DispatchFailed(
+                reason=str(exhausted), dispatch=self._attempts.report(Step.DISPATCH_CARRIER)
+            )
             await parent.signal(Signals.DISPATCH_FAILED, failed)
             return ShippingResult()
         return ShippingResult(

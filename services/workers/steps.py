@@ -98,7 +98,9 @@ class StepPolicy:
     max_attempts: int | None = None  # None: keep trying until the deadline
 
     @classmethod
-    def of(cls, lifecycle: LifecyclePolicy, deadline: datetime, max_attempts: int | None = None) -> StepPolicy:
+    def of(
+        cls, lifecycle: LifecyclePolicy, deadline: datetime, max_attempts: int | None = None
+    ) -> StepPolicy:
         return cls(
             attempt_timeout=timedelta(seconds=lifecycle.activity_attempt_timeout_seconds),
             deadline=deadline,

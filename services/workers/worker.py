@@ -93,7 +93,11 @@ def shipping_worker(client: Client, task_queue: str, activities: OrderActivities
 
 
 def workflow_worker(
-    client: Client, task_queue: str, workflow_class: type, activities: list[Callable[..., Any]], **options: Any
+    client: Client,
+    task_queue: str,
+    workflow_class: type,
+    activities: list[Callable[..., Any]],
+    **options: Any,
 ) -> Worker:
     """A worker as in production; tests pass `options` (a smaller cache, say) on top."""
     settings: dict[str, Any] = {
