@@ -1,4 +1,5 @@
-"""Shared fixtures: a fresh test database and broker vhost, and real Temporal servers.
+"""Shared fixtures: a fresh test database and broker vhost, and real Temporal servers; and those of
+service_support.py (a broker channel, the dead-letter queue) and api_support.py (a command tap).
 
 Everything here talks to real services: PostgreSQL and RabbitMQ on loopback (started by the
 machine), a Temporal dev server and the time-skipping test server (started here from the binaries
@@ -24,6 +25,10 @@ from temporalio.testing import WorkflowEnvironment
 from services.stack import isolated_settings
 from shared import db, schema
 from shared.settings import Settings
+
+# the fixtures of the helper modules, for every test that asks for them by name (a test imports
+# only the helpers it calls)
+pytest_plugins = ["service_support", "api_support"]
 
 BIN = Path(sys.executable).parent
 # ORDERFLOW_TEST_ID lets test sessions run side by side, each on its own database and vhost

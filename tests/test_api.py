@@ -16,11 +16,15 @@ import httpx
 import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio import workflow
+from temporalio.client import Client
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
+
 from api_support import (
     ADDRESS,
     ITEMS,
     closed_port,
-    command_queue,  # noqa: F401 (a fixture)
     gateway,
     insert_events,
     insert_order,
@@ -28,16 +32,7 @@ from api_support import (
     own_vhost,
     unique_id,
 )
-from service_support import (
-    broker_channel,  # noqa: F401 (a fixture)
-    drain,
-    next_message,
-)
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from temporalio import workflow
-from temporalio.client import Client
-from temporalio.worker import UnsandboxedWorkflowRunner, Worker
-
+from service_support import drain, next_message
 from shared.contracts import (
     COMMAND_ROUTING_KEYS,
     MAX_ITEMS,

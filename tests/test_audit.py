@@ -12,24 +12,22 @@ from uuid import uuid4
 import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractChannel, AbstractQueue
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlmodel import col
+
 from api_support import ADDRESS, insert_order, unique_id
 from service_support import (
     DownDatabase,
-    broker_channel,  # noqa: F401 (a fixture)
     consumer_queue,
     dead_letter_of,
     dead_lettered,
-    dead_letters,  # noqa: F401 (a fixture)
     eventually,
     publish_raw,
     running,
     verdict,
     was_dead_lettered,
 )
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlmodel import col
-
 from services.audit.consumer import AuditLog, run_audit
 from shared.broker import ERROR_HEADER, Topology, declare_audit_queue, publish_event
 from shared.contracts import EventType, OrderEvent, OrderState

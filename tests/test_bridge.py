@@ -16,24 +16,7 @@ from uuid import UUID, uuid4
 import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
-from api_support import ADDRESS as SAMPLE_ADDRESS
-from api_support import unique_id
 from pydantic import BaseModel
-from service_support import (
-    DownDatabase,
-    broker_channel,  # noqa: F401 (a fixture)
-    consumer_queue,
-    dead_letter_of,
-    dead_lettered,
-    dead_letters,  # noqa: F401 (a fixture)
-    drain,
-    eventually,
-    publish_raw,
-    running,
-    take_messages,
-    verdict,
-    was_dead_lettered,
-)
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -48,6 +31,21 @@ from temporalio.client import (
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
+from api_support import ADDRESS as SAMPLE_ADDRESS
+from api_support import unique_id
+from service_support import (
+    DownDatabase,
+    consumer_queue,
+    dead_letter_of,
+    dead_lettered,
+    drain,
+    eventually,
+    publish_raw,
+    running,
+    take_messages,
+    verdict,
+    was_dead_lettered,
+)
 from services.bridge.consumer import OrderLocks, run_bridge
 from services.bridge.lifecycles import PLACE_COMMAND_MEMO
 from shared.broker import (

@@ -25,19 +25,6 @@ import pytest
 import pytest_asyncio
 import uvicorn
 from aio_pika.abc import AbstractQueue
-from api_support import (
-    ADDRESS,
-    closed_port,
-    command_queue,  # noqa: F401 (a fixture)
-    insert_events,
-    insert_order,
-    unique_id,
-)
-from service_support import (
-    broker_channel,  # noqa: F401 (a fixture)
-    eventually,
-    next_message,
-)
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -50,6 +37,8 @@ from starlette.responses import (
 from starlette.routing import Route
 from typer.testing import CliRunner, Result
 
+from api_support import ADDRESS, closed_port, insert_events, insert_order, unique_id
+from service_support import eventually, next_message
 from services.cli.errors import WATCH_TIMEOUT_EXIT_CODE
 from services.cli.main import app
 from shared.contracts import (

@@ -9,14 +9,8 @@ from uuid import uuid4
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
-from service_support import (
-    broker_channel,  # noqa: F401 (a fixture)
-    dead_letter_of,
-    dead_letters,  # noqa: F401 (a fixture)
-    eventually,
-    verdict,
-)
 
+from service_support import dead_letter_of, eventually, verdict
 from shared import broker
 from shared.consuming import QueueConsumer
 

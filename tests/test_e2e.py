@@ -11,6 +11,7 @@ import asyncio
 import json
 import tempfile
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from uuid import UUID, uuid4
 
@@ -21,6 +22,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from service_support import eventually, publish_raw, take_messages
 from services.stack import free_port, running_stack
 from shared import broker
 from shared.contracts import (
@@ -34,7 +36,6 @@ from shared.contracts import (
 )
 from shared.db import AuditEvent
 from shared.settings import Settings
-from service_support import eventually, publish_raw, take_messages
 
 pytestmark = pytest.mark.e2e
 
@@ -107,9 +108,12 @@ async def system(settings: Settings, migrated_database: str) -> AsyncIterator[Se
             print(f"service logs: {log.name}")
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def amqp(system: Settings) -> AsyncIterator[tuple[broker.Topology, EventLog, AbstractQueue]]:
-    """A connection with the topology, every event collected, and the dead-letter queue."""
+@asynccontextmanager
+async def following_events(
+    system: Settings,
+) -> AsyncIterator[tuple[broker.Topology, EventLog, AbstractQueue]]:
+    """A connection to the system's broker with the topology, every event collected, and the
+    dead-letter queue."""
     connection = await broker.connect(system, "e2e-tests")
     try:
         channel, topology = await broker.open_channel(connection)
@@ -121,6 +125,12 @@ async def amqp(system: Settings) -> AsyncIterator[tuple[broker.Topology, EventLo
         yield topology, events, dead_letters
     finally:
         await connection.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def amqp(system: Settings) -> AsyncIterator[tuple[broker.Topology, EventLog, AbstractQueue]]:
+    async with following_events(system) as followed:
+        yield followed
 
 
 @pytest_asyncio.fixture(loop_scope="session")

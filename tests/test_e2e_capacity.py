@@ -17,18 +17,12 @@ import httpx
 import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractQueue
-from test_e2e import (  # noqa: F401 (amqp is a fixture, here on this module's system)
-    ADDRESS,
-    EventLog,
-    amqp,
-    approve_command,
-    place_command,
-)
 
 from services.stack import free_port, isolated_settings, running_stack
 from shared import broker, schema
 from shared.contracts import CancelOrder, EventType, OrderEvent
 from shared.settings import Settings
+from test_e2e import ADDRESS, EventLog, approve_command, following_events, place_command
 
 pytestmark = pytest.mark.e2e
 
@@ -63,13 +57,19 @@ async def system(settings: Settings) -> AsyncIterator[Settings]:
             print(f"service logs: {log.name}")
 
 
+@pytest_asyncio.fixture(loop_scope="session")
+async def amqp(system: Settings) -> AsyncIterator[tuple[broker.Topology, EventLog, AbstractQueue]]:
+    async with following_events(system) as followed:
+        yield followed
+
+
 def cancel_command(order_id: str) -> CancelOrder:
     return CancelOrder(command_id=uuid4(), order_id=order_id, issued_at=datetime.now(UTC))
 
 
 async def test_a_burst_above_the_bound_all_ends_as_its_commands_say(
     system: Settings,
-    amqp: tuple[broker.Topology, EventLog, AbstractQueue],  # noqa: F811 (the fixture)
+    amqp: tuple[broker.Topology, EventLog, AbstractQueue],
 ) -> None:
     topology, events, _ = amqp
     order_ids = [f"cap-{uuid4().hex[:10]}" for _ in range(ORDERS)]

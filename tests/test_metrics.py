@@ -15,21 +15,16 @@ import httpx
 import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
-from api_support import gateway, unique_id
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import TypeAdapter
-from service_support import (
-    broker_channel,  # noqa: F401 (a fixture)
-    consumer_queue,
-    eventually,
-    running,
-)
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 from temporalio.client import Client
 
+from api_support import gateway, unique_id
+from service_support import consumer_queue, eventually, running
 from services.audit.consumer import run_audit
 from services.stack import check_metrics_ports, free_port, metrics_ports
 from shared import broker
@@ -123,7 +118,7 @@ async def _insert_admissions(sessions: Sessions, statuses: dict[str, AdmissionSt
 
 # --- the consumers -------------------------------------------------------------------------------
 async def test_consumers_count_messages_consumed_requeued_and_dead_lettered_per_queue(
-    broker_channel: Broker,  # noqa: F811
+    broker_channel: Broker,
 ) -> None:
     channel, topology = broker_channel
     name = f"test.metrics.{uuid4().hex[:8]}"
@@ -165,7 +160,7 @@ async def test_consumers_count_messages_consumed_requeued_and_dead_lettered_per_
 @pytest_asyncio.fixture
 async def audit(
     base_settings: Settings, broker_channel: Broker, db_sessions: Sessions
-) -> AsyncIterator[None]:  # noqa: F811
+) -> AsyncIterator[None]:
     """The audit consumer on a queue of this test's own."""
     channel, topology = broker_channel
     settings = base_settings.model_copy(update={"audit_queue": f"test.audit.{uuid4().hex[:12]}"})
@@ -183,7 +178,7 @@ def lifecycle_event(order_id: str, seq: int, type: EventType, at: datetime) -> O
 async def test_the_audit_consumer_counts_each_ending_once_and_times_it_from_admission(
     audit: None,
     broker_channel: Broker,
-    db_sessions: Sessions,  # noqa: F811
+    db_sessions: Sessions,
 ) -> None:
     admitted_at = datetime.now(UTC)
     completed_order, cancelled_order = unique_id("completed"), unique_id("cancelled")

@@ -15,21 +15,16 @@ import httpx
 import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractChannel
-from api_support import gateway, order_body
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
-from service_support import (
-    broker_channel,  # noqa: F401 (a fixture)
-    consumer_queue,
-    eventually,
-    running,
-)
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 
+from api_support import gateway, order_body
+from service_support import consumer_queue, eventually, running
 from services.audit.consumer import run_audit
 from services.bridge.consumer import run_bridge
 from services.workers.worker import running_workers
@@ -77,7 +72,7 @@ def trip_settings(settings: Settings) -> Settings:
 @pytest_asyncio.fixture
 async def system(
     trip_settings: Settings,
-    broker_channel: Broker,  # noqa: F811
+    broker_channel: Broker,
     temporal_client: Client,
     db_sessions: Sessions,
     spans: InMemorySpanExporter,
