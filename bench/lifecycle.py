@@ -62,12 +62,12 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import report  # noqa: E402
-from bench.baseline import running_baseline  # noqa: E402
-from bench.load import Load, SystemUnderTest, offer  # noqa: E402
-from bench.measure import Ledger, Outcome, cpu_spent  # noqa: E402
-from bench.pipeline import Entry, PipelineConfig, Variant, running_pipeline  # noqa: E402
-from shared.settings import Settings  # noqa: E402
+from bench import report
+from bench.baseline import running_baseline
+from bench.load import Load, SystemUnderTest, offer
+from bench.measure import Ledger, Outcome, cpu_spent
+from bench.pipeline import Entry, PipelineConfig, Variant, running_pipeline
+from shared.settings import Settings
 
 SystemFactory = Callable[[Ledger], AbstractAsyncContextManager[SystemUnderTest]]
 

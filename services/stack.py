@@ -305,13 +305,9 @@ def for_a_person(settings: Settings) -> Settings:
     return settings.model_copy(update={"log_json": False})
 
 
-async def run_until_interrupted() -> int:
+async def run_until_interrupted(settings: Settings, run_dir: Path) -> int:
     """`make run`: the dev server listens where ORDERFLOW_TEMPORAL_ADDRESS says (its UI 1000 ports
-    higher, 8233 by default) and keeps its data in .run/, so orders survive a restart. Logs are
-    readable lines unless ORDERFLOW_LOG_JSON says otherwise."""
-    settings = for_a_person(settings_or_exit("stack"))
-    run_dir = Path(".run")
-    run_dir.mkdir(exist_ok=True)
+    higher, 8233 by default) and keeps its data in `run_dir`, so orders survive a restart."""
     port = int(settings.temporal_address.rsplit(":", 1)[1])
     temporal = TemporalDevServer(port=port, ui_port=port + 1000, db_file=run_dir / "temporal.db")
     stop = asyncio.Event()
@@ -325,7 +321,8 @@ async def run_until_interrupted() -> int:
             f"  API docs    {settings.api_url}/docs\n"
             f"  Metrics     {settings.api_url}/metrics and {metrics_urls(settings)}\n"
             f"  Temporal UI http://127.0.0.1:{temporal.ui_port}\n"
-            f"  RabbitMQ    {settings.amqp_url.rsplit('@', 1)[-1]}  (exchanges orders.commands, orders.events)\n"
+            f"  RabbitMQ    {settings.amqp_url.rsplit('@', 1)[-1]}"
+            "  (exchanges orders.commands, orders.events)\n"
             f"  Processes   {', '.join(name for name in stack.pids() if name != 'temporal')}\n"
             "  Ctrl-C stops everything.\n",
             flush=True,
@@ -341,5 +338,14 @@ async def run_until_interrupted() -> int:
     return 0
 
 
+def main() -> int:
+    """`make run`, with its data in .run/. Logs are readable lines unless ORDERFLOW_LOG_JSON says
+    otherwise."""
+    settings = for_a_person(settings_or_exit("stack"))
+    run_dir = Path(".run")
+    run_dir.mkdir(exist_ok=True)
+    return asyncio.run(run_until_interrupted(settings, run_dir))
+
+
 if __name__ == "__main__":
-    sys.exit(asyncio.run(run_until_interrupted()))
+    sys.exit(main())

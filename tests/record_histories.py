@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also run as `python -m tests.record_histories`
 
-from workflow_harness import (  # noqa: E402
+from workflow_harness import (
     PRODUCTION_ATTEMPTS,
     OrderHarness,
     cancel_after_payment_scenario,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 from uuid import uuid4
 
 import aio_pika
@@ -153,7 +153,7 @@ class DownDatabase:
         self.attempts = 0
         self._server: asyncio.Server | None = None
 
-    async def __aenter__(self) -> DownDatabase:
+    async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._reset, "127.0.0.1", 0)
         return self
 

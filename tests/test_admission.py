@@ -15,25 +15,15 @@ from uuid import uuid4
 import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractChannel, AbstractQueue
-from api_support import order_body, unique_id
-from service_support import consumer_queue, drain, eventually, running, take_messages
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 from temporalio import activity, workflow
 from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
-from test_api import gateway
-from test_bridge import (
-    _describe_if_started,
-    approve,
-    cancel,
-    described,
-    place_order,
-    publish,
-    update_address,
-)
 
+from api_support import order_body, unique_id
+from service_support import consumer_queue, drain, eventually, running, take_messages
 from services.bridge.consumer import run_bridge
 from services.stack import isolated_settings
 from shared import admissions, broker, db, schema
@@ -60,6 +50,16 @@ from shared.lifecycle import (
     order_workflow_id,
 )
 from shared.settings import Settings
+from test_api import gateway
+from test_bridge import (
+    _describe_if_started,
+    approve,
+    cancel,
+    described,
+    place_order,
+    publish,
+    update_address,
+)
 
 Broker = tuple[AbstractChannel, Topology]
 ADMISSION_DATABASE = "orderflow_test_admission"
@@ -219,7 +219,7 @@ async def statuses_of(sessions: async_sessionmaker[AsyncSession], order_ids: lis
             .where(col(Admission.order_id).in_(order_ids))
             .group_by(col(Admission.status))
         )
-        return {status: count for status, count in rows.all()}
+        return dict(rows.all())
 
 
 async def reaches(sessions: async_sessionmaker[AsyncSession], order_id: str, status: str) -> None:
@@ -348,8 +348,8 @@ async def test_a_full_backlog_refuses_placements_at_the_door(
         consumer_queue(declare_command_queue(channel[0], channel[1], limited)),
     ):
         accepted = 0
-        with pytest.raises(CommandRefused):
-            # no bridge runs, so all wait; a quorum queue may take one past its limit
+        # no bridge runs, so all wait; a quorum queue may take one past its limit
+        with pytest.raises(CommandRefused):  # noqa: PT012 (the refusal ends the count of those accepted)
             while accepted <= limited.placement_backlog_limit + 1:
                 await publish_command(channel[1], place_order(unique_id("ord")))
                 accepted += 1

@@ -178,9 +178,11 @@ def bridge_settings(settings: Settings) -> Settings:
 @pytest_asyncio.fixture
 async def command_queue(bridge_settings: Settings, broker_channel: Broker) -> AsyncIterator[str]:
     channel, topology = broker_channel
-    async with consumer_queue(declare_placement_queue(channel, topology, bridge_settings)):
-        async with consumer_queue(declare_command_queue(channel, topology, bridge_settings)):
-            yield bridge_settings.command_queue
+    async with (
+        consumer_queue(declare_placement_queue(channel, topology, bridge_settings)),
+        consumer_queue(declare_command_queue(channel, topology, bridge_settings)),
+    ):
+        yield bridge_settings.command_queue
 
 
 @pytest_asyncio.fixture

@@ -16,12 +16,11 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
-from service_support import DownDatabase
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.exceptions import ApplicationError
-from workflow_harness import wait_until
 
+from service_support import DownDatabase
 from services.workers import business, faults
 from services.workers.activities import BusinessActivities
 from services.workers.boundary import (
@@ -49,6 +48,7 @@ from shared.contracts import (
 )
 from shared.db import Order, Payment, transaction
 from shared.settings import Settings
+from workflow_harness import wait_until
 
 Sessions = async_sessionmaker[AsyncSession]
 

@@ -8,21 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
-from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-import httpx
 import pytest
-import pytest_asyncio
 import uvicorn
 from aio_pika.abc import AbstractQueue
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -37,7 +31,7 @@ from starlette.responses import (
 from starlette.routing import Route
 from typer.testing import CliRunner, Result
 
-from api_support import ADDRESS, closed_port, insert_events, insert_order, unique_id
+from api_support import ADDRESS, closed_port, gateway_process, insert_events, insert_order, unique_id
 from service_support import eventually, next_message
 from services.cli.errors import WATCH_TIMEOUT_EXIT_CODE
 from services.cli.main import app
@@ -51,7 +45,6 @@ from shared.contracts import (
 )
 from shared.settings import Settings
 
-GATEWAY_START_TIMEOUT_SECONDS = 30.0
 ADDRESS_OPTIONS = [
     "--name",
     ADDRESS["name"],
@@ -86,44 +79,15 @@ async def orderflow(*args: str, env: dict[str, str] | None = None) -> Result:
     return result
 
 
-@pytest_asyncio.fixture(scope="module")
-async def api_url(
+@pytest.fixture(scope="module")
+def api_url(
     settings: Settings,
     db_sessions: async_sessionmaker[AsyncSession],
     tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[str]:
+) -> Iterator[str]:
     """A gateway process serving the test database, vhost and dev server on a free port."""
-    port = closed_port()
-    env = {
-        **os.environ,
-        "ORDERFLOW_DATABASE_URL": settings.database_url,
-        "ORDERFLOW_AMQP_URL": settings.amqp_url,
-        "ORDERFLOW_TEMPORAL_ADDRESS": settings.temporal_address,
-        "ORDERFLOW_API_HOST": "127.0.0.1",
-        "ORDERFLOW_API_PORT": str(port),
-    }
-    log_path = tmp_path_factory.mktemp("gateway") / "gateway.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.api"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        await eventually(lambda: gateway_answers(url, process, log_path), GATEWAY_START_TIMEOUT_SECONDS)
+    with gateway_process(settings, tmp_path_factory.mktemp("gateway") / "gateway.log") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-async def gateway_answers(url: str, process: subprocess.Popen[bytes], log_path: Path) -> bool:
-    if process.poll() is not None:
-        raise AssertionError(f"the gateway exited with {process.returncode}:\n{log_path.read_text()}")
-    try:
-        async with httpx.AsyncClient() as client:
-            return (await client.get(f"{url}/healthz")).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def accepted_command_id(result: Result) -> str:

@@ -19,10 +19,10 @@ import aio_pika
 import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
-from api_support import closed_port
-from service_support import drain, eventually
 from typer.testing import CliRunner, Result
 
+from api_support import closed_port
+from service_support import drain, eventually
 from services.cli.main import app
 from shared import broker
 from shared.consuming import QueueConsumer

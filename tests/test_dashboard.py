@@ -14,6 +14,9 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from playwright.async_api import Browser, Page, async_playwright, expect
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
 from api_support import (
     gateway_process,
     insert_events,
@@ -21,9 +24,6 @@ from api_support import (
     order_body,
     unique_id,
 )
-from playwright.async_api import Browser, Page, async_playwright, expect
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
 from services.stack import free_port, running_stack
 from shared.admissions import AdmissionStatus
 from shared.contracts import EventType, OrderState

@@ -20,11 +20,11 @@ import httpx
 import hypothesis
 import pytest
 import schemathesis
-from api_support import gateway_process, own_vhost
 from pydantic import StringConstraints, TypeAdapter, ValidationError
 from schemathesis.config import SchemathesisConfig
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from api_support import gateway_process, own_vhost
 from services.api.app import create_app
 from shared.json_schema import stripped_text_pattern
 from shared.settings import Settings

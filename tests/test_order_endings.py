@@ -13,13 +13,11 @@ from uuid import uuid4
 
 import pytest
 import pytest_asyncio
-from service_support import eventually, running
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client, WorkflowExecutionStatus
-from test_api import gateway
-from test_bridge import approve, cancel, place_order
 
+from service_support import eventually, running
 from services.audit.consumer import run_audit
 from services.bridge.consumer import run_bridge
 from services.stack import drop_vhost, isolated_settings
@@ -35,6 +33,8 @@ from shared.contracts import CancelOrder, EventType, OrderItem, OrderState, Plac
 from shared.db import Admission, AuditEvent, Order, Payment, ProcessedCommand
 from shared.lifecycle import order_workflow_id
 from shared.settings import Settings
+from test_api import gateway
+from test_bridge import approve, cancel, place_order
 
 RECONCILER_DATABASE = "orderflow_test_reconciler"
 Sessions = async_sessionmaker[AsyncSession]

@@ -25,29 +25,6 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.exceptions import CancelledError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
-from workflow_harness import (
-    ADDRESS,
-    AMOUNT_CENTS,
-    LIFECYCLE_BOUND,
-    NEW_ADDRESS,
-    PRODUCTION_ATTEMPTS,
-    TRACKING_NUMBER,
-    Mocked,
-    OrderHarness,
-    Role,
-    cancel_after_payment_scenario,
-    database_down,
-    dispatch_retry_scenario,
-    early_commands_scenario,
-    fails,
-    flaky,
-    hangs,
-    happy_path_scenario,
-    invalid,
-    order_harness,
-    own_time_skipping_env,
-    waits_for,
-)
 
 from services.workers.boundary import (
     ChargePaymentInput,
@@ -72,6 +49,29 @@ from shared.contracts import (
     Step,
 )
 from shared.lifecycle import EVENTS_QUERY
+from workflow_harness import (
+    ADDRESS,
+    AMOUNT_CENTS,
+    LIFECYCLE_BOUND,
+    NEW_ADDRESS,
+    PRODUCTION_ATTEMPTS,
+    TRACKING_NUMBER,
+    Mocked,
+    OrderHarness,
+    Role,
+    cancel_after_payment_scenario,
+    database_down,
+    dispatch_retry_scenario,
+    early_commands_scenario,
+    fails,
+    flaky,
+    hangs,
+    happy_path_scenario,
+    invalid,
+    order_harness,
+    own_time_skipping_env,
+    waits_for,
+)
 
 E = EventType
 HAPPY_EVENTS = [
@@ -850,6 +850,7 @@ async def test_address_update_overtaken_by_the_dispatch_report_is_not_claimed(
         f"carrier_dispatched reports {reported.line1!r} but the carrier was given {dispatched_to[-1].line1!r}"
     )
     assert status.address == dispatched_to[-1], (
-        f"the order's address is {status.address.line1!r} but the carrier was given {dispatched_to[-1].line1!r}"
+        f"the order's address is {status.address.line1!r}"
+        f" but the carrier was given {dispatched_to[-1].line1!r}"
     )
     assert_numbered(harness)

@@ -3,9 +3,10 @@
 `tests/histories/*.json` are real histories of OrderWorkflow and its ShippingWorkflow children
 (happy path, cancel after payment, a dispatch failure shipped again, a start with early
 commands), recorded from the scenarios in `workflow_harness.py` with production's attempts: three
-local activities in flight, failed, timed-out and cancelled ones among them. A change to the workflows that would break orders already running
-fails here. If the change is intended (and no order that old can still be running, or the change
-is behind `workflow.patched`), record them again and commit the new files:
+local activities in flight, failed, timed-out and cancelled ones among them. A change to the
+workflows that would break orders already running fails here. If the change is intended (and no
+order that old can still be running, or the change is behind `workflow.patched`), record them
+again and commit the new files:
 
     .venv/bin/python tests/record_histories.py
 
@@ -18,13 +19,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from record_histories import HISTORIES, SCENARIOS
 from temporalio import workflow
 from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, WorkflowRunner
 from temporalio.workflow import NondeterminismError
 
+from record_histories import HISTORIES, SCENARIOS
 from services.workers.boundary import OrderActivities, ValidateOrderInput
 from services.workers.order_workflow import OrderWorkflow
 from services.workers.shipping_workflow import ShippingWorkflow

@@ -16,8 +16,8 @@ ENV_EXAMPLE = Path(__file__).resolve().parents[1] / ".env.example"
 
 def documented_settings() -> dict[str, str]:
     lines = ENV_EXAMPLE.read_text().splitlines()
-    pairs = (line.split("=", 1) for line in lines if line.startswith("ORDERFLOW_"))
-    return {name: value for name, value in pairs}
+    assignments = (line.partition("=") for line in lines if line.startswith("ORDERFLOW_"))
+    return {name: value for name, _, value in assignments}
 
 
 def test_env_example_lists_every_setting_with_its_default() -> None:

@@ -18,12 +18,12 @@ from uuid import uuid4
 
 import httpx
 import pytest
-from api_support import gateway_process, insert_order, unique_id
-from service_support import eventually
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
+from api_support import gateway_process, insert_order, unique_id
+from service_support import eventually
 from services.api.schemas import StreamedEvent
 from services.audit.projection import record_event
 from services.cli.watch import StreamedMessage, server_sent_events
@@ -132,7 +132,7 @@ async def test_positions_follow_the_order_of_commits(db_sessions: async_sessionm
                 col(AuditEvent.order_id).in_([first, second])
             )
         )
-        positions = {order_id: position for order_id, position in rows}
+        positions = dict(rows.all())
     assert second_waited, "events were stored while an earlier transaction had not committed"
     assert positions[first] < positions[second]
 

@@ -102,18 +102,20 @@ AMOUNT_CENTS = 3_000
 # Small numbers so every path ends quickly; time skipping makes the timers instant anyway. One
 # attempt at a time keeps each mock's script in step with the attempt numbers; the production
 # settings fill in anything not named here.
-TEST_POLICY: dict[str, Any] = dict(
-    review_window_seconds=5.0,
-    lifecycle_deadline_seconds=14.0,
-    max_shipping_attempts=3,
-    activity_attempt_timeout_seconds=0.5,
-    parallel_attempts=1,
-    dispatch_attempts_per_shipment=2,
-)
+TEST_POLICY: dict[str, Any] = {
+    "review_window_seconds": 5.0,
+    "lifecycle_deadline_seconds": 14.0,
+    "max_shipping_attempts": 3,
+    "activity_attempt_timeout_seconds": 0.5,
+    "parallel_attempts": 1,
+    "dispatch_attempts_per_shipment": 2,
+}
 # Production's attempts (3 in flight, 0.3 s each), for the tests and recordings that need losers.
-PRODUCTION_ATTEMPTS: dict[str, Any] = dict(
-    activity_attempt_timeout_seconds=0.3, parallel_attempts=3, dispatch_attempts_per_shipment=12
-)
+PRODUCTION_ATTEMPTS: dict[str, Any] = {
+    "activity_attempt_timeout_seconds": 0.3,
+    "parallel_attempts": 3,
+    "dispatch_attempts_per_shipment": 12,
+}
 
 # Real seconds a test waits for something the workflow should do promptly.
 PROMPTLY = 10.0
@@ -208,7 +210,7 @@ class MockActivities(OrderActivities):
         self.conflicting: list[tuple[OrderEvent, OrderEvent]] = []
         """Events published again under the same id with other content: never allowed."""
         self._scripts: dict[str, deque[Behaviour]] = defaultdict(deque)
-        self._otherwise: dict[str, Behaviour] = {name: steps_otherwise for name in BUSINESS_STEPS}
+        self._otherwise: dict[str, Behaviour] = dict.fromkeys(BUSINESS_STEPS, steps_otherwise)
 
     def script(self, mocked: Mocked, *first: Behaviour, then: Behaviour | None = None) -> None:
         """The next calls of `mocked` play `first` in order, every later call plays `then` (by

@@ -68,7 +68,7 @@ async def admission_load(session: AsyncSession, max_running: int) -> AdmissionLo
         .where(col(Admission.status).in_([AdmissionStatus.WAITING.value, *HOLDING_SLOT]))
         .group_by(col(Admission.status))
     )
-    by_status = {status: count for status, count in counted}
+    by_status = dict(counted.all())
     return AdmissionLoad(
         backlog=by_status.get(AdmissionStatus.WAITING.value, 0),
         running=sum(by_status.get(status, 0) for status in HOLDING_SLOT),

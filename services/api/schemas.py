@@ -141,7 +141,8 @@ class AdmissionLoad(BaseModel):
     backlog: int = Field(description="Placements registered and waiting for a lifecycle slot (`queued`).")
     running: int = Field(description="Lifecycles holding a slot.")
     max_running: int = Field(
-        description="Slots: lifecycles that may run at once, across all bridges (as the gateway is configured)."
+        description="Slots: lifecycles that may run at once, across all bridges"
+        " (as the gateway is configured)."
     )
 
 

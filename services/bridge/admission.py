@@ -307,14 +307,20 @@ class SlotGate:
                 log.warning("cannot listen for slot releases; polling", error=repr(error))
                 await _first_of(stop, stop, 5.0)
                 continue
-            lost = asyncio.Event()
-            connection.add_termination_listener(lambda _: lost.set())
+            lost = _set_when_lost(connection)
             await connection.add_listener(ADMISSIONS_CHANNEL, lambda *_: self._released.set())
             try:
                 await _first_of(stop, lost, None)
             finally:
                 with suppress(Exception):
                     await connection.close()
+
+
+def _set_when_lost(connection: asyncpg.Connection) -> asyncio.Event:
+    """An event set when this connection ends (its own: a listener outlives the loop's round)."""
+    lost = asyncio.Event()
+    connection.add_termination_listener(lambda _: lost.set())
+    return lost
 
 
 async def _first_of(a: asyncio.Event, b: asyncio.Event, timeout: float | None) -> asyncio.Event | None:

@@ -254,7 +254,8 @@ class Bridge:
         while not await stopped_within(self._stop, SWEEP_INTERVAL_SECONDS):
             try:
                 drained_at = await self._reject_unplaced(placements, drained_at)
-            except Exception as error:  # housekeeping waits for the next round, never stops the bridge
+            # housekeeping waits for the next round, never stops the bridge
+            except Exception as error:  # noqa: BLE001
                 log.warning("housekeeping failed; trying again", error=repr(error))
 
     async def _reject_unplaced(
@@ -270,7 +271,7 @@ class Bridge:
             for order_id in await self._ledger.unplaced_before(drained_at):
                 try:
                     await self._ledger.give_up_unplaced(order_id, self._reject_parked)
-                except Exception as error:  # one order's trouble must not keep the others parked
+                except Exception as error:  # noqa: BLE001 (one order's trouble must not keep the others parked)
                     log.warning("could not reject parked commands", order_id=order_id, error=repr(error))
         return await self._ledger.now()
 

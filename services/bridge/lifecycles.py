@@ -14,9 +14,9 @@ from typing import Any
 
 from temporalio.client import (
     Client,
-    WorkflowQueryFailedError,
     WorkflowExecutionStatus,
     WorkflowHandle,
+    WorkflowQueryFailedError,
 )
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError

@@ -14,6 +14,7 @@ in order.
 from __future__ import annotations
 
 import asyncio
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -383,10 +384,9 @@ class OrderWorkflow:
         self._ending = True
         if not lifecycle.done():
             lifecycle.cancel()
-            try:
+            # stopped on purpose; the stop request says why
+            with suppress(asyncio.CancelledError, ApplicationError, ChildWorkflowError, LifecycleStopped):
                 await lifecycle
-            except (asyncio.CancelledError, ApplicationError, ChildWorkflowError, LifecycleStopped):
-                pass  # stopped on purpose; the stop request says why
             return self._stop_request
         try:
             lifecycle.result()

@@ -93,7 +93,8 @@ class ShippingWorkflow:
                 )
             )
             try:
-                await workflow.wait_condition(lambda: dispatch.done() or self._address != address)
+                # evaluated only while awaited here, so on this round's dispatch and address
+                await workflow.wait_condition(lambda: dispatch.done() or self._address != address)  # noqa: B023
                 if dispatch.done():
                     return dispatch.result(), address
             finally:
