@@ -280,7 +280,7 @@ def _components() -> Doc:
 
 def _schemas() -> Doc:
     """The models' JSON schemas, each under its own name, referring to each other by `$ref`."""
-    models = [*COMMAND_MODELS.values(), OrderEvent]
+    models: list[type[BaseModel]] = [*COMMAND_MODELS.values(), OrderEvent]
     _, top = models_json_schema(
         [(model, "validation") for model in models],
         ref_template=SCHEMA_REF,

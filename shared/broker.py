@@ -25,9 +25,10 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
+    HeadersType,
 )
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError
-from aiormq.abc import DeliveredMessage
+from aiormq.abc import DeliveredMessage, FieldTable
 
 from shared.contracts import COMMAND_ROUTING_KEYS, Command, CommandType, OrderEvent
 from shared.settings import Settings
@@ -102,7 +103,7 @@ async def declare_consumer_queue(
     name: str,
     exchange: AbstractExchange,
     routing_keys: tuple[str, ...],
-    arguments: Mapping[str, object] | None = None,
+    arguments: FieldTable | None = None,
 ) -> AbstractQueue:
     """A durable quorum queue (it counts redeliveries in `x-delivery-count`) that dead-letters."""
     queue = await channel.declare_queue(
@@ -236,7 +237,7 @@ async def dead_letter(
     Publishing (confirmed) comes before the ack, so a crash in between duplicates the message in
     the dead-letter queue rather than losing it.
     """
-    headers: dict[str, object] = dict(message.headers or {})
+    headers: HeadersType = dict(message.headers or {})
     headers.update(
         {
             REASON_HEADER: reason,

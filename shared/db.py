@@ -175,7 +175,7 @@ async def insert_order(session: AsyncSession, order: PlaceOrder, state: OrderSta
             amount_cents=payload.amount_cents,
             state=state.value,
         )
-        .on_conflict_do_nothing(index_elements=[Order.id])  # type: ignore[list-item]
+        .on_conflict_do_nothing(index_elements=[Order.id])
     )
 
 

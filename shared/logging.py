@@ -11,6 +11,7 @@ import sys
 
 import structlog
 from pydantic import ValidationError
+from structlog.typing import EventDict, Processor, WrappedLogger
 
 from shared.settings import Settings, get_settings, invalid_settings_message
 
@@ -19,7 +20,7 @@ _SKIPPED_RECORD_FIELDS = frozenset(
 )
 
 
-def _record_extras(_: object, __: str, event_dict: dict) -> dict:
+def _record_extras(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     """Copy a standard-library record's `extra=` fields into the event (Temporal's context too)."""
     record: logging.LogRecord | None = event_dict.get("_record")
     if record is not None:
@@ -30,7 +31,7 @@ def _record_extras(_: object, __: str, event_dict: dict) -> dict:
 
 
 def configure_logging(settings: Settings, service: str) -> None:
-    shared_processors: list = [
+    shared_processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,

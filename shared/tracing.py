@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage, HeadersType
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -60,9 +60,9 @@ def tracing_enabled() -> bool:
     return isinstance(trace.get_tracer_provider(), TracerProvider)
 
 
-def trace_headers() -> dict[str, str]:
+def trace_headers() -> HeadersType:
     """AMQP headers that carry the current span's context (`traceparent`) to the consumer."""
-    headers: dict[str, str] = {}
+    headers: HeadersType = {}
     if tracing_enabled():
         propagate.inject(headers)
     return headers

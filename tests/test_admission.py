@@ -22,7 +22,7 @@ from temporalio import activity, workflow
 from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from api_support import order_body, unique_id
+from api_support import gateway, order_body, unique_id
 from service_support import consumer_queue, drain, eventually, running, take_messages
 from services.bridge.consumer import run_bridge
 from services.stack import isolated_settings
@@ -50,7 +50,6 @@ from shared.lifecycle import (
     order_workflow_id,
 )
 from shared.settings import Settings
-from test_api import gateway
 from test_bridge import (
     _describe_if_started,
     approve,
@@ -97,11 +96,13 @@ class StandInLifecycle:
         self._early = [str(command.command_id) for command in start.early_commands]
         if any(isinstance(command, ApproveOrder) for command in start.early_commands):
             self._ended_by = "approved early"
-        await workflow.execute_activity(SlotActivities.occupy, start_to_close_timeout=timedelta(seconds=5))
+        await workflow.execute_activity_method(
+            SlotActivities.occupy, start_to_close_timeout=timedelta(seconds=5)
+        )
         if start.order.order_id.startswith("auto-"):
             self._ended_by = "auto"
         await workflow.wait_condition(lambda: self._ended_by is not None)
-        await workflow.execute_activity(
+        await workflow.execute_activity_method(
             SlotActivities.release, start.order.order_id, start_to_close_timeout=timedelta(seconds=5)
         )
         assert self._ended_by is not None

@@ -48,12 +48,14 @@ def resolve(doc: dict[str, Any], ref: str) -> Any:
 
 
 def exchange_of(doc: dict[str, Any], channel: dict[str, Any]) -> dict[str, Any]:
-    return resolve(doc, channel["bindings"]["$ref"])["amqp"]["exchange"]
+    exchange: dict[str, Any] = resolve(doc, channel["bindings"]["$ref"])["amqp"]["exchange"]
+    return exchange
 
 
 def message_of(doc: dict[str, Any], channel: dict[str, Any]) -> dict[str, Any]:
     (ref,) = [message["$ref"] for message in channel["messages"].values()]
-    return resolve(doc, ref)
+    message: dict[str, Any] = resolve(doc, ref)
+    return message
 
 
 def test_committed_document_is_up_to_date(doc: dict[str, Any]) -> None:

@@ -229,7 +229,7 @@ async def described(client: Client, order_id: str) -> WorkflowExecutionDescripti
     return await eventually(lambda: _describe_if_started(handle))
 
 
-async def _describe_if_started(handle: WorkflowHandle) -> WorkflowExecutionDescription | None:
+async def _describe_if_started(handle: WorkflowHandle[Any, Any]) -> WorkflowExecutionDescription | None:
     try:
         return await handle.describe()
     except RPCError as err:
@@ -477,7 +477,7 @@ async def test_a_command_for_an_ended_order_is_rejected(
     assert_rejected(await rejection_of(rejections, command), command, "order already ended")
 
 
-async def _has_status(handle: WorkflowHandle, status: WorkflowExecutionStatus) -> bool:
+async def _has_status(handle: WorkflowHandle[Any, Any], status: WorkflowExecutionStatus) -> bool:
     return (await handle.describe()).status == status
 
 

@@ -21,6 +21,7 @@ import pytest_asyncio
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlmodel import col
 
 from service_support import eventually, publish_raw, take_messages
 from services.stack import free_port, running_stack
@@ -172,7 +173,7 @@ async def place_over_http(api: httpx.AsyncClient, order_id: str) -> None:
 async def audit_trail(sessions: async_sessionmaker[AsyncSession], order_id: str) -> list[AuditEvent]:
     async with sessions() as session:
         rows = await session.scalars(
-            select(AuditEvent).where(AuditEvent.order_id == order_id).order_by(AuditEvent.seq)
+            select(AuditEvent).where(col(AuditEvent.order_id) == order_id).order_by(col(AuditEvent.seq))
         )
         return list(rows)
 

@@ -266,5 +266,6 @@ def test_a_stack_whose_metrics_ports_would_collide_is_refused() -> None:
     check_metrics_ports(crowded, ("api", "bridge", "audit"))
 
 
-def test_an_empty_metrics_port_setting_turns_the_endpoint_off() -> None:
-    assert Settings(_env_file=None, audit_metrics_port="").audit_metrics_port == 0
+def test_an_empty_metrics_port_setting_turns_the_endpoint_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORDERFLOW_AUDIT_METRICS_PORT", "")
+    assert Settings(_env_file=None).audit_metrics_port == 0

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from uuid import uuid4
 
 import pytest
 import pytest_asyncio
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlmodel import col
 from temporalio.client import Client, WorkflowExecutionStatus
 
+from api_support import gateway
 from service_support import eventually, running
 from services.audit.consumer import run_audit
 from services.bridge.consumer import run_bridge
@@ -33,7 +36,6 @@ from shared.contracts import CancelOrder, EventType, OrderItem, OrderState, Plac
 from shared.db import Admission, AuditEvent, Order, Payment, ProcessedCommand
 from shared.lifecycle import order_workflow_id
 from shared.settings import Settings
-from test_api import gateway
 from test_bridge import approve, cancel, place_order
 
 RECONCILER_DATABASE = "orderflow_test_reconciler"
@@ -75,7 +77,7 @@ async def pipeline(
 ) -> AsyncIterator[tuple[broker.Topology, Reconciler]]:
     """Bridge, audit consumer and order worker running; the reconciler, not yet, for the test to
     call; it acts on workflows closed any time ago."""
-    monkeypatch.setattr(reconciler, "SETTLE_TIME", reconciler.timedelta(0))
+    monkeypatch.setattr(reconciler, "SETTLE_TIME", timedelta(0))
     settings = reconciler_settings
     connection = await broker.connect(settings, "tests")
     try:
@@ -116,7 +118,7 @@ async def reaches(sessions: Sessions, order_id: str, state: OrderState) -> None:
 async def trail(sessions: Sessions, order_id: str) -> list[AuditEvent]:
     async with sessions() as session:
         rows = await session.scalars(
-            select(AuditEvent).where(AuditEvent.order_id == order_id).order_by(AuditEvent.seq)
+            select(AuditEvent).where(col(AuditEvent.order_id) == order_id).order_by(col(AuditEvent.seq))
         )
         return list(rows)
 
@@ -259,7 +261,7 @@ async def test_the_read_model_holds_every_accepted_order_whatever_its_first_even
 async def forget_outcome(sessions: Sessions, command_id: object) -> None:
     """As if the bridge had crashed after applying the command and before recording it."""
     async with sessions() as session, session.begin():
-        await session.execute(delete(ProcessedCommand).where(ProcessedCommand.command_id == command_id))
+        await session.execute(delete(ProcessedCommand).where(col(ProcessedCommand.command_id) == command_id))
 
 
 async def outcome_of(sessions: Sessions, command_id: object) -> ProcessedCommand | None:

@@ -20,13 +20,15 @@ def documented_settings() -> dict[str, str]:
     return {name: value for name, _, value in assignments}
 
 
-def test_env_example_lists_every_setting_with_its_default() -> None:
+def test_env_example_lists_every_setting_with_its_default(monkeypatch: pytest.MonkeyPatch) -> None:
     documented = documented_settings()
     defaults = Settings(_env_file=None)
     for name in Settings.model_fields:
         key = f"ORDERFLOW_{name.upper()}"
         assert key in documented, f"{key} is missing from .env.example"
-        parsed = Settings(_env_file=None, **{name: documented[key]})
+        with monkeypatch.context() as patch:
+            patch.setenv(key, documented[key])
+            parsed = Settings(_env_file=None)
         assert getattr(parsed, name) == getattr(defaults, name), f"{key} in .env.example is not the default"
     assert len(documented) == len(Settings.model_fields)
 

@@ -106,7 +106,8 @@ def parent_of(span: ReadableSpan) -> int | None:
 
 def span_id(span: ReadableSpan) -> int:
     assert span.context is not None
-    return span.context.span_id
+    identifier: int = span.context.span_id
+    return identifier
 
 
 async def test_one_trace_runs_from_the_request_through_the_broker_temporal_and_back_to_the_audit(

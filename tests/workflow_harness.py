@@ -433,7 +433,8 @@ class OrderHarness:
 
     # observations
     async def status(self) -> OrderStatus:
-        return await self.handle.query(STATUS_QUERY, result_type=OrderStatus)
+        status: OrderStatus = await self.handle.query(STATUS_QUERY, result_type=OrderStatus)
+        return status
 
     async def wait_for_event(self, event_type: EventType, timeout: float = PROMPTLY) -> OrderEvent:
         what = f"a {event_type.value} event"

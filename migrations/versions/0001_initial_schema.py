@@ -5,6 +5,8 @@ Revises:
 Create Date: 2026-11-25
 """
 
+from datetime import datetime
+
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
@@ -15,7 +17,7 @@ branch_labels = None
 depends_on = None
 
 
-def _timestamp(name: str, *, required: bool = False) -> sa.Column:
+def _timestamp(name: str, *, required: bool = False) -> sa.Column[datetime]:
     return sa.Column(
         name,
         sa.DateTime(timezone=True),

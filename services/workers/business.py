@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import secrets
 from collections import Counter
+from datetime import datetime
 from enum import StrEnum
-from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Update, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Mapped
+from sqlmodel import col
 
 from services.workers import faults
 from shared.contracts import Address, OrderState, PlaceOrder
@@ -60,8 +62,7 @@ async def order_validated(sessions: Sessions, order_id: str) -> None:
             # not a business verdict: the insert has not landed where we read; a retry may see it
             raise LookupError(f"order {order_id} is not in the database")
         await _check_rules(session, order)
-        if order.validated_at is None:
-            order.validated_at = func.now()
+        await session.execute(_stamp_once(order_id, col(Order.validated_at)))
 
 
 async def _check_rules(session: AsyncSession, order: Order) -> None:
@@ -72,7 +73,9 @@ async def _check_rules(session: AsyncSession, order: Order) -> None:
     total = sum(item["qty"] for item in order.items)
     if total > MAX_TOTAL_QUANTITY:
         raise OrderInvalid(f"total quantity {total} exceeds {MAX_TOTAL_QUANTITY}")
-    owner = await session.scalar(select(Payment.order_id).where(Payment.payment_id == order.payment_id))
+    owner = await session.scalar(
+        select(col(Payment.order_id)).where(col(Payment.payment_id) == order.payment_id)
+    )
     if owner is not None and owner != order.id:
         raise OrderInvalid(f"payment {order.payment_id} already belongs to order {owner}")
 
@@ -99,13 +102,15 @@ async def payment_charged(
                 status=PaymentStatus.CHARGED.value,
             )
             .on_conflict_do_nothing(index_elements=[Payment.payment_id])
-            .returning(Payment.payment_id)
+            .returning(col(Payment.payment_id))
         )
         if claimed:
             return ChargeOutcome.CHARGED
         existing = (
             await session.execute(
-                select(Payment.order_id, Payment.status).where(Payment.payment_id == payment_id)
+                select(col(Payment.order_id), col(Payment.status)).where(
+                    col(Payment.payment_id) == payment_id
+                )
             )
         ).one()
     if existing.order_id != order_id:
@@ -117,7 +122,8 @@ async def payment_charged(
 
 async def package_prepared(sessions: Sessions, order_id: str) -> None:
     await faults.flaky_call()
-    await _stamp_once(sessions, order_id, Order.package_prepared_at)
+    async with transaction(sessions) as session:
+        await session.execute(_stamp_once(order_id, col(Order.package_prepared_at)))
 
 
 async def carrier_dispatched(sessions: Sessions, order_id: str, address: Address) -> str:
@@ -125,15 +131,15 @@ async def carrier_dispatched(sessions: Sessions, order_id: str, address: Address
     retries and re-dispatches)."""
     await faults.flaky_call()
     async with transaction(sessions) as session:
-        tracking_number = await session.scalar(
+        tracking_number: str | None = await session.scalar(
             update(Order)
-            .where(Order.id == order_id)
+            .where(col(Order.id) == order_id)
             .values(
                 address=address.model_dump(),
-                tracking_number=func.coalesce(Order.tracking_number, _new_tracking_number()),
-                dispatched_at=func.coalesce(Order.dispatched_at, func.now()),
+                tracking_number=func.coalesce(col(Order.tracking_number), _new_tracking_number()),
+                dispatched_at=func.coalesce(col(Order.dispatched_at), func.now()),
             )
-            .returning(Order.tracking_number)
+            .returning(col(Order.tracking_number))
         )
     if tracking_number is None:
         raise LookupError(f"order {order_id} is not in the database")
@@ -146,15 +152,13 @@ def _new_tracking_number() -> str:
 
 async def order_shipped(sessions: Sessions, order_id: str) -> None:
     await faults.flaky_call()
-    await _stamp_once(sessions, order_id, Order.shipped_at)
-
-
-async def _stamp_once(sessions: Sessions, order_id: str, column: Any) -> None:
-    """Set a milestone's timestamp the first time only, so a repeated step keeps the first."""
     async with transaction(sessions) as session:
-        await session.execute(
-            update(Order).where(Order.id == order_id, column.is_(None)).values({column.key: func.now()})
-        )
+        await session.execute(_stamp_once(order_id, col(Order.shipped_at)))
+
+
+def _stamp_once(order_id: str, column: Mapped[datetime | None]) -> Update:
+    """Set a milestone's timestamp the first time only, so a repeated step keeps the first."""
+    return update(Order).where(col(Order.id) == order_id, column.is_(None)).values({column: func.now()})
 
 
 async def payment_refunded(sessions: Sessions, *, payment_id: str, order_id: str, amount_cents: int) -> bool:
@@ -180,15 +184,18 @@ async def payment_refunded(sessions: Sessions, *, payment_id: str, order_id: str
                 index_elements=[Payment.payment_id],
                 set_={
                     "status": PaymentStatus.REFUNDED.value,
-                    "refunded_at": func.coalesce(Payment.refunded_at, func.now()),
+                    "refunded_at": func.coalesce(col(Payment.refunded_at), func.now()),
                 },
                 # only this order's charge is ours to refund; a voided or refunded row stays
-                where=(Payment.order_id == order_id) & (Payment.status == PaymentStatus.CHARGED.value),
+                where=(col(Payment.order_id) == order_id)
+                & (col(Payment.status) == PaymentStatus.CHARGED.value),
             )
-            .returning(Payment.status)
+            .returning(col(Payment.status))
         )
         if status is None:  # the row was there and not a charge of ours to refund
             status = await session.scalar(
-                select(Payment.status).where(Payment.payment_id == payment_id, Payment.order_id == order_id)
+                select(col(Payment.status)).where(
+                    col(Payment.payment_id) == payment_id, col(Payment.order_id) == order_id
+                )
             )
     return status == PaymentStatus.REFUNDED.value

@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from uuid import NAMESPACE_URL, uuid5
 
 import structlog
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 from temporalio.api.enums.v1 import EventType as HistoryEventType
@@ -194,8 +194,10 @@ async def _lock_slot(session: AsyncSession, order_id: str) -> bool:
 
 
 async def _release_slot(session: AsyncSession, order_id: str) -> None:
-    admission = await session.get(Admission, order_id)
-    assert admission is not None
-    admission.status = AdmissionStatus.ENDED.value
-    admission.ended_at = func.now()
+    """Free the slot `_lock_slot` locked, as `admissions.release` frees one."""
+    await session.execute(
+        update(Admission)
+        .where(col(Admission.order_id) == order_id)
+        .values(status=AdmissionStatus.ENDED.value, ended_at=func.now())
+    )
     await admissions.notify_released(session)

@@ -253,7 +253,8 @@ async def run_step(
 
 
 def outage_backoff(outages: int) -> timedelta:
-    return min(FIRST_OUTAGE_BACKOFF * 2 ** (outages - 1), MAX_OUTAGE_BACKOFF)
+    doubled: timedelta = FIRST_OUTAGE_BACKOFF * 2 ** (outages - 1)  # int ** int is typed Any
+    return min(doubled, MAX_OUTAGE_BACKOFF)
 
 
 def describe_failure(cause: BaseException | None) -> str:
