@@ -17,7 +17,7 @@ UV := uv==0.13.9
 COMPILE := $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes \
 	--custom-compile-command "make lock" --quiet
 
-.PHONY: install lock run test bench chaos asyncapi clean
+.PHONY: install lock run check lint types format test bench chaos asyncapi clean
 
 ## The locked dependencies, then orderflow itself (editable); a lock that pyproject.toml's
 ## dependencies have changed since is refused: run `make lock`.
@@ -45,8 +45,24 @@ lock: | $(BIN)/python
 run: install
 	$(BIN)/python -m services.stack
 
-## The whole test suite against real PostgreSQL, RabbitMQ and Temporal servers.
-test: install
+## The gate before the tests (and CI): ruff's lint rules and format, then mypy (strict), over the
+## whole tree, as pyproject.toml configures them; any finding fails it.
+check: lint types
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+types: install
+	$(BIN)/mypy
+
+## Apply ruff's safe fixes and its format: what `make lint` asks for, where ruff can do it itself.
+format: install
+	$(BIN)/ruff check --fix --exit-zero .
+	$(BIN)/ruff format .
+
+## The gate, then the whole test suite against real PostgreSQL, RabbitMQ and Temporal servers.
+test: check
 	$(BIN)/pytest
 
 ## 200 orders through the whole pipeline with the real fault injector (see docs/performance.md).
@@ -62,4 +78,4 @@ asyncapi: install
 	$(BIN)/python -m shared.asyncapi > docs/asyncapi.json
 
 clean:
-	rm -rf $(VENV) .run .pytest_cache
+	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache
