@@ -293,8 +293,9 @@ async def test_a_command_delivered_again_after_its_order_ended_is_a_duplicate_no
 
     await eventually(redelivery_recorded)
     await asyncio.sleep(1)  # a rejection would be published before the outcome is recorded
-    assert (await outcome_of(sessions, approval.command_id)).outcome == "duplicate"  # type: ignore[union-attr]
-    assert (await outcome_of(sessions, early_cancel.command_id)).outcome == "accepted"  # type: ignore[union-attr]
+    approved, cancelled = [await outcome_of(sessions, c.command_id) for c in (approval, early_cancel)]
+    assert approved is not None and approved.outcome == "duplicate"
+    assert cancelled is not None and cancelled.outcome == "accepted"
     for command in (approval, early_cancel):
         rejections = [
             e for e in await trail(sessions, command.order_id) if e.type == EventType.COMMAND_REJECTED.value
