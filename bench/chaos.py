@@ -57,14 +57,22 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlmodel import col
 from temporalio.client import Client
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the crash tests' private servers
 
 from bench.load import Load, offer, place_command
 from bench.measure import Ledger, OrderClock, Outcome
 from bench.pipeline import approve_command
 from bench.report import MAX_FAULTS_SHOWN
+from private_servers import (
+    PrivatePostgres,
+    PrivateRabbitMQ,
+    private_servers,
+    publish_until_confirmed,
+)
 from services.audit.projection import STATE_OF_EVENT
 from services.stack import Stack, TemporalDevServer, free_port, running_stack
 from services.workers.business import PaymentStatus
@@ -74,12 +82,6 @@ from shared.db import AuditEvent, Order, Payment
 from shared.lifecycle import ORDER_WORKFLOW, order_workflow_id
 from shared.settings import Settings
 from shared.temporal import connect_temporal
-from tests.private_servers import (
-    PrivatePostgres,
-    PrivateRabbitMQ,
-    private_servers,
-    publish_until_confirmed,
-)
 
 CHAOS_DATABASE = "orderflow_chaos"
 EVENTS_QUEUE = "chaos.events"
@@ -89,8 +91,18 @@ APPROVAL_PATIENCE_SECONDS = 120.0
 AUDIT_POLL_SECONDS = 0.5
 # the steps an order takes at most once
 ONCE_PER_ORDER = frozenset(
-    {"queued", "admitted", "received", "validated", "approved", "payment_charged", "shipped", "completed",
-     "cancelled", "failed"}
+    {
+        "queued",
+        "admitted",
+        "received",
+        "validated",
+        "approved",
+        "payment_charged",
+        "shipped",
+        "completed",
+        "cancelled",
+        "failed",
+    }
 )
 
 
@@ -132,7 +144,9 @@ class PatientClients:
             "command_id": str(command.command_id),
             **command.payload.model_dump(mode="json", exclude_none=True),
         }
-        while not await self._placed(body):
+        while True:
+            if await self._placed(body):
+                return
             await asyncio.sleep(RETRY_SECONDS)
 
     async def _placed(self, body: dict[str, Any]) -> bool:
@@ -199,7 +213,9 @@ async def disrupt_in_turn(system: ChaosSystem, schedule: list[str], interval: fl
         began = time.monotonic()
         await system.disrupt(target)
         what = "restarted" if target in ("rabbitmq", "postgres") else "killed -9 and restarted"
-        print(f"  {began - started:6.1f} s  {target} {what} ({time.monotonic() - began:.1f} s)", file=sys.stderr)
+        print(
+            f"  {began - started:6.1f} s  {target} {what} ({time.monotonic() - began:.1f} s)", file=sys.stderr
+        )
 
 
 @dataclass
@@ -235,7 +251,9 @@ async def stored_trails(
     while True:
         async with sessions() as session:
             rows = await session.scalars(
-                select(AuditEvent).where(AuditEvent.order_id.in_(order_ids)).order_by(AuditEvent.seq)
+                select(AuditEvent)
+                .where(col(AuditEvent.order_id).in_(order_ids))
+                .order_by(col(AuditEvent.seq))
             )
             trails: dict[str, list[AuditEvent]] = defaultdict(list)
             for row in rows:
@@ -285,16 +303,16 @@ async def load_stored(
         sessions = db.session_factory(engine)
         trails = await stored_trails(sessions, ledger, order_ids, patience)
         async with sessions() as session:
-            orders = {o.id: o for o in await session.scalars(select(Order).where(Order.id.in_(order_ids)))}
+            orders = {
+                o.id: o for o in await session.scalars(select(Order).where(col(Order.id).in_(order_ids)))
+            }
             payments: dict[str, list[Payment]] = defaultdict(list)
-            for payment in await session.scalars(select(Payment).where(Payment.order_id.in_(order_ids))):
+            for payment in await session.scalars(select(Payment).where(col(Payment.order_id).in_(order_ids))):
                 payments[payment.order_id].append(payment)
     finally:
         await engine.dispose()
     runs = await lifecycles_started(await connect_temporal(settings))
-    return {
-        o: Stored(trails[o], orders.get(o), payments[o], runs[order_workflow_id(o)]) for o in order_ids
-    }
+    return {o: Stored(trails[o], orders.get(o), payments[o], runs[order_workflow_id(o)]) for o in order_ids}
 
 
 def problems_of(clock: OrderClock, stored: Stored) -> list[str]:
@@ -305,7 +323,9 @@ def problems_of(clock: OrderClock, stored: Stored) -> list[str]:
     charged = [p for p in stored.payments if p.status == PaymentStatus.CHARGED]
     numbered = [row.seq for row in trail if row.seq > 0]
     checks = {
-        "lost": clock.ending is None or ending is None or not clock.event_ids <= {row.event_id for row in trail},
+        "lost": clock.ending is None
+        or ending is None
+        or not clock.event_ids <= {row.event_id for row in trail},
         "duplicated effects": stored.lifecycles > 1
         or any(kinds[kind] > 1 for kind in ONCE_PER_ORDER)
         or applied_and_rejected(trail),
@@ -345,7 +365,10 @@ def report(outcome: Outcome, findings: Findings, disruptions: int) -> str:
         ("disruptions", disruptions),
         (
             "completed / cancelled / failed",
-            " / ".join(str(outcome.ended(kind)) for kind in (EventType.COMPLETED, EventType.CANCELLED, EventType.FAILED)),
+            " / ".join(
+                str(outcome.ended(kind))
+                for kind in (EventType.COMPLETED, EventType.CANCELLED, EventType.FAILED)
+            ),
         ),
         *((problem, findings.count(problem)) for problem in PROBLEMS),
         ("lifecycle p50/p90/p99/max (s)", outcome.lifecycle),
@@ -387,12 +410,17 @@ async def run(args: argparse.Namespace) -> tuple[Outcome, Findings, int]:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--orders", type=int, default=300, help="how many orders")
     parser.add_argument("--rate", type=float, default=4.0, help="orders placed per second")
     parser.add_argument("--rounds", type=int, default=1, help="times each process and server is disrupted")
     parser.add_argument(
-        "--patience", type=float, default=60.0, help="seconds without an order ending before the rest count as lost"
+        "--patience",
+        type=float,
+        default=60.0,
+        help="seconds without an order ending before the rest count as lost",
     )
     return parser.parse_args()
 

@@ -39,7 +39,9 @@ async def run(*command: str) -> None:
     )
     output, _ = await process.communicate()
     if process.returncode:
-        raise RuntimeError(f"{' '.join(command)} exited {process.returncode}: {output.decode(errors='replace')}")
+        raise RuntimeError(
+            f"{' '.join(command)} exited {process.returncode}: {output.decode(errors='replace')}"
+        )
 
 
 class PrivatePostgres:
@@ -76,7 +78,17 @@ class PrivatePostgres:
         # -l: the server's output goes to a file, not to the pipe that run() reads to its end
         log = self._directory / "server.log"
         data = self._directory / "data"
-        await run(*self._as_owner, str(POSTGRES_BIN / "pg_ctl"), action, "-w", "-D", str(data), "-l", str(log), *options)
+        await run(
+            *self._as_owner,
+            str(POSTGRES_BIN / "pg_ctl"),
+            action,
+            "-w",
+            "-D",
+            str(data),
+            "-l",
+            str(log),
+            *options,
+        )
 
 
 class PrivateRabbitMQ:
@@ -135,11 +147,16 @@ class PrivateRabbitMQ:
         await self.start()
 
 
+def _servers_directory() -> Path:
+    base = Path(tempfile.mkdtemp(prefix="orderflow-servers-"))
+    base.chmod(0o755)  # the postgres user reaches its directory through this one
+    return base
+
+
 @asynccontextmanager
 async def private_servers() -> AsyncIterator[tuple[PrivatePostgres, PrivateRabbitMQ]]:
     """A PostgreSQL and a RabbitMQ server; stopped, and their data deleted, at the end."""
-    base = Path(tempfile.mkdtemp(prefix="orderflow-servers-"))
-    base.chmod(0o755)  # the postgres user reaches its directory through this one
+    base = _servers_directory()
     async with AsyncExitStack() as exits:
         exits.callback(shutil.rmtree, base, ignore_errors=True)
         (base / "postgres").mkdir()
