@@ -268,12 +268,14 @@ class OrderWorkflow:
         window = self._policy.review_window_seconds
         self._reach(OrderState.AWAITING_APPROVAL, EventType.AWAITING_APPROVAL, review_window_seconds=window)
         self._review_began = workflow.now()
+        # not in a `finally`: a workflow evicted from the cache closes this coroutine outside the
+        # workflow's event loop, where the clock cannot be read
         try:
             await workflow.wait_condition(lambda: self._approval is not None, timeout=window)
         except TimeoutError:
-            raise LifecycleStopped(Ending(OrderState.CANCELLED, "review_timeout")) from None
-        finally:
             self._end_review()
+            raise LifecycleStopped(Ending(OrderState.CANCELLED, "review_timeout")) from None
+        self._end_review()
         if self._status.state is OrderState.AWAITING_APPROVAL:
             self._record_approval()
 
