@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -16,12 +17,13 @@ from typing import Any
 from uuid import uuid4
 
 import httpx
+import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractChannel, AbstractQueue
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.app import create_app
-from services.stack import service_environment
+from services.stack import free_port, running_stack, service_environment
 from shared import broker
 from shared.contracts import EventType, OrderState
 from shared.db import AuditEvent, Order, transaction
@@ -121,6 +123,40 @@ def answers(url: str) -> bool:
         return httpx.get(f"{url}/healthz").status_code == httpx.codes.OK
     except httpx.TransportError:
         return False
+
+
+@pytest.fixture(scope="module")
+def gateway_url(
+    base_settings: Settings,
+    db_sessions: async_sessionmaker[AsyncSession],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    """A gateway process on the test database, vhost and dev server of this session."""
+    with gateway_process(base_settings, tmp_path_factory.mktemp("gateway") / "gateway.log") as url:
+        yield url
+
+
+@asynccontextmanager
+async def running_system(settings: Settings, name: str) -> AsyncIterator[Settings]:
+    """api, bridge, workers and audit as processes (the `make run` launcher), the API on a free
+    port, against the session's database, vhost and dev server. These tests check what happens,
+    not how fast (bench/ measures that with the shipped timings): a slow machine must not turn an
+    order into a timeout, and a person-like client gets time to act."""
+    port = free_port()
+    system_settings = settings.model_copy(
+        update={
+            "api_port": port,
+            "api_url": f"http://127.0.0.1:{port}",
+            "review_window_seconds": 30.0,
+            "lifecycle_deadline_seconds": 45.0,
+        }
+    )
+    with tempfile.NamedTemporaryFile("w+", prefix=f"orderflow-{name}-", suffix=".log", delete=False) as log:
+        try:
+            async with running_stack(system_settings, temporal=None, log=log):
+                yield system_settings
+        finally:
+            print(f"service logs: {log.name}")  # the services' own logs, for whoever reads a failure
 
 
 @pytest_asyncio.fixture

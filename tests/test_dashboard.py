@@ -5,8 +5,7 @@ itself in headless Chromium (Debian's `chromium`, driven by Playwright) against 
 from __future__ import annotations
 
 import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,29 +17,18 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api_support import (
-    gateway_process,
     insert_events,
     insert_order,
     order_body,
+    running_system,
     unique_id,
 )
-from services.stack import free_port, running_stack
 from shared.admissions import AdmissionStatus
 from shared.contracts import EventType, OrderState
 from shared.db import Admission, transaction
 from shared.settings import Settings
 
 LIFECYCLE_TIMEOUT_MS = 60_000  # generous: the real fault injector runs, on a busy machine
-
-
-@pytest.fixture(scope="module")
-def gateway_url(
-    base_settings: Settings,
-    db_sessions: async_sessionmaker[AsyncSession],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[str]:
-    with gateway_process(base_settings, tmp_path_factory.mktemp("gateway") / "gateway.log") as url:
-        yield url
 
 
 async def stats(gateway_url: str) -> dict[str, Any]:
@@ -116,23 +104,8 @@ async def test_the_dashboard_is_a_page_a_script_and_a_style_sheet(gateway_url: s
 # --- the page in a browser, against the whole system ---------------------------------------------
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def system(settings: Settings, migrated_database: str) -> AsyncIterator[Settings]:
-    """api, bridge, workers and audit as processes, as the end-to-end tests run them."""
-    port = free_port()
-    system_settings = settings.model_copy(
-        update={
-            "api_port": port,
-            "api_url": f"http://127.0.0.1:{port}",
-            # time for the page to approve, on a slow machine
-            "review_window_seconds": 30.0,
-            "lifecycle_deadline_seconds": 45.0,
-        }
-    )
-    with tempfile.NamedTemporaryFile("w+", prefix="orderflow-dashboard-", suffix=".log", delete=False) as log:
-        try:
-            async with running_stack(system_settings, temporal=None, log=log):
-                yield system_settings
-        finally:
-            print(f"service logs: {log.name}")
+    async with running_system(settings, "dashboard") as system_settings:
+        yield system_settings
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -23,8 +22,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
+from api_support import running_system
 from service_support import eventually, publish_raw, take_messages
-from services.stack import free_port, running_stack
 from shared import broker
 from shared.contracts import (
     Address,
@@ -88,25 +87,8 @@ class EventLog:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def system(settings: Settings, migrated_database: str) -> AsyncIterator[Settings]:
-    """api, bridge, workers and audit as processes against the test database, vhost and server."""
-    port = free_port()
-    system_settings = settings.model_copy(
-        update={
-            "api_port": port,
-            "api_url": f"http://127.0.0.1:{port}",
-            # these tests check what happens, not how fast (bench/lifecycle.py measures that with
-            # the default 8 s and 14 s): a slow machine must not turn an order into a timeout
-            "review_window_seconds": 30.0,
-            "lifecycle_deadline_seconds": 45.0,
-        }
-    )
-    with tempfile.NamedTemporaryFile("w+", prefix="orderflow-e2e-", suffix=".log", delete=False) as log:
-        try:
-            async with running_stack(system_settings, temporal=None, log=log):
-                yield system_settings
-        finally:
-            # the services' own logs, for whoever reads a failure
-            print(f"service logs: {log.name}")
+    async with running_system(settings, "e2e") as system_settings:
+        yield system_settings
 
 
 @asynccontextmanager

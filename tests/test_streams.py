@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +17,6 @@ from typing import Any
 from uuid import uuid4
 
 import httpx
-import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
@@ -33,17 +32,6 @@ from shared.settings import Settings
 
 READ_TIMEOUT_SECONDS = 10.0
 R, V, A = EventType.RECEIVED, EventType.VALIDATED, EventType.AWAITING_APPROVAL
-
-
-@pytest.fixture(scope="module")
-def gateway_url(
-    base_settings: Settings,
-    db_sessions: async_sessionmaker[AsyncSession],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[str]:
-    """A gateway process on the test database (the streams need neither broker nor Temporal)."""
-    with gateway_process(base_settings, tmp_path_factory.mktemp("gateway") / "gateway.log") as url:
-        yield url
 
 
 def order_event(order_id: str, seq: int, event_type: EventType) -> OrderEvent:
