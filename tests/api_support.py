@@ -127,12 +127,12 @@ def answers(url: str) -> bool:
 
 @pytest.fixture(scope="module")
 def gateway_url(
-    base_settings: Settings,
+    settings: Settings,
     db_sessions: async_sessionmaker[AsyncSession],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     """A gateway process on the test database, vhost and dev server of this session."""
-    with gateway_process(base_settings, tmp_path_factory.mktemp("gateway") / "gateway.log") as url:
+    with gateway_process(settings, tmp_path_factory.mktemp("gateway") / "gateway.log") as url:
         yield url
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
@@ -31,7 +31,7 @@ from starlette.responses import (
 from starlette.routing import Route
 from typer.testing import CliRunner, Result
 
-from api_support import ADDRESS, closed_port, gateway_process, insert_events, insert_order, unique_id
+from api_support import ADDRESS, closed_port, insert_events, insert_order, unique_id
 from service_support import eventually, next_message
 from services.cli.errors import WATCH_TIMEOUT_EXIT_CODE
 from services.cli.main import app
@@ -77,17 +77,6 @@ async def orderflow(*args: str, env: dict[str, str] | None = None) -> Result:
     """Run the CLI in a thread: its commands block (HTTP) or run their own event loop (watch)."""
     result: Result = await asyncio.to_thread(runner.invoke, app, list(args), env=env)
     return result
-
-
-@pytest.fixture(scope="module")
-def api_url(
-    settings: Settings,
-    db_sessions: async_sessionmaker[AsyncSession],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[str]:
-    """A gateway process serving the test database, vhost and dev server on a free port."""
-    with gateway_process(settings, tmp_path_factory.mktemp("gateway") / "gateway.log") as url:
-        yield url
 
 
 def accepted_command_id(result: Result) -> str:
@@ -204,9 +193,9 @@ async def stand_in_gateway(liveness: Response, readiness: Response) -> AsyncIter
         await serving
 
 
-async def test_health_of_a_ready_gateway(api_url: str) -> None:
-    text = await orderflow("health", "--api-url", api_url)
-    as_json = await orderflow("health", "--api-url", api_url, "--json")
+async def test_health_of_a_ready_gateway(gateway_url: str) -> None:
+    text = await orderflow("health", "--api-url", gateway_url)
+    as_json = await orderflow("health", "--api-url", gateway_url, "--json")
 
     assert text.exit_code == 0, text.output
     header, *rows, verdict = text.stdout.splitlines()
@@ -219,7 +208,12 @@ async def test_health_of_a_ready_gateway(api_url: str) -> None:
     }
     assert verdict == "ready"
     health = json.loads(as_json.stdout)
-    assert (health["gateway"], health["live"], health["ready"], health["failed"]) == (api_url, True, True, [])
+    assert (health["gateway"], health["live"], health["ready"], health["failed"]) == (
+        gateway_url,
+        True,
+        True,
+        [],
+    )
     assert set(health["checks"]) == {"broker", "database", "temporal"}
 
 
@@ -264,13 +258,13 @@ async def test_health_of_something_else_than_a_gateway_is_one_line(
 
 
 # --- commands -------------------------------------------------------------------------------------
-async def test_place_publishes_the_order(api_url: str, command_queue: AbstractQueue) -> None:
+async def test_place_publishes_the_order(gateway_url: str, command_queue: AbstractQueue) -> None:
     order_id = unique_id("cli")
 
     result = await orderflow(
         "place",
         "--api-url",
-        api_url,
+        gateway_url,
         "--order-id",
         order_id,
         "--payment-id",
@@ -296,11 +290,11 @@ async def test_place_publishes_the_order(api_url: str, command_queue: AbstractQu
     assert command.payload.address.region == "Westminster"
 
 
-async def test_place_shows_the_gateways_validation_errors(api_url: str) -> None:
+async def test_place_shows_the_gateways_validation_errors(gateway_url: str) -> None:
     result = await orderflow(
         "place",
         "--api-url",
-        api_url,
+        gateway_url,
         "--payment-id",
         "pay 1",
         "--item",
@@ -325,7 +319,7 @@ async def test_place_shows_the_gateways_validation_errors(api_url: str) -> None:
     ],
 )
 async def test_order_commands_publish_their_type(
-    api_url: str,
+    gateway_url: str,
     command_queue: AbstractQueue,
     arguments: list[str],
     command_type: CommandType,
@@ -334,7 +328,7 @@ async def test_order_commands_publish_their_type(
     order_id = unique_id("cli")
     verb, *options = arguments
 
-    result = await orderflow(verb, order_id, *options, "--api-url", api_url, "--json")
+    result = await orderflow(verb, order_id, *options, "--api-url", gateway_url, "--json")
 
     command_id = accepted_command_id(result)
     message = await next_message(command_queue, lambda m: m.message_id == command_id)
@@ -346,10 +340,10 @@ async def test_order_commands_publish_their_type(
         assert command.payload.model_dump(mode="json")["address"]["country"] == "IE"
 
 
-async def test_commands_print_text_by_default(api_url: str, command_queue: AbstractQueue) -> None:
+async def test_commands_print_text_by_default(gateway_url: str, command_queue: AbstractQueue) -> None:
     command_id = str(uuid4())
 
-    result = await orderflow("approve", "cli-text-1", "--command-id", command_id, "--api-url", api_url)
+    result = await orderflow("approve", "cli-text-1", "--command-id", command_id, "--api-url", gateway_url)
 
     assert result.exit_code == 0, result.output
     assert f"accepted: ApproveOrder for order cli-text-1 (command {command_id})" in result.stdout
@@ -358,13 +352,13 @@ async def test_commands_print_text_by_default(api_url: str, command_queue: Abstr
 
 # --- queries --------------------------------------------------------------------------------------
 async def test_status_from_the_orders_table(
-    api_url: str, db_sessions: async_sessionmaker[AsyncSession]
+    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     order_id = unique_id("cli")
     await insert_order(db_sessions, order_id, OrderState.PAID)
 
-    text = await orderflow("status", order_id, "--api-url", api_url)
-    as_json = await orderflow("status", order_id, "--api-url", api_url, "--json")
+    text = await orderflow("status", order_id, "--api-url", gateway_url)
+    as_json = await orderflow("status", order_id, "--api-url", gateway_url, "--json")
 
     assert text.exit_code == 0, text.output
     assert f"order {order_id}: paid (from the orders table)" in text.stdout
@@ -372,24 +366,28 @@ async def test_status_from_the_orders_table(
     assert json.loads(as_json.stdout)["source"] == "read_model"
 
 
-async def test_status_of_an_unknown_order_fails(api_url: str) -> None:
-    result = await orderflow("status", "cli-never-placed", "--api-url", api_url)
+async def test_status_of_an_unknown_order_fails(gateway_url: str) -> None:
+    result = await orderflow("status", "cli-never-placed", "--api-url", gateway_url)
 
     assert result.exit_code == 1
     assert "404" in result.stderr and "cli-never-placed" in result.stderr
 
 
-async def test_list_pages_through_orders(api_url: str, db_sessions: async_sessionmaker[AsyncSession]) -> None:
+async def test_list_pages_through_orders(
+    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession]
+) -> None:
     # far in the future, so these are the newest orders whatever else the table holds
     start = datetime(3000, 1, 1, tzinfo=UTC)
     oldest, older, newer = (unique_id("cli") for _ in range(3))
     for minute, order_id in enumerate([oldest, older, newer]):
         await insert_order(db_sessions, order_id, OrderState.VALIDATED, start + timedelta(minutes=minute))
 
-    first = await orderflow("list", "--state", "validated", "--limit", "1", "--api-url", api_url, "--json")
+    first = await orderflow(
+        "list", "--state", "validated", "--limit", "1", "--api-url", gateway_url, "--json"
+    )
     cursor = json.loads(first.stdout)["next_cursor"]
     second = await orderflow(
-        "list", "--state", "validated", "--limit", "1", "--cursor", cursor, "--api-url", api_url
+        "list", "--state", "validated", "--limit", "1", "--cursor", cursor, "--api-url", gateway_url
     )
 
     assert [order["order_id"] for order in json.loads(first.stdout)["items"]] == [newer]
@@ -401,12 +399,12 @@ async def test_list_pages_through_orders(api_url: str, db_sessions: async_sessio
 
 
 async def test_history_prints_events_in_order(
-    api_url: str, db_sessions: async_sessionmaker[AsyncSession]
+    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     order_id = unique_id("cli")
     await insert_events(db_sessions, order_id, {2: EventType.VALIDATED, 1: EventType.RECEIVED})
 
-    result = await orderflow("history", order_id, "--api-url", api_url)
+    result = await orderflow("history", order_id, "--api-url", gateway_url)
 
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
@@ -425,12 +423,12 @@ def printed_events(result: Result) -> list[tuple[int, EventType]]:
     [(EventType.COMPLETED, 0), (EventType.CANCELLED, 3), (EventType.FAILED, 4), (EventType.TERMINATED, 5)],
 )
 async def test_watch_prints_the_events_until_the_order_ends_and_exits_with_its_ending(
-    api_url: str, db_sessions: async_sessionmaker[AsyncSession], ending: EventType, exit_code: int
+    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession], ending: EventType, exit_code: int
 ) -> None:
     order_id = unique_id("watch")
     await insert_events(db_sessions, order_id, {1: EventType.RECEIVED})
     watching = asyncio.create_task(
-        orderflow("watch", order_id, "--timeout", "20", "--json", "--api-url", api_url)
+        orderflow("watch", order_id, "--timeout", "20", "--json", "--api-url", gateway_url)
     )
     await asyncio.sleep(0.5)  # most likely the watch is following by now; if not, these are history
     await insert_events(db_sessions, order_id, {2: EventType.VALIDATED})
@@ -445,14 +443,14 @@ async def test_watch_prints_the_events_until_the_order_ends_and_exits_with_its_e
 
 
 async def test_watch_of_an_ended_order_prints_its_history_and_ends_at_once(
-    api_url: str, db_sessions: async_sessionmaker[AsyncSession]
+    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     order_id = unique_id("watch")
     await insert_events(
         db_sessions, order_id, {1: EventType.RECEIVED, 2: EventType.VALIDATED, 3: EventType.FAILED}
     )
 
-    result = await orderflow("watch", order_id, "--timeout", "20", "--json", "--api-url", api_url)
+    result = await orderflow("watch", order_id, "--timeout", "20", "--json", "--api-url", gateway_url)
 
     assert result.exit_code == 4, result.output
     assert printed_events(result) == [
@@ -463,10 +461,10 @@ async def test_watch_of_an_ended_order_prints_its_history_and_ends_at_once(
 
 
 async def test_watch_waits_for_an_order_that_is_not_known_yet(
-    api_url: str, db_sessions: async_sessionmaker[AsyncSession]
+    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     order_id = unique_id("watch")  # placed a moment ago, say: nothing stored yet
-    watching = asyncio.create_task(orderflow("watch", order_id, "--timeout", "20", "--api-url", api_url))
+    watching = asyncio.create_task(orderflow("watch", order_id, "--timeout", "20", "--api-url", gateway_url))
     await asyncio.sleep(1)
     await insert_events(db_sessions, order_id, {1: EventType.RECEIVED, 2: EventType.COMPLETED})
 
@@ -479,12 +477,12 @@ async def test_watch_waits_for_an_order_that_is_not_known_yet(
 
 
 async def test_watch_gives_up_after_its_timeout(
-    api_url: str, db_sessions: async_sessionmaker[AsyncSession]
+    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     order_id = unique_id("watch")
     await insert_events(db_sessions, order_id, {1: EventType.RECEIVED})
 
-    result = await orderflow("watch", order_id, "--timeout", "1", "--api-url", api_url)
+    result = await orderflow("watch", order_id, "--timeout", "1", "--api-url", gateway_url)
 
     assert result.exit_code == WATCH_TIMEOUT_EXIT_CODE
     assert "did not end within 1 s" in result.stderr
