@@ -222,30 +222,47 @@ async def other_backends_waiting_on_a_lock(sessions: Sessions) -> int:
     return int(waiting or 0)
 
 
-async def test_concurrent_charges_of_one_payment_charge_once(
-    sessions: Sessions, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The first charge claims the payment id and holds its transaction open; the second must then
-    # wait on the unique key (we see it waiting in pg_stat_activity) and find the charge made.
-    placed = await received(sessions)
+async def behind_a_held_charge(
+    sessions: Sessions,
+    monkeypatch: pytest.MonkeyPatch,
+    placed: PlaceOrder,
+    then: Awaitable[Any],
+    waiting_for: str,
+) -> tuple[Any, Any]:
+    """A charge claims the payment id and holds its transaction open; `then` must wait on that
+    claim (we see it waiting in pg_stat_activity) until the charge commits. Both results."""
     inserted, release = asyncio.Event(), asyncio.Event()
     monkeypatch.setattr(business, "transaction", lambda factory: commit_held_back(factory, inserted, release))
 
-    first = asyncio.create_task(charge(sessions, placed))
+    held = asyncio.create_task(charge(sessions, placed))
     try:
         await asyncio.wait_for(inserted.wait(), 5)
-        second = asyncio.create_task(charge(sessions, placed))
+        behind = asyncio.ensure_future(then)
 
-        async def second_is_blocked() -> bool:
+        async def behind_is_blocked() -> bool:
             return await other_backends_waiting_on_a_lock(sessions) >= 1
 
-        await wait_until(second_is_blocked, "the second charge to wait on the first one's claim")
-        assert not second.done()
+        await wait_until(behind_is_blocked, waiting_for)
+        assert not behind.done()
     finally:
         release.set()  # never leave the first transaction open, whatever happened
-    outcomes = await asyncio.wait_for(asyncio.gather(first, second), 5)
+    held_result, behind_result = await asyncio.wait_for(asyncio.gather(held, behind), 5)
+    return held_result, behind_result
 
-    assert list(outcomes) == [ChargeOutcome.CHARGED, ChargeOutcome.ALREADY_CHARGED]
+
+async def test_concurrent_charges_of_one_payment_charge_once(
+    sessions: Sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    placed = await received(sessions)
+    outcomes = await behind_a_held_charge(
+        sessions,
+        monkeypatch,
+        placed,
+        charge(sessions, placed),
+        "the second charge to wait on the first one's claim",
+    )
+
+    assert outcomes == (ChargeOutcome.CHARGED, ChargeOutcome.ALREADY_CHARGED)
     assert len(await stored_payments(sessions, placed.payload.payment_id)) == 1
 
 
@@ -302,25 +319,11 @@ async def test_a_refund_before_any_charge_voids_the_payment_so_a_late_attempt_ca
 async def test_an_abandoned_charge_that_commits_after_the_refund_began_is_refunded(
     sessions: Sessions, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The abandoned attempt has claimed the payment id and holds its transaction open; the refund
-    # must wait on that claim (we see it waiting in pg_stat_activity), then refund what committed.
+    # the abandoned attempt's charge commits while the refund waits on its claim: it is refunded
     placed = await received(sessions)
-    inserted, release = asyncio.Event(), asyncio.Event()
-    monkeypatch.setattr(business, "transaction", lambda factory: commit_held_back(factory, inserted, release))
-
-    abandoned = asyncio.create_task(charge(sessions, placed))
-    try:
-        await asyncio.wait_for(inserted.wait(), 5)
-        refunding = asyncio.create_task(refund(sessions, placed))
-
-        async def refund_is_blocked() -> bool:
-            return await other_backends_waiting_on_a_lock(sessions) >= 1
-
-        await wait_until(refund_is_blocked, "the refund to wait on the charge's claim")
-        assert not refunding.done()
-    finally:
-        release.set()
-    charged, refunded = await asyncio.wait_for(asyncio.gather(abandoned, refunding), 5)
+    charged, refunded = await behind_a_held_charge(
+        sessions, monkeypatch, placed, refund(sessions, placed), "the refund to wait on the charge's claim"
+    )
 
     assert (charged, refunded) == (ChargeOutcome.CHARGED, True)
     [payment] = await stored_payments(sessions, placed.payload.payment_id)

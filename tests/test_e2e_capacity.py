@@ -22,7 +22,7 @@ from services.stack import free_port, isolated_settings, running_stack
 from shared import broker, schema
 from shared.contracts import CancelOrder, EventType, OrderEvent
 from shared.settings import Settings
-from test_e2e import ADDRESS, EventLog, approve_command, following_events, place_command
+from test_e2e import EventLog, approve_command, following_events, place_command, place_over_http
 
 pytestmark = pytest.mark.e2e
 
@@ -78,16 +78,7 @@ async def test_a_burst_above_the_bound_all_ends_as_its_commands_say(
         for index, order_id in enumerate(order_ids):
             # half over HTTP, half over AMQP; each followed at once by its approval or cancel
             if index % 2:
-                response = await api.post(
-                    "/orders",
-                    json={
-                        "order_id": order_id,
-                        "payment_id": f"pay-{order_id}",
-                        "items": [{"sku": "BOOK-1", "qty": 1}],
-                        "address": ADDRESS,
-                    },
-                )
-                assert response.status_code == 202, response.text
+                await place_over_http(api, order_id)
             else:
                 await broker.publish_command(topology, place_command(order_id))
             follow_up = cancel_command(order_id) if order_id in to_cancel else approve_command(order_id)
