@@ -9,10 +9,12 @@ Each command, in its order's arrival order:
 1. a command id already in `processed_commands` is a duplicate: acked, no effect;
 2. otherwise it is applied; a command that cannot apply is answered with an
    `order.command_rejected` event (seq 0 when there is no lifecycle to number it);
-3. the outcome is recorded in `processed_commands`, then the message is acked.
-A crash between 2 and 3 redelivers the command: a start is recognised by the workflow's memo and
-a registration by its record, a signal is de-duplicated by the workflow, and an event is
-re-published with the same event id.
+3. the outcome is recorded in `processed_commands` (a placement's together with its admission's
+   last change), then the message is acked.
+Step 1 is part of the admission ledger's first statement for the command. A crash between 2 and 3
+redelivers the command: a start is recognised by the workflow's memo and a registration by its
+record, a signal is de-duplicated by the workflow, and an event is re-published with the same
+event id.
 """
 
 from __future__ import annotations
@@ -23,18 +25,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-from uuid import UUID, uuid5
+from uuid import uuid5
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
-from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlmodel import col
 
 from services.bridge.admission import (
     AdmissionLedger,
+    NotRegistered,
     Registration,
+    Slot,
     SlotGate,
     Steering,
 )
@@ -65,7 +65,6 @@ from shared.contracts import (
     UpdateAddress,
     command_adapter,
 )
-from shared.db import ProcessedCommand
 from shared.settings import Settings
 from shared.temporal import connect_temporal, tracing_interceptors
 
@@ -78,6 +77,8 @@ SWEEP_INTERVAL_SECONDS = 1.0
 WAITING_FOR_PLACEMENT = "waiting for the order's placement"
 APPLIES_AT_START = "applies when the order's lifecycle starts"
 CANCELLED_BEFORE_ADMISSION = "cancelled before its lifecycle started"
+# the outcome of a command found in `processed_commands`: acked, and not recorded again
+ALREADY_PROCESSED = Outcome(OutcomeKind.DUPLICATE, "command already processed")
 
 LOG_EVENT_OF_OUTCOME: dict[OutcomeKind, str] = {
     OutcomeKind.ACCEPTED: "command accepted",
@@ -99,12 +100,10 @@ async def run_bridge(settings: Settings, stop: asyncio.Event) -> None:
         placement_channel, _ = await broker.open_channel(connection, settings.placement_prefetch)
         placements = await declare_placement_queue(placement_channel, topology, settings)
         commands = await declare_command_queue(command_channel, topology, settings)
-        sessions = db.session_factory(engine)
         bridge = Bridge(
             OrderLifecycles(temporal, settings),
-            AdmissionLedger(sessions, settings.max_running_lifecycles),
+            AdmissionLedger(engine, settings.max_running_lifecycles),
             SlotGate(settings.database_url),
-            ProcessedCommands(sessions),
             topology,
             stop,
         )
@@ -131,14 +130,12 @@ class Bridge:
         lifecycles: OrderLifecycles,
         ledger: AdmissionLedger,
         gate: SlotGate,
-        processed: ProcessedCommands,
         topology: Topology,
         stop: asyncio.Event,
     ) -> None:
         self._lifecycles = lifecycles
         self._ledger = ledger
         self.gate = gate
-        self._processed = processed
         self._topology = topology
         self._stop = stop
         self._order_locks = OrderLocks()
@@ -151,13 +148,13 @@ class Bridge:
         steering: SteeringCommand = command
         self._bind_log_context(command)
         async with self._ordered(command.order_id):
-            outcome = await self._apply_once(command, lambda: self._steer(steering))
+            outcome = await self._conclude(command, await self._steer(steering))
         await self._settle(message, outcome)
 
     async def handle_placement(self, message: AbstractIncomingMessage, command: PlaceOrder) -> None:
         """Not under the order's lock throughout: the wait for a slot must not hold up commands."""
         self._bind_log_context(command)
-        outcome = await self._apply_once(command, lambda: self._place(command))
+        outcome = await self._place(command)
         await self._settle(message, outcome)
 
     @staticmethod
@@ -172,13 +169,12 @@ class Bridge:
         await message.ack()
         log.info(LOG_EVENT_OF_OUTCOME[outcome.kind], outcome=outcome.kind.value, reason=outcome.detail)
 
-    async def _apply_once(self, command: Command, apply: Callable[[], Awaitable[Outcome]]) -> Outcome:
-        if await self._retry(lambda: self._processed.contains(command.command_id)):
-            return Outcome(OutcomeKind.DUPLICATE, "command already processed")
-        outcome = await apply()
-        if outcome.kind is OutcomeKind.REJECTED:
-            await self._publish(rejection_event(command, outcome.detail or ""))
-        await self._retry(lambda: self._processed.record(command, outcome))
+    async def _conclude(self, command: Command, outcome: Outcome) -> Outcome:
+        """Publish a rejection, then record the outcome (a processed command has its record)."""
+        if outcome is not ALREADY_PROCESSED:
+            if outcome.kind is OutcomeKind.REJECTED:
+                await self._publish(rejection_event(command, outcome.detail or ""))
+            await self._retry(lambda: self._ledger.record(command, outcome))
         return outcome
 
     # --- placements ------------------------------------------------------------------------------
@@ -186,30 +182,42 @@ class Bridge:
         """Register the placement, wait for a slot, start the lifecycle."""
         async with self._ordered(command.order_id):
             registration = await self._retry(
-                lambda: self._ledger.register(command, lambda r: self._publish_registration(command, r))
+                lambda: self._ledger.register(
+                    command,
+                    lambda r: self._publish_registration(command, r),
+                    # only while none of this bridge's placements waits, so none is overtaken
+                    take_free_slot=self.gate.idle(),
+                )
             )
-        if registration is None:
-            return Outcome(OutcomeKind.REJECTED, ORDER_EXISTS)
+        if registration is NotRegistered.PROCESSED:
+            return ALREADY_PROCESSED
+        if registration is NotRegistered.PLACED_BY_ANOTHER:
+            return await self._conclude(command, Outcome(OutcomeKind.REJECTED, ORDER_EXISTS))
         if registration.status is AdmissionStatus.CANCELLED:
-            return Outcome(OutcomeKind.ACCEPTED, CANCELLED_BEFORE_ADMISSION)
-        slot = await self.gate.wait_for(
+            return await self._conclude(command, Outcome(OutcomeKind.ACCEPTED, CANCELLED_BEFORE_ADMISSION))
+        return await self._admit(command, registration.slot)
+
+    async def _admit(self, command: PlaceOrder, slot: Slot | None) -> Outcome:
+        """Start the registered order's lifecycle in its slot, once it has one."""
+        taken = slot or await self.gate.wait_for(
             lambda: self._retry(lambda: self._ledger.take_slot(command.order_id)), self._stop
         )
-        if slot is AdmissionStatus.WAITING:
+        if taken is AdmissionStatus.WAITING:
             raise Stopping  # still waiting: the broker keeps the placement for the next bridge
-        if isinstance(slot, AdmissionStatus):
-            return Outcome(OutcomeKind.ACCEPTED, CANCELLED_BEFORE_ADMISSION)
+        if isinstance(taken, AdmissionStatus):
+            return await self._conclude(command, Outcome(OutcomeKind.ACCEPTED, CANCELLED_BEFORE_ADMISSION))
         log.info(
             "lifecycle admitted",
-            admission_wait_seconds=round((datetime.now(UTC) - slot.queued_at).total_seconds(), 3),
+            admission_wait_seconds=round((datetime.now(UTC) - taken.queued_at).total_seconds(), 3),
         )
         outcome = await self._retry(
-            lambda: self._lifecycles.start(command, slot.queued_at, slot.early_commands)
+            lambda: self._lifecycles.start(command, taken.queued_at, taken.early_commands)
         )
         if outcome.kind is OutcomeKind.REJECTED:
-            await self._retry(lambda: self._ledger.not_started(command.order_id))
+            await self._publish(rejection_event(command, outcome.detail or ""))
+            await self._retry(lambda: self._ledger.not_started(command, outcome))
         else:
-            await self._retry(lambda: self._ledger.started(command.order_id))
+            await self._retry(lambda: self._ledger.started(command, outcome))
         return outcome
 
     async def _publish_registration(self, command: PlaceOrder, registration: Registration) -> None:
@@ -228,6 +236,8 @@ class Bridge:
                 )
             )
             match steering:
+                case Steering.PROCESSED:
+                    return ALREADY_PROCESSED
                 case Steering.SIGNAL:
                     return await self._retry(lambda: self._lifecycles.signal(command))
                 case Steering.APPLIED_WAITING:
@@ -278,7 +288,7 @@ class Bridge:
     async def _reject_parked(self, commands: list[Command]) -> None:
         for command in commands:
             await self._publish(rejection_event(command, UNKNOWN_ORDER))
-            await self._processed.record(command, Outcome(OutcomeKind.REJECTED, UNKNOWN_ORDER), replace=True)
+            await self._ledger.record(command, Outcome(OutcomeKind.REJECTED, UNKNOWN_ORDER), replace=True)
             log.info("parked command rejected", order_id=command.order_id, command_id=str(command.command_id))
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -324,39 +334,6 @@ def cancelled_before_admission(command: SteeringCommand) -> OrderEvent:
     """The end of an order cancelled while it waited: seq 2, after its `queued`."""
     reason = (command.payload.reason if isinstance(command, CancelOrder) else None) or "cancelled on request"
     return bridge_event(command, EventType.CANCELLED, seq=2, reason=reason, refunded=False, admitted=False)
-
-
-class ProcessedCommands:
-    """The bridge's tracking records: a command id recorded here has had its one effect."""
-
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
-        self._sessions = sessions
-
-    async def contains(self, command_id: UUID) -> bool:
-        async with self._sessions() as session:
-            found = await session.scalar(
-                select(col(ProcessedCommand.command_id)).where(col(ProcessedCommand.command_id) == command_id)
-            )
-        return found is not None
-
-    async def record(self, command: Command, outcome: Outcome, replace: bool = False) -> None:
-        """Record the outcome; `replace` overrules an earlier one (a parked command rejected)."""
-        statement = insert(ProcessedCommand).values(
-            command_id=command.command_id,
-            order_id=command.order_id,
-            type=command.type.value,
-            outcome=outcome.kind.value,
-            detail=outcome.detail,
-        )
-        if replace:
-            statement = statement.on_conflict_do_update(
-                index_elements=[col(ProcessedCommand.command_id)],
-                set_={"outcome": outcome.kind.value, "detail": outcome.detail},
-            )
-        else:
-            statement = statement.on_conflict_do_nothing()
-        async with db.transaction(self._sessions) as session:
-            await session.execute(statement)
 
 
 class OrderLocks:
