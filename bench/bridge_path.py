@@ -62,16 +62,17 @@ class Tally:
             record.driver_connection.add_query_logger(self._simple_query)
 
         @event.listens_for(engine.sync_engine, "before_cursor_execute")
-        def count_statement(*args: Any) -> None:
-            context = args[4]
+        def count_statement(connection: Any, *_: Any) -> None:
             if self.on:
                 self.counts["statements"] += 1
-                if context.execution_options.get("isolation_level") == "AUTOCOMMIT":
+                if connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
                     self.counts["autocommit"] += 1
 
     def _simple_query(self, record: Any) -> None:
         if self.on:
-            self.counts[record.query.strip().rstrip(";") or "ping"] += 1
+            # `BEGIN ISOLATION LEVEL ...` once a connection's isolation level was set and reset
+            words = record.query.rstrip(";").split()
+            self.counts[words[0] if words else "ping"] += 1
 
     def per_order(self, orders: int) -> dict[str, float]:
         c = self.counts
