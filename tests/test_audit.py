@@ -12,6 +12,7 @@ from uuid import uuid4
 import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractChannel, AbstractQueue
+from prometheus_client import REGISTRY
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
@@ -29,9 +30,10 @@ from service_support import (
     was_dead_lettered,
 )
 from services.audit.consumer import AuditLog, run_audit
+from services.audit.projection import record_events
 from shared.broker import ERROR_HEADER, Topology, declare_audit_queue, publish_event
 from shared.contracts import EventType, OrderEvent, OrderState
-from shared.db import AuditEvent, Order
+from shared.db import AuditEvent, Order, transaction
 from shared.settings import Settings
 
 Broker = tuple[AbstractChannel, Topology]
@@ -346,3 +348,148 @@ async def test_a_handler_cancelled_mid_batch_holds_up_no_later_event(
 
     assert kept_message.acked
     assert [row.seq for row in await stored_events(db_sessions, order_id)] == [1, 2]
+
+
+# --- batches ---------------------------------------------------------------------------------------
+async def record(sessions: Sessions, *events: OrderEvent) -> list[bool]:
+    """The events recorded in one transaction, as one batch of the consumer."""
+    async with transaction(sessions) as session:
+        return await record_events(session, events)
+
+
+def ended(outcome: str) -> tuple[float, float, float]:
+    """The lifecycles counted as ended with `outcome`, and the count and sum of their durations."""
+    labels = {"outcome": outcome}
+    return (
+        REGISTRY.get_sample_value("orderflow_lifecycles_ended_total", labels) or 0.0,
+        REGISTRY.get_sample_value("orderflow_lifecycle_duration_seconds_count", labels) or 0.0,
+        REGISTRY.get_sample_value("orderflow_lifecycle_duration_seconds_sum", labels) or 0.0,
+    )
+
+
+async def test_a_batch_tells_new_events_from_repeats(db_sessions: Sessions, order_id: str) -> None:
+    received, validated, approved = (
+        event(order_id, 1, EventType.RECEIVED),
+        event(order_id, 2, EventType.VALIDATED),
+        event(order_id, 4, EventType.APPROVED),
+    )
+    await record(db_sessions, validated)
+    # another event under a seq already stored is a repeat too, whatever its id
+    same_seq = event(order_id, 2, EventType.AWAITING_APPROVAL)
+
+    outcomes = await record(db_sessions, received, validated, received, same_seq, approved)
+
+    assert outcomes == [True, False, False, False, True]
+    assert [(row.seq, row.type) for row in await stored_events(db_sessions, order_id)] == [
+        (1, "received"),
+        (2, "validated"),
+        (4, "approved"),
+    ]
+    assert await progress(db_sessions, order_id) == ("approved", 4, approved.occurred_at)
+
+
+async def test_a_batch_out_of_seq_order_leaves_the_order_at_its_newest_event(
+    db_sessions: Sessions, order_id: str
+) -> None:
+    validated, awaiting, charged = (
+        event(order_id, 2, EventType.VALIDATED),
+        event(order_id, 3, EventType.AWAITING_APPROVAL),
+        event(order_id, 5, EventType.PAYMENT_CHARGED),
+    )
+    await record(db_sessions, charged, validated, awaiting)
+    assert await progress(db_sessions, order_id) == ("paid", 5, charged.occurred_at)
+
+    await record(db_sessions, event(order_id, 4, EventType.APPROVED))
+    assert await progress(db_sessions, order_id) == ("paid", 5, charged.occurred_at)
+
+
+async def test_a_reason_stays_until_a_newer_event_brings_one(db_sessions: Sessions, order_id: str) -> None:
+    """A state-changing event without a reason leaves the one an older event of the same batch
+    brought, as when they come one at a time."""
+    failed = event(order_id, 5, EventType.FAILED, reason="payment declined")
+    terminated = event(order_id, 6, EventType.TERMINATED)
+    await record(db_sessions, failed, terminated)
+
+    order = await order_row(db_sessions, order_id)
+    assert (order.state, order.last_event_seq, order.reason) == ("terminated", 6, "payment declined")
+
+
+async def test_events_of_an_order_without_a_row_are_stored_and_project_nothing(
+    db_sessions: Sessions,
+) -> None:
+    order_id = unique_id("ord")
+    events = [
+        event(order_id, 1, EventType.RECEIVED),
+        event(order_id, 2, EventType.ADDRESS_UPDATED, address=NEW_ADDRESS),
+        event(order_id, 3, EventType.CARRIER_DISPATCHED, tracking_number="TRK-1"),
+    ]
+
+    assert await record(db_sessions, *events) == [True, True, True]
+
+    assert [row.seq for row in await stored_events(db_sessions, order_id)] == [1, 2, 3]
+    async with db_sessions() as session:
+        assert await session.get(Order, order_id) is None
+
+
+async def test_a_fact_older_than_one_recorded_changes_nothing(db_sessions: Sessions, order_id: str) -> None:
+    newest = event(order_id, 3, EventType.ADDRESS_UPDATED, address=NEWEST_ADDRESS)
+    await record(db_sessions, newest)
+
+    await record(db_sessions, event(order_id, 2, EventType.ADDRESS_UPDATED, address=NEW_ADDRESS))
+
+    order = await order_row(db_sessions, order_id)
+    assert (order.address, order.updated_at) == (NEWEST_ADDRESS, newest.occurred_at)
+
+
+async def test_the_newest_facts_of_a_batch_win(db_sessions: Sessions, order_id: str) -> None:
+    dispatched = event(order_id, 7, EventType.CARRIER_DISPATCHED, tracking_number="TRK-1", address=ADDRESS)
+    shipped = event(order_id, 8, EventType.SHIPPED, tracking_number="TRK-2")
+    changes = [
+        event(order_id, seq, EventType.ADDRESS_UPDATED, address=address)
+        for seq, address in ((3, NEW_ADDRESS), (4, NEWEST_ADDRESS))
+    ]
+    await record(db_sessions, changes[1], dispatched, changes[0], shipped)
+
+    order = await order_row(db_sessions, order_id)
+    # the dispatch's `address` is where it went, not a change of the order's address
+    assert (order.address, order.tracking_number) == (NEWEST_ADDRESS, "TRK-2")
+    assert await progress(db_sessions, order_id) == ("shipped", 8, shipped.occurred_at)
+
+
+async def test_a_fact_recorded_concurrently_is_not_overtaken_by_an_older_one(
+    db_sessions: Sessions, order_id: str
+) -> None:
+    """A batch waits for one storing events before it (the table's position lock), then sees its
+    events: an older fact recorded meanwhile does not replace the newer one."""
+    newer = event(order_id, 3, EventType.ADDRESS_UPDATED, address=NEWEST_ADDRESS)
+    older = event(order_id, 2, EventType.ADDRESS_UPDATED, address=NEW_ADDRESS)
+    async with transaction(db_sessions) as session:
+        await record_events(session, [newer])
+        recording_older = asyncio.create_task(record(db_sessions, older))
+        await asyncio.sleep(0.3)
+        assert not recording_older.done()
+    assert await recording_older == [True]
+
+    assert (await order_row(db_sessions, order_id)).address == NEWEST_ADDRESS
+
+
+async def test_a_batch_with_an_ending_counts_it_once(db_sessions: Sessions, order_id: str) -> None:
+    audit_log = AuditLog(db_sessions, asyncio.Event())
+    admitted = event(order_id, 2, EventType.ADMITTED)
+    completed = OrderEvent(
+        event_id=uuid4(),
+        type=EventType.COMPLETED,
+        order_id=order_id,
+        seq=3,
+        occurred_at=admitted.occurred_at + timedelta(seconds=3.5),
+    )
+    before = ended("completed")
+
+    batch = [admitted, event(order_id, 1, EventType.RECEIVED), completed, completed]
+    await asyncio.gather(*(audit_log.handle(AckedMessage(), one) for one in batch))  # type: ignore[arg-type]
+    await audit_log.handle(AckedMessage(), completed)  # type: ignore[arg-type]
+
+    count, timed, seconds = ended("completed")
+    assert (count, timed) == (before[0] + 1, before[1] + 1)
+    assert seconds == pytest.approx(before[2] + 3.5)
+    assert await progress(db_sessions, order_id) == ("completed", 3, completed.occurred_at)

@@ -3,11 +3,12 @@ events: each event is recorded once, so each ending is counted once, whichever c
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from prometheus_client import Counter, Histogram
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
@@ -32,15 +33,26 @@ class LifecycleEnding:
     seconds: float | None  # None: never admitted (cancelled while queued), or its `admitted` is not here
 
 
-async def lifecycle_ending(session: AsyncSession, terminal: OrderEvent) -> LifecycleEnding:
-    """The ending `terminal` records, timed from the order's `admitted` event if it has one."""
-    admitted_at = await session.scalar(
-        select(col(AuditEvent.occurred_at)).where(
-            col(AuditEvent.order_id) == terminal.order_id,
-            col(AuditEvent.seq) > 0,  # lifecycle events: the (order_id, seq) index covers them
-            col(AuditEvent.type) == EventType.ADMITTED.value,
-        )
-    )
+# the (order_id, seq) index covers lifecycle events, seq > 0
+ADMISSIONS = select(col(AuditEvent.order_id), col(AuditEvent.occurred_at)).where(
+    col(AuditEvent.order_id).in_(bindparam("order_ids", expanding=True)),
+    col(AuditEvent.seq) > 0,
+    col(AuditEvent.type) == EventType.ADMITTED.value,
+)
+
+
+async def lifecycle_endings(session: AsyncSession, terminals: Sequence[OrderEvent]) -> list[LifecycleEnding]:
+    """The endings `terminals` record, each timed from its order's `admitted` event if it has one
+    (one query for them all)."""
+    if not terminals:
+        return []
+    order_ids = sorted({terminal.order_id for terminal in terminals})
+    admissions = await session.execute(ADMISSIONS, {"order_ids": order_ids})
+    admitted_at: dict[str, datetime] = dict(admissions.all())
+    return [_ending(terminal, admitted_at.get(terminal.order_id)) for terminal in terminals]
+
+
+def _ending(terminal: OrderEvent, admitted_at: datetime | None) -> LifecycleEnding:
     seconds = None if admitted_at is None else (terminal.occurred_at - admitted_at).total_seconds()
     return LifecycleEnding(terminal.type, seconds)
 

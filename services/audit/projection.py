@@ -1,22 +1,31 @@
-"""The audit table and the `orders` read model, written from one event in one transaction.
+"""The audit table and the `orders` read model, written from a batch of events in one transaction.
 
 Events may arrive twice or out of order. The audit row is unique on `event_id` and on
 `(order_id, seq)`, so a repeat inserts nothing and projects nothing. The projection never moves an
 order back: `state` comes from the newest state-changing event (`last_event_seq` is that event's
 seq), and `address` and `tracking_number` from the newest event of the type that carries them.
+
+A batch costs two statements whatever its size: one insert of all its events, then one update of
+the orders that its new events project onto, with the outcome of applying those events one at a
+time in seq order. A missing order row (no `order_received` yet) is skipped.
+
+Consumers may record batches concurrently. Every transaction that stores events holds the audit
+table's position lock from its first insert until it commits (migration 0004), and the projection
+runs after the insert: it sees every event committed before, and a transaction storing events
+later waits for this one and then sees them all. Batches project one after another, so they
+neither miss a newer event of a fact's type nor deadlock on the orders' rows.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from collections.abc import Hashable, Sequence
+from typing import Any, TypeVar
 
-from sqlalchemy import func, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
 
 from shared.contracts import EventType, OrderEvent, OrderState
-from shared.db import AuditEvent, Order
 
 STATE_OF_EVENT: dict[EventType, OrderState] = {
     EventType.QUEUED: OrderState.QUEUED,
@@ -47,76 +56,167 @@ FACT_OF_EVENT: dict[EventType, str] = {
 
 EVENTS_WITH_REASON = frozenset({EventType.CANCELLED, EventType.FAILED, EventType.TERMINATED})
 
+Key = TypeVar("Key", bound=Hashable)
+
+# `position` comes from the table's trigger (per row: the position lock, already held after the
+# first, the next number and a NOTIFY, which PostgreSQL sends once at commit), `recorded_at` from
+# its default
+STORE_EVENTS = text(
+    """
+    INSERT INTO order_events
+        (event_id, order_id, seq, type, occurred_at, correlation_id, command_id, data)
+    SELECT event_id, order_id, seq, type, occurred_at, correlation_id, command_id, CAST(data AS jsonb)
+    FROM unnest(
+        CAST(:event_ids AS uuid[]), CAST(:order_ids AS text[]), CAST(:seqs AS integer[]),
+        CAST(:types AS text[]), CAST(:occurred_ats AS timestamptz[]),
+        CAST(:correlation_ids AS text[]), CAST(:command_ids AS uuid[]), CAST(:data AS text[])
+    ) WITH ORDINALITY AS event
+        (event_id, order_id, seq, type, occurred_at, correlation_id, command_id, data, place)
+    -- in the batch's order: positions follow it, and of two copies of one event the first is stored
+    ORDER BY place
+    ON CONFLICT DO NOTHING
+    RETURNING event_id
+    """
+)
+
+# Per order, from the batch's new events: the newest state-changing one applies if newer than
+# `last_event_seq`, and the reason of the newest one with a reason if that is newer too (as
+# applying them one at a time in seq order would). The newest event of each fact's type applies
+# unless an event of that type with a higher seq is recorded; of two applied to one column
+# (`tracking_number`), the newer wins. `updated_at`: the state's event's time, or a later fact's.
+PROJECT_ONTO_ORDERS = text(
+    """
+    WITH state_change AS (
+        SELECT * FROM unnest(
+            CAST(:state_order_ids AS text[]), CAST(:state_seqs AS integer[]),
+            CAST(:states AS text[]), CAST(:state_times AS timestamptz[]),
+            CAST(:reason_seqs AS integer[]), CAST(:reasons AS text[])
+        ) AS change (order_id, state_seq, state, state_at, reason_seq, reason)
+    ),
+    fact_change AS (
+        SELECT
+            fact.order_id,
+            (array_agg(CAST(fact.address AS jsonb) ORDER BY fact.seq DESC)
+                FILTER (WHERE fact.address IS NOT NULL))[1] AS address,
+            (array_agg(fact.tracking_number ORDER BY fact.seq DESC)
+                FILTER (WHERE fact.tracking_number IS NOT NULL))[1] AS tracking_number,
+            max(fact.occurred_at) AS fact_at
+        FROM unnest(
+            CAST(:fact_order_ids AS text[]), CAST(:fact_types AS text[]),
+            CAST(:fact_seqs AS integer[]), CAST(:fact_times AS timestamptz[]),
+            CAST(:addresses AS text[]), CAST(:tracking_numbers AS text[])
+        ) AS fact (order_id, type, seq, occurred_at, address, tracking_number)
+        WHERE NOT EXISTS (
+            SELECT FROM order_events AS newer
+            -- seq > 0 as well: the (order_id, seq) index covers lifecycle events only
+            WHERE newer.order_id = fact.order_id AND newer.type = fact.type
+                AND newer.seq > 0 AND newer.seq > fact.seq
+        )
+        GROUP BY fact.order_id
+    ),
+    change AS (
+        SELECT * FROM state_change FULL JOIN fact_change USING (order_id)
+    )
+    UPDATE orders SET
+        state = CASE WHEN change.state_seq > orders.last_event_seq
+            THEN change.state ELSE orders.state END,
+        last_event_seq = greatest(orders.last_event_seq, change.state_seq),
+        reason = CASE WHEN change.reason_seq > orders.last_event_seq
+            THEN change.reason ELSE orders.reason END,
+        address = coalesce(change.address, orders.address),
+        tracking_number = coalesce(change.tracking_number, orders.tracking_number),
+        updated_at = greatest(
+            CASE WHEN change.state_seq > orders.last_event_seq
+                THEN change.state_at ELSE orders.updated_at END,
+            change.fact_at
+        )
+    FROM change
+    WHERE orders.id = change.order_id
+        AND (change.state_seq > orders.last_event_seq OR change.fact_at IS NOT NULL)
+    """
+)
+
+
+async def record_events(session: AsyncSession, events: Sequence[OrderEvent]) -> list[bool]:
+    """Store the events and project the new ones; per event, False if it was stored before (or
+    earlier in `events`), and nothing was done for it."""
+    inserted = await session.execute(STORE_EVENTS, _store_parameters(events))
+    inserted_ids = set(inserted.scalars())
+    recorded: list[bool] = []
+    new_events: list[OrderEvent] = []
+    for event in events:
+        is_new = event.event_id in inserted_ids
+        inserted_ids.discard(event.event_id)  # a second copy of it is a duplicate
+        recorded.append(is_new)
+        if is_new:
+            new_events.append(event)
+    projection = _projection_parameters(new_events)
+    if projection is not None:
+        await session.execute(PROJECT_ONTO_ORDERS, projection)
+    return recorded
+
 
 async def record_event(session: AsyncSession, event: OrderEvent) -> bool:
-    """Store the event and project it; False if it was stored before (nothing done)."""
-    inserted = await session.execute(
-        insert(AuditEvent)
-        .values(event.model_dump())
-        .on_conflict_do_nothing()
-        .returning(col(AuditEvent.event_id))
-    )
-    if inserted.first() is None:
-        return False
-    if event.seq > 0:  # seq 0: a rejection outside any lifecycle, nothing to project
-        await _project_state(session, event)
-        await _project_fact(session, event)
-    return True
+    """Store one event and project it; False if it was stored before (nothing done)."""
+    [is_new] = await record_events(session, [event])
+    return is_new
 
 
-async def _project_state(session: AsyncSession, event: OrderEvent) -> None:
-    state = STATE_OF_EVENT.get(event.type)
-    if state is None:
-        return
-    values: dict[str, Any] = {
-        "state": state.value,
-        "last_event_seq": event.seq,
-        "updated_at": event.occurred_at,
+def _store_parameters(events: Sequence[OrderEvent]) -> dict[str, list[Any]]:
+    return {
+        "event_ids": [event.event_id for event in events],
+        "order_ids": [event.order_id for event in events],
+        "seqs": [event.seq for event in events],
+        "types": [event.type.value for event in events],
+        "occurred_ats": [event.occurred_at for event in events],
+        "correlation_ids": [event.correlation_id for event in events],
+        "command_ids": [event.command_id for event in events],
+        "data": [json.dumps(event.data) for event in events],
     }
-    if event.type in EVENTS_WITH_REASON and event.data.get("reason"):
-        values["reason"] = event.data["reason"]
-    # a missing row (no order_received yet) matches nothing: the projection is skipped
-    await session.execute(
-        update(Order)
-        .where(col(Order.id) == event.order_id, col(Order.last_event_seq) < event.seq)
-        .values(values)
-    )
 
 
-async def _project_fact(session: AsyncSession, event: OrderEvent) -> None:
-    column = FACT_OF_EVENT.get(event.type)
-    value = event.data.get(column) if column else None
-    if column is None or value is None:
-        return
-    if not await _lock_order(session, event.order_id):
-        return
-    if await _newer_event_of_type(session, event):
-        return
-    await session.execute(
-        update(Order)
-        .where(col(Order.id) == event.order_id)
-        .values({column: value, "updated_at": func.greatest(col(Order.updated_at), event.occurred_at)})
-    )
+def _projection_parameters(new_events: list[OrderEvent]) -> dict[str, list[Any]] | None:
+    """`PROJECT_ONTO_ORDERS`'s parameters for these newly stored events; None if they project
+    nothing."""
+    newest_state: dict[str, OrderEvent] = {}
+    newest_reason: dict[str, OrderEvent] = {}
+    newest_fact: dict[tuple[str, EventType], OrderEvent] = {}
+    for event in new_events:
+        if event.seq == 0:  # a rejection outside any lifecycle, nothing to project
+            continue
+        if event.type in STATE_OF_EVENT:
+            _keep_newest(newest_state, event.order_id, event)
+            if event.type in EVENTS_WITH_REASON and event.data.get("reason"):
+                _keep_newest(newest_reason, event.order_id, event)
+        if event.type in FACT_OF_EVENT:
+            _keep_newest(newest_fact, (event.order_id, event.type), event)
+    # the newest event of a fact's type wins: one that carries no value leaves the column as it is
+    facts = [event for event in newest_fact.values() if event.data.get(FACT_OF_EVENT[event.type]) is not None]
+    if not newest_state and not facts:
+        return None
+    state_orders = list(newest_state)
+    reasons = [newest_reason.get(order_id) for order_id in state_orders]
+    return {
+        "state_order_ids": state_orders,
+        "state_seqs": [newest_state[order_id].seq for order_id in state_orders],
+        "states": [STATE_OF_EVENT[newest_state[order_id].type].value for order_id in state_orders],
+        "state_times": [newest_state[order_id].occurred_at for order_id in state_orders],
+        "reason_seqs": [None if event is None else event.seq for event in reasons],
+        "reasons": [None if event is None else event.data["reason"] for event in reasons],
+        "fact_order_ids": [event.order_id for event in facts],
+        "fact_types": [event.type.value for event in facts],
+        "fact_seqs": [event.seq for event in facts],
+        "fact_times": [event.occurred_at for event in facts],
+        "addresses": [None if value is None else json.dumps(value) for value in _values(facts, "address")],
+        "tracking_numbers": _values(facts, "tracking_number"),
+    }
 
 
-async def _lock_order(session: AsyncSession, order_id: str) -> bool:
-    """Lock the order's row (False if there is none yet).
-
-    Holding it, the check for a newer event sees every concurrent transaction that projected one
-    before us, and any that comes later waits for us and then sees our event.
-    """
-    row = await session.execute(select(col(Order.id)).where(col(Order.id) == order_id).with_for_update())
-    return row.first() is not None
+def _keep_newest(newest: dict[Key, OrderEvent], key: Key, event: OrderEvent) -> None:
+    if key not in newest or newest[key].seq < event.seq:
+        newest[key] = event
 
 
-async def _newer_event_of_type(session: AsyncSession, event: OrderEvent) -> bool:
-    newer = await session.execute(
-        select(col(AuditEvent.event_id))
-        .where(
-            col(AuditEvent.order_id) == event.order_id,
-            col(AuditEvent.type) == event.type.value,
-            col(AuditEvent.seq) > event.seq,
-        )
-        .limit(1)
-    )
-    return newer.first() is not None
+def _values(facts: list[OrderEvent], column: str) -> list[Any]:
+    """Per fact event, the value it carries for `column`; None where it carries another's."""
+    return [event.data[column] if FACT_OF_EVENT[event.type] == column else None for event in facts]
