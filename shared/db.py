@@ -179,8 +179,15 @@ async def insert_order(session: AsyncSession, order: PlaceOrder, state: OrderSta
     )
 
 
-def create_engine(settings: Settings) -> AsyncEngine:
-    return create_async_engine(settings.database_url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+def create_engine(settings: Settings, *, pre_ping: bool = False) -> AsyncEngine:
+    """A pool of connections to the database.
+
+    `pre_ping` checks each connection as it leaves the pool: a round trip per transaction, worth
+    it only where nobody retries. The services' own work retries what a transient failure stops,
+    and a connection found dead invalidates the whole pool, so after a restart of PostgreSQL each
+    process meets one failure, not one per pooled connection.
+    """
+    return create_async_engine(settings.database_url, pool_size=10, max_overflow=10, pool_pre_ping=pre_ping)
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -113,7 +113,8 @@ class Connections:
 
     @classmethod
     async def open(cls, settings: Settings) -> Connections:
-        engine = db.create_engine(settings)  # connects lazily, from its pool
+        # connects lazily, from its pool; a request is not retried, so each connection is checked
+        engine = db.create_engine(settings, pre_ping=True)
         connections = cls(
             broker=LazyConnection("broker", partial(open_broker, settings), close_broker),
             temporal=LazyConnection("temporal", partial(connect_temporal, settings, patience=0)),
