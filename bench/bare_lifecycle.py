@@ -6,8 +6,9 @@
 
 The six business steps are the project's own activity signatures (`OrderActivities`) implemented by
 the contract's fault injector alone (`services.workers.faults.flaky_call`, unchanged), run as local
-activities through the project's own `run_step` (3 attempts in flight × 0.3 s by default, from the
-same `LifecyclePolicy` as the pipeline's settings), by workers configured as the project's. Nothing
+activities through the project's own `run_step` (one local activity per step, 3 attempts in flight
+× 0.3 s inside it by default, from the same `LifecyclePolicy` as the pipeline's settings), by
+workers configured as the project's. Nothing
 else: no events published, no status kept, no progress signals from the child, no admission. Two
 points of the lifecycle are reported to the bench on the worker's stdout by a local activity
 (`notify`): when the order waits for approval (the bench then signals `approve`) and how it ended.
@@ -46,7 +47,7 @@ with workflow.unsafe.imports_passed_through():
         ReleaseAdmissionInput,
         ValidateOrderInput,
     )
-    from services.workers.steps import Activity, StepExhausted, StepPolicy, run_step
+    from services.workers.steps import AttemptLog, StepActivity, StepExhausted, StepPolicy, run_step
     from shared.contracts import Address, Step
     from shared.lifecycle import WORKFLOW_TASK_TIMEOUT, LifecyclePolicy, OrderWorkflowInput
 
@@ -136,13 +137,9 @@ async def notify(notice: str) -> None:
 
 
 # --- workflows -----------------------------------------------------------------------------------
-def _no_bookkeeping(step: Step, attempt: int, error: str | None) -> None:
-    """The baseline keeps no attempt log: nothing to show, nothing to log."""
-
-
-async def business_step(step: Step, activity: Activity[P, R], arg: P, policy: StepPolicy) -> R:
-    """One business step through the project's step loop."""
-    return await run_step(step, activity, arg, policy=policy, on_attempt=_no_bookkeeping)
+async def business_step(step: Step, activity: StepActivity[P, R], arg: P, policy: StepPolicy) -> R:
+    """One business step through the project's step loop (the attempts' log is not kept)."""
+    return await run_step(step, activity, arg, policy=policy, attempts=AttemptLog(step.value))
 
 
 async def tell_bench(order_id: str, event: str) -> None:
@@ -176,15 +173,18 @@ class BareOrderWorkflow:
             lifecycle.cancel()
             ending = FAILED
         if ending != COMPLETED and self._charged:
-            refund = StepPolicy.of(
-                policy, workflow.now() + timedelta(seconds=policy.lifecycle_deadline_seconds)
-            )
             payment = RefundPaymentInput(
                 order_id=order_id,
                 payment_id=start.order.payload.payment_id,
                 amount_cents=start.order.payload.amount_cents,
             )
-            await business_step(Step.REFUND, OrderActivities.refund_payment, payment, refund)
+            # as the pipeline's: one local activity, retried until it gets through
+            await workflow.execute_local_activity_method(
+                OrderActivities.refund_payment,
+                payment,
+                start_to_close_timeout=NOTIFY_TIMEOUT,
+                retry_policy=NOTIFY_RETRY,
+            )
         await tell_bench(order_id, ending)
         return ending
 
@@ -201,10 +201,10 @@ class BareOrderWorkflow:
     async def _lifecycle(self, start: OrderWorkflowInput, steps: StepPolicy, deadline: datetime) -> None:
         order = start.order
         await business_step(
-            Step.RECEIVE, OrderActivities.receive_order, ReceiveOrderInput(order=order), steps
+            Step.RECEIVE, OrderActivities.receive_order_step, ReceiveOrderInput(order=order), steps
         )
         validate = ValidateOrderInput(order_id=order.order_id)
-        await business_step(Step.VALIDATE, OrderActivities.validate_order, validate, steps)
+        await business_step(Step.VALIDATE, OrderActivities.validate_order_step, validate, steps)
         await tell_bench(order.order_id, AWAITING_APPROVAL)
         try:
             await workflow.wait_condition(lambda: self._approved, timeout=start.policy.review_window_seconds)
@@ -216,7 +216,7 @@ class BareOrderWorkflow:
             payment_id=order.payload.payment_id,
             amount_cents=order.payload.amount_cents,
         )
-        await business_step(Step.CHARGE_PAYMENT, OrderActivities.charge_payment, charge, steps)
+        await business_step(Step.CHARGE_PAYMENT, OrderActivities.charge_payment_step, charge, steps)
         shipment = BareShipment(
             order_id=order.order_id,
             address=order.payload.address,
@@ -226,7 +226,7 @@ class BareOrderWorkflow:
         )
         await self._ship(shipment)
         mark = MarkShippedInput(order_id=order.order_id)
-        await business_step(Step.MARK_SHIPPED, OrderActivities.mark_shipped, mark, steps)
+        await business_step(Step.MARK_SHIPPED, OrderActivities.mark_shipped_step, mark, steps)
 
     async def _ship(self, shipment: BareShipment) -> None:
         for attempt in range(1, shipment.policy.max_shipping_attempts + 1):
@@ -258,14 +258,14 @@ class BareShippingWorkflow:
         if not shipment.package_ready:
             prepare = PreparePackageInput(order_id=order_id)
             policy = StepPolicy.of(shipment.policy, shipment.deadline)
-            await business_step(Step.PREPARE_PACKAGE, OrderActivities.prepare_package, prepare, policy)
+            await business_step(Step.PREPARE_PACKAGE, OrderActivities.prepare_package_step, prepare, policy)
         dispatch = StepPolicy.of(
             shipment.policy, shipment.deadline, max_attempts=shipment.policy.dispatch_attempts_per_shipment
         )
         try:
             carrier = DispatchCarrierInput(order_id=order_id, address=shipment.address)
             dispatched = await business_step(
-                Step.DISPATCH_CARRIER, OrderActivities.dispatch_carrier, carrier, dispatch
+                Step.DISPATCH_CARRIER, OrderActivities.dispatch_carrier_step, carrier, dispatch
             )
         except StepExhausted:
             return Shipped(package_ready=True)

@@ -25,7 +25,6 @@ from service_support import DownDatabase
 from services.workers import business, faults
 from services.workers.activities import BusinessActivities
 from services.workers.boundary import (
-    DEPENDENCY_UNAVAILABLE,
     ORDER_INVALID,
     ReceiveOrderInput,
     ValidateOrderInput,
@@ -39,6 +38,7 @@ from services.workers.business import (
 from services.workers.faults import (
     flaky_call,  # the real one, before any test substitutes it
 )
+from services.workers.hedging import DEPENDENCY_UNAVAILABLE
 from shared import db
 from shared.contracts import (
     Address,

@@ -43,7 +43,6 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from services.workers.boundary import (
-    DEPENDENCY_UNAVAILABLE,
     ORDER_INVALID,
     ChargePaymentInput,
     ChargeResult,
@@ -58,6 +57,7 @@ from services.workers.boundary import (
     ReleaseAdmissionInput,
     ValidateOrderInput,
 )
+from services.workers.hedging import DEPENDENCY_UNAVAILABLE
 from services.workers.worker import order_worker, shipping_worker
 from shared.contracts import (
     Address,

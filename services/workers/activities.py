@@ -1,4 +1,7 @@
-"""The activities: unpack the input, call the business function, return. Nothing else lives here."""
+"""The activities: unpack the input, call the business function, return. Nothing else lives here.
+
+These are one attempt of each business step; `OrderActivities` runs a step's attempts around them.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ from temporalio.exceptions import ApplicationError
 
 from services.workers import business
 from services.workers.boundary import (
-    DEPENDENCY_UNAVAILABLE,
     ORDER_INVALID,
     PAYMENT_VOIDED,
     ChargePaymentInput,
@@ -26,7 +28,7 @@ from services.workers.boundary import (
     ReleaseAdmissionInput,
     ValidateOrderInput,
 )
-from services.workers.steps import describe_failure
+from services.workers.hedging import DEPENDENCY_UNAVAILABLE, describe_failure
 from shared import admissions
 from shared.broker import Topology, publish_event
 from shared.consuming import is_transient

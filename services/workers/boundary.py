@@ -9,16 +9,18 @@ imports this module, so it holds no I/O.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from datetime import datetime
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 from temporalio import activity
 
-from shared.contracts import Address, OrderEvent, PlaceOrder, Step, StepError
+from services.workers.hedging import AttemptPlan, StepAttempts, attempt_step
+from shared.contracts import Address, OrderEvent, PlaceOrder, Step
 from shared.lifecycle import LifecyclePolicy
 
 ORDER_INVALID = "OrderInvalid"
-DEPENDENCY_UNAVAILABLE = "DependencyUnavailable"  # the database could not be reached: not the step's fault
 PAYMENT_VOIDED = "PaymentVoided"  # a charge attempt outlived its order's stop; only ever abandoned
 """ApplicationError type of a business-rule violation: not retried, the order fails."""
 
@@ -73,8 +75,64 @@ class ReleaseAdmissionInput(BaseModel):
     order_id: str
 
 
+P = TypeVar("P", bound=BaseModel)
+R = TypeVar("R")
+
+
+class StepRun(BaseModel, Generic[P]):
+    """One business step: its input, and how to attempt it."""
+
+    plan: AttemptPlan
+    input: P
+
+
+class StepDone(BaseModel, Generic[R]):
+    """A business step that succeeded: the winning attempt's result, and how the step went."""
+
+    result: R
+    attempts: StepAttempts
+
+
+async def _run_step(run: StepRun[P], attempt: Callable[[P], Awaitable[R]]) -> StepDone[R]:
+    result, attempts = await attempt_step(run.plan, lambda: attempt(run.input))
+    return StepDone[Any](result=result, attempts=attempts)
+
+
 class OrderActivities(ABC):
-    """The activities of both workers, as the workflows see them."""
+    """The activities of both workers, as the workflows see them.
+
+    A business step is one local activity (`*_step`) that runs the step's attempts side by side
+    (`hedging.attempt_step`); each attempt calls the one-attempt method of the same name, which
+    implementations provide. Lifecycles begun before steps ran that way call the one-attempt
+    methods as activities themselves (`ATTEMPT_ACTIVITIES`).
+    """
+
+    # --- business steps --------------------------------------------------------------------------
+    @activity.defn
+    async def receive_order_step(self, run: StepRun[ReceiveOrderInput]) -> StepDone[None]:
+        return await _run_step(run, self.receive_order)
+
+    @activity.defn
+    async def validate_order_step(self, run: StepRun[ValidateOrderInput]) -> StepDone[None]:
+        return await _run_step(run, self.validate_order)
+
+    @activity.defn
+    async def charge_payment_step(self, run: StepRun[ChargePaymentInput]) -> StepDone[ChargeResult]:
+        return await _run_step(run, self.charge_payment)
+
+    @activity.defn
+    async def prepare_package_step(self, run: StepRun[PreparePackageInput]) -> StepDone[None]:
+        return await _run_step(run, self.prepare_package)
+
+    @activity.defn
+    async def dispatch_carrier_step(self, run: StepRun[DispatchCarrierInput]) -> StepDone[DispatchResult]:
+        return await _run_step(run, self.dispatch_carrier)
+
+    @activity.defn
+    async def mark_shipped_step(self, run: StepRun[MarkShippedInput]) -> StepDone[None]:
+        return await _run_step(run, self.mark_shipped)
+
+    # --- one attempt of a business step ----------------------------------------------------------
 
     @activity.defn
     @abstractmethod
@@ -116,15 +174,19 @@ class OrderActivities(ABC):
         """Give the order's admission slot back (idempotent)."""
 
 
+ATTEMPT_ACTIVITIES: dict[Step, Callable[..., Awaitable[Any]]] = {
+    Step.RECEIVE: OrderActivities.receive_order,
+    Step.VALIDATE: OrderActivities.validate_order,
+    Step.CHARGE_PAYMENT: OrderActivities.charge_payment,
+    Step.PREPARE_PACKAGE: OrderActivities.prepare_package,
+    Step.DISPATCH_CARRIER: OrderActivities.dispatch_carrier,
+    Step.MARK_SHIPPED: OrderActivities.mark_shipped,
+}
+"""Each business step's one-attempt activity, which lifecycles begun before a step was one
+activity still call (`steps.run_step_attempts`)."""
+
+
 # --- OrderWorkflow ↔ ShippingWorkflow ------------------------------------------------------------
-class StepAttempts(BaseModel):
-    """How a step the shipping child ran went: the parent owns the order's status."""
-
-    step: Step
-    attempts: int
-    errors: list[StepError] = []
-
-
 class ShippingInput(BaseModel):
     order_id: str
     parent_workflow_id: str

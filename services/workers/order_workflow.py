@@ -26,6 +26,7 @@ from temporalio.exceptions import ApplicationError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
     from services.workers.boundary import (
+        ATTEMPT_ACTIVITIES,
         ORDER_INVALID,
         CarrierDispatched,
         ChargePaymentInput,
@@ -41,18 +42,19 @@ with workflow.unsafe.imports_passed_through():
         ShippingResult,
         ValidateOrderInput,
     )
+    from services.workers.hedging import DEADLINE_EXCEEDED, deadline_reason
     from services.workers.outbox import Command, Outbox
     from services.workers.shipping_workflow import ShippingWorkflow
     from services.workers.steps import (
-        DEADLINE_EXCEEDED,
-        Activity,
+        STEP_IN_ONE_ACTIVITY_PATCH,
         AttemptLog,
         P,
         R,
+        StepActivity,
         StepDeadlineExceeded,
         StepPolicy,
-        deadline_reason,
         run_step,
+        run_step_per_attempt_activities,
     )
     from shared.contracts import (
         ApproveOrder,
@@ -157,12 +159,14 @@ class OrderWorkflow:
         self._charge_started = False
         self._review_began: datetime | None = None  # set while the order waits for its reviewer
         self._review_outside_deadline = False
+        self._step_in_one_activity = False
         self._admit(start)
 
     # --- the lifecycle ---------------------------------------------------------------------------
     @workflow.run
     async def run(self, start: OrderWorkflowInput) -> OrderStatus:
         self._review_outside_deadline = workflow.patched(REVIEW_OUTSIDE_DEADLINE_PATCH)
+        self._step_in_one_activity = workflow.patched(STEP_IN_ONE_ACTIVITY_PATCH)
         publisher = asyncio.create_task(self._outbox.publish())
         lifecycle = asyncio.create_task(self._lifecycle())
         cancelled_through_temporal = False
@@ -207,7 +211,7 @@ class OrderWorkflow:
                     continue
                 if self._review_outside_deadline and self._time_left() > timedelta(0):
                     continue  # the deadline moved on by the reviewer's time
-                reason = deadline_reason(self._status.step, self._policy.lifecycle_deadline_seconds)
+                reason = deadline_reason(self._status.step.value, self._policy.lifecycle_deadline_seconds)
                 self._stop_request = Ending(OrderState.FAILED, reason)
                 return
 
@@ -223,10 +227,14 @@ class OrderWorkflow:
 
     async def _lifecycle(self) -> None:
         order_id = self._order.order_id
-        await self._step(Step.RECEIVE, OrderActivities.receive_order, ReceiveOrderInput(order=self._order))
+        await self._step(
+            Step.RECEIVE, OrderActivities.receive_order_step, ReceiveOrderInput(order=self._order)
+        )
         self._reach(OrderState.RECEIVED, EventType.RECEIVED)
 
-        await self._step(Step.VALIDATE, OrderActivities.validate_order, ValidateOrderInput(order_id=order_id))
+        await self._step(
+            Step.VALIDATE, OrderActivities.validate_order_step, ValidateOrderInput(order_id=order_id)
+        )
         self._reach(OrderState.VALIDATED, EventType.VALIDATED)
 
         await self._review()
@@ -242,7 +250,9 @@ class OrderWorkflow:
         tracking_number = await self._ship()
         self._status.tracking_number = tracking_number
 
-        await self._step(Step.MARK_SHIPPED, OrderActivities.mark_shipped, MarkShippedInput(order_id=order_id))
+        await self._step(
+            Step.MARK_SHIPPED, OrderActivities.mark_shipped_step, MarkShippedInput(order_id=order_id)
+        )
         self._reach(OrderState.SHIPPED, EventType.SHIPPED, tracking_number=tracking_number)
 
     def _admit(self, start: OrderWorkflowInput) -> None:
@@ -305,7 +315,7 @@ class OrderWorkflow:
             payment_id=self._order.payload.payment_id,
             amount_cents=self._order.payload.amount_cents,
         )
-        return await self._step(Step.CHARGE_PAYMENT, OrderActivities.charge_payment, charge)
+        return await self._step(Step.CHARGE_PAYMENT, OrderActivities.charge_payment_step, charge)
 
     async def _ship(self) -> str:
         """Run ShippingWorkflow until one dispatches to the order's current address; each
@@ -552,10 +562,15 @@ class OrderWorkflow:
         )
 
     # --- helpers ---------------------------------------------------------------------------------
-    async def _step(self, step: Step, activity: Activity[P, R], arg: P) -> R:
+    async def _step(self, step: Step, activity: StepActivity[P, R], arg: P) -> R:
         self._status.step = step
         try:
-            return await run_step(step, activity, arg, policy=self._step_policy, on_attempt=self._attempts)
+            if self._step_in_one_activity:
+                return await run_step(step, activity, arg, policy=self._step_policy, attempts=self._attempts)
+            attempt: Any = ATTEMPT_ACTIVITIES[step]
+            return await run_step_per_attempt_activities(
+                step, attempt, arg, policy=self._step_policy, on_attempt=self._attempts
+            )
         except StepDeadlineExceeded as exceeded:
             raise LifecycleStopped(Ending(OrderState.FAILED, exceeded.message)) from exceeded
         except ApplicationError as err:

@@ -9,11 +9,13 @@ the parent `DispatchFailed(reason)` and ends; the parent decides whether to ship
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from services.workers.boundary import (
+        ATTEMPT_ACTIVITIES,
         CarrierDispatched,
         DispatchCarrierInput,
         DispatchFailed,
@@ -24,7 +26,17 @@ with workflow.unsafe.imports_passed_through():
         ShippingInput,
         ShippingResult,
     )
-    from services.workers.steps import AttemptLog, StepExhausted, StepPolicy, run_step
+    from services.workers.steps import (
+        STEP_IN_ONE_ACTIVITY_PATCH,
+        AttemptLog,
+        P,
+        R,
+        StepActivity,
+        StepExhausted,
+        StepPolicy,
+        run_step,
+        run_step_per_attempt_activities,
+    )
     from shared.contracts import Address, Step
     from shared.lifecycle import SHIPPING_WORKFLOW, Signals
 
@@ -35,21 +47,17 @@ class ShippingWorkflow:
     def __init__(self, shipment: ShippingInput) -> None:
         self._address = shipment.address
         self._attempts = AttemptLog(shipment.order_id)
+        self._step_in_one_activity = False
 
     @workflow.run
     async def run(self, shipment: ShippingInput) -> ShippingResult:
+        self._step_in_one_activity = workflow.patched(STEP_IN_ONE_ACTIVITY_PATCH)
         parent = workflow.get_external_workflow_handle(shipment.parent_workflow_id)
         policy = StepPolicy.of(shipment.policy, shipment.deadline)
 
         if not shipment.package_ready:
             prepare = PreparePackageInput(order_id=shipment.order_id)
-            await run_step(
-                Step.PREPARE_PACKAGE,
-                OrderActivities.prepare_package,
-                prepare,
-                policy=policy,
-                on_attempt=self._attempts,
-            )
+            await self._step(Step.PREPARE_PACKAGE, OrderActivities.prepare_package_step, prepare, policy)
             # awaited: the parent has it before this shipment's result or failure
             await parent.signal(
                 Signals.PACKAGE_PREPARED, PackagePrepared(prepare=self._attempts.report(Step.PREPARE_PACKAGE))
@@ -84,12 +92,11 @@ class ShippingWorkflow:
         while True:
             address = self._address
             dispatch = asyncio.create_task(
-                run_step(
+                self._step(
                     Step.DISPATCH_CARRIER,
-                    OrderActivities.dispatch_carrier,
+                    OrderActivities.dispatch_carrier_step,
                     DispatchCarrierInput(order_id=order_id, address=address),
-                    policy=policy,
-                    on_attempt=self._attempts,
+                    policy,
                 )
             )
             try:
@@ -104,3 +111,11 @@ class ShippingWorkflow:
                 "address changed during dispatch; dispatching to the new one",
                 extra={"order_id": order_id, "step": Step.DISPATCH_CARRIER.value},
             )
+
+    async def _step(self, step: Step, activity: StepActivity[P, R], arg: P, policy: StepPolicy) -> R:
+        if self._step_in_one_activity:
+            return await run_step(step, activity, arg, policy=policy, attempts=self._attempts)
+        attempt: Any = ATTEMPT_ACTIVITIES[step]
+        return await run_step_per_attempt_activities(
+            step, attempt, arg, policy=policy, on_attempt=self._attempts
+        )

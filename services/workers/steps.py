@@ -1,23 +1,22 @@
-"""How a workflow runs one business step: hedged local-activity attempts (`run_step`).
+"""How a workflow runs one business step (`run_step`).
 
 Why the workflow retries instead of Temporal's retry policy: the fault injector hangs a third of the
-attempts, so each attempt gets a short timeout and several run side by side; doing that here lets
-the workflow count attempts, keep each attempt's error for the status query, and log every retry
-with its attempt number.
+attempts, so each attempt gets a short timeout and several run side by side; the step counts its
+attempts and keeps their errors for the status query.
 
-Why local activities: an attempt runs in the worker that runs the workflow, and leaves one marker
-in the history (its result or error, which the Temporal UI shows) instead of a server round trip
-and three to five events. Core cuts an attempt at its start-to-close timeout and cancels it in the
-worker, so a hung attempt gives its slot back at once.
+A step is one local activity (`OrderActivities.*_step`) that runs the attempts in the worker
+(`hedging.attempt_step`): it leaves one marker in the history, with the step's attempts and errors
+(which the Temporal UI shows), and costs one activity task and one activation. Lifecycles begun
+before that (`STEP_IN_ONE_ACTIVITY_PATCH`) run each attempt as a local activity of its own, from
+the workflow (`run_step_per_attempt_activities`), and replay that way.
 
-Replay: each local-activity marker must meet the same local activity (by sequence number) when the
-workflow replays, or Core fails the task ("Missing associated machine for LocalActivity(n)"). Two
-known ways to get there: a local retry whose backoff exceeds the local retry threshold, which Core
-turns into a workflow timer and a new sequence number that a cancel can then name before Core
-knows it; and reacting to finished attempts in an order that depends on how they were grouped
-into activations (Core replays them in marker order). Our attempts never retry locally (the
-local activities that do back off at most 2 s), and `run_step` reacts to each attempt in the
-order they finished.
+Replay of those: each local-activity marker must meet the same local activity (by sequence number)
+when the workflow replays, or Core fails the task ("Missing associated machine for
+LocalActivity(n)"). Two known ways to get there: a local retry whose backoff exceeds the local retry
+threshold, which Core turns into a workflow timer and a new sequence number that a cancel can then
+name before Core knows it; and reacting to finished attempts in an order that depends on how they
+were grouped into activations (Core replays them in marker order). Those attempts never retry
+locally, and `run_step_per_attempt_activities` reacts to each attempt in the order they finished.
 
 Workflow code imports this module, so it holds no I/O.
 """
@@ -32,48 +31,56 @@ from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
-    from services.workers.boundary import DEPENDENCY_UNAVAILABLE, StepAttempts
+    from services.workers.boundary import StepDone, StepRun
+    from services.workers.hedging import (
+        DEADLINE_EXCEEDED,
+        DEPENDENCY_UNAVAILABLE,
+        RECENT_ERRORS,
+        STEP_EXHAUSTED,
+        AttemptPlan,
+        StepAttempts,
+        deadline_reason,
+        describe_failure,
+        outage_backoff_seconds,
+    )
     from shared.contracts import Step, StepError
     from shared.lifecycle import LifecyclePolicy
 
 P = TypeVar("P", bound=BaseModel)
 R = TypeVar("R")
 
+StepActivity = Callable[[Any, StepRun[P]], Awaitable[StepDone[R]]]
+"""A business step's activity method of `OrderActivities`, e.g. `OrderActivities.charge_payment_step`."""
 Activity = Callable[[Any, P], Awaitable[R]]
-"""An activity method of `OrderActivities`, e.g. `OrderActivities.charge_payment`."""
+"""A one-attempt activity method of `OrderActivities`, e.g. `OrderActivities.charge_payment`."""
 
 ONE_ATTEMPT = RetryPolicy(maximum_attempts=1)
-
-# an attempt that failed with DEPENDENCY_UNAVAILABLE spends no attempt of the step's bound; the
-# next attempt waits a little, longer each time
-FIRST_OUTAGE_BACKOFF = timedelta(milliseconds=200)
-MAX_OUTAGE_BACKOFF = timedelta(seconds=2)
-
-DEADLINE_EXCEEDED = "DeadlineExceeded"
-"""ApplicationError type of a step given up at the lifecycle's deadline."""
-
-
-def deadline_reason(step: Step, deadline_seconds: float) -> str:
-    return f"deadline_exceeded: step {step.value} still running after {deadline_seconds:g} s"
+# beyond the step's own deadline check: the time its last attempt may take, and some slack
+STEP_ACTIVITY_GRACE = timedelta(seconds=1)
+# lifecycles begun while each attempt was a local activity of its own keep running that way
+STEP_IN_ONE_ACTIVITY_PATCH = "step-in-one-activity"
 
 
 class StepDeadlineExceeded(ApplicationError):
     """The lifecycle's deadline passed while the step was still being attempted."""
 
     def __init__(self, step: Step, deadline_seconds: float) -> None:
-        super().__init__(deadline_reason(step, deadline_seconds), type=DEADLINE_EXCEEDED, non_retryable=True)
+        super().__init__(
+            deadline_reason(step.value, deadline_seconds), type=DEADLINE_EXCEEDED, non_retryable=True
+        )
 
 
 class StepExhausted(Exception):
     """A step used all the attempts its policy allows."""
 
-    def __init__(self, step: Step, attempts: int, last_error: str) -> None:
-        super().__init__(f"{step.value} failed {attempts} times; last error: {last_error}")
+    def __init__(self, step: Step, reason: str) -> None:
+        super().__init__(reason)
+        self.step = step
 
 
 @dataclass(frozen=True)
@@ -114,8 +121,6 @@ AttemptListener = Callable[[Step, int, str | None], None]
 """Called with (step, attempt, None) when an attempt starts and (step, attempt, error) when it
 failed."""
 
-RECENT_ERRORS = 10
-
 
 class AttemptLog:
     """Attempts per step and the most recent errors of one order, logged as they happen.
@@ -151,6 +156,49 @@ class AttemptLog:
 
 
 async def run_step(
+    step: Step, activity: StepActivity[P, R], arg: P, *, policy: StepPolicy, attempts: AttemptLog
+) -> R:
+    """Run the step's activity, which attempts `arg` as `policy` says; the result of the attempt
+    that succeeded. The step's attempts and errors go to `attempts`, whatever the outcome.
+
+    Raises the ApplicationError of an attempt that failed for good (a non-retryable one),
+    `StepExhausted` when `policy.max_attempts` failed, `StepDeadlineExceeded` at the deadline.
+    """
+    time_left = max(policy.deadline - workflow.now(), timedelta(0))
+    plan = AttemptPlan(
+        order_id=attempts.order_id,
+        step=step,
+        parallel=policy.parallel,
+        attempt_timeout_seconds=policy.attempt_timeout.total_seconds(),
+        time_left_seconds=time_left.total_seconds(),
+        deadline_seconds=policy.deadline_seconds,
+        max_attempts=policy.max_attempts,
+    )
+    try:
+        done = await workflow.execute_local_activity_method(
+            activity,
+            StepRun[P](plan=plan, input=arg),
+            start_to_close_timeout=time_left + policy.attempt_timeout + STEP_ACTIVITY_GRACE,
+            retry_policy=ONE_ATTEMPT,
+            summary=step.value,
+        )
+    except (ActivityError, ApplicationError) as error:
+        # a local activity's own error comes as it is; its timeout wrapped in an ActivityError
+        failure = error.cause if isinstance(error, ActivityError) else error
+        if not isinstance(failure, ApplicationError):  # Core cut it, the deadline long past
+            raise StepDeadlineExceeded(step, policy.deadline_seconds) from error
+        if failure.details:
+            attempts.merge(StepAttempts.model_validate(failure.details[0]))
+        if failure.type == DEADLINE_EXCEEDED:
+            raise StepDeadlineExceeded(step, policy.deadline_seconds) from error
+        if failure.type == STEP_EXHAUSTED:
+            raise StepExhausted(step, failure.message) from error
+        raise failure from None
+    attempts.merge(done.attempts)
+    return done.result
+
+
+async def run_step_per_attempt_activities(
     step: Step,
     activity: Activity[P, R],
     arg: P,
@@ -219,7 +267,7 @@ async def run_step(
         nonlocal outages, backoff
         outages += 1
         if backoff is None:
-            backoff = asyncio.create_task(refill_after(outage_backoff(outages)))
+            backoff = asyncio.create_task(refill_after(timedelta(seconds=outage_backoff_seconds(outages))))
 
     async def refill_after(delay: timedelta) -> None:
         nonlocal backoff
@@ -239,7 +287,8 @@ async def run_step(
         ):
             launch()
         if not in_flight:
-            outcome.set_exception(StepExhausted(step, launched - outages, last_error))
+            reason = f"{step.value} failed {launched - outages} times; last error: {last_error}"
+            outcome.set_exception(StepExhausted(step, reason))
 
     refill()
     try:
@@ -250,16 +299,3 @@ async def run_step(
             attempt.cancel()
         if backoff is not None:
             backoff.cancel()
-
-
-def outage_backoff(outages: int) -> timedelta:
-    doubled: timedelta = FIRST_OUTAGE_BACKOFF * 2 ** (outages - 1)  # int ** int is typed Any
-    return min(doubled, MAX_OUTAGE_BACKOFF)
-
-
-def describe_failure(cause: BaseException | None) -> str:
-    if isinstance(cause, TimeoutError):
-        return "attempt timed out"
-    if isinstance(cause, ApplicationError):
-        return f"{cause.type}: {cause.message}" if cause.type else cause.message
-    return str(cause) if cause else "unknown failure"

@@ -32,6 +32,7 @@ SANDBOX_PASSTHROUGH = (
     "services.workers.boundary",
     "services.workers.outbox",
     "services.workers.steps",
+    "services.workers.hedging",
     "pydantic",
     "pydantic_core",
     "annotated_types",
@@ -41,10 +42,10 @@ SANDBOX_PASSTHROUGH = (
 
 STICKY_QUEUE_TIMEOUT = timedelta(seconds=2)
 
-# A step's attempts run in the worker that runs the workflow, as local activities, and the
-# workflow task stays open while they run: every lifecycle in a step holds a workflow task slot
-# and up to `parallel_attempts` local activity slots (a hung attempt only until its timeout,
-# when Core cancels it). The defaults (100 each) would cap a worker at 100 lifecycles in a step.
+# A step runs in the worker that runs the workflow, as a local activity, and the workflow task
+# stays open while it runs: every lifecycle in a step holds a workflow task slot and a local
+# activity slot (lifecycles begun before a step was one activity: up to `parallel_attempts`).
+# The defaults (100 each) would cap a worker at 100 lifecycles in a step.
 MAX_WORKFLOW_TASKS = 500
 MAX_LOCAL_ACTIVITIES = 1000
 MAX_ACTIVITIES = 100  # only publish_events runs as a regular activity, while the broker is away
@@ -66,8 +67,13 @@ def workflow_runner(settings: Settings) -> WorkflowRunner:
 
 
 def order_activities(activities: OrderActivities) -> list[Callable[..., Any]]:
-    """What the order task queue's worker runs: OrderWorkflow's activities, local or not."""
+    """What the order task queue's worker runs: OrderWorkflow's activities, local or not (the
+    one-attempt ones too, for lifecycles begun before a step was one activity)."""
     return [
+        activities.receive_order_step,
+        activities.validate_order_step,
+        activities.charge_payment_step,
+        activities.mark_shipped_step,
         activities.receive_order,
         activities.validate_order,
         activities.charge_payment,
@@ -79,7 +85,12 @@ def order_activities(activities: OrderActivities) -> list[Callable[..., Any]]:
 
 
 def shipping_activities(activities: OrderActivities) -> list[Callable[..., Any]]:
-    return [activities.prepare_package, activities.dispatch_carrier]
+    return [
+        activities.prepare_package_step,
+        activities.dispatch_carrier_step,
+        activities.prepare_package,
+        activities.dispatch_carrier,
+    ]
 
 
 def order_worker(client: Client, task_queue: str, activities: OrderActivities, **options: Any) -> Worker:
