@@ -187,7 +187,9 @@ def create_engine(settings: Settings, *, pre_ping: bool = False) -> AsyncEngine:
     and a connection found dead invalidates the whole pool, so after a restart of PostgreSQL each
     process meets one failure, not one per pooled connection.
     """
-    return create_async_engine(settings.database_url, pool_size=10, max_overflow=10, pool_pre_ping=pre_ping)
+    # enough kept open for a worker's steps at full load: a connection opened past the pool's size
+    # is closed again after its transaction, and opening one costs both ends far more than using it
+    return create_async_engine(settings.database_url, pool_size=20, max_overflow=10, pool_pre_ping=pre_ping)
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -7,10 +7,13 @@ committed, and the retry must not do it twice.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections import Counter
+from collections.abc import Awaitable, Coroutine
 from datetime import datetime
 from enum import StrEnum
+from typing import Any, TypeVar
 
 from sqlalchemy import Update, func, select, update
 from sqlalchemy.dialects.postgresql import insert
@@ -23,6 +26,7 @@ from shared.contracts import Address, OrderState, PlaceOrder
 from shared.db import Order, Payment, insert_order, transaction
 
 Sessions = async_sessionmaker[AsyncSession]
+T = TypeVar("T")
 
 MAX_TOTAL_QUANTITY = 10_000
 
@@ -46,9 +50,21 @@ class PaymentStatus(StrEnum):
     VOIDED = "voided"  # the order stopped before any charge committed: nothing may charge it now
 
 
+def _to_its_end(work: Coroutine[Any, Any, T]) -> Awaitable[T]:
+    """`work` (a business function's database part) goes on to its end even if the attempt is
+    abandoned meanwhile (a sibling attempt won, or its timeout cut it): its transaction commits or
+    rolls back as it would have. Cut mid-statement, the connection would be thrown away and a later
+    attempt would have to open a new one."""
+    return asyncio.shield(work)
+
+
 async def order_received(sessions: Sessions, order: PlaceOrder) -> None:
     """Insert the order; receiving it again changes nothing."""
     await faults.flaky_call()
+    await _to_its_end(_insert_order(sessions, order))
+
+
+async def _insert_order(sessions: Sessions, order: PlaceOrder) -> None:
     async with transaction(sessions) as session:
         await insert_order(session, order, OrderState.RECEIVED)
 
@@ -56,6 +72,10 @@ async def order_received(sessions: Sessions, order: PlaceOrder) -> None:
 async def order_validated(sessions: Sessions, order_id: str) -> None:
     """Check the stored order against the business rules and mark it validated."""
     await faults.flaky_call()
+    await _to_its_end(_validate(sessions, order_id))
+
+
+async def _validate(sessions: Sessions, order_id: str) -> None:
     async with transaction(sessions) as session:
         order = await session.get(Order, order_id)
         if order is None:
@@ -92,6 +112,12 @@ async def payment_charged(
     order that runs on anyway raises `PaymentVoided` instead.
     """
     await faults.flaky_call()
+    return await _to_its_end(
+        _charge(sessions, payment_id=payment_id, order_id=order_id, amount_cents=amount_cents)
+    )
+
+
+async def _charge(sessions: Sessions, *, payment_id: str, order_id: str, amount_cents: int) -> ChargeOutcome:
     async with transaction(sessions) as session:
         claimed = await session.scalar(
             insert(Payment)
@@ -122,14 +148,17 @@ async def payment_charged(
 
 async def package_prepared(sessions: Sessions, order_id: str) -> None:
     await faults.flaky_call()
-    async with transaction(sessions) as session:
-        await session.execute(_stamp_once(order_id, col(Order.package_prepared_at)))
+    await _to_its_end(_stamp(sessions, order_id, col(Order.package_prepared_at)))
 
 
 async def carrier_dispatched(sessions: Sessions, order_id: str, address: Address) -> str:
     """Hand the package to the carrier for `address`; returns the tracking number (kept across
     retries and re-dispatches)."""
     await faults.flaky_call()
+    return await _to_its_end(_dispatch(sessions, order_id, address))
+
+
+async def _dispatch(sessions: Sessions, order_id: str, address: Address) -> str:
     async with transaction(sessions) as session:
         tracking_number: str | None = await session.scalar(
             update(Order)
@@ -152,8 +181,12 @@ def _new_tracking_number() -> str:
 
 async def order_shipped(sessions: Sessions, order_id: str) -> None:
     await faults.flaky_call()
+    await _to_its_end(_stamp(sessions, order_id, col(Order.shipped_at)))
+
+
+async def _stamp(sessions: Sessions, order_id: str, column: Mapped[datetime | None]) -> None:
     async with transaction(sessions) as session:
-        await session.execute(_stamp_once(order_id, col(Order.shipped_at)))
+        await session.execute(_stamp_once(order_id, column))
 
 
 def _stamp_once(order_id: str, column: Mapped[datetime | None]) -> Update:
