@@ -7,7 +7,7 @@ starting and signalling workflows on a Temporal dev server of the bench's own (n
 and a signal are accepted without one). Each tree runs in a process of its own, on a scratch
 database and vhost, so two versions of the same modules never meet; rounds alternate the trees.
 
-    git worktree add /tmp/bridge_base HEAD~1     # the tree to compare with
+    git worktree add /tmp/bridge_base <commit>   # the tree to compare with
     .venv/bin/python bench/bridge_path.py --tree /tmp/bridge_base --tree . --orders 300 --rounds 3
 
 Round trips count every statement, BEGIN, COMMIT and ROLLBACK, and the pool's pre-ping (BEGIN, `;`,
