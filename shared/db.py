@@ -21,6 +21,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    bindparam,
     func,
     text,
 )
@@ -161,22 +162,37 @@ class Admission(SQLModel, table=True):
     ended_at: datetime | None = _timestamp()
 
 
-async def insert_order(session: AsyncSession, order: PlaceOrder, state: OrderState) -> None:
-    """The order's row as first written (by whoever comes first: the bridge registering the
-    placement, or the lifecycle receiving it); a second insert changes nothing."""
-    payload = order.payload
-    await session.execute(
-        insert(Order)
-        .values(
-            id=order.order_id,
-            payment_id=payload.payment_id,
-            items=[item.model_dump() for item in payload.items],
-            address=payload.address.model_dump(),
-            amount_cents=payload.amount_cents,
-            state=state.value,
-        )
-        .on_conflict_do_nothing(index_elements=[Order.id])
+INSERT_ORDER = (
+    insert(Order)
+    .values(
+        id=bindparam("order_id"),
+        payment_id=bindparam("payment_id"),
+        items=bindparam("items"),
+        address=bindparam("address"),
+        amount_cents=bindparam("amount_cents"),
+        state=bindparam("state"),
     )
+    .on_conflict_do_nothing(index_elements=[Order.id])
+)
+"""The order's row as first written (by whoever comes first: the bridge registering the
+placement, or the lifecycle receiving it); a second insert changes nothing. Parameters:
+`order_row`."""
+
+
+def order_row(order: PlaceOrder, state: OrderState) -> dict[str, Any]:
+    payload = order.payload
+    return {
+        "order_id": order.order_id,
+        "payment_id": payload.payment_id,
+        "items": [item.model_dump() for item in payload.items],
+        "address": payload.address.model_dump(),
+        "amount_cents": payload.amount_cents,
+        "state": state.value,
+    }
+
+
+async def insert_order(session: AsyncSession, order: PlaceOrder, state: OrderState) -> None:
+    await session.execute(INSERT_ORDER, order_row(order, state))
 
 
 def create_engine(settings: Settings, *, pre_ping: bool = False) -> AsyncEngine:

@@ -31,7 +31,6 @@ import asyncpg
 import structlog
 from sqlalchemy import Row, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -45,7 +44,7 @@ from shared.contracts import (
     PlaceOrder,
     command_adapter,
 )
-from shared.db import Order
+from shared.db import INSERT_ORDER, order_row
 from shared.lifecycle import EarlyCommand
 
 # any fixed number: the key of the advisory lock under which slots are counted and taken
@@ -84,18 +83,6 @@ REGISTER_PARKED = text(
     WHERE order_id = :order_id
     RETURNING queued_at
     """
-)
-LIST_ORDER = (
-    pg_insert(Order)
-    .values(
-        id=bindparam("order_id"),
-        payment_id=bindparam("payment_id"),
-        items=bindparam("items"),
-        address=bindparam("address"),
-        amount_cents=bindparam("amount_cents"),
-        state=OrderState.QUEUED.value,
-    )
-    .on_conflict_do_nothing(index_elements=[Order.id])  # the lifecycle listed it first
 )
 LOCK_SLOTS = text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=SLOT_LOCK_KEY)
 # under LOCK_SLOTS, taken by an earlier statement: this statement's snapshot then sees every slot
@@ -234,7 +221,7 @@ class AdmissionLedger:
             if not isinstance(found, _NewRegistration):
                 return found
             # the order is listed from the moment it is accepted; its events move it on
-            await connection.execute(LIST_ORDER, _listing(command))
+            await connection.execute(INSERT_ORDER, order_row(command, OrderState.QUEUED))
             registration = Registration(found.status, found.queued_at, found.cancel)
             await publish(registration)
             if (
@@ -393,18 +380,6 @@ class _NewRegistration:
     queued_at: datetime
     cancel: CancelOrder | None = None
     early_commands: list[EarlyCommand] = field(default_factory=list)
-
-
-def _listing(command: PlaceOrder) -> dict[str, Any]:
-    """The order's row as first written (whoever comes first: this, or its lifecycle)."""
-    payload = command.payload
-    return {
-        "order_id": command.order_id,
-        "payment_id": payload.payment_id,
-        "items": [item.model_dump() for item in payload.items],
-        "address": payload.address.model_dump(),
-        "amount_cents": payload.amount_cents,
-    }
 
 
 def _record(command: Command, outcome: Outcome) -> dict[str, Any]:
