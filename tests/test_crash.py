@@ -128,8 +128,9 @@ async def crash(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Crash
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def db_sessions(crash: CrashSystem) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    """Sessions on the private server's database."""
-    engine = db.create_engine(crash.settings)
+    """Sessions on the private server's database (each connection checked first: the test does not
+    retry a read on a connection that died with a restart)."""
+    engine = db.create_engine(crash.settings, pre_ping=True)
     yield db.session_factory(engine)
     await engine.dispose()
 
@@ -296,7 +297,10 @@ async def test_bridge_killed_between_starting_a_lifecycle_and_acking_its_placeme
         outcome = await session.scalar(
             select(col(ProcessedCommand.outcome)).where(col(ProcessedCommand.command_id) == place.command_id)
         )
-    assert outcome == "duplicate"  # the redelivered placement found its lifecycle running
+    # the dead bridge's recording statement, blocked on our lock, still commits once the lock goes
+    # (one autocommit statement: the server finishes it before it notices its client is gone), or
+    # the redelivered placement finds its lifecycle running: either way the start counts once
+    assert outcome in {"accepted", "duplicate"}
 
 
 async def test_audit_killed_mid_batch_loses_and_repeats_nothing(
