@@ -35,7 +35,7 @@ Prints per run: offered / accepted / shed, completed / cancelled / failed / lost
 terminal event within --patience seconds of the last one), orders whose events did not arrive as
 seq 1, 2, 3, ... (a gap, a step back, one seq on two different events) and orders that saw an
 event delivered twice (the same event id: at least once, as the contract allows, so reported but
-not a failure), the admission wait (placed → `admitted`), the
+not a failure), the admission wait (placed → `admitted`, as the event dates it), the
 lifecycle time (`admitted` → terminal event) and the end-to-end time (placed → terminal) as
 p50/p90/p99/max, the drain time (first accepted → last terminal event), the throughput (completed
 orders per second of drain time), the CPU per accepted order of each kind of process (all

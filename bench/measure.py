@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from uuid import UUID
 
@@ -74,9 +75,19 @@ class Ledger:
         return clock
 
     def observe(
-        self, order_id: str, kind: EventType, *, seq: int | None = None, event_id: UUID | None = None
+        self,
+        order_id: str,
+        kind: EventType,
+        *,
+        seq: int | None = None,
+        event_id: UUID | None = None,
+        occurred_at: datetime | None = None,
     ) -> OrderClock | None:
-        """An event of `order_id` arrived now; None if the order is not the bench's."""
+        """An event of `order_id` arrived now; None if the order is not the bench's.
+
+        The admission counts from when the event says it happened (`occurred_at`, on this
+        machine's clock): its event is published with the lifecycle's first ones, once the
+        workflow task that emitted them is committed. The end counts when its event arrives."""
         clock = self.orders.get(order_id)
         if clock is None:
             return None
@@ -85,7 +96,8 @@ class Ledger:
             clock.check_sequence(seq, event_id, kind)
         now = time.monotonic()
         if kind is EventType.ADMITTED and clock.admitted_at is None:
-            clock.admitted_at = now
+            late = (datetime.now(UTC) - occurred_at).total_seconds() if occurred_at else 0.0
+            clock.admitted_at = now - max(late, 0.0)
         elif kind.is_terminal and clock.ending is None:
             clock.ended_at, clock.ending = now, kind
             self._ended.set()

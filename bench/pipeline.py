@@ -143,7 +143,9 @@ class Pipeline:
     async def on_event(self, message: AbstractIncomingMessage) -> None:
         await message.ack()
         event = OrderEvent.model_validate_json(message.body)
-        clock = self._ledger.observe(event.order_id, event.type, seq=event.seq, event_id=event.event_id)
+        clock = self._ledger.observe(
+            event.order_id, event.type, seq=event.seq, event_id=event.event_id, occurred_at=event.occurred_at
+        )
         if clock is not None and event.type is EventType.AWAITING_APPROVAL and not clock.approval_requested:
             clock.approval_requested = True
             self._approve(event.order_id)
