@@ -183,7 +183,7 @@ ATTEMPT_ACTIVITIES: dict[Step, Callable[..., Awaitable[Any]]] = {
     Step.MARK_SHIPPED: OrderActivities.mark_shipped,
 }
 """Each business step's one-attempt activity, which lifecycles begun before a step was one
-activity still call (`steps.run_step_attempts`)."""
+activity still call (`steps.run_step_per_attempt_activities`)."""
 
 
 # --- OrderWorkflow ↔ ShippingWorkflow ------------------------------------------------------------

@@ -5,10 +5,10 @@ The fault injector fails a third of the attempts and hangs another third, so a s
 once, and the first success wins (the business functions are idempotent, and a charge is safe
 under concurrency). Doing that here, in the worker, rather than one local activity per attempt
 costs the lifecycle one activity task, one workflow activation and one marker per step instead of
-four or five of each: about half the workers' CPU per order (docs/performance.md). The marker
-carries the step's attempts and errors (`StepAttempts`), which the workflow keeps for its status
-and the Temporal UI shows; each failed attempt is also logged here, with its order, step and
-number.
+four or five of each: half the bare shape's worker CPU per order, and 40 % of the pipeline's
+(docs/performance.md). The marker carries the step's attempts and errors (`StepAttempts`), which
+the workflow keeps for its status and the Temporal UI shows; each failed attempt is also logged
+here, with its order, step and number.
 
 Failures come back as non-retryable `ApplicationError`s carrying that `StepAttempts` as their
 detail: the step's own business error as it was raised (an invalid order, a voided payment),
