@@ -44,7 +44,9 @@ def configure_logging(settings: Settings, service: str) -> None:
     renderer = (
         structlog.processors.JSONRenderer(default=str)
         if settings.log_json
-        else structlog.dev.ConsoleRenderer()
+        # plain tracebacks: the default (rich, with every frame's locals) shows what the JSON lines
+        # keep out, and takes seconds on a slow machine, the event loop blocked meanwhile
+        else structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
     )
     structlog.configure(
         processors=[*shared_processors, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
