@@ -414,7 +414,7 @@ async def test_address_update_after_dispatch_is_rejected(harness: OrderHarness) 
     await harness.start()
     await harness.wait_for_event(E.AWAITING_APPROVAL)
     await harness.approve()
-    await harness.wait_for_event(E.CARRIER_DISPATCHED)
+    await harness.wait_for_call(OrderActivities.mark_shipped)
     update = await harness.update_address(NEW_ADDRESS)
     rejected = await harness.wait_for_event(E.COMMAND_REJECTED)
     gate.set()
@@ -542,7 +542,7 @@ async def test_duplicate_commands_apply_once(harness: OrderHarness) -> None:
     await harness.update_address(NEW_ADDRESS, command_id=update_id)
     await harness.approve(command_id=approve_id)
     await harness.approve(command_id=approve_id)
-    await harness.wait_for_event(E.APPROVED)
+    await harness.wait_for_call(OrderActivities.charge_payment)
     # a different approval is a new command, and is rejected; signals are handled in order, so
     # once it is rejected the duplicates before it have been handled too
     other = await harness.approve()
@@ -687,9 +687,9 @@ async def test_early_commands_sent_again_as_signals_apply_once(harness: OrderHar
 
 # --- events and the admission slot ----------------------------------------------------------------
 async def test_events_wait_in_order_while_the_broker_is_away(harness: OrderHarness) -> None:
-    # The first batch cannot be published for a while: the local activity gives up, a regular
-    # activity retries in the background, and later events queue behind it.
-    away = [fails("broker away")] * 7  # four for the local activity, then three in the background
+    # The first batch cannot be published for a while: its activity retries (1.5 s of backoff,
+    # within the review window), and later events queue behind it.
+    away = [fails("broker away")] * 4
     harness.mocks.script(OrderActivities.publish_events, *away)
     status, _ = await happy_path_scenario(harness)
 
@@ -697,6 +697,20 @@ async def test_events_wait_in_order_while_the_broker_is_away(harness: OrderHarne
     events = assert_numbered(harness)
     assert [event.type for event in events] == HAPPY_EVENTS
     assert len(harness.mocks.called(OrderActivities.publish_events)) > len(away)
+
+
+async def test_the_events_of_a_workflow_task_go_out_together(harness: OrderHarness) -> None:
+    # One publish per workflow task, once it is committed: the local steps a task runs do not
+    # split its events (each batch is an activity, and a workflow task to hear it is done).
+    await happy_path_scenario(harness)
+
+    published = harness.mocks.called(OrderActivities.publish_events)
+    batches = [[event.type for event in batch.events] for batch in published]
+    assert [event_type for batch in batches for event_type in batch] == HAPPY_EVENTS
+    assert batches[0] == UNTIL_REVIEW  # the first task: admission, receive, validate, review
+    assert batches[1][:3] == [E.APPROVED, E.PAYMENT_CHARGED, E.SHIPPING_STARTED]  # with its charge
+    assert batches[-1][-3:] == [E.CARRIER_DISPATCHED, E.SHIPPED, E.COMPLETED]
+    assert len(batches) <= 4
 
 
 async def test_every_ending_gives_the_admission_slot_back_once(harness: OrderHarness) -> None:

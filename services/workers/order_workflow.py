@@ -433,16 +433,18 @@ class OrderWorkflow:
             payment_id=self._order.payload.payment_id,
             amount_cents=self._order.payload.amount_cents,
         )
-        return await workflow.execute_local_activity_method(
-            OrderActivities.refund_payment, refund, **MUST_GET_THROUGH
-        )
+        with self._outbox.gathering():
+            return await workflow.execute_local_activity_method(
+                OrderActivities.refund_payment, refund, **MUST_GET_THROUGH
+            )
 
     async def _release_admission(self) -> None:
         """The lifecycle has ended: give its admission slot back, or capacity is lost for good."""
         release = ReleaseAdmissionInput(order_id=self._order.order_id)
-        await workflow.execute_local_activity_method(
-            OrderActivities.release_admission, release, **MUST_GET_THROUGH
-        )
+        with self._outbox.gathering():
+            await workflow.execute_local_activity_method(
+                OrderActivities.release_admission, release, **MUST_GET_THROUGH
+            )
 
     # --- commands (signals from the bridge, or early commands at the start) ----------------------
     @workflow.signal(name=Signals.APPROVE)
@@ -565,12 +567,15 @@ class OrderWorkflow:
     async def _step(self, step: Step, activity: StepActivity[P, R], arg: P) -> R:
         self._status.step = step
         try:
-            if self._step_in_one_activity:
-                return await run_step(step, activity, arg, policy=self._step_policy, attempts=self._attempts)
-            attempt: Any = ATTEMPT_ACTIVITIES[step]
-            return await run_step_per_attempt_activities(
-                step, attempt, arg, policy=self._step_policy, on_attempt=self._attempts
-            )
+            with self._outbox.gathering():
+                if self._step_in_one_activity:
+                    return await run_step(
+                        step, activity, arg, policy=self._step_policy, attempts=self._attempts
+                    )
+                attempt: Any = ATTEMPT_ACTIVITIES[step]
+                return await run_step_per_attempt_activities(
+                    step, attempt, arg, policy=self._step_policy, on_attempt=self._attempts
+                )
         except StepDeadlineExceeded as exceeded:
             raise LifecycleStopped(Ending(OrderState.FAILED, exceeded.message)) from exceeded
         except ApplicationError as err:

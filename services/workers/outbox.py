@@ -6,13 +6,18 @@ accumulated, one batch at a time, until `close` and the last batch is out.
 An event is published only once the workflow task that emitted it is committed to the history.
 A task that fails (its worker died, it timed out, a signal landed as it completed the workflow)
 is run again from the history, and signals that arrived meanwhile are then handled first: had
-its events gone out, the rerun could emit other events under the same ids and seqs. A later task
-having started is the proof of commit; when none starts soon (the order waits for a reviewer,
-say), a short timer ends the task and starts the next.
+its events gone out, the rerun could emit other events under the same ids and seqs. So a batch
+is published by a regular activity: the server creates its task only when it commits the
+workflow task that scheduled it, which makes every pending event, that task's own included,
+safe to send, with no wait and no extra workflow task. (Lifecycles begun earlier proved the
+commit with a timer, which this server fires about a second late, and published by a local
+activity; they keep doing so as recorded.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -34,24 +39,23 @@ with workflow.unsafe.imports_passed_through():
 
 Command = ApproveOrder | CancelOrder | UpdateAddress
 
-# A batch is first published by a local activity: the broker confirms in milliseconds, and that
-# costs one marker and no round trip. While the broker is away that activity gives up after a few
-# quick attempts (about a second; its schedule-to-close timeout does not bound a local activity's
-# retries), so it never holds the workflow task, and the signals and timers waiting behind it, for
-# long; the batch then goes to a regular activity that retries without limit in the background.
-# Later batches wait for it: events reach the broker in order.
+PUBLISH_ATTEMPT = timedelta(seconds=5)
+# retried without limit: while the broker is away the batch waits, and later ones behind it
+PUBLISH_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=100), maximum_interval=timedelta(seconds=2)
+)
+PUBLISH_BY_ACTIVITY_PATCH = "publish-by-activity"
+
+# How lifecycles begun before `publish-by-activity` publish (kept for them, as recorded): a local
+# activity first, with a few quick attempts, then the regular activity above.
 PUBLISH_NOW_ATTEMPT = timedelta(milliseconds=500)
 PUBLISH_NOW_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=100),
     maximum_interval=timedelta(milliseconds=400),
     maximum_attempts=4,
 )
-PUBLISH_EVENTUALLY_ATTEMPT = timedelta(seconds=5)
-PUBLISH_EVENTUALLY_RETRY = RetryPolicy(
-    initial_interval=timedelta(milliseconds=100), maximum_interval=timedelta(seconds=2)
-)
 COMMIT_TIMER = timedelta(milliseconds=1)
-# lifecycles that began before events waited for their commit keep publishing as recorded
+# and earlier still, events did not wait for their commit
 PUBLISH_COMMITTED_PATCH = "publish-committed-events"
 
 
@@ -68,6 +72,7 @@ class Outbox:
         self._next_seq = first_seq
         self._pending: list[Pending] = []
         self._closed = False
+        self._local_work: list[int] = []  # the workflow task (history length) each started in
         self.emitted: list[OrderEvent] = []
 
     @property
@@ -90,35 +95,75 @@ class Outbox:
         self.emitted.append(event)
         return event
 
+    @contextmanager
+    def gathering(self) -> Iterator[None]:
+        """Around local work (a local activity): the workflow task that starts it stays open
+        while it runs, so the events that task emits before, during and after it wait for it and
+        go out in one batch. A later task (a signal while the work goes on) does not wait."""
+        task = workflow.info().get_current_history_length()
+        self._local_work.append(task)
+        try:
+            yield
+        finally:
+            self._local_work.remove(task)
+
     def close(self) -> None:
         """The lifecycle has ended: `publish` returns once the pending events are out (later
         ones, rejections of commands that came too late, need another `publish`)."""
         self._closed = True
 
     async def publish(self) -> None:
+        by_activity = workflow.patched(PUBLISH_BY_ACTIVITY_PATCH)
         while True:
-            await workflow.wait_condition(lambda: bool(self._pending) or self._closed)
+            if by_activity:
+                await self._batch_gathered()
+            else:
+                await workflow.wait_condition(lambda: bool(self._pending) or self._closed)
             if not self._pending:
                 return
-            batch = PublishEventsInput(events=await self._committed_batch())
-            try:
-                await workflow.execute_local_activity_method(
-                    OrderActivities.publish_events,
-                    batch,
-                    start_to_close_timeout=PUBLISH_NOW_ATTEMPT,
-                    retry_policy=PUBLISH_NOW_RETRY,
-                )
-            except (ActivityError, ApplicationError) as err:  # gave up: timed out, or failed for good
-                workflow.logger.warning(
-                    "publishing events in the background",
-                    extra={"order_id": self._order.order_id, "seq": batch.events[0].seq, "error": str(err)},
-                )
-                await workflow.execute_activity_method(
-                    OrderActivities.publish_events,
-                    batch,
-                    start_to_close_timeout=PUBLISH_EVENTUALLY_ATTEMPT,
-                    retry_policy=PUBLISH_EVENTUALLY_RETRY,
-                )
+            if by_activity:
+                batch, self._pending = [pending.event for pending in self._pending], []
+                await self._publish_eventually(PublishEventsInput(events=batch))
+            else:
+                await self._publish_now(PublishEventsInput(events=await self._committed_batch()))
+
+    async def _batch_gathered(self) -> None:
+        """Until the pending events can go with all this workflow task will add to them: no local
+        work keeps the task open, and the coroutines this activation woke or started had their
+        turn. (Batching only: an event that misses a batch goes in the next.)"""
+        while True:
+            await workflow.wait_condition(self._batch_due)
+            # a round more: what woke with us, and what it starts, runs on to its next wait first
+            await workflow.wait_condition(lambda: True)
+            if self._batch_due():
+                return
+
+    def _batch_due(self) -> bool:
+        held = workflow.info().get_current_history_length() in self._local_work
+        return self._closed or (bool(self._pending) and not held)
+
+    async def _publish_eventually(self, batch: PublishEventsInput) -> None:
+        await workflow.execute_activity_method(
+            OrderActivities.publish_events,
+            batch,
+            start_to_close_timeout=PUBLISH_ATTEMPT,
+            retry_policy=PUBLISH_RETRY,
+        )
+
+    async def _publish_now(self, batch: PublishEventsInput) -> None:
+        try:
+            await workflow.execute_local_activity_method(
+                OrderActivities.publish_events,
+                batch,
+                start_to_close_timeout=PUBLISH_NOW_ATTEMPT,
+                retry_policy=PUBLISH_NOW_RETRY,
+            )
+        except (ActivityError, ApplicationError) as err:  # gave up: timed out, or failed for good
+            workflow.logger.warning(
+                "publishing events in the background",
+                extra={"order_id": self._order.order_id, "seq": batch.events[0].seq, "error": str(err)},
+            )
+            await self._publish_eventually(batch)
 
     async def _committed_batch(self) -> list[OrderEvent]:
         """Take the pending events whose workflow task is committed, waiting for that if need be."""

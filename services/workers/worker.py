@@ -48,7 +48,7 @@ STICKY_QUEUE_TIMEOUT = timedelta(seconds=2)
 # The defaults (100 each) would cap a worker at 100 lifecycles in a step.
 MAX_WORKFLOW_TASKS = 500
 MAX_LOCAL_ACTIVITIES = 1000
-MAX_ACTIVITIES = 100  # only publish_events runs as a regular activity, while the broker is away
+MAX_ACTIVITIES = 100  # only publish_events runs as a regular activity: one batch of an order at a time
 
 
 def sandbox_runner() -> SandboxedWorkflowRunner:
