@@ -61,8 +61,10 @@ class Settings(BaseSettings):
     )
 
     # admission and shedding: RabbitMQ holds the placements the running lifecycles leave waiting
+    # what this machine kind sustains best (docs/performance.md): more at once only adds
+    # contention; an order waiting for its reviewer holds its slot, so slow reviews want more
     max_running_lifecycles: int = Field(
-        default=24, ge=1, description="lifecycles running at once, across all bridges"
+        default=12, ge=1, description="lifecycles running at once, across all bridges"
     )
     placement_backlog_limit: int = Field(
         default=2000,
