@@ -535,6 +535,9 @@ class OrderWorkflow:
         self._shipping.phase = ShippingPhase.PACKAGE_READY
         self._status.step = self._shipping.step
         self._emit(EventType.PACKAGE_PREPARED)
+        # the dispatch follows in a moment: this shipment's outcome and this go out together
+        shipment = self._shipping.current
+        self._outbox.hold_until(lambda: self._shipping.current is not shipment)
 
     @workflow.signal(name=Signals.DISPATCH_FAILED)
     def on_dispatch_failed(self, failed: DispatchFailed) -> None:

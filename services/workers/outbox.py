@@ -16,7 +16,7 @@ activity; they keep doing so as recorded.)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -73,6 +73,7 @@ class Outbox:
         self._pending: list[Pending] = []
         self._closed = False
         self._local_work: list[int] = []  # the workflow task (history length) each started in
+        self._held_until: Callable[[], bool] = lambda: True
         self.emitted: list[OrderEvent] = []
 
     @property
@@ -107,6 +108,11 @@ class Outbox:
         finally:
             self._local_work.remove(task)
 
+    def hold_until(self, released: Callable[[], bool]) -> None:
+        """What is pending waits until `released()`: a progress report goes out with the outcome
+        that soon follows it, one batch (an activity and a workflow task) instead of two."""
+        self._held_until = released
+
     def close(self) -> None:
         """The lifecycle has ended: `publish` returns once the pending events are out (later
         ones, rejections of commands that came too late, need another `publish`)."""
@@ -140,7 +146,7 @@ class Outbox:
 
     def _batch_due(self) -> bool:
         held = workflow.info().get_current_history_length() in self._local_work
-        return self._closed or (bool(self._pending) and not held)
+        return self._closed or (bool(self._pending) and not held and self._held_until())
 
     async def _publish_eventually(self, batch: PublishEventsInput) -> None:
         await workflow.execute_activity_method(
