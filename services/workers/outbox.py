@@ -9,9 +9,12 @@ is run again from the history, and signals that arrived meanwhile are then handl
 its events gone out, the rerun could emit other events under the same ids and seqs. So a batch
 is published by a regular activity: the server creates its task only when it commits the
 workflow task that scheduled it, which makes every pending event, that task's own included,
-safe to send, with no wait and no extra workflow task. (Lifecycles begun earlier proved the
-commit with a timer, which this server fires about a second late, and published by a local
-activity; they keep doing so as recorded.)
+safe to send at once. (Lifecycles begun earlier proved the commit with a timer, which this
+server fires about a second late, and published by a local activity; they keep doing so.)
+
+Each batch costs an activity and a workflow task to hear it is done, so a batch gathers what it
+can: all that one workflow task emits, the local steps it runs in between included
+(`gathering`), and a progress report with the outcome that soon follows it (`hold_until`).
 """
 
 from __future__ import annotations
