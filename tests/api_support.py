@@ -20,13 +20,16 @@ import httpx
 import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractChannel, AbstractQueue
+from sqlalchemy import func, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlmodel import col
 
 from services.api.app import create_app
 from services.stack import free_port, running_stack, service_environment
 from shared import broker
+from shared.admissions import AdmissionStatus
 from shared.contracts import EventType, OrderState
-from shared.db import AuditEvent, Order, transaction
+from shared.db import Admission, AuditEvent, Order, create_engine, transaction
 from shared.settings import Settings
 
 GATEWAY_START_TIMEOUT_SECONDS = 30.0
@@ -151,12 +154,29 @@ async def running_system(settings: Settings, name: str) -> AsyncIterator[Setting
             "lifecycle_deadline_seconds": 45.0,
         }
     )
+    await release_slots_left_held(settings)
     with tempfile.NamedTemporaryFile("w+", prefix=f"orderflow-{name}-", suffix=".log", delete=False) as log:
         try:
             async with running_stack(system_settings, temporal=None, log=log):
                 yield system_settings
         finally:
             print(f"service logs: {log.name}")  # the services' own logs, for whoever reads a failure
+
+
+async def release_slots_left_held(settings: Settings) -> None:
+    """Admission slots earlier tests of the session left held: their lifecycles were never run, or
+    ran on a task queue no worker polls any more, so the reconciler cannot end them, and they
+    would take a system's admission bound (12 by default) before its first order."""
+    engine = create_engine(settings)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(
+                update(Admission)
+                .where(col(Admission.status).in_([AdmissionStatus.ADMITTING, AdmissionStatus.RUNNING]))
+                .values(status=AdmissionStatus.ENDED.value, ended_at=func.now())
+            )
+    finally:
+        await engine.dispose()
 
 
 @pytest_asyncio.fixture
