@@ -713,6 +713,13 @@ async def test_the_events_of_a_workflow_task_go_out_together(harness: OrderHarne
         # the shipment's progress report waits for its outcome; the last task marks it shipped
         [E.PACKAGE_PREPARED, E.CARRIER_DISPATCHED, E.SHIPPED, E.COMPLETED],
     ]
+    # The approval's task starts the shipment, whose start is sure to bring the next task: its
+    # batch goes out there by a local activity, the other two by an activity of their own.
+    history = await harness.handle.fetch_history()
+    by_activity = [
+        event for event in history.events if event.HasField("activity_task_scheduled_event_attributes")
+    ]
+    assert len(by_activity) == 2
 
 
 async def test_every_ending_gives_the_admission_slot_back_once(harness: OrderHarness) -> None:

@@ -88,6 +88,11 @@ MUST_GET_THROUGH: dict[str, Any] = {
 
 # lifecycles that began when the reviewer's time counted against the deadline keep it that way
 REVIEW_OUTSIDE_DEADLINE_PATCH = "review-outside-deadline"
+# Each patch a lifecycle takes costs two history events and a visibility write (Core upserts the
+# TemporalChangeVersion search attribute), so one marker stands for every change up to events
+# published in the shipment's start task; a history without it asks for each earlier patch, as
+# it was recorded.
+LIFECYCLE_PATCH = "lifecycle-events-in-shipment-start-task"
 CANCELLED_THROUGH_TEMPORAL = "cancelled through Temporal (workflow cancellation request)"
 
 
@@ -165,9 +170,10 @@ class OrderWorkflow:
     # --- the lifecycle ---------------------------------------------------------------------------
     @workflow.run
     async def run(self, start: OrderWorkflowInput) -> OrderStatus:
-        self._review_outside_deadline = workflow.patched(REVIEW_OUTSIDE_DEADLINE_PATCH)
-        self._step_in_one_activity = workflow.patched(STEP_IN_ONE_ACTIVITY_PATCH)
-        publisher = asyncio.create_task(self._outbox.publish())
+        current = workflow.patched(LIFECYCLE_PATCH)
+        self._review_outside_deadline = current or workflow.patched(REVIEW_OUTSIDE_DEADLINE_PATCH)
+        self._step_in_one_activity = current or workflow.patched(STEP_IN_ONE_ACTIVITY_PATCH)
+        publisher = asyncio.create_task(self._outbox.publish(current=current))
         lifecycle = asyncio.create_task(self._lifecycle())
         cancelled_through_temporal = False
         try:
@@ -342,6 +348,8 @@ class OrderWorkflow:
 
     async def _run_shipment(self) -> ShippingResult:
         shipping = self._shipping
+        # its start, or its failure to start, is sure to bring the next workflow task
+        self._outbox.next_task_sure()
         shipping.current = await workflow.start_child_workflow(
             ShippingWorkflow.run,
             ShippingInput(

@@ -9,8 +9,12 @@ is run again from the history, and signals that arrived meanwhile are then handl
 its events gone out, the rerun could emit other events under the same ids and seqs. So a batch
 is published by a regular activity: the server creates its task only when it commits the
 workflow task that scheduled it, which makes every pending event, that task's own included,
-safe to send at once. (Lifecycles begun earlier proved the commit with a timer, which this
-server fires about a second late, and published by a local activity; they keep doing so.)
+safe to send at once. A batch whose task issued a command sure to bring the next task (a child
+workflow's start, `next_task_sure`) waits for that task instead: running in a later task proves
+the commit, so it goes out there by a local activity, without an activity and a workflow task of
+its own. (Lifecycles begun before `publish-by-activity` proved the commit with a timer, which
+this server fires about a second late, and published every batch by a local activity; they keep
+doing so.)
 
 Each batch costs an activity and a workflow task to hear it is done, so a batch gathers what it
 can: all that one workflow task emits, the local steps it runs in between included
@@ -49,8 +53,8 @@ PUBLISH_RETRY = RetryPolicy(
 )
 PUBLISH_BY_ACTIVITY_PATCH = "publish-by-activity"
 
-# How lifecycles begun before `publish-by-activity` publish (kept for them, as recorded): a local
-# activity first, with a few quick attempts, then the regular activity above.
+# A batch known to be committed goes by a local activity, with a few quick attempts, then by the
+# regular activity above (lifecycles begun before `publish-by-activity` send every batch so).
 PUBLISH_NOW_ATTEMPT = timedelta(milliseconds=500)
 PUBLISH_NOW_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=100),
@@ -77,6 +81,9 @@ class Outbox:
         self._closed = False
         self._local_work: list[int] = []  # the workflow task (history length) each started in
         self._held_until: Callable[[], bool] = lambda: True
+        self._by_activity: bool | None = None  # decided by the first `publish`
+        self._in_next_task = False  # whether `next_task_sure` may be taken up
+        self._next_task_sure_after = -1  # the workflow task (history length) that said so
         self.emitted: list[OrderEvent] = []
 
     @property
@@ -121,8 +128,19 @@ class Outbox:
         ones, rejections of commands that came too late, need another `publish`)."""
         self._closed = True
 
-    async def publish(self) -> None:
-        by_activity = workflow.patched(PUBLISH_BY_ACTIVITY_PATCH)
+    def next_task_sure(self) -> None:
+        """This workflow task issues a command whose outcome always brings the next one (a child
+        workflow's start): what it emits can wait for that task, which proves it committed, and
+        go out there by a local activity, without an activity and a workflow task of its own."""
+        if self._in_next_task:
+            self._next_task_sure_after = workflow.info().get_current_history_length()
+
+    async def publish(self, *, current: bool = False) -> None:
+        """`current`: the lifecycle has taken every patch up to `LIFECYCLE_PATCH` (the workflow's)."""
+        if self._by_activity is None:
+            self._by_activity = current or workflow.patched(PUBLISH_BY_ACTIVITY_PATCH)
+            self._in_next_task = current
+        by_activity = self._by_activity
         while True:
             if by_activity:
                 await self._batch_gathered()
@@ -130,11 +148,17 @@ class Outbox:
                 await workflow.wait_condition(lambda: bool(self._pending) or self._closed)
             if not self._pending:
                 return
-            if by_activity:
-                batch, self._pending = [pending.event for pending in self._pending], []
-                await self._publish_eventually(PublishEventsInput(events=batch))
-            else:
+            if not by_activity:
                 await self._publish_now(PublishEventsInput(events=await self._committed_batch()))
+                continue
+            batch = PublishEventsInput(events=[pending.event for pending in self._pending])
+            self._pending = []
+            task = workflow.info().get_current_history_length()
+            if task == self._next_task_sure_after:
+                await workflow.wait_condition(lambda: workflow.info().get_current_history_length() > task)  # noqa: B023
+                await self._publish_now(batch)
+            else:
+                await self._publish_eventually(batch)
 
     async def _batch_gathered(self) -> None:
         """Until the pending events can go with all this workflow task will add to them: no local
