@@ -70,6 +70,7 @@ from workflow_harness import (
     invalid,
     order_harness,
     own_time_skipping_env,
+    passes,
     waits_for,
 )
 
@@ -133,6 +134,12 @@ def assert_numbered(harness: OrderHarness, first_seq: int = 1) -> list[OrderEven
     assert len(terminal) == 1
     assert {event.type for event in events[terminal[0] + 1 :]} <= {E.COMMAND_REJECTED}
     return events
+
+
+async def activities_scheduled(harness: OrderHarness) -> int:
+    """How many regular activities the order's history scheduled: its batches sent so."""
+    history = await harness.handle.fetch_history()
+    return sum(1 for event in history.events if event.HasField("activity_task_scheduled_event_attributes"))
 
 
 def assert_not_called(harness: OrderHarness, *mocked: Mocked) -> None:
@@ -699,6 +706,20 @@ async def test_events_wait_in_order_while_the_broker_is_away(harness: OrderHarne
     assert len(harness.mocks.called(OrderActivities.publish_events)) > len(away)
 
 
+async def test_the_shipment_start_batch_falls_back_to_an_activity_while_the_broker_is_away(
+    harness: OrderHarness,
+) -> None:
+    # The batch that waits for the task after the shipment's start is sent from there by a local
+    # activity; when the broker does not take it, by a regular activity, retried until it does.
+    harness.mocks.script(OrderActivities.publish_events, passes, *[fails("broker away")] * 4)
+    status, _ = await happy_path_scenario(harness)
+
+    assert status.state is OrderState.COMPLETED
+    events = assert_numbered(harness)
+    assert [event.type for event in events] == HAPPY_EVENTS
+    assert await activities_scheduled(harness) == 3  # the first and last batches', the second's fallback
+
+
 async def test_the_events_of_a_workflow_task_go_out_together(harness: OrderHarness) -> None:
     # One publish per workflow task, once it is committed: the local steps a task runs do not
     # split its events (each batch is an activity, and a workflow task to hear it is done).
@@ -715,11 +736,7 @@ async def test_the_events_of_a_workflow_task_go_out_together(harness: OrderHarne
     ]
     # The approval's task starts the shipment, whose start is sure to bring the next task: its
     # batch goes out there by a local activity, the other two by an activity of their own.
-    history = await harness.handle.fetch_history()
-    by_activity = [
-        event for event in history.events if event.HasField("activity_task_scheduled_event_attributes")
-    ]
-    assert len(by_activity) == 2
+    assert await activities_scheduled(harness) == 2
 
 
 async def test_every_ending_gives_the_admission_slot_back_once(harness: OrderHarness) -> None:
