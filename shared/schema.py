@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -50,7 +51,13 @@ def upgrade(database_url: str) -> None:
     config = Config(str(ALEMBIC_INI))
     config.attributes["database_url"] = database_url
     config.attributes["configure_logging"] = False
-    command.upgrade(config, "head")
+    # alembic's migration context is one per process: two threads migrating at once (two
+    # systems a benchmark starts side by side) would run each other's migrations
+    with _MIGRATING:
+        command.upgrade(config, "head")
+
+
+_MIGRATING = threading.Lock()
 
 
 def migrate(database_url: str) -> None:

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import SQLModel
 
 import shared.db  # noqa: F401  (registers the tables)
-from shared.schema import ALEMBIC_INI, drop_database, ensure_database
+from shared.schema import ALEMBIC_INI, drop_database, ensure_database, upgrade
 from shared.settings import Settings
 
 
@@ -53,3 +53,23 @@ async def test_the_migrations_downgrade_and_upgrade_again(
         await engine.dispose()
         await drop_database(scratch)
     assert {"orders", "payments", "order_events", "processed_commands"} <= tables
+
+
+async def test_two_databases_migrate_at_once_in_one_process(base_settings: Settings) -> None:
+    # a benchmark starts two systems side by side; alembic's context is one per process
+    scratches = [base_settings.database_url + f"_concurrent_{n}" for n in (1, 2)]
+    for scratch in scratches:
+        await drop_database(scratch)
+        await ensure_database(scratch)
+    try:
+        await asyncio.gather(*(asyncio.to_thread(upgrade, scratch) for scratch in scratches))
+        for scratch in scratches:
+            engine = create_async_engine(scratch)
+            try:
+                async with engine.connect() as connection:
+                    assert await connection.run_sync(differences) == []
+            finally:
+                await engine.dispose()
+    finally:
+        for scratch in scratches:
+            await drop_database(scratch)
