@@ -21,6 +21,13 @@ rate held (lifecycle p99 <= 5 s, none failed, cancelled or lost)
 
     python bench/lifecycle.py --capacity 3,4,5,6 --duration 120
 
+Beside another revision: add `--beside <checkout>` (a git worktree of it) to run each load on
+that revision's services at the same time as on this tree's, each its own system, and print the
+ratios this / beside. Both share the machine at once, so its drift from minute to minute, which
+is larger than most changes, does not tell them apart; offer half what one system sustains. The
+two trees must have the same migrations (this tree's migrate both databases).
+    python bench/lifecycle.py --orders 240 --rate 3 --beside /tmp/wt-before
+
 Baseline: add `--baseline` to any of these to run the same load on the same lifecycle's shape on
 bare Temporal (bench/bare_lifecycle.py: no broker, no database, the same fault injector and step
 loop) and print the ratios pipeline / baseline of throughput and CPU per order
@@ -55,7 +62,7 @@ import logging
 import sys
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import structlog
@@ -79,6 +86,8 @@ class Trial:
     label: str
     load: Load
     config: PipelineConfig
+    beside: Trial | None = None
+    """The same load on another revision, at the same time."""
 
     def pipeline(self) -> SystemFactory:
         return lambda ledger: running_pipeline(self.config, ledger)
@@ -107,6 +116,14 @@ async def run_trials(
 ) -> tuple[list[Outcome], list[report.Comparison]]:
     outcomes, comparisons = [], []
     for trial in trials:
+        if trial.beside is not None:
+            here, there = await asyncio.gather(
+                measure(trial.label, trial.pipeline(), trial.load, patience, baseline=False),
+                measure(trial.beside.label, trial.beside.pipeline(), trial.load, patience, baseline=True),
+            )
+            comparisons.append(report.Comparison(here, there))
+            outcomes += [here, there]
+            continue
         ran = []
         if pipeline:
             ran.append(await measure(trial.label, trial.pipeline(), trial.load, patience, baseline=False))
@@ -137,6 +154,22 @@ def trials_of(args: argparse.Namespace) -> list[Trial]:
     return [Trial(str(config), load, config) for config in configs]
 
 
+def beside(trials: list[Trial], tree: Path) -> list[Trial]:
+    """Each trial with its twin on the revision checked out at `tree`."""
+    here = Path(__file__).resolve().parents[1]
+    if migrations(tree) != migrations(here):
+        raise SystemExit(f"--beside: {tree} has other migrations than this tree, which migrates both")
+    twins = []
+    for trial in trials:
+        config = replace(trial.config, tree=tree)
+        twins.append(replace(trial, beside=Trial(f"{trial.label} @{tree.name}", trial.load, config)))
+    return twins
+
+
+def migrations(tree: Path) -> list[str]:
+    return sorted(path.name for path in (tree / "migrations" / "versions").glob("*.py"))
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -159,6 +192,9 @@ def parse_args() -> argparse.Namespace:
         default=Variant.shipped().spec(),
         help="comma-separated PARALLEL_ATTEMPTS:ATTEMPT_TIMEOUT_SECONDS; one run each, side by side",
     )
+    system.add_argument(
+        "--beside", type=Path, metavar="CHECKOUT", help="also run each load, at once, on another revision"
+    )
     system.add_argument("--baseline", action="store_true", help="also run each load on bare Temporal")
     system.add_argument("--baseline-only", action="store_true", help="run each load on bare Temporal only")
     parser.add_argument(
@@ -170,6 +206,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.burst and args.capacity:
         parser.error("--burst and --capacity are different modes")
+    if args.beside and (args.baseline or args.baseline_only):
+        parser.error("--beside compares two revisions; run --baseline on its own")
     return args
 
 
@@ -177,9 +215,12 @@ def main() -> None:
     args = parse_args()
     # the bench's own log lines (a client waiting for a server to start) would break up the report
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    trials = trials_of(args)
+    if args.beside:
+        trials = beside(trials, args.beside.resolve())
     outcomes, comparisons = asyncio.run(
         run_trials(
-            trials_of(args),
+            trials,
             args.patience,
             pipeline=not args.baseline_only,
             baseline=args.baseline or args.baseline_only,
@@ -187,7 +228,7 @@ def main() -> None:
     )
     print(report.table(outcomes))
     for comparison in comparisons:
-        print(f"pipeline / baseline  {comparison}")
+        print(f"{'this tree / beside' if args.beside else 'pipeline / baseline'}  {comparison}")
     if args.capacity:
         print(report.capacity_verdict(judged(outcomes)))
     sys.exit(0 if passed(outcomes, capacity_search=bool(args.capacity)) else 1)

@@ -16,6 +16,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from pathlib import Path
 from uuid import uuid4
 
 import httpx
@@ -86,10 +87,13 @@ class PipelineConfig:
     bridges: int = 1
     workers: int = 1
     entry: Entry = Entry.BROKER
+    tree: Path | None = None
+    """A checkout of another revision whose services run instead of this tree's."""
 
     def __str__(self) -> str:
         scale = f" {self.bridges}b{self.workers}w" if (self.bridges, self.workers) != (1, 1) else ""
-        return f"{self.variant}{scale}"
+        tree = f" @{self.tree.name}" if self.tree else ""
+        return f"{self.variant}{scale}{tree}"
 
     def settings(self, temporal_port: int, name: str) -> Settings:
         """Settings on a database and vhost called `name`, made anew."""
@@ -160,7 +164,8 @@ class Pipeline:
 async def running_pipeline(config: PipelineConfig, ledger: Ledger) -> AsyncIterator[Pipeline]:
     """A fresh stack (its own Temporal dev server, database and vhost) with the bench subscribed."""
     temporal = TemporalDevServer(port=free_port(), ui_port=free_port(), ui=False)
-    name = f"{BENCH_NAME}_{os.getpid()}"  # benchmarks run side by side do not meet
+    # benchmarks run side by side do not meet, nor the two trees of one benchmark
+    name = f"{BENCH_NAME}_{os.getpid()}{'_beside' if config.tree else ''}"
     settings = config.settings(temporal.port, name)
     await drop_database(settings.database_url)
     with tempfile.NamedTemporaryFile("w", prefix="orderflow-bench-", suffix=".log", delete=False) as log:
@@ -168,7 +173,9 @@ async def running_pipeline(config: PipelineConfig, ledger: Ledger) -> AsyncItera
         async with AsyncExitStack() as exits:
             exits.push_async_callback(drop_database, settings.database_url)
             exits.callback(drop_vhost, name)
-            stack = await exits.enter_async_context(running_stack(settings, temporal=temporal, log=log))
+            stack = await exits.enter_async_context(
+                running_stack(settings, temporal=temporal, log=log, code=config.tree)
+            )
             connection = await broker.connect(settings, "bench")
             exits.push_async_callback(connection.close)
             channel, topology = await broker.open_channel(connection)

@@ -274,9 +274,11 @@ async def running_stack(
     temporal: TemporalDevServer | None,
     log: IO[str],
     services: tuple[str, ...] = SERVICES,
+    code: Path | None = None,
 ) -> AsyncIterator[Stack]:
     """Migrate, start Temporal (unless `temporal` is None: then `settings` names a running one)
-    and the services; stop them all, services first, when the block ends."""
+    and the services; stop them all, services first, when the block ends. `code`: a checkout
+    the services run from instead of this one (the bench runs two revisions at once)."""
     check_metrics_ports(settings, services)
     await schema.ensure_database(settings.database_url)
     await asyncio.to_thread(schema.upgrade, settings.database_url)
@@ -287,6 +289,9 @@ async def running_stack(
             await stack.start("temporal", temporal.command(), dict(os.environ))
             await wait_for_port(temporal.port)
         env = service_environment(settings)
+        if code is not None:
+            # PYTHONSAFEPATH: `python -m` would put the working directory, this checkout, first
+            env |= {"PYTHONPATH": str(code), "PYTHONSAFEPATH": "1"}
         for service in services:
             names = instance_names(service, instance_count(settings, service))
             for name, metrics_port in zip(names, metrics_ports(settings, service), strict=True):
