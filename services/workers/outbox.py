@@ -153,7 +153,10 @@ class Outbox:
             self._pending = []
             task = workflow.info().get_current_history_length()
             if task == self._next_task_sure_after:
-                await workflow.wait_condition(lambda: workflow.info().get_current_history_length() > task)  # noqa: B023
+                # The next task proves this one committed. But a lifecycle that ends in this very
+                # task cancels its shipment's start before it is sent, and then none is sure.
+                await workflow.wait_condition(lambda: self._later_task(task) or self._closed)  # noqa: B023
+            if self._later_task(task):
                 await self._publish_now(batch)
             else:
                 await self._publish_eventually(batch)
@@ -168,6 +171,10 @@ class Outbox:
             await workflow.wait_condition(lambda: True)
             if self._batch_due():
                 return
+
+    @staticmethod
+    def _later_task(task: int) -> bool:
+        return workflow.info().get_current_history_length() > task
 
     def _batch_due(self) -> bool:
         held = workflow.info().get_current_history_length() in self._local_work
