@@ -170,10 +170,10 @@ class OrderWorkflow:
     # --- the lifecycle ---------------------------------------------------------------------------
     @workflow.run
     async def run(self, start: OrderWorkflowInput) -> OrderStatus:
-        current = workflow.patched(LIFECYCLE_PATCH)
-        self._review_outside_deadline = current or workflow.patched(REVIEW_OUTSIDE_DEADLINE_PATCH)
-        self._step_in_one_activity = current or workflow.patched(STEP_IN_ONE_ACTIVITY_PATCH)
-        publisher = asyncio.create_task(self._outbox.publish(current=current))
+        patched = workflow.patched(LIFECYCLE_PATCH)
+        self._review_outside_deadline = patched or workflow.patched(REVIEW_OUTSIDE_DEADLINE_PATCH)
+        self._step_in_one_activity = patched or workflow.patched(STEP_IN_ONE_ACTIVITY_PATCH)
+        publisher = asyncio.create_task(self._outbox.publish(lifecycle_patched=patched))
         lifecycle = asyncio.create_task(self._lifecycle())
         cancelled_through_temporal = False
         try:

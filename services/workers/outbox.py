@@ -80,7 +80,7 @@ class Outbox:
         self._local_work: list[int] = []  # the workflow task (history length) each started in
         self._held_until: Callable[[], bool] = lambda: True
         self._by_activity: bool | None = None  # decided by the first `publish`
-        self._in_next_task = False  # whether `next_task_sure` may be taken up
+        self._next_task_publishing = False  # whether `next_task_sure` may be taken up
         self._next_task_sure_after = -1  # the workflow task (history length) that said so
         self.emitted: list[OrderEvent] = []
 
@@ -130,14 +130,15 @@ class Outbox:
         """This workflow task issues a command whose outcome always brings the next one (a child
         workflow's start): what it emits can wait for that task, which proves it committed, and
         go out there by a local activity, without an activity and a workflow task of its own."""
-        if self._in_next_task:
+        if self._next_task_publishing:
             self._next_task_sure_after = workflow.info().get_current_history_length()
 
-    async def publish(self, *, current: bool = False) -> None:
-        """`current`: the lifecycle has taken every patch up to `LIFECYCLE_PATCH` (the workflow's)."""
+    async def publish(self, *, lifecycle_patched: bool = False) -> None:
+        """`lifecycle_patched`: the lifecycle took the workflow's `LIFECYCLE_PATCH`, which stands
+        for every change up to publishing in the task a shipment's start brings."""
         if self._by_activity is None:
-            self._by_activity = current or workflow.patched(PUBLISH_BY_ACTIVITY_PATCH)
-            self._in_next_task = current
+            self._by_activity = lifecycle_patched or workflow.patched(PUBLISH_BY_ACTIVITY_PATCH)
+            self._next_task_publishing = lifecycle_patched
         by_activity = self._by_activity
         while True:
             if by_activity:
