@@ -8,10 +8,12 @@ tested on its own at the end, as the contract specifies it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 from uuid import uuid4
 
@@ -20,12 +22,14 @@ from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
 
 from service_support import DownDatabase
 from services.workers import business, faults
 from services.workers.activities import BusinessActivities
 from services.workers.boundary import (
     ORDER_INVALID,
+    PublishEventsInput,
     ReceiveOrderInput,
     ValidateOrderInput,
 )
@@ -454,7 +458,7 @@ async def test_a_database_outage_is_reported_as_such_and_a_broken_rule_for_good(
     async with DownDatabase() as down:
         engine = db.create_engine(down.settings_for(base_settings))
         try:
-            unreachable = BusinessActivities(db.session_factory(engine), topology=None)  # type: ignore[arg-type]
+            unreachable = BusinessActivities(db.session_factory(engine), topology=None, broker=None)  # type: ignore[arg-type]
             with pytest.raises(ApplicationError) as outage:
                 await unreachable.receive_order(ReceiveOrderInput(order=placed))
         finally:
@@ -464,7 +468,20 @@ async def test_a_database_outage_is_reported_as_such_and_a_broken_rule_for_good(
     reused = placed.model_copy(update={"order_id": unique("other-order")})
     await business.order_received(sessions, reused)
     await charge(sessions, placed)
-    reachable = BusinessActivities(sessions, topology=None)  # type: ignore[arg-type]
+    reachable = BusinessActivities(sessions, topology=None, broker=None)  # type: ignore[arg-type]
     with pytest.raises(ApplicationError) as broken:
         await reachable.validate_order(ValidateOrderInput(order_id=reused.order_id))
     assert (broken.value.type, broken.value.non_retryable) == (ORDER_INVALID, True)
+
+
+async def test_a_local_publish_hands_its_batch_over_at_once_while_the_broker_is_away() -> None:
+    # a local activity holds its workflow task open: it must not wait for the broker to return
+    away = SimpleNamespace(connected=asyncio.Event())  # never set: the connection is down
+    activities = BusinessActivities(sessions=None, topology=None, broker=away)  # type: ignore[arg-type]
+    local = ActivityEnvironment()
+    local.info = dataclasses.replace(local.info, is_local=True)
+    with pytest.raises(ApplicationError) as handed_over:
+        await asyncio.wait_for(local.run(activities.publish_events, PublishEventsInput(events=[])), 1)
+    assert (handed_over.value.type, handed_over.value.non_retryable) == (DEPENDENCY_UNAVAILABLE, True)
+    # the regular activity it falls back to waits for the broker instead (nothing to send here)
+    await ActivityEnvironment().run(activities.publish_events, PublishEventsInput(events=[]))

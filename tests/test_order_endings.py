@@ -83,7 +83,7 @@ async def pipeline(
     try:
         channel, topology = await broker.open_channel(connection)
         await broker.declare_command_queues(channel, topology, settings)  # before anything is sent
-        activities = BusinessActivities(sessions, topology)
+        activities = BusinessActivities(sessions, topology, connection)
         async with (
             running(run_audit, settings),
             running(run_bridge, settings),

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from aio_pika.abc import AbstractRobustConnection
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -37,9 +38,12 @@ from shared.consuming import is_transient
 class BusinessActivities(OrderActivities):
     """`OrderActivities` on the database (business functions, admissions) and the broker."""
 
-    def __init__(self, sessions: business.Sessions, topology: Topology) -> None:
+    def __init__(
+        self, sessions: business.Sessions, topology: Topology, broker: AbstractRobustConnection
+    ) -> None:
         self._sessions = sessions
         self._topology = topology
+        self._broker = broker
 
     @activity.defn
     async def receive_order(self, input: ReceiveOrderInput) -> None:
@@ -89,6 +93,10 @@ class BusinessActivities(OrderActivities):
 
     @activity.defn
     async def publish_events(self, input: PublishEventsInput) -> None:
+        if activity.info().is_local and not self._broker.connected.is_set():
+            # a local activity holds its workflow task open: while the broker is away, the batch
+            # goes to the regular activity, which waits for it in the background
+            raise ApplicationError("the broker is away", type=DEPENDENCY_UNAVAILABLE, non_retryable=True)
         for event in input.events:
             await publish_event(self._topology, event)
 

@@ -148,7 +148,7 @@ async def running_workers(client: Client, settings: Settings) -> AsyncIterator[N
         # COMMITTED gives each statement its own snapshot anyway: in autocommit they need no
         # BEGIN and COMMIT round trips, a third of a step's trips to the database
         one_statement_at_a_time = db.session_factory(engine.execution_options(isolation_level="AUTOCOMMIT"))
-        activities = BusinessActivities(one_statement_at_a_time, topology)
+        activities = BusinessActivities(one_statement_at_a_time, topology, connection)
         runner = workflow_runner(settings)
         for worker in (
             order_worker(client, settings.order_task_queue, activities, workflow_runner=runner),
