@@ -156,8 +156,8 @@ class Outbox:
             if task == self._next_task_sure_after:
                 # The next task proves this one committed. But a lifecycle that ends in this very
                 # task cancels its shipment's start before it is sent, and then none is sure.
-                await workflow.wait_condition(lambda: self._later_task(task) or self._closed)  # noqa: B023
-            if self._later_task(task):
+                await workflow.wait_condition(lambda: self._task_committed(task) or self._closed)  # noqa: B023
+            if self._task_committed(task):
                 await self._publish_now(batch)
             else:
                 await self._publish_eventually(batch)
@@ -172,10 +172,6 @@ class Outbox:
             await workflow.wait_condition(lambda: True)
             if self._batch_due():
                 return
-
-    @staticmethod
-    def _later_task(task: int) -> bool:
-        return workflow.info().get_current_history_length() > task
 
     def _batch_due(self) -> bool:
         held = workflow.info().get_current_history_length() in self._local_work
@@ -217,4 +213,9 @@ class Outbox:
 
     @staticmethod
     def _committed(pending: Pending) -> bool:
-        return workflow.info().get_current_history_length() > pending.emitted_in
+        return Outbox._task_committed(pending.emitted_in)
+
+    @staticmethod
+    def _task_committed(task: int) -> bool:
+        """The workflow task `task` (its history length) is committed: a later one runs now."""
+        return workflow.info().get_current_history_length() > task
