@@ -34,6 +34,7 @@ from temporalio.exceptions import ChildWorkflowError
 with workflow.unsafe.imports_passed_through():
     from services.workers import faults
     from services.workers.boundary import (
+        AdmissionInput,
         ChargePaymentInput,
         ChargeResult,
         DispatchCarrierInput,
@@ -44,7 +45,6 @@ with workflow.unsafe.imports_passed_through():
         PublishEventsInput,
         ReceiveOrderInput,
         RefundPaymentInput,
-        ReleaseAdmissionInput,
         ValidateOrderInput,
     )
     from services.workers.steps import AttemptLog, StepActivity, StepExhausted, StepPolicy, run_step
@@ -126,7 +126,15 @@ class BareActivities(OrderActivities):
         raise NotImplementedError("the baseline publishes no events")
 
     @activity.defn
-    async def release_admission(self, input: ReleaseAdmissionInput) -> None:
+    async def leave_admission_for_review(self, input: AdmissionInput) -> None:
+        raise NotImplementedError("the baseline admits every order at once")
+
+    @activity.defn
+    async def resume_admission(self, input: AdmissionInput) -> bool:
+        raise NotImplementedError("the baseline admits every order at once")
+
+    @activity.defn
+    async def release_admission(self, input: AdmissionInput) -> None:
         raise NotImplementedError("the baseline admits every order at once")
 
 

@@ -24,9 +24,15 @@ rate held (lifecycle p99 <= 5 s, none failed, cancelled or lost)
 Beside another revision: add `--beside <checkout>` (a git worktree of it) to run each load on
 that revision's services at the same time as on this tree's, each its own system, and print the
 ratios this / beside. Both share the machine at once, so its drift from minute to minute, which
-is larger than most changes, does not tell them apart; offer half what one system sustains. The
-two trees must have the same migrations (this tree's migrate both databases).
+is larger than most changes, does not tell them apart; offer half what one system sustains. This
+tree's migrations migrate both databases, so the other tree's must be an earlier part of them.
     python bench/lifecycle.py --orders 240 --rate 3 --beside /tmp/wt-before
+
+Reviewers who take their time: `--review-seconds S` approves each order S seconds after it awaits
+approval, so that orders pile up in review (beside a revision whose orders kept their admission
+slot in review, it shows what that cost)
+
+    python bench/lifecycle.py --orders 240 --rate 4 --review-seconds 5 --beside /tmp/wt-before
 
 Baseline: add `--baseline` to any of these to run the same load on the same lifecycle's shape on
 bare Temporal (bench/bare_lifecycle.py: no broker, no database, the same fault injector and step
@@ -43,10 +49,11 @@ terminal event within --patience seconds of the last one), orders whose events d
 seq 1, 2, 3, ... (a gap, a step back, one seq on two different events) and orders that saw an
 event delivered twice (the same event id: at least once, as the contract allows, so reported but
 not a failure), the admission wait (placed → `admitted`, as the event dates it), the
-lifecycle time (`admitted` → terminal event) and the end-to-end time (placed → terminal) as
-p50/p90/p99/max, the drain time (first accepted → last terminal event), the throughput (completed
-orders per second of drain time), the CPU per accepted order of each kind of process (all
-instances of a service summed), and the cores the whole system kept busy while it drained.
+lifecycle time (`admitted` → terminal event, the time `--review-seconds` adds aside) and the
+end-to-end time (placed → terminal) as p50/p90/p99/max, the drain time (first accepted → last
+terminal event), the throughput (completed orders per second of drain time), the CPU per accepted
+order of each kind of process (all instances of a service summed), and the cores the whole system
+kept busy while it drained.
 
 Exits non-zero if any order of the pipeline was lost, failed or out of order, took longer than
 15 s from admission to its end, or could not be placed for a reason other than shedding; in a
@@ -139,7 +146,13 @@ async def run_trials(
 
 def trials_of(args: argparse.Namespace) -> list[Trial]:
     configs = [
-        PipelineConfig(Variant.parse(v), bridges=args.bridges, workers=args.workers, entry=args.via)
+        PipelineConfig(
+            Variant.parse(v),
+            bridges=args.bridges,
+            workers=args.workers,
+            entry=args.via,
+            review_seconds=args.review_seconds,
+        )
         for v in args.variants.split(",")
     ]
     if args.capacity:
@@ -157,8 +170,10 @@ def trials_of(args: argparse.Namespace) -> list[Trial]:
 def beside(trials: list[Trial], tree: Path) -> list[Trial]:
     """Each trial with its twin on the revision checked out at `tree`."""
     here = Path(__file__).resolve().parents[1]
-    if migrations(tree) != migrations(here):
-        raise SystemExit(f"--beside: {tree} has other migrations than this tree, which migrates both")
+    # this tree migrates both: an earlier revision runs on the schema that grew from its own
+    theirs, ours = migrations(tree), migrations(here)
+    if theirs != ours[: len(theirs)]:
+        raise SystemExit(f"--beside: {tree}'s migrations are not an earlier part of this tree's")
     twins = []
     for trial in trials:
         config = replace(trial.config, tree=tree)
@@ -188,6 +203,12 @@ def parse_args() -> argparse.Namespace:
     system.add_argument("--bridges", type=int, default=1, help="bridge processes")
     system.add_argument("--workers", type=int, default=1, help="worker processes")
     system.add_argument(
+        "--review-seconds",
+        type=float,
+        default=0.0,
+        help="the reviewer approves each order this long after it awaits approval (a person: minutes)",
+    )
+    system.add_argument(
         "--variants",
         default=Variant.shipped().spec(),
         help="comma-separated PARALLEL_ATTEMPTS:ATTEMPT_TIMEOUT_SECONDS; one run each, side by side",
@@ -208,6 +229,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("--burst and --capacity are different modes")
     if args.beside and (args.baseline or args.baseline_only):
         parser.error("--beside compares two revisions; run --baseline on its own")
+    if args.review_seconds and (args.baseline or args.baseline_only):
+        parser.error("--review-seconds is the pipeline's reviewer; the baseline approves at once")
     return args
 
 

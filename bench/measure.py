@@ -36,6 +36,9 @@ class OrderClock:
     ended_at: float | None = None
     ending: EventType | None = None
     approval_requested: bool = False
+    reviewer_seconds: float = 0.0
+    """How long the bench's reviewer took before approving (`--review-seconds`): not the
+    lifecycle's own time, which the contract bounds."""
     next_seq: int = 1
     event_ids: set[UUID] = field(default_factory=set)
     sequence_faults: list[str] = field(default_factory=list)
@@ -206,7 +209,11 @@ class Outcome:
         return Spread.of(c.admitted_at - c.placed_at for c in self._clocks() if c.admitted_at is not None)
 
     def lifecycle_times(self) -> list[float]:
-        return [c.ended_at - c.lifecycle_started_at for c in self._ended() if c.ended_at is not None]
+        return [
+            c.ended_at - c.lifecycle_started_at - c.reviewer_seconds
+            for c in self._ended()
+            if c.ended_at is not None
+        ]
 
     @property
     def lifecycle(self) -> Spread:

@@ -2,7 +2,8 @@
 vhost of its own, placements over AMQP or the REST gateway, approvals through the command queue.
 
 A subscriber on `orders.events` feeds every event into the run's `Ledger` (times, seq checks) and
-approves each order when its `awaiting_approval` event arrives, as a reviewer would.
+approves each order when its `awaiting_approval` event arrives, as a reviewer would (or a given
+number of seconds later, as a person would).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import os
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ import httpx
 from aio_pika.abc import AbstractIncomingMessage
 
 from bench.load import Shed, place_command
-from bench.measure import Ledger, cpu_by_kind
+from bench.measure import Ledger, OrderClock, cpu_by_kind
 from services.stack import (
     Stack,
     TemporalDevServer,
@@ -89,11 +91,14 @@ class PipelineConfig:
     entry: Entry = Entry.BROKER
     tree: Path | None = None
     """A checkout of another revision whose services run instead of this tree's."""
+    review_seconds: float = 0.0
+    """How long the reviewer takes to approve an order awaiting approval."""
 
     def __str__(self) -> str:
         scale = f" {self.bridges}b{self.workers}w" if (self.bridges, self.workers) != (1, 1) else ""
+        review = f" review {self.review_seconds:g}s" if self.review_seconds else ""
         tree = f" @{self.tree.name}" if self.tree else ""
-        return f"{self.variant}{scale}{tree}"
+        return f"{self.variant}{scale}{review}{tree}"
 
     def settings(self, temporal_port: int, name: str) -> Settings:
         """Settings on a database and vhost called `name`, made anew."""
@@ -117,12 +122,18 @@ class Pipeline:
     """The running stack, placing orders through `entry` and following them on `orders.events`."""
 
     def __init__(
-        self, stack: Stack, topology: broker.Topology, ledger: Ledger, api: httpx.AsyncClient | None
+        self,
+        stack: Stack,
+        topology: broker.Topology,
+        ledger: Ledger,
+        api: httpx.AsyncClient | None,
+        review_seconds: float,
     ) -> None:
         self._stack = stack
         self._topology = topology
         self._ledger = ledger
         self._api = api
+        self._review_seconds = review_seconds
         self._approvals: set[asyncio.Task[None]] = set()
 
     async def place(self, order_id: str) -> None:
@@ -152,12 +163,19 @@ class Pipeline:
         )
         if clock is not None and event.type is EventType.AWAITING_APPROVAL and not clock.approval_requested:
             clock.approval_requested = True
-            self._approve(event.order_id)
+            self._approve(event.order_id, clock)
 
-    def _approve(self, order_id: str) -> None:
-        task = asyncio.create_task(broker.publish_command(self._topology, approve_command(order_id)))
+    def _approve(self, order_id: str, clock: OrderClock) -> None:
+        task = asyncio.create_task(self._review(order_id, clock))
         self._approvals.add(task)
         task.add_done_callback(self._approvals.discard)
+
+    async def _review(self, order_id: str, clock: OrderClock) -> None:
+        if self._review_seconds:
+            began = time.monotonic()
+            await asyncio.sleep(self._review_seconds)
+            clock.reviewer_seconds = time.monotonic() - began
+        await broker.publish_command(self._topology, approve_command(order_id))
 
 
 @asynccontextmanager
@@ -184,7 +202,7 @@ async def running_pipeline(config: PipelineConfig, ledger: Ledger) -> AsyncItera
                 api = await exits.enter_async_context(
                     httpx.AsyncClient(base_url=settings.api_url, timeout=30)
                 )
-            pipeline = Pipeline(stack, topology, ledger, api)
+            pipeline = Pipeline(stack, topology, ledger, api, config.review_seconds)
             events = await channel.declare_queue(exclusive=True, auto_delete=True)
             await events.bind(topology.events, routing_key="order.#")
             await events.consume(pipeline.on_event)
