@@ -90,24 +90,26 @@ async def test_the_gateway_counts_requests_by_route_template_and_serves_them(
 async def test_the_gateway_reports_the_admission_backlog_as_the_admissions_table_has_it(
     settings: Settings, db_sessions: Sessions
 ) -> None:
-    waiting_order, running_order = unique_id("waiting"), unique_id("running")
+    gauges = {
+        "orderflow_admission_placements_waiting": AdmissionStatus.WAITING,
+        "orderflow_admission_lifecycles_running": AdmissionStatus.RUNNING,
+        "orderflow_admission_lifecycles_in_review": AdmissionStatus.REVIEWING,
+        "orderflow_admission_approved_waiting": AdmissionStatus.RESUMING,
+    }
+    orders = {unique_id(status.value): status for status in gauges.values()}
     async with gateway(settings) as api:
         before = (await api.get("/metrics")).text
-        await _insert_admissions(
-            db_sessions, {waiting_order: AdmissionStatus.WAITING, running_order: AdmissionStatus.RUNNING}
-        )
+        await _insert_admissions(db_sessions, orders)
         try:
             after = (await api.get("/metrics")).text
         finally:
             async with transaction(db_sessions) as session:
-                await session.execute(
-                    delete(Admission).where(col(Admission.order_id).in_([waiting_order, running_order]))
-                )
+                await session.execute(delete(Admission).where(col(Admission.order_id).in_(list(orders))))
 
-    for gauge in ("orderflow_admission_placements_waiting", "orderflow_admission_lifecycles_running"):
+    for gauge in gauges:
         was = scraped(before, gauge)
         assert was is not None
-        assert scraped(after, gauge) == was + 1
+        assert scraped(after, gauge) == was + 1, gauge
 
 
 async def _insert_admissions(sessions: Sessions, statuses: dict[str, AdmissionStatus]) -> None:

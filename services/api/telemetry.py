@@ -83,13 +83,14 @@ def untraced(scope: MutableMapping[str, Any]) -> bool:
 
 
 BACKLOG_STATUSES = [
-    status.value for status in AdmissionStatus if status is AdmissionStatus.WAITING or status.holds_slot
+    status.value for status in AdmissionStatus if status is AdmissionStatus.WAITING or status.in_lifecycle
 ]
 
 
 class AdmissionBacklog(Collector):
-    """Placements waiting for a slot and lifecycles holding one, across all bridges, as counted in
-    the `admissions` table (nothing when it could not be read)."""
+    """Placements waiting for a slot, lifecycles holding one, in review (holding none) and approved
+    waiting for one, across all bridges, as counted in the `admissions` table (nothing when it
+    could not be read)."""
 
     def __init__(self, counts: dict[AdmissionStatus, int] | None) -> None:
         self._counts = counts
@@ -120,6 +121,16 @@ class AdmissionBacklog(Collector):
             "orderflow_admission_lifecycles_running",
             "Lifecycles holding a slot (running or being started), at most ORDERFLOW_MAX_RUNNING_LIFECYCLES",
             value=sum(self._counts.get(status, 0) for status in AdmissionStatus if status.holds_slot),
+        )
+        yield GaugeMetricFamily(
+            "orderflow_admission_lifecycles_in_review",
+            "Lifecycles waiting for their reviewer, holding no slot meanwhile",
+            value=self._counts.get(AdmissionStatus.REVIEWING, 0),
+        )
+        yield GaugeMetricFamily(
+            "orderflow_admission_approved_waiting",
+            "Approved orders waiting for a slot to go on (the next freed, before any placement)",
+            value=self._counts.get(AdmissionStatus.RESUMING, 0),
         )
 
 
