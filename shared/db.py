@@ -138,14 +138,15 @@ class ProcessedCommand(SQLModel, table=True):
 class Admission(SQLModel, table=True):
     """The bridge's record of one order's admission: from the placement's arrival (or a command
     that overtook it) until its lifecycle ends. Rows `admitting` or `running` hold the slots that
-    `max_running_lifecycles` bounds."""
+    `max_running_lifecycles` bounds; `resuming` ones (approved, waiting for a slot) come first
+    when one is freed."""
 
     __tablename__ = "admissions"
     __table_args__ = (
         Index(
-            "ix_admissions_holding_slot",
+            "ix_admissions_counted",
             "status",
-            postgresql_where=text("status IN ('admitting', 'running')"),
+            postgresql_where=text("status IN ('admitting', 'running', 'resuming')"),
         ),
     )
 
@@ -159,6 +160,8 @@ class Admission(SQLModel, table=True):
     created_at: datetime | None = _timestamp(nullable=False, default_now=True)
     queued_at: datetime | None = _timestamp()
     admitted_at: datetime | None = _timestamp()
+    resuming_since: datetime | None = _timestamp()
+    """When it first asked for a slot again after its review (its place among the approved)."""
     ended_at: datetime | None = _timestamp()
 
 

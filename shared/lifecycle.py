@@ -23,6 +23,8 @@ class Signals:
     APPROVE = "approve"
     CANCEL = "cancel"
     UPDATE_ADDRESS = "update_address"
+    # a slot freed for the approved order waiting to go on (see shared/admissions.py)
+    SLOT_GRANTED = "slot_granted"
     # child -> parent
     PACKAGE_PREPARED = "package_prepared"
     DISPATCH_FAILED = "dispatch_failed"

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
 
     # admission and shedding: RabbitMQ holds the placements the running lifecycles leave waiting
     # what this machine kind sustains best (docs/performance.md): more at once only adds
-    # contention; an order waiting for its reviewer holds its slot, so slow reviews want more
+    # contention; an order waiting for its reviewer gives its slot back meanwhile
     max_running_lifecycles: int = Field(
         default=12, ge=1, description="lifecycles running at once, across all bridges"
     )

@@ -26,8 +26,8 @@ from api_support import gateway, order_body, unique_id
 from service_support import consumer_queue, drain, eventually, running, take_messages
 from services.bridge.consumer import run_bridge
 from services.stack import isolated_settings
-from shared import admissions, broker, db, schema
-from shared.admissions import HOLDING_SLOT
+from shared import broker, db, schema
+from shared.admissions import HOLDING_SLOT, AdmissionSlots
 from shared.broker import (
     CommandRefused,
     Topology,
@@ -68,8 +68,9 @@ ADMISSION_DATABASE = "orderflow_test_admission"
 class SlotActivities:
     """What the stand-in does outside the workflow: count slots in use, release its own."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], max_running: int) -> None:
         self._sessions = sessions
+        self._slots = AdmissionSlots(sessions, max_running)
         self.slots_seen: list[int] = []
 
     @activity.defn
@@ -82,7 +83,7 @@ class SlotActivities:
 
     @activity.defn
     async def release(self, order_id: str) -> None:
-        await admissions.release(self._sessions, order_id)
+        await self._slots.release(order_id)
 
 
 @workflow.defn(name=ORDER_WORKFLOW)
@@ -185,7 +186,7 @@ async def slot_activities(
     temporal_client: Client,
     sessions: async_sessionmaker[AsyncSession],
 ) -> AsyncIterator[SlotActivities]:
-    activities = SlotActivities(sessions)
+    activities = SlotActivities(sessions, admission_settings.max_running_lifecycles)
     async with Worker(
         temporal_client,
         task_queue=admission_settings.order_task_queue,

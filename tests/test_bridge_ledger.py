@@ -25,7 +25,7 @@ from services.bridge.admission import (
 from services.bridge.lifecycles import ACCEPTED, Outcome, OutcomeKind
 from services.stack import isolated_settings
 from shared import db, schema
-from shared.admissions import AdmissionStatus
+from shared.admissions import AdmissionSlots, AdmissionStatus, Sessions
 from shared.contracts import PlaceOrder
 from shared.db import Admission, Order, ProcessedCommand
 from shared.settings import Settings
@@ -54,6 +54,11 @@ async def engine(ledger_settings: Settings) -> AsyncIterator[AsyncEngine]:
         await connection.execute(text("TRUNCATE admissions, orders, processed_commands"))
     yield engine
     await engine.dispose()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def sessions_of(engine: AsyncEngine) -> Sessions:
+    return db.session_factory(engine)
 
 
 async def nothing(_: Registration) -> None:
@@ -244,3 +249,100 @@ async def test_racing_registrations_share_the_free_slots_without_exceeding_them(
         assert await holding_slots(engine) == 3
     finally:
         await other_engine.dispose()
+
+
+# --- the slot while the order is in review (shared/admissions.py, the workers' side) ------------
+async def running_order(ledger: AdmissionLedger) -> str:
+    placement = place_order(unique_id("ord"))
+    registration = await ledger.register(placement, nothing, take_free_slot=True)
+    assert isinstance(registration, Registration) and registration.slot is not None
+    await ledger.started(placement, ACCEPTED)
+    return placement.order_id
+
+
+async def waiting_order(ledger: AdmissionLedger) -> str:
+    placement = place_order(unique_id("ord"))
+    registration = await ledger.register(placement, nothing, take_free_slot=True)
+    assert isinstance(registration, Registration) and registration.slot is None
+    return placement.order_id
+
+
+async def test_an_order_in_review_gives_its_slot_to_a_waiting_placement(
+    engine: AsyncEngine, sessions_of: Sessions
+) -> None:
+    ledger, slots = AdmissionLedger(engine, max_running=1), AdmissionSlots(sessions_of, max_running=1)
+    reviewed = await running_order(ledger)
+    placed = await waiting_order(ledger)
+
+    assert await slots.leave_for_review(reviewed) is None  # no approved order waits for it
+    assert await status_of(engine, reviewed) == "reviewing"
+    assert isinstance(await ledger.take_slot(placed), Slot)
+    assert await slots.leave_for_review(reviewed) is None  # asked again: nothing changes
+    assert await holding_slots(engine) == 1
+
+
+async def test_an_approved_order_goes_on_before_any_waiting_placement(
+    engine: AsyncEngine, sessions_of: Sessions
+) -> None:
+    ledger, slots = AdmissionLedger(engine, max_running=1), AdmissionSlots(sessions_of, max_running=1)
+    reviewed = await running_order(ledger)
+    await slots.leave_for_review(reviewed)
+    running = await running_order(ledger)  # took the slot given back
+    placed = await waiting_order(ledger)
+
+    assert await slots.resume(reviewed) is False  # no slot free: it waits, first in line
+    assert await status_of(engine, reviewed) == "resuming"
+    assert await slots.release(running) == reviewed  # the freed slot goes to it, not the placement
+    assert await ledger.take_slot(placed) is AdmissionStatus.WAITING
+    assert await status_of(engine, reviewed) == "running"
+    assert await slots.resume(reviewed) is True  # woken, it finds the slot its own
+
+    assert await slots.release(reviewed) is None
+    assert isinstance(await ledger.take_slot(placed), Slot)
+
+
+async def test_approved_orders_get_the_freed_slots_in_the_order_they_asked(
+    engine: AsyncEngine, sessions_of: Sessions
+) -> None:
+    ledger, slots = AdmissionLedger(engine, max_running=1), AdmissionSlots(sessions_of, max_running=1)
+    first, second = await running_order(ledger), await waiting_order(ledger)
+    await slots.leave_for_review(first)
+    assert isinstance(await ledger.take_slot(second), Slot)
+    await ledger.started(place_order(second), ACCEPTED)
+    await slots.leave_for_review(second)
+    running = await running_order(ledger)
+
+    assert await slots.resume(first) is False
+    assert await slots.resume(second) is False
+    assert await slots.resume(second) is False  # asking again keeps its place behind the first
+    assert await slots.release(running) == first
+    assert await slots.resume(second) is False
+    assert await slots.release(first) == second
+    assert await slots.release(second) is None
+
+
+async def test_an_order_ended_in_review_or_in_line_holds_nothing_any_more(
+    engine: AsyncEngine, sessions_of: Sessions
+) -> None:
+    ledger, slots = AdmissionLedger(engine, max_running=1), AdmissionSlots(sessions_of, max_running=1)
+    reviewed = await running_order(ledger)
+    await slots.leave_for_review(reviewed)
+    in_line = await running_order(ledger)
+    await slots.leave_for_review(in_line)
+    running = await running_order(ledger)
+    assert await slots.resume(in_line) is False
+
+    assert await slots.release(reviewed) is None  # cancelled in review: nobody was waiting on it
+    assert await slots.release(in_line) is None  # cancelled in line: the slot stays taken
+    assert (await status_of(engine, reviewed), await status_of(engine, in_line)) == ("ended", "ended")
+    assert await slots.release(running) is None
+    assert await holding_slots(engine) == 0
+
+
+async def test_an_order_the_bridge_never_admitted_goes_on_without_a_slot(sessions_of: Sessions) -> None:
+    # started through Temporal by hand, say: no admission row, nothing to give back or take
+    slots = AdmissionSlots(sessions_of, max_running=1)
+    order_id = unique_id("ord")
+    assert await slots.leave_for_review(order_id) is None
+    assert await slots.resume(order_id) is True
+    assert await slots.release(order_id) is None

@@ -458,7 +458,7 @@ async def test_a_database_outage_is_reported_as_such_and_a_broken_rule_for_good(
     async with DownDatabase() as down:
         engine = db.create_engine(down.settings_for(base_settings))
         try:
-            unreachable = BusinessActivities(db.session_factory(engine), topology=None, broker=None)  # type: ignore[arg-type]
+            unreachable = BusinessActivities(db.session_factory(engine), None, None, None, None)  # type: ignore[arg-type]
             with pytest.raises(ApplicationError) as outage:
                 await unreachable.receive_order(ReceiveOrderInput(order=placed))
         finally:
@@ -468,7 +468,7 @@ async def test_a_database_outage_is_reported_as_such_and_a_broken_rule_for_good(
     reused = placed.model_copy(update={"order_id": unique("other-order")})
     await business.order_received(sessions, reused)
     await charge(sessions, placed)
-    reachable = BusinessActivities(sessions, topology=None, broker=None)  # type: ignore[arg-type]
+    reachable = BusinessActivities(sessions, None, None, None, None)  # type: ignore[arg-type]
     with pytest.raises(ApplicationError) as broken:
         await reachable.validate_order(ValidateOrderInput(order_id=reused.order_id))
     assert (broken.value.type, broken.value.non_retryable) == (ORDER_INVALID, True)
@@ -477,7 +477,7 @@ async def test_a_database_outage_is_reported_as_such_and_a_broken_rule_for_good(
 async def test_a_local_publish_hands_its_batch_over_at_once_while_the_broker_is_away() -> None:
     # a local activity holds its workflow task open: it must not wait for the broker to return
     away = SimpleNamespace(connected=asyncio.Event())  # never set: the connection is down
-    activities = BusinessActivities(sessions=None, topology=None, broker=away)  # type: ignore[arg-type]
+    activities = BusinessActivities(None, None, away, None, None)  # type: ignore[arg-type]
     local = ActivityEnvironment()
     local.info = dataclasses.replace(local.info, is_local=True)
     with pytest.raises(ApplicationError) as handed_over:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
 from uuid import uuid4
 
@@ -17,10 +18,14 @@ import httpx
 import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractQueue
+from sqlalchemy import func, select
+from sqlmodel import col
 
 from services.stack import free_port, isolated_settings, running_stack
-from shared import broker, schema
+from shared import broker, db, schema
+from shared.admissions import HOLDING_SLOT
 from shared.contracts import CancelOrder, EventType, OrderEvent
+from shared.db import Admission
 from shared.settings import Settings
 from test_e2e import EventLog, approve_command, following_events, place_command, place_over_http
 
@@ -95,7 +100,54 @@ async def test_a_burst_above_the_bound_all_ends_as_its_commands_say(
         assert not events.of(order_id, EventType.COMMAND_REJECTED)
         if expected is EventType.COMPLETED:
             assert _lifecycle_seconds(trail) <= 15.0
-    assert max_concurrently_running(events, order_ids) <= MAX_RUNNING
+    assert max_concurrently_working(events, order_ids) <= MAX_RUNNING
+
+
+async def test_orders_waiting_for_their_reviewer_do_not_hold_back_the_ones_behind_them(
+    system: Settings,
+    amqp: tuple[broker.Topology, EventLog, AbstractQueue],
+) -> None:
+    topology, events, _ = amqp
+    order_ids = [f"rev-{uuid4().hex[:10]}" for _ in range(3 * MAX_RUNNING)]
+    async with slots_sampled(system) as slots_seen:
+        for order_id in order_ids:
+            await broker.publish_command(topology, place_command(order_id))
+        # with nobody approving, every order still gets as far as its review
+        await asyncio.gather(
+            *(events.wait_for(order_id, EventType.AWAITING_APPROVAL) for order_id in order_ids)
+        )
+        for order_id in order_ids:  # all at once: they go on no more than the bound at a time
+            await broker.publish_command(topology, approve_command(order_id))
+        endings = await asyncio.gather(*(events.wait_for_end(order_id) for order_id in order_ids))
+
+    assert [ending.type for ending in endings] == [EventType.COMPLETED] * len(order_ids)
+    assert max(slots_seen) <= MAX_RUNNING
+    assert max_concurrently_working(events, order_ids) <= MAX_RUNNING
+
+
+@asynccontextmanager
+async def slots_sampled(settings: Settings) -> AsyncIterator[list[int]]:
+    """The slots held, as the admissions table counts them, every few milliseconds of the block."""
+    engine = db.create_engine(settings)
+    seen: list[int] = []
+
+    async def sample() -> None:
+        while True:
+            async with engine.connect() as connection:
+                held = await connection.scalar(
+                    select(func.count()).where(col(Admission.status).in_(HOLDING_SLOT))
+                )
+            seen.append(held or 0)
+            await asyncio.sleep(0.01)
+
+    sampling = asyncio.create_task(sample())
+    try:
+        yield seen
+    finally:
+        sampling.cancel()
+        with suppress(asyncio.CancelledError):
+            await sampling
+        await engine.dispose()
 
 
 def _lifecycle_seconds(trail: list[OrderEvent]) -> float:
@@ -104,15 +156,20 @@ def _lifecycle_seconds(trail: list[OrderEvent]) -> float:
     return (ended.occurred_at - admitted.occurred_at).total_seconds()
 
 
-def max_concurrently_running(events: EventLog, order_ids: list[str]) -> int:
-    """The most lifecycles between `admitted` and their terminal event at any moment."""
+def max_concurrently_working(events: EventLog, order_ids: list[str]) -> int:
+    """The most lifecycles at work at any moment: from `admitted` to `awaiting_approval`, and
+    from `payment_charged` to their end (an order holds its slot then, and maybe longer)."""
     changes: list[tuple[datetime, int]] = []
     for order_id in order_ids:
         trail = events.by_order[order_id]
-        admitted = [e.occurred_at for e in trail if e.type is EventType.ADMITTED]
-        if admitted:
-            ended = next(e.occurred_at for e in trail if e.type.is_terminal)
-            changes += [(admitted[0], 1), (ended, -1)]
+        at = {e.type: e.occurred_at for e in trail}
+        ended = next((e.occurred_at for e in trail if e.type.is_terminal), None)
+        for began, until in (
+            (at.get(EventType.ADMITTED), at.get(EventType.AWAITING_APPROVAL, ended)),
+            (at.get(EventType.PAYMENT_CHARGED), ended),
+        ):
+            if began is not None and until is not None:
+                changes += [(began, 1), (until, -1)]
     running = peak = 0
     for _, change in sorted(changes, key=lambda c: (c[0], c[1])):  # an end before a start at a tie
         running += change

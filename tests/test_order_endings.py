@@ -31,7 +31,7 @@ from services.workers.order_workflow import CANCELLED_THROUGH_TEMPORAL
 from services.workers.reconciler import Reconciler
 from services.workers.worker import order_worker
 from shared import broker, db, schema
-from shared.admissions import AdmissionStatus
+from shared.admissions import AdmissionSlots, AdmissionStatus
 from shared.contracts import CancelOrder, EventType, OrderItem, OrderState, PlaceOrder
 from shared.db import Admission, AuditEvent, Order, Payment, ProcessedCommand
 from shared.lifecycle import order_workflow_id
@@ -83,13 +83,14 @@ async def pipeline(
     try:
         channel, topology = await broker.open_channel(connection)
         await broker.declare_command_queues(channel, topology, settings)  # before anything is sent
-        activities = BusinessActivities(sessions, topology, connection)
+        slots = AdmissionSlots(sessions, settings.max_running_lifecycles)
+        activities = BusinessActivities(sessions, topology, connection, slots, temporal_client)
         async with (
             running(run_audit, settings),
             running(run_bridge, settings),
             order_worker(temporal_client, settings.order_task_queue, activities),
         ):
-            yield topology, Reconciler(temporal_client, sessions, topology)
+            yield topology, Reconciler(temporal_client, sessions, topology, slots)
     finally:
         await connection.close()
 

@@ -27,6 +27,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
 from services.workers.boundary import (
+    AdmissionInput,
     ChargePaymentInput,
     DispatchCarrierInput,
     MarkShippedInput,
@@ -34,10 +35,9 @@ from services.workers.boundary import (
     PreparePackageInput,
     ReceiveOrderInput,
     RefundPaymentInput,
-    ReleaseAdmissionInput,
     ValidateOrderInput,
 )
-from services.workers.order_workflow import CANCELLED_THROUGH_TEMPORAL, OrderWorkflow
+from services.workers.order_workflow import CANCELLED_THROUGH_TEMPORAL, SLOT_RECHECK, OrderWorkflow
 from services.workers.shipping_workflow import ShippingWorkflow
 from services.workers.worker import sandbox_runner
 from shared.contracts import (
@@ -48,7 +48,7 @@ from shared.contracts import (
     OrderStatus,
     Step,
 )
-from shared.lifecycle import EVENTS_QUERY
+from shared.lifecycle import EVENTS_QUERY, Signals
 from workflow_harness import (
     ADDRESS,
     AMOUNT_CENTS,
@@ -175,7 +175,7 @@ async def test_approved_order_completes_with_every_step_and_event(harness: Order
         DispatchCarrierInput(order_id=order_id, address=ADDRESS)
     ]
     assert called(OrderActivities.mark_shipped) == [MarkShippedInput(order_id=order_id)]
-    assert called(OrderActivities.release_admission) == [ReleaseAdmissionInput(order_id=order_id)]
+    assert called(OrderActivities.release_admission) == [AdmissionInput(order_id=order_id)]
     assert_not_called(harness, OrderActivities.refund_payment)
 
     events = assert_numbered(harness)
@@ -692,6 +692,82 @@ async def test_early_commands_sent_again_as_signals_apply_once(harness: OrderHar
     ]
 
 
+# --- admission: the slot during the review -------------------------------------------------------
+async def test_the_slot_is_given_back_for_the_review_and_taken_again_once_approved(
+    harness: OrderHarness,
+) -> None:
+    await harness.start()
+    await harness.wait_for_call(OrderActivities.leave_admission_for_review)
+    assert_not_called(harness, OrderActivities.resume_admission)
+    await harness.approve()
+    status = await harness.result()
+
+    assert status.state is OrderState.COMPLETED
+    admission = [AdmissionInput(order_id=harness.order_id)]
+    assert harness.mocks.called(OrderActivities.leave_admission_for_review) == admission
+    assert harness.mocks.called(OrderActivities.resume_admission) == admission
+
+
+async def test_an_order_approved_before_its_review_keeps_its_slot(harness: OrderHarness) -> None:
+    status, _ = await early_commands_scenario(harness)
+
+    assert status.state is OrderState.COMPLETED
+    assert_not_called(harness, OrderActivities.leave_admission_for_review, OrderActivities.resume_admission)
+
+
+async def test_an_approved_order_waits_for_a_slot_and_goes_on_when_one_is_handed_to_it(
+    harness: OrderHarness,
+) -> None:
+    harness.mocks.no_slot_answers = 1
+    await harness.start()
+    await harness.wait_for_event(E.AWAITING_APPROVAL)
+    await harness.approve()
+    await harness.wait_for_call(OrderActivities.resume_admission)
+    await asyncio.sleep(0.3)
+    assert_not_called(harness, OrderActivities.charge_payment)  # no slot: it waits
+
+    await harness.handle.signal(Signals.SLOT_GRANTED)
+    await harness.wait_for_call(OrderActivities.charge_payment)  # woken: no recheck timer passed
+    status = await harness.result()
+
+    assert status.state is OrderState.COMPLETED
+    assert len(harness.mocks.called(OrderActivities.resume_admission)) == 2
+
+
+async def test_the_wait_for_a_slot_after_approval_does_not_count_against_the_deadline(
+    harness: OrderHarness,
+) -> None:
+    # no wake-up ever comes: the order asks again every few seconds, far past its deadline
+    harness.mocks.no_slot_answers = 4
+    await harness.start(lifecycle_deadline_seconds=3.0)
+    await harness.wait_for_event(E.AWAITING_APPROVAL)
+    await harness.approve()
+    status = await harness.result()
+
+    assert status.state is OrderState.COMPLETED
+    assert len(harness.mocks.called(OrderActivities.resume_admission)) == 5
+    assert status.finished_at is not None
+    assert status.finished_at - status.started_at >= 4 * SLOT_RECHECK
+
+
+async def test_a_cancel_while_waiting_for_a_slot_ends_the_order_and_its_place_in_line(
+    harness: OrderHarness,
+) -> None:
+    harness.mocks.no_slot_answers = 1000
+    await harness.start()
+    await harness.wait_for_event(E.AWAITING_APPROVAL)
+    await harness.approve()
+    await harness.wait_for_call(OrderActivities.resume_admission)
+    await harness.cancel()
+    status = await harness.result()
+
+    assert (status.state, status.refunded) == (OrderState.CANCELLED, False)
+    assert_not_called(harness, OrderActivities.charge_payment)
+    assert harness.mocks.called(OrderActivities.release_admission) == [
+        AdmissionInput(order_id=harness.order_id)
+    ]
+
+
 # --- events and the admission slot ----------------------------------------------------------------
 async def test_events_wait_in_order_while_the_broker_is_away(harness: OrderHarness) -> None:
     # The first batch cannot be published for a while: its activity retries (1.5 s of backoff,
@@ -746,7 +822,7 @@ async def test_every_ending_gives_the_admission_slot_back_once(harness: OrderHar
 
     assert status.state is OrderState.CANCELLED
     released = harness.mocks.called(OrderActivities.release_admission)
-    assert released == [ReleaseAdmissionInput(order_id=harness.order_id)] * 3  # retried until it got through
+    assert released == [AdmissionInput(order_id=harness.order_id)] * 3  # retried until it got through
 
 
 # --- production's attempts ------------------------------------------------------------------------

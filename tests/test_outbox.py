@@ -27,7 +27,7 @@ class OutboxProbe:
     @workflow.run
     async def run(self, order: PlaceOrder) -> None:
         outbox = Outbox(order, first_seq=1)
-        publisher = asyncio.create_task(outbox.publish(lifecycle_patched=True))
+        publisher = asyncio.create_task(outbox.publish(events_in_shipment_start=True))
         await workflow.wait_condition(lambda: True)  # the publisher has started, as in a lifecycle
         outbox.emit(EventType.SHIPPING_STARTED)
         outbox.next_task_sure()

@@ -44,6 +44,7 @@ from temporalio.worker import Worker
 
 from services.workers.boundary import (
     ORDER_INVALID,
+    AdmissionInput,
     ChargePaymentInput,
     ChargeResult,
     DispatchCarrierInput,
@@ -54,7 +55,6 @@ from services.workers.boundary import (
     PublishEventsInput,
     ReceiveOrderInput,
     RefundPaymentInput,
-    ReleaseAdmissionInput,
     ValidateOrderInput,
 )
 from services.workers.hedging import DEPENDENCY_UNAVAILABLE
@@ -211,6 +211,8 @@ class MockActivities(OrderActivities):
         """Events published again under the same id with other content: never allowed."""
         self._scripts: dict[str, deque[Behaviour]] = defaultdict(deque)
         self._otherwise: dict[str, Behaviour] = dict.fromkeys(BUSINESS_STEPS, steps_otherwise)
+        self.no_slot_answers = 0
+        """How many of the next asks for a slot after the review find none free."""
 
     def script(self, mocked: Mocked, *first: Behaviour, then: Behaviour | None = None) -> None:
         """The next calls of `mocked` play `first` in order, every later call plays `then` (by
@@ -279,7 +281,19 @@ class MockActivities(OrderActivities):
                 self.conflicting.append((seen[event.event_id], event))
 
     @activity.defn
-    async def release_admission(self, input: ReleaseAdmissionInput) -> None:
+    async def leave_admission_for_review(self, input: AdmissionInput) -> None:
+        await self._play("leave_admission_for_review", input)
+
+    @activity.defn
+    async def resume_admission(self, input: AdmissionInput) -> bool:
+        await self._play("resume_admission", input)
+        if self.no_slot_answers:
+            self.no_slot_answers -= 1
+            return False
+        return True
+
+    @activity.defn
+    async def release_admission(self, input: AdmissionInput) -> None:
         await self._play("release_admission", input)
 
 

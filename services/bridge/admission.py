@@ -35,7 +35,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.bridge.lifecycles import Outcome
-from shared.admissions import ADMISSIONS_CHANNEL, AdmissionStatus
+from shared.admissions import ADMISSIONS_CHANNEL, LOCK_SLOTS, AdmissionStatus
 from shared.consuming import RetrySoon
 from shared.contracts import (
     CancelOrder,
@@ -47,8 +47,6 @@ from shared.contracts import (
 from shared.db import INSERT_ORDER, order_row
 from shared.lifecycle import EarlyCommand
 
-# any fixed number: the key of the advisory lock under which slots are counted and taken
-SLOT_LOCK_KEY = 0x0F5E_ADD1
 # a waiting placement looks again this often even if no release notification reached it
 SLOT_POLL_SECONDS = 1.0
 
@@ -84,14 +82,15 @@ REGISTER_PARKED = text(
     RETURNING queued_at
     """
 )
-LOCK_SLOTS = text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=SLOT_LOCK_KEY)
 # under LOCK_SLOTS, taken by an earlier statement: this statement's snapshot then sees every slot
-# taken before (one snapshot per statement), which a lock taken within it would not
+# taken before (one snapshot per statement), which a lock taken within it would not; approved
+# orders waiting to go on (`resuming`) come before any placement
 TAKE_FREE_SLOT = text(
     """
     UPDATE admissions SET status = 'admitting', admitted_at = now()
     WHERE order_id = :order_id
-      AND (SELECT count(*) FROM admissions WHERE status IN ('admitting', 'running')) < :max_running
+      AND (SELECT count(*) FROM admissions
+           WHERE status IN ('admitting', 'running', 'resuming')) < :max_running
     RETURNING order_id
     """
 )
@@ -309,7 +308,7 @@ class AdmissionLedger:
             return Steering.PROCESSED
         if seen.status is None:
             return Steering.NO_RECORD
-        if seen.status in (AdmissionStatus.RUNNING, AdmissionStatus.ENDED):
+        if AdmissionStatus(seen.status).lifecycle_started:
             return Steering.SIGNAL  # states an order never leaves for one a command could change
         async with self._engine.begin() as connection:
             row = (await connection.execute(LOCK_ADMISSION, ids)).first()
@@ -318,7 +317,7 @@ class AdmissionLedger:
             match AdmissionStatus(row.status):
                 case AdmissionStatus.ADMITTING:
                     raise AdmissionInProgress(command.order_id)
-                case AdmissionStatus.RUNNING | AdmissionStatus.ENDED:
+                case status if status.lifecycle_started:
                     return Steering.SIGNAL
                 case AdmissionStatus.CANCELLED if row.cancel_command_id == command.command_id:
                     return Steering.CANCELLED_WAITING  # this very cancel, delivered again

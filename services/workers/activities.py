@@ -8,14 +8,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import structlog
 from aio_pika.abc import AbstractRobustConnection
 from temporalio import activity
+from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
 
 from services.workers import business
 from services.workers.boundary import (
     ORDER_INVALID,
     PAYMENT_VOIDED,
+    AdmissionInput,
     ChargePaymentInput,
     ChargeResult,
     DispatchCarrierInput,
@@ -26,24 +30,34 @@ from services.workers.boundary import (
     PublishEventsInput,
     ReceiveOrderInput,
     RefundPaymentInput,
-    ReleaseAdmissionInput,
     ValidateOrderInput,
 )
 from services.workers.hedging import DEPENDENCY_UNAVAILABLE, describe_failure
-from shared import admissions
+from shared.admissions import AdmissionSlots
 from shared.broker import Topology, publish_event
 from shared.consuming import is_transient
+from shared.lifecycle import Signals, order_workflow_id
+
+log = structlog.get_logger(__name__)
 
 
 class BusinessActivities(OrderActivities):
-    """`OrderActivities` on the database (business functions, admissions) and the broker."""
+    """`OrderActivities` on the database (business functions, admissions), the broker, and
+    Temporal (to wake an approved order that a freed slot went to)."""
 
     def __init__(
-        self, sessions: business.Sessions, topology: Topology, broker: AbstractRobustConnection
+        self,
+        sessions: business.Sessions,
+        topology: Topology,
+        broker: AbstractRobustConnection,
+        slots: AdmissionSlots,
+        client: Client,
     ) -> None:
         self._sessions = sessions
         self._topology = topology
         self._broker = broker
+        self._slots = slots
+        self._client = client
 
     @activity.defn
     async def receive_order(self, input: ReceiveOrderInput) -> None:
@@ -101,8 +115,27 @@ class BusinessActivities(OrderActivities):
             await publish_event(self._topology, event)
 
     @activity.defn
-    async def release_admission(self, input: ReleaseAdmissionInput) -> None:
-        await admissions.release(self._sessions, input.order_id)
+    async def leave_admission_for_review(self, input: AdmissionInput) -> None:
+        await wake_resumed(self._client, await self._slots.leave_for_review(input.order_id))
+
+    @activity.defn
+    async def resume_admission(self, input: AdmissionInput) -> bool:
+        return await self._slots.resume(input.order_id)
+
+    @activity.defn
+    async def release_admission(self, input: AdmissionInput) -> None:
+        await wake_resumed(self._client, await self._slots.release(input.order_id))
+
+
+async def wake_resumed(client: Client, order_id: str | None) -> None:
+    """Tell the approved order a freed slot went to that it holds one. Best effort: an order
+    waiting for a slot asks again now and then, which covers a wake-up lost here."""
+    if order_id is None:
+        return
+    try:
+        await client.get_workflow_handle(order_workflow_id(order_id)).signal(Signals.SLOT_GRANTED)
+    except RPCError as error:
+        log.warning("could not wake the order a slot went to", order_id=order_id, error=repr(error))
 
 
 @contextmanager

@@ -71,7 +71,7 @@ class PublishEventsInput(BaseModel):
     events: list[OrderEvent]
 
 
-class ReleaseAdmissionInput(BaseModel):
+class AdmissionInput(BaseModel):
     order_id: str
 
 
@@ -170,8 +170,19 @@ class OrderActivities(ABC):
 
     @activity.defn
     @abstractmethod
-    async def release_admission(self, input: ReleaseAdmissionInput) -> None:
-        """Give the order's admission slot back (idempotent)."""
+    async def leave_admission_for_review(self, input: AdmissionInput) -> None:
+        """The order waits for its reviewer: give its slot back meanwhile (idempotent)."""
+
+    @activity.defn
+    @abstractmethod
+    async def resume_admission(self, input: AdmissionInput) -> bool:
+        """The order is approved: True once it holds a slot again, False while it waits for one
+        (`Signals.SLOT_GRANTED` says when to ask again)."""
+
+    @activity.defn
+    @abstractmethod
+    async def release_admission(self, input: AdmissionInput) -> None:
+        """The lifecycle has ended: give the order's admission slot back for good (idempotent)."""
 
 
 ATTEMPT_ACTIVITIES: dict[Step, Callable[..., Awaitable[Any]]] = {

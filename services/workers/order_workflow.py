@@ -14,11 +14,12 @@ in order.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -28,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
     from services.workers.boundary import (
         ATTEMPT_ACTIVITIES,
         ORDER_INVALID,
+        AdmissionInput,
         CarrierDispatched,
         ChargePaymentInput,
         ChargeResult,
@@ -37,7 +39,6 @@ with workflow.unsafe.imports_passed_through():
         PackagePrepared,
         ReceiveOrderInput,
         RefundPaymentInput,
-        ReleaseAdmissionInput,
         ShippingInput,
         ShippingResult,
         ValidateOrderInput,
@@ -88,11 +89,17 @@ MUST_GET_THROUGH: dict[str, Any] = {
 
 # lifecycles that began when the reviewer's time counted against the deadline keep it that way
 REVIEW_OUTSIDE_DEADLINE_PATCH = "review-outside-deadline"
+# and those that began when events went out in the shipment's start task, but kept their slot
+# while in review, keep doing so
+EVENTS_IN_SHIPMENT_START_PATCH = "lifecycle-events-in-shipment-start-task"
 # Each patch a lifecycle takes costs two history events and a visibility write (Core upserts the
-# TemporalChangeVersion search attribute), so one marker stands for every change up to events
-# published in the shipment's start task; a history without it asks for each earlier patch, as
-# it was recorded.
-LIFECYCLE_PATCH = "lifecycle-events-in-shipment-start-task"
+# TemporalChangeVersion search attribute), so one marker stands for every change up to giving the
+# slot back during the review; a history without it asks for each earlier patch, as it was
+# recorded.
+LIFECYCLE_PATCH = "review-outside-admission"
+SLOT_RECHECK = timedelta(seconds=5)
+"""How often an approved order waiting for a slot asks again, should its wake-up be lost."""
+T = TypeVar("T")
 CANCELLED_THROUGH_TEMPORAL = "cancelled through Temporal (workflow cancellation request)"
 
 
@@ -164,16 +171,19 @@ class OrderWorkflow:
         self._charge_started = False
         self._review_began: datetime | None = None  # set while the order waits for its reviewer
         self._review_outside_deadline = False
+        self._review_outside_admission = False
+        self._slot_granted = False  # a freed slot went to this order while it waited for one
         self._step_in_one_activity = False
         self._admit(start)
 
     # --- the lifecycle ---------------------------------------------------------------------------
     @workflow.run
     async def run(self, start: OrderWorkflowInput) -> OrderStatus:
-        patched = workflow.patched(LIFECYCLE_PATCH)
+        self._review_outside_admission = workflow.patched(LIFECYCLE_PATCH)
+        patched = self._review_outside_admission or workflow.patched(EVENTS_IN_SHIPMENT_START_PATCH)
         self._review_outside_deadline = patched or workflow.patched(REVIEW_OUTSIDE_DEADLINE_PATCH)
         self._step_in_one_activity = patched or workflow.patched(STEP_IN_ONE_ACTIVITY_PATCH)
-        publisher = asyncio.create_task(self._outbox.publish(lifecycle_patched=patched))
+        publisher = asyncio.create_task(self._outbox.publish(events_in_shipment_start=patched))
         lifecycle = asyncio.create_task(self._lifecycle())
         cancelled_through_temporal = False
         try:
@@ -284,6 +294,10 @@ class OrderWorkflow:
         window = self._policy.review_window_seconds
         self._reach(OrderState.AWAITING_APPROVAL, EventType.AWAITING_APPROVAL, review_window_seconds=window)
         self._review_began = workflow.now()
+        # a reviewer may take minutes: meanwhile the slot serves another order
+        left_slot = self._review_outside_admission and self._approval is None
+        if left_slot:
+            await self._admission(OrderActivities.leave_admission_for_review)
         # not in a `finally`: a workflow evicted from the cache closes this coroutine outside the
         # workflow's event loop, where the clock cannot be read
         try:
@@ -291,9 +305,38 @@ class OrderWorkflow:
         except TimeoutError:
             self._end_review()
             raise LifecycleStopped(Ending(OrderState.CANCELLED, "review_timeout")) from None
+        if left_slot:
+            await self._regain_slot()
         self._end_review()
         if self._status.state is OrderState.AWAITING_APPROVAL:
             self._record_approval()
+
+    async def _regain_slot(self) -> None:
+        """Approved: go on once the order holds a slot again. It comes before any waiting
+        placement, and the time it waits counts as the review's, not against the deadline."""
+        began = workflow.now()
+        waited = False
+        while True:
+            self._slot_granted = False  # before asking: a grant arriving meanwhile is not missed
+            if await self._admission(OrderActivities.resume_admission):
+                break
+            if not waited:
+                self._log_admission("waiting for a slot to go on", began)
+                waited = True
+            with suppress(TimeoutError):
+                await workflow.wait_condition(lambda: self._slot_granted, timeout=SLOT_RECHECK)
+        if waited:
+            self._log_admission("slot regained", began)
+
+    def _log_admission(self, message: str, began: datetime) -> None:
+        workflow.logger.info(
+            message,
+            extra={
+                "order_id": self._order.order_id,
+                "step": self._status.step.value,
+                "waited_seconds": round((workflow.now() - began).total_seconds(), 3),
+            },
+        )
 
     def _end_review(self) -> None:
         assert self._review_began is not None
@@ -448,10 +491,13 @@ class OrderWorkflow:
 
     async def _release_admission(self) -> None:
         """The lifecycle has ended: give its admission slot back, or capacity is lost for good."""
-        release = ReleaseAdmissionInput(order_id=self._order.order_id)
+        await self._admission(OrderActivities.release_admission)
+
+    async def _admission(self, activity: Callable[[OrderActivities, AdmissionInput], Awaitable[T]]) -> T:
+        """What the lifecycle does with its admission slot: a local activity that gets through."""
         with self._outbox.gathering():
-            await workflow.execute_local_activity_method(
-                OrderActivities.release_admission, release, **MUST_GET_THROUGH
+            return await workflow.execute_local_activity_method(
+                activity, AdmissionInput(order_id=self._order.order_id), **MUST_GET_THROUGH
             )
 
     # --- commands (signals from the bridge, or early commands at the start) ----------------------
@@ -535,6 +581,11 @@ class OrderWorkflow:
             },
         )
         return False
+
+    @workflow.signal(name=Signals.SLOT_GRANTED)
+    def slot_granted(self) -> None:
+        """A wake-up, not a grant: the order asks the ledger whether it holds a slot."""
+        self._slot_granted = True
 
     # --- progress reports from the shipping child ------------------------------------------------
     @workflow.signal(name=Signals.PACKAGE_PREPARED)

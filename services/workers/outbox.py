@@ -133,12 +133,12 @@ class Outbox:
         if self._next_task_publishing:
             self._next_task_sure_after = workflow.info().get_current_history_length()
 
-    async def publish(self, *, lifecycle_patched: bool = False) -> None:
-        """`lifecycle_patched`: the lifecycle took the workflow's `LIFECYCLE_PATCH`, which stands
-        for every change up to publishing in the task a shipment's start brings."""
+    async def publish(self, *, events_in_shipment_start: bool = False) -> None:
+        """`events_in_shipment_start`: the lifecycle took the workflow's patch that stands for
+        every change up to publishing in the task a shipment's start brings."""
         if self._by_activity is None:
-            self._by_activity = lifecycle_patched or workflow.patched(PUBLISH_BY_ACTIVITY_PATCH)
-            self._next_task_publishing = lifecycle_patched
+            self._by_activity = events_in_shipment_start or workflow.patched(PUBLISH_BY_ACTIVITY_PATCH)
+            self._next_task_publishing = events_in_shipment_start
         by_activity = self._by_activity
         while True:
             if by_activity:

@@ -3,16 +3,16 @@
 Terminating a workflow (`temporal workflow terminate`, the UI's Terminate, a workflow timeout)
 runs no workflow code: no refund, no terminal event, the admission slot never released, and the
 order would stay `awaiting_approval` or `shipping` forever. The reconciler runs beside the
-workers, which own the business functions and the event publishing. It looks for orders that
-still hold an admission slot while their workflow is closed, and ends each as the workflow would
-have:
+workers, which own the business functions and the event publishing. It looks for orders whose
+admission row says their lifecycle runs (holding a slot, waiting for one, or waiting for their
+reviewer) while their workflow is closed, and ends each as the workflow would have:
 
 1. the events the lifecycle emitted (the `events` query replays its history) are published, so
    those it never got out arrive, each with its own id (the audit table keeps each once);
 2. unless the last of them is terminal, a charge is refunded (or the payment voided, so an
    attempt cut short cannot charge later) and an `order.terminated` event follows, saying why
    and whether money had been charged;
-3. the slot is released.
+3. the slot is released (to the approved order waiting longest for one, if any).
 
 Each order is handled under its admission row's lock, so several worker processes share the
 work without doing it twice; a failure leaves the row as it was, for the next round.
@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from uuid import NAMESPACE_URL, uuid5
 
 import structlog
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 from temporalio.api.enums.v1 import EventType as HistoryEventType
@@ -38,8 +38,8 @@ from temporalio.client import (
 from temporalio.service import RPCError, RPCStatusCode
 
 from services.workers import business
-from shared import admissions
-from shared.admissions import AdmissionStatus
+from services.workers.activities import wake_resumed
+from shared.admissions import AdmissionSlots, AdmissionStatus
 from shared.broker import Topology, publish_event
 from shared.consuming import stopped_within
 from shared.contracts import EventType, OrderEvent
@@ -47,6 +47,8 @@ from shared.db import Admission, Order, transaction
 from shared.lifecycle import EVENTS_QUERY, order_workflow_id
 
 RECONCILE_INTERVAL_SECONDS = 5.0
+REVIEWING_PER_ROUND = 50
+"""Orders waiting for their reviewer, looked at per round: any number may wait, so they take turns."""
 SETTLE_TIME = timedelta(seconds=5)
 """How long a workflow has been closed before we act: what it had in flight when it closed (an
 event batch being published, a slot release) gets to land first."""
@@ -60,11 +62,17 @@ log = structlog.get_logger(__name__)
 Sessions = async_sessionmaker[AsyncSession]
 
 
+STARTED = [AdmissionStatus.RUNNING.value, AdmissionStatus.RESUMING.value]
+"""Lifecycles started, not ended, and holding or waiting for a slot: looked at every round."""
+
+
 class Reconciler:
-    def __init__(self, client: Client, sessions: Sessions, topology: Topology) -> None:
+    def __init__(self, client: Client, sessions: Sessions, topology: Topology, slots: AdmissionSlots) -> None:
         self._client = client
         self._sessions = sessions
         self._topology = topology
+        self._slots = slots
+        self._reviewing_after = ""  # where the next round's turn of orders in review begins
 
     async def run(self, stop: asyncio.Event) -> None:
         """Reconcile every few seconds until `stop` is set; a failed round waits for the next."""
@@ -77,7 +85,7 @@ class Reconciler:
     async def reconcile(self) -> list[str]:
         """One round; returns the orders it ended."""
         ended = []
-        for order_id in await self._holding_a_slot():
+        for order_id in await self._started() + await self._reviewing():
             try:
                 if await self._reconcile(order_id):
                     ended.append(order_id)
@@ -87,16 +95,32 @@ class Reconciler:
                 )
         return ended
 
-    async def _holding_a_slot(self) -> list[str]:
+    async def _started(self) -> list[str]:
         async with self._sessions() as session:
             settled = func.now() - SETTLE_TIME
             rows = await session.scalars(
                 select(col(Admission.order_id)).where(
-                    col(Admission.status) == AdmissionStatus.RUNNING.value,
-                    col(Admission.admitted_at) < settled,
+                    col(Admission.status).in_(STARTED), col(Admission.admitted_at) < settled
                 )
             )
             return list(rows)
+
+    async def _reviewing(self) -> list[str]:
+        """The next turn of orders waiting for their reviewer."""
+        async with self._sessions() as session:
+            rows = list(
+                await session.scalars(
+                    select(col(Admission.order_id))
+                    .where(
+                        col(Admission.status) == AdmissionStatus.REVIEWING.value,
+                        col(Admission.order_id) > self._reviewing_after,
+                    )
+                    .order_by(col(Admission.order_id))
+                    .limit(REVIEWING_PER_ROUND)
+                )
+            )
+        self._reviewing_after = rows[-1] if len(rows) == REVIEWING_PER_ROUND else ""
+        return rows
 
     async def _reconcile(self, order_id: str) -> bool:
         handle = self._client.get_workflow_handle(order_workflow_id(order_id))
@@ -118,7 +142,8 @@ class Reconciler:
                 await publish_event(self._topology, event)
             if not emitted[-1].type.is_terminal:
                 await self._end(session, order_id, description, emitted[-1])
-            await _release_slot(session, order_id)
+            resumed = await self._slots.release_in(session, order_id)
+        await wake_resumed(self._client, resumed)
         if description.status in CLEAN_ENDINGS:
             log.warning("released the slot of a lifecycle that ended without releasing it", order_id=order_id)
         return True
@@ -187,17 +212,10 @@ def _status_name(status: WorkflowExecutionStatus | None) -> str:
 async def _lock_slot(session: AsyncSession, order_id: str) -> bool:
     row = await session.scalar(
         select(col(Admission.order_id))
-        .where(col(Admission.order_id) == order_id, col(Admission.status) == AdmissionStatus.RUNNING.value)
+        .where(
+            col(Admission.order_id) == order_id,
+            col(Admission.status).in_([*STARTED, AdmissionStatus.REVIEWING.value]),
+        )
         .with_for_update(skip_locked=True)
     )
     return row is not None
-
-
-async def _release_slot(session: AsyncSession, order_id: str) -> None:
-    """Free the slot `_lock_slot` locked, as `admissions.release` frees one."""
-    await session.execute(
-        update(Admission)
-        .where(col(Admission.order_id) == order_id)
-        .values(status=AdmissionStatus.ENDED.value, ended_at=func.now())
-    )
-    await admissions.notify_released(session)

@@ -22,6 +22,7 @@ from services.workers.order_workflow import OrderWorkflow
 from services.workers.reconciler import Reconciler
 from services.workers.shipping_workflow import ShippingWorkflow
 from shared import broker, db
+from shared.admissions import AdmissionSlots
 from shared.settings import Settings
 from shared.temporal import tracing_interceptors
 
@@ -80,6 +81,8 @@ def order_activities(activities: OrderActivities) -> list[Callable[..., Any]]:
         activities.mark_shipped,
         activities.refund_payment,
         activities.publish_events,
+        activities.leave_admission_for_review,
+        activities.resume_admission,
         activities.release_admission,
     ]
 
@@ -144,11 +147,12 @@ async def running_workers(client: Client, settings: Settings) -> AsyncIterator[N
         channel, topology = await broker.open_channel(connection)
         await broker.declare_audit_queue(channel, topology, settings)
         sessions = db.session_factory(engine)
-        # each write of a business function (and of the slot release) is one statement, and READ
-        # COMMITTED gives each statement its own snapshot anyway: in autocommit they need no
-        # BEGIN and COMMIT round trips, a third of a step's trips to the database
+        # each write of a business function is one statement, and READ COMMITTED gives each
+        # statement its own snapshot anyway: in autocommit they need no BEGIN and COMMIT round
+        # trips, a third of a step's trips to the database (the slots need real transactions)
         one_statement_at_a_time = db.session_factory(engine.execution_options(isolation_level="AUTOCOMMIT"))
-        activities = BusinessActivities(one_statement_at_a_time, topology, connection)
+        slots = AdmissionSlots(sessions, settings.max_running_lifecycles)
+        activities = BusinessActivities(one_statement_at_a_time, topology, connection, slots, client)
         runner = workflow_runner(settings)
         for worker in (
             order_worker(client, settings.order_task_queue, activities, workflow_runner=runner),
@@ -156,7 +160,7 @@ async def running_workers(client: Client, settings: Settings) -> AsyncIterator[N
         ):
             await stack.enter_async_context(worker)
         stop_reconciling = asyncio.Event()
-        reconciling = asyncio.create_task(Reconciler(client, sessions, topology).run(stop_reconciling))
+        reconciling = asyncio.create_task(Reconciler(client, sessions, topology, slots).run(stop_reconciling))
         stack.push_async_callback(lambda: reconciling)
         stack.callback(stop_reconciling.set)
         yield
