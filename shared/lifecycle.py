@@ -51,6 +51,7 @@ class LifecyclePolicy(BaseModel):
     """Timing and bounds of one lifecycle, fixed when it starts (from `Settings`)."""
 
     review_window_seconds: float
+    review_slot_grace_seconds: float = 1.0  # an input from before it had none (and never uses it)
     lifecycle_deadline_seconds: float
     max_shipping_attempts: int
     activity_attempt_timeout_seconds: float

@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     # lifecycle timing: every lifecycle's own work ends within 15 s of its start; the time a
     # reviewer takes is bounded by the review window instead, long enough to approve by hand
     review_window_seconds: float = Field(default=300.0, gt=0)
+    review_slot_grace_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="how long an order in review keeps its admission slot before giving it back "
+        "while it waits for its reviewer (an approval within it costs no slot hand-over)",
+    )
     lifecycle_deadline_seconds: float = Field(default=14.0, gt=0)
     max_shipping_attempts: int = Field(default=3, ge=1)
     activity_attempt_timeout_seconds: float = Field(
@@ -157,6 +163,7 @@ class Settings(BaseSettings):
     def lifecycle_policy(self) -> LifecyclePolicy:
         return LifecyclePolicy(
             review_window_seconds=self.review_window_seconds,
+            review_slot_grace_seconds=self.review_slot_grace_seconds,
             lifecycle_deadline_seconds=self.lifecycle_deadline_seconds,
             max_shipping_attempts=self.max_shipping_attempts,
             activity_attempt_timeout_seconds=self.activity_attempt_timeout_seconds,

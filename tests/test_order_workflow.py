@@ -708,6 +708,32 @@ async def test_the_slot_is_given_back_for_the_review_and_taken_again_once_approv
     assert harness.mocks.called(OrderActivities.resume_admission) == admission
 
 
+async def test_an_order_approved_within_the_grace_keeps_its_slot(harness: OrderHarness) -> None:
+    await harness.start(review_slot_grace_seconds=30.0)
+    await harness.wait_for_event(E.AWAITING_APPROVAL)
+    await harness.approve()
+    status = await harness.result()
+
+    assert status.state is OrderState.COMPLETED
+    assert_not_called(harness, OrderActivities.leave_admission_for_review, OrderActivities.resume_admission)
+
+
+async def test_an_order_not_approved_within_the_grace_gives_its_slot_back_then(
+    harness: OrderHarness, time_skipping_env: WorkflowEnvironment
+) -> None:
+    await harness.start(review_slot_grace_seconds=30.0, review_window_seconds=60.0)
+    await harness.wait_for_event(E.AWAITING_APPROVAL)
+    await time_skipping_env.sleep(20)
+    assert_not_called(harness, OrderActivities.leave_admission_for_review)
+    await time_skipping_env.sleep(15)
+    await harness.wait_for_call(OrderActivities.leave_admission_for_review)
+    await harness.approve()
+    status = await harness.result()
+
+    assert status.state is OrderState.COMPLETED
+    assert len(harness.mocks.called(OrderActivities.resume_admission)) == 1
+
+
 async def test_an_order_approved_before_its_review_keeps_its_slot(harness: OrderHarness) -> None:
     status, _ = await early_commands_scenario(harness)
 

@@ -104,6 +104,7 @@ AMOUNT_CENTS = 3_000
 # settings fill in anything not named here.
 TEST_POLICY: dict[str, Any] = {
     "review_window_seconds": 5.0,
+    "review_slot_grace_seconds": 0.0,  # every review gives the slot back: that path is recorded
     "lifecycle_deadline_seconds": 14.0,
     "max_shipping_attempts": 3,
     "activity_attempt_timeout_seconds": 0.5,

@@ -294,14 +294,15 @@ class OrderWorkflow:
         window = self._policy.review_window_seconds
         self._reach(OrderState.AWAITING_APPROVAL, EventType.AWAITING_APPROVAL, review_window_seconds=window)
         self._review_began = workflow.now()
-        # a reviewer may take minutes: meanwhile the slot serves another order
-        left_slot = self._review_outside_admission and self._approval is None
-        if left_slot:
-            await self._admission(OrderActivities.leave_admission_for_review)
+        left_slot = False
+        if self._review_outside_admission and self._approval is None:
+            left_slot = await self._leave_slot_unless_approved_soon()
         # not in a `finally`: a workflow evicted from the cache closes this coroutine outside the
         # workflow's event loop, where the clock cannot be read
         try:
-            await workflow.wait_condition(lambda: self._approval is not None, timeout=window)
+            await workflow.wait_condition(
+                lambda: self._approval is not None, timeout=window - self._review_seconds()
+            )
         except TimeoutError:
             self._end_review()
             raise LifecycleStopped(Ending(OrderState.CANCELLED, "review_timeout")) from None
@@ -310,6 +311,22 @@ class OrderWorkflow:
         self._end_review()
         if self._status.state is OrderState.AWAITING_APPROVAL:
             self._record_approval()
+
+    async def _leave_slot_unless_approved_soon(self) -> bool:
+        """A person may take minutes, during which the slot serves another order; an approval
+        that comes at once (a reviewing service, say) keeps it, without handing it over twice.
+        True if it gave the slot back."""
+        grace = min(self._policy.review_slot_grace_seconds, self._policy.review_window_seconds)
+        with suppress(TimeoutError):
+            await workflow.wait_condition(lambda: self._approval is not None, timeout=grace)
+        if self._approval is not None or self._review_seconds() >= self._policy.review_window_seconds:
+            return False
+        await self._admission(OrderActivities.leave_admission_for_review)
+        return True
+
+    def _review_seconds(self) -> float:
+        assert self._review_began is not None
+        return (workflow.now() - self._review_began).total_seconds()
 
     async def _regain_slot(self) -> None:
         """Approved: go on once the order holds a slot again. It comes before any waiting
