@@ -3,7 +3,8 @@
     admitted → receive → validate → manual review → charge payment → ShippingWorkflow → mark shipped
 
 Every order ends (completed, cancelled or failed) within its deadline, which counts the
-lifecycle's own work and not the time its reviewer takes (the review window bounds that). A cancel
+lifecycle's own work and not the time its reviewer takes (the review window bounds that); while
+the reviewer decides, the order's admission slot serves another order. A cancel
 (a CancelOrder command, or a cancellation requested through Temporal) or the deadline stops the
 lifecycle wherever it is, the child shipment is cancelled with it and a charged payment is
 refunded; then the order's admission slot is given back. Each state change is an event on
@@ -76,9 +77,9 @@ with workflow.unsafe.imports_passed_through():
         Signals,
     )
 
-# Refund and admission release are not fault-injected and must get through: one local activity
-# each, retried in the worker with backoff until it succeeds. The backoff stays far below the
-# local retry threshold (60 s), so Core never turns it into a workflow timer.
+# Refund and what the lifecycle does with its admission slot are not fault-injected and must get
+# through: one local activity each, retried in the worker with backoff until it succeeds. The
+# backoff stays far below the local retry threshold (60 s), so Core never turns it into a timer.
 MUST_GET_THROUGH: dict[str, Any] = {
     "start_to_close_timeout": timedelta(seconds=5),
     "retry_policy": RetryPolicy(
