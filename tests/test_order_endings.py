@@ -147,6 +147,11 @@ async def test_a_terminated_order_in_review_is_reported_terminated_and_its_slot_
     await reaches(sessions, order.order_id, OrderState.AWAITING_APPROVAL)
     await reaches(sessions, still_running.order_id, OrderState.AWAITING_APPROVAL)
 
+    async def slot_given_back() -> bool:  # after the review's grace: its row no longer holds one
+        admission = await row_of(sessions, Admission, order.order_id)
+        return isinstance(admission, Admission) and admission.status == AdmissionStatus.REVIEWING.value
+
+    await eventually(slot_given_back)
     handle = temporal_client.get_workflow_handle(order_workflow_id(order.order_id))
     await handle.terminate(reason="stuck in a test")
     async with gateway(reconciler_settings) as api:
