@@ -254,6 +254,9 @@ class OrderStatus(BaseModel):
     tracking_number: str | None = None
     queued_at: datetime | None = None
     """When the bridge took the placement in; `started_at - queued_at` is the admission wait."""
+    waiting_for_slot_since: datetime | None = None
+    """Approved after giving its admission slot back for the review, it waits for one to go on
+    (ahead of every waiting placement) since then; None while it holds one or needs none."""
     started_at: datetime
     updated_at: datetime
     finished_at: datetime | None = None

@@ -751,12 +751,14 @@ async def test_an_approved_order_waits_for_a_slot_and_goes_on_when_one_is_handed
     await harness.wait_for_call(OrderActivities.resume_admission)
     await asyncio.sleep(0.3)
     assert_not_called(harness, OrderActivities.charge_payment)  # no slot: it waits
+    waiting = await harness.status()
+    assert waiting.state is OrderState.APPROVED and waiting.waiting_for_slot_since is not None
 
     await harness.handle.signal(Signals.SLOT_GRANTED)
     await harness.wait_for_call(OrderActivities.charge_payment)  # woken: no recheck timer passed
     status = await harness.result()
 
-    assert status.state is OrderState.COMPLETED
+    assert status.state is OrderState.COMPLETED and status.waiting_for_slot_since is None
     assert len(harness.mocks.called(OrderActivities.resume_admission)) == 2
 
 

@@ -340,10 +340,12 @@ class OrderWorkflow:
                 break
             if not waited:
                 self._log_admission("waiting for a slot to go on", began)
+                self._status.waiting_for_slot_since = began
                 waited = True
             with suppress(TimeoutError):
                 await workflow.wait_condition(lambda: self._slot_granted, timeout=SLOT_RECHECK)
         if waited:
+            self._status.waiting_for_slot_since = None
             self._log_admission("slot regained", began)
 
     def _log_admission(self, message: str, began: datetime) -> None:
