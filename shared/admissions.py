@@ -56,7 +56,6 @@ class AdmissionStatus(StrEnum):
 
 
 HOLDING_SLOT = [AdmissionStatus.ADMITTING.value, AdmissionStatus.RUNNING.value]
-IN_LIFECYCLE = [status.value for status in AdmissionStatus if status.in_lifecycle]
 
 LOCK_SLOTS = text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=SLOT_LOCK_KEY)
 LOCK_ORDER = text("SELECT status FROM admissions WHERE order_id = :order_id FOR UPDATE")
@@ -154,14 +153,10 @@ class AdmissionSlots:
         """A slot was freed: to the longest-waiting approved order, else to the bridges."""
         await session.execute(LOCK_SLOTS)
         resumed: str | None = await session.scalar(HAND_ON, {"max_running": self._max_running})
-        await notify_released(session)
+        await session.execute(NOTIFY_RELEASED)
         return resumed
 
     @staticmethod
     async def _locked_status(session: AsyncSession, order_id: str) -> AdmissionStatus | None:
         status = await session.scalar(LOCK_ORDER, {"order_id": order_id})
         return None if status is None else AdmissionStatus(status)
-
-
-async def notify_released(session: AsyncSession) -> None:
-    await session.execute(NOTIFY_RELEASED)
