@@ -72,6 +72,31 @@ class OrderItem(Model):
         return value
 
 
+# --- who issued a command ------------------------------------------------------------------------
+class Role(StrEnum):
+    """What a caller may do (docs/security.md has the whole matrix)."""
+
+    CUSTOMER = "customer"  # places orders; reads, cancels and re-addresses its own
+    REVIEWER = "reviewer"  # reads every order; approves (never its own) and cancels orders in review
+    OPERATOR = "operator"  # everything, the dead-letter tools included
+
+
+Subject = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+"""Who a caller is: a bearer token's `sub`, or the broker-validated `user_id` of an AMQP publisher."""
+
+
+class Actor(Model):
+    """The verified identity a command was issued by, and its roles. Never taken from a publisher's
+    word: the gateway sets it from the bearer token, the bridge from the broker-validated `user_id`
+    (or, for a publisher configured as a delegate, such as the gateway, from what it names)."""
+
+    subject: Subject
+    roles: frozenset[Role] = frozenset()
+
+    def has(self, *roles: Role) -> bool:
+        return not self.roles.isdisjoint(roles)
+
+
 # --- commands -------------------------------------------------------------------------------------
 class CommandType(StrEnum):
     PLACE = "PlaceOrder"
@@ -91,7 +116,6 @@ class PlaceOrderPayload(Model):
 
 
 class ApproveOrderPayload(Model):
-    reviewer: ShortText | None = None
     note: OptionalText | None = None
 
 
@@ -108,6 +132,12 @@ class _CommandEnvelope(Model):
     order_id: Identifier
     issued_at: AwareDatetime
     correlation_id: CorrelationId | None = None
+    issued_by: Actor | None = Field(
+        default=None,
+        description="Set by orderflow from the publisher's verified identity. Only a publisher "
+        "configured as a delegate (the REST gateway) may name someone else; from any other, a value "
+        "that differs from its own identity gets the command rejected as `forbidden`.",
+    )
 
 
 class PlaceOrder(_CommandEnvelope):
@@ -246,6 +276,10 @@ class OrderStatus(BaseModel):
     step: Step
     address: Address
     payment_id: str
+    placed_by: str | None = None
+    """The subject that placed the order (None: placed before identities were recorded)."""
+    approved_by: str | None = None
+    """The subject that approved it, once approved."""
     attempts: dict[Step, int] = Field(default_factory=dict)
     recent_errors: list[StepError] = Field(default_factory=list)
     shipping_attempts: int = 0

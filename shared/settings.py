@@ -129,6 +129,12 @@ class Settings(BaseSettings):
         default="http://127.0.0.1:4318/v1/traces", description="OTLP over HTTP, for otel_exporter=otlp"
     )
 
+    # --- security: identity at the gateway (helper: gateway auth) ---
+    # --- security: AMQP publishers' roles (helper: bridge authorization) ---
+    # --- security: broker users and TLS for AMQP and PostgreSQL (helper: least privilege) ---
+    # --- security: Temporal connection and payload encryption (helper: codec) ---
+    # --- security: abuse limits (helper: gateway auth) ---
+
     @field_validator("bridge_metrics_port", "worker_metrics_port", "audit_metrics_port", mode="before")
     @classmethod
     def _empty_port_disables(cls, value: object) -> object:

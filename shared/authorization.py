@@ -1,0 +1,54 @@
+"""Who may issue which command: one set of rules for the gateway, the bridge and the workflow.
+
+Plain functions over contract models, free of I/O, so workflow code can use them too. The gateway
+refuses a request whose caller lacks the role (403); the bridge refuses such a command from an
+AMQP publisher; the rules that depend on the order (its placer, whether it is in review) are
+applied where the order is known: by the bridge while the order waits for admission, by the
+workflow once it runs. A refusal is a `command_rejected` event with reason `forbidden`.
+"""
+
+from __future__ import annotations
+
+from shared.contracts import Actor, CommandType, Role
+
+FORBIDDEN = "forbidden"
+
+# the roles that may issue a command type at all, before the order is looked at
+ROLES_FOR: dict[CommandType, frozenset[Role]] = {
+    CommandType.PLACE: frozenset({Role.CUSTOMER, Role.OPERATOR}),
+    CommandType.APPROVE: frozenset({Role.REVIEWER, Role.OPERATOR}),
+    CommandType.CANCEL: frozenset({Role.CUSTOMER, Role.REVIEWER, Role.OPERATOR}),
+    CommandType.UPDATE_ADDRESS: frozenset({Role.CUSTOMER, Role.OPERATOR}),
+}
+
+
+def may_issue(command_type: CommandType, actor: Actor | None) -> bool:
+    """Whether `actor` holds a role that can issue `command_type` on some order."""
+    return actor is not None and actor.has(*ROLES_FOR[command_type])
+
+
+def refusal(
+    command_type: CommandType, actor: Actor | None, placed_by: str | None, in_review: bool
+) -> str | None:
+    """Why `actor` may not issue `command_type` on an order placed by `placed_by` (None: allowed).
+
+    - approve: a reviewer or operator who did not place the order (four eyes, operators too);
+    - cancel: its placer, an operator, or a reviewer while the order is in review;
+    - update address: its placer or an operator.
+    """
+    if actor is None or not may_issue(command_type, actor):
+        return "the issuer has no role that may send this command"
+    placer = placed_by is not None and actor.subject == placed_by
+    match command_type:
+        case CommandType.PLACE:
+            return None
+        case CommandType.APPROVE:
+            return "nobody approves an order they placed (four eyes)" if placer else None
+        case CommandType.CANCEL:
+            if placer or actor.has(Role.OPERATOR) or (in_review and actor.has(Role.REVIEWER)):
+                return None
+            return "only its placer, an operator, or a reviewer while it is in review cancels an order"
+        case CommandType.UPDATE_ADDRESS:
+            if placer or actor.has(Role.OPERATOR):
+                return None
+            return "only its placer or an operator changes an order's address"
