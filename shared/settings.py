@@ -6,6 +6,7 @@ Defaults are safe for a developer machine: everything on loopback, the services'
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -129,7 +130,32 @@ class Settings(BaseSettings):
         default="http://127.0.0.1:4318/v1/traces", description="OTLP over HTTP, for otel_exporter=otlp"
     )
 
-    # --- security: identity at the gateway (helper: gateway auth) ---
+    # --- security: identity at the gateway (docs/security.md) ---
+    auth_issuer: str = Field(
+        default="", description="the `iss` of accepted bearer tokens (an OIDC issuer URL, say)"
+    )
+    auth_jwks_url: str = Field(default="", description="where the issuer publishes its signing keys (JWKS)")
+    auth_audience: str = Field(default="orderflow", description="the `aud` accepted tokens must carry")
+    auth_algorithms: list[str] = Field(
+        default=["RS256", "ES256", "PS256", "EdDSA"],
+        description="signature algorithms accepted (asymmetric only; `none` and HMAC never)",
+    )
+    auth_roles_claim: str = Field(
+        default="roles", description="the claim holding the caller's roles; dots nest (`realm_access.roles`)"
+    )
+    auth_clock_skew_seconds: int = Field(default=30, ge=0, le=600)
+    auth_jwks_cache_seconds: int = Field(
+        default=300, ge=1, description="how long fetched keys are trusted before the JWKS is read again"
+    )
+    auth_local_issuer: bool = Field(
+        default=False,
+        description="trust the local development issuer (`make run` turns it on; never in production)",
+    )
+    auth_local_issuer_key_file: Path = Field(
+        default=Path(".run/local-issuer.pem"), description="the local issuer's signing key (created by `make run`)"
+    )
+    auth_local_token_lifetime_seconds: int = Field(default=8 * 3600, ge=60)
+
     # --- security: AMQP publishers' roles (helper: bridge authorization) ---
     # --- security: broker users and TLS for AMQP and PostgreSQL (helper: least privilege) ---
     # --- security: Temporal connection and payload encryption (helper: codec) ---

@@ -1,0 +1,102 @@
+"""The local development issuer: a signing key on disk that mints bearer tokens for `make run`.
+
+The gateway trusts it only when `ORDERFLOW_AUTH_LOCAL_ISSUER=true` (never by default), so a
+production gateway cannot run open by accident. The key is created on first use, readable by its
+owner only, kept outside git (`.run/`), and never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
+
+from shared.contracts import Role
+
+ISSUER = "orderflow-local"
+"""The `iss` of its tokens."""
+ALGORITHM = "ES256"
+KEY_ID_LENGTH = 16
+
+
+class NoLocalIssuer(Exception):
+    """No local issuer is configured (or its key is missing): nothing can mint a token."""
+
+
+def ensure_key(path: Path) -> None:
+    """Create the issuer's private key at `path` (mode 0600) unless it exists."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(pem)
+
+
+def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError as missing:
+        raise NoLocalIssuer(f"the local issuer's key {path} does not exist (`make run` creates it)") from missing
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise NoLocalIssuer(f"{path} is not an EC private key")
+    return key
+
+
+def key_id(public_key: ec.EllipticCurvePublicKey) -> str:
+    """A stable id derived from the public key, so a new key has a new id (rotation)."""
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()[:KEY_ID_LENGTH]
+
+
+def public_jwk_of(public_key: ec.EllipticCurvePublicKey, kid: str) -> dict[str, Any]:
+    jwk: dict[str, Any] = ECAlgorithm.to_jwk(public_key, as_dict=True)
+    return {**jwk, "kid": kid, "alg": ALGORITHM, "use": "sig"}
+
+
+def public_jwks(path: Path) -> dict[str, Any]:
+    """The issuer's JWKS (its one public key), as an issuer's `jwks_uri` would serve it."""
+    public_key = load_private_key(path).public_key()
+    return {"keys": [public_jwk_of(public_key, kid=key_id(public_key))]}
+
+
+def mint_token(
+    path: Path,
+    *,
+    issuer: str,
+    audience: str,
+    subject: str,
+    roles: list[Role],
+    roles_claim: str,
+    lifetime_seconds: int,
+    now: float | None = None,
+) -> str:
+    """A signed access token for `subject` with `roles` under `roles_claim` (a dotted path such as
+    `realm_access.roles` nests it, as Keycloak does)."""
+    private_key = load_private_key(path)
+    issued_at = int(time.time() if now is None else now)
+    claims: dict[str, Any] = {
+        "iss": issuer,
+        "aud": audience,
+        "sub": subject,
+        "iat": issued_at,
+        "nbf": issued_at,
+        "exp": issued_at + lifetime_seconds,
+    }
+    *parents, leaf = roles_claim.split(".")
+    holder = claims
+    for parent in parents:
+        holder = holder.setdefault(parent, {})
+    holder[leaf] = [role.value for role in roles]
+    kid = key_id(private_key.public_key())
+    return jwt.encode(claims, private_key, algorithm=ALGORITHM, headers={"kid": kid})
