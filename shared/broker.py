@@ -63,6 +63,9 @@ class Topology:
     commands: AbstractExchange
     events: AbstractExchange
     dead_letter: AbstractExchange
+    publisher: str | None = None
+    """The connection's broker user, sent as every message's `user_id`: the broker checks it, so a
+    consumer knows for certain who published (the bridge authorizes commands by it)."""
 
 
 async def connect(
@@ -85,7 +88,7 @@ async def connect(
             await asyncio.sleep(CONNECT_RETRY_SECONDS)
 
 
-async def declare_topology(channel: AbstractChannel) -> Topology:
+async def declare_topology(channel: AbstractChannel, publisher: str | None = None) -> Topology:
     commands = await channel.declare_exchange(COMMANDS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     events = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     dead_letter = await channel.declare_exchange(
@@ -95,7 +98,7 @@ async def declare_topology(channel: AbstractChannel) -> Topology:
         DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
     )
     await dead_letter_queue.bind(dead_letter, routing_key="#")
-    return Topology(commands=commands, events=events, dead_letter=dead_letter)
+    return Topology(commands=commands, events=events, dead_letter=dead_letter, publisher=publisher)
 
 
 async def declare_consumer_queue(
@@ -180,7 +183,12 @@ async def open_channel(
     channel = await connection.channel(publisher_confirms=True)
     if prefetch:
         await channel.set_qos(prefetch_count=prefetch)
-    return channel, await declare_topology(channel)
+    return channel, await declare_topology(channel, connection_user(connection))
+
+
+def connection_user(connection: AbstractRobustConnection) -> str | None:
+    """The user the connection logged in as (aio-pika's default, `guest`, when the URL names none)."""
+    return connection.url.user or "guest"
 
 
 async def publish_command(topology: Topology, command: Command) -> None:
@@ -196,6 +204,7 @@ async def publish_command(topology: Topology, command: Command) -> None:
                 message_id=str(command.command_id),
                 correlation_id=command.correlation_id,
                 type=command.type.value,
+                user_id=topology.publisher,
                 headers=trace_headers(),
             ),
             routing_key=routing_key,
@@ -217,6 +226,7 @@ async def publish_event(topology: Topology, event: OrderEvent) -> None:
             message_id=str(event.event_id),
             correlation_id=event.correlation_id,
             type=event.type.value,
+            user_id=topology.publisher,
             timestamp=event.occurred_at,
             headers=trace_headers(),
         ),
