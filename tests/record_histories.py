@@ -7,8 +7,9 @@ workflows and mocked activities, and writes the order workflow's history and eac
 shipments' to `tests/histories/<workflow id>.json` (the file name is the workflow id, which a
 replay needs and the JSON does not hold). The attempts are production's (three in flight, 0.3 s
 each) and the business steps' mocks fail, hang or pass like the fault injector, so the histories
-hold failed, timed-out and cancelled attempts. Re-record after an intended change to what the
-workflows do, and commit the files with that change.
+hold failed, timed-out and cancelled attempts. The payloads are encrypted, as in production, under
+the tests' key (`payload_keys.py`). Re-record after an intended change to what the workflows do,
+and commit the files with that change.
 """
 
 from __future__ import annotations

@@ -10,8 +10,11 @@ again and commit the new files:
 
     .venv/bin/python tests/record_histories.py
 
-Histories recorded before a patched change are kept in a folder named after it (e.g.
-`before-publishing-committed-events/`): orders running across an upgrade must still replay.
+Before 1.0 (no deployment runs orders), a workflow change re-records them in the same commit;
+from 1.0 on, a change behind `workflow.patched` keeps the earlier histories beside the new ones.
+
+Replay runs through the payload codec, as the workers do: histories are recorded encrypted under
+the tests' key (`payload_keys.py`).
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ import pytest
 from temporalio import workflow
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, WorkflowRunner
 
+from payload_keys import TEST_DATA_CONVERTER
 from record_histories import HISTORIES, SCENARIOS
 from services.workers.boundary import OrderActivities, ValidateOrderInput
 from services.workers.order_workflow import OrderWorkflow
@@ -49,7 +52,7 @@ def load(path: Path) -> WorkflowHistory:
 def replayer(*workflows: type, runner: WorkflowRunner | None = None) -> Replayer:
     return Replayer(
         workflows=list(workflows),
-        data_converter=pydantic_data_converter,
+        data_converter=TEST_DATA_CONVERTER,
         workflow_runner=runner or sandbox_runner(),
     )
 
