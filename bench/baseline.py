@@ -24,7 +24,16 @@ from temporalio.client import Client
 from bench import bare_lifecycle as bare
 from bench.load import place_command
 from bench.measure import Ledger, cpu_by_kind
-from services.stack import Stack, TemporalDevServer, free_port, service_of, wait_for_port
+from services.stack import (
+    RUN_DIR,
+    Stack,
+    TemporalDevServer,
+    free_port,
+    service_environment,
+    service_of,
+    wait_for_port,
+    with_payload_keys,
+)
 from shared.contracts import EventType
 from shared.lifecycle import WORKFLOW_TASK_TIMEOUT, LifecyclePolicy, OrderWorkflowInput
 from shared.settings import Settings
@@ -107,10 +116,11 @@ async def running_baseline(policy: LifecyclePolicy, ledger: Ledger) -> AsyncIter
             exits.push_async_callback(stack.close)
             await stack.start("temporal", temporal.command(), dict(os.environ))
             await wait_for_port(temporal.port)
-            worker_env = {**os.environ, "PYTHONPATH": str(REPO)}
+            settings = with_payload_keys(Settings(temporal_address=address), RUN_DIR)
+            worker_env = service_environment(settings) | {"PYTHONPATH": str(REPO)}
             await stack.start(
                 WORKER, [sys.executable, "-m", "bench.bare_lifecycle", "--address", address], worker_env
             )
-            baseline.connected(await connect_temporal(Settings(temporal_address=address)))
+            baseline.connected(await connect_temporal(settings))
             await asyncio.sleep(WARM_UP_SECONDS)
             yield baseline

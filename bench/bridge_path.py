@@ -40,7 +40,9 @@ IN_FLIGHT = 8  # orders handled at once, as a bridge with several messages in ha
 
 
 class Message:
-    """What the handlers use of a delivered message."""
+    """What the handlers use of a delivered message: the publisher, the ack."""
+
+    user_id = "bench"
 
     async def ack(self) -> None:
         return None
@@ -129,6 +131,13 @@ async def child(tree: Path, temporal_address: str, orders: int) -> dict[str, flo
             ledger = admission.AdmissionLedger(sessions, settings.max_running_lifecycles)
             processed = consumer.ProcessedCommands(sessions)
             bridge = consumer.Bridge(parts[0], ledger, parts[1], processed, topology, stop)
+        elif "identities" in inspect.signature(consumer.Bridge).parameters:
+            ledger = admission.AdmissionLedger(engine, settings.max_running_lifecycles)
+            # the bench's publisher names its customer and its reviewer, as the gateway does
+            identities = importlib.import_module("services.bridge.issuers").PublisherIdentities(
+                {Message.user_id: []}, [Message.user_id]
+            )
+            bridge = consumer.Bridge(parts[0], ledger, parts[1], identities, topology, stop)
         else:
             ledger = admission.AdmissionLedger(engine, settings.max_running_lifecycles)
             bridge = consumer.Bridge(parts[0], ledger, parts[1], topology, stop)
@@ -161,11 +170,14 @@ def commands(tree: Path) -> tuple[Any, Any]:
     contracts: Any = importlib.import_module("shared.contracts")
     order_id = f"bench-{uuid4().hex[:12]}"
     now = datetime.now(UTC)
+    # issuers are ignored by trees from before they were checked
+    issuers = hasattr(contracts, "Actor")
     placement = contracts.PlaceOrder.model_validate(
         {
             "command_id": str(uuid4()),
             "order_id": order_id,
             "issued_at": now.isoformat(),
+            **({"issued_by": {"subject": "bench-customer", "roles": ["customer"]}} if issuers else {}),
             "payload": {
                 "payment_id": f"pay-{order_id}",
                 "items": [{"sku": "BOOK-1", "qty": 2, "unit_price_cents": 1250}],
@@ -179,7 +191,10 @@ def commands(tree: Path) -> tuple[Any, Any]:
             },
         }
     )
-    approval = contracts.ApproveOrder(command_id=uuid4(), order_id=order_id, issued_at=now)
+    reviewer = {"issued_by": {"subject": "bench-reviewer", "roles": ["reviewer"]}} if issuers else {}
+    approval = contracts.ApproveOrder.model_validate(
+        {"command_id": str(uuid4()), "order_id": order_id, "issued_at": now.isoformat(), **reviewer}
+    )
     return placement, approval
 
 
@@ -208,13 +223,17 @@ async def parent(trees: list[Path], orders: int, rounds: int) -> None:
 
 
 def run_child(tree: Path, address: str, orders: int) -> dict[str, float]:
+    from services.stack import RUN_DIR, local_payload_keys  # this tree's, in the parent only
+
+    # this tree's local payload key, unless one is configured (trees before it ignore it)
+    keys = {"ORDERFLOW_PAYLOAD_KEYS_FILE": str(local_payload_keys(RUN_DIR))}
     with tempfile.TemporaryDirectory() as scratch:
         result = Path(scratch) / "result.json"
         arguments = ["--child", "--tree", str(tree), "--temporal", address, "--orders", str(orders)]
         subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), *arguments, "--result", str(result)],
             cwd=tree,
-            env={**os.environ, "PYTHONPATH": str(tree)},
+            env={**keys, **os.environ, "PYTHONPATH": str(tree)},
             stdout=subprocess.DEVNULL,
             check=True,
         )

@@ -63,7 +63,7 @@ from temporalio.client import Client
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the crash tests' private servers
 
-from bench.load import Load, offer, place_command
+from bench.load import BENCH_CUSTOMER, BENCH_PUBLISHER, Load, offer, place_command
 from bench.measure import Ledger, OrderClock, Outcome
 from bench.pipeline import approve_command
 from bench.report import MAX_FAULTS_SHOWN
@@ -74,9 +74,9 @@ from private_servers import (
     publish_until_confirmed,
 )
 from services.audit.projection import STATE_OF_EVENT
-from services.stack import Stack, TemporalDevServer, free_port, running_stack
+from services.stack import RUN_DIR, Stack, TemporalDevServer, free_port, running_stack, with_payload_keys
 from services.workers.business import PaymentStatus
-from shared import broker, db
+from shared import broker, db, local_issuer
 from shared.contracts import EventType, OrderEvent
 from shared.db import AuditEvent, Order, Payment
 from shared.lifecycle import ORDER_WORKFLOW, order_workflow_id
@@ -124,6 +124,20 @@ class ChaosSystem:
                 await self.postgres.restart()
             case _:
                 await self.stack.crash_and_restart(target)
+
+
+def customer_token(settings: Settings) -> dict[str, str]:
+    """The gateway's `Authorization` for the bench's customer, from the system's local issuer."""
+    token = local_issuer.mint_token(
+        settings.auth_local_issuer_key_file,
+        issuer=local_issuer.ISSUER,
+        audience=settings.auth_audience,
+        subject=BENCH_CUSTOMER.subject,
+        roles=list(BENCH_CUSTOMER.roles),
+        roles_claim=settings.auth_roles_claim,
+        lifetime_seconds=settings.auth_local_token_lifetime_seconds,
+    )
+    return {"Authorization": f"Bearer {token}"}
 
 
 class PatientClients:
@@ -187,9 +201,14 @@ async def running_chaos_system(log_file: Path) -> AsyncIterator[ChaosSystem]:
         temporal = TemporalDevServer(
             port=free_port(), ui_port=free_port(), db_file=Path(temporal_dir) / "temporal.db", ui=False
         )
+        issuer_key = Path(temporal_dir) / "local-issuer.pem"
+        local_issuer.ensure_key(issuer_key)
         async with private_servers() as (postgres, rabbitmq):
-            settings = Settings().model_copy(
+            settings = with_payload_keys(Settings(), RUN_DIR).model_copy(
                 update={
+                    **BENCH_PUBLISHER,
+                    "auth_local_issuer": True,
+                    "auth_local_issuer_key_file": issuer_key,
                     "database_url": postgres.database_url(CHAOS_DATABASE),
                     "amqp_url": rabbitmq.amqp_url,
                     "temporal_address": f"127.0.0.1:{temporal.port}",
@@ -396,7 +415,11 @@ async def run(args: argparse.Namespace) -> tuple[Outcome, Findings, int]:
         connection = await broker.connect(system.settings, "chaos")
         exits.push_async_callback(connection.close)
         channel, topology = await broker.open_channel(connection)
-        api = await exits.enter_async_context(httpx.AsyncClient(base_url=system.settings.api_url, timeout=30))
+        api = await exits.enter_async_context(
+            httpx.AsyncClient(
+                base_url=system.settings.api_url, timeout=30, headers=customer_token(system.settings)
+            )
+        )
         clients = PatientClients(api, topology, ledger)
         # durable: the events published while the broker restarts wait for the clients in it
         events = await channel.declare_queue(EVENTS_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})

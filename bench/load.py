@@ -13,15 +13,21 @@ import asyncio
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 from uuid import uuid4
 
 from bench.measure import Ledger
-from shared.contracts import Address, OrderItem, PlaceOrder, PlaceOrderPayload
+from shared.contracts import Actor, Address, OrderItem, PlaceOrder, PlaceOrderPayload, Role
 
 MAX_IN_FLIGHT = 64
 ADDRESS = Address(name="Bench", line1="1 Load Street", city="Testville", postal_code="12345", country="DE")
 ITEMS = [OrderItem(sku="SKU-1", qty=1, unit_price_cents=999)]
+# the people the bench's AMQP publisher (a delegate, see `BENCH_PUBLISHER`) acts for: nobody
+# approves an order they placed
+BENCH_CUSTOMER = Actor(subject="bench-customer", roles=frozenset({Role.CUSTOMER}))
+BENCH_REVIEWER = Actor(subject="bench-reviewer", roles=frozenset({Role.REVIEWER}))
+BENCH_PUBLISHER: dict[str, Any] = {"amqp_publisher_roles": {"guest": list(Role)}, "amqp_delegates": ["guest"]}
+"""Settings that make the local broker account (the bench's publisher) a delegate with every role."""
 
 
 class Shed(Exception):
@@ -80,10 +86,11 @@ async def _place(system: SystemUnderTest, ledger: Ledger, order_id: str) -> None
 
 
 def place_command(order_id: str) -> PlaceOrder:
-    """Every order of the bench: one item, one address."""
+    """Every order of the bench: one item, one address, placed by the bench's customer."""
     return PlaceOrder(
         command_id=uuid4(),
         order_id=order_id,
         issued_at=datetime.now(UTC),
+        issued_by=BENCH_CUSTOMER,
         payload=PlaceOrderPayload(payment_id=f"pay-{order_id}", items=ITEMS, address=ADDRESS),
     )

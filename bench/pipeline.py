@@ -24,9 +24,10 @@ from uuid import uuid4
 import httpx
 from aio_pika.abc import AbstractIncomingMessage
 
-from bench.load import Shed, place_command
+from bench.load import BENCH_PUBLISHER, BENCH_REVIEWER, Shed, place_command
 from bench.measure import Ledger, OrderClock, cpu_by_kind
 from services.stack import (
+    RUN_DIR,
     Stack,
     TemporalDevServer,
     drop_vhost,
@@ -34,6 +35,7 @@ from services.stack import (
     isolated_settings,
     running_stack,
     service_of,
+    with_payload_keys,
 )
 from shared import broker
 from shared.contracts import ApproveOrder, EventType, OrderEvent
@@ -103,7 +105,8 @@ class PipelineConfig:
     def settings(self, temporal_port: int, name: str) -> Settings:
         """Settings on a database and vhost called `name`, made anew."""
         api_port = free_port()
-        return self.variant.applied_to(isolated_settings(Settings(), name)).model_copy(
+        isolated = with_payload_keys(isolated_settings(Settings(**BENCH_PUBLISHER), name), RUN_DIR)
+        return self.variant.applied_to(isolated).model_copy(
             update={
                 "temporal_address": f"127.0.0.1:{temporal_port}",
                 "api_port": api_port,
@@ -115,7 +118,9 @@ class PipelineConfig:
 
 
 def approve_command(order_id: str) -> ApproveOrder:
-    return ApproveOrder(command_id=uuid4(), order_id=order_id, issued_at=datetime.now(UTC))
+    return ApproveOrder(
+        command_id=uuid4(), order_id=order_id, issued_at=datetime.now(UTC), issued_by=BENCH_REVIEWER
+    )
 
 
 class Pipeline:

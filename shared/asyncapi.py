@@ -60,24 +60,27 @@ COMMAND_SUMMARIES: dict[CommandType, str] = {
     "and nothing was accepted; retry later with the same command_id. Placing an order id that "
     "already exists starts no second lifecycle.",
     CommandType.APPROVE: "Approve an order that waits for manual review (sent while the order is "
-    "queued, it applies when review comes).",
+    "queued, it applies when review comes). Needs the reviewer or operator role, and never from "
+    "the order's own placer (four eyes); the approver is the verified issuer, not a body field.",
     CommandType.CANCEL: "Cancel an order. Accepted until dispatch; after payment it is refunded. A "
-    "queued order is cancelled before it starts.",
+    "queued order is cancelled before it starts. From its placer, an operator, or a reviewer while "
+    "the order is in review.",
     CommandType.UPDATE_ADDRESS: "Change the shipping address. Accepted until dispatch (for a queued "
-    "order, it applies as the lifecycle starts).",
+    "order, it applies as the lifecycle starts). From its placer or an operator.",
 }
 
 EVENT_SUMMARIES: dict[EventType, str] = {
     EventType.QUEUED: "The placement was accepted and waits for admission (seq 1). `data.queued_at` "
-    "says since when.",
+    "says since when, `data.placed_by` who placed it.",
     EventType.ADMITTED: "The lifecycle started: its 15 seconds count from here. `data` carries "
     "`queued_at` and `admission_wait_seconds`.",
-    EventType.RECEIVED: "The order was recorded.",
+    EventType.RECEIVED: "The order was recorded; `data.placed_by` says who placed it.",
     EventType.VALIDATED: "The order passed validation.",
     EventType.AWAITING_APPROVAL: "The order waits for an ApproveOrder. The review window is "
     "bounded (ORDERFLOW_REVIEW_WINDOW_SECONDS); when it ends without approval the order is "
     "cancelled with reason review_timeout.",
-    EventType.APPROVED: "A reviewer approved the order.",
+    EventType.APPROVED: "A reviewer approved the order: `data.approved_by` is the verified "
+    "subject that sent the approval, `data.note` its note.",
     EventType.PAYMENT_CHARGED: "The payment was charged (once per payment_id).",
     EventType.SHIPPING_STARTED: "Shipping started.",
     EventType.PACKAGE_PREPARED: "The package was prepared.",
@@ -94,7 +97,8 @@ EVENT_SUMMARIES: dict[EventType, str] = {
     "carries the `reason` (with the termination's reason), `workflow_status`, whether the payment "
     "had been `charged`, and whether it was `refunded` (every charge is).",
     EventType.COMMAND_REJECTED: "A command could not apply (for example a cancel after shipment, "
-    "or an approve of an unknown order); `command_id` names it and `data` carries the reason.",
+    "or an approve of an unknown order); `command_id` names it and `data` carries the reason. "
+    "Reason `forbidden`: its issuer may not send it (`data.detail` says why); nothing was applied.",
 }
 
 INFO_DESCRIPTION = f"""\
@@ -115,6 +119,13 @@ Placements (`order.place`) go to a bounded queue: when the backlog of orders wai
 full, the broker refuses the publish with a negative confirm (`basic.nack`), so use publisher
 confirms. A refused placement was not accepted at all; an accepted one is never failed for lack of
 capacity. The other commands are never held up behind waiting placements.
+
+Authorized: set the message's `user_id` to your broker user (RabbitMQ refuses a publish whose
+`user_id` is not the connection's user, so it identifies the publisher for certain). Each broker
+user holds the roles orderflow's configuration grants it (`ORDERFLOW_AMQP_PUBLISHER_ROLES`); a
+command without `user_id`, from a user without the command's role, or naming another issuer in
+`issued_by` (only delegates such as the REST gateway may) is rejected with reason `forbidden`
+and changes nothing.
 
 Idempotent: the same `command_id` delivered twice has one effect. A command that cannot apply
 produces an `order.command_rejected` event naming its `command_id` and the reason. A message that

@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlmodel import Field, SQLModel
 
+from shared.connection_security import database_url, postgres_ssl
 from shared.contracts import OrderState, PlaceOrder
 from shared.settings import Settings
 
@@ -51,11 +52,14 @@ def _timestamp(nullable: bool = True, default_now: bool = False) -> Any:
 
 class Order(SQLModel, table=True):
     """The read model of an order: business steps write their columns, the audit consumer
-    projects `state`, `address` and `reason` from the events."""
+    projects `state`, `address`, `reason`, `placed_by` and `approved_by` from the events."""
 
     __tablename__ = "orders"
-    # newest first is how orders are listed
-    __table_args__ = (Index("ix_orders_created_at", text("created_at DESC"), "id"),)
+    # newest first is how orders are listed, a customer's own among them
+    __table_args__ = (
+        Index("ix_orders_created_at", text("created_at DESC"), "id"),
+        Index("ix_orders_placed_by_created_at", "placed_by", text("created_at DESC"), "id"),
+    )
 
     id: str = Field(primary_key=True, max_length=64)
     payment_id: str = Field(max_length=64)
@@ -66,6 +70,10 @@ class Order(SQLModel, table=True):
     last_event_seq: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
     reason: str | None = Field(default=None, sa_column=Column(Text))
     tracking_number: str | None = Field(default=None, max_length=64)
+    placed_by: str | None = Field(default=None, max_length=255)
+    """The verified subject that placed the order (None: placed before issuers were recorded)."""
+    approved_by: str | None = Field(default=None, max_length=255)
+    """The verified subject that approved it."""
     created_at: datetime | None = _timestamp(nullable=False, default_now=True)
     updated_at: datetime | None = _timestamp(nullable=False, default_now=True)
     validated_at: datetime | None = _timestamp()
@@ -153,6 +161,7 @@ class Admission(SQLModel, table=True):
     order_id: str = Field(primary_key=True, max_length=64)
     status: str = Field(max_length=16)
     place_command_id: UUID | None = None
+    placed_by: str | None = Field(default=None, max_length=255)
     early_commands: list[dict[str, Any]] = Field(
         default_factory=list, sa_column=Column(JSONB, nullable=False, server_default="[]")
     )
@@ -174,6 +183,7 @@ INSERT_ORDER = (
         address=bindparam("address"),
         amount_cents=bindparam("amount_cents"),
         state=bindparam("state"),
+        placed_by=bindparam("placed_by"),
     )
     .on_conflict_do_nothing(index_elements=[Order.id])
 )
@@ -191,6 +201,7 @@ def order_row(order: PlaceOrder, state: OrderState) -> dict[str, Any]:
         "address": payload.address.model_dump(),
         "amount_cents": payload.amount_cents,
         "state": state.value,
+        "placed_by": order.issued_by.subject if order.issued_by else None,
     }
 
 
@@ -208,7 +219,13 @@ def create_engine(settings: Settings, *, pre_ping: bool = False) -> AsyncEngine:
     """
     # enough kept open for a worker's steps at full load: a connection opened past the pool's size
     # is closed again after its transaction, and opening one costs both ends far more than using it
-    return create_async_engine(settings.database_url, pool_size=20, max_overflow=10, pool_pre_ping=pre_ping)
+    return create_async_engine(
+        database_url(settings),
+        connect_args={"ssl": postgres_ssl(settings)},
+        pool_size=20,
+        max_overflow=10,
+        pool_pre_ping=pre_ping,
+    )
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -6,19 +6,37 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, Self, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 from uuid import uuid4
 
 import aio_pika
 import pytest_asyncio
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
 
+from services.stack import isolated_settings
 from shared import broker
+from shared.contracts import Actor, Role
 from shared.settings import Settings
 
 T = TypeVar("T")
 Runner = Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]]
 
 TIMEOUT_SECONDS = 15.0
+
+BROKER_USER = "guest"
+"""The tests' broker user (the connections' `user_id`): the base settings give it every role and
+make it a delegate, so a test may also publish on behalf of another actor."""
+GUEST = Actor(subject=BROKER_USER, roles=frozenset(Role))
+"""The tests' broker user as an issuer: the bridge resolves it for a command without `issued_by`."""
+TEST_REVIEWER = Actor(subject="test-reviewer", roles=frozenset({Role.REVIEWER}))
+"""Who approves: never the placer (four eyes), so `GUEST` names this reviewer in approvals."""
+
+
+def moved_to(settings: Settings, name: str) -> Settings:
+    """The session's `settings` (identities, keys, publishers' roles) on a database and a vhost
+    called `name`, made anew."""
+    broker_root = urlunsplit(urlsplit(settings.amqp_url)._replace(path="/"))
+    return isolated_settings(settings.model_copy(update={"amqp_url": broker_root}), name)
 
 
 async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = TIMEOUT_SECONDS) -> T:
@@ -111,11 +129,13 @@ async def drain(queue: AbstractQueue) -> list[AbstractIncomingMessage]:
     return taken
 
 
-async def publish_raw(exchange: AbstractExchange, routing_key: str, body: bytes) -> str:
+async def publish_raw(
+    exchange: AbstractExchange, routing_key: str, body: bytes, user_id: str | None = BROKER_USER
+) -> str:
     """Publish a body as is (valid or not); returns the message id it was given."""
     message_id = str(uuid4())
     await exchange.publish(
-        aio_pika.Message(body=body, message_id=message_id, content_type="application/json"),
+        aio_pika.Message(body=body, message_id=message_id, content_type="application/json", user_id=user_id),
         routing_key=routing_key,
     )
     return message_id

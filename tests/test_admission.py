@@ -22,10 +22,9 @@ from temporalio import activity, workflow
 from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from api_support import gateway, order_body, unique_id
-from service_support import consumer_queue, drain, eventually, running, take_messages
+from api_support import bearer, gateway, order_body, unique_id
+from service_support import consumer_queue, drain, eventually, moved_to, running, take_messages
 from services.bridge.consumer import run_bridge
-from services.stack import isolated_settings
 from shared import broker, db, schema
 from shared.admissions import HOLDING_SLOT, AdmissionSlots
 from shared.broker import (
@@ -41,6 +40,7 @@ from shared.contracts import (
     EventType,
     OrderEvent,
     OrderState,
+    Role,
 )
 from shared.db import Admission, Order
 from shared.lifecycle import (
@@ -125,7 +125,7 @@ class StandInLifecycle:
 # --- fixtures ------------------------------------------------------------------------------------
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def admission_base(settings: Settings) -> AsyncIterator[Settings]:
-    isolated = isolated_settings(Settings(log_json=True), ADMISSION_DATABASE).model_copy(
+    isolated = moved_to(settings, ADMISSION_DATABASE).model_copy(
         update={"temporal_address": settings.temporal_address}
     )
     await schema.drop_database(isolated.database_url)
@@ -357,7 +357,7 @@ async def test_a_full_backlog_refuses_placements_at_the_door(
                 accepted += 1
         assert accepted >= limited.placement_backlog_limit
 
-        async with gateway(limited) as client:
+        async with gateway(limited, bearer(limited, "shopper", Role.CUSTOMER)) as client:
             response = await client.post("/orders", json=order_body())
         assert response.status_code == 503
         assert response.headers["Retry-After"] == str(limited.shed_retry_after_seconds)

@@ -456,6 +456,16 @@ async def test_the_newest_facts_of_a_batch_win(db_sessions: Sessions, order_id: 
     assert await progress(db_sessions, order_id) == ("shipped", 8, shipped.occurred_at)
 
 
+async def test_who_placed_and_who_approved_are_projected(db_sessions: Sessions, order_id: str) -> None:
+    await record(db_sessions, event(order_id, 1, EventType.QUEUED, placed_by="alice"))
+    assert (await order_row(db_sessions, order_id)).placed_by == "alice"
+    approved = event(order_id, 5, EventType.APPROVED, approved_by="rita", note=None)
+    await record(db_sessions, event(order_id, 3, EventType.RECEIVED, placed_by="alice"), approved)
+
+    order = await order_row(db_sessions, order_id)
+    assert (order.state, order.placed_by, order.approved_by) == ("approved", "alice", "rita")
+
+
 async def test_a_fact_recorded_concurrently_is_not_overtaken_by_an_older_one(
     db_sessions: Sessions, order_id: str
 ) -> None:

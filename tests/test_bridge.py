@@ -34,6 +34,8 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from api_support import ADDRESS as SAMPLE_ADDRESS
 from api_support import unique_id
 from service_support import (
+    GUEST,
+    TEST_REVIEWER,
     DownDatabase,
     consumer_queue,
     dead_letter_of,
@@ -47,7 +49,9 @@ from service_support import (
     was_dead_lettered,
 )
 from services.bridge.consumer import OrderLocks, run_bridge
-from services.bridge.lifecycles import PLACE_COMMAND_MEMO
+from services.bridge.issuers import NO_ROLE, NO_USER_ID, NOT_A_DELEGATE, PublisherIdentities
+from services.bridge.lifecycles import PLACE_COMMAND_MEMO, forbidden
+from shared.authorization import FORBIDDEN
 from shared.broker import (
     ERROR_HEADER,
     Topology,
@@ -57,6 +61,7 @@ from shared.broker import (
 )
 from shared.consuming import is_transient
 from shared.contracts import (
+    Actor,
     Address,
     ApproveOrder,
     CancelOrder,
@@ -66,6 +71,7 @@ from shared.contracts import (
     OrderItem,
     PlaceOrder,
     PlaceOrderPayload,
+    Role,
     UpdateAddress,
     UpdateAddressPayload,
 )
@@ -122,7 +128,10 @@ class StandInOrderWorkflow:
         self._signals.append(ReceivedSignal(name=name, command=command.model_dump(mode="json")))
 
 
-# --- commands ------------------------------------------------------------------------------------
+# --- commands: as the tests' broker user (a delegate with every role) names their issuers ----------
+STRANGER = Actor(subject="stranger", roles=frozenset({Role.CUSTOMER}))
+
+
 def place_order(order_id: str) -> PlaceOrder:
     payload = PlaceOrderPayload(
         payment_id=unique_id("pay"), items=[OrderItem(sku="sku-1", qty=2)], address=ADDRESS
@@ -132,16 +141,20 @@ def place_order(order_id: str) -> PlaceOrder:
         order_id=order_id,
         issued_at=datetime.now(UTC),
         correlation_id="corr-1",
+        issued_by=GUEST,
         payload=payload,
     )
 
 
 def approve(order_id: str) -> ApproveOrder:
-    return ApproveOrder(command_id=uuid4(), order_id=order_id, issued_at=datetime.now(UTC))
+    """By a reviewer the tests' broker user names (it placed the order: four eyes)."""
+    return ApproveOrder(
+        command_id=uuid4(), order_id=order_id, issued_at=datetime.now(UTC), issued_by=TEST_REVIEWER
+    )
 
 
 def cancel(order_id: str) -> CancelOrder:
-    return CancelOrder(command_id=uuid4(), order_id=order_id, issued_at=datetime.now(UTC))
+    return CancelOrder(command_id=uuid4(), order_id=order_id, issued_at=datetime.now(UTC), issued_by=GUEST)
 
 
 def update_address(order_id: str) -> UpdateAddress:
@@ -149,6 +162,7 @@ def update_address(order_id: str) -> UpdateAddress:
         command_id=uuid4(),
         order_id=order_id,
         issued_at=datetime.now(UTC),
+        issued_by=GUEST,
         payload=UpdateAddressPayload(address=NEW_ADDRESS),
     )
 
@@ -449,6 +463,66 @@ async def test_a_command_delivered_twice_has_one_effect(
 
 
 # --- rejections ----------------------------------------------------------------------------------
+async def test_a_forbidden_command_is_rejected_once_recorded_and_never_applied(
+    bridge: Settings,
+    broker_channel: Broker,
+    temporal_client: Client,
+    rejections: AbstractQueue,
+    db_sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    order_id = unique_id("ord")
+    await publish(broker_channel, place_order(order_id))
+    await described(temporal_client, order_id)
+    by_a_customer = approve(order_id).model_copy(update={"issued_by": STRANGER})
+    await publish(broker_channel, by_a_customer, by_a_customer)
+    cancellation = cancel(order_id)
+    await publish(broker_channel, cancellation)
+
+    # handled in arrival order: the cancel arrived last, so the approvals were dealt with
+    assert await signals_received(temporal_client, order_id, 1) == [signal_of(Signals.CANCEL, cancellation)]
+    [rejection] = await rejections_of(rejections, by_a_customer)
+    assert rejection.seq == 0
+    assert rejection.data == {"command_type": "ApproveOrder", "reason": FORBIDDEN, "detail": NO_ROLE}
+    assert await recorded_outcome(db_sessions, by_a_customer) == "rejected"
+    assert await drain(rejections) == []  # the second copy, handled after it, was a duplicate
+
+
+@pytest.mark.parametrize(
+    ("user_id", "claimed", "issuer"),
+    [
+        (None, None, NO_USER_ID),
+        ("", GUEST, NO_USER_ID),
+        ("gateway", None, Actor(subject="gateway", roles=frozenset({Role.OPERATOR}))),
+        ("gateway", STRANGER, STRANGER),
+        ("shop", None, Actor(subject="shop", roles=frozenset({Role.CUSTOMER}))),
+        (
+            "shop",
+            Actor(subject="shop", roles=frozenset({Role.CUSTOMER})),
+            Actor(subject="shop", roles=frozenset({Role.CUSTOMER})),
+        ),
+        ("shop", Actor(subject="shop", roles=frozenset({Role.OPERATOR})), NOT_A_DELEGATE),
+        ("shop", STRANGER, NOT_A_DELEGATE),
+        ("unknown", None, Actor(subject="unknown")),
+    ],
+)
+def test_the_issuer_is_the_publishers_broker_user_or_whom_a_delegate_names(
+    user_id: str | None, claimed: Actor | None, issuer: Actor | str
+) -> None:
+    identities = PublisherIdentities({"gateway": [Role.OPERATOR], "shop": [Role.CUSTOMER]}, ["gateway"])
+    resolved = identities.issuer(user_id, claimed)
+    assert resolved == (issuer if isinstance(issuer, Actor) else forbidden(issuer))
+
+
+def test_an_issuer_without_the_role_may_not_send_the_command() -> None:
+    identities = PublisherIdentities({"shop": [Role.CUSTOMER]}, [])
+    assert identities.authorize("shop", place_order("o-1")) == forbidden(NOT_A_DELEGATE)  # names GUEST
+    assert identities.authorize("shop", approve("o-1")) == forbidden(NOT_A_DELEGATE)
+    shop = Actor(subject="shop", roles=frozenset({Role.CUSTOMER}))
+    anonymous_approval = approve("o-1").model_copy(update={"issued_by": None})
+    assert identities.authorize("shop", anonymous_approval) == forbidden(NO_ROLE)
+    assert identities.authorize("shop", cancel("o-1").model_copy(update={"issued_by": None})) == shop
+
+
 async def test_a_command_for_an_unknown_order_is_rejected(
     bridge: Settings,
     broker_channel: Broker,

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col
 
 from api_support import unique_id
+from service_support import GUEST
 from services.bridge.admission import (
     AdmissionLedger,
     NotRegistered,
@@ -26,7 +27,8 @@ from services.bridge.lifecycles import ACCEPTED, Outcome, OutcomeKind
 from services.stack import isolated_settings
 from shared import db, schema
 from shared.admissions import AdmissionSlots, AdmissionStatus, Sessions
-from shared.contracts import PlaceOrder
+from shared.authorization import FORBIDDEN
+from shared.contracts import Actor, Command, Role
 from shared.db import Admission, Order, ProcessedCommand
 from shared.settings import Settings
 from test_bridge import approve, cancel, place_order
@@ -76,7 +78,7 @@ async def status_of(engine: AsyncEngine, order_id: str) -> str | None:
         )
 
 
-async def recorded(engine: AsyncEngine, command: PlaceOrder) -> str | None:
+async def recorded(engine: AsyncEngine, command: Command) -> str | None:
     async with engine.connect() as connection:
         return await connection.scalar(
             select(col(ProcessedCommand.outcome)).where(
@@ -200,6 +202,50 @@ async def test_a_cancel_for_a_waiting_order_ends_it_once(engine: AsyncEngine) ->
     assert await ledger.steer(cancellation, publish_cancelled) is Steering.CANCELLED_WAITING
     assert published == ["cancelled"]
     assert await ledger.take_slot(placement.order_id) is AdmissionStatus.CANCELLED
+
+
+async def test_a_waiting_order_takes_only_the_commands_its_placer_allows(engine: AsyncEngine) -> None:
+    ledger = AdmissionLedger(engine, max_running=5)
+    placement = place_order(unique_id("ord"))
+    await ledger.register(placement, nothing, take_free_slot=False)
+    stranger = Actor(subject="stranger", roles=frozenset({Role.CUSTOMER}))
+    by_stranger = cancel(placement.order_id).model_copy(update={"issued_by": stranger})
+    own_approval = approve(placement.order_id).model_copy(update={"issued_by": GUEST})
+
+    async def no_cancel() -> None:
+        raise AssertionError("the order must not end")
+
+    refused = [await ledger.steer(command, no_cancel) for command in (by_stranger, own_approval)]
+    assert [(outcome.kind, outcome.detail) for outcome in refused if isinstance(outcome, Outcome)] == [
+        (OutcomeKind.REJECTED, FORBIDDEN)
+    ] * 2
+    assert await status_of(engine, placement.order_id) == AdmissionStatus.WAITING.value
+
+
+async def test_parked_commands_the_placer_does_not_allow_are_refused_as_it_registers(
+    engine: AsyncEngine,
+) -> None:
+    ledger = AdmissionLedger(engine, max_running=5)
+    placement = place_order(unique_id("ord"))
+    stranger = Actor(subject="stranger", roles=frozenset({Role.CUSTOMER}))
+    by_stranger = cancel(placement.order_id).model_copy(update={"issued_by": stranger})
+    approval = approve(placement.order_id)
+    for command in (by_stranger, approval):
+        assert (
+            await ledger.park(command) or await ledger.steer(command, nothing_to_publish) is Steering.PARKED
+        )
+        await ledger.record(command, ACCEPTED)
+    registration = await ledger.register(placement, nothing, take_free_slot=True)
+
+    assert isinstance(registration, Registration) and registration.slot is not None
+    assert registration.cancel is None  # the stranger's cancel did not end it
+    assert [(r.command, r.outcome.detail) for r in registration.refused] == [(by_stranger, FORBIDDEN)]
+    assert registration.slot.early_commands == [approval]
+    assert await recorded(engine, by_stranger) == OutcomeKind.REJECTED.value
+
+
+async def nothing_to_publish() -> None:
+    return None
 
 
 async def test_two_bridges_racing_for_the_last_slot_take_it_once(

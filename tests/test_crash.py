@@ -93,7 +93,9 @@ class Subscriber:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def crash(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[CrashSystem]:
+async def crash(
+    tmp_path_factory: pytest.TempPathFactory, base_settings: Settings
+) -> AsyncIterator[CrashSystem]:
     """api, bridge, workers and audit as processes, on private servers and a Temporal dev server
     that keeps its state in a file."""
     temporal = TemporalDevServer(
@@ -104,7 +106,8 @@ async def crash(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Crash
     )
     api_port = free_port()
     async with private_servers() as (postgres, rabbitmq):
-        settings = Settings(log_json=True).model_copy(
+        # the session's identities, keys and publishers' roles, on servers of its own
+        settings = base_settings.model_copy(
             update={
                 "database_url": postgres.database_url(CRASH_DATABASE),
                 "amqp_url": rabbitmq.amqp_url,

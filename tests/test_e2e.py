@@ -22,8 +22,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from api_support import running_system
-from service_support import eventually, publish_raw, take_messages
+from api_support import bearer, running_system
+from service_support import TEST_REVIEWER, eventually, publish_raw, take_messages
 from shared import broker
 from shared.contracts import (
     Address,
@@ -33,6 +33,7 @@ from shared.contracts import (
     OrderItem,
     PlaceOrder,
     PlaceOrderPayload,
+    Role,
 )
 from shared.db import AuditEvent
 from shared.settings import Settings
@@ -118,7 +119,9 @@ async def amqp(system: Settings) -> AsyncIterator[tuple[broker.Topology, EventLo
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def api(system: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=system.api_url, timeout=10) as client:
+    """As an operator: it places, reads every order, re-addresses and cancels."""
+    headers = bearer(system, "e2e-operator", Role.OPERATOR)
+    async with httpx.AsyncClient(base_url=system.api_url, timeout=10, headers=headers) as client:
         yield client
 
 
@@ -136,7 +139,13 @@ def place_command(order_id: str, command_id: UUID | None = None) -> PlaceOrder:
 
 
 def approve_command(order_id: str, command_id: UUID | None = None) -> ApproveOrder:
-    return ApproveOrder(command_id=command_id or uuid4(), order_id=order_id, issued_at=datetime.now(UTC))
+    """By a reviewer the tests' broker user (a delegate) names: it placed the order (four eyes)."""
+    return ApproveOrder(
+        command_id=command_id or uuid4(),
+        order_id=order_id,
+        issued_at=datetime.now(UTC),
+        issued_by=TEST_REVIEWER,
+    )
 
 
 async def place_over_http(api: httpx.AsyncClient, order_id: str) -> None:

@@ -21,7 +21,8 @@ from aio_pika.abc import AbstractQueue
 from sqlalchemy import func, select
 from sqlmodel import col
 
-from services.stack import free_port, isolated_settings, running_stack
+from service_support import moved_to
+from services.stack import free_port, running_stack
 from shared import broker, db, schema
 from shared.admissions import HOLDING_SLOT
 from shared.contracts import CancelOrder, EventType, OrderEvent
@@ -39,7 +40,7 @@ MAX_RUNNING = 3
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def system(settings: Settings) -> AsyncIterator[Settings]:
     port = free_port()
-    scaled = isolated_settings(Settings(log_json=True), CAPACITY_DATABASE).model_copy(
+    scaled = moved_to(settings, CAPACITY_DATABASE).model_copy(
         update={
             "temporal_address": settings.temporal_address,
             "api_port": port,

@@ -19,11 +19,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 from temporalio.client import Client, WorkflowExecutionStatus
 
-from api_support import gateway
-from service_support import eventually, running
+from api_support import bearer, gateway
+from service_support import eventually, moved_to, running
 from services.audit.consumer import run_audit
 from services.bridge.consumer import run_bridge
-from services.stack import drop_vhost, isolated_settings
+from services.stack import drop_vhost
 from services.workers import reconciler
 from services.workers.activities import BusinessActivities
 from services.workers.business import PaymentStatus
@@ -32,7 +32,7 @@ from services.workers.reconciler import Reconciler
 from services.workers.worker import order_worker
 from shared import broker, db, schema
 from shared.admissions import AdmissionSlots, AdmissionStatus
-from shared.contracts import CancelOrder, EventType, OrderItem, OrderState, PlaceOrder
+from shared.contracts import CancelOrder, EventType, OrderItem, OrderState, PlaceOrder, Role
 from shared.db import Admission, AuditEvent, Order, Payment, ProcessedCommand
 from shared.lifecycle import order_workflow_id
 from shared.settings import Settings
@@ -45,7 +45,7 @@ Sessions = async_sessionmaker[AsyncSession]
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def reconciler_settings(settings: Settings) -> AsyncIterator[Settings]:
     test_id = uuid4().hex[:8]
-    isolated = isolated_settings(Settings(log_json=True), RECONCILER_DATABASE).model_copy(
+    isolated = moved_to(settings, RECONCILER_DATABASE).model_copy(
         update={
             "temporal_address": settings.temporal_address,
             "order_task_queue": f"order-tq-{test_id}",
@@ -154,7 +154,7 @@ async def test_a_terminated_order_in_review_is_reported_terminated_and_its_slot_
     await eventually(slot_given_back)
     handle = temporal_client.get_workflow_handle(order_workflow_id(order.order_id))
     await handle.terminate(reason="stuck in a test")
-    async with gateway(reconciler_settings) as api:
+    async with gateway(reconciler_settings, bearer(reconciler_settings, "ops", Role.OPERATOR)) as api:
         # at once, before the reconciler: the workflow's stale answer is not taken
         status = (await api.get(f"/orders/{order.order_id}")).json()
         assert (status["state"], status["source"]) == ("terminated", "read_model")
@@ -220,7 +220,7 @@ async def test_a_cancellation_through_temporal_ends_the_order_and_the_read_model
         return (await handle.describe()).status is WorkflowExecutionStatus.CANCELED
 
     await eventually(closed_as_canceled)
-    async with gateway(reconciler_settings) as api:
+    async with gateway(reconciler_settings, bearer(reconciler_settings, "ops", Role.OPERATOR)) as api:
         status = (await api.get(f"/orders/{order.order_id}")).json()
     assert (status["state"], status["reason"]) == ("cancelled", CANCELLED_THROUGH_TEMPORAL)
     events = await trail(sessions, order.order_id)

@@ -40,8 +40,10 @@ from services.workers.boundary import (
 from services.workers.order_workflow import CANCELLED_THROUGH_TEMPORAL, SLOT_RECHECK, OrderWorkflow
 from services.workers.shipping_workflow import ShippingWorkflow
 from services.workers.worker import sandbox_runner
+from shared.authorization import FORBIDDEN
 from shared.contracts import (
     Address,
+    CommandType,
     EventType,
     OrderEvent,
     OrderState,
@@ -52,9 +54,14 @@ from shared.lifecycle import EVENTS_QUERY, Signals
 from workflow_harness import (
     ADDRESS,
     AMOUNT_CENTS,
+    CUSTOMER,
+    CUSTOMER_WHO_REVIEWS,
     LIFECYCLE_BOUND,
     NEW_ADDRESS,
+    OPERATOR,
+    OTHER_CUSTOMER,
     PRODUCTION_ATTEMPTS,
+    REVIEWER,
     TRACKING_NUMBER,
     Mocked,
     OrderHarness,
@@ -71,6 +78,7 @@ from workflow_harness import (
     order_harness,
     own_time_skipping_env,
     passes,
+    wait_until,
     waits_for,
 )
 
@@ -182,7 +190,9 @@ async def test_approved_order_completes_with_every_step_and_event(harness: Order
     assert [event.type for event in events] == HAPPY_EVENTS
     by_type = {event.type: event for event in events}
     assert by_type[E.APPROVED].command_id == approval.command_id
-    assert by_type[E.APPROVED].data == {"reviewer": "reviewer-1", "note": "looks fine"}
+    assert by_type[E.APPROVED].data == {"approved_by": REVIEWER.subject, "note": "looks fine"}
+    assert by_type[E.RECEIVED].data == {"placed_by": CUSTOMER.subject}
+    assert (status.placed_by, status.approved_by) == (CUSTOMER.subject, REVIEWER.subject)
     assert by_type[E.PAYMENT_CHARGED].data == {"amount_cents": AMOUNT_CENTS, "already_charged": False}
     assert by_type[E.SHIPPING_STARTED].data == {"shipping_attempt": 1}
     dispatched = by_type[E.CARRIER_DISPATCHED]
@@ -637,6 +647,123 @@ async def test_deadline_ends_an_order_whose_step_never_succeeds(harness_on_own_s
     events = assert_numbered(harness)
     assert [event.type for event in events] == [E.ADMITTED, E.FAILED]
     assert events[-1].data == {"reason": reason, "refunded": False}
+
+
+# --- who may steer the order ----------------------------------------------------------------------
+def forbidden_commands(harness: OrderHarness) -> list[tuple[object, CommandType]]:
+    return [
+        (event.command_id, CommandType(event.data["command_type"]))
+        for event in harness.mocks.events_of(E.COMMAND_REJECTED)
+        if event.data["reason"] == FORBIDDEN and event.data["detail"]
+    ]
+
+
+async def test_nobody_approves_an_order_they_placed(harness: OrderHarness) -> None:
+    await harness.start()
+    await harness.wait_for_event(E.AWAITING_APPROVAL)
+    own = await harness.approve(by=CUSTOMER_WHO_REVIEWS)
+    await harness.wait_for_event(E.COMMAND_REJECTED)
+    assert (await harness.status()).state is OrderState.AWAITING_APPROVAL
+    approval = await harness.approve(by=REVIEWER)
+    status = await harness.result()
+
+    assert forbidden_commands(harness) == [(own.command_id, CommandType.APPROVE)]
+    assert (status.state, status.placed_by, status.approved_by) == (
+        OrderState.COMPLETED,
+        CUSTOMER.subject,
+        REVIEWER.subject,
+    )
+    [approved] = harness.mocks.events_of(E.APPROVED)
+    assert (approved.command_id, approved.data["approved_by"]) == (approval.command_id, REVIEWER.subject)
+
+
+async def test_a_command_without_a_verified_issuer_or_role_is_forbidden(harness: OrderHarness) -> None:
+    await harness.start()
+    await harness.wait_for_event(E.AWAITING_APPROVAL)
+    anonymous = harness.approval().model_copy(update={"issued_by": None})
+    await harness.handle.signal(Signals.APPROVE, anonymous)
+    customer_approval = await harness.approve(by=OTHER_CUSTOMER)
+    await wait_for_rejections(harness, 2)
+    await harness.approve()
+    status = await harness.result()
+
+    assert status.state is OrderState.COMPLETED
+    assert forbidden_commands(harness) == [
+        (anonymous.command_id, CommandType.APPROVE),
+        (customer_approval.command_id, CommandType.APPROVE),
+    ]
+
+
+async def test_only_the_placer_or_an_operator_changes_the_address(harness: OrderHarness) -> None:
+    await harness.start()
+    await harness.wait_for_event(E.AWAITING_APPROVAL)
+    by_other = await harness.update_address(NEW_ADDRESS, by=OTHER_CUSTOMER)
+    by_reviewer = await harness.update_address(NEW_ADDRESS, by=REVIEWER)
+    await wait_for_rejections(harness, 2)
+    assert (await harness.status()).address == ADDRESS
+    other_address = NEW_ADDRESS.model_copy(update={"line1": "3 Operator Way"})
+    await harness.update_address(other_address, by=OPERATOR)
+    await harness.update_address(NEW_ADDRESS, by=CUSTOMER)
+    await harness.approve()
+    status = await harness.result()
+
+    assert forbidden_commands(harness) == [
+        (by_other.command_id, CommandType.UPDATE_ADDRESS),
+        (by_reviewer.command_id, CommandType.UPDATE_ADDRESS),
+    ]
+    assert [event.data["address"]["line1"] for event in harness.mocks.events_of(E.ADDRESS_UPDATED)] == [
+        "3 Operator Way",
+        NEW_ADDRESS.line1,
+    ]
+    assert status.address == NEW_ADDRESS
+
+
+async def test_a_reviewer_cancels_only_while_the_order_is_in_review(harness: OrderHarness) -> None:
+    harness.mocks.script(OrderActivities.dispatch_carrier, then=hangs)
+    await harness.start(dispatch_attempts_per_shipment=20)  # still dispatching when the cancels land
+    await harness.wait_for_event(E.AWAITING_APPROVAL)
+    by_other = await harness.cancel(by=OTHER_CUSTOMER)
+    await wait_for_rejections(harness, 1)
+    await harness.approve()
+    await harness.wait_for_call(OrderActivities.dispatch_carrier)
+    by_reviewer = await harness.cancel(by=REVIEWER)  # its rejection goes out with the shipment's end
+    by_operator = await harness.cancel("stopped by operations", by=OPERATOR)
+    status = await harness.result()
+
+    assert forbidden_commands(harness) == [
+        (by_other.command_id, CommandType.CANCEL),
+        (by_reviewer.command_id, CommandType.CANCEL),
+    ]
+    assert (status.state, status.refunded) == (OrderState.CANCELLED, True)
+    assert harness.mocks.events_of(E.CANCELLED)[0].command_id == by_operator.command_id
+
+
+async def test_a_reviewer_cancels_an_order_in_review(harness: OrderHarness) -> None:
+    await harness.start()
+    await harness.wait_for_event(E.AWAITING_APPROVAL)
+    cancel = await harness.cancel("not plausible", by=REVIEWER)
+    status = await harness.result()
+
+    assert (status.state, status.reason) == (OrderState.CANCELLED, "not plausible")
+    assert harness.mocks.events_of(E.CANCELLED)[0].command_id == cancel.command_id
+    assert harness.mocks.events_of(E.COMMAND_REJECTED) == []
+
+
+async def test_an_early_approval_by_the_placer_is_forbidden(harness: OrderHarness) -> None:
+    own = harness.approval(by=CUSTOMER_WHO_REVIEWS)
+    await harness.start(first_seq=2, early_commands=[own])
+    await harness.wait_for_event(E.AWAITING_APPROVAL)
+    await harness.approve()
+    status = await harness.result()
+
+    assert forbidden_commands(harness) == [(own.command_id, CommandType.APPROVE)]
+    assert status.approved_by == REVIEWER.subject
+
+
+async def wait_for_rejections(harness: OrderHarness, count: int) -> None:
+    await wait_until(
+        lambda: len(harness.mocks.events_of(E.COMMAND_REJECTED)) >= count, f"{count} rejection(s)"
+    )
 
 
 # --- admission: the start input ------------------------------------------------------------------

@@ -36,12 +36,12 @@ from temporalio.client import (
     WorkflowHandle,
     WorkflowHistory,
 )
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from payload_keys import TEST_DATA_CONVERTER
 from services.workers.boundary import (
     ORDER_INVALID,
     AdmissionInput,
@@ -59,7 +59,9 @@ from services.workers.boundary import (
 )
 from services.workers.hedging import DEPENDENCY_UNAVAILABLE
 from services.workers.worker import order_worker, shipping_worker
+from shared import contracts
 from shared.contracts import (
+    Actor,
     Address,
     ApproveOrder,
     ApproveOrderPayload,
@@ -98,6 +100,14 @@ ITEMS = [
     OrderItem(sku="SKU-2", qty=1, unit_price_cents=500),
 ]
 AMOUNT_CENTS = 3_000
+# who issues the commands, as the bridge verified them: the placer, a reviewer, an operator
+CUSTOMER = Actor(subject="customer-1", roles=frozenset({contracts.Role.CUSTOMER}))
+CUSTOMER_WHO_REVIEWS = Actor(
+    subject=CUSTOMER.subject, roles=frozenset({contracts.Role.CUSTOMER, contracts.Role.REVIEWER})
+)
+OTHER_CUSTOMER = Actor(subject="customer-2", roles=frozenset({contracts.Role.CUSTOMER}))
+REVIEWER = Actor(subject="reviewer-1", roles=frozenset({contracts.Role.REVIEWER}))
+OPERATOR = Actor(subject="operator-1", roles=frozenset({contracts.Role.OPERATOR}))
 
 # Small numbers so every path ends quickly; time skipping makes the timers instant anyway. One
 # attempt at a time keeps each mock's script in step with the attempt numbers; the production
@@ -309,6 +319,7 @@ def place_order(order_id: str) -> PlaceOrder:
         order_id=order_id,
         issued_at=datetime.now(UTC),
         correlation_id=f"corr-{order_id}",
+        issued_by=CUSTOMER,
         payload=PlaceOrderPayload(payment_id=f"pay-{order_id}", items=ITEMS, address=ADDRESS),
     )
 
@@ -408,42 +419,52 @@ class OrderHarness:
         )
         return self._handle
 
-    # commands, as the bridge sends them
-    def approval(self, command_id: UUID | None = None) -> ApproveOrder:
+    # commands, as the bridge sends them: with the issuer it verified
+    def approval(self, command_id: UUID | None = None, by: Actor = REVIEWER) -> ApproveOrder:
         return ApproveOrder(
             command_id=command_id or uuid4(),
             order_id=self.order_id,
             issued_at=datetime.now(UTC),
-            payload=ApproveOrderPayload(reviewer="reviewer-1", note="looks fine"),
+            issued_by=by,
+            payload=ApproveOrderPayload(note="looks fine"),
         )
 
-    def address_update(self, address: Address, command_id: UUID | None = None) -> UpdateAddress:
+    def address_update(
+        self, address: Address, command_id: UUID | None = None, by: Actor = CUSTOMER
+    ) -> UpdateAddress:
         return UpdateAddress(
             command_id=command_id or uuid4(),
             order_id=self.order_id,
             issued_at=datetime.now(UTC),
+            issued_by=by,
             payload=UpdateAddressPayload(address=address),
         )
 
-    async def approve(self, command_id: UUID | None = None) -> ApproveOrder:
-        command = self.approval(command_id)
+    async def approve(self, command_id: UUID | None = None, by: Actor = REVIEWER) -> ApproveOrder:
+        command = self.approval(command_id, by)
         await self.handle.signal(Signals.APPROVE, command)
         return command
 
     async def cancel(
-        self, reason: str | None = "customer changed their mind", command_id: UUID | None = None
+        self,
+        reason: str | None = "customer changed their mind",
+        command_id: UUID | None = None,
+        by: Actor = CUSTOMER,
     ) -> CancelOrder:
         command = CancelOrder(
             command_id=command_id or uuid4(),
             order_id=self.order_id,
             issued_at=datetime.now(UTC),
+            issued_by=by,
             payload=CancelOrderPayload(reason=reason),
         )
         await self.handle.signal(Signals.CANCEL, command)
         return command
 
-    async def update_address(self, address: Address, command_id: UUID | None = None) -> UpdateAddress:
-        command = self.address_update(address, command_id)
+    async def update_address(
+        self, address: Address, command_id: UUID | None = None, by: Actor = CUSTOMER
+    ) -> UpdateAddress:
+        command = self.address_update(address, command_id, by)
         await self.handle.signal(Signals.UPDATE_ADDRESS, command)
         return command
 
@@ -554,7 +575,7 @@ async def own_time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
     """A time-skipping test server of one's own (the binary the test extras install, if there)."""
     binary = shutil.which("temporal-test-server", path=str(Path(sys.executable).parent))
     env = await WorkflowEnvironment.start_time_skipping(
-        data_converter=pydantic_data_converter, test_server_existing_path=binary
+        data_converter=TEST_DATA_CONVERTER, test_server_existing_path=binary
     )
     try:
         yield env

@@ -3,7 +3,8 @@
 Events may arrive twice or out of order. The audit row is unique on `event_id` and on
 `(order_id, seq)`, so a repeat inserts nothing and projects nothing. The projection never moves an
 order back: `state` comes from the newest state-changing event (`last_event_seq` is that event's
-seq), and `address` and `tracking_number` from the newest event of the type that carries them.
+seq), and `address`, `tracking_number`, `placed_by` and `approved_by` from the newest event of the
+type that carries them.
 
 A batch costs two statements whatever its size: one insert of all its events, then one update of
 the orders that its new events project onto, with the outcome of applying those events one at a
@@ -49,6 +50,9 @@ STATE_OF_EVENT: dict[EventType, OrderState] = {
 
 # the order column each of these events carries in `data` under the same name
 FACT_OF_EVENT: dict[EventType, str] = {
+    EventType.QUEUED: "placed_by",
+    EventType.RECEIVED: "placed_by",
+    EventType.APPROVED: "approved_by",
     EventType.ADDRESS_UPDATED: "address",
     EventType.CARRIER_DISPATCHED: "tracking_number",
     EventType.SHIPPED: "tracking_number",
@@ -100,12 +104,17 @@ PROJECT_ONTO_ORDERS = text(
                 FILTER (WHERE fact.address IS NOT NULL))[1] AS address,
             (array_agg(fact.tracking_number ORDER BY fact.seq DESC)
                 FILTER (WHERE fact.tracking_number IS NOT NULL))[1] AS tracking_number,
+            (array_agg(fact.placed_by ORDER BY fact.seq DESC)
+                FILTER (WHERE fact.placed_by IS NOT NULL))[1] AS placed_by,
+            (array_agg(fact.approved_by ORDER BY fact.seq DESC)
+                FILTER (WHERE fact.approved_by IS NOT NULL))[1] AS approved_by,
             max(fact.occurred_at) AS fact_at
         FROM unnest(
             CAST(:fact_order_ids AS text[]), CAST(:fact_types AS text[]),
             CAST(:fact_seqs AS integer[]), CAST(:fact_times AS timestamptz[]),
-            CAST(:addresses AS text[]), CAST(:tracking_numbers AS text[])
-        ) AS fact (order_id, type, seq, occurred_at, address, tracking_number)
+            CAST(:addresses AS text[]), CAST(:tracking_numbers AS text[]),
+            CAST(:placed_bys AS text[]), CAST(:approved_bys AS text[])
+        ) AS fact (order_id, type, seq, occurred_at, address, tracking_number, placed_by, approved_by)
         WHERE NOT EXISTS (
             SELECT FROM order_events AS newer
             -- seq > 0 as well: the (order_id, seq) index covers lifecycle events only
@@ -125,6 +134,8 @@ PROJECT_ONTO_ORDERS = text(
             THEN change.reason ELSE orders.reason END,
         address = coalesce(change.address, orders.address),
         tracking_number = coalesce(change.tracking_number, orders.tracking_number),
+        placed_by = coalesce(change.placed_by, orders.placed_by),
+        approved_by = coalesce(change.approved_by, orders.approved_by),
         updated_at = greatest(
             CASE WHEN change.state_seq > orders.last_event_seq
                 THEN change.state_at ELSE orders.updated_at END,
@@ -209,6 +220,8 @@ def _projection_parameters(new_events: list[OrderEvent]) -> dict[str, list[Any]]
         "fact_times": [event.occurred_at for event in facts],
         "addresses": [None if value is None else json.dumps(value) for value in _values(facts, "address")],
         "tracking_numbers": _values(facts, "tracking_number"),
+        "placed_bys": _values(facts, "placed_by"),
+        "approved_bys": _values(facts, "approved_by"),
     }
 
 

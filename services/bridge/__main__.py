@@ -8,13 +8,14 @@ from temporalio.runtime import Runtime
 
 from services.bridge.consumer import CONSUMER_NAME, run_bridge
 from shared.consuming import stop_on_signals
-from shared.logging import configure_logging, settings_or_exit
+from shared.logging import configure_logging
 from shared.metrics import serve_metrics, temporal_runtime
+from shared.temporal import temporal_settings_or_exit
 from shared.tracing import configure_tracing
 
 
 async def main() -> None:
-    settings = settings_or_exit(CONSUMER_NAME)
+    settings = temporal_settings_or_exit(CONSUMER_NAME)
     configure_logging(settings, CONSUMER_NAME)
     configure_tracing(settings, CONSUMER_NAME)
     Runtime.set_default(temporal_runtime(settings.bridge_metrics_port))

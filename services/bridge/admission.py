@@ -34,8 +34,9 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.bridge.lifecycles import Outcome
+from services.bridge.lifecycles import Outcome, forbidden
 from shared.admissions import ADMISSIONS_CHANNEL, LOCK_SLOTS, AdmissionStatus
+from shared.authorization import refusal
 from shared.consuming import RetrySoon
 from shared.contracts import (
     CancelOrder,
@@ -61,8 +62,8 @@ commit repeats the decision and the event (same event id) instead of losing the 
 # very command was processed before the admissions table existed: then the locked path decides
 REGISTER_NEW = text(
     """
-    INSERT INTO admissions (order_id, status, place_command_id, queued_at)
-    SELECT :order_id, 'waiting', :command_id, now()
+    INSERT INTO admissions (order_id, status, place_command_id, placed_by, queued_at)
+    SELECT :order_id, 'waiting', :command_id, :placed_by, now()
     WHERE NOT EXISTS (SELECT FROM processed_commands WHERE command_id = :command_id)
     ON CONFLICT (order_id) DO NOTHING
     RETURNING queued_at
@@ -70,18 +71,18 @@ REGISTER_NEW = text(
 )
 LOCK_ADMISSION = text(
     """
-    SELECT status, place_command_id, cancel_command_id, early_commands, queued_at
+    SELECT status, place_command_id, placed_by, cancel_command_id, early_commands, queued_at
     FROM admissions WHERE order_id = :order_id FOR UPDATE
     """
 ).columns(early_commands=JSONB)
 REGISTER_PARKED = text(
     """
-    UPDATE admissions SET status = :status, place_command_id = :command_id, queued_at = now(),
-        cancel_command_id = :cancel_command_id
+    UPDATE admissions SET status = :status, place_command_id = :command_id, placed_by = :placed_by,
+        queued_at = now(), cancel_command_id = :cancel_command_id, early_commands = :commands
     WHERE order_id = :order_id
     RETURNING queued_at
     """
-)
+).bindparams(bindparam("commands", type_=JSONB))
 # under LOCK_SLOTS, taken by an earlier statement: this statement's snapshot then sees every slot
 # taken before (one snapshot per statement), which a lock taken within it would not; approved
 # orders waiting to go on (`resuming`) come before any placement
@@ -165,6 +166,14 @@ class Slot:
 
 
 @dataclass(frozen=True)
+class Refused:
+    """A parked command its order's placer turned out not to allow: rejected as it registers."""
+
+    command: Command
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
 class Registration:
     """A placement as the ledger knows it after registering it."""
 
@@ -172,6 +181,7 @@ class Registration:
     queued_at: datetime
     cancel: CancelOrder | None = None  # the cancel that ended it before admission
     slot: Slot | None = None  # the slot it holds already (taken as it registered, or before)
+    refused: tuple[Refused, ...] = ()  # parked commands rejected as it registered
 
 
 class NotRegistered(StrEnum):
@@ -221,8 +231,10 @@ class AdmissionLedger:
                 return found
             # the order is listed from the moment it is accepted; its events move it on
             await connection.execute(INSERT_ORDER, order_row(command, OrderState.QUEUED))
-            registration = Registration(found.status, found.queued_at, found.cancel)
+            registration = Registration(found.status, found.queued_at, found.cancel, refused=found.refused)
             await publish(registration)
+            for refused in found.refused:  # recorded as waiting for the placement until now
+                await connection.execute(RECORD_REPLACING, _record(refused.command, refused.outcome))
             if (
                 take_free_slot
                 and found.status is AdmissionStatus.WAITING
@@ -238,7 +250,8 @@ class AdmissionLedger:
         """The placement added (to a row of its own or its parked commands' row), or what was
         there before; None if the row that kept it out went away before it could be locked."""
         ids = {"order_id": command.order_id, "command_id": command.command_id}
-        queued_at = await connection.scalar(REGISTER_NEW, ids)
+        placed_by = _subject(command)
+        queued_at = await connection.scalar(REGISTER_NEW, {**ids, "placed_by": placed_by})
         if queued_at is not None:
             return _NewRegistration(AdmissionStatus.WAITING, queued_at)
         row = (await connection.execute(LOCK_ADMISSION, ids)).first()
@@ -248,13 +261,20 @@ class AdmissionLedger:
         if row is None:
             return None
         if row.place_command_id is None:  # commands were waiting for this placement
-            cancel = next((c for c in _commands_of(row) if isinstance(c, CancelOrder)), None)
+            kept, refused = _judge(_commands_of(row), placed_by)
+            cancel = next((c for c in kept if isinstance(c, CancelOrder)), None)
             status = AdmissionStatus.WAITING if cancel is None else AdmissionStatus.CANCELLED
             queued_at = await connection.scalar(
                 REGISTER_PARKED,
-                {**ids, "status": status.value, "cancel_command_id": cancel.command_id if cancel else None},
+                {
+                    **ids,
+                    "status": status.value,
+                    "cancel_command_id": cancel.command_id if cancel else None,
+                    "placed_by": placed_by,
+                    "commands": [_entry(c) for c in kept],
+                },
             )
-            return _NewRegistration(status, queued_at, cancel, _early_commands(row))
+            return _NewRegistration(status, queued_at, cancel, _early(kept), refused)
         if row.place_command_id != command.command_id:
             return NotRegistered.PLACED_BY_ANOTHER
         status = AdmissionStatus(row.status)
@@ -299,8 +319,9 @@ class AdmissionLedger:
             await connection.execute(SETTLE_START, {**_record(command, outcome), "status": status.value})
 
     # --- approve, cancel, update address ---------------------------------------------------------
-    async def steer(self, command: Command, publish_cancelled: EventPublisher) -> Steering:
-        """Apply a command to its order if the order does not run yet; else say how to apply it."""
+    async def steer(self, command: Command, publish_cancelled: EventPublisher) -> Steering | Outcome:
+        """Apply a command to its order if the order does not run yet; else say how to apply it
+        (or, for a waiting order, that its issuer may not: `forbidden`)."""
         ids = {"order_id": command.order_id, "command_id": command.command_id}
         async with self._autocommit.connect() as connection:
             seen = (await connection.execute(COMMAND_SEES, ids)).one()
@@ -326,6 +347,9 @@ class AdmissionLedger:
                 case AdmissionStatus.UNPLACED:
                     await connection.execute(KEEP_FOR_START, {**ids, "command": [_entry(command)]})
                     return Steering.PARKED
+            why = refusal(command.type, command.issued_by, row.placed_by, in_review=False)
+            if why is not None:
+                return forbidden(why)
             if isinstance(command, CancelOrder):
                 await connection.execute(CANCEL_WAITING, ids)
                 await publish_cancelled()
@@ -341,6 +365,10 @@ class AdmissionLedger:
                 PARK, {"order_id": command.order_id, "commands": [_entry(command)]}
             )
         return parked is not None
+
+    async def is_processed(self, command: Command) -> bool:
+        async with self._autocommit.connect() as connection:
+            return bool(await connection.scalar(IS_PROCESSED, {"command_id": command.command_id}))
 
     async def record(self, command: Command, outcome: Outcome, replace: bool = False) -> None:
         """Record the command's outcome; `replace` overrules an earlier one (a parked command
@@ -379,6 +407,7 @@ class _NewRegistration:
     queued_at: datetime
     cancel: CancelOrder | None = None
     early_commands: list[EarlyCommand] = field(default_factory=list)
+    refused: tuple[Refused, ...] = ()
 
 
 def _record(command: Command, outcome: Outcome) -> dict[str, Any]:
@@ -401,7 +430,29 @@ def _commands_of(row: Row[Any]) -> list[Command]:
 
 
 def _early_commands(row: Row[Any]) -> list[EarlyCommand]:
-    return [c for c in _commands_of(row) if not isinstance(c, CancelOrder | PlaceOrder)]
+    return _early(_commands_of(row))
+
+
+def _early(commands: list[Command]) -> list[EarlyCommand]:
+    return [c for c in commands if not isinstance(c, CancelOrder | PlaceOrder)]
+
+
+def _subject(command: Command) -> str | None:
+    return command.issued_by.subject if command.issued_by else None
+
+
+def _judge(parked: list[Command], placed_by: str | None) -> tuple[list[Command], tuple[Refused, ...]]:
+    """The parked commands the order's placer allows, and the others with why not (an order
+    waiting for admission is not in review)."""
+    kept: list[Command] = []
+    refused: list[Refused] = []
+    for command in parked:
+        why = refusal(command.type, command.issued_by, placed_by, in_review=False)
+        if why is None:
+            kept.append(command)
+        else:
+            refused.append(Refused(command, forbidden(why)))
+    return kept, tuple(refused)
 
 
 def _cancel_of(row: Row[Any]) -> CancelOrder | None:

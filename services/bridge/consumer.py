@@ -5,7 +5,9 @@ them a slot: then the lifecycle starts and the placement is acked. Approve, canc
 address (the command queue) never wait behind placements: they signal a running lifecycle, apply
 to a waiting order, or wait for a placement they overtook.
 
-Each command, in its order's arrival order:
+Each command's issuer is its publisher's broker-validated `user_id` (see `issuers`); a command its
+issuer may not send is rejected with reason `forbidden`, recorded and acked, and changes nothing.
+Each other command, in its order's arrival order:
 1. a command id already in `processed_commands` is a duplicate: acked, no effect;
 2. otherwise it is applied; a command that cannot apply is answered with an
    `order.command_rejected` event (seq 0 when there is no lifecycle to number it);
@@ -38,6 +40,7 @@ from services.bridge.admission import (
     SlotGate,
     Steering,
 )
+from services.bridge.issuers import PublisherIdentities
 from services.bridge.lifecycles import (
     ORDER_ENDED,
     ORDER_EXISTS,
@@ -104,6 +107,7 @@ async def run_bridge(settings: Settings, stop: asyncio.Event) -> None:
             OrderLifecycles(temporal, settings),
             AdmissionLedger(engine, settings.max_running_lifecycles),
             SlotGate(settings.database_url),
+            PublisherIdentities.of(settings),
             topology,
             stop,
         )
@@ -130,12 +134,14 @@ class Bridge:
         lifecycles: OrderLifecycles,
         ledger: AdmissionLedger,
         gate: SlotGate,
+        identities: PublisherIdentities,
         topology: Topology,
         stop: asyncio.Event,
     ) -> None:
         self._lifecycles = lifecycles
         self._ledger = ledger
         self.gate = gate
+        self._identities = identities
         self._topology = topology
         self._stop = stop
         self._order_locks = OrderLocks()
@@ -145,16 +151,24 @@ class Bridge:
         if isinstance(command, PlaceOrder):  # published to the command queue by hand: still a placement
             await self.handle_placement(message, command)
             return
-        steering: SteeringCommand = command
         self._bind_log_context(command)
+        issuer = self._identities.authorize(message.user_id, command)
         async with self._ordered(command.order_id):
-            outcome = await self._conclude(command, await self._steer(steering))
+            if isinstance(issuer, Outcome):
+                outcome = await self._refuse(command, issuer)
+            else:
+                steering: SteeringCommand = command.model_copy(update={"issued_by": issuer})
+                outcome = await self._conclude(steering, await self._steer(steering))
         await self._settle(message, outcome)
 
     async def handle_placement(self, message: AbstractIncomingMessage, command: PlaceOrder) -> None:
         """Not under the order's lock throughout: the wait for a slot must not hold up commands."""
         self._bind_log_context(command)
-        outcome = await self._place(command)
+        issuer = self._identities.authorize(message.user_id, command)
+        if isinstance(issuer, Outcome):
+            outcome = await self._refuse(command, issuer)
+        else:
+            outcome = await self._place(command.model_copy(update={"issued_by": issuer}))
         await self._settle(message, outcome)
 
     @staticmethod
@@ -173,9 +187,15 @@ class Bridge:
         """Publish a rejection, then record the outcome (a processed command has its record)."""
         if outcome is not ALREADY_PROCESSED:
             if outcome.kind is OutcomeKind.REJECTED:
-                await self._publish(rejection_event(command, outcome.detail or ""))
+                await self._publish(rejection_event(command, outcome))
             await self._retry(lambda: self._ledger.record(command, outcome))
         return outcome
+
+    async def _refuse(self, command: Command, refusal: Outcome) -> Outcome:
+        """A command its issuer may not send; the id of one processed before stays a duplicate."""
+        if await self._retry(lambda: self._ledger.is_processed(command)):
+            return ALREADY_PROCESSED
+        return await self._conclude(command, refusal)
 
     # --- placements ------------------------------------------------------------------------------
     async def _place(self, command: PlaceOrder) -> Outcome:
@@ -214,16 +234,20 @@ class Bridge:
             lambda: self._lifecycles.start(command, taken.queued_at, taken.early_commands)
         )
         if outcome.kind is OutcomeKind.REJECTED:
-            await self._publish(rejection_event(command, outcome.detail or ""))
+            await self._publish(rejection_event(command, outcome))
             await self._retry(lambda: self._ledger.not_started(command, outcome))
         else:
             await self._retry(lambda: self._ledger.started(command, outcome))
         return outcome
 
     async def _publish_registration(self, command: PlaceOrder, registration: Registration) -> None:
+        queued_at = registration.queued_at.isoformat()
+        placed_by = command.issued_by.subject if command.issued_by else None
         await self._publish(
-            bridge_event(command, EventType.QUEUED, seq=1, queued_at=registration.queued_at.isoformat())
+            bridge_event(command, EventType.QUEUED, seq=1, queued_at=queued_at, placed_by=placed_by)
         )
+        for refused in registration.refused:
+            await self._publish(rejection_event(refused.command, refused.outcome))
         if registration.cancel is not None:
             await self._publish(cancelled_before_admission(registration.cancel))
 
@@ -248,6 +272,8 @@ class Bridge:
                     return Outcome(OutcomeKind.ACCEPTED, WAITING_FOR_PLACEMENT)
                 case Steering.ENDED:
                     return Outcome(OutcomeKind.REJECTED, ORDER_ENDED)
+                case Outcome():
+                    return steering
             # no record: a lifecycle from before admission existed, or the placement is behind
             outcome = await self._retry(lambda: self._lifecycles.signal(command))
             if outcome.detail != UNKNOWN_ORDER:
@@ -287,8 +313,9 @@ class Bridge:
 
     async def _reject_parked(self, commands: list[Command]) -> None:
         for command in commands:
-            await self._publish(rejection_event(command, UNKNOWN_ORDER))
-            await self._ledger.record(command, Outcome(OutcomeKind.REJECTED, UNKNOWN_ORDER), replace=True)
+            unknown = Outcome(OutcomeKind.REJECTED, UNKNOWN_ORDER)
+            await self._publish(rejection_event(command, unknown))
+            await self._ledger.record(command, unknown, replace=True)
             log.info("parked command rejected", order_id=command.order_id, command_id=str(command.command_id))
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -323,10 +350,17 @@ def bridge_event(command: Command, event: EventType, seq: int, **data: Any) -> O
     )
 
 
-def rejection_event(command: Command, reason: str) -> OrderEvent:
-    """`order.command_rejected` for a command that found no running lifecycle."""
+def rejection_event(command: Command, rejection: Outcome) -> OrderEvent:
+    """`order.command_rejected` for a command that found no running lifecycle (or was forbidden);
+    `detail` explains a `forbidden`."""
+    explained = {"detail": rejection.explanation} if rejection.explanation else {}
     return bridge_event(
-        command, EventType.COMMAND_REJECTED, seq=0, command_type=command.type.value, reason=reason
+        command,
+        EventType.COMMAND_REJECTED,
+        seq=0,
+        command_type=command.type.value,
+        reason=rejection.detail or "",
+        **explained,
     )
 
 

@@ -22,6 +22,7 @@ from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from shared.authorization import FORBIDDEN
 from shared.contracts import (
     ApproveOrder,
     CancelOrder,
@@ -68,9 +69,16 @@ class Outcome:
     kind: OutcomeKind
     detail: str | None = None
     """The rejection reason, or why the command counts as a duplicate."""
+    explanation: str | None = None
+    """What a person reads about a rejection whose reason is a fixed word (`forbidden`)."""
 
 
 ACCEPTED = Outcome(OutcomeKind.ACCEPTED)
+
+
+def forbidden(explanation: str) -> Outcome:
+    """A command its issuer may not send: rejected with reason `forbidden`, nothing applied."""
+    return Outcome(OutcomeKind.REJECTED, FORBIDDEN, explanation)
 
 
 class OrderLifecycles:

@@ -14,9 +14,9 @@ from temporalio.runtime import (
 )
 
 from services.workers.worker import running_workers
-from shared.logging import configure_logging, settings_or_exit
+from shared.logging import configure_logging
 from shared.metrics import serve_metrics, temporal_runtime
-from shared.temporal import connect_temporal
+from shared.temporal import connect_temporal, temporal_settings_or_exit
 from shared.tracing import configure_tracing
 
 # Expected once per hung attempt, so not worth a line each: Core cuts the attempt at its timeout,
@@ -34,7 +34,7 @@ def core_logs() -> LoggingConfig:
 
 
 async def main() -> None:
-    settings = settings_or_exit("workers")
+    settings = temporal_settings_or_exit("workers")
     configure_logging(settings, "workers")
     configure_tracing(settings, "workers")
     Runtime.set_default(temporal_runtime(settings.worker_metrics_port, logging=core_logs()))

@@ -58,6 +58,7 @@ with workflow.unsafe.imports_passed_through():
         run_step,
         run_step_per_attempt_activities,
     )
+    from shared.authorization import FORBIDDEN, refusal
     from shared.contracts import (
         ApproveOrder,
         CancelOrder,
@@ -158,6 +159,7 @@ class OrderWorkflow:
             step=Step.RECEIVE,
             address=self._order.payload.address,
             payment_id=self._order.payload.payment_id,
+            placed_by=self._order.issued_by.subject if self._order.issued_by else None,
             queued_at=start.queued_at,
             started_at=now,
             updated_at=now,
@@ -247,7 +249,7 @@ class OrderWorkflow:
         await self._step(
             Step.RECEIVE, OrderActivities.receive_order_step, ReceiveOrderInput(order=self._order)
         )
-        self._reach(OrderState.RECEIVED, EventType.RECEIVED)
+        self._reach(OrderState.RECEIVED, EventType.RECEIVED, placed_by=self._status.placed_by)
 
         await self._step(
             Step.VALIDATE, OrderActivities.validate_order_step, ValidateOrderInput(order_id=order_id)
@@ -368,11 +370,13 @@ class OrderWorkflow:
     def _record_approval(self) -> None:
         approval = self._approval
         assert approval is not None
+        # whom the bridge verified: a command gets here only with its issuer
+        self._status.approved_by = approval.issued_by.subject if approval.issued_by else None
         self._reach(
             OrderState.APPROVED,
             EventType.APPROVED,
             command=approval,
-            reviewer=approval.payload.reviewer,
+            approved_by=self._status.approved_by,
             note=approval.payload.note,
         )
 
@@ -577,7 +581,8 @@ class OrderWorkflow:
         return None
 
     def _accept(self, command: Command, blocked: str | None) -> bool:
-        """True if the command is new and may apply; a duplicate is ignored, a blocked one rejected."""
+        """True if the command is new and may apply; a duplicate is ignored, one its issuer may
+        not send rejected as `forbidden`, a blocked one rejected."""
         command_id = str(command.command_id)
         if command_id in self._commands_seen:
             workflow.logger.info(
@@ -586,21 +591,34 @@ class OrderWorkflow:
             )
             return False
         self._commands_seen.add(command_id)
+        in_review = self._status.state is OrderState.AWAITING_APPROVAL
+        why = refusal(command.type, command.issued_by, self._status.placed_by, in_review)
+        if why is not None:
+            self._reject(command, FORBIDDEN, detail=why)
+            return False
         if blocked is None:
             return True
+        self._reject(command, blocked)
+        return False
+
+    def _reject(self, command: Command, reason: str, **explained: str) -> None:
         self._emit(
-            EventType.COMMAND_REJECTED, command=command, command_type=command.type.value, reason=blocked
+            EventType.COMMAND_REJECTED,
+            command=command,
+            command_type=command.type.value,
+            reason=reason,
+            **explained,
         )
         workflow.logger.warning(
             "command rejected",
             extra={
                 "order_id": self._order.order_id,
-                "command_id": command_id,
+                "command_id": str(command.command_id),
                 "command_type": command.type.value,
-                "reason": blocked,
+                "reason": reason,
+                **explained,
             },
         )
-        return False
 
     @workflow.signal(name=Signals.SLOT_GRANTED)
     def slot_granted(self) -> None:

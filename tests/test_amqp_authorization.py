@@ -1,0 +1,252 @@
+"""Commands over AMQP are authorized: the issuer is the publisher's broker-validated `user_id`.
+
+The whole system runs as processes (the `make run` launcher). Besides the tests' own broker user
+(a delegate with every role, as the local account is under `make run`), broker users of this
+module's own publish: one with the customer role only and one with none, both not delegates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from urllib.parse import quote, urlsplit, urlunsplit
+from uuid import uuid4
+
+import aio_pika
+import pytest
+import pytest_asyncio
+from aio_pika.exceptions import ChannelClosed
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from api_support import running_system, unique_id
+from service_support import GUEST, TEST_REVIEWER, eventually, publish_raw
+from shared import broker
+from shared.authorization import FORBIDDEN
+from shared.contracts import (
+    Actor,
+    ApproveOrder,
+    CancelOrder,
+    Command,
+    EventType,
+    OrderEvent,
+    OrderState,
+    PlaceOrder,
+    Role,
+)
+from shared.db import Order
+from shared.settings import Settings
+from test_e2e import EventLog, approve_command, following_events, place_command
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl to add broker users"),
+]
+
+SUFFIX = secrets.token_hex(4)
+CUSTOMER_USER = f"orderflow-test-customer-{SUFFIX}"
+"""A broker user with the customer role: it places orders, never approves them."""
+NOBODY_USER = f"orderflow-test-nobody-{SUFFIX}"
+"""A broker user orderflow gives no role."""
+ALICE = Actor(subject="alice", roles=frozenset({Role.CUSTOMER, Role.REVIEWER}))
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def broker_users(settings: Settings) -> Iterator[dict[str, str]]:
+    """This module's broker users, by name, with their passwords, allowed everything on the vhost
+    (what orderflow lets them do is the bridge's business here)."""
+    vhost = urlsplit(settings.amqp_url).path.lstrip("/") or "/"
+    users = {CUSTOMER_USER: secrets.token_urlsafe(16), NOBODY_USER: secrets.token_urlsafe(16)}
+    for user, password in users.items():
+        rabbitmqctl("add_user", user, password)
+        rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+    try:
+        yield users
+    finally:
+        for user in users:
+            subprocess.run(["rabbitmqctl", "-q", "delete_user", user], check=False, capture_output=True)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def system(
+    settings: Settings, migrated_database: str, broker_users: dict[str, str]
+) -> AsyncIterator[Settings]:
+    roles = {**settings.amqp_publisher_roles, CUSTOMER_USER: [Role.CUSTOMER]}
+    async with running_system(settings.model_copy(update={"amqp_publisher_roles": roles}), "authz") as system:
+        yield system
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def followed(system: Settings) -> AsyncIterator[tuple[broker.Topology, EventLog]]:
+    async with following_events(system) as (topology, events, _):
+        yield topology, events
+
+
+@asynccontextmanager
+async def publisher(
+    system: Settings, broker_users: dict[str, str], user: str
+) -> AsyncIterator[broker.Topology]:
+    """A confirming channel of a connection as `user`, whose messages carry it as `user_id`."""
+    url = urlsplit(system.amqp_url)
+    netloc = f"{quote(user, safe='')}:{quote(broker_users[user], safe='')}@{url.hostname}:{url.port or 5672}"
+    connection = await aio_pika.connect_robust(urlunsplit(url._replace(netloc=netloc)))
+    try:
+        _, topology = await broker.open_channel(connection)
+        yield topology
+    finally:
+        await connection.close()
+
+
+def approval_by(order_id: str, issuer: Actor | None) -> ApproveOrder:
+    return approve_command(order_id).model_copy(update={"issued_by": issuer})
+
+
+async def rejection_of(events: EventLog, command: Command) -> OrderEvent:
+    async def rejected() -> OrderEvent | None:
+        found = [
+            e
+            for e in events.of(command.order_id, EventType.COMMAND_REJECTED)
+            if e.command_id == command.command_id
+        ]
+        return found[0] if found else None
+
+    return await eventually(rejected, timeout=30)
+
+
+def assert_forbidden(rejection: OrderEvent, command: Command) -> None:
+    assert rejection.data["reason"] == FORBIDDEN
+    assert rejection.data["command_type"] == command.type.value
+    assert rejection.data["detail"]  # what a person reads about it
+
+
+async def read_model(sessions: async_sessionmaker[AsyncSession], order_id: str) -> Order | None:
+    async with sessions() as session:
+        return await session.get(Order, order_id, populate_existing=True)
+
+
+async def placed_and_in_review(topology: broker.Topology, events: EventLog, place: PlaceOrder) -> None:
+    await broker.publish_command(topology, place)
+    await events.wait_for(place.order_id, EventType.AWAITING_APPROVAL)
+
+
+async def test_the_broker_refuses_a_publish_that_forges_its_user_id(
+    system: Settings, broker_users: dict[str, str]
+) -> None:
+    async with publisher(system, broker_users, CUSTOMER_USER) as topology:
+        forged = place_command(unique_id("forged"))
+        with pytest.raises(ChannelClosed):
+            await topology.commands.publish(
+                aio_pika.Message(body=forged.model_dump_json().encode(), user_id=GUEST.subject),
+                routing_key="order.place",
+            )
+
+
+async def test_a_command_without_user_id_is_forbidden_and_changes_nothing(
+    followed: tuple[broker.Topology, EventLog], db_sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    topology, events = followed
+    place = place_command(unique_id("anonymous"))
+    await publish_raw(topology.commands, "order.place", place.model_dump_json().encode(), user_id=None)
+
+    assert_forbidden(await rejection_of(events, place), place)
+    assert await read_model(db_sessions, place.order_id) is None
+    assert [e.type for e in events.by_order[place.order_id]] == [EventType.COMMAND_REJECTED]
+
+
+async def test_a_broker_user_without_a_role_cannot_place(
+    system: Settings,
+    broker_users: dict[str, str],
+    followed: tuple[broker.Topology, EventLog],
+    db_sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    _, events = followed
+    place = place_command(unique_id("nobody"))
+    async with publisher(system, broker_users, NOBODY_USER) as topology:
+        await broker.publish_command(topology, place)
+
+    assert_forbidden(await rejection_of(events, place), place)
+    assert await read_model(db_sessions, place.order_id) is None
+
+
+async def test_a_broker_user_without_the_reviewer_role_cannot_approve(
+    system: Settings,
+    broker_users: dict[str, str],
+    followed: tuple[broker.Topology, EventLog],
+    db_sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    tests_topology, events = followed
+    order_id = unique_id("customer")
+    async with publisher(system, broker_users, CUSTOMER_USER) as topology:
+        await placed_and_in_review(topology, events, place_command(order_id))
+        own_approval = approval_by(order_id, None)
+        await broker.publish_command(topology, own_approval)
+        assert_forbidden(await rejection_of(events, own_approval), own_approval)
+        # and it cannot name a reviewer instead: it is not a delegate
+        named = approval_by(order_id, TEST_REVIEWER)
+        await broker.publish_command(topology, named)
+        assert_forbidden(await rejection_of(events, named), named)
+
+    await asyncio.sleep(1)  # had either applied, its `approved` would be out by now
+    assert events.of(order_id, EventType.APPROVED) == []
+    order = await read_model(db_sessions, order_id)
+    assert order is not None
+    assert (order.state, order.placed_by, order.approved_by) == (
+        OrderState.AWAITING_APPROVAL.value,
+        CUSTOMER_USER,
+        None,
+    )
+    cancel = CancelOrder(command_id=uuid4(), order_id=order_id, issued_at=datetime.now(UTC))
+    await broker.publish_command(tests_topology, cancel)  # as an operator: the order ends
+    assert (await events.wait_for_end(order_id)).type is EventType.CANCELLED
+
+
+async def test_four_eyes_and_the_approver_recorded(
+    followed: tuple[broker.Topology, EventLog], db_sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    topology, events = followed
+    order_id = unique_id("four-eyes")
+    # the tests' broker user is a delegate: it acts for the people it names
+    await placed_and_in_review(
+        topology, events, place_command(order_id).model_copy(update={"issued_by": ALICE})
+    )
+    by_the_placer = approval_by(order_id, ALICE)
+    await broker.publish_command(topology, by_the_placer)
+    assert_forbidden(await rejection_of(events, by_the_placer), by_the_placer)
+    approval = approval_by(order_id, TEST_REVIEWER)
+    await broker.publish_command(topology, approval)
+
+    assert (await events.wait_for_end(order_id)).type is EventType.COMPLETED
+    [approved] = events.of(order_id, EventType.APPROVED)
+    assert (approved.command_id, approved.data["approved_by"]) == (approval.command_id, TEST_REVIEWER.subject)
+    [received] = events.of(order_id, EventType.QUEUED)
+    assert received.data["placed_by"] == ALICE.subject
+
+    async def recorded() -> Order | None:
+        order = await read_model(db_sessions, order_id)
+        return order if order is not None and order.state == OrderState.COMPLETED.value else None
+
+    order = await eventually(recorded, timeout=30)
+    assert (order.placed_by, order.approved_by) == (ALICE.subject, TEST_REVIEWER.subject)
+
+
+async def test_a_non_delegate_naming_someone_else_is_forbidden(
+    system: Settings,
+    broker_users: dict[str, str],
+    followed: tuple[broker.Topology, EventLog],
+    db_sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    _, events = followed
+    place = place_command(unique_id("impostor")).model_copy(update={"issued_by": ALICE})
+    async with publisher(system, broker_users, CUSTOMER_USER) as topology:
+        await broker.publish_command(topology, place)
+
+    assert_forbidden(await rejection_of(events, place), place)
+    assert await read_model(db_sessions, place.order_id) is None
