@@ -1,7 +1,9 @@
-"""Alembic environment: runs the migrations over asyncpg against ORDERFLOW_DATABASE_URL."""
+"""Alembic environment: runs the migrations over asyncpg against ORDERFLOW_DATABASE_URL, with its
+password file and TLS settings (or what `shared.schema.upgrade` was given)."""
 
 import asyncio
 from logging.config import fileConfig
+from typing import Any
 
 from alembic import context
 from sqlalchemy.engine import Connection
@@ -9,6 +11,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import SQLModel
 
 import shared.db  # noqa: F401  (registers the tables on SQLModel.metadata for autogenerate)
+from shared import connection_security
 from shared.settings import Settings
 
 config = context.config
@@ -18,7 +21,15 @@ target_metadata = SQLModel.metadata
 
 
 def database_url() -> str:
-    return config.attributes.get("database_url") or Settings().database_url
+    return config.attributes.get("database_url") or connection_security.database_url(Settings())
+
+
+def connect_args() -> dict[str, Any]:
+    """asyncpg's `ssl`: as given by `shared.schema.upgrade`, else from the settings."""
+    if "database_url" in config.attributes:
+        ssl = config.attributes.get("ssl")
+        return {} if ssl is None else {"ssl": ssl}
+    return {"ssl": connection_security.postgres_ssl(Settings())}
 
 
 def run_migrations_offline() -> None:
@@ -34,7 +45,7 @@ def _run(connection: Connection) -> None:
 
 
 async def run_migrations_online() -> None:
-    engine = create_async_engine(database_url())
+    engine = create_async_engine(database_url(), connect_args=connect_args())
     async with engine.connect() as connection:
         await connection.run_sync(_run)
     await engine.dispose()

@@ -1,4 +1,10 @@
-"""The RabbitMQ topology, declared here once and by every service on connect, and publishing.
+"""The RabbitMQ topology, declared here once, and publishing.
+
+On connect each service looks up what it uses and declares only what is missing: a provisioned
+broker (`orderflow broker provision`, `make run`) has it all in place, so a service's own broker user
+needs no configure permission (a passive declare needs none); on a bare vhost a user allowed to
+configure (the development account) declares it. A service whose user may not, on a broker not
+provisioned, stops with `TopologyMissing`.
 
 Exchanges (public contract): `orders.commands` and `orders.events`, both durable topic exchanges.
 Queues (owned by orderflow):
@@ -14,8 +20,9 @@ Queues (owned by orderflow):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import aio_pika
 import structlog
@@ -27,9 +34,11 @@ from aio_pika.abc import (
     AbstractRobustConnection,
     HeadersType,
 )
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelNotFoundEntity, DeliveryError
 from aiormq.abc import DeliveredMessage, FieldTable
+from aiormq.exceptions import ChannelAccessRefused
 
+from shared.connection_security import amqp_ssl_context, amqp_url
 from shared.contracts import COMMAND_ROUTING_KEYS, Command, CommandType, OrderEvent
 from shared.settings import Settings
 from shared.tracing import trace_headers
@@ -48,6 +57,9 @@ CONNECT_RETRY_SECONDS = 1.0
 # a message in the dead-letter queue shows that exchange as its own: keep where it came from, so a
 # replay can send it back there
 EXCHANGE_HEADER = "x-orderflow-exchange"
+EXCHANGES = (COMMANDS_EXCHANGE, EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE)
+
+T = TypeVar("T")
 
 
 class CommandNotRouted(Exception):
@@ -56,6 +68,10 @@ class CommandNotRouted(Exception):
 
 class CommandRefused(Exception):
     """The broker negatively confirmed a command: the placement backlog is full."""
+
+
+class TopologyMissing(Exception):
+    """An exchange or queue the service needs is missing and its broker user may not declare it."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +95,9 @@ async def connect(
     while True:
         try:
             return await aio_pika.connect_robust(
-                settings.amqp_url, client_properties={"connection_name": name}
+                amqp_url(settings),
+                ssl_context=amqp_ssl_context(settings),
+                client_properties={"connection_name": name},
             )
         except CONNECTION_EXCEPTIONS as error:
             if loop.time() >= deadline:
@@ -89,6 +107,18 @@ async def connect(
 
 
 async def declare_topology(channel: AbstractChannel, publisher: str | None = None) -> Topology:
+    """The exchanges and the dead-letter queue: looked up when in place, else declared."""
+    if await in_place(channel, exchanges=EXCHANGES, queues=(DEAD_LETTER_QUEUE,)):
+        return Topology(
+            commands=await channel.get_exchange(COMMANDS_EXCHANGE, ensure=False),
+            events=await channel.get_exchange(EVENTS_EXCHANGE, ensure=False),
+            dead_letter=await channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False),
+            publisher=publisher,
+        )
+    return await configuring(create_topology(channel, publisher))
+
+
+async def create_topology(channel: AbstractChannel, publisher: str | None = None) -> Topology:
     commands = await channel.declare_exchange(COMMANDS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     events = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     dead_letter = await channel.declare_exchange(
@@ -101,6 +131,38 @@ async def declare_topology(channel: AbstractChannel, publisher: str | None = Non
     return Topology(commands=commands, events=events, dead_letter=dead_letter, publisher=publisher)
 
 
+async def in_place(
+    channel: AbstractChannel, *, exchanges: tuple[str, ...] = (), queues: tuple[str, ...] = ()
+) -> bool:
+    """Whether these exchanges and queues exist, asked with passive declares (which need no
+    permission) on a channel of their own: the broker closes the channel that asks for a missing one."""
+    underlay = await channel.get_underlay_channel()
+    probe = await underlay.connection.channel()
+    try:
+        for exchange in exchanges:
+            await probe.exchange_declare(exchange, passive=True)
+        for queue in queues:
+            await probe.queue_declare(queue, passive=True)
+    except ChannelNotFoundEntity:
+        return False
+    finally:
+        if not probe.is_closed:
+            await probe.close()
+    return True
+
+
+async def configuring(declaring: Awaitable[T]) -> T:
+    """`declaring`, for what is missing; `TopologyMissing` when this user may not declare it."""
+    try:
+        return await declaring
+    except ChannelAccessRefused as refused:
+        raise TopologyMissing(
+            f"orderflow's exchanges and queues are not all on the broker, and this user may not declare "
+            f"them ({refused}): provision the broker first (`orderflow broker provision` as an "
+            "administrator; `make run` does it)"
+        ) from None
+
+
 async def declare_consumer_queue(
     channel: AbstractChannel,
     name: str,
@@ -108,7 +170,20 @@ async def declare_consumer_queue(
     routing_keys: tuple[str, ...],
     arguments: FieldTable | None = None,
 ) -> AbstractQueue:
-    """A durable quorum queue (it counts redeliveries in `x-delivery-count`) that dead-letters."""
+    """A durable quorum queue (it counts redeliveries in `x-delivery-count`) that dead-letters;
+    looked up when in place (it was declared with its bindings), else declared."""
+    if await in_place(channel, queues=(name,)):
+        return await channel.get_queue(name)
+    return await configuring(create_consumer_queue(channel, name, exchange, routing_keys, arguments))
+
+
+async def create_consumer_queue(
+    channel: AbstractChannel,
+    name: str,
+    exchange: AbstractExchange,
+    routing_keys: tuple[str, ...],
+    arguments: FieldTable | None = None,
+) -> AbstractQueue:
     queue = await channel.declare_queue(
         name,
         durable=True,
@@ -127,6 +202,7 @@ PLACE_ROUTING_KEY = COMMAND_ROUTING_KEYS[CommandType.PLACE]
 STEERING_ROUTING_KEYS = tuple(key for key in COMMAND_ROUTING_KEYS.values() if key != PLACE_ROUTING_KEY)
 # before placements had a queue of their own, the command queue took every command with this key
 LEGACY_COMMAND_BINDING = "order.*"
+AUDIT_ROUTING_KEYS = ("order.#",)
 
 
 async def declare_command_queue(
@@ -135,11 +211,9 @@ async def declare_command_queue(
     """The bridge's queue of approve, cancel and update-address commands. The gateway declares it
     (and the placement queue) too, so a command accepted before the bridge first started waits
     for it instead of being unroutable."""
-    queue = await declare_consumer_queue(
+    return await declare_consumer_queue(
         channel, settings.command_queue, topology.commands, STEERING_ROUTING_KEYS
     )
-    await queue.unbind(topology.commands, LEGACY_COMMAND_BINDING)
-    return queue
 
 
 async def declare_placement_queue(
@@ -150,12 +224,12 @@ async def declare_placement_queue(
     A queue's arguments are fixed when it is first declared: to change the limit on a broker that
     has the queue, delete the (drained) queue or set a `max-length` policy on it."""
     return await declare_consumer_queue(
-        channel,
-        settings.placement_queue,
-        topology.commands,
-        (PLACE_ROUTING_KEY,),
-        {"x-max-length": settings.placement_backlog_limit, "x-overflow": "reject-publish"},
+        channel, settings.placement_queue, topology.commands, (PLACE_ROUTING_KEY,), placement_limit(settings)
     )
+
+
+def placement_limit(settings: Settings) -> FieldTable:
+    return {"x-max-length": settings.placement_backlog_limit, "x-overflow": "reject-publish"}
 
 
 async def declare_command_queues(
@@ -173,7 +247,21 @@ async def declare_audit_queue(
 ) -> AbstractQueue:
     """The audit consumer's queue of events. The workers declare it too, so an event published
     before the audit consumer first started still reaches the audit table."""
-    return await declare_consumer_queue(channel, settings.audit_queue, topology.events, ("order.#",))
+    return await declare_consumer_queue(channel, settings.audit_queue, topology.events, AUDIT_ROUTING_KEYS)
+
+
+async def provision(channel: AbstractChannel, settings: Settings) -> None:
+    """Every exchange and queue the services use, declared by an administrator (`orderflow broker
+    provision`, `make run`), so that the services' own users need no configure permission."""
+    topology = await create_topology(channel)
+    await create_consumer_queue(
+        channel, settings.placement_queue, topology.commands, (PLACE_ROUTING_KEY,), placement_limit(settings)
+    )
+    commands = await create_consumer_queue(
+        channel, settings.command_queue, topology.commands, STEERING_ROUTING_KEYS
+    )
+    await commands.unbind(topology.commands, LEGACY_COMMAND_BINDING)
+    await create_consumer_queue(channel, settings.audit_queue, topology.events, AUDIT_ROUTING_KEYS)
 
 
 async def open_channel(
@@ -188,7 +276,8 @@ async def open_channel(
 
 def connection_user(connection: AbstractRobustConnection) -> str | None:
     """The user the connection logged in as (aio-pika's default, `guest`, when the URL names none)."""
-    return connection.url.user or "guest"
+    url = connection.url if isinstance(connection, aio_pika.Connection) else None
+    return (url.user if url else None) or "guest"
 
 
 async def publish_command(topology: Topology, command: Command) -> None:

@@ -1,4 +1,7 @@
-"""Create the database if it is missing and bring its schema to the newest migration."""
+"""Create the database if it is missing and bring its schema to the newest migration.
+
+Each function takes the database's URL and, for TLS, what `connection_security.postgres_ssl` makes
+of the settings (None: asyncpg's default, as for a URL of a test database)."""
 
 from __future__ import annotations
 
@@ -13,24 +16,28 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import make_url
 
+from shared.connection_security import PostgresSSL
+
 ALEMBIC_INI = Path(__file__).resolve().parents[1] / "alembic.ini"
 
 
-async def ensure_database(database_url: str) -> None:
-    async with _server(database_url) as (server, name):
+async def ensure_database(database_url: str, ssl: PostgresSSL | None = None) -> None:
+    async with _server(database_url, ssl) as (server, name):
         exists = await server.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
         if not exists:
             await server.execute(f'CREATE DATABASE "{name}"')
 
 
-async def drop_database(database_url: str) -> None:
+async def drop_database(database_url: str, ssl: PostgresSSL | None = None) -> None:
     """Drop the database if it exists, disconnecting whoever uses it (tests and benchmarks)."""
-    async with _server(database_url) as (server, name):
+    async with _server(database_url, ssl) as (server, name):
         await server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @asynccontextmanager
-async def _server(database_url: str) -> AsyncIterator[tuple[asyncpg.Connection, str]]:
+async def _server(
+    database_url: str, ssl: PostgresSSL | None
+) -> AsyncIterator[tuple[asyncpg.Connection, str]]:
     """A connection to the server's `postgres` database, and the name of the URL's database."""
     url = make_url(database_url)
     server = await asyncpg.connect(
@@ -39,6 +46,7 @@ async def _server(database_url: str) -> AsyncIterator[tuple[asyncpg.Connection, 
         user=url.username,
         password=url.password,
         database="postgres",
+        ssl=ssl,
     )
     try:
         yield server, str(url.database)
@@ -46,10 +54,11 @@ async def _server(database_url: str) -> AsyncIterator[tuple[asyncpg.Connection, 
         await server.close()
 
 
-def upgrade(database_url: str) -> None:
+def upgrade(database_url: str, ssl: PostgresSSL | None = None) -> None:
     """Apply every migration (alembic runs its own event loop, so call this outside one)."""
     config = Config(str(ALEMBIC_INI))
     config.attributes["database_url"] = database_url
+    config.attributes["ssl"] = ssl
     config.attributes["configure_logging"] = False
     # alembic's migration context is one per process: two threads migrating at once (two
     # systems a benchmark starts side by side) would run each other's migrations
@@ -60,6 +69,6 @@ def upgrade(database_url: str) -> None:
 _MIGRATING = threading.Lock()
 
 
-def migrate(database_url: str) -> None:
-    asyncio.run(ensure_database(database_url))
-    upgrade(database_url)
+def migrate(database_url: str, ssl: PostgresSSL | None = None) -> None:
+    asyncio.run(ensure_database(database_url, ssl))
+    upgrade(database_url, ssl)

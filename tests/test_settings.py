@@ -94,3 +94,48 @@ def test_a_service_with_a_bad_setting_exits_with_one_log_line(service: str) -> N
     logged = json.loads(line)
     assert logged["level"] == "critical" and logged["service"] == service
     assert logged["event"].startswith("invalid settings: ORDERFLOW_API_PORT: ")
+
+
+@pytest.mark.parametrize(
+    ("environment", "reason"),
+    [
+        (
+            {"ORDERFLOW_AMQP_URL": "amqps://rabbit:5671/", "ORDERFLOW_AMQP_CERT_FILE": "{file}"},
+            "ORDERFLOW_AMQP_KEY_FILE: should be set together with",
+        ),
+        ({"ORDERFLOW_API_TLS_KEY_FILE": "{file}"}, "ORDERFLOW_API_TLS_KEY_FILE: should be set together with"),
+        ({"ORDERFLOW_AMQP_CA_FILE": "{file}"}, "ORDERFLOW_AMQP_CA_FILE: needs an amqps://"),
+        (
+            {"ORDERFLOW_DATABASE_SSLROOTCERT": "{file}"},
+            "ORDERFLOW_DATABASE_SSLROOTCERT: needs ORDERFLOW_DATABASE_SSLMODE",
+        ),
+        ({"ORDERFLOW_DATABASE_SSLMODE": "on"}, "ORDERFLOW_DATABASE_SSLMODE"),
+        ({"ORDERFLOW_AMQP_PASSWORD_FILE": "/nonexistent/password"}, "ORDERFLOW_AMQP_PASSWORD_FILE"),
+        ({"ORDERFLOW_API_FORWARDED_ALLOW_IPS": "10.0.0.1, proxy"}, "IP addresses or networks"),
+    ],
+)
+def test_tls_and_secret_files_are_checked(environment: dict[str, str], reason: str, tmp_path: Path) -> None:
+    file = tmp_path / "file.pem"
+    file.write_text("not a secret to repeat")
+    message = refusal(**{name: value.format(file=file) for name, value in environment.items()})
+    assert reason in message
+    assert "not a secret to repeat" not in message
+
+
+def test_tls_settings_that_belong_together_are_accepted(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.touch()
+    key.touch()
+    settings = Settings(
+        _env_file=None,
+        amqp_url="amqps://orderflow-gateway@rabbit:5671/",
+        amqp_ca_file=cert,
+        amqp_cert_file=cert,
+        amqp_key_file=key,
+        database_sslmode="verify-full",
+        database_sslrootcert=cert,
+        api_tls_cert_file=cert,
+        api_tls_key_file=key,
+        api_forwarded_allow_ips="10.0.0.0/8,*",
+    )
+    assert settings.api_tls_key_file == key

@@ -1,0 +1,82 @@
+"""How orderflow's connections to RabbitMQ and PostgreSQL are secured: passwords read from files
+(never from the logs or an error message) and TLS contexts built from the settings.
+
+Every connection goes through here: the services' broker connections and `orderflow dlq`
+(`shared.broker.connect`), every database engine (`shared.db.create_engine`), the migrations and
+the connections that create or drop a database (`shared.schema`).
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+from yarl import URL
+
+from shared.settings import Settings
+
+# what asyncpg takes as `ssl`: a context (TLS required), or one of libpq's weaker sslmodes by name
+PostgresSSL = ssl.SSLContext | str
+
+
+def read_secret(path: Path) -> str:
+    """A secret file's content, without the line end an editor or `echo` adds."""
+    return path.read_text(encoding="utf-8").rstrip("\r\n")
+
+
+def amqp_url(settings: Settings) -> str:
+    """`amqp_url` with the password from `amqp_password_file`, when one is given."""
+    if settings.amqp_password_file is None:
+        return settings.amqp_url
+    url = URL(settings.amqp_url)
+    return str(url.with_password(read_secret(settings.amqp_password_file)))
+
+
+def amqp_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """For an amqps:// URL: the broker's certificate checked against `amqp_ca_file` (else the
+    system's CAs) and its name, and our client certificate when one is given."""
+    if URL(settings.amqp_url).scheme != "amqps":
+        return None
+    return client_context(settings.amqp_ca_file, settings.amqp_cert_file, settings.amqp_key_file)
+
+
+def database_url(settings: Settings) -> str:
+    """`database_url` with the password from `database_password_file`, when one is given."""
+    if settings.database_password_file is None:
+        return settings.database_url
+    url = make_url(settings.database_url).set(password=read_secret(settings.database_password_file))
+    return url.render_as_string(hide_password=False)
+
+
+def postgres_ssl(settings: Settings) -> PostgresSSL:
+    """libpq's sslmode semantics: `require` encrypts without checking the server (unless a root
+    certificate is given, as libpq does), `verify-ca` checks its certificate, `verify-full` its
+    name too; `disable`, `allow` and `prefer` are left to asyncpg, which knows them by name."""
+    mode = settings.database_sslmode
+    if mode in ("disable", "allow", "prefer"):
+        return mode
+    return client_context(
+        settings.database_sslrootcert,
+        settings.database_sslcert,
+        settings.database_sslkey,
+        verify=mode != "require" or settings.database_sslrootcert is not None,
+        check_hostname=mode == "verify-full",
+    )
+
+
+def client_context(
+    ca_file: Path | None,
+    cert_file: Path | None,
+    key_file: Path | None,
+    *,
+    verify: bool = True,
+    check_hostname: bool = True,
+) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    context.check_hostname = verify and check_hostname
+    if not verify:
+        context.verify_mode = ssl.CERT_NONE
+    if cert_file is not None:
+        context.load_cert_chain(cert_file, key_file)
+    return context
