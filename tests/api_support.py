@@ -1,5 +1,5 @@
-"""Helpers for the REST gateway's and the CLI's tests: sample orders, read-model rows, a command tap,
-a vhost of their own and a gateway process."""
+"""Helpers for the REST gateway's and the CLI's tests: bearer tokens, sample orders, read-model rows,
+a command tap, a vhost of their own and a gateway process."""
 
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ from sqlmodel import col
 
 from services.api.app import create_app
 from services.stack import free_port, running_stack, service_environment
-from shared import broker
+from shared import broker, local_issuer
 from shared.admissions import AdmissionStatus
-from shared.contracts import EventType, OrderState
+from shared.contracts import EventType, OrderState, Role
 from shared.db import Admission, AuditEvent, Order, create_engine, transaction
 from shared.settings import Settings
 
@@ -42,6 +42,21 @@ ADDRESS: dict[str, Any] = {
     "country": "GB",
 }
 ITEMS: list[dict[str, Any]] = [{"sku": "BOOK-1", "qty": 2, "unit_price_cents": 1250}]
+
+
+def bearer(settings: Settings, subject: str, *roles: Role) -> dict[str, str]:
+    """The `Authorization` header of a token the local issuer (which the tests' gateways trust)
+    gives `subject` with `roles`."""
+    token = local_issuer.mint_token(
+        settings.auth_local_issuer_key_file,
+        issuer=local_issuer.ISSUER,
+        audience=settings.auth_audience,
+        subject=subject,
+        roles=list(roles),
+        roles_claim=settings.auth_roles_claim,
+        lifetime_seconds=settings.auth_local_token_lifetime_seconds,
+    )
+    return {"Authorization": f"Bearer {token}"}
 
 
 def unique_id(prefix: str) -> str:
@@ -81,13 +96,16 @@ def own_vhost(settings: Settings, name: str) -> Iterator[Settings]:
 
 
 @asynccontextmanager
-async def gateway(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client of the gateway app, its lifespan running."""
+async def gateway(
+    settings: Settings, headers: dict[str, str] | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of the gateway app, its lifespan running, sending `headers` (a `bearer`
+    token, say) with every request."""
     app = create_app(settings)
     transport = httpx.ASGITransport(app=app)
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://gw") as client,
+        httpx.AsyncClient(transport=transport, base_url="http://gw", headers=headers) as client,
     ):
         yield client
 
@@ -195,6 +213,7 @@ async def insert_order(
     order_id: str,
     state: OrderState,
     created_at: datetime | None = None,
+    placed_by: str | None = None,
 ) -> None:
     """A row of the orders read model, as the business functions and the projection write it."""
     created_at = created_at or datetime.now(UTC)
@@ -207,6 +226,7 @@ async def insert_order(
                 address=ADDRESS,
                 amount_cents=2500,
                 state=state.value,
+                placed_by=placed_by,
                 created_at=created_at,
                 updated_at=created_at,
             )

@@ -19,11 +19,12 @@ import pytest
 import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from payload_keys import TEST_DATA_CONVERTER, TEST_PAYLOAD_KEYS
 from services.stack import isolated_settings
-from shared import db, schema
+from shared import db, local_issuer, schema
+from shared.contracts import Role
 from shared.settings import Settings
 
 # the fixtures of the helper modules, for every test that asks for them by name (a test imports
@@ -46,9 +47,22 @@ def _binary(name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def base_settings() -> Settings:
-    """Settings for the test database and vhost, both created anew for this test session."""
-    return isolated_settings(Settings(log_json=True), TEST_DATABASE)
+def base_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings for the test database and vhost, both created anew for this test session; every
+    gateway trusts the local issuer (its key made for the session: tokens from `bearer`), and the
+    bridge takes the gateway's broker user (guest) as a delegate with every role."""
+    issuer_key = tmp_path_factory.mktemp("issuer") / "local-issuer.pem"
+    local_issuer.ensure_key(issuer_key)
+    settings = Settings(
+        log_json=True,
+        auth_local_issuer=True,
+        auth_local_issuer_key_file=issuer_key,
+        amqp_publisher_roles={"guest": list(Role)},
+        amqp_delegates=["guest"],
+        payload_keys=TEST_PAYLOAD_KEYS,
+        payload_keys_file=None,
+    )
+    return isolated_settings(settings, TEST_DATABASE)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -73,7 +87,7 @@ async def db_sessions(
 async def temporal_dev_server() -> AsyncIterator[WorkflowEnvironment]:
     """A real Temporal dev server (in memory, WAL-style SQLite settings), once per session."""
     env = await WorkflowEnvironment.start_local(
-        data_converter=pydantic_data_converter,
+        data_converter=TEST_DATA_CONVERTER,
         dev_server_existing_path=_binary("temporal"),
         dev_server_log_level="error",
         dev_server_extra_args=[
@@ -91,7 +105,7 @@ async def temporal_dev_server() -> AsyncIterator[WorkflowEnvironment]:
 async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
     """Temporal's time-skipping test server: timers and timeouts pass instantly."""
     env = await WorkflowEnvironment.start_time_skipping(
-        data_converter=pydantic_data_converter,
+        data_converter=TEST_DATA_CONVERTER,
         test_server_existing_path=_binary("temporal-test-server"),
     )
     yield env

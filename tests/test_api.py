@@ -24,6 +24,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from api_support import (
     ADDRESS,
     ITEMS,
+    bearer,
     closed_port,
     gateway,
     insert_events,
@@ -36,12 +37,14 @@ from service_support import drain, next_message
 from shared.contracts import (
     COMMAND_ROUTING_KEYS,
     MAX_ITEMS,
+    Actor,
     Address,
     CommandType,
     EventType,
     OrderState,
     OrderStatus,
     PlaceOrder,
+    Role,
     Step,
     StepError,
     command_adapter,
@@ -55,12 +58,20 @@ async def command_message(queue: AbstractQueue, command_id: str) -> AbstractInco
 
 
 # --- fixtures of this file ------------------------------------------------------------------------
+OPERATOR = Actor(subject="olivia", roles=frozenset({Role.OPERATOR}))
+"""Who the tests of this file are: one who may do everything (test_authorization.py has the others)."""
+
+
+def as_operator(settings: Settings) -> dict[str, str]:
+    return bearer(settings, OPERATOR.subject, *OPERATOR.roles)
+
+
 @pytest_asyncio.fixture(scope="module")
 async def api(
     settings: Settings, db_sessions: async_sessionmaker[AsyncSession]
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """The gateway connected to the test database, vhost and dev server."""
-    async with gateway(settings) as client:
+    """The gateway connected to the test database, vhost and dev server, called by an operator."""
+    async with gateway(settings, as_operator(settings)) as client:
         yield client
 
 
@@ -68,7 +79,8 @@ async def api(
 async def api_without_broker(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """The gateway with its broker at a port nothing listens on."""
     async with gateway(
-        settings.model_copy(update={"amqp_url": f"amqp://guest:guest@127.0.0.1:{closed_port()}/"})
+        settings.model_copy(update={"amqp_url": f"amqp://guest:guest@127.0.0.1:{closed_port()}/"}),
+        as_operator(settings),
     ) as client:
         yield client
 
@@ -103,6 +115,7 @@ async def test_place_order_is_published_before_202(
     assert command.payload.address.city == "London"
     assert command.correlation_id == "checkout-42"
     assert command.issued_at.tzinfo is not None
+    assert command.issued_by == OPERATOR
 
 
 async def test_place_order_generates_an_order_id(
@@ -157,13 +170,8 @@ async def test_invalid_order_id_in_path_is_422(api: httpx.AsyncClient) -> None:
 @pytest.mark.parametrize(
     ("action", "body", "command_type", "payload"),
     [
-        (
-            "approve",
-            {"reviewer": "grace", "note": "looks fine"},
-            CommandType.APPROVE,
-            {"reviewer": "grace", "note": "looks fine"},
-        ),
-        ("approve", None, CommandType.APPROVE, {"reviewer": None, "note": None}),
+        ("approve", {"note": "looks fine"}, CommandType.APPROVE, {"note": "looks fine"}),
+        ("approve", None, CommandType.APPROVE, {"note": None}),
         ("cancel", {"reason": "changed my mind"}, CommandType.CANCEL, {"reason": "changed my mind"}),
         (
             "address",
@@ -192,6 +200,14 @@ async def test_order_commands_publish_their_type(
     assert (command.type, command.order_id) == (command_type, order_id)
     assert message.routing_key == COMMAND_ROUTING_KEYS[command_type]
     assert command.payload.model_dump(mode="json") == payload
+    assert command.issued_by == OPERATOR  # the approver is the token's subject, never a field
+
+
+async def test_an_approval_cannot_name_its_reviewer(api: httpx.AsyncClient) -> None:
+    response = await api.post(f"/orders/{unique_id('ord')}/approve", json={"reviewer": "grace"})
+
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "reviewer"]
 
 
 async def test_update_address_needs_a_valid_address(api: httpx.AsyncClient) -> None:
@@ -275,7 +291,9 @@ async def test_an_invalid_command_is_422_even_when_the_broker_is_down(
 async def test_a_command_waits_for_a_bridge_that_never_started(
     empty_vhost: Settings, settings: Settings
 ) -> None:
-    async with gateway(settings.model_copy(update={"amqp_url": empty_vhost.amqp_url})) as client:
+    async with gateway(
+        settings.model_copy(update={"amqp_url": empty_vhost.amqp_url}), as_operator(settings)
+    ) as client:
         response = await client.post("/orders", json=order_body())
 
     assert response.status_code == 202, response.text
@@ -287,7 +305,9 @@ async def test_a_command_waits_for_a_bridge_that_never_started(
 
 
 async def test_unroutable_command_is_503(empty_vhost: Settings, settings: Settings) -> None:
-    async with gateway(settings.model_copy(update={"amqp_url": empty_vhost.amqp_url})) as client:
+    async with gateway(
+        settings.model_copy(update={"amqp_url": empty_vhost.amqp_url}), as_operator(settings)
+    ) as client:
         # someone deletes the bridge's queue behind the gateway's back
         connection = await aio_pika.connect(empty_vhost.amqp_url)
         async with connection:
@@ -375,7 +395,7 @@ async def test_status_without_temporal_reads_the_table_or_is_503(
     await insert_order(db_sessions, order_id, OrderState.PAID)
 
     async with gateway(
-        settings.model_copy(update={"temporal_address": f"127.0.0.1:{closed_port()}"})
+        settings.model_copy(update={"temporal_address": f"127.0.0.1:{closed_port()}"}), as_operator(settings)
     ) as client:
         known = await client.get(f"/orders/{order_id}")
         unknown = await client.get("/orders/never-placed")
@@ -516,6 +536,13 @@ async def test_openapi_documents_the_gateway(api: httpx.AsyncClient) -> None:
 
     assert docs.status_code == 200
     assert spec["info"]["title"] == "orderflow REST gateway"
-    assert {tag["name"] for tag in spec["tags"]} == {"commands", "orders", "health"}
+    assert {tag["name"] for tag in spec["tags"]} == {"commands", "orders", "health", "codec"}
     assert spec["paths"]["/orders"]["post"]["summary"] == "Place an order"
     assert "202" in spec["paths"]["/orders/{order_id}/cancel"]["post"]["responses"]
+    # the Authorize button, and the roles each operation admits
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert "orderflow token" in spec["components"]["securitySchemes"]["bearer"]["description"]
+    approve = spec["paths"]["/orders/{order_id}/approve"]["post"]
+    assert approve["security"] == [{"bearer": ["operator", "reviewer"]}]
+    assert {"401", "403"} <= approve["responses"].keys()
+    assert "security" not in spec["paths"]["/healthz"]["get"]

@@ -23,14 +23,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 from temporalio.client import Client
 
-from api_support import gateway, unique_id
+from api_support import bearer, gateway, unique_id
 from service_support import consumer_queue, eventually, running
 from services.audit.consumer import run_audit
 from services.stack import check_metrics_ports, free_port, metrics_ports
 from shared import broker
 from shared.admissions import AdmissionStatus
 from shared.consuming import QueueConsumer
-from shared.contracts import EventType, OrderEvent
+from shared.contracts import EventType, OrderEvent, Role
 from shared.db import Admission, AuditEvent, transaction
 from shared.metrics import serve_metrics, temporal_runtime
 from shared.settings import Settings
@@ -69,11 +69,11 @@ async def test_the_gateway_counts_requests_by_route_template_and_serves_them(
     timed_before = sample("orderflow_http_request_duration_seconds_count", **order_route)
     unmatched_before = sample("orderflow_http_requests_total", **unmatched)
 
-    async with gateway(settings) as api:
+    async with gateway(settings, bearer(settings, "olivia", Role.OPERATOR)) as api:
         for _ in range(2):
             assert (await api.get(f"/orders/{unique_id('unknown')}")).status_code == httpx.codes.NOT_FOUND
         assert (await api.get(f"/no-such-path/{unique_id('x')}")).status_code == httpx.codes.NOT_FOUND
-        answer = await api.get("/metrics")
+        answer = await api.get("/metrics", headers={"Authorization": ""})  # open to scrapers
 
     assert answer.status_code == httpx.codes.OK
     assert answer.headers["content-type"].startswith("text/plain")

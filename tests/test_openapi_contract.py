@@ -2,8 +2,10 @@
 
 Schemathesis makes requests from the gateway's document, valid and invalid, one operation after
 another and in linked sequences, and sends them to a gateway process (real broker, database and
-Temporal). Every check it has runs on each answer: documented status codes, headers and bodies,
-valid requests accepted, invalid ones rejected, `Allow` on a 405, no server errors.
+Temporal), as an operator (who may call every operation; test_authorization.py covers the other
+callers). Every check it has runs on each answer: documented status codes, headers and bodies,
+valid requests accepted, invalid ones rejected, `Allow` on a 405, no server errors, and requests
+without the token refused.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ import hypothesis
 import pytest
 import schemathesis
 from pydantic import StringConstraints, TypeAdapter, ValidationError
+from schemathesis import AuthContext
 from schemathesis.config import SchemathesisConfig
+from schemathesis.core.parameters import ParameterLocation
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api_support import gateway_process, own_vhost
+from api_support import bearer, gateway_process, own_vhost
 from services.api.app import create_app
+from shared.contracts import Role
 from shared.json_schema import stripped_text_pattern
 from shared.settings import Settings
 
@@ -58,6 +63,31 @@ request-timeout = 1
 # test checks that the process serves this very document.
 DOCUMENT = create_app(Settings()).openapi()
 schema = schemathesis.openapi.from_dict(DOCUMENT, config=SchemathesisConfig.from_str(STREAM_READING))
+
+
+@schema.auth()
+class OperatorToken:
+    """An operator's `Authorization` (set by the `operator` fixture) in place of the one
+    schemathesis made up; a case whose headers it made invalid keeps them as made, a missing or
+    malformed token among them, to see it refused. (Its own check of that looks at one mutation
+    per case, and a case may have several.)"""
+
+    authorization = ""
+
+    def get(self, case: OpenApiCase, context: AuthContext) -> str:
+        return OperatorToken.authorization
+
+    def set(self, case: OpenApiCase, data: str, context: AuthContext) -> None:
+        headers = case.meta.components.get(ParameterLocation.HEADER) if case.meta else None
+        if headers is None or headers.mode.is_positive:
+            case.headers["Authorization"] = data
+
+
+@pytest.fixture(scope="module")
+def operator(settings: Settings) -> str:
+    """The `Authorization` of an operator, who may call every operation."""
+    OperatorToken.authorization = bearer(settings, "olivia", Role.OPERATOR)["Authorization"]
+    return OperatorToken.authorization
 
 
 @pytest.fixture(scope="module")
@@ -97,15 +127,20 @@ def test_the_gateway_serves_the_document_under_test(gateway_url: str) -> None:
 
 @schema.parametrize()
 @HYPOTHESIS_SETTINGS
-def test_every_operation_keeps_its_documented_contract(case: OpenApiCase, gateway_url: str) -> None:
+def test_every_operation_keeps_its_documented_contract(
+    case: OpenApiCase, gateway_url: str, operator: str
+) -> None:
     case.call_and_validate(base_url=gateway_url)  # every check schemathesis has is on by default
 
 
-def test_linked_operations_keep_their_documented_contract(gateway_url: str, tmp_path: Path) -> None:
+def test_linked_operations_keep_their_documented_contract(
+    gateway_url: str, operator: str, tmp_path: Path
+) -> None:
     """Sequences of requests linked by their data (an order placed, then asked for). Schemathesis's
     CLI runs them: its Python state machine discards every sequence under Hypothesis 6.170."""
     config = tmp_path / "schemathesis.toml"
-    config.write_text(STREAM_READING)
+    token = operator.removeprefix("Bearer ")
+    config.write_text(f'{STREAM_READING}\n[auth.openapi.bearer]\nbearer = "{token}"\n')
     run = subprocess.run(
         [
             str(Path(sys.executable).parent / "schemathesis"),

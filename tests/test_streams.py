@@ -17,16 +17,17 @@ from typing import Any
 from uuid import uuid4
 
 import httpx
+import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from api_support import gateway_process, insert_order, unique_id
+from api_support import bearer, gateway_process, insert_order, unique_id
 from service_support import eventually
 from services.api.schemas import StreamedEvent
 from services.audit.projection import record_event
 from services.cli.watch import StreamedMessage, server_sent_events
-from shared.contracts import EventType, OrderEvent, OrderState
+from shared.contracts import EventType, OrderEvent, OrderState, Role
 from shared.db import AuditEvent, transaction
 from shared.settings import Settings
 
@@ -90,10 +91,16 @@ def carried(message: StreamedMessage) -> StreamedEvent:
     return event
 
 
+@pytest.fixture(scope="module")
+def reviewer(base_settings: Settings) -> dict[str, str]:
+    """Who follows the streams here: a reviewer sees every order (test_authorization.py has the rest)."""
+    return bearer(base_settings, "rita", Role.REVIEWER)
+
+
 @asynccontextmanager
-async def streaming(url: str, **request: Any) -> AsyncIterator[Stream]:
+async def streaming(url: str, caller: dict[str, str], **request: Any) -> AsyncIterator[Stream]:
     async with (
-        httpx.AsyncClient(timeout=httpx.Timeout(READ_TIMEOUT_SECONDS, read=None)) as client,
+        httpx.AsyncClient(headers=caller, timeout=httpx.Timeout(READ_TIMEOUT_SECONDS, read=None)) as client,
         client.stream("GET", url, **request) as response,
     ):
         yield Stream(response)
@@ -129,12 +136,12 @@ async def test_positions_follow_the_order_of_commits(db_sessions: async_sessionm
 
 # --- one order ------------------------------------------------------------------------------------
 async def test_an_order_stream_sends_the_history_then_live_events_and_ends_with_the_order(
-    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession]
+    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession], reviewer: dict[str, str]
 ) -> None:
     order_id = unique_id("stream")
     await store(db_sessions, order_id, (1, R), (2, V))
 
-    async with streaming(f"{gateway_url}/orders/{order_id}/events/stream") as stream:
+    async with streaming(f"{gateway_url}/orders/{order_id}/events/stream", reviewer) as stream:
         assert stream.response.status_code == 200
         assert stream.response.headers["content-type"].startswith("text/event-stream")
         start = await stream.next()
@@ -159,20 +166,20 @@ async def test_an_order_stream_sends_the_history_then_live_events_and_ends_with_
 
 
 async def test_an_order_stream_resumes_right_after_the_last_event_id(
-    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession]
+    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession], reviewer: dict[str, str]
 ) -> None:
     order_id = unique_id("stream")
     await store(db_sessions, order_id, (1, R), (2, V), (3, EventType.COMPLETED))
     url = f"{gateway_url}/orders/{order_id}/events/stream"
-    async with streaming(url) as stream:
+    async with streaming(url, reviewer) as stream:
         first, second, _ = await stream.rest()
 
-    async with streaming(url, headers={"Last-Event-ID": str(first.position)}) as stream:
+    async with streaming(url, reviewer, headers={"Last-Event-ID": str(first.position)}) as stream:
         after_first = await stream.rest()
-    async with streaming(url, params={"last_event_id": second.position}) as stream:
+    async with streaming(url, reviewer, params={"last_event_id": second.position}) as stream:
         after_second = await stream.rest()
     async with streaming(
-        url, headers={"Last-Event-ID": str(second.position)}, params={"last_event_id": 0}
+        url, reviewer, headers={"Last-Event-ID": str(second.position)}, params={"last_event_id": 0}
     ) as stream:
         header_wins = await stream.rest()
 
@@ -181,14 +188,14 @@ async def test_an_order_stream_resumes_right_after_the_last_event_id(
 
 
 async def test_an_ended_order_with_nothing_after_the_last_event_id_is_204(
-    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession]
+    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession], reviewer: dict[str, str]
 ) -> None:
     order_id = unique_id("stream")
     await store(db_sessions, order_id, (1, R), (2, EventType.FAILED))
-    async with streaming(f"{gateway_url}/orders/{order_id}/events/stream") as stream:
+    async with streaming(f"{gateway_url}/orders/{order_id}/events/stream", reviewer) as stream:
         *_, ending = await stream.rest()
 
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(headers=reviewer) as client:
         response = await client.get(
             f"{gateway_url}/orders/{order_id}/events/stream", headers={"Last-Event-ID": str(ending.position)}
         )
@@ -197,8 +204,8 @@ async def test_an_ended_order_with_nothing_after_the_last_event_id_is_204(
     assert response.content == b""
 
 
-async def test_an_order_stream_of_an_unknown_order_is_404(gateway_url: str) -> None:
-    async with httpx.AsyncClient() as client:
+async def test_an_order_stream_of_an_unknown_order_is_404(gateway_url: str, reviewer: dict[str, str]) -> None:
+    async with httpx.AsyncClient(headers=reviewer) as client:
         response = await client.get(f"{gateway_url}/orders/never-placed/events/stream")
 
     assert response.status_code == 404
@@ -206,12 +213,12 @@ async def test_an_order_stream_of_an_unknown_order_is_404(gateway_url: str) -> N
 
 
 async def test_an_order_stream_waits_for_an_order_that_has_no_events_yet(
-    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession]
+    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession], reviewer: dict[str, str]
 ) -> None:
     order_id = unique_id("stream")
     await insert_order(db_sessions, order_id, OrderState.QUEUED)
 
-    async with streaming(f"{gateway_url}/orders/{order_id}/events/stream") as stream:
+    async with streaming(f"{gateway_url}/orders/{order_id}/events/stream", reviewer) as stream:
         await stream.next()  # its starting point: the stream is open
         await store(db_sessions, order_id, (1, EventType.QUEUED))
         [queued] = await stream.events(1)
@@ -221,12 +228,12 @@ async def test_an_order_stream_waits_for_an_order_that_has_no_events_yet(
 
 # --- every order ----------------------------------------------------------------------------------
 async def test_the_stream_of_every_order_starts_now_and_follows_them_all(
-    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession]
+    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession], reviewer: dict[str, str]
 ) -> None:
     one, other = unique_id("all"), unique_id("all")
     await store(db_sessions, one, (1, R))  # before the stream: not sent
 
-    async with streaming(f"{gateway_url}/events/stream") as stream:
+    async with streaming(f"{gateway_url}/events/stream", reviewer) as stream:
         start = await stream.next()
         newest = await newest_position(db_sessions)
         await store(db_sessions, one, (2, V))
@@ -238,18 +245,19 @@ async def test_the_stream_of_every_order_starts_now_and_follows_them_all(
 
 
 async def test_the_stream_of_every_order_resumes_exactly_and_ends_at_its_limit(
-    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession]
+    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession], reviewer: dict[str, str]
 ) -> None:
     order_id = unique_id("all")
     before = await newest_position(db_sessions)
     await store(db_sessions, order_id, (1, R), (2, V), (3, A))
 
     async with streaming(
-        f"{gateway_url}/events/stream", params={"last_event_id": before, "limit": 2}
+        f"{gateway_url}/events/stream", reviewer, params={"last_event_id": before, "limit": 2}
     ) as stream:
         first_two = await stream.rest()
     async with streaming(
         f"{gateway_url}/events/stream",
+        reviewer,
         headers={"Last-Event-ID": str(first_two[-1].position)},
         params={"limit": 1},
     ) as stream:
@@ -260,9 +268,9 @@ async def test_the_stream_of_every_order_resumes_exactly_and_ends_at_its_limit(
     assert third[0].order_id == order_id
 
 
-async def test_a_quiet_stream_ends_at_its_timeout(gateway_url: str) -> None:
+async def test_a_quiet_stream_ends_at_its_timeout(gateway_url: str, reviewer: dict[str, str]) -> None:
     started = time.monotonic()
-    async with streaming(f"{gateway_url}/events/stream", params={"timeout": 1}) as stream:
+    async with streaming(f"{gateway_url}/events/stream", reviewer, params={"timeout": 1}) as stream:
         events = await stream.rest()
 
     assert events == []
@@ -271,11 +279,14 @@ async def test_a_quiet_stream_ends_at_its_timeout(gateway_url: str) -> None:
 
 # --- the client and the server leaving ------------------------------------------------------------
 async def test_a_client_that_leaves_is_let_go(
-    base_settings: Settings, db_sessions: async_sessionmaker[AsyncSession], tmp_path: Path
+    base_settings: Settings,
+    db_sessions: async_sessionmaker[AsyncSession],
+    tmp_path: Path,
+    reviewer: dict[str, str],
 ) -> None:
     log = tmp_path / "gateway.log"
     with gateway_process(base_settings, log) as url:
-        async with streaming(f"{url}/events/stream") as stream:
+        async with streaming(f"{url}/events/stream", reviewer) as stream:
             await stream.next()  # open, and waiting for events
 
         async def let_go() -> bool:
@@ -285,14 +296,17 @@ async def test_a_client_that_leaves_is_let_go(
 
 
 async def test_a_stopping_gateway_ends_its_streams_at_once(
-    base_settings: Settings, db_sessions: async_sessionmaker[AsyncSession], tmp_path: Path
+    base_settings: Settings,
+    db_sessions: async_sessionmaker[AsyncSession],
+    tmp_path: Path,
+    reviewer: dict[str, str],
 ) -> None:
     order_id = unique_id("stop")
     await store(db_sessions, order_id, (1, R))
 
     with ExitStack() as gateway:
         url = gateway.enter_context(gateway_process(base_settings, tmp_path / "gateway.log"))
-        async with streaming(f"{url}/orders/{order_id}/events/stream") as stream:
+        async with streaming(f"{url}/orders/{order_id}/events/stream", reviewer) as stream:
             await stream.next()  # open
             stopping = time.monotonic()
             await asyncio.to_thread(gateway.close)  # SIGTERM, then wait until the gateway has exited

@@ -8,7 +8,8 @@ from functools import partial
 
 from fastapi import FastAPI, status
 
-from services.api import commands, dashboard, health, orders, streams, telemetry
+from services.api import codec, commands, dashboard, health, orders, streams, telemetry
+from services.api.auth import TokenVerifier
 from services.api.connections import Connections, DependencyUnavailable
 from services.api.errors import backlog_full, dependency_unavailable, method_not_allowed
 from services.api.openapi import openapi_document
@@ -27,6 +28,14 @@ command's effect is asynchronous: follow the order with `GET /orders/{order_id}`
 
 **Queries** (`GET`) read the order's workflow (live status) and the orders and audit tables.
 
+**Authorization**: every operation but the health probes needs an OAuth2 bearer token (a JWT access
+token of the configured issuer: `Authorization: Bearer <token>`; under `make run`, `orderflow token
+--role reviewer --subject rita` prints one; **Authorize** above takes it). Each operation lists the
+roles it admits. A customer places orders and reads, cancels and re-addresses its own (another's
+order is unknown to it: `404`); a reviewer reads every order, approves (never one it placed) and
+cancels orders in review; an operator does everything. No or a bad token: `401`; a token without
+the role: `403`.
+
 **Errors** answer `{"detail": "<what went wrong>"}`, except a `422`, whose `detail` lists the
 invalid fields (`loc`, `msg`, `type`). Each operation documents the errors it can answer with.
 """
@@ -34,6 +43,7 @@ TAGS = [
     {"name": "commands", "description": "Publish commands; answered once the broker confirmed them."},
     {"name": "orders", "description": "An order's status, its history, and the list of orders."},
     {"name": "health", "description": "Liveness and readiness probes."},
+    {"name": "codec", "description": "Temporal's remote codec for its UI and CLI (operators only)."},
 ]
 
 
@@ -55,7 +65,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(streams.router)
     app.include_router(dashboard.router)
     app.include_router(telemetry.router)
+    app.include_router(codec.router)
     app.add_middleware(telemetry.HttpMetrics)
+    app.add_middleware(codec.CodecCors, origins=settings.codec_cors_origins)
     app.add_exception_handler(DependencyUnavailable, dependency_unavailable)
     app.add_exception_handler(BacklogFull, backlog_full)
     app.add_exception_handler(status.HTTP_405_METHOD_NOT_ALLOWED, method_not_allowed)
@@ -64,7 +76,9 @@ def create_app(settings: Settings) -> FastAPI:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Open the broker channel, database engine and Temporal client once; close them at shutdown."""
+    """Trust the configured token issuers; open the broker channel, database engine and Temporal
+    client once; close them at shutdown."""
+    app.state.token_verifier = TokenVerifier.from_settings(app.state.settings)
     app.state.connections = await Connections.open(app.state.settings)
     try:
         yield

@@ -1,7 +1,9 @@
 """Command endpoints: each builds one contract command and publishes it to `orders.commands`.
 
 A 202 means RabbitMQ confirmed the command (publisher confirms, mandatory routing); anything less is
-a 503 and nothing was published, so a client may retry, ideally with the same command id.
+a 503 and nothing was published, so a client may retry, ideally with the same command id. Each
+command carries its caller as `issued_by` (from the bearer token), which the bridge and the workflow
+authorize again against the order.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ from typing import Annotated, Any, TypeVar
 from uuid import UUID, uuid4, uuid5
 
 from fastapi import APIRouter, Header, HTTPException, Request, status
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.api.dependencies import OrderIdPath, PublisherDep
+from services.api import read_model
+from services.api.auth import AUTH_RESPONSES, Approver, Canceller, Placer, Readdresser
+from services.api.dependencies import OrderIdPath, PublisherDep, SessionDep
 from services.api.errors import UNREADABLE_BODY, Responses, documented_error
 from services.api.publishing import CommandPublisher
 from services.api.schemas import (
@@ -23,12 +28,15 @@ from services.api.schemas import (
     PlaceOrderRequest,
     UpdateAddressRequest,
 )
+from shared.authorization import refusal
 from shared.contracts import (
+    Actor,
     ApproveOrder,
     ApproveOrderPayload,
     CancelOrder,
     CancelOrderPayload,
     Command,
+    CommandType,
     Model,
     PlaceOrder,
     PlaceOrderPayload,
@@ -54,12 +62,20 @@ IdempotencyKey = Annotated[
 ]
 COMMAND_RESPONSES: Responses = {
     **UNREADABLE_BODY,
+    **AUTH_RESPONSES,
     status.HTTP_409_CONFLICT: documented_error(
         "`command_id` and the `Idempotency-Key` header name different commands: send one of them "
         "(or both naming the same command)."
     ),
     status.HTTP_503_SERVICE_UNAVAILABLE: documented_error(
         "The broker did not confirm the command; retry, with the same command id.", retry_after=True
+    ),
+}
+ORDER_COMMAND_RESPONSES: Responses = {
+    **COMMAND_RESPONSES,
+    status.HTTP_403_FORBIDDEN: documented_error(
+        "The token holds none of the roles this needs, or the order is known and its caller may "
+        "not steer it: nobody approves an order they placed, a customer steers only its own orders."
     ),
 }
 PLACE_RESPONSES: Responses = {
@@ -82,11 +98,15 @@ PLACE_RESPONSES: Responses = {
     responses=PLACE_RESPONSES,
 )
 async def place_order(
-    body: PlaceOrderRequest, request: Request, publisher: PublisherDep, idempotency_key: IdempotencyKey = None
+    actor: Placer,
+    body: PlaceOrderRequest,
+    request: Request,
+    publisher: PublisherDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> CommandAccepted:
     order_id = body.order_id or f"ord-{uuid4().hex}"
     command = PlaceOrder(
-        **envelope(order_id, body, idempotency_key), payload=payload_of(body, PlaceOrderPayload)
+        **envelope(order_id, body, idempotency_key, actor), payload=payload_of(body, PlaceOrderPayload)
     )
     return await accept(command, publisher, request)
 
@@ -95,19 +115,23 @@ async def place_order(
     "/{order_id}/approve",
     status_code=status.HTTP_202_ACCEPTED,
     summary="Approve an order waiting in manual review",
-    description="Publishes an `ApproveOrder` command (routing key `order.approve`).",
-    responses=COMMAND_RESPONSES,
+    description="Publishes an `ApproveOrder` command (routing key `order.approve`). The approver is "
+    "the token's subject, who must not be the order's placer (four eyes).",
+    responses=ORDER_COMMAND_RESPONSES,
 )
 async def approve_order(
+    actor: Approver,
     order_id: OrderIdPath,
     request: Request,
     publisher: PublisherDep,
+    session: SessionDep,
     body: ApproveOrderRequest | None = None,
     idempotency_key: IdempotencyKey = None,
 ) -> CommandAccepted:
+    await refuse_early(session, CommandType.APPROVE, actor, order_id)
     body = body or ApproveOrderRequest()  # the body is optional: nothing to say but "approved"
     command = ApproveOrder(
-        **envelope(order_id, body, idempotency_key), payload=payload_of(body, ApproveOrderPayload)
+        **envelope(order_id, body, idempotency_key, actor), payload=payload_of(body, ApproveOrderPayload)
     )
     return await accept(command, publisher, request)
 
@@ -116,19 +140,23 @@ async def approve_order(
     "/{order_id}/cancel",
     status_code=status.HTTP_202_ACCEPTED,
     summary="Cancel an order (until dispatch; refunds if it was paid)",
-    description="Publishes a `CancelOrder` command (routing key `order.cancel`).",
-    responses=COMMAND_RESPONSES,
+    description="Publishes a `CancelOrder` command (routing key `order.cancel`): by the order's "
+    "placer, an operator, or a reviewer while the order is in review.",
+    responses=ORDER_COMMAND_RESPONSES,
 )
 async def cancel_order(
+    actor: Canceller,
     order_id: OrderIdPath,
     request: Request,
     publisher: PublisherDep,
+    session: SessionDep,
     body: CancelOrderRequest | None = None,
     idempotency_key: IdempotencyKey = None,
 ) -> CommandAccepted:
+    await refuse_early(session, CommandType.CANCEL, actor, order_id)
     body = body or CancelOrderRequest()  # the body is optional: a reason is not required
     command = CancelOrder(
-        **envelope(order_id, body, idempotency_key), payload=payload_of(body, CancelOrderPayload)
+        **envelope(order_id, body, idempotency_key, actor), payload=payload_of(body, CancelOrderPayload)
     )
     return await accept(command, publisher, request)
 
@@ -137,29 +165,48 @@ async def cancel_order(
     "/{order_id}/address",
     status_code=status.HTTP_202_ACCEPTED,
     summary="Change an order's shipping address (until dispatch)",
-    description="Publishes an `UpdateAddress` command (routing key `order.update_address`).",
-    responses=COMMAND_RESPONSES,
+    description="Publishes an `UpdateAddress` command (routing key `order.update_address`): by the "
+    "order's placer or an operator.",
+    responses=ORDER_COMMAND_RESPONSES,
 )
 async def update_address(
+    actor: Readdresser,
     order_id: OrderIdPath,
     body: UpdateAddressRequest,
     request: Request,
     publisher: PublisherDep,
+    session: SessionDep,
     idempotency_key: IdempotencyKey = None,
 ) -> CommandAccepted:
+    await refuse_early(session, CommandType.UPDATE_ADDRESS, actor, order_id)
     command = UpdateAddress(
-        **envelope(order_id, body, idempotency_key), payload=payload_of(body, UpdateAddressPayload)
+        **envelope(order_id, body, idempotency_key, actor), payload=payload_of(body, UpdateAddressPayload)
     )
     return await accept(command, publisher, request)
 
 
-def envelope(order_id: str, body: CommandOptions, idempotency_key: str | None) -> dict[str, Any]:
-    """The fields every command shares, from the request and the time it arrived."""
+async def refuse_early(session: AsyncSession, command_type: CommandType, actor: Actor, order_id: str) -> None:
+    """403 at once where the orders table already names the order's placer (four eyes; a customer
+    steers only its own orders). Whether it is in review is left to the workflow: the table may lag
+    behind it. An order the table lacks yet is decided by the bridge or the workflow."""
+    order = await read_model.find_order(session, order_id)
+    if order is None:
+        return
+    reason = refusal(command_type, actor, order.placed_by, in_review=True)
+    if reason is not None:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail=reason)
+
+
+def envelope(
+    order_id: str, body: CommandOptions, idempotency_key: str | None, actor: Actor
+) -> dict[str, Any]:
+    """The fields every command shares, from the request, its caller and the time it arrived."""
     return {
         "command_id": resolve_command_id(body.command_id, idempotency_key),
         "order_id": order_id,
         "issued_at": datetime.now(UTC),
         "correlation_id": body.correlation_id,
+        "issued_by": actor,
     }
 
 

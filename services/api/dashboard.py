@@ -3,20 +3,23 @@ it shows (`GET /stats`).
 
 The page lists orders (`GET /orders`), shows an order's status and timeline (`GET /orders/{id}`,
 its event stream) and steers it (the command endpoints); it follows every order through
-`/events/stream`, so it needs nothing but the gateway's public API.
+`/events/stream`, so it needs nothing but the gateway's public API. The page itself is open: it is
+also the sign-in page, holds no data, and sends the bearer token it signs in with on every request.
 """
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
+from services.api.auth import AUTH_RESPONSES, Overseer
 from services.api.dependencies import SessionDep
 from services.api.schemas import AdmissionLoad, MinuteCount, Stats
 from services.api.streams import newest_position
@@ -25,6 +28,19 @@ from shared.contracts import OrderState
 from shared.db import Admission, Order
 
 STATIC_DIR = Path(__file__).parent / "static"
+DASHBOARD_PAGE = (STATIC_DIR / "dashboard.html").read_text()
+# its own script and style sheet only, requests to this gateway only, never in a frame, no form
+# that submits anywhere: an injected script or a clickjacking page gets nowhere
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+PAGE_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
 THROUGHPUT_MINUTES = 10
 
 router = APIRouter()
@@ -32,8 +48,10 @@ router.mount("/dashboard/static", StaticFiles(directory=STATIC_DIR), name="dashb
 
 
 @router.get("/dashboard", include_in_schema=False)
-async def dashboard() -> FileResponse:
-    return FileResponse(STATIC_DIR / "dashboard.html")
+async def dashboard(request: Request) -> HTMLResponse:
+    """The page, told which claim holds the roles (it shows them; the gateway decides)."""
+    roles_claim = html.escape(request.app.state.settings.auth_roles_claim)
+    return HTMLResponse(DASHBOARD_PAGE.replace("{{roles_claim}}", roles_claim), headers=PAGE_HEADERS)
 
 
 @router.get(
@@ -41,9 +59,10 @@ async def dashboard() -> FileResponse:
     tags=["orders"],
     summary="Orders per state, admission load and throughput",
     description="From the orders and admissions tables, read at one instant; `position` says which "
-    "events they include.",
+    "events they include. For reviewers and operators.",
+    responses=AUTH_RESPONSES,
 )
-async def stats(request: Request, session: SessionDep) -> Stats:
+async def stats(_: Overseer, request: Request, session: SessionDep) -> Stats:
     # one snapshot: the figures and `position` agree
     await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
     counts = await orders_per_state(session)

@@ -38,6 +38,13 @@ def documented_error(description: str, *, retry_after: bool = False) -> dict[str
     return response
 
 
+def json_error(description: str) -> dict[str, Any]:
+    """An `ErrorMessage` answer documented as JSON whatever the operation's own media type (an event
+    stream's errors are JSON too); the schema is there because `documented_error` puts it there."""
+    schema = {"$ref": "#/components/schemas/ErrorMessage"}
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
 # FastAPI answers a JSON syntax error with a 422, but a body it cannot even decode with a 400
 UNREADABLE_BODY: Responses = {
     status.HTTP_400_BAD_REQUEST: documented_error(

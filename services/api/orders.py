@@ -1,4 +1,8 @@
-"""Order queries: live status (workflow first, then the orders table), history, and the list."""
+"""Order queries: live status (workflow first, then the orders table), history, and the list.
+
+A reviewer or operator reads every order; a customer only those it placed, and another's order is
+unknown to it (404), as if it did not exist.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from temporalio.common import QueryRejectCondition
 from temporalio.service import RPCError, RPCStatusCode
 
 from services.api import read_model
+from services.api.auth import AUTH_RESPONSES, AnyRole, may_read, sees_every_order
 from services.api.connections import Connections, DependencyUnavailable, describe
 from services.api.dependencies import ConnectionsDep, OrderIdPath, SessionDep
 from services.api.errors import Responses, documented_error
@@ -38,9 +43,11 @@ MAX_PAGE_SIZE = 200
 STATUS_QUERY_TIMEOUT = timedelta(seconds=2)
 
 log = structlog.get_logger(__name__)
-router = APIRouter(prefix="/orders", tags=["orders"])
+router = APIRouter(prefix="/orders", tags=["orders"], responses=AUTH_RESPONSES)
 NOT_FOUND: Responses = {
-    status.HTTP_404_NOT_FOUND: documented_error("Neither Temporal nor the orders table knows the order.")
+    status.HTTP_404_NOT_FOUND: documented_error(
+        "Neither Temporal nor the orders table knows the order (or, to a customer, it is another's)."
+    )
 }
 
 
@@ -57,7 +64,7 @@ NOT_FOUND: Responses = {
     },
 )
 async def order_status(
-    order_id: OrderIdPath, connections: ConnectionsDep, session: SessionDep
+    actor: AnyRole, order_id: OrderIdPath, connections: ConnectionsDep, session: SessionDep
 ) -> OrderStatusView:
     try:
         live = await query_workflow_status(connections, order_id)
@@ -65,8 +72,12 @@ async def order_status(
         log.info(
             "workflow did not answer, reading the orders table", order_id=order_id, reason=no_answer.reason
         )
-        return await status_from_read_model(session, order_id, no_answer)
-    return OrderStatusView.model_validate({**live.model_dump(), "source": StatusSource.WORKFLOW})
+        view = await status_from_read_model(session, order_id, no_answer)
+    else:
+        view = OrderStatusView.model_validate({**live.model_dump(), "source": StatusSource.WORKFLOW})
+    if not may_read(actor, view.placed_by):
+        raise unknown_order(order_id)
+    return view
 
 
 @router.get(
@@ -75,7 +86,9 @@ async def order_status(
     description="Every event of the order from the audit table, in `seq` order.",
     responses=NOT_FOUND,
 )
-async def order_history(order_id: OrderIdPath, session: SessionDep) -> OrderHistory:
+async def order_history(actor: AnyRole, order_id: OrderIdPath, session: SessionDep) -> OrderHistory:
+    if not await read_model.readable_by(session, actor, order_id):
+        raise unknown_order(order_id)
     rows = await read_model.order_events(session, order_id)
     if not rows and await read_model.find_order(session, order_id) is None:
         raise unknown_order(order_id)
@@ -84,8 +97,13 @@ async def order_history(order_id: OrderIdPath, session: SessionDep) -> OrderHist
     )
 
 
-@router.get("", summary="List orders, newest first", description="From the orders table (the read model).")
+@router.get(
+    "",
+    summary="List orders, newest first",
+    description="From the orders table (the read model): every order, or to a customer its own.",
+)
 async def list_orders(
+    actor: AnyRole,
     session: SessionDep,
     state: Annotated[OrderState | None, Query(description="Only orders in this state.")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="Page size.")] = DEFAULT_PAGE_SIZE,
@@ -95,7 +113,8 @@ async def list_orders(
     ] = None,
 ) -> OrderPage:
     after = Cursor.decode(cursor) if cursor else None
-    orders, next_cursor = await read_model.list_orders(session, state, limit, after)
+    placed_by = None if sees_every_order(actor) else actor.subject
+    orders, next_cursor = await read_model.list_orders(session, state, limit, after, placed_by)
     return OrderPage(
         items=[summary_from_row(order) for order in orders],
         next_cursor=next_cursor.encode() if next_cursor else None,
@@ -180,6 +199,8 @@ def status_from_row(order: Order) -> OrderStatusView:
             "amount_cents": order.amount_cents,
             "reason": order.reason,
             "tracking_number": order.tracking_number,
+            "placed_by": order.placed_by,
+            "approved_by": order.approved_by,
             "started_at": order.created_at,
             "updated_at": order.updated_at,
             "finished_at": order.updated_at if state.is_terminal else None,

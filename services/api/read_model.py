@@ -9,7 +9,8 @@ from sqlalchemy import and_, or_
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
-from shared.contracts import OrderState
+from services.api.auth import may_read, sees_every_order
+from shared.contracts import Actor, OrderState
 from shared.db import AuditEvent, Order
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -40,12 +41,28 @@ async def find_order(session: AsyncSession, order_id: str) -> Order | None:
     return await session.get(Order, order_id)
 
 
+async def readable_by(session: AsyncSession, actor: Actor, order_id: str) -> bool:
+    """Whether `actor` may read the order: a reviewer or operator any, a customer one the orders
+    table says it placed."""
+    if sees_every_order(actor):
+        return True
+    order = await find_order(session, order_id)
+    return order is not None and may_read(actor, order.placed_by)
+
+
 async def list_orders(
-    session: AsyncSession, state: OrderState | None, limit: int, after: Cursor | None
+    session: AsyncSession,
+    state: OrderState | None,
+    limit: int,
+    after: Cursor | None,
+    placed_by: str | None = None,
 ) -> tuple[list[Order], Cursor | None]:
-    """One page, newest first (the order of the `ix_orders_created_at` index), and the next cursor."""
+    """One page, newest first (the order of the `ix_orders_created_at` index), and the next cursor;
+    only the orders `placed_by` placed, when it is given."""
     created_at, order_id = col(Order.created_at), col(Order.id)
     query = select(Order).order_by(created_at.desc(), order_id).limit(limit + 1)
+    if placed_by is not None:
+        query = query.where(Order.placed_by == placed_by)
     if state is not None:
         query = query.where(Order.state == state.value)
     if after is not None:

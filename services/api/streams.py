@@ -45,8 +45,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
+from services.api import read_model
+from services.api.auth import AUTH_RESPONSES, AnyRole, Overseer
 from services.api.dependencies import ConnectionsDep, OrderIdPath
-from services.api.errors import Responses
+from services.api.errors import Responses, json_error
 from services.api.schemas import StreamedEvent
 from shared.contracts import TERMINAL_EVENTS
 from shared.db import AuditEvent, Order
@@ -258,13 +260,14 @@ class OrderStream:
 
 
 async def order_stream_start(
-    order_id: OrderIdPath, connections: ConnectionsDep, after: ResumeDep
+    actor: AnyRole, order_id: OrderIdPath, connections: ConnectionsDep, after: ResumeDep
 ) -> OrderStream:
-    """Where the order's stream starts; answers 404 for an unknown order and 204 for an ended one
-    with nothing after the resume point, before any stream begins."""
+    """Where the order's stream starts; answers 404 for an unknown order (to a customer, one it did
+    not place) and 204 for an ended one with nothing after the resume point, before any stream begins."""
     start = after or 0
     async with connections.sessions() as session:
-        if not await order_is_known(session, order_id):
+        known = await order_is_known(session, order_id)
+        if not known or not await read_model.readable_by(session, actor, order_id):
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND,
                 detail=f"order {order_id!r} is unknown: no events and no row in the orders table",
@@ -277,14 +280,14 @@ async def order_stream_start(
 
 
 ORDER_STREAM_RESPONSES: Responses = {
+    **AUTH_RESPONSES,
     status.HTTP_204_NO_CONTENT: {
         "description": "The order has ended and nothing of it comes after `Last-Event-ID`: there is "
         "nothing more to stream (an `EventSource` stops reconnecting)."
     },
-    status.HTTP_404_NOT_FOUND: {
-        "description": "Neither the audit table nor the orders table knows the order.",
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorMessage"}}},
-    },
+    status.HTTP_404_NOT_FOUND: json_error(
+        "Neither the audit table nor the orders table knows the order (or, to a customer, it is another's)."
+    ),
 }
 
 
@@ -336,8 +339,10 @@ async def order_event_stream(
     ),
     response_class=EventSourceResponse,
     response_description="Every order's events.",
+    responses=AUTH_RESPONSES,
 )
 async def event_stream(
+    _: Overseer,
     feed: FeedDep,
     connections: ConnectionsDep,
     after: ResumeDep,
