@@ -42,6 +42,8 @@ lock: | $(BIN)/python
 	for lock in $(DEV_LOCK) $(RUNTIME_LOCK); do $(BIN)/python requirements/fingerprint.py >> $$lock; done
 
 ## Temporal dev server (UI on :8233), migrations, API (:8000), bridge, workers, audit; Ctrl-C stops all.
+## The gateway trusts a local development issuer whose key is made in .run/ on first start
+## (`orderflow token --role reviewer --subject rita` prints a token).
 run: install
 	$(BIN)/python -m services.stack
 

@@ -15,22 +15,27 @@ first, counting up from there for the others.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 from urllib.parse import quote
 
+from pydantic import SecretStr
+from pydantic_core import to_jsonable_python
 from sqlalchemy.engine import make_url
 
-from shared import schema
+from shared import broker_users, connection_security, local_issuer, schema
+from shared.codec import ensure_keys_file
+from shared.contracts import Role
 from shared.logging import settings_or_exit
 from shared.settings import Settings
 
@@ -38,6 +43,10 @@ SERVICES = ("api", "bridge", "workers", "audit")
 INSTANCE_SEPARATOR = "-"
 TEMPORAL_BINARY = Path(sys.executable).parent / "temporal"
 STOP_GRACE_SECONDS = 10.0
+RUN_DIR = Path(".run")  # `make run`'s data and local keys, outside git
+LOCAL_PAYLOAD_KEYS_FILE = "payload-keys"
+LOCAL_PAYLOAD_KEY_ID = "local-1"
+LOCAL_DEFAULT_BROKER_USER = "guest"
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,7 @@ class TemporalDevServer:
     ui_port: int = 8233
     db_file: Path | None = None  # None: in memory
     ui: bool = True
+    codec_endpoint: str | None = None  # where its UI has payloads decrypted (the gateway's /codec)
 
     def command(self) -> list[str]:
         args = [
@@ -72,7 +82,12 @@ class TemporalDevServer:
             args += ["--db-filename", str(self.db_file)]
         if not self.ui:
             args.append("--headless")
+        if self.codec_endpoint is not None:
+            args += ["--ui-codec-endpoint", self.codec_endpoint]
         return args
+
+    def ui_origins(self) -> list[str]:
+        return [f"http://{host}:{self.ui_port}" for host in ("127.0.0.1", "localhost")]
 
 
 def instance_count(settings: Settings, service: str) -> int:
@@ -132,9 +147,24 @@ def instance_environment(env: dict[str, str], service: str, metrics_port: int) -
 def service_environment(settings: Settings) -> dict[str, str]:
     """The settings as ORDERFLOW_* variables, so every child process sees the same configuration."""
     env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        env[f"ORDERFLOW_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if value is None:  # unset: the child reads its default, None
+            env.pop(f"ORDERFLOW_{name.upper()}", None)
+        else:
+            env[f"ORDERFLOW_{name.upper()}"] = environment_value(value)
     return env
+
+
+def environment_value(value: object) -> str:
+    """A setting's value as pydantic-settings reads it back: lists and mappings as JSON."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str | int | float | Path):
+        return str(value)
+    return json.dumps(to_jsonable_python(value))
 
 
 class Stack:
@@ -275,13 +305,19 @@ async def running_stack(
     log: IO[str],
     services: tuple[str, ...] = SERVICES,
     code: Path | None = None,
+    accounts: Mapping[str, Mapping[str, str]] | None = None,
 ) -> AsyncIterator[Stack]:
     """Migrate, start Temporal (unless `temporal` is None: then `settings` names a running one)
     and the services; stop them all, services first, when the block ends. `code`: a checkout
-    the services run from instead of this one (the bench runs two revisions at once)."""
+    the services run from instead of this one (the bench runs two revisions at once). `accounts`:
+    each service's own broker user (ORDERFLOW_AMQP_* variables), as `make run` gives them."""
     check_metrics_ports(settings, services)
-    await schema.ensure_database(settings.database_url)
-    await asyncio.to_thread(schema.upgrade, settings.database_url)
+    database_url, database_ssl = (
+        connection_security.database_url(settings),
+        connection_security.postgres_ssl(settings),
+    )
+    await schema.ensure_database(database_url, database_ssl)
+    await asyncio.to_thread(schema.upgrade, database_url, database_ssl)
     async with AsyncExitStack() as exits:
         stack = Stack(log)
         exits.push_async_callback(stack.close)
@@ -296,7 +332,10 @@ async def running_stack(
             names = instance_names(service, instance_count(settings, service))
             for name, metrics_port in zip(names, metrics_ports(settings, service), strict=True):
                 command = [sys.executable, "-m", f"services.{service}"]
-                await stack.start(name, command, instance_environment(env, service, metrics_port))
+                own = instance_environment(env, service, metrics_port) | dict(
+                    (accounts or {}).get(service, {})
+                )
+                await stack.start(name, command, own)
         if "api" in services:
             await wait_for_port(settings.api_port)
         yield stack
@@ -310,25 +349,41 @@ def for_a_person(settings: Settings) -> Settings:
     return settings.model_copy(update={"log_json": False})
 
 
+def sign_in_help(settings: Settings) -> str:
+    """How to get a token, for the banner (the gateway accepts nothing without one)."""
+    if not settings.auth_local_issuer:
+        return f"  Sign in     with a token from {settings.auth_issuer or 'your issuer'}\n"
+    return (
+        "  Sign in     orderflow token --role reviewer --subject rita         a token for the CLI "
+        "(--token, ORDERFLOW_TOKEN or `orderflow login`)\n"
+        "              orderflow token --role reviewer --subject rita --link  a dashboard sign-in link\n"
+    )
+
+
 async def run_until_interrupted(settings: Settings, run_dir: Path) -> int:
     """`make run`: the dev server listens where ORDERFLOW_TEMPORAL_ADDRESS says (its UI 1000 ports
     higher, 8233 by default) and keeps its data in `run_dir`, so orders survive a restart."""
     port = int(settings.temporal_address.rsplit(":", 1)[1])
-    temporal = TemporalDevServer(port=port, ui_port=port + 1000, db_file=run_dir / "temporal.db")
+    codec_endpoint = f"{settings.api_url}/codec"
+    temporal = TemporalDevServer(port, port + 1000, run_dir / "temporal.db", codec_endpoint=codec_endpoint)
+    if "codec_cors_origins" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"codec_cors_origins": temporal.ui_origins()})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with running_stack(settings, temporal=temporal, log=sys.stdout) as stack:
+    settings, accounts = await with_broker_accounts(settings, run_dir)
+    async with running_stack(settings, temporal=temporal, log=sys.stdout, accounts=accounts) as stack:
         print(
             "\norderflow is running:\n"
             f"  Dashboard   {settings.api_url}/dashboard\n"
             f"  API docs    {settings.api_url}/docs\n"
             f"  Metrics     {settings.api_url}/metrics and {metrics_urls(settings)}\n"
-            f"  Temporal UI http://127.0.0.1:{temporal.ui_port}\n"
+            f"  Temporal UI http://127.0.0.1:{temporal.ui_port}  (payloads encrypted: docs/security.md)\n"
             f"  RabbitMQ    {settings.amqp_url.rsplit('@', 1)[-1]}"
             "  (exchanges orders.commands, orders.events)\n"
             f"  Processes   {', '.join(name for name in stack.pids() if name != 'temporal')}\n"
+            f"{sign_in_help(settings)}"
             "  Ctrl-C stops everything.\n",
             flush=True,
         )
@@ -343,13 +398,73 @@ async def run_until_interrupted(settings: Settings, run_dir: Path) -> int:
     return 0
 
 
+def with_local_issuer(settings: Settings) -> Settings:
+    """`make run`'s identity: the local development issuer, its key created on first start (mode
+    0600, in .run/), unless ORDERFLOW_AUTH_LOCAL_ISSUER=false; the services are told explicitly."""
+    if not local_issuer.under_make_run(settings):
+        return settings
+    key_file = settings.auth_local_issuer_key_file.resolve()
+    local_issuer.ensure_key(key_file)
+    return settings.model_copy(update={"auth_local_issuer": True, "auth_local_issuer_key_file": key_file})
+
+
+def local_payload_keys(run_dir: Path) -> Path:
+    """The local payload keys file, `run_dir`/payload-keys (mode 0600), made with one key on first use."""
+    keys_file = (run_dir / LOCAL_PAYLOAD_KEYS_FILE).resolve()
+    ensure_keys_file(keys_file, LOCAL_PAYLOAD_KEY_ID)
+    return keys_file
+
+
+def with_payload_keys(settings: Settings, run_dir: Path) -> Settings:
+    """`make run`'s payload keys: the local file, unless ORDERFLOW_PAYLOAD_KEYS or
+    ORDERFLOW_PAYLOAD_KEYS_FILE names keys; the services are told the file."""
+    if settings.payload_keys.get_secret_value() or settings.payload_keys_file is not None:
+        return settings
+    return settings.model_copy(update={"payload_keys_file": local_payload_keys(run_dir)})
+
+
+async def with_broker_accounts(
+    settings: Settings, run_dir: Path
+) -> tuple[Settings, dict[str, dict[str, str]]]:
+    """`make run`'s broker users: one per service, with only the permissions it needs, their
+    passwords in `run_dir` (0600); the gateway's is a delegate (it names the token's subject as a
+    command's issuer). Without rabbitmqctl one line says so and every service uses amqp_url's user."""
+    try:
+        accounts = await broker_users.set_up_accounts(settings, run_dir)
+    except broker_users.CannotCreateUsers as error:
+        print(
+            f"one broker user for every service ({error}): run `make run` where rabbitmqctl works (as "
+            "root on the broker's host) for a user per service, or see docs/security.md",
+            file=sys.stderr,
+        )
+        return settings, {}
+    gateway = broker_users.USER_PREFIX + broker_users.ACCOUNT_OF_SERVICE["api"]
+    return settings.model_copy(update={"amqp_delegates": [*settings.amqp_delegates, gateway]}), accounts
+
+
+def with_local_publishers(settings: Settings) -> Settings:
+    """`make run`'s AMQP publishers, unless configured: the local default account keeps every role
+    (so existing AMQP clients keep working, with `user_id` set) and, like the operator's account
+    (whose dead-letter replays keep their commands' issuers), may name a command's issuer."""
+    if "amqp_publisher_roles" in settings.model_fields_set:
+        return settings
+    operator = broker_users.USER_PREFIX + "operator"
+    return settings.model_copy(
+        update={
+            "amqp_publisher_roles": {LOCAL_DEFAULT_BROKER_USER: list(Role), operator: [Role.OPERATOR]},
+            "amqp_delegates": [*settings.amqp_delegates, LOCAL_DEFAULT_BROKER_USER, operator],
+        }
+    )
+
+
 def main() -> int:
     """`make run`, with its data in .run/. Logs are readable lines unless ORDERFLOW_LOG_JSON says
     otherwise."""
-    settings = for_a_person(settings_or_exit("stack"))
-    run_dir = Path(".run")
-    run_dir.mkdir(exist_ok=True)
-    return asyncio.run(run_until_interrupted(settings, run_dir))
+    settings = for_a_person(
+        with_local_publishers(with_payload_keys(with_local_issuer(settings_or_exit("stack")), RUN_DIR))
+    )
+    RUN_DIR.mkdir(exist_ok=True)
+    return asyncio.run(run_until_interrupted(settings, RUN_DIR))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -19,6 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
 from shared.contracts import Role
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 ISSUER = "orderflow-local"
 """The `iss` of its tokens."""
@@ -28,6 +31,12 @@ KEY_ID_LENGTH = 16
 
 class NoLocalIssuer(Exception):
     """No local issuer is configured (or its key is missing): nothing can mint a token."""
+
+
+def under_make_run(settings: Settings) -> bool:
+    """Whether `make run` and `orderflow token` use the local issuer: as ORDERFLOW_AUTH_LOCAL_ISSUER
+    says, or, where it is not set, yes (`make run` then passes it on to the gateway explicitly)."""
+    return settings.auth_local_issuer or "auth_local_issuer" not in settings.model_fields_set
 
 
 def ensure_key(path: Path) -> None:
@@ -47,7 +56,9 @@ def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except FileNotFoundError as missing:
-        raise NoLocalIssuer(f"the local issuer's key {path} does not exist (`make run` creates it)") from missing
+        raise NoLocalIssuer(
+            f"the local issuer's key {path} does not exist (`make run` creates it)"
+        ) from missing
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise NoLocalIssuer(f"{path} is not an EC private key")
     return key

@@ -6,16 +6,19 @@ Defaults are safe for a developer machine: everything on loopback, the services'
 from __future__ import annotations
 
 from functools import lru_cache
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from limits import parse_many
+from pydantic import Field, FilePath, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from shared.contracts import Role
 from shared.lifecycle import LifecyclePolicy
 
 ENV_PREFIX = "ORDERFLOW_"
@@ -26,6 +29,25 @@ URL_SCHEMES = {
     "api_url": ("http", "https"),
     "otel_endpoint": ("http", "https"),
 }
+# each private key setting and the certificate setting it belongs with
+CERTIFICATE_OF_KEY = {
+    "amqp_key_file": "amqp_cert_file",
+    "database_sslkey": "database_sslcert",
+    "api_tls_key_file": "api_tls_cert_file",
+}
+VERIFYING_SSLMODES = ("require", "verify-ca", "verify-full")
+SECRET_AND_CERTIFICATE_FILES = (
+    "amqp_password_file",
+    "amqp_ca_file",
+    "amqp_cert_file",
+    "amqp_key_file",
+    "database_password_file",
+    "database_sslrootcert",
+    "database_sslcert",
+    "database_sslkey",
+    "api_tls_cert_file",
+    "api_tls_key_file",
+)
 
 
 class Settings(BaseSettings):
@@ -152,14 +174,134 @@ class Settings(BaseSettings):
         description="trust the local development issuer (`make run` turns it on; never in production)",
     )
     auth_local_issuer_key_file: Path = Field(
-        default=Path(".run/local-issuer.pem"), description="the local issuer's signing key (created by `make run`)"
+        default=Path(".run/local-issuer.pem"),
+        description="the local issuer's signing key (created by `make run`)",
     )
     auth_local_token_lifetime_seconds: int = Field(default=8 * 3600, ge=60)
 
-    # --- security: AMQP publishers' roles (helper: bridge authorization) ---
-    # --- security: broker users and TLS for AMQP and PostgreSQL (helper: least privilege) ---
-    # --- security: Temporal connection and payload encryption (helper: codec) ---
-    # --- security: abuse limits (helper: gateway auth) ---
+    # --- security: AMQP publishers' roles (docs/security.md) ---
+    amqp_publisher_roles: dict[str, list[Role]] = Field(
+        default={},
+        description="broker user -> the roles its commands carry (JSON); a user not named has none",
+    )
+    amqp_delegates: list[str] = Field(
+        default=[],
+        description="broker users trusted to name the command's issuer themselves (`issued_by`): "
+        "the gateway's, which sets it from the bearer token",
+    )
+    # --- security: broker users and TLS for AMQP and PostgreSQL (docs/security.md) ---
+    # secrets come from files (Docker/Kubernetes secrets) so that no URL or environment holds them
+    amqp_password_file: FilePath | None = Field(
+        default=None, description="a file holding the broker password; replaces the one in amqp_url"
+    )
+    amqp_ca_file: FilePath | None = Field(
+        default=None, description="CA certificates the broker's must chain to (amqps://); default: system's"
+    )
+    amqp_cert_file: FilePath | None = Field(default=None, description="client certificate (mutual TLS)")
+    amqp_key_file: FilePath | None = Field(default=None, validate_default=True, description="its key")
+    database_password_file: FilePath | None = Field(
+        default=None, description="a file holding the database password; replaces the one in database_url"
+    )
+    database_sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = Field(
+        default="prefer", description="as libpq's sslmode: verify-full checks the server's name too"
+    )
+    database_sslrootcert: FilePath | None = Field(
+        default=None, description="CA certificates the server's must chain to; default: the system's"
+    )
+    database_sslcert: FilePath | None = Field(default=None, description="client certificate (mutual TLS)")
+    database_sslkey: FilePath | None = Field(default=None, validate_default=True, description="its key")
+    api_tls_cert_file: FilePath | None = Field(
+        default=None, description="the gateway serves HTTPS with this certificate (chain) and key"
+    )
+    api_tls_key_file: FilePath | None = Field(default=None, validate_default=True)
+    api_forwarded_allow_ips: str = Field(
+        default="",
+        description="reverse proxies (comma-separated IPs or networks) whose X-Forwarded-For/-Proto "
+        "the gateway believes; empty: none",
+    )
+
+    @field_validator(*SECRET_AND_CERTIFICATE_FILES, mode="before")
+    @classmethod
+    def _empty_file_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("amqp_key_file", "database_sslkey", "api_tls_key_file")
+    @classmethod
+    def _key_beside_certificate(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        certificate = CERTIFICATE_OF_KEY[info.field_name or ""]
+        if (value is None) != (info.data.get(certificate) is None):
+            other = f"{ENV_PREFIX}{certificate.upper()}"
+            raise PydanticCustomError("tls", f"should be set together with {other}")
+        return value
+
+    @field_validator("amqp_ca_file", "amqp_cert_file")
+    @classmethod
+    def _amqp_tls_needs_amqps(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and urlsplit(info.data.get("amqp_url", "amqps:")).scheme != "amqps":
+            raise PydanticCustomError("tls", f"needs an amqps:// {ENV_PREFIX}AMQP_URL")
+        return value
+
+    @field_validator("database_sslrootcert", "database_sslcert")
+    @classmethod
+    def _database_tls_needs_sslmode(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and info.data.get("database_sslmode") not in VERIFYING_SSLMODES:
+            raise PydanticCustomError(
+                "tls", f"needs {ENV_PREFIX}DATABASE_SSLMODE require, verify-ca or verify-full"
+            )
+        return value
+
+    @field_validator("api_forwarded_allow_ips")
+    @classmethod
+    def _proxy_addresses(cls, value: str) -> str:
+        try:
+            for address in filter(None, (part.strip() for part in value.split(","))):
+                if address != "*":
+                    ip_network(address, strict=False)
+        except ValueError:
+            raise PydanticCustomError("proxies", "should be IP addresses or networks, with commas") from None
+        return value
+
+    # --- security: Temporal connection and payload encryption (docs/security.md) ---
+    # TLS, mTLS and API keys for Temporal come from Temporal's own TEMPORAL_* variables and profiles
+    # file (shared/temporal.py), whose address and namespace win over temporal_address/_namespace
+    payload_keys: SecretStr = Field(
+        default=SecretStr(""),
+        description="payload encryption keys, `id:base64-of-32-bytes`, comma-separated; the first encrypts",
+    )
+    payload_keys_file: Path | None = Field(
+        default=None, description="a file of payload keys, one `id:base64` a line (after payload_keys)"
+    )
+    codec_cors_origins: list[str] = Field(
+        default=["http://127.0.0.1:8233", "http://localhost:8233"],
+        description="origins (JSON list) whose pages may call the codec endpoints: the Temporal UI's",
+    )
+
+    @field_validator("payload_keys_file", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    # --- security: abuse limits at the gateway (docs/security.md) ---
+    api_max_body_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="larger request bodies get 413 before they are parsed"
+    )
+    api_write_rate_limit: str = Field(
+        default="20/second;1000/minute",
+        description="state-changing requests per caller and gateway process (`N/second;M/minute`); "
+        "beyond, 429 with Retry-After",
+    )
+    api_max_streams_per_caller: int = Field(
+        default=4, ge=1, description="event streams one caller may have open at once (per gateway process)"
+    )
+
+    @field_validator("api_write_rate_limit")
+    @classmethod
+    def _rate_limits(cls, value: str) -> str:
+        try:
+            parse_many(value)
+        except ValueError:
+            raise PydanticCustomError("rate", "should be limits like 20/second;1000/minute") from None
+        return value
 
     @field_validator("bridge_metrics_port", "worker_metrics_port", "audit_metrics_port", mode="before")
     @classmethod

@@ -1,21 +1,26 @@
 """The `orderflow` CLI against a real gateway process (`python -m services.api`) and real servers.
 
 Commands run in-process with typer's CliRunner, in a thread so the test's event loop stays free;
-they talk HTTP to the gateway, which runs as its own process on a free port.
+they talk HTTP to the gateway, which runs as its own process on a free port, and send the token
+each test gives them (never the developer's own login or ORDERFLOW_TOKEN).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import stat
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import httpx
+import jwt
 import pytest
 import uvicorn
 from aio_pika.abc import AbstractQueue
@@ -31,16 +36,26 @@ from starlette.responses import (
 from starlette.routing import Route
 from typer.testing import CliRunner, Result
 
-from api_support import ADDRESS, closed_port, insert_events, insert_order, unique_id
+from api_support import (
+    ADDRESS,
+    bearer,
+    closed_port,
+    insert_events,
+    insert_order,
+    unique_id,
+)
 from service_support import eventually, next_message
 from services.cli.errors import WATCH_TIMEOUT_EXIT_CODE
 from services.cli.main import app
+from services.stack import service_environment
+from shared import local_issuer
 from shared.contracts import (
     CommandType,
     EventType,
     OrderEvent,
     OrderState,
     PlaceOrder,
+    Role,
     command_adapter,
 )
 from shared.settings import Settings
@@ -68,6 +83,9 @@ COMMANDS = [
     "watch",
     "migrate",
     "health",
+    "token",
+    "login",
+    "logout",
 ]
 
 runner = CliRunner()
@@ -77,6 +95,36 @@ async def orderflow(*args: str, env: dict[str, str] | None = None) -> Result:
     """Run the CLI in a thread: its commands block (HTTP) or run their own event loop (watch)."""
     result: Result = await asyncio.to_thread(runner.invoke, app, list(args), env=env)
     return result
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A config directory of the test's own (so no developer's login is read or overwritten) and no
+    ORDERFLOW_TOKEN; yields where `orderflow login` stores its token."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("ORDERFLOW_TOKEN", raising=False)
+    return tmp_path / "config" / "orderflow" / "token"
+
+
+def token_of(settings: Settings, subject: str, *roles: Role) -> str:
+    return bearer(settings, subject, *roles)["Authorization"].removeprefix("Bearer ")
+
+
+def stored_login(path: Path) -> tuple[str, int] | None:
+    """The token `orderflow login` stored at `path`, and the file's permissions; None: none."""
+    if not path.exists():
+        return None
+    return path.read_text().strip(), stat.S_IMODE(path.stat().st_mode)
+
+
+def with_token(token: str) -> dict[str, str]:
+    return {"ORDERFLOW_TOKEN": token}
+
+
+@pytest.fixture(scope="module")
+def as_operator(base_settings: Settings) -> dict[str, str]:
+    """The environment of an operator's `orderflow` (who may do everything)."""
+    return with_token(token_of(base_settings, "olga", Role.OPERATOR))
 
 
 def accepted_command_id(result: Result) -> str:
@@ -257,8 +305,229 @@ async def test_health_of_something_else_than_a_gateway_is_one_line(
     assert said in line
 
 
+# --- identity: tokens, login, and what the gateway is sent ------------------------------------------
+def cli_environment(settings: Settings, **changes: str) -> dict[str, str]:
+    """The ORDERFLOW_* settings of `settings` (the gateway's own), with `changes`."""
+    env = {
+        name: value for name, value in service_environment(settings).items() if name.startswith("ORDERFLOW_")
+    }
+    return env | {f"ORDERFLOW_{name.upper()}": value for name, value in changes.items()}
+
+
+def verified_claims(settings: Settings, token: str) -> dict[str, Any]:
+    """The claims of a token signed by the tests' local issuer (an error if it was not)."""
+    public_key = local_issuer.load_private_key(settings.auth_local_issuer_key_file).public_key()
+    claims: dict[str, Any] = jwt.decode(
+        token, public_key, algorithms=[local_issuer.ALGORITHM], audience=settings.auth_audience
+    )
+    return claims
+
+
+async def test_token_prints_a_token_the_gateway_accepts(gateway_url: str, base_settings: Settings) -> None:
+    minted = await orderflow(
+        "token",
+        "--role",
+        "reviewer",
+        "--subject",
+        "rita",
+        "--lifetime",
+        "600",
+        env=cli_environment(base_settings),
+    )
+
+    assert minted.exit_code == 0, minted.output
+    token = minted.stdout.strip()
+    claims = verified_claims(base_settings, token)
+    assert (claims["iss"], claims["sub"], claims["roles"]) == (local_issuer.ISSUER, "rita", ["reviewer"])
+    assert claims["exp"] - claims["iat"] == 600
+    async with httpx.AsyncClient(base_url=gateway_url) as client:
+        accepted = await client.get("/orders", headers={"Authorization": f"Bearer {token}"})
+        anonymous = await client.get("/orders")
+    assert accepted.status_code == 200, accepted.text
+    assert anonymous.status_code == 401
+
+
+async def test_token_under_make_run_needs_no_setting(base_settings: Settings) -> None:
+    """`make run` turns the local issuer on where ORDERFLOW_AUTH_LOCAL_ISSUER is not set, and so
+    does `orderflow token`, so that it works in another shell as the banner says."""
+    env = cli_environment(base_settings)
+    del env["ORDERFLOW_AUTH_LOCAL_ISSUER"]
+
+    minted = await orderflow(
+        "token", "--role", "customer", "--role", "operator", "--subject", "cleo", env=env
+    )
+
+    assert minted.exit_code == 0, minted.output
+    claims = verified_claims(base_settings, minted.stdout.strip())
+    assert claims["roles"] == ["customer", "operator"]
+    assert claims["exp"] - claims["iat"] == base_settings.auth_local_token_lifetime_seconds
+
+
+@pytest.mark.parametrize(
+    ("changes", "said"),
+    [
+        ({"auth_local_issuer": "false"}, "no local issuer is configured (ORDERFLOW_AUTH_LOCAL_ISSUER=false)"),
+        ({"auth_local_issuer_key_file": "/nonexistent/issuer.pem"}, "/nonexistent/issuer.pem does not exist"),
+    ],
+    ids=["switched off", "no key"],
+)
+async def test_token_without_a_local_issuer_is_one_line(
+    base_settings: Settings, changes: dict[str, str], said: str
+) -> None:
+    result = await orderflow(
+        "token", "--role", "reviewer", "--subject", "rita", env=cli_environment(base_settings, **changes)
+    )
+
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("Error: no local issuer") and said in line
+
+
+async def test_token_link_signs_in_to_the_dashboard_with_the_token_in_the_fragment(
+    base_settings: Settings,
+) -> None:
+    result = await orderflow(
+        "token",
+        "--role",
+        "reviewer",
+        "--subject",
+        "rita",
+        "--link",
+        "--api-url",
+        "https://orders.example/",
+        env=cli_environment(base_settings),
+    )
+
+    assert result.exit_code == 0, result.output
+    link = result.stdout.strip()
+    page, _, fragment = link.partition("#")
+    assert page == "https://orders.example/dashboard"
+    assert fragment.startswith("token=")
+    assert verified_claims(base_settings, fragment.removeprefix("token="))["sub"] == "rita"
+
+
+@asynccontextmanager
+async def listening_gateway(status_code: int = 200) -> AsyncIterator[tuple[str, list[str | None]]]:
+    """A stand-in gateway answering `GET /orders` with `status_code`; yields its URL and the
+    Authorization header of each request, in order."""
+    seen: list[str | None] = []
+
+    async def orders(request: Request) -> Response:
+        seen.append(request.headers.get("authorization"))
+        return JSONResponse(
+            {"items": [], "next_cursor": None} if status_code == 200 else {"detail": "no"}, status_code
+        )
+
+    port = closed_port()
+    server = uvicorn.Server(
+        uvicorn.Config(Starlette(routes=[Route("/orders", orders)]), port=port, log_level="warning")
+    )
+    serving = asyncio.create_task(server.serve())
+
+    async def started() -> bool:
+        return server.started
+
+    try:
+        await eventually(started)
+        yield f"http://127.0.0.1:{port}", seen
+    finally:
+        server.should_exit = True
+        await serving
+
+
+async def test_the_token_sent_is_the_option_else_the_environment_else_the_login(
+    base_settings: Settings, no_ambient_token: Path
+) -> None:
+    stored, from_env, from_option = (
+        token_of(base_settings, name, Role.CUSTOMER) for name in ("st", "en", "op")
+    )
+    login = await asyncio.to_thread(runner.invoke, app, ["login"], input=stored + "\n")  # from stdin
+
+    async with listening_gateway() as (url, seen):
+        for env, option in [
+            ({}, []),
+            (with_token(from_env), []),
+            (with_token(from_env), ["--token", from_option]),
+        ]:
+            result = await orderflow("list", "--api-url", url, *option, env=env)
+            assert result.exit_code == 0, result.output
+
+    assert login.exit_code == 0, login.output
+    assert login.stdout.startswith("signed in as st (customer, until ")
+    assert stored not in login.output  # a token is not echoed
+    assert seen == [f"Bearer {stored}", f"Bearer {from_env}", f"Bearer {from_option}"]
+    assert stored_login(no_ambient_token) == (stored, 0o600)
+
+
+async def test_logout_forgets_the_stored_token(base_settings: Settings, no_ambient_token: Path) -> None:
+    login = await orderflow("login", "--token", token_of(base_settings, "st", Role.CUSTOMER))
+    logout = await orderflow("logout")
+    again = await orderflow("logout")
+
+    async with listening_gateway(401) as (url, seen):
+        result = await orderflow("list", "--api-url", url)
+
+    assert (login.exit_code, logout.exit_code, again.exit_code) == (0, 0, 0)
+    assert (logout.stdout, again.stdout) == ("signed out\n", "no stored token; nothing to do\n")
+    assert stored_login(no_ambient_token) is None
+    assert seen == [None]
+    assert result.exit_code == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("Error: the gateway answered 401 Unauthorized: no (no token was sent: ")
+
+
+@pytest.mark.parametrize(
+    ("token", "said"),
+    [("not-a-token", "this is not a JWT access token"), ("expired", "this token expired at ")],
+)
+async def test_login_refuses_what_is_not_a_usable_token(
+    base_settings: Settings, no_ambient_token: Path, token: str, said: str
+) -> None:
+    if token == "expired":
+        token = local_issuer.mint_token(
+            base_settings.auth_local_issuer_key_file,
+            issuer=local_issuer.ISSUER,
+            audience=base_settings.auth_audience,
+            subject="old",
+            roles=[Role.CUSTOMER],
+            roles_claim=base_settings.auth_roles_claim,
+            lifetime_seconds=60,
+            now=time.time() - 3600,
+        )
+
+    result = await orderflow("login", "--token", token)
+
+    assert result.exit_code == 1
+    (line,) = result.stderr.splitlines()
+    assert said in line
+    assert stored_login(no_ambient_token) is None
+
+
+async def test_a_refusal_of_the_gateway_is_its_reason_on_one_line(
+    gateway_url: str, base_settings: Settings
+) -> None:
+    anonymous = await orderflow("approve", unique_id("cli"), "--api-url", gateway_url)
+    customer = await orderflow(
+        "approve",
+        unique_id("cli"),
+        "--api-url",
+        gateway_url,
+        env=with_token(token_of(base_settings, "cleo", Role.CUSTOMER)),
+    )
+
+    assert anonymous.exit_code == 1
+    (line,) = anonymous.stderr.splitlines()
+    assert line.startswith("Error: the gateway answered 401 Unauthorized: ") and "no token was sent" in line
+    assert customer.exit_code == 1
+    (line,) = customer.stderr.splitlines()
+    assert line.startswith("Error: the gateway answered 403 Forbidden: ")
+
+
 # --- commands -------------------------------------------------------------------------------------
-async def test_place_publishes_the_order(gateway_url: str, command_queue: AbstractQueue) -> None:
+async def test_place_publishes_the_order(
+    gateway_url: str, as_operator: dict[str, str], command_queue: AbstractQueue
+) -> None:
     order_id = unique_id("cli")
 
     result = await orderflow(
@@ -277,6 +546,7 @@ async def test_place_publishes_the_order(gateway_url: str, command_queue: Abstra
         "--region",
         "Westminster",
         "--json",
+        env=as_operator,
     )
 
     command_id = accepted_command_id(result)
@@ -290,7 +560,9 @@ async def test_place_publishes_the_order(gateway_url: str, command_queue: Abstra
     assert command.payload.address.region == "Westminster"
 
 
-async def test_place_shows_the_gateways_validation_errors(gateway_url: str) -> None:
+async def test_place_shows_the_gateways_validation_errors(
+    gateway_url: str, as_operator: dict[str, str]
+) -> None:
     result = await orderflow(
         "place",
         "--api-url",
@@ -301,6 +573,7 @@ async def test_place_shows_the_gateways_validation_errors(gateway_url: str) -> N
         "BOOK-1:0",
         *ADDRESS_OPTIONS[:-1],
         "germany",
+        env=as_operator,
     )
 
     assert result.exit_code == 1
@@ -313,13 +586,14 @@ async def test_place_shows_the_gateways_validation_errors(gateway_url: str) -> N
 @pytest.mark.parametrize(
     ("arguments", "command_type", "payload"),
     [
-        (["approve", "--reviewer", "grace"], CommandType.APPROVE, {"reviewer": "grace", "note": None}),
+        (["approve", "--note", "looks fine"], CommandType.APPROVE, {"note": "looks fine"}),
         (["cancel", "--reason", "duplicate"], CommandType.CANCEL, {"reason": "duplicate"}),
         (["update-address", *ADDRESS_OPTIONS[:-1], "IE"], CommandType.UPDATE_ADDRESS, None),
     ],
 )
 async def test_order_commands_publish_their_type(
     gateway_url: str,
+    as_operator: dict[str, str],
     command_queue: AbstractQueue,
     arguments: list[str],
     command_type: CommandType,
@@ -328,22 +602,27 @@ async def test_order_commands_publish_their_type(
     order_id = unique_id("cli")
     verb, *options = arguments
 
-    result = await orderflow(verb, order_id, *options, "--api-url", gateway_url, "--json")
+    result = await orderflow(verb, order_id, *options, "--api-url", gateway_url, "--json", env=as_operator)
 
     command_id = accepted_command_id(result)
     message = await next_message(command_queue, lambda m: m.message_id == command_id)
     command = command_adapter.validate_json(message.body)
     assert (command.type, command.order_id) == (command_type, order_id)
+    assert command.issued_by is not None and command.issued_by.subject == "olga"  # the token's
     if payload is not None:
         assert command.payload.model_dump(mode="json") == payload
     else:
         assert command.payload.model_dump(mode="json")["address"]["country"] == "IE"
 
 
-async def test_commands_print_text_by_default(gateway_url: str, command_queue: AbstractQueue) -> None:
+async def test_commands_print_text_by_default(
+    gateway_url: str, as_operator: dict[str, str], command_queue: AbstractQueue
+) -> None:
     command_id = str(uuid4())
 
-    result = await orderflow("approve", "cli-text-1", "--command-id", command_id, "--api-url", gateway_url)
+    result = await orderflow(
+        "approve", "cli-text-1", "--command-id", command_id, "--api-url", gateway_url, env=as_operator
+    )
 
     assert result.exit_code == 0, result.output
     assert f"accepted: ApproveOrder for order cli-text-1 (command {command_id})" in result.stdout
@@ -352,13 +631,13 @@ async def test_commands_print_text_by_default(gateway_url: str, command_queue: A
 
 # --- queries --------------------------------------------------------------------------------------
 async def test_status_from_the_orders_table(
-    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession]
+    gateway_url: str, as_operator: dict[str, str], db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     order_id = unique_id("cli")
     await insert_order(db_sessions, order_id, OrderState.PAID)
 
-    text = await orderflow("status", order_id, "--api-url", gateway_url)
-    as_json = await orderflow("status", order_id, "--api-url", gateway_url, "--json")
+    text = await orderflow("status", order_id, "--api-url", gateway_url, env=as_operator)
+    as_json = await orderflow("status", order_id, "--api-url", gateway_url, "--json", env=as_operator)
 
     assert text.exit_code == 0, text.output
     assert f"order {order_id}: paid (from the orders table)" in text.stdout
@@ -366,15 +645,15 @@ async def test_status_from_the_orders_table(
     assert json.loads(as_json.stdout)["source"] == "read_model"
 
 
-async def test_status_of_an_unknown_order_fails(gateway_url: str) -> None:
-    result = await orderflow("status", "cli-never-placed", "--api-url", gateway_url)
+async def test_status_of_an_unknown_order_fails(gateway_url: str, as_operator: dict[str, str]) -> None:
+    result = await orderflow("status", "cli-never-placed", "--api-url", gateway_url, env=as_operator)
 
     assert result.exit_code == 1
     assert "404" in result.stderr and "cli-never-placed" in result.stderr
 
 
 async def test_list_pages_through_orders(
-    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession]
+    gateway_url: str, as_operator: dict[str, str], db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     # far in the future, so these are the newest orders whatever else the table holds
     start = datetime(3000, 1, 1, tzinfo=UTC)
@@ -383,11 +662,20 @@ async def test_list_pages_through_orders(
         await insert_order(db_sessions, order_id, OrderState.VALIDATED, start + timedelta(minutes=minute))
 
     first = await orderflow(
-        "list", "--state", "validated", "--limit", "1", "--api-url", gateway_url, "--json"
+        "list", "--state", "validated", "--limit", "1", "--api-url", gateway_url, "--json", env=as_operator
     )
     cursor = json.loads(first.stdout)["next_cursor"]
     second = await orderflow(
-        "list", "--state", "validated", "--limit", "1", "--cursor", cursor, "--api-url", gateway_url
+        "list",
+        "--state",
+        "validated",
+        "--limit",
+        "1",
+        "--cursor",
+        cursor,
+        "--api-url",
+        gateway_url,
+        env=as_operator,
     )
 
     assert [order["order_id"] for order in json.loads(first.stdout)["items"]] == [newer]
@@ -399,12 +687,12 @@ async def test_list_pages_through_orders(
 
 
 async def test_history_prints_events_in_order(
-    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession]
+    gateway_url: str, as_operator: dict[str, str], db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     order_id = unique_id("cli")
     await insert_events(db_sessions, order_id, {2: EventType.VALIDATED, 1: EventType.RECEIVED})
 
-    result = await orderflow("history", order_id, "--api-url", gateway_url)
+    result = await orderflow("history", order_id, "--api-url", gateway_url, env=as_operator)
 
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
@@ -423,12 +711,16 @@ def printed_events(result: Result) -> list[tuple[int, EventType]]:
     [(EventType.COMPLETED, 0), (EventType.CANCELLED, 3), (EventType.FAILED, 4), (EventType.TERMINATED, 5)],
 )
 async def test_watch_prints_the_events_until_the_order_ends_and_exits_with_its_ending(
-    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession], ending: EventType, exit_code: int
+    gateway_url: str,
+    as_operator: dict[str, str],
+    db_sessions: async_sessionmaker[AsyncSession],
+    ending: EventType,
+    exit_code: int,
 ) -> None:
     order_id = unique_id("watch")
     await insert_events(db_sessions, order_id, {1: EventType.RECEIVED})
     watching = asyncio.create_task(
-        orderflow("watch", order_id, "--timeout", "20", "--json", "--api-url", gateway_url)
+        orderflow("watch", order_id, "--timeout", "20", "--json", "--api-url", gateway_url, env=as_operator)
     )
     await asyncio.sleep(0.5)  # most likely the watch is following by now; if not, these are history
     await insert_events(db_sessions, order_id, {2: EventType.VALIDATED})
@@ -443,14 +735,16 @@ async def test_watch_prints_the_events_until_the_order_ends_and_exits_with_its_e
 
 
 async def test_watch_of_an_ended_order_prints_its_history_and_ends_at_once(
-    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession]
+    gateway_url: str, as_operator: dict[str, str], db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     order_id = unique_id("watch")
     await insert_events(
         db_sessions, order_id, {1: EventType.RECEIVED, 2: EventType.VALIDATED, 3: EventType.FAILED}
     )
 
-    result = await orderflow("watch", order_id, "--timeout", "20", "--json", "--api-url", gateway_url)
+    result = await orderflow(
+        "watch", order_id, "--timeout", "20", "--json", "--api-url", gateway_url, env=as_operator
+    )
 
     assert result.exit_code == 4, result.output
     assert printed_events(result) == [
@@ -461,10 +755,12 @@ async def test_watch_of_an_ended_order_prints_its_history_and_ends_at_once(
 
 
 async def test_watch_waits_for_an_order_that_is_not_known_yet(
-    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession]
+    gateway_url: str, as_operator: dict[str, str], db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     order_id = unique_id("watch")  # placed a moment ago, say: nothing stored yet
-    watching = asyncio.create_task(orderflow("watch", order_id, "--timeout", "20", "--api-url", gateway_url))
+    watching = asyncio.create_task(
+        orderflow("watch", order_id, "--timeout", "20", "--api-url", gateway_url, env=as_operator)
+    )
     await asyncio.sleep(1)
     await insert_events(db_sessions, order_id, {1: EventType.RECEIVED, 2: EventType.COMPLETED})
 
@@ -478,12 +774,12 @@ async def test_watch_waits_for_an_order_that_is_not_known_yet(
 
 
 async def test_watch_gives_up_after_its_timeout(
-    gateway_url: str, db_sessions: async_sessionmaker[AsyncSession]
+    gateway_url: str, as_operator: dict[str, str], db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     order_id = unique_id("watch")
     await insert_events(db_sessions, order_id, {1: EventType.RECEIVED})
 
-    result = await orderflow("watch", order_id, "--timeout", "1", "--api-url", gateway_url)
+    result = await orderflow("watch", order_id, "--timeout", "1", "--api-url", gateway_url, env=as_operator)
 
     assert result.exit_code == WATCH_TIMEOUT_EXIT_CODE
     assert "did not end within 1 s" in result.stderr

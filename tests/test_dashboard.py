@@ -1,12 +1,18 @@
 """The dashboard: its figures (`GET /stats`) and its files against a gateway process, and the page
-itself in headless Chromium (Debian's `chromium`, driven by Playwright) against the whole system.
+itself in headless Chromium (Debian's `chromium`, driven by Playwright) against the whole system:
+signed in with a token (from a `orderflow token --link` link, or pasted), the buttons of its role,
+and a cross-site form post that changes nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import shutil
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -15,24 +21,28 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, Page, async_playwright, expect
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from typer.testing import CliRunner
 
 from api_support import (
+    bearer,
     insert_events,
     insert_order,
     order_body,
     running_system,
     unique_id,
 )
+from service_support import eventually
+from services.cli.main import app as cli
 from shared.admissions import AdmissionStatus
-from shared.contracts import EventType, OrderState
+from shared.contracts import EventType, OrderState, Role
 from shared.db import Admission, transaction
 from shared.settings import Settings
 
 LIFECYCLE_TIMEOUT_MS = 60_000  # generous: the real fault injector runs, on a busy machine
 
 
-async def stats(gateway_url: str) -> dict[str, Any]:
-    async with httpx.AsyncClient() as client:
+async def stats(gateway_url: str, settings: Settings) -> dict[str, Any]:
+    async with httpx.AsyncClient(headers=bearer(settings, "rita", Role.REVIEWER)) as client:
         response = await client.get(f"{gateway_url}/stats")
     assert response.status_code == 200, response.text
     figures: dict[str, Any] = response.json()
@@ -51,7 +61,7 @@ async def test_stats_count_orders_per_state_admissions_and_completions(
     # completed five minutes ago: a minute in the middle of the window, whenever the figures are read
     five_minutes_ago = datetime.now(UTC) - timedelta(minutes=5)
     minute = five_minutes_ago.replace(second=0, microsecond=0)
-    before = await stats(gateway_url)
+    before = await stats(gateway_url, base_settings)
     for state in (OrderState.QUEUED, OrderState.QUEUED, OrderState.AWAITING_APPROVAL):
         await insert_order(db_sessions, unique_id("stats"), state)
     await insert_order(db_sessions, unique_id("stats"), OrderState.COMPLETED, five_minutes_ago)
@@ -59,7 +69,7 @@ async def test_stats_count_orders_per_state_admissions_and_completions(
         await admit(db_sessions, status)
     await insert_events(db_sessions, unique_id("stats"), {1: EventType.RECEIVED})
 
-    after = await stats(gateway_url)
+    after = await stats(gateway_url, base_settings)
 
     grown = {state: after["counts"][state] - before["counts"][state] for state in after["counts"]}
     assert {state: count for state, count in grown.items() if count} == {
@@ -87,18 +97,41 @@ def completed_in(figures: dict[str, Any], minute: datetime) -> int:
 
 
 async def test_the_dashboard_is_a_page_a_script_and_a_style_sheet(gateway_url: str) -> None:
+    # no token: the page is its own sign-in page, and holds no data
     async with httpx.AsyncClient(base_url=gateway_url) as client:
         page = await client.get("/dashboard")
         script = await client.get("/dashboard/static/dashboard.js")
         style = await client.get("/dashboard/static/dashboard.css")
         spec = (await client.get("/openapi.json")).json()
 
+    assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
     assert '<script src="/dashboard/static/dashboard.js"' in page.text
+    assert "<script>" not in page.text  # no inline script: the policy allows none
+    assert '<meta name="orderflow-roles-claim" content="roles">' in page.text
+    policy = dict(rule.split(" ", 1) for rule in page.headers["content-security-policy"].split("; "))
+    assert (policy["default-src"], policy["script-src"], policy["connect-src"]) == (
+        "'none'",
+        "'self'",
+        "'self'",
+    )
+    assert (policy["frame-ancestors"], policy["form-action"]) == ("'none'", "'none'")
+    assert page.headers["referrer-policy"] == "no-referrer"
     assert script.headers["content-type"].startswith("text/javascript")
-    assert "new EventSource(" in script.text
+    # EventSource cannot send the token: the streams are read with fetch()
+    assert "new EventSource(" not in script.text and "authorization: `Bearer " in script.text
     assert style.headers["content-type"].startswith("text/css")
     assert "/stats" in spec["paths"] and "/dashboard" not in spec["paths"]
+
+
+async def test_the_figures_are_for_reviewers_and_operators(gateway_url: str, base_settings: Settings) -> None:
+    async with httpx.AsyncClient(base_url=gateway_url) as client:
+        anonymous = await client.get("/stats")
+        customer = await client.get("/stats", headers=bearer(base_settings, "cleo", Role.CUSTOMER))
+        operator = await client.get("/stats", headers=bearer(base_settings, "olga", Role.OPERATOR))
+
+    assert (anonymous.status_code, customer.status_code, operator.status_code) == (401, 403, 200)
+    assert anonymous.headers["www-authenticate"].startswith("Bearer")
 
 
 # --- the page in a browser, against the whole system ---------------------------------------------
@@ -119,19 +152,64 @@ async def browser() -> AsyncIterator[Browser]:
         await launched.close()
 
 
+def sign_in_link(settings: Settings, subject: str, role: Role) -> str:
+    """What `orderflow token --link` prints, run as a person would under `make run`."""
+    result = CliRunner().invoke(
+        cli,
+        ["token", "--role", role.value, "--subject", subject, "--link", "--api-url", settings.api_url],
+        env={
+            "ORDERFLOW_AUTH_LOCAL_ISSUER": "true",
+            "ORDERFLOW_AUTH_LOCAL_ISSUER_KEY_FILE": str(settings.auth_local_issuer_key_file),
+        },
+    )
+    assert result.exit_code == 0, result.output
+    return result.stdout.strip()
+
+
+async def place(settings: Settings, customer: str) -> str:
+    """An order placed by `customer`, through the gateway; its id."""
+    order_id = unique_id("browser")
+    async with httpx.AsyncClient(
+        base_url=settings.api_url, headers=bearer(settings, customer, Role.CUSTOMER)
+    ) as client:
+        placed = await client.post("/orders", json=order_body(order_id=order_id))
+    assert placed.status_code == 202, placed.text
+    return order_id
+
+
+async def state_of(settings: Settings, order_id: str) -> str | None:
+    """The order's state as an operator reads it (None: not known yet)."""
+    async with httpx.AsyncClient(
+        base_url=settings.api_url, headers=bearer(settings, "olga", Role.OPERATOR)
+    ) as client:
+        answer = await client.get(f"/orders/{order_id}")
+    return str(answer.json()["state"]) if answer.status_code == 200 else None
+
+
+async def awaiting_approval(settings: Settings, order_id: str) -> None:
+    async def in_review() -> bool:
+        return await state_of(settings, order_id) == OrderState.AWAITING_APPROVAL.value
+
+    await eventually(in_review, LIFECYCLE_TIMEOUT_MS / 1000)
+
+
 @pytest.mark.e2e
-async def test_the_dashboard_follows_an_order_live_and_approves_it(
+async def test_the_dashboard_signs_in_with_a_link_follows_an_order_live_and_approves_it(
     system: Settings, browser: Browser, tmp_path: Path
 ) -> None:
     page = await browser.new_page(viewport={"width": 1400, "height": 900})
-    await page.goto(f"{system.api_url}/dashboard")
+    complaints: list[str] = []  # the page's own errors, and what its security policy blocked
+    page.on("console", lambda message: complaints.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: complaints.append(str(error)))
+    link = sign_in_link(system, "rita", Role.REVIEWER)
+    await page.goto(link)
     await expect(page.locator("#live")).to_have_text("live")
+    await expect(page.locator("#who")).to_have_text("rita · reviewer")
+    assert page.url == f"{system.api_url}/dashboard"  # the token left the address bar at once
+    assert await page.evaluate("sessionStorage.getItem('orderflow.token')") == link.partition("#token=")[2]
     await page.evaluate("window.loadedOnce = true")  # gone if the page were loaded again
 
-    order_id = unique_id("browser")
-    async with httpx.AsyncClient(base_url=system.api_url) as client:
-        placed = await client.post("/orders", json=order_body(order_id=order_id))
-    assert placed.status_code == 202, placed.text
+    order_id = await place(system, "cleo")
 
     row = page.locator(f'#orders tbody tr[data-order-id="{order_id}"]')
     await expect(row).to_be_visible(timeout=LIFECYCLE_TIMEOUT_MS)  # it appears, live
@@ -168,6 +246,102 @@ async def test_the_dashboard_follows_an_order_live_and_approves_it(
     screenshot = tmp_path / "dashboard.png"
     await page.screenshot(path=str(screenshot), full_page=True)
     print(f"dashboard screenshot: {screenshot}")
+    assert complaints == []
+
+    await page.reload()  # the session outlives a reload (sessionStorage), not a sign-out
+    await expect(page.locator("#who")).to_have_text("rita · reviewer")
+    await page.click("#sign-out")
+    await expect(page.locator("#sign-in")).to_be_visible()
+    await expect(page.locator("#app")).to_be_hidden()
+    assert await page.evaluate("sessionStorage.getItem('orderflow.token')") is None
+
+
+@pytest.mark.e2e
+async def test_a_customer_signs_in_with_a_pasted_token_and_sees_its_own_orders_without_approve(
+    system: Settings, browser: Browser
+) -> None:
+    own, others = await place(system, "cleo"), await place(system, "carl")
+    token = bearer(system, "cleo", Role.CUSTOMER)["Authorization"].removeprefix("Bearer ")
+    page = await browser.new_page(viewport={"width": 1400, "height": 900})
+    await page.goto(f"{system.api_url}/dashboard")
+    await expect(page.locator("#sign-in")).to_be_visible()
+    await page.fill("#token", token)
+    await page.click("#sign-in-form button[type=submit]")
+
+    await expect(page.locator("#who")).to_have_text("cleo · customer")
+    row = page.locator(f'#orders tbody tr[data-order-id="{own}"]')
+    await expect(row).to_be_visible(timeout=LIFECYCLE_TIMEOUT_MS)
+    await expect(page.locator(f'#orders tbody tr[data-order-id="{others}"]')).to_have_count(0)
+    await expect(page.locator("#figures")).to_be_hidden()  # the figures are for reviewers
+    await row.click()
+    await expect(page.locator("#detail-id")).to_have_text(own)
+    await expect(page.locator("#approve")).to_be_hidden()
+    await expect(page.locator("#cancel")).to_be_enabled(timeout=LIFECYCLE_TIMEOUT_MS)
+    await page.click("#cancel")
+    await expect(page.locator("#action-result")).to_have_text("CancelOrder accepted")
+    await expect(page.locator("#detail-state")).to_have_text("cancelled", timeout=LIFECYCLE_TIMEOUT_MS)
+
+    # a token the gateway does not take (another issuer's, say) sends it back to sign in
+    await page.evaluate(
+        "sessionStorage.setItem('orderflow.token', sessionStorage.getItem('orderflow.token') + 'x')"
+    )
+    await page.reload()
+    await expect(page.locator("#sign-in-message")).to_contain_text("did not accept the token")
+    await expect(page.locator("#app")).to_be_hidden()
+
+
+@contextmanager
+def cross_site_page(action: str) -> Iterator[str]:
+    """Another site (`localhost`, another port) whose page posts a form to `action` as soon as
+    it loads, as any page a reviewer visits could; yields its URL."""
+    page = (
+        f'<!doctype html><form method="post" action="{action}"><input type="hidden" name="note" value="x">'
+        "</form><script>document.forms[0].submit()</script>"
+    ).encode()
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://localhost:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.e2e
+async def test_a_cross_site_form_post_approves_nothing(system: Settings, browser: Browser) -> None:
+    """The reviewer is signed in to the dashboard and visits another site, whose form posts an
+    approval to the gateway: the browser sends it, with nothing the gateway acts on."""
+    order_id = await place(system, "cleo")
+    await awaiting_approval(system, order_id)
+    context = await browser.new_context()
+    dashboard = await context.new_page()
+    await dashboard.goto(sign_in_link(system, "rita", Role.REVIEWER))
+    await expect(dashboard.locator("#live")).to_have_text("live")
+    approve = f"{system.api_url}/orders/{order_id}/approve"
+
+    with cross_site_page(approve) as attacker:
+        visited = await context.new_page()
+        async with visited.expect_response(approve) as posted:
+            await visited.goto(attacker)
+        response = await posted.value
+
+    assert response.request.method == "POST"
+    assert response.status == 401
+    await asyncio.sleep(2)  # what an accepted approval would have needed to show
+    assert await state_of(system, order_id) == OrderState.AWAITING_APPROVAL.value
 
 
 async def show_only(page: Page, state: str) -> None:

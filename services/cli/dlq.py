@@ -199,7 +199,7 @@ async def replay(
         destinations = [destination(dead_letter, exchange_if_unknown) for dead_letter in dead_letters]
         await check_exchanges_exist(taken.connection, set(destinations))
         for message, dead_letter, exchange in zip(chosen, dead_letters, destinations, strict=True):
-            await republish(taken.channel, exchange, dead_letter)
+            await republish(taken.channel, exchange, dead_letter, broker.connection_user(taken.connection))
             await message.ack()
             on_replayed(Replayed(dead_letter.message_id, exchange, dead_letter.routing_key))
 
@@ -228,8 +228,11 @@ async def check_exchanges_exist(connection: AbstractRobustConnection, names: set
             await channel.close()
 
 
-async def republish(channel: AbstractChannel, exchange_name: str, dead_letter: DeadLetter) -> None:
-    """Publish it as its publisher did, and wait for the broker's confirm."""
+async def republish(
+    channel: AbstractChannel, exchange_name: str, dead_letter: DeadLetter, publisher: str | None
+) -> None:
+    """Publish it as its publisher did, and wait for the broker's confirm. The broker lets nobody
+    publish in another's name: a replayed command is the replaying operator's (`user_id`)."""
     exchange = await channel.get_exchange(exchange_name, ensure=False)
     confirmation = await exchange.publish(
         aio_pika.Message(
@@ -240,6 +243,7 @@ async def republish(channel: AbstractChannel, exchange_name: str, dead_letter: D
             message_id=dead_letter.message_id,
             correlation_id=dead_letter.correlation_id,
             type=dead_letter.type,
+            user_id=publisher,
         ),
         routing_key=dead_letter.routing_key,
         mandatory=True,

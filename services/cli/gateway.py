@@ -10,6 +10,7 @@ import httpx
 from services.cli.errors import fail, reason
 
 REQUEST_TIMEOUT_SECONDS = 15.0
+NO_TOKEN_HINT = "no token was sent: give --token, set ORDERFLOW_TOKEN or run `orderflow login`"
 
 
 def order_path(order_id: str, action: str = "") -> str:
@@ -18,9 +19,15 @@ def order_path(order_id: str, action: str = "") -> str:
     return f"{path}/{action}" if action else path
 
 
+def authorization(token: str | None) -> dict[str, str]:
+    """The header that carries `token` (none without one: the gateway then answers 401)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 class Gateway:
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, token: str | None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.headers = authorization(token)
 
     def get(self, path: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         # httpx would send a None parameter as an empty value
@@ -32,7 +39,9 @@ class Gateway:
 
     def _request(self, method: str, path: str, **options: Any) -> dict[str, Any]:
         try:
-            with httpx.Client(base_url=self.base_url, timeout=REQUEST_TIMEOUT_SECONDS) as client:
+            with httpx.Client(
+                base_url=self.base_url, headers=self.headers, timeout=REQUEST_TIMEOUT_SECONDS
+            ) as client:
                 response = client.request(method, path, **options)
         except httpx.HTTPError as error:
             fail(f"cannot reach the gateway at {self.base_url}: {reason(error)}")
@@ -44,7 +53,10 @@ class Gateway:
 
 def refused(response: httpx.Response) -> NoReturn:
     """Report an answer other than the one asked for, and exit."""
-    fail(f"the gateway answered {response.status_code} {response.reason_phrase}: {error_detail(response)}")
+    detail = error_detail(response)
+    if response.status_code == httpx.codes.UNAUTHORIZED and "Authorization" not in response.request.headers:
+        detail = f"{detail} ({NO_TOKEN_HINT})"
+    fail(f"the gateway answered {response.status_code} {response.reason_phrase}: {detail}")
 
 
 def error_detail(response: httpx.Response) -> str:

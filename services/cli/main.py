@@ -1,5 +1,5 @@
 """The `orderflow` command line: steer and follow orders through the REST gateway (watch their
-events live on its event streams), and migrate the database.
+events live on its event streams), get a token for it, and migrate the database.
 
 Every command has `--help`; output is human-readable unless `--json` is given; errors are one
 message and a non-zero exit code.
@@ -10,16 +10,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import asdict
+from datetime import UTC, datetime
 from importlib.metadata import version
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from aio_pika.exceptions import AMQPError
 from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 
-from services.cli import dlq, health, render
+from services.cli import credentials, dlq, health, render
 from services.cli.errors import (
     BAD_SETTING_EXIT_CODE,
     WATCH_TIMEOUT_EXIT_CODE,
@@ -28,9 +32,9 @@ from services.cli.errors import (
 )
 from services.cli.gateway import Gateway, order_path
 from services.cli.watch import ENDING_EXIT_CODES, follow_order
-from shared import schema
+from shared import broker_users, connection_security, local_issuer, schema
 from shared.broker import DEAD_LETTER_QUEUE
-from shared.contracts import OrderEvent, OrderState
+from shared.contracts import OrderEvent, OrderState, Role
 from shared.settings import Settings, invalid_settings_message
 
 app = typer.Typer(
@@ -70,6 +74,15 @@ ApiUrl = Annotated[
     ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of text.")]
+Token = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar="ORDERFLOW_TOKEN",
+        help="The bearer token to send; by default the one `orderflow login` stored.",
+        show_default=False,
+    ),
+]
 OrderId = Annotated[str, typer.Argument(help="The order id.", show_default=False)]
 CommandId = Annotated[
     str | None,
@@ -95,16 +108,19 @@ def settings() -> Settings:
         fail(invalid_settings_message(error), BAD_SETTING_EXIT_CODE)
 
 
-def gateway(api_url: str | None) -> Gateway:
-    return Gateway(api_url or settings().api_url)
+def gateway(api_url: str | None, token: str | None = None) -> Gateway:
+    """The gateway at `api_url` (else settings.api_url), sent `token` or else the stored one."""
+    return Gateway(api_url or settings().api_url, credentials.chosen(token))
 
 
 def show(answer: dict[str, Any], as_json: bool, as_text: Callable[[dict[str, Any]], str]) -> None:
     typer.echo(json.dumps(answer, indent=2) if as_json else as_text(answer))
 
 
-def send_command(api_url: str | None, path: str, body: dict[str, Any], as_json: bool) -> None:
-    show(gateway(api_url).post(path, body), as_json, render.accepted)
+def send_command(
+    api_url: str | None, token: str | None, path: str, body: dict[str, Any], as_json: bool
+) -> None:
+    show(gateway(api_url, token).post(path, body), as_json, render.accepted)
 
 
 def address(
@@ -158,6 +174,7 @@ def place(
     ] = None,
     command_id: CommandId = None,
     api_url: ApiUrl = None,
+    token: Token = None,
     as_json: AsJson = False,
 ) -> None:
     """Place an order."""
@@ -169,21 +186,21 @@ def place(
         "correlation_id": correlation_id,
         "command_id": command_id,
     }
-    send_command(api_url, "/orders", body, as_json)
+    send_command(api_url, token, "/orders", body, as_json)
 
 
 @app.command()
 def approve(
     order_id: OrderId,
-    reviewer: Annotated[str | None, typer.Option("--reviewer", help="Who approved it.")] = None,
     note: Annotated[str | None, typer.Option("--note", help="Why.")] = None,
     command_id: CommandId = None,
     api_url: ApiUrl = None,
+    token: Token = None,
     as_json: AsJson = False,
 ) -> None:
-    """Approve an order waiting in manual review."""
-    body = {"reviewer": reviewer, "note": note, "command_id": command_id}
-    send_command(api_url, order_path(order_id, "approve"), body, as_json)
+    """Approve an order waiting in manual review, as the token's subject (never one's own order)."""
+    body = {"note": note, "command_id": command_id}
+    send_command(api_url, token, order_path(order_id, "approve"), body, as_json)
 
 
 @app.command()
@@ -192,11 +209,12 @@ def cancel(
     cancel_reason: Annotated[str | None, typer.Option("--reason", help="Why it is cancelled.")] = None,
     command_id: CommandId = None,
     api_url: ApiUrl = None,
+    token: Token = None,
     as_json: AsJson = False,
 ) -> None:
     """Cancel an order (until dispatch; a paid order is refunded)."""
     body = {"reason": cancel_reason, "command_id": command_id}
-    send_command(api_url, order_path(order_id, "cancel"), body, as_json)
+    send_command(api_url, token, order_path(order_id, "cancel"), body, as_json)
 
 
 @app.command("update-address")
@@ -211,6 +229,7 @@ def update_address(
     region: Region = None,
     command_id: CommandId = None,
     api_url: ApiUrl = None,
+    token: Token = None,
     as_json: AsJson = False,
 ) -> None:
     """Change an order's shipping address (until dispatch)."""
@@ -218,13 +237,13 @@ def update_address(
         "address": address(name, line1, line2, city, region, postal_code, country),
         "command_id": command_id,
     }
-    send_command(api_url, order_path(order_id, "address"), body, as_json)
+    send_command(api_url, token, order_path(order_id, "address"), body, as_json)
 
 
 @app.command()
-def status(order_id: OrderId, api_url: ApiUrl = None, as_json: AsJson = False) -> None:
+def status(order_id: OrderId, api_url: ApiUrl = None, token: Token = None, as_json: AsJson = False) -> None:
     """Show an order's live status (from its workflow, else from the orders table)."""
-    show(gateway(api_url).get(order_path(order_id)), as_json, render.order_status)
+    show(gateway(api_url, token).get(order_path(order_id)), as_json, render.order_status)
 
 
 @app.command("list")
@@ -233,17 +252,18 @@ def list_orders(
     limit: Annotated[int, typer.Option("--limit", min=1, max=200, help="Orders per page.")] = 50,
     cursor: Annotated[str | None, typer.Option("--cursor", help="Where the previous page ended.")] = None,
     api_url: ApiUrl = None,
+    token: Token = None,
     as_json: AsJson = False,
 ) -> None:
-    """List orders, newest first."""
+    """List orders, newest first (a customer's own only)."""
     params = {"state": state.value if state else None, "limit": limit, "cursor": cursor}
-    show(gateway(api_url).get("/orders", params), as_json, render.order_page)
+    show(gateway(api_url, token).get("/orders", params), as_json, render.order_page)
 
 
 @app.command()
-def history(order_id: OrderId, api_url: ApiUrl = None, as_json: AsJson = False) -> None:
+def history(order_id: OrderId, api_url: ApiUrl = None, token: Token = None, as_json: AsJson = False) -> None:
     """Show an order's events from the audit table, in order."""
-    show(gateway(api_url).get(order_path(order_id, "events")), as_json, render.history)
+    show(gateway(api_url, token).get(order_path(order_id, "events")), as_json, render.history)
 
 
 WATCH_EXIT_CODES = ", ".join(f"{code} {ending.value}" for ending, code in ENDING_EXIT_CODES.items())
@@ -260,6 +280,7 @@ def watch(
     ] = 60.0,
     as_json: AsJson = False,
     api_url: ApiUrl = None,
+    token: Token = None,
 ) -> None:
     """Print an order's events so far, then each as it happens, until the order ends; the exit
     code says how it ended. Follows the gateway's event stream of the order (nothing but the
@@ -273,7 +294,7 @@ def watch(
         typer.echo(text, err=True)
 
     note(f"watching order {order_id} for up to {timeout:g} s ...")
-    ending = asyncio.run(follow_order(gateway(api_url).base_url, order_id, timeout, print_event, note))
+    ending = asyncio.run(follow_order(gateway(api_url, token), order_id, timeout, print_event, note))
     if ending is None:
         fail(f"order {order_id} did not end within {timeout:g} s", WATCH_TIMEOUT_EXIT_CODE)
     note(f"order {order_id} {ending.type.value}")
@@ -290,15 +311,132 @@ def health_command(api_url: ApiUrl = None, as_json: AsJson = False) -> None:
         raise typer.Exit(1)
 
 
+# --- identity ---------------------------------------------------------------------------------------
+@app.command(
+    "token",
+    epilog="Exit codes: 0 printed; 1 no local issuer is configured, or its key is missing.",
+)
+def token_command(
+    roles: Annotated[
+        list[Role],
+        typer.Option("--role", help="A role the token carries; repeat for several.", show_default=False),
+    ],
+    subject: Annotated[
+        str, typer.Option("--subject", help="Who the token says its bearer is.", show_default=False)
+    ],
+    lifetime: Annotated[
+        int | None,
+        typer.Option(
+            "--lifetime",
+            min=60,
+            help="Seconds until it expires; by default settings.auth_local_token_lifetime_seconds.",
+        ),
+    ] = None,
+    link: Annotated[
+        bool, typer.Option("--link", help="Print a dashboard sign-in link (the token in its fragment).")
+    ] = False,
+    api_url: ApiUrl = None,
+) -> None:
+    """Print a bearer token from the local development issuer that `make run` sets up.
+
+    Use it with --token, ORDERFLOW_TOKEN or `orderflow login`. A gateway trusts it only when
+    ORDERFLOW_AUTH_LOCAL_ISSUER=true (as under `make run`); elsewhere, get tokens from your issuer.
+    """
+    current = settings()
+    if not local_issuer.under_make_run(current):
+        fail(
+            "no local issuer is configured (ORDERFLOW_AUTH_LOCAL_ISSUER=false): get a token from your issuer"
+        )
+    try:
+        minted = local_issuer.mint_token(
+            current.auth_local_issuer_key_file,
+            issuer=local_issuer.ISSUER,
+            audience=current.auth_audience,
+            subject=subject,
+            roles=roles,
+            roles_claim=current.auth_roles_claim,
+            lifetime_seconds=lifetime or current.auth_local_token_lifetime_seconds,
+        )
+    except local_issuer.NoLocalIssuer as error:
+        fail(f"no local issuer: {error}")
+    # a URL fragment is never sent to a server, so the token stays out of its logs
+    typer.echo(f"{(api_url or current.api_url).rstrip('/')}/dashboard#token={minted}" if link else minted)
+
+
+@app.command(epilog="Exit codes: 0 stored; 1 not a token, or an expired one.")
+def login(
+    token: Annotated[
+        str | None,
+        typer.Option("--token", help="The token; by default read from stdin.", show_default=False),
+    ] = None,
+) -> None:
+    """Store a bearer token for the commands that follow (readable by you only), in
+    $XDG_CONFIG_HOME/orderflow/token; --token and ORDERFLOW_TOKEN still win over it."""
+    if token is None:
+        token = typer.prompt("Token", hide_input=True) if sys.stdin.isatty() else sys.stdin.read()
+    token = token.strip()
+    try:
+        holder = credentials.claims(token, settings().auth_roles_claim)
+    except credentials.NotAToken as error:
+        fail(str(error))
+    if holder.expires_at is not None and holder.expires_at <= datetime.now(UTC):
+        fail(f"this token expired at {holder.expires_at.isoformat(timespec='seconds')}")
+    path = credentials.store(token)
+    typer.echo(f"signed in as {holder.describe()}; the token is in {path}")
+
+
+@app.command()
+def logout() -> None:
+    """Remove the token `orderflow login` stored."""
+    removed = credentials.forget()
+    typer.echo("signed out" if removed else "no stored token; nothing to do")
+
+
 @app.command()
 def migrate() -> None:
     """Create the database if it is missing and apply every migration (settings.database_url)."""
-    database_url = settings().database_url
+    chosen = settings()
     try:
-        schema.migrate(database_url)
+        schema.migrate(connection_security.database_url(chosen), connection_security.postgres_ssl(chosen))
     except Exception as error:  # noqa: BLE001 (any failure is reported as a message, not a traceback)
         fail(f"migration failed: {reason(error)}")
-    typer.echo(f"database {make_url(database_url).database!r} is at the newest migration")
+    typer.echo(f"database {make_url(chosen.database_url).database!r} is at the newest migration")
+
+
+# --- the broker's users and topology ----------------------------------------------------------------
+broker_app = typer.Typer(
+    name="broker",
+    help="Provision RabbitMQ for orderflow, as the administrator settings.amqp_url (env "
+    "ORDERFLOW_AMQP_URL) names: the services' own users, then the exchanges and queues.",
+    no_args_is_help=True,
+)
+app.add_typer(broker_app)
+
+
+@broker_app.command("provision")
+def provision_broker(
+    passwords: Annotated[
+        Path | None,
+        typer.Option(
+            help="A directory of broker-<account>.password files (gateway, bridge, workers, audit, "
+            "operator): create or update those users with only the permissions each needs.",
+            exists=True,
+            file_okay=False,
+        ),
+    ] = None,
+    management_url: Annotated[
+        str | None,
+        typer.Option(help="Create the users through this RabbitMQ management API (default: rabbitmqctl)."),
+    ] = None,
+) -> None:
+    """Declare orderflow's exchanges and queues (and create its services' users), so that each
+    service runs with a broker user that may not declare or delete anything."""
+    try:
+        accounts = None if passwords is None else broker_users.read_passwords(passwords)
+        asyncio.run(broker_users.provision(settings(), accounts, management_url))
+    except (broker_users.CannotCreateUsers, OSError, AMQPError) as error:
+        fail(f"cannot provision the broker: {reason(error)}")
+    typer.echo("the broker is provisioned" + (" with the services' users" if passwords else ""))
 
 
 # --- the dead-letter queue ------------------------------------------------------------------------

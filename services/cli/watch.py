@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import httpx
 
 from services.cli.errors import fail, reason
-from services.cli.gateway import order_path, refused
+from services.cli.gateway import Gateway, order_path, refused
 from shared.contracts import EventType, OrderEvent
 
 CONNECT_TIMEOUT_SECONDS = 5.0
@@ -39,7 +39,7 @@ class StreamedMessage:
 
 
 async def follow_order(
-    base_url: str,
+    gateway: Gateway,
     order_id: str,
     timeout: float,
     on_event: Callable[[OrderEvent], None],
@@ -52,7 +52,9 @@ async def follow_order(
         async with (
             asyncio.timeout(timeout),
             httpx.AsyncClient(
-                base_url=base_url, timeout=httpx.Timeout(CONNECT_TIMEOUT_SECONDS, read=None)
+                base_url=gateway.base_url,
+                headers=gateway.headers,
+                timeout=httpx.Timeout(CONNECT_TIMEOUT_SECONDS, read=None),
             ) as client,
         ):
             return await _follow(client, order_id, on_event, on_note)

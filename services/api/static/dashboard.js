@@ -2,19 +2,29 @@
 // endpoints) kept current by its event streams. Every event of /events/stream may change the
 // figures and the list, so they are read again (at most every REFRESH_MS); the selected order's
 // timeline comes from its own stream, which ends with the order.
+//
+// It holds no ambient authority: it signs in with a bearer token (from the URL fragment, which is
+// never sent to a server, or pasted), keeps it in sessionStorage and sends it on every request, so
+// a page of another site can make the browser send nothing that the gateway would act on.
 "use strict";
 
 const REFRESH_MS = 500;
 const CLOCK_REFRESH_MS = 15_000; // the completions per minute move with the clock too
+const POLL_MS = 3_000; // a customer may not follow every order's stream: its list is read again
+const RECONNECT_MS = 1_000;
 const PAGE_SIZE = 50;
-const TERMINAL = new Set(["completed", "cancelled", "failed", "terminated"]);
+const TOKEN_KEY = "orderflow.token";
 // the states from which a command can still take effect (the lifecycle answers if it cannot)
 const APPROVABLE = new Set(["queued", "received", "validated", "awaiting_approval"]);
 const CANCELLABLE = new Set(["queued", "received", "validated", "awaiting_approval", "approved", "paid", "shipping"]);
-
-const view = { state: null, cursor: null, selected: null, orderStream: null };
+const IN_REVIEW = "awaiting_approval";
 
 const $ = (selector) => document.querySelector(selector);
+const ROLES_CLAIM = $('meta[name="orderflow-roles-claim"]').content;
+
+// who is signed in; `ended` aborts everything the session started (requests, streams)
+const session = { token: null, subject: null, roles: new Set(), ended: null, timers: [] };
+const view = { state: null, cursor: null, selected: null, orderStream: null, status: null };
 
 function element(tag, text, className) {
   const made = document.createElement(tag);
@@ -23,11 +33,9 @@ function element(tag, text, className) {
   return made;
 }
 
-async function getJson(path) {
-  const response = await fetch(path, { headers: { accept: "application/json" } });
-  if (!response.ok) throw new Error(`${path}: ${response.status}`);
-  return response.json();
-}
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const time = (iso) => new Date(iso).toLocaleTimeString(undefined, { hour12: false });
+const money = (cents) => (cents / 100).toFixed(2);
 
 // at most one run of `task` per `ms`, the last request always honoured
 function throttled(task, ms) {
@@ -40,8 +48,137 @@ function throttled(task, ms) {
   };
 }
 
-const time = (iso) => new Date(iso).toLocaleTimeString(undefined, { hour12: false });
-const money = (cents) => (cents / 100).toFixed(2);
+// --- signing in ---------------------------------------------------------------------------------
+// The token's claims, read for display only: the gateway verifies it on every request.
+function claimsOf(token) {
+  const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+  const bytes = Uint8Array.from(atob(payload.padEnd(Math.ceil(payload.length / 4) * 4, "=")), (c) => c.charCodeAt(0));
+  const claims = JSON.parse(new TextDecoder().decode(bytes));
+  if (typeof claims !== "object" || claims === null) throw new Error("no claims");
+  return claims;
+}
+
+function rolesIn(claims) {
+  let roles = claims;
+  for (const part of ROLES_CLAIM.split(".")) roles = roles?.[part];
+  if (typeof roles === "string") roles = roles.split(" ");
+  return new Set(Array.isArray(roles) ? roles : []);
+}
+
+const has = (...roles) => roles.some((role) => session.roles.has(role));
+const seesEveryOrder = () => has("reviewer", "operator"); // the figures and every order's stream
+
+// the token of a sign-in link, taken out of the address bar (and so out of the history) at once
+function tokenFromFragment() {
+  const token = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (token !== null) history.replaceState(null, "", location.pathname + location.search);
+  return token;
+}
+
+function signIn(token) {
+  let claims;
+  try { claims = claimsOf(token); } catch { return false; }
+  sessionStorage.setItem(TOKEN_KEY, token);
+  Object.assign(session, { token, subject: String(claims.sub ?? "?"), roles: rolesIn(claims) });
+  session.ended = new AbortController();
+  showSession();
+  start();
+  return true;
+}
+
+function signOut(message) {
+  sessionStorage.removeItem(TOKEN_KEY);
+  session.ended?.abort();
+  for (const timer of session.timers) clearInterval(timer);
+  Object.assign(session, { token: null, subject: null, roles: new Set(), ended: null, timers: [] });
+  Object.assign(view, { state: null, cursor: null, selected: null, orderStream: null, status: null });
+  $("#orders tbody").replaceChildren();
+  $("#detail").hidden = true;
+  showSignIn(message);
+}
+
+function showSignIn(message) {
+  for (const id of ["#app", "#live", "#who", "#sign-out"]) $(id).hidden = true;
+  $("#sign-in").hidden = false;
+  $("#sign-in-message").textContent = message ?? "";
+  $("#token").value = "";
+}
+
+function showSession() {
+  $("#sign-in").hidden = true;
+  for (const id of ["#app", "#live", "#who", "#sign-out"]) $(id).hidden = false;
+  $("#who").textContent = `${session.subject} · ${[...session.roles].join(", ") || "no role"}`;
+  $("#figures").hidden = !seesEveryOrder();
+}
+
+// --- the gateway --------------------------------------------------------------------------------
+// Every request carries the token; a 401 (expired, revoked, not valid) ends the session.
+async function api(path, options = {}) {
+  const response = await fetch(path, {
+    ...options,
+    signal: options.signal ?? session.ended.signal,
+    headers: { accept: "application/json", ...options.headers, authorization: `Bearer ${session.token}` },
+  });
+  if (response.status === 401) {
+    signOut("The gateway did not accept the token (expired or not valid): sign in again.");
+    throw new Error("signed out");
+  }
+  return response;
+}
+
+async function getJson(path) {
+  const response = await api(path);
+  if (!response.ok) throw new Error(`${path}: ${response.status}`);
+  return response.json();
+}
+
+// Follow a server-sent event stream. EventSource cannot send an Authorization header, so fetch()
+// reads it and this parses it as the SSE standard says, reconnecting with Last-Event-ID after a
+// lost connection; it stops on a 204 (nothing more will come), on another refusal, or on `signal`.
+async function followStream(path, { lastEventId = null, onData, onOpen, onLost, signal }) {
+  let last = lastEventId;
+  while (!signal.aborted) {
+    try {
+      const headers = last === null ? {} : { "last-event-id": last };
+      const response = await api(path, { headers, signal });
+      if (response.status === 204) return;
+      if (!response.ok) throw new Error(`${path}: ${response.status}`, { cause: "refused" });
+      onOpen?.();
+      await readEvents(response.body, (id) => { last = id; }, onData);
+    } catch (error) {
+      if (signal.aborted || error.cause === "refused") return;
+      onLost?.(error);
+    }
+    await sleep(RECONNECT_MS);
+  }
+}
+
+async function readEvents(body, onId, onData) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let data = [];
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    // a "\r" at the end may be the first half of a "\r\n": wait for what follows it
+    const held = buffer.endsWith("\r") ? "\r" : "";
+    const lines = buffer.slice(0, buffer.length - held.length).split(/\r\n|\r|\n/);
+    buffer = lines.pop() + held;
+    for (const line of lines) {
+      if (line === "") {
+        if (data.length) onData(data.join("\n"));
+        data = [];
+        continue;
+      }
+      const colon = line.indexOf(":"); // a comment (": ping") has an empty field name
+      const field = colon === -1 ? line : line.slice(0, colon);
+      const text = colon === -1 ? "" : line.slice(colon + 1).replace(/^ /, "");
+      if (field === "data") data.push(text);
+      else if (field === "id" && !text.includes("\0")) onId(text);
+    }
+  }
+}
 
 // --- figures ------------------------------------------------------------------------------------
 function renderStats(stats) {
@@ -105,15 +242,16 @@ function renderOrders(page, append) {
   $("#orders-empty").hidden = body.children.length > 0;
 }
 
-// the figures and the first page, read again: every event may have changed them
+// the figures (for those who may read them) and the first page, read again: every event may have
+// changed them
 async function refresh() {
   try {
-    const [stats, page] = await Promise.all([getJson("/stats"), loadOrders(null)]);
-    renderStats(stats);
+    const [stats, page] = await Promise.all([seesEveryOrder() ? getJson("/stats") : null, loadOrders(null)]);
+    if (stats) renderStats(stats);
     renderOrders(page, false);
     return stats;
   } catch (error) {
-    setLive("error", `cannot read the gateway (${error.message})`);
+    if (session.token) setLive("error", `cannot read the gateway (${error.message})`);
     throw error;
   }
 }
@@ -122,8 +260,9 @@ const refreshSoon = throttled(() => refresh().catch(() => {}), REFRESH_MS);
 
 // --- the selected order -------------------------------------------------------------------------
 function select(orderId) {
-  if (view.orderStream) view.orderStream.close();
+  view.orderStream?.abort();
   view.selected = orderId;
+  view.status = null;
   for (const row of document.querySelectorAll("#orders tbody tr")) {
     row.classList.toggle("selected", row.dataset.orderId === orderId);
   }
@@ -131,31 +270,45 @@ function select(orderId) {
   $("#detail-id").textContent = orderId;
   $("#action-result").textContent = "";
   $("#timeline").replaceChildren();
+  showActions();
   refreshStatus();
-  const stream = new EventSource(`/orders/${encodeURIComponent(orderId)}/events/stream`);
-  stream.onmessage = (message) => {
-    const event = JSON.parse(message.data);
-    addToTimeline(event);
-    refreshStatus();
-    if (TERMINAL.has(event.type)) stream.close(); // the stream ends with the order
-  };
-  view.orderStream = stream;
+  view.orderStream = new AbortController();
+  followStream(`/orders/${encodeURIComponent(orderId)}/events/stream`, {
+    signal: AbortSignal.any([session.ended.signal, view.orderStream.signal]),
+    onData: (data) => { addToTimeline(JSON.parse(data)); refreshStatus(); },
+  });
 }
 
 async function showStatus() {
   const orderId = view.selected;
   const status = await getJson(`/orders/${encodeURIComponent(orderId)}`);
   if (orderId !== view.selected) return; // another order was selected meanwhile
+  view.status = status;
   const state = $("#detail-state");
   state.textContent = status.state;
   state.className = `state ${status.state}`;
   $("#detail-step").textContent = status.step ? `step: ${status.step}` : `from the ${status.source.replace("_", " ")}`;
-  $("#approve").disabled = !APPROVABLE.has(status.state);
-  $("#cancel").disabled = !CANCELLABLE.has(status.state);
+  showActions();
   const attempts = Object.entries(status.attempts ?? {}).map(([step, count]) => `${step} × ${count}`);
   listOrNone($("#attempts"), attempts);
   listOrNone($("#errors"), (status.recent_errors ?? []).map((error) =>
     `${time(error.at)} ${error.step} attempt ${error.attempt}: ${error.error}`));
+}
+
+// The buttons of the signed-in roles (the gateway decides; this only spares a refusal): reviewers
+// and operators approve, never an order they placed; a customer cancels its own orders (the only
+// ones it sees), a reviewer those in review, an operator any.
+function showActions() {
+  const status = view.status;
+  const placedByMe = status?.placed_by != null && status.placed_by === session.subject;
+  const approve = $("#approve");
+  approve.hidden = !has("reviewer", "operator");
+  approve.disabled = !status || !APPROVABLE.has(status.state) || placedByMe;
+  approve.title = placedByMe ? "You placed this order: someone else approves it (four eyes)." : "";
+  const cancel = $("#cancel");
+  cancel.hidden = !has("customer", "reviewer", "operator");
+  const mayCancel = has("operator", "customer") || (has("reviewer") && status?.state === IN_REVIEW);
+  cancel.disabled = !status || !CANCELLABLE.has(status.state) || !mayCancel;
 }
 
 // only the live status (from the workflow) knows attempts and errors
@@ -186,7 +339,7 @@ async function command(action, body) {
   const orderId = view.selected;
   const result = $("#action-result");
   result.textContent = "sending…";
-  const response = await fetch(`/orders/${encodeURIComponent(orderId)}/${action}`, {
+  const response = await api(`/orders/${encodeURIComponent(orderId)}/${action}`, {
     method: "POST",
     headers: { "content-type": "application/json" },
     body: JSON.stringify(body),
@@ -205,20 +358,39 @@ function setLive(state, text) {
 }
 
 function follow(position) {
-  // from the figures' own position: nothing between reading them and following is missed, and the
-  // browser resumes with Last-Event-ID after a lost connection
-  const stream = new EventSource(`/events/stream?last_event_id=${position}`);
-  stream.onopen = () => setLive("live", "live");
-  stream.onerror = () => setLive("reconnecting", "reconnecting…");
-  stream.onmessage = refreshSoon;
-  setInterval(refreshSoon, CLOCK_REFRESH_MS);
+  // from the figures' own position: nothing between reading them and following is missed
+  followStream("/events/stream", {
+    lastEventId: String(position),
+    signal: session.ended.signal,
+    onOpen: () => setLive("live", "live"),
+    onLost: () => setLive("reconnecting", "reconnecting…"),
+    onData: refreshSoon,
+  });
+  session.timers.push(setInterval(refreshSoon, CLOCK_REFRESH_MS));
 }
 
-$("#approve").addEventListener("click", () => command("approve", { reviewer: "dashboard" }));
-$("#cancel").addEventListener("click", () => command("cancel", { reason: "cancelled from the dashboard" }));
-$("#more").addEventListener("click", async () => renderOrders(await loadOrders(view.cursor), true));
+function poll() {
+  setLive("live", "live");
+  session.timers.push(setInterval(refreshSoon, POLL_MS));
+}
+
 function start() {
-  refresh().then((stats) => follow(stats.position), () => setTimeout(start, 2000));
+  const ended = session.ended.signal;
+  setLive("connecting", "connecting…");
+  refresh().then(
+    (stats) => { if (!ended.aborted) (stats ? follow(stats.position) : poll()); },
+    () => setTimeout(() => { if (!ended.aborted) start(); }, 2000),
+  );
 }
 
-start();
+$("#approve").addEventListener("click", () => command("approve", {}).catch(() => {}));
+$("#cancel").addEventListener("click", () => command("cancel", { reason: "cancelled from the dashboard" }).catch(() => {}));
+$("#more").addEventListener("click", async () => renderOrders(await loadOrders(view.cursor), true));
+$("#sign-out").addEventListener("click", () => signOut("Signed out."));
+$("#sign-in-form").addEventListener("submit", (submitted) => {
+  submitted.preventDefault();
+  if (!signIn($("#token").value.trim())) $("#sign-in-message").textContent = "That is not a bearer token (a JWT).";
+});
+
+const remembered = tokenFromFragment() ?? sessionStorage.getItem(TOKEN_KEY);
+if (!remembered || !signIn(remembered)) showSignIn(remembered ? "That is not a bearer token (a JWT)." : "");
