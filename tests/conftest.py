@@ -61,6 +61,8 @@ def base_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         amqp_delegates=["guest"],
         payload_keys=TEST_PAYLOAD_KEYS,
         payload_keys_file=None,
+        # tests place orders faster than people do; tests/test_limits.py holds the limit itself
+        api_write_rate_limit="1000/second",
     )
     return isolated_settings(settings, TEST_DATABASE)
 

@@ -7,8 +7,9 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 from fastapi import FastAPI, status
+from fastapi.exceptions import RequestValidationError
 
-from services.api import codec, commands, dashboard, health, orders, streams, telemetry
+from services.api import codec, commands, dashboard, health, limits, orders, streams, telemetry
 from services.api.auth import TokenVerifier
 from services.api.connections import Connections, DependencyUnavailable
 from services.api.errors import backlog_full, dependency_unavailable, method_not_allowed
@@ -68,6 +69,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(codec.router)
     app.add_middleware(telemetry.HttpMetrics)
     app.add_middleware(codec.CodecCors, origins=settings.codec_cors_origins)
+    # outermost: an oversized body is refused before any other layer reads it
+    app.add_middleware(limits.BodySizeLimit, max_bytes=settings.api_max_body_bytes)
+    app.state.write_limit = limits.WriteRateLimit(settings.api_write_rate_limit)
+    app.state.stream_slots = limits.StreamSlots(settings.api_max_streams_per_caller)
+    app.add_exception_handler(RequestValidationError, limits.validation_error)
     app.add_exception_handler(DependencyUnavailable, dependency_unavailable)
     app.add_exception_handler(BacklogFull, backlog_full)
     app.add_exception_handler(status.HTTP_405_METHOD_NOT_ALLOWED, method_not_allowed)

@@ -19,6 +19,7 @@ from services.api import read_model
 from services.api.auth import AUTH_RESPONSES, Approver, Canceller, Placer, Readdresser
 from services.api.dependencies import OrderIdPath, PublisherDep, SessionDep
 from services.api.errors import UNREADABLE_BODY, Responses, documented_error
+from services.api.limits import WRITE_LIMIT_RESPONSES, count_write
 from services.api.publishing import CommandPublisher
 from services.api.schemas import (
     ApproveOrderRequest,
@@ -63,6 +64,7 @@ IdempotencyKey = Annotated[
 COMMAND_RESPONSES: Responses = {
     **UNREADABLE_BODY,
     **AUTH_RESPONSES,
+    **WRITE_LIMIT_RESPONSES,
     status.HTTP_409_CONFLICT: documented_error(
         "`command_id` and the `Idempotency-Key` header name different commands: send one of them "
         "(or both naming the same command)."
@@ -233,6 +235,8 @@ def command_id_for_key(key: str) -> UUID:
 
 
 async def accept(command: Command, publisher: CommandPublisher, request: Request) -> CommandAccepted:
+    assert command.issued_by is not None  # every route sets it from the token
+    await count_write(request, command.issued_by.subject)
     await publisher.publish(command)
     return CommandAccepted(
         command_id=command.command_id,

@@ -49,6 +49,7 @@ from services.api import read_model
 from services.api.auth import AUTH_RESPONSES, AnyRole, Overseer
 from services.api.dependencies import ConnectionsDep, OrderIdPath
 from services.api.errors import Responses, json_error
+from services.api.limits import STREAM_LIMIT_RESPONSES, StreamSlot
 from services.api.schemas import StreamedEvent
 from shared.contracts import TERMINAL_EVENTS
 from shared.db import AuditEvent, Order
@@ -281,6 +282,7 @@ async def order_stream_start(
 
 ORDER_STREAM_RESPONSES: Responses = {
     **AUTH_RESPONSES,
+    **STREAM_LIMIT_RESPONSES,
     status.HTTP_204_NO_CONTENT: {
         "description": "The order has ended and nothing of it comes after `Last-Event-ID`: there is "
         "nothing more to stream (an `EventSource` stops reconnecting)."
@@ -306,7 +308,10 @@ ORDER_STREAM_RESPONSES: Responses = {
     responses=ORDER_STREAM_RESPONSES,
 )
 async def order_event_stream(
-    start: Annotated[OrderStream, Depends(order_stream_start)], feed: FeedDep, connections: ConnectionsDep
+    _slot: StreamSlot,
+    start: Annotated[OrderStream, Depends(order_stream_start)],
+    feed: FeedDep,
+    connections: ConnectionsDep,
 ) -> AsyncIterator[StreamedEvent]:
     # the annotation documents the events' data; a ServerSentEvent is sent as it is
     yield starting_point(start.after)  # type: ignore[misc]
@@ -339,10 +344,11 @@ async def order_event_stream(
     ),
     response_class=EventSourceResponse,
     response_description="Every order's events.",
-    responses=AUTH_RESPONSES,
+    responses={**AUTH_RESPONSES, **STREAM_LIMIT_RESPONSES},
 )
 async def event_stream(
     _: Overseer,
+    _slot: StreamSlot,
     feed: FeedDep,
     connections: ConnectionsDep,
     after: ResumeDep,

@@ -1,0 +1,191 @@
+"""Abuse limits of the gateway: request body size, write rate per caller, event streams per caller,
+and validation errors that do not echo oversized input back."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from limits import parse_many
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.api.auth import AnyRole
+from services.api.errors import Responses, documented_error
+from services.api.schemas import ErrorMessage
+
+# a validation error's `input` longer than this (as JSON) is left out of the answer
+ECHOED_INPUT_LIMIT = 200
+
+WRITE_LIMIT_RESPONSES: Responses = {
+    status.HTTP_413_CONTENT_TOO_LARGE: documented_error("The request body is larger than the gateway takes."),
+    status.HTTP_429_TOO_MANY_REQUESTS: documented_error(
+        "The caller sent more state-changing requests than its rate limit allows; nothing was done. "
+        "Retry after `Retry-After` seconds.",
+        retry_after=True,
+    ),
+}
+STREAM_LIMIT_RESPONSES: Responses = {
+    status.HTTP_429_TOO_MANY_REQUESTS: documented_error(
+        "The caller has as many event streams open as it may; close one, or retry after `Retry-After`.",
+        retry_after=True,
+    ),
+}
+
+
+class BodySizeLimit:
+    """Answers 413 to a request whose body is larger than `max_bytes`, before anything parses it:
+    at once from its Content-Length, or, for a body sent without one (chunked), once what arrived
+    passes the limit (such a body is read ahead, up to the limit, and handed on whole)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                await self._too_large(send)
+                return
+            await self.app(scope, receive, send)  # the server holds the body to its declared length
+            return
+        body = await self._read_ahead(receive)
+        if body is None:
+            await self._too_large(send)
+            return
+        await self.app(scope, replaying(body, receive), send)
+
+    async def _read_ahead(self, receive: Receive) -> Message | None:
+        """The whole body as one message; None once it grows past the limit."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return message  # the client left: the app sees that
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+    async def _too_large(self, send: Send) -> None:
+        body = ErrorMessage(
+            detail=f"the request body is larger than {self.max_bytes} bytes"
+        ).model_dump_json()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status.HTTP_413_CONTENT_TOO_LARGE,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body.encode()})
+
+
+def replaying(first: Message, receive: Receive) -> Receive:
+    """`receive` that hands `first` out first (a body read ahead), then passes through."""
+    pending = [first]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
+class WriteRateLimit:
+    """Per-caller limits on state-changing requests (a moving window, in this gateway process)."""
+
+    def __init__(self, limits: str) -> None:
+        self._limits = parse_many(limits)
+        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+
+    async def check(self, subject: str) -> None:
+        """Counts one write of `subject`; raises a 429 with Retry-After once a limit is reached."""
+        for limit in self._limits:
+            if not await self._limiter.hit(limit, subject):
+                stats = await self._limiter.get_window_stats(limit, subject)
+                retry_after = max(1, math.ceil(stats.reset_time - time.time()))
+                raise HTTPException(
+                    status.HTTP_429_TOO_MANY_REQUESTS,
+                    detail=f"too many requests: at most {limit} per caller; retry after {retry_after} s",
+                    headers={"Retry-After": str(retry_after)},
+                )
+
+
+class StreamSlots:
+    """How many event streams each caller has open; a caller at the cap gets a 429."""
+
+    def __init__(self, per_subject: int) -> None:
+        self._per_subject = per_subject
+        self._open: Counter[str] = Counter()
+
+    def open(self, subject: str) -> None:
+        if self._open[subject] >= self._per_subject:
+            raise HTTPException(
+                status.HTTP_429_TOO_MANY_REQUESTS,
+                detail=f"at most {self._per_subject} event streams per caller are open at once",
+                headers={"Retry-After": "5"},
+            )
+        self._open[subject] += 1
+
+    def close(self, subject: str) -> None:
+        self._open[subject] -= 1
+        if not self._open[subject]:
+            del self._open[subject]
+
+
+def stream_slots(request: Request) -> StreamSlots:
+    slots: StreamSlots = request.app.state.stream_slots
+    return slots
+
+
+async def holding_stream_slot(
+    slots: Annotated[StreamSlots, Depends(stream_slots)], actor: AnyRole
+) -> AsyncIterator[None]:
+    """Holds one of the caller's stream slots until the stream ends (FastAPI runs the code after
+    `yield` once the response is sent)."""
+    slots.open(actor.subject)
+    try:
+        yield
+    finally:
+        slots.close(actor.subject)
+
+
+async def validation_error(_: Request, error: Exception) -> JSONResponse:
+    """FastAPI's 422, without echoing an input larger than `ECHOED_INPUT_LIMIT` back."""
+    assert isinstance(error, RequestValidationError)
+    return JSONResponse(
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+        content={"detail": [without_large_input(problem) for problem in jsonable_encoder(error.errors())]},
+    )
+
+
+def without_large_input(problem: dict[str, Any]) -> dict[str, Any]:
+    if "input" in problem and len(json.dumps(problem["input"], default=str)) > ECHOED_INPUT_LIMIT:
+        return {key: value for key, value in problem.items() if key != "input"}
+    return problem
+
+
+StreamSlot = Annotated[None, Depends(holding_stream_slot)]
+"""One of the caller's event streams, held while the stream runs."""
+
+
+async def count_write(request: Request, subject: str) -> None:
+    limit: WriteRateLimit = request.app.state.write_limit
+    await limit.check(subject)
