@@ -125,7 +125,7 @@ async def child(tree: Path, temporal_address: str, orders: int) -> dict[str, flo
     try:
         _, topology = await shared_broker.open_channel(connection)
         ledger_takes = inspect.signature(admission.AdmissionLedger).parameters
-        parts = (lifecycles.OrderLifecycles(client, settings), admission.SlotGate(settings.database_url))
+        parts = (lifecycles.OrderLifecycles(client, settings), admission.SlotGate(settings))
         if "sessions" in ledger_takes:  # the ledger of a session factory, beside ProcessedCommands
             sessions = db.session_factory(engine)
             ledger = admission.AdmissionLedger(sessions, settings.max_running_lifecycles)

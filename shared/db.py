@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import asyncpg
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -26,6 +27,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -237,3 +239,12 @@ async def transaction(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterat
     """A session whose work commits on success and rolls back on any error."""
     async with sessions() as session, session.begin():
         yield session
+
+
+async def listening_connection(settings: Settings, timeout: float = 60.0) -> asyncpg.Connection:
+    """A plain asyncpg connection, for LISTEN (outside the pool: it stays open), with the engine's
+    URL, password and TLS."""
+    dsn = make_url(database_url(settings)).set(drivername="postgresql")
+    return await asyncpg.connect(
+        dsn.render_as_string(hide_password=False), ssl=postgres_ssl(settings), timeout=timeout
+    )

@@ -225,6 +225,9 @@ async def test_every_database_connection_insists_on_tls_when_told(base_settings:
         await schema.ensure_database(url, tls)
     with pytest.raises(ConnectionError, match="SSL"):
         await asyncio.to_thread(schema.upgrade, url, tls)
+    # the LISTEN connections of the gateway's streams and the bridge's slot gate
+    with pytest.raises(ConnectionError, match="SSL"):
+        await db.listening_connection(insisting)
 
 
 async def test_every_broker_connection_speaks_tls_to_an_amqps_url(base_settings: Settings) -> None:

@@ -41,7 +41,6 @@ from fastapi import (
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import WithJsonSchema
 from sqlalchemy import ColumnElement, exists, func, select
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
@@ -51,8 +50,10 @@ from services.api.dependencies import ConnectionsDep, OrderIdPath
 from services.api.errors import Responses, json_error
 from services.api.limits import STREAM_LIMIT_RESPONSES, StreamSlot
 from services.api.schemas import StreamedEvent
+from shared import db
 from shared.contracts import TERMINAL_EVENTS
 from shared.db import AuditEvent, Order
+from shared.settings import Settings
 
 EVENTS_CHANNEL = "orderflow_events"  # NOTIFY'd by the audit table's trigger (migration 0004)
 POLL_SECONDS = 1.0
@@ -68,8 +69,8 @@ log = structlog.get_logger(__name__)
 class EventFeed:
     """Tells this process's streams when events were stored, and when the server stops."""
 
-    def __init__(self, database_url: str) -> None:
-        self._dsn = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
         self._stored = asyncio.Event()
         self.stopping = asyncio.Event()
         self.listening = False
@@ -104,7 +105,7 @@ class EventFeed:
                     await asyncio.wait_for(self.stopping.wait(), LISTEN_RETRY_SECONDS)
 
     async def _listen_while_connected(self) -> None:
-        connection = await asyncpg.connect(self._dsn, timeout=LISTEN_RETRY_SECONDS)
+        connection = await db.listening_connection(self._settings, timeout=LISTEN_RETRY_SECONDS)
         lost = asyncio.Event()
         connection.add_termination_listener(lambda _: lost.set())
         try:
@@ -160,7 +161,7 @@ def on_exit_signals(callback: Callable[[], None]) -> Iterator[None]:
 async def event_feed(app: FastAPI) -> AsyncIterator[None]:
     """The process's `EventFeed` (`app.state.event_feed`), listening while the app runs; the streams
     end when the server is told to stop, and at the latest when the app shuts down."""
-    feed = EventFeed(app.state.settings.database_url)
+    feed = EventFeed(app.state.settings)
     app.state.event_feed = feed
     listener = asyncio.create_task(feed.listen())
     try:

@@ -31,10 +31,10 @@ import asyncpg
 import structlog
 from sqlalchemy import Row, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.bridge.lifecycles import Outcome, forbidden
+from shared import db
 from shared.admissions import ADMISSIONS_CHANNEL, LOCK_SLOTS, AdmissionStatus
 from shared.authorization import refusal
 from shared.consuming import RetrySoon
@@ -47,6 +47,7 @@ from shared.contracts import (
 )
 from shared.db import INSERT_ORDER, order_row
 from shared.lifecycle import EarlyCommand
+from shared.settings import Settings
 
 # a waiting placement looks again this often even if no release notification reached it
 SLOT_POLL_SECONDS = 1.0
@@ -477,8 +478,8 @@ class SlotGate:
     """Where this bridge's placements wait for a slot: one asks at a time, in arrival order, and
     asks again when a lifecycle anywhere releases one (PostgreSQL NOTIFY) or every second."""
 
-    def __init__(self, database_url: str) -> None:
-        self._dsn = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
         self._released = asyncio.Event()
         self._turn = asyncio.Lock()
         self._waiting = 0
@@ -508,7 +509,7 @@ class SlotGate:
         """Hear slot releases until `stop`; reconnects, and polling covers the gaps."""
         while not stop.is_set():
             try:
-                connection = await asyncpg.connect(self._dsn)
+                connection = await db.listening_connection(self._settings)
             except (OSError, asyncpg.PostgresError) as error:
                 log.warning("cannot listen for slot releases; polling", error=repr(error))
                 await _first_of(stop, stop, 5.0)

@@ -106,7 +106,7 @@ async def run_bridge(settings: Settings, stop: asyncio.Event) -> None:
         bridge = Bridge(
             OrderLifecycles(temporal, settings),
             AdmissionLedger(engine, settings.max_running_lifecycles),
-            SlotGate(settings.database_url),
+            SlotGate(settings),
             PublisherIdentities.of(settings),
             topology,
             stop,
