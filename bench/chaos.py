@@ -63,7 +63,7 @@ from temporalio.client import Client
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the crash tests' private servers
 
-from bench.load import BENCH_CUSTOMER, BENCH_PUBLISHER, Load, offer, place_command
+from bench.load import BENCH_PUBLISHER, Load, customer_token, offer, place_command
 from bench.measure import Ledger, OrderClock, Outcome
 from bench.pipeline import approve_command
 from bench.report import MAX_FAULTS_SHOWN
@@ -124,20 +124,6 @@ class ChaosSystem:
                 await self.postgres.restart()
             case _:
                 await self.stack.crash_and_restart(target)
-
-
-def customer_token(settings: Settings) -> dict[str, str]:
-    """The gateway's `Authorization` for the bench's customer, from the system's local issuer."""
-    token = local_issuer.mint_token(
-        settings.auth_local_issuer_key_file,
-        issuer=local_issuer.ISSUER,
-        audience=settings.auth_audience,
-        subject=BENCH_CUSTOMER.subject,
-        roles=list(BENCH_CUSTOMER.roles),
-        roles_claim=settings.auth_roles_claim,
-        lifetime_seconds=settings.auth_local_token_lifetime_seconds,
-    )
-    return {"Authorization": f"Bearer {token}"}
 
 
 class PatientClients:

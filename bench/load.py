@@ -17,7 +17,9 @@ from typing import Any, Protocol
 from uuid import uuid4
 
 from bench.measure import Ledger
+from shared import local_issuer
 from shared.contracts import Actor, Address, OrderItem, PlaceOrder, PlaceOrderPayload, Role
+from shared.settings import Settings
 
 MAX_IN_FLIGHT = 64
 ADDRESS = Address(name="Bench", line1="1 Load Street", city="Testville", postal_code="12345", country="DE")
@@ -85,12 +87,19 @@ async def _place(system: SystemUnderTest, ledger: Ledger, order_id: str) -> None
         clock.accepted_at = time.monotonic()
 
 
-def place_command(order_id: str) -> PlaceOrder:
-    """Every order of the bench: one item, one address, placed by the bench's customer."""
+def place_command(order_id: str, issuers: bool = True) -> PlaceOrder:
+    """Every order of the bench: one item, one address, placed by the bench's customer (`issuers`
+    False: by the publisher itself, for a revision from before commands named their issuer)."""
     return PlaceOrder(
         command_id=uuid4(),
         order_id=order_id,
         issued_at=datetime.now(UTC),
-        issued_by=BENCH_CUSTOMER,
+        issued_by=BENCH_CUSTOMER if issuers else None,
         payload=PlaceOrderPayload(payment_id=f"pay-{order_id}", items=ITEMS, address=ADDRESS),
     )
+
+
+def customer_token(settings: Settings) -> dict[str, str]:
+    """The gateway's `Authorization` for the bench's customer, from the system's local issuer."""
+    token = local_issuer.mint_token(settings, BENCH_CUSTOMER.subject, BENCH_CUSTOMER.roles)
+    return {"Authorization": f"Bearer {token}"}

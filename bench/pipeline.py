@@ -24,7 +24,7 @@ from uuid import uuid4
 import httpx
 from aio_pika.abc import AbstractIncomingMessage
 
-from bench.load import BENCH_PUBLISHER, BENCH_REVIEWER, Shed, place_command
+from bench.load import BENCH_PUBLISHER, BENCH_REVIEWER, Shed, customer_token, place_command
 from bench.measure import Ledger, OrderClock, cpu_by_kind
 from services.stack import (
     RUN_DIR,
@@ -35,6 +35,7 @@ from services.stack import (
     isolated_settings,
     running_stack,
     service_of,
+    with_local_issuer,
     with_payload_keys,
 )
 from shared import broker
@@ -105,7 +106,9 @@ class PipelineConfig:
     def settings(self, temporal_port: int, name: str) -> Settings:
         """Settings on a database and vhost called `name`, made anew."""
         api_port = free_port()
-        isolated = with_payload_keys(isolated_settings(Settings(**BENCH_PUBLISHER), name), RUN_DIR)
+        isolated = with_local_issuer(
+            with_payload_keys(isolated_settings(Settings(**BENCH_PUBLISHER), name), RUN_DIR)
+        )
         return self.variant.applied_to(isolated).model_copy(
             update={
                 "temporal_address": f"127.0.0.1:{temporal_port}",
@@ -117,9 +120,12 @@ class PipelineConfig:
         )
 
 
-def approve_command(order_id: str) -> ApproveOrder:
+def approve_command(order_id: str, issuers: bool = True) -> ApproveOrder:
     return ApproveOrder(
-        command_id=uuid4(), order_id=order_id, issued_at=datetime.now(UTC), issued_by=BENCH_REVIEWER
+        command_id=uuid4(),
+        order_id=order_id,
+        issued_at=datetime.now(UTC),
+        issued_by=BENCH_REVIEWER if issuers else None,
     )
 
 
@@ -133,8 +139,10 @@ class Pipeline:
         ledger: Ledger,
         api: httpx.AsyncClient | None,
         review_seconds: float,
+        issuers: bool,
     ) -> None:
         self._stack = stack
+        self._issuers = issuers  # False for a revision from before commands named their issuer
         self._topology = topology
         self._ledger = ledger
         self._api = api
@@ -144,7 +152,7 @@ class Pipeline:
     async def place(self, order_id: str) -> None:
         if self._api is None:
             try:
-                await broker.publish_command(self._topology, place_command(order_id))
+                await broker.publish_command(self._topology, place_command(order_id, self._issuers))
             except broker.CommandRefused as refused:  # the broker's negative confirm: backlog full
                 raise Shed(str(refused)) from refused
             return
@@ -180,7 +188,7 @@ class Pipeline:
             began = time.monotonic()
             await asyncio.sleep(self._review_seconds)
             clock.reviewer_seconds = time.monotonic() - began
-        await broker.publish_command(self._topology, approve_command(order_id))
+        await broker.publish_command(self._topology, approve_command(order_id, self._issuers))
 
 
 @asynccontextmanager
@@ -205,9 +213,10 @@ async def running_pipeline(config: PipelineConfig, ledger: Ledger) -> AsyncItera
             api = None
             if config.entry is Entry.API:
                 api = await exits.enter_async_context(
-                    httpx.AsyncClient(base_url=settings.api_url, timeout=30)
+                    httpx.AsyncClient(base_url=settings.api_url, timeout=30, headers=customer_token(settings))
                 )
-            pipeline = Pipeline(stack, topology, ledger, api, config.review_seconds)
+            issuers = config.tree is None or (config.tree / "shared" / "authorization.py").exists()
+            pipeline = Pipeline(stack, topology, ledger, api, config.review_seconds, issuers)
             events = await channel.declare_queue(exclusive=True, auto_delete=True)
             await events.bind(topology.events, routing_key="order.#")
             await events.consume(pipeline.on_event)

@@ -284,10 +284,12 @@ async def publish_command(topology: Topology, command: Command) -> None:
     """Publish one command; returns once the broker confirmed it. Raises `CommandRefused` when
     the broker refused it (placement backlog full), `CommandNotRouted` when no queue took it."""
     routing_key = COMMAND_ROUTING_KEYS[command.type]
+    # without an issuer the body names none (revisions before issuers knew no such field)
+    unnamed = {"issued_by"} if command.issued_by is None else None
     try:
         confirmation = await topology.commands.publish(
             aio_pika.Message(
-                body=command.model_dump_json().encode(),
+                body=command.model_dump_json(exclude=unnamed).encode(),
                 content_type="application/json",
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 message_id=str(command.command_id),

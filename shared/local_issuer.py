@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,29 +83,28 @@ def public_jwks(path: Path) -> dict[str, Any]:
 
 
 def mint_token(
-    path: Path,
-    *,
-    issuer: str,
-    audience: str,
+    settings: Settings,
     subject: str,
-    roles: list[Role],
-    roles_claim: str,
-    lifetime_seconds: int,
+    roles: Iterable[Role],
+    *,
+    lifetime_seconds: int | None = None,
     now: float | None = None,
 ) -> str:
-    """A signed access token for `subject` with `roles` under `roles_claim` (a dotted path such as
-    `realm_access.roles` nests it, as Keycloak does)."""
-    private_key = load_private_key(path)
+    """A signed access token for `subject` with `roles`, for the gateway `settings` describe: its
+    audience, its roles claim (a dotted path such as `realm_access.roles` nests it, as Keycloak
+    does), the local issuer's key and, unless given, its token lifetime."""
+    private_key = load_private_key(settings.auth_local_issuer_key_file)
     issued_at = int(time.time() if now is None else now)
+    lifetime = settings.auth_local_token_lifetime_seconds if lifetime_seconds is None else lifetime_seconds
     claims: dict[str, Any] = {
-        "iss": issuer,
-        "aud": audience,
+        "iss": ISSUER,
+        "aud": settings.auth_audience,
         "sub": subject,
         "iat": issued_at,
         "nbf": issued_at,
-        "exp": issued_at + lifetime_seconds,
+        "exp": issued_at + lifetime,
     }
-    *parents, leaf = roles_claim.split(".")
+    *parents, leaf = settings.auth_roles_claim.split(".")
     holder = claims
     for parent in parents:
         holder = holder.setdefault(parent, {})

@@ -47,15 +47,7 @@ ITEMS: list[dict[str, Any]] = [{"sku": "BOOK-1", "qty": 2, "unit_price_cents": 1
 def bearer(settings: Settings, subject: str, *roles: Role) -> dict[str, str]:
     """The `Authorization` header of a token the local issuer (which the tests' gateways trust)
     gives `subject` with `roles`."""
-    token = local_issuer.mint_token(
-        settings.auth_local_issuer_key_file,
-        issuer=local_issuer.ISSUER,
-        audience=settings.auth_audience,
-        subject=subject,
-        roles=list(roles),
-        roles_claim=settings.auth_roles_claim,
-        lifetime_seconds=settings.auth_local_token_lifetime_seconds,
-    )
+    token = local_issuer.mint_token(settings, subject, roles)
     return {"Authorization": f"Bearer {token}"}
 
 

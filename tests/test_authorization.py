@@ -96,6 +96,9 @@ MATRIX: dict[tuple[str, str], Access] = {
     ("GET", "/stats"): protected(403, 403, 200, 200),
     ("POST", "/codec/decode"): protected(403, 403, 403, ANY, body=PAYLOADS),
     ("POST", "/codec/encode"): protected(403, 403, 403, ANY, body=PAYLOADS),
+    ("POST", "/codec/session"): protected(403, 403, 403, 204),
+    # clearing the codec cookie takes any valid token, one without a role too
+    ("DELETE", "/codec/session"): Access(None, 401, 204, 204, 204, 204, no_role=204),
     # probes and metrics stay open for the machines that ask; the dashboard page is the sign-in
     # page (its data comes from the routes above); the API's documentation is public
     ("GET", "/healthz"): open_route(),
@@ -233,7 +236,9 @@ async def call(
 ) -> httpx.Response:
     access = MATRIX[method, template]
     path = CONCRETE_PATHS.get(template, template).replace("{order_id}", order_id)
-    return await api.request(method, path, json=access.body, headers=headers)
+    response = await api.request(method, path, json=access.body, headers=headers)
+    api.cookies.clear()  # a caller is its headers alone: the codec session cookie is not kept for the next
+    return response
 
 
 @pytest.mark.parametrize(("method", "template"), ROUTES)

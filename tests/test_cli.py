@@ -486,14 +486,7 @@ async def test_login_refuses_what_is_not_a_usable_token(
 ) -> None:
     if token == "expired":
         token = local_issuer.mint_token(
-            base_settings.auth_local_issuer_key_file,
-            issuer=local_issuer.ISSUER,
-            audience=base_settings.auth_audience,
-            subject="old",
-            roles=[Role.CUSTOMER],
-            roles_claim=base_settings.auth_roles_claim,
-            lifetime_seconds=60,
-            now=time.time() - 3600,
+            base_settings, "old", [Role.CUSTOMER], lifetime_seconds=60, now=time.time() - 3600
         )
 
     result = await orderflow("login", "--token", token)

@@ -4,22 +4,36 @@ reach Temporal (`shared.temporal`: Temporal's environment configuration)."""
 from __future__ import annotations
 
 import base64
+import json
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from http.cookies import Morsel, SimpleCookie
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
+import jwt
 import pytest
 import pytest_asyncio
+from cryptography.hazmat.primitives.asymmetric import ec
+from playwright.async_api import Page, async_playwright, expect
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.api.common.v1 import Payload
 from temporalio.api.failure.v1 import Failure
 from temporalio.exceptions import ApplicationError
 from temporalio.service import TLSConfig
 
-from api_support import bearer, gateway
-from services.api.codec import PREFIX
+from api_support import bearer, gateway, gateway_process, unique_id
+from service_support import eventually
+from services.api.codec import PREFIX, SESSION_COOKIE
+from shared import local_issuer
 from shared.codec import (
     ENCODING,
     KEY_ID_METADATA,
@@ -248,8 +262,61 @@ async def test_an_undecryptable_payload_is_refused_by_name(
         headers=bearer(settings, "olga", Role.OPERATOR),
     )
 
-    assert answer.status_code == httpx.codes.UNPROCESSABLE_ENTITY
+    assert answer.status_code == httpx.codes.BAD_REQUEST
     assert "'elsewhere', which is not in the keyring" in answer.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        ({"payloads": "none"}, ["body", "payloads"]),
+        ({"payloads": [{"data": "not base64!"}]}, ["body", "payloads", 0, "data"]),
+        ({"payloads": [{"metadata": {"encoding": "QQ="}}]}, ["body", "payloads", 0, "metadata", "encoding"]),
+    ],
+)
+async def test_a_body_that_is_not_payloads_json_is_a_validation_error(
+    codec_server: httpx.AsyncClient, settings: Settings, body: dict[str, object], where: list[object]
+) -> None:
+    answer = await codec_server.post(
+        f"{PREFIX}/decode", json=body, headers=bearer(settings, "olga", Role.OPERATOR)
+    )
+
+    assert answer.status_code == httpx.codes.UNPROCESSABLE_ENTITY
+    assert [error["loc"] for error in answer.json()["detail"]] == [where]
+
+
+async def test_base64_comes_standard_or_url_safe_padded_or_not(
+    codec_server: httpx.AsyncClient, settings: Settings
+) -> None:
+    spellings = ["+/+/", "-_-_", "QUI=", "QUI", "QQ==", "QQ", ""]
+    body = {"payloads": [{"metadata": {"encoding": "anNvbi9wbGFpbg"}, "data": data} for data in spellings]}
+
+    answer = await codec_server.post(
+        f"{PREFIX}/decode", json=body, headers=bearer(settings, "olga", Role.OPERATOR)
+    )
+
+    assert answer.status_code == httpx.codes.OK, answer.text
+    assert [from_json(payload).data for payload in answer.json()["payloads"]] == [
+        b"\xfb\xff\xbf",
+        b"\xfb\xff\xbf",
+        b"AB",
+        b"AB",
+        b"A",
+        b"A",
+        b"",
+    ]
+
+
+@pytest.mark.parametrize("operation", ["decode", "encode"])
+async def test_no_payloads_come_back_as_no_payloads(
+    codec_server: httpx.AsyncClient, settings: Settings, operation: str
+) -> None:
+    answer = await codec_server.post(
+        f"{PREFIX}/{operation}", json={"payloads": []}, headers=bearer(settings, "olga", Role.OPERATOR)
+    )
+
+    assert answer.status_code == httpx.codes.OK, answer.text
+    assert answer.json() == {"payloads": []}
 
 
 async def test_the_temporal_ui_origin_may_call_the_codec_server_and_no_other(
@@ -282,6 +349,215 @@ async def test_the_temporal_ui_origin_may_call_the_codec_server_and_no_other(
     # the rest of the gateway answers no cross-origin request
     orders = await codec_server.options("/orders", headers=preflight(UI_ORIGIN))
     assert "access-control-allow-origin" not in orders.headers
+
+
+# --- the codec session cookie (the Temporal UI under `make run`) ----------------------------------
+SESSION_LIFETIME_SECONDS = 600
+
+
+def token_of(settings: Settings, subject: str, role: Role, lifetime: int, now: float | None = None) -> str:
+    return local_issuer.mint_token(settings, subject, [role], lifetime_seconds=lifetime, now=now)
+
+
+def session_cookie_of(response: httpx.Response) -> Morsel[str]:
+    [set_cookie] = response.headers.get_list("set-cookie")
+    cookie: SimpleCookie = SimpleCookie()
+    cookie.load(set_cookie)
+    return cookie[SESSION_COOKIE]
+
+
+def only_the_cookie(token: str) -> dict[str, str]:
+    return {"Cookie": f"{SESSION_COOKIE}={token}"}
+
+
+async def sealed_body(settings: Settings) -> dict[str, object]:
+    [sealed] = await EncryptionCodec(payload_keyring(settings)).encode([plain()])
+    return {"payloads": [as_json(sealed)]}
+
+
+async def test_only_an_operator_opens_a_codec_session_a_cookie_for_codec_alone(
+    codec_server: httpx.AsyncClient, settings: Settings
+) -> None:
+    refused = {
+        "anonymous": ({}, httpx.codes.UNAUTHORIZED),
+        "customer": (bearer(settings, "cora", Role.CUSTOMER), httpx.codes.FORBIDDEN),
+        "reviewer": (bearer(settings, "rita", Role.REVIEWER), httpx.codes.FORBIDDEN),
+    }
+    for caller, (headers, status) in refused.items():
+        answer = await codec_server.post(f"{PREFIX}/session", headers=headers)
+        assert answer.status_code == status, (caller, answer.text)
+        assert "set-cookie" not in answer.headers, caller
+
+    token = token_of(settings, "olga", Role.OPERATOR, SESSION_LIFETIME_SECONDS)
+    opened = await codec_server.post(f"{PREFIX}/session", headers={"Authorization": f"Bearer {token}"})
+
+    assert opened.status_code == httpx.codes.NO_CONTENT, opened.text
+    cookie = session_cookie_of(opened)
+    assert cookie.value == token
+    assert (cookie["path"], cookie["samesite"].lower(), cookie["httponly"]) == (PREFIX, "strict", True)
+    assert 0 < int(cookie["max-age"]) <= SESSION_LIFETIME_SECONDS  # no longer than the token lasts
+    assert not cookie["secure"]  # plain http: a Secure cookie would not come back
+
+
+async def test_a_codec_session_over_https_sets_a_secure_cookie(settings: Settings) -> None:
+    async with gateway(settings) as client:
+        client.base_url = httpx.URL("https://gw")
+
+        opened = await client.post(f"{PREFIX}/session", headers=bearer(settings, "olga", Role.OPERATOR))
+
+    assert opened.status_code == httpx.codes.NO_CONTENT, opened.text
+    assert session_cookie_of(opened)["secure"] is True
+
+
+async def test_the_cookie_alone_decodes_authorizes_nothing_else_and_goes_on_sign_out(
+    codec_server: httpx.AsyncClient, settings: Settings
+) -> None:
+    operator = bearer(settings, "olga", Role.OPERATOR)
+    body = await sealed_body(settings)
+    opened = await codec_server.post(f"{PREFIX}/session", headers=operator)
+    token = session_cookie_of(opened).value
+
+    # what the Temporal UI sends with "Include cross-origin credentials": its origin and the cookie
+    decoded = await codec_server.post(f"{PREFIX}/decode", json=body, headers={"Origin": UI_ORIGIN})
+    assert decoded.status_code == httpx.codes.OK, decoded.text
+    assert [from_json(payload) for payload in decoded.json()["payloads"]] == [plain()]
+    assert decoded.headers["access-control-allow-origin"] == UI_ORIGIN
+    encoded = await codec_server.post(f"{PREFIX}/encode", json={"payloads": [as_json(plain())]})
+    assert encoded.status_code == httpx.codes.OK, encoded.text
+
+    # the same token as a cookie anywhere else is no credential (the browser would not even send it)
+    order_id = unique_id("cookie")
+    for method, path in [
+        ("POST", f"/orders/{order_id}/approve"),
+        ("POST", f"/orders/{order_id}/cancel"),
+        ("GET", "/orders"),
+        ("POST", f"{PREFIX}/session"),
+    ]:
+        answer = await codec_server.request(method, path, headers=only_the_cookie(token))
+        assert answer.status_code == httpx.codes.UNAUTHORIZED, (method, path, answer.text)
+
+    closed = await codec_server.delete(f"{PREFIX}/session", headers=operator)
+    assert closed.status_code == httpx.codes.NO_CONTENT
+    gone = session_cookie_of(closed)
+    assert (gone.value, gone["max-age"], gone["path"]) == ("", "0", PREFIX)
+    assert SESSION_COOKIE not in codec_server.cookies
+    after = await codec_server.post(f"{PREFIX}/decode", json=body)
+    assert after.status_code == httpx.codes.UNAUTHORIZED
+
+
+async def test_a_cookie_is_verified_as_a_bearer_token_is(
+    codec_server: httpx.AsyncClient, settings: Settings
+) -> None:
+    body = await sealed_body(settings)
+    an_hour_ago = time.time() - 3600
+    stranger = ec.generate_private_key(ec.SECP256R1())
+    trusted = local_issuer.load_private_key(settings.auth_local_issuer_key_file)
+    genuine = token_of(settings, "olga", Role.OPERATOR, SESSION_LIFETIME_SECONDS)
+    genuine_claims = jwt.decode(genuine, options={"verify_signature": False})
+    cookies = {
+        "expired": (token_of(settings, "olga", Role.OPERATOR, 60, now=an_hour_ago), httpx.codes.UNAUTHORIZED),
+        "forged": (
+            jwt.encode(
+                genuine_claims,
+                stranger,
+                algorithm="ES256",
+                headers={"kid": local_issuer.key_id(trusted.public_key())},
+            ),
+            httpx.codes.UNAUTHORIZED,
+        ),
+        "not a token": ("not-a-token", httpx.codes.UNAUTHORIZED),
+        "a reviewer's": (token_of(settings, "rita", Role.REVIEWER, 600), httpx.codes.FORBIDDEN),
+    }
+    for kind, (token, status) in cookies.items():
+        answer = await codec_server.post(f"{PREFIX}/decode", json=body, headers=only_the_cookie(token))
+        assert answer.status_code == status, (kind, answer.text)
+        assert token not in answer.text and SECRET not in answer.text
+
+
+@contextmanager
+def temporal_ui_stand_in() -> Iterator[int]:
+    """An empty page on a port of this host, standing in for the Temporal UI's origin; its port."""
+    page = b"<!doctype html><title>Temporal UI stand-in</title>"
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# what the Temporal UI's fetch does with "Include cross-origin credentials" (its data-encoder.ts)
+UI_DECODE = """async ([endpoint, body]) => {
+  const answer = await fetch(`${endpoint}/decode`, {
+    method: "POST",
+    credentials: "include",
+    headers: { "Content-Type": "application/json", "X-Namespace": "default" },
+    body: JSON.stringify(body),
+  });
+  return [answer.status, await answer.text()];
+}"""
+
+
+async def decode_from(page: Page, origin: str, endpoint: str, body: dict[str, object]) -> tuple[int, str]:
+    await page.goto(f"{origin}/")
+    status, text = await page.evaluate(UI_DECODE, [endpoint, body])
+    return int(status), str(text)
+
+
+@pytest.mark.e2e
+async def test_the_temporal_ui_of_the_same_host_decodes_once_an_operator_signed_in_to_the_dashboard(
+    settings: Settings, db_sessions: async_sessionmaker[AsyncSession], tmp_path: Path
+) -> None:
+    chromium = shutil.which("chromium")
+    assert chromium, "no chromium on PATH: apt-get install chromium"
+    body = await sealed_body(settings)
+    operator = token_of(settings, "oona", Role.OPERATOR, SESSION_LIFETIME_SECONDS)
+    with temporal_ui_stand_in() as ui_port:
+        same_site, other_site = f"http://127.0.0.1:{ui_port}", f"http://localhost:{ui_port}"
+        served = settings.model_copy(update={"codec_cors_origins": [same_site, other_site]})
+        with gateway_process(served, tmp_path / "gateway.log") as url:
+            async with async_playwright() as playwright:
+                browser = await playwright.chromium.launch(executable_path=chromium)
+                context = await browser.new_context()
+                dashboard = await context.new_page()
+                await dashboard.goto(f"{url}/dashboard#token={operator}")
+                await expect(dashboard.locator("#who")).to_have_text("oona · operator")
+
+                async def cookie_set() -> bool:
+                    return any(cookie["name"] == SESSION_COOKIE for cookie in await context.cookies())
+
+                await eventually(cookie_set, 10)
+                ui = await context.new_page()
+                status, decoded = await decode_from(ui, same_site, f"{url}/codec", body)
+                assert status == httpx.codes.OK, decoded
+                assert [from_json(payload) for payload in json.loads(decoded)["payloads"]] == [plain()]
+                # `localhost` is another site than `127.0.0.1`: a SameSite=Strict cookie stays home
+                status, refused = await decode_from(ui, other_site, f"{url}/codec", body)
+                assert status == httpx.codes.UNAUTHORIZED, refused
+
+                await dashboard.click("#sign-out")
+
+                async def cookie_gone() -> bool:
+                    return not await cookie_set()
+
+                await eventually(cookie_gone, 10)
+                status, refused = await decode_from(ui, same_site, f"{url}/codec", body)
+                assert status == httpx.codes.UNAUTHORIZED, refused
+                await browser.close()
 
 
 # --- the connection to Temporal ----------------------------------------------------------------

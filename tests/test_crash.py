@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 from temporalio.client import Client
 
+from api_support import bearer
 from private_servers import (
     PrivatePostgres,
     PrivateRabbitMQ,
@@ -42,7 +43,7 @@ from private_servers import (
 from service_support import eventually
 from services.stack import Stack, TemporalDevServer, free_port, running_stack
 from shared import broker, db
-from shared.contracts import Command, EventType
+from shared.contracts import Command, EventType, Role
 from shared.db import AuditEvent, Order, Payment, ProcessedCommand
 from shared.lifecycle import order_workflow_id
 from shared.settings import Settings
@@ -155,7 +156,8 @@ async def amqp(crash: CrashSystem) -> AsyncIterator[Subscriber]:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def api(crash: CrashSystem) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=crash.settings.api_url, timeout=10) as client:
+    customer = bearer(crash.settings, "crash-customer", Role.CUSTOMER)
+    async with httpx.AsyncClient(base_url=crash.settings.api_url, timeout=10, headers=customer) as client:
         yield client
 
 

@@ -21,11 +21,12 @@ from aio_pika.abc import AbstractQueue
 from sqlalchemy import func, select
 from sqlmodel import col
 
+from api_support import bearer
 from service_support import moved_to
 from services.stack import free_port, running_stack
 from shared import broker, db, schema
 from shared.admissions import HOLDING_SLOT
-from shared.contracts import CancelOrder, EventType, OrderEvent
+from shared.contracts import CancelOrder, EventType, OrderEvent, Role
 from shared.db import Admission
 from shared.settings import Settings
 from test_e2e import EventLog, approve_command, following_events, place_command, place_over_http
@@ -80,7 +81,8 @@ async def test_a_burst_above_the_bound_all_ends_as_its_commands_say(
     topology, events, _ = amqp
     order_ids = [f"cap-{uuid4().hex[:10]}" for _ in range(ORDERS)]
     to_cancel = set(order_ids[::8])
-    async with httpx.AsyncClient(base_url=system.api_url, timeout=10) as api:
+    customer = bearer(system, "capacity-customer", Role.CUSTOMER)
+    async with httpx.AsyncClient(base_url=system.api_url, timeout=10, headers=customer) as api:
         for index, order_id in enumerate(order_ids):
             # half over HTTP, half over AMQP; each followed at once by its approval or cancel
             if index % 2:

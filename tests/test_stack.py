@@ -77,12 +77,9 @@ async def test_the_run_command_starts_everything_and_stops_cleanly_on_ctrl_c(
 
         await eventually(ready, START_TIMEOUT_SECONDS)
         token = local_issuer.mint_token(
-            key_file,
-            issuer=local_issuer.ISSUER,
-            audience=settings.auth_audience,
-            subject="rita",
-            roles=[Role.REVIEWER],
-            roles_claim=settings.auth_roles_claim,
+            settings.model_copy(update={"auth_local_issuer_key_file": key_file}),
+            "rita",
+            [Role.REVIEWER],
             lifetime_seconds=60,
         )
         async with httpx.AsyncClient() as client:

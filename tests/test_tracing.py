@@ -23,13 +23,13 @@ from opentelemetry.trace import SpanKind
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 
-from api_support import gateway, order_body
+from api_support import bearer, gateway, order_body
 from service_support import consumer_queue, eventually, running
 from services.audit.consumer import run_audit
 from services.bridge.consumer import run_bridge
 from services.workers.worker import running_workers
 from shared import broker
-from shared.contracts import OrderState
+from shared.contracts import OrderState, Role
 from shared.db import Order
 from shared.settings import Settings
 from shared.tracing import tracing_enabled
@@ -86,7 +86,7 @@ async def system(
         running_workers(temporal_client, trip_settings),
         running(run_bridge, trip_settings),
         running(run_audit, trip_settings),
-        gateway(trip_settings) as api,
+        gateway(trip_settings, bearer(trip_settings, "trace-customer", Role.CUSTOMER)) as api,
     ):
         yield api
 

@@ -14,6 +14,7 @@ import ipaddress
 import math
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Annotated, Any, Protocol
 from urllib.parse import urlsplit
 
@@ -187,6 +188,12 @@ def is_loopback(host: str) -> bool:
 
 
 # --- verifying a token ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VerifiedToken:
+    actor: Actor
+    expires_at: int  # the token's `exp`, seconds since the epoch
+
+
 class TokenVerifier:
     """Turns a bearer token into the `Actor` it was issued to, or raises `InvalidToken`."""
 
@@ -208,6 +215,9 @@ class TokenVerifier:
         return cls(settings, trusted_issuers(settings))
 
     async def actor(self, token: str) -> Actor:
+        return (await self.verify(token)).actor
+
+    async def verify(self, token: str) -> VerifiedToken:
         try:
             header = jwt.get_unverified_header(token)
             # which issuer's keys to check it with; the checked token must then name that issuer
@@ -232,7 +242,8 @@ class TokenVerifier:
                 leeway=self._leeway,
                 options={"require": REQUIRED_CLAIMS},
             )
-            return Actor(subject=claims["sub"], roles=roles_in(claims, self._roles_claim))
+            actor = Actor(subject=claims["sub"], roles=roles_in(claims, self._roles_claim))
+            return VerifiedToken(actor, expires_at=int(claims["exp"]))
         except jwt.PyJWTError as error:
             raise InvalidToken(describe(error)) from error
         except ValidationError as error:

@@ -4,21 +4,34 @@ The Temporal UI (or `temporal --codec-endpoint <gateway>/codec`) posts a history
 Temporal's Payloads JSON, to `/codec/decode` and gets them back decrypted; `/codec/encode` does
 the reverse (a signal's input typed in the UI, say). Operators only. The UI calls from its own
 origin, so these routes, and only these, answer CORS for the configured UI origins.
+
+A UI without a sign-in of its own (the dev server's) sends no token, only cookies ("Include
+cross-origin credentials"): `POST /codec/session` puts an operator's bearer token in a cookie that
+the browser sends to `/codec` alone, and these two routes, which change nothing, accept it in place
+of the `Authorization` header. No other route reads it.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Security, status
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, Security, status
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, SecurityScopes
 from google.protobuf import json_format
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 from temporalio.api.common.v1 import Payloads
 
-from services.api.auth import AUTH_RESPONSES, current_actor
+from services.api.auth import (
+    AUTH_RESPONSES,
+    TokenVerifier,
+    bearer_token,
+    current_actor,
+    get_verifier,
+)
 from services.api.errors import Responses, documented_error
 from shared.codec import EncryptionCodec, PayloadKeysError, UndecryptablePayload, payload_keyring
 from shared.contracts import Actor, Role
@@ -29,6 +42,10 @@ PREFIX = "/codec"
 ALLOWED_HEADERS = ["Authorization", "Content-Type", "X-Namespace"]
 PREFLIGHT_CACHE_SECONDS = 600
 MAX_PAYLOADS = 1000
+SESSION_COOKIE = "orderflow_codec"
+# base64, standard or URL-safe, padded or not: what protobuf's JSON takes for bytes
+BASE64 = r"^(?:[A-Za-z0-9+/_-]{4})*(?:[A-Za-z0-9+/_-]{2}(?:==)?|[A-Za-z0-9+/_-]{3}=?)?$"
+Base64 = Annotated[str, Field(pattern=BASE64)]
 
 router = APIRouter(prefix=PREFIX, tags=["codec"])
 
@@ -38,8 +55,8 @@ class CodecPayload(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    metadata: dict[str, str] = Field(default={}, description="metadata values, base64")
-    data: str = Field(default="", description="the payload's bytes, base64")
+    metadata: dict[str, Base64] = Field(default={}, description="metadata values, base64")
+    data: Base64 = Field(default="", description="the payload's bytes, base64")
 
 
 class CodecPayloads(BaseModel):
@@ -55,51 +72,119 @@ def payload_codec(request: Request) -> EncryptionCodec:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(error)) from None
 
 
-Operator = Annotated[Actor, Security(current_actor, scopes=[Role.OPERATOR.value])]
+session_cookie = APIKeyCookie(
+    name=SESSION_COOKIE,
+    auto_error=False,  # the bearer token will do as well; `codec_caller` answers when neither came
+    scheme_name="codecSession",
+    description="An operator's bearer token in the cookie `POST /codec/session` sets, for a Temporal "
+    "UI that sends cookies (*Include cross-origin credentials*) but no token. Read by "
+    "`/codec/decode` and `/codec/encode` only.",
+)
+
+
+async def codec_caller(
+    security_scopes: SecurityScopes,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_token)],
+    session: Annotated[str | None, Depends(session_cookie)],
+    verifier: Annotated[TokenVerifier, Depends(get_verifier)],
+) -> Actor:
+    """The caller by its bearer token or, without one, by the token in the codec session cookie,
+    verified and authorized alike."""
+    if credentials is None and session:
+        credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=session)
+    return await current_actor(security_scopes, credentials, verifier)
+
+
+CodecOperator = Annotated[Actor, Security(codec_caller, scopes=[Role.OPERATOR.value])]
+TokenOperator = Annotated[Actor, Security(current_actor, scopes=[Role.OPERATOR.value])]
+AnyToken = Annotated[Actor, Security(current_actor)]
 Codec = Annotated[EncryptionCodec, Depends(payload_codec)]
 
 RESPONSES: Responses = {
     **AUTH_RESPONSES,
-    status.HTTP_422_UNPROCESSABLE_CONTENT: documented_error(
-        "The body is not Temporal's Payloads JSON, or a payload cannot be decrypted (its key is not "
-        "in the keyring, or it was altered)."
+    status.HTTP_400_BAD_REQUEST: documented_error(
+        "A payload cannot be decrypted (its key is not in the keyring, or it was altered), or the "
+        "body cannot be read as JSON at all."
     ),
     status.HTTP_503_SERVICE_UNAVAILABLE: documented_error("The gateway has no payload keys configured."),
 }
 
 
 def _payloads(body: CodecPayloads) -> Payloads:
-    try:
-        return json_format.ParseDict(body.model_dump(), Payloads())
-    except json_format.ParseError:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT, detail="payload data and metadata values must be base64"
-        ) from None
+    return json_format.ParseDict(body.model_dump(), Payloads())
 
 
 def _body(payloads: Payloads) -> CodecPayloads:
-    return CodecPayloads.model_validate(json_format.MessageToDict(payloads))
+    # payload by payload: a message's empty list is left out of its JSON, and `payloads` is required
+    return CodecPayloads(
+        payloads=[CodecPayload.model_validate(json_format.MessageToDict(one)) for one in payloads.payloads]
+    )
 
 
 @router.post("/decode", responses=RESPONSES, summary="Decrypt payloads (Temporal remote codec)")
-async def decode(body: CodecPayloads, codec: Codec, _: Operator) -> CodecPayloads:
+async def decode(body: CodecPayloads, codec: Codec, _: CodecOperator) -> CodecPayloads:
     """Payloads as the Temporal UI or CLI send them; answered decrypted. A payload that was never
     encrypted comes back as it is."""
     payloads = _payloads(body)
     try:
         await codec.decode_wrapper(payloads)
     except UndecryptablePayload as error:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(error)) from None
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=str(error)) from None
     return _body(payloads)
 
 
 @router.post("/encode", responses=RESPONSES, summary="Encrypt payloads (Temporal remote codec)")
-async def encode(body: CodecPayloads, codec: Codec, _: Operator) -> CodecPayloads:
+async def encode(body: CodecPayloads, codec: Codec, _: CodecOperator) -> CodecPayloads:
     """Payloads to send to Temporal (a signal's input typed in the UI); answered encrypted under
     the current key."""
     payloads = _payloads(body)
     await codec.encode_wrapper(payloads)
     return _body(payloads)
+
+
+@router.post(
+    "/session",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=AUTH_RESPONSES,
+    summary="Let this browser's Temporal UI decode (codec session cookie)",
+)
+async def open_session(
+    request: Request,
+    response: Response,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_token)],
+    verifier: Annotated[TokenVerifier, Depends(get_verifier)],
+    _: TokenOperator,
+) -> None:
+    """Sets an `HttpOnly`, `SameSite=Strict` cookie for `/codec` holding the operator's token, for
+    as long as the token lasts, so that a Temporal UI of the same site (another port of this host,
+    say) decodes with *Include cross-origin credentials*. It authorizes `/codec/decode` and
+    `/codec/encode`, nothing else."""
+    assert credentials is not None  # TokenOperator refused the request otherwise
+    token = credentials.credentials
+    lifetime = (await verifier.verify(token)).expires_at - int(time.time())
+    response.set_cookie(
+        SESSION_COOKIE,
+        token,
+        max_age=max(lifetime, 0),
+        path=PREFIX,
+        secure=request.url.scheme == "https",
+        httponly=True,
+        samesite="strict",
+    )
+
+
+@router.delete(
+    "/session",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={status.HTTP_401_UNAUTHORIZED: AUTH_RESPONSES[status.HTTP_401_UNAUTHORIZED]},
+    summary="Forget the codec session cookie",
+)
+async def close_session(request: Request, response: Response, _: AnyToken) -> None:
+    """Clears the cookie `POST /codec/session` set (any valid token may: signing out, or another
+    user signing in on this browser)."""
+    response.delete_cookie(
+        SESSION_COOKIE, path=PREFIX, secure=request.url.scheme == "https", httponly=True, samesite="strict"
+    )
 
 
 class CodecCors:
@@ -111,7 +196,7 @@ class CodecCors:
         self._cors = CORSMiddleware(
             app,
             allow_origins=origins,
-            allow_methods=["POST"],
+            allow_methods=["POST"],  # the Temporal UI's; the session is the dashboard's (same origin)
             allow_headers=ALLOWED_HEADERS,
             allow_credentials=True,
             max_age=PREFLIGHT_CACHE_SECONDS,

@@ -348,15 +348,7 @@ def token_command(
             "no local issuer is configured (ORDERFLOW_AUTH_LOCAL_ISSUER=false): get a token from your issuer"
         )
     try:
-        minted = local_issuer.mint_token(
-            current.auth_local_issuer_key_file,
-            issuer=local_issuer.ISSUER,
-            audience=current.auth_audience,
-            subject=subject,
-            roles=roles,
-            roles_claim=current.auth_roles_claim,
-            lifetime_seconds=lifetime or current.auth_local_token_lifetime_seconds,
-        )
+        minted = local_issuer.mint_token(current, subject, roles, lifetime_seconds=lifetime)
     except local_issuer.NoLocalIssuer as error:
         fail(f"no local issuer: {error}")
     # a URL fragment is never sent to a server, so the token stays out of its logs

@@ -5,7 +5,8 @@
 //
 // It holds no ambient authority: it signs in with a bearer token (from the URL fragment, which is
 // never sent to a server, or pasted), keeps it in sessionStorage and sends it on every request, so
-// a page of another site can make the browser send nothing that the gateway would act on.
+// a page of another site can make the browser send nothing that the gateway would act on. The one
+// cookie it sets, for an operator, is the codec session: read by /codec/decode and /encode alone.
 "use strict";
 
 const REFRESH_MS = 500;
@@ -75,18 +76,26 @@ function tokenFromFragment() {
   return token;
 }
 
+// The Temporal UI of this machine decodes payloads with the codec session cookie (HttpOnly, sent to
+// /codec only): an operator's sign-in sets it; any other sign-in, and every sign-out, clears it.
+function codecSession(method, token) {
+  fetch("/codec/session", { method, headers: { authorization: `Bearer ${token}` }, keepalive: true }).catch(() => {});
+}
+
 function signIn(token) {
   let claims;
   try { claims = claimsOf(token); } catch { return false; }
   sessionStorage.setItem(TOKEN_KEY, token);
   Object.assign(session, { token, subject: String(claims.sub ?? "?"), roles: rolesIn(claims) });
   session.ended = new AbortController();
+  codecSession(has("operator") ? "POST" : "DELETE", token);
   showSession();
   start();
   return true;
 }
 
 function signOut(message) {
+  if (session.token) codecSession("DELETE", session.token);
   sessionStorage.removeItem(TOKEN_KEY);
   session.ended?.abort();
   for (const timer of session.timers) clearInterval(timer);
