@@ -9,14 +9,11 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from http.cookies import Morsel, SimpleCookie
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import httpx
 import jwt
@@ -30,7 +27,7 @@ from temporalio.api.failure.v1 import Failure
 from temporalio.exceptions import ApplicationError
 from temporalio.service import TLSConfig
 
-from api_support import bearer, gateway, gateway_process, unique_id
+from api_support import bearer, gateway, gateway_process, serving_page, unique_id
 from service_support import eventually
 from services.api.codec import PREFIX, SESSION_COOKIE
 from shared import local_issuer
@@ -477,27 +474,8 @@ async def test_a_cookie_is_verified_as_a_bearer_token_is(
 @contextmanager
 def temporal_ui_stand_in() -> Iterator[int]:
     """An empty page on a port of this host, standing in for the Temporal UI's origin; its port."""
-    page = b"<!doctype html><title>Temporal UI stand-in</title>"
-
-    class Page(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(page)))
-            self.end_headers()
-            self.wfile.write(page)
-
-        def log_message(self, *_: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving_page(b"<!doctype html><title>Temporal UI stand-in</title>") as port:
+        yield port
 
 
 # what the Temporal UI's fetch does with "Include cross-origin credentials" (its data-encoder.ts)

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from api_support import (
     insert_order,
     order_body,
     running_system,
+    serving_page,
     unique_id,
 )
 from service_support import eventually
@@ -298,26 +297,8 @@ def cross_site_page(action: str) -> Iterator[str]:
         f'<!doctype html><form method="post" action="{action}"><input type="hidden" name="note" value="x">'
         "</form><script>document.forms[0].submit()</script>"
     ).encode()
-
-    class Page(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(page)))
-            self.end_headers()
-            self.wfile.write(page)
-
-        def log_message(self, *_: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://localhost:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving_page(page) as port:
+        yield f"http://localhost:{port}/"
 
 
 @pytest.mark.e2e
