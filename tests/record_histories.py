@@ -25,12 +25,14 @@ from workflow_harness import (
     PRODUCTION_ATTEMPTS,
     OrderHarness,
     cancel_after_payment_scenario,
+    deadline_scenario,
     dispatch_retry_scenario,
     early_commands_scenario,
     flaky,
     happy_path_scenario,
     order_harness,
     own_time_skipping_env,
+    temporal_cancel_scenario,
 )
 
 HISTORIES = Path(__file__).resolve().parent / "histories"
@@ -41,6 +43,8 @@ SCENARIOS: dict[str, Scenario] = {
     "replay-cancel-after-payment": cancel_after_payment_scenario,
     "replay-dispatch-retry": dispatch_retry_scenario,
     "replay-early-commands": early_commands_scenario,
+    "replay-temporal-cancel": temporal_cancel_scenario,
+    "replay-deadline": deadline_scenario,
 }
 
 

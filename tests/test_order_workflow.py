@@ -26,6 +26,7 @@ from temporalio.exceptions import CancelledError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
+from services.workers.admission_slot import SLOT_RECHECK
 from services.workers.boundary import (
     AdmissionInput,
     ChargePaymentInput,
@@ -37,7 +38,7 @@ from services.workers.boundary import (
     RefundPaymentInput,
     ValidateOrderInput,
 )
-from services.workers.order_workflow import CANCELLED_THROUGH_TEMPORAL, SLOT_RECHECK, OrderWorkflow
+from services.workers.order_workflow import CANCELLED_THROUGH_TEMPORAL, OrderWorkflow
 from services.workers.shipping_workflow import ShippingWorkflow
 from services.workers.worker import sandbox_runner
 from shared.authorization import FORBIDDEN

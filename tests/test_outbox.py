@@ -8,6 +8,7 @@ import uuid
 from datetime import timedelta
 
 from temporalio import activity, workflow
+from temporalio.api.enums.v1 import EventType as HistoryEventType
 from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
@@ -27,10 +28,10 @@ class OutboxProbe:
     @workflow.run
     async def run(self, order: PlaceOrder) -> None:
         outbox = Outbox(order, first_seq=1)
-        publisher = asyncio.create_task(outbox.publish(events_in_shipment_start=True))
+        publisher = asyncio.create_task(outbox.publish())
         await workflow.wait_condition(lambda: True)  # the publisher has started, as in a lifecycle
         outbox.emit(EventType.SHIPPING_STARTED)
-        outbox.next_task_sure()
+        outbox.publish_in_next_task()
         for _ in range(3):  # the publisher gathers for two rounds, then takes the batch
             await workflow.wait_condition(lambda: True)
         outbox.emit(EventType.CANCELLED)
@@ -63,3 +64,61 @@ async def test_a_batch_waiting_for_a_next_task_that_never_comes_goes_by_an_activ
         )
 
     assert published == [[EventType.SHIPPING_STARTED], [EventType.CANCELLED]]
+
+
+@workflow.defn(name="CommitProbeChild")
+class CommitProbeChild:
+    @workflow.run
+    async def run(self) -> None:
+        return None
+
+
+@workflow.defn(name="CommitProbe")
+class CommitProbe:
+    """Emits in the workflow task that starts a child, as a lifecycle starting a shipment does."""
+
+    @workflow.run
+    async def run(self, order: PlaceOrder) -> None:
+        outbox = Outbox(order, first_seq=1)
+        publisher = asyncio.create_task(outbox.publish())
+        await workflow.wait_condition(lambda: True)
+        outbox.emit(EventType.SHIPPING_STARTED)
+        outbox.publish_in_next_task()
+        await workflow.execute_child_workflow(CommitProbeChild.run, id=f"{workflow.info().workflow_id}-child")
+        outbox.close()
+        await publisher
+
+
+async def test_a_batch_published_in_the_next_task_was_committed_before_it_went_out(
+    temporal_client: Client,
+) -> None:
+    # the guarantee the outbox relies on: a later workflow task runs only once the earlier one,
+    # the child's start it issued included, is in the history
+    seen: list[tuple[bool, list[int]]] = []
+
+    @activity.defn(name="publish_events")
+    async def publish_events(batch: PublishEventsInput) -> None:
+        info = activity.info()
+        assert info.workflow_id is not None
+        history = await temporal_client.get_workflow_handle(info.workflow_id).fetch_history()
+        seen.append((info.is_local, [event.event_type for event in history.events]))
+
+    async with Worker(
+        temporal_client,
+        task_queue=TASK_QUEUE,
+        workflows=[CommitProbe, CommitProbeChild],
+        activities=[publish_events],
+        workflow_runner=UnsandboxedWorkflowRunner(),
+    ):
+        await temporal_client.execute_workflow(
+            CommitProbe.run,
+            place_order(unique_order_id()),
+            id=f"commit-probe-{uuid.uuid4()}",
+            task_queue=TASK_QUEUE,
+            execution_timeout=timedelta(seconds=20),
+        )
+
+    assert len(seen) == 1
+    local, history = seen[0]
+    assert local, "went out by a local activity, in the task the child's start brought"
+    assert HistoryEventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED in history

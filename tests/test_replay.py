@@ -1,17 +1,15 @@
 """Recorded histories still replay on today's workflow code: no nondeterminism.
 
 `tests/histories/*.json` are real histories of OrderWorkflow and its ShippingWorkflow children
-(happy path, cancel after payment, a dispatch failure shipped again, a start with early
-commands), recorded from the scenarios in `workflow_harness.py` with production's attempts: three
-local activities in flight, failed, timed-out and cancelled ones among them. A change to the
-workflows that would break orders already running fails here. If the change is intended (and no
-order that old can still be running, or the change is behind `workflow.patched`), record them
-again and commit the new files:
+(happy path, cancel after payment, a dispatch failure shipped again, a start with early commands,
+a cancellation through Temporal, the deadline), recorded from the scenarios in
+`workflow_harness.py` with production's attempts: three in flight, failed, timed-out and
+cancelled ones among them. Before 1.0 (no deployment runs orders), a workflow change records them
+again in the same commit:
 
     .venv/bin/python tests/record_histories.py
 
-Before 1.0 (no deployment runs orders), a workflow change re-records them in the same commit;
-from 1.0 on, a change behind `workflow.patched` keeps the earlier histories beside the new ones.
+From 1.0 on, a change behind `workflow.patched` keeps the earlier histories beside the new ones.
 
 Replay runs through the payload codec, as the workers do: histories are recorded encrypted under
 the tests' key (`payload_keys.py`).

@@ -19,7 +19,7 @@ import shutil
 import sys
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -643,6 +643,30 @@ async def dispatch_retry_scenario(harness: OrderHarness) -> OrderStatus:
     refusals = [fails(f"carrier refused #{n}") for n in range(1, per_shipment + 1)]
     harness.mocks.script(OrderActivities.dispatch_carrier, *refusals)
     await harness.start()
+    await harness.wait_for_event(EventType.AWAITING_APPROVAL)
+    await harness.approve()
+    return await harness.result()
+
+
+async def temporal_cancel_scenario(harness: OrderHarness) -> OrderStatus:
+    """An operator cancels the workflow through Temporal while its paid order's shipment dispatches."""
+    harness.mocks.script(OrderActivities.dispatch_carrier, then=hangs)
+    await harness.start(dispatch_attempts_per_shipment=20)
+    await harness.wait_for_event(EventType.AWAITING_APPROVAL)
+    await harness.approve()
+    await harness.wait_for_call(OrderActivities.dispatch_carrier)
+    await harness.handle.cancel()
+    with suppress(WorkflowFailureError):  # it closes as Canceled
+        await asyncio.wait_for(harness.handle.result(), LIFECYCLE_BOUND)
+    return await harness.status()
+
+
+async def deadline_scenario(harness: OrderHarness) -> OrderStatus:
+    """Dispatch never succeeds: the lifecycle's deadline fails the order during its shipment."""
+    harness.mocks.script(OrderActivities.dispatch_carrier, then=hangs)
+    await harness.start(
+        lifecycle_deadline_seconds=5.0, review_window_seconds=2.0, dispatch_attempts_per_shipment=50
+    )
     await harness.wait_for_event(EventType.AWAITING_APPROVAL)
     await harness.approve()
     return await harness.result()

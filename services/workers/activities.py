@@ -59,17 +59,14 @@ class BusinessActivities(OrderActivities):
         self._slots = slots
         self._client = client
 
-    @activity.defn
     async def receive_order(self, input: ReceiveOrderInput) -> None:
         with _step_failures():
             await business.order_received(self._sessions, input.order)
 
-    @activity.defn
     async def validate_order(self, input: ValidateOrderInput) -> None:
         with _step_failures():
             await business.order_validated(self._sessions, input.order_id)
 
-    @activity.defn
     async def charge_payment(self, input: ChargePaymentInput) -> ChargeResult:
         with _step_failures():
             outcome = await business.payment_charged(
@@ -80,18 +77,15 @@ class BusinessActivities(OrderActivities):
             )
         return ChargeResult(already_charged=outcome is business.ChargeOutcome.ALREADY_CHARGED)
 
-    @activity.defn
     async def prepare_package(self, input: PreparePackageInput) -> None:
         with _step_failures():
             await business.package_prepared(self._sessions, input.order_id)
 
-    @activity.defn
     async def dispatch_carrier(self, input: DispatchCarrierInput) -> DispatchResult:
         with _step_failures():
             tracking_number = await business.carrier_dispatched(self._sessions, input.order_id, input.address)
         return DispatchResult(tracking_number=tracking_number)
 
-    @activity.defn
     async def mark_shipped(self, input: MarkShippedInput) -> None:
         with _step_failures():
             await business.order_shipped(self._sessions, input.order_id)

@@ -17,12 +17,12 @@ from pydantic import BaseModel
 from temporalio import activity
 
 from services.workers.hedging import AttemptPlan, StepAttempts, attempt_step
-from shared.contracts import Address, OrderEvent, PlaceOrder, Step
+from shared.contracts import Address, OrderEvent, PlaceOrder
 from shared.lifecycle import LifecyclePolicy
 
 ORDER_INVALID = "OrderInvalid"
-PAYMENT_VOIDED = "PaymentVoided"  # a charge attempt outlived its order's stop; only ever abandoned
 """ApplicationError type of a business-rule violation: not retried, the order fails."""
+PAYMENT_VOIDED = "PaymentVoided"  # a charge attempt outlived its order's stop; only ever abandoned
 
 
 # --- activity inputs and results -----------------------------------------------------------------
@@ -102,9 +102,8 @@ class OrderActivities(ABC):
     """The activities of both workers, as the workflows see them.
 
     A business step is one local activity (`*_step`) that runs the step's attempts side by side
-    (`hedging.attempt_step`); each attempt calls the one-attempt method of the same name, which
-    implementations provide. Lifecycles begun before steps ran that way call the one-attempt
-    methods as activities themselves (`ATTEMPT_ACTIVITIES`).
+    (`hedging.attempt_step`); each attempt calls the plain method of the same name, which
+    implementations provide.
     """
 
     # --- business steps --------------------------------------------------------------------------
@@ -132,31 +131,26 @@ class OrderActivities(ABC):
     async def mark_shipped_step(self, run: StepRun[MarkShippedInput]) -> StepDone[None]:
         return await _run_step(run, self.mark_shipped)
 
-    # --- one attempt of a business step ----------------------------------------------------------
-
-    @activity.defn
+    # --- one attempt of a business step (called inside the step's activity) --------------------
     @abstractmethod
     async def receive_order(self, input: ReceiveOrderInput) -> None: ...
 
-    @activity.defn
     @abstractmethod
     async def validate_order(self, input: ValidateOrderInput) -> None: ...
 
-    @activity.defn
     @abstractmethod
     async def charge_payment(self, input: ChargePaymentInput) -> ChargeResult: ...
 
-    @activity.defn
     @abstractmethod
     async def prepare_package(self, input: PreparePackageInput) -> None: ...
 
-    @activity.defn
     @abstractmethod
     async def dispatch_carrier(self, input: DispatchCarrierInput) -> DispatchResult: ...
 
-    @activity.defn
     @abstractmethod
     async def mark_shipped(self, input: MarkShippedInput) -> None: ...
+
+    # --- what the lifecycle does beside its steps ------------------------------------------------
 
     @activity.defn
     @abstractmethod
@@ -183,18 +177,6 @@ class OrderActivities(ABC):
     @abstractmethod
     async def release_admission(self, input: AdmissionInput) -> None:
         """The lifecycle has ended: give the order's admission slot back for good (idempotent)."""
-
-
-ATTEMPT_ACTIVITIES: dict[Step, Callable[..., Awaitable[Any]]] = {
-    Step.RECEIVE: OrderActivities.receive_order,
-    Step.VALIDATE: OrderActivities.validate_order,
-    Step.CHARGE_PAYMENT: OrderActivities.charge_payment,
-    Step.PREPARE_PACKAGE: OrderActivities.prepare_package,
-    Step.DISPATCH_CARRIER: OrderActivities.dispatch_carrier,
-    Step.MARK_SHIPPED: OrderActivities.mark_shipped,
-}
-"""Each business step's one-attempt activity, which lifecycles begun before a step was one
-activity still call (`steps.run_step_per_attempt_activities`)."""
 
 
 # --- OrderWorkflow ↔ ShippingWorkflow ------------------------------------------------------------

@@ -9,13 +9,11 @@ the parent `DispatchFailed(reason)` and ends; the parent decides whether to ship
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from services.workers.boundary import (
-        ATTEMPT_ACTIVITIES,
         CarrierDispatched,
         DispatchCarrierInput,
         DispatchFailed,
@@ -27,7 +25,6 @@ with workflow.unsafe.imports_passed_through():
         ShippingResult,
     )
     from services.workers.steps import (
-        STEP_IN_ONE_ACTIVITY_PATCH,
         AttemptLog,
         P,
         R,
@@ -35,7 +32,6 @@ with workflow.unsafe.imports_passed_through():
         StepExhausted,
         StepPolicy,
         run_step,
-        run_step_per_attempt_activities,
     )
     from shared.contracts import Address, Step
     from shared.lifecycle import SHIPPING_WORKFLOW, Signals
@@ -47,11 +43,9 @@ class ShippingWorkflow:
     def __init__(self, shipment: ShippingInput) -> None:
         self._address = shipment.address
         self._attempts = AttemptLog(shipment.order_id)
-        self._step_in_one_activity = False
 
     @workflow.run
     async def run(self, shipment: ShippingInput) -> ShippingResult:
-        self._step_in_one_activity = workflow.patched(STEP_IN_ONE_ACTIVITY_PATCH)
         parent = workflow.get_external_workflow_handle(shipment.parent_workflow_id)
         policy = StepPolicy.of(shipment.policy, shipment.deadline)
 
@@ -113,9 +107,4 @@ class ShippingWorkflow:
             )
 
     async def _step(self, step: Step, activity: StepActivity[P, R], arg: P, policy: StepPolicy) -> R:
-        if self._step_in_one_activity:
-            return await run_step(step, activity, arg, policy=policy, attempts=self._attempts)
-        attempt: Any = ATTEMPT_ACTIVITIES[step]
-        return await run_step_per_attempt_activities(
-            step, attempt, arg, policy=policy, on_attempt=self._attempts
-        )
+        return await run_step(step, activity, arg, policy=policy, attempts=self._attempts)

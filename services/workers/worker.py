@@ -27,10 +27,13 @@ from shared.settings import Settings
 from shared.temporal import tracing_interceptors
 
 # Imported once outside the sandbox instead of again for every workflow run: these are pure
-# (models, the outbox and the step loop) and re-importing them per run costs the worker CPU.
+# (models, the workflow's state and the step loop) and re-importing them per run costs the worker CPU.
 SANDBOX_PASSTHROUGH = (
     "shared",
+    "services.workers.admission_slot",
     "services.workers.boundary",
+    "services.workers.command_gate",
+    "services.workers.order_state",
     "services.workers.outbox",
     "services.workers.steps",
     "services.workers.hedging",
@@ -43,10 +46,8 @@ SANDBOX_PASSTHROUGH = (
 
 STICKY_QUEUE_TIMEOUT = timedelta(seconds=2)
 
-# A step runs in the worker that runs the workflow, as a local activity, and the workflow task
-# stays open while it runs: every lifecycle in a step holds a workflow task slot and a local
-# activity slot (lifecycles begun before a step was one activity: up to `parallel_attempts`).
-# The defaults (100 each) would cap a worker at 100 lifecycles in a step.
+# A step is a local activity that holds its workflow task open: every lifecycle in a step holds a
+# workflow task slot and a local activity slot, and the defaults (100) would cap a worker there.
 MAX_WORKFLOW_TASKS = 500
 MAX_LOCAL_ACTIVITIES = 1000
 MAX_ACTIVITIES = 100  # only publish_events runs as a regular activity: one batch of an order at a time
@@ -68,17 +69,12 @@ def workflow_runner(settings: Settings) -> WorkflowRunner:
 
 
 def order_activities(activities: OrderActivities) -> list[Callable[..., Any]]:
-    """What the order task queue's worker runs: OrderWorkflow's activities, local or not (the
-    one-attempt ones too, for lifecycles begun before a step was one activity)."""
+    """What the order task queue's worker runs: OrderWorkflow's activities, local or not."""
     return [
         activities.receive_order_step,
         activities.validate_order_step,
         activities.charge_payment_step,
         activities.mark_shipped_step,
-        activities.receive_order,
-        activities.validate_order,
-        activities.charge_payment,
-        activities.mark_shipped,
         activities.refund_payment,
         activities.publish_events,
         activities.leave_admission_for_review,
@@ -91,8 +87,6 @@ def shipping_activities(activities: OrderActivities) -> list[Callable[..., Any]]
     return [
         activities.prepare_package_step,
         activities.dispatch_carrier_step,
-        activities.prepare_package,
-        activities.dispatch_carrier,
     ]
 
 

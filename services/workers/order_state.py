@@ -1,0 +1,243 @@
+"""The parts of OrderWorkflow's state: the phase of its lifecycle and why it stops, its deadline,
+the order's record (status and events) and its shipments."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from temporalio import workflow
+from temporalio.exceptions import ApplicationError, ChildWorkflowError
+
+with workflow.unsafe.imports_passed_through():
+    from services.workers.boundary import (
+        CarrierDispatched,
+        ChargePaymentInput,
+        DispatchFailed,
+        PackagePrepared,
+        ShippingInput,
+        ShippingResult,
+    )
+    from services.workers.hedging import DEADLINE_EXCEEDED
+    from services.workers.outbox import Command, Outbox
+    from services.workers.shipping_workflow import ShippingWorkflow
+    from services.workers.steps import AttemptLog
+    from shared.contracts import CancelOrder, EventType, OrderState, OrderStatus, Step
+    from shared.lifecycle import WORKFLOW_TASK_TIMEOUT, LifecyclePolicy, OrderWorkflowInput
+
+# a stop in these steps has no payment to refund
+BEFORE_PAYMENT = frozenset({Step.RECEIVE, Step.VALIDATE, Step.REVIEW})
+
+
+class Phase(StrEnum):
+    RUNNING = "running"
+    STOPPING = "stopping"  # a cancel or the deadline asked the lifecycle to stop
+    CONCLUDING = "concluding"  # the lifecycle is over: refund, slot release, last events
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why a lifecycle that did not complete stops."""
+
+    state: OrderState  # CANCELLED or FAILED
+    reason: str
+    command: CancelOrder | None = None
+
+
+class LifecycleStopped(Exception):
+    """Raised inside the lifecycle when a step decides the order cannot go on."""
+
+    def __init__(self, stop: Stop) -> None:
+        super().__init__(stop.reason)
+        self.stop = stop
+
+
+@dataclass
+class Deadline:
+    """The lifecycle's own time runs out at `at`; a review pauses it."""
+
+    at: datetime
+    paused_at: datetime | None = None
+
+    def left(self) -> timedelta:
+        return max(self.at - workflow.now(), timedelta(0))
+
+    def pause(self) -> None:
+        self.paused_at = workflow.now()
+
+    def resume(self) -> None:
+        assert self.paused_at is not None
+        self.at += workflow.now() - self.paused_at
+        self.paused_at = None
+
+    def paused_seconds(self) -> float:
+        assert self.paused_at is not None
+        return (workflow.now() - self.paused_at).total_seconds()
+
+    async def passes_before(self, done: Callable[[], bool]) -> bool:
+        """Wait until `done()` (False) or the deadline passes (True)."""
+        while True:
+            try:
+                await workflow.wait_condition(done, timeout=self.left())
+                return False
+            except TimeoutError:
+                if self.paused_at is not None:  # the clock stops while the reviewer decides
+                    await workflow.wait_condition(lambda: done() or self.paused_at is None)
+                elif self.left() == timedelta(0):
+                    return True
+
+
+class ShippingPhase(StrEnum):
+    PREPARING = "preparing"  # no package yet
+    PACKAGE_READY = "package_ready"
+    DISPATCHED = "dispatched"  # the carrier has it, for the order's current address
+
+
+class OrderRecord:
+    """The order's status and its events, changed together."""
+
+    def __init__(self, start: OrderWorkflowInput) -> None:
+        order = start.order
+        now = workflow.now()
+        self.status = OrderStatus(
+            order_id=order.order_id,
+            state=OrderState.RECEIVED,
+            step=Step.RECEIVE,
+            address=order.payload.address,
+            payment_id=order.payload.payment_id,
+            placed_by=order.issued_by.subject if order.issued_by else None,
+            queued_at=start.queued_at,
+            started_at=now,
+            updated_at=now,
+        )
+        self.outbox = Outbox(order, start.first_seq)
+        self._order = order
+        self.attempts = AttemptLog(order.order_id)
+
+    def advance(
+        self, state: OrderState, event: EventType, command: Command | None = None, **data: Any
+    ) -> None:
+        """A state change: status, event and log line together."""
+        self.status.state = state
+        self.emit(event, command=command, **data)
+        extra = {"order_id": self.status.order_id, "state": state.value, "step": self.status.step.value}
+        workflow.logger.info("state transition", extra=extra | {"seq": self.outbox.last_seq})
+
+    def emit(self, event_type: EventType, command: Command | None = None, **data: Any) -> None:
+        event = self.outbox.emit(event_type, command, **data)
+        self.status.updated_at = event.occurred_at
+        if event_type.is_terminal:
+            self.status.finished_at = event.occurred_at
+
+    def admitted(self, start: OrderWorkflowInput) -> None:
+        wait = None
+        if start.queued_at is not None:
+            waited = workflow.info().workflow_start_time - start.queued_at
+            wait = round(max(waited.total_seconds(), 0.0), 3)
+        queued_at = start.queued_at.isoformat() if start.queued_at else None
+        self.advance(
+            OrderState.RECEIVED, EventType.ADMITTED, queued_at=queued_at, admission_wait_seconds=wait
+        )
+
+    def payment(self) -> ChargePaymentInput:
+        payload = self._order.payload
+        return ChargePaymentInput(
+            order_id=self.status.order_id, payment_id=payload.payment_id, amount_cents=payload.amount_cents
+        )
+
+    def snapshot(self) -> OrderStatus:
+        attempts = self.attempts
+        return self.status.model_copy(
+            update={"attempts": dict(attempts.attempts), "recent_errors": list(attempts.errors)}
+        )
+
+
+class Shipping:
+    """The order's shipments: how far the package got, the running one, what failed."""
+
+    def __init__(self, record: OrderRecord, policy: LifecyclePolicy) -> None:
+        self.phase = ShippingPhase.PREPARING
+        self.shipments = 0
+        self.current: workflow.ChildWorkflowHandle[ShippingWorkflow, ShippingResult] | None = None
+        self.failures: list[str] = []
+        self._record = record
+        self._policy = policy
+
+    @property
+    def step(self) -> Step:
+        return Step.PREPARE_PACKAGE if self.phase is ShippingPhase.PREPARING else Step.DISPATCH_CARRIER
+
+    def gave_up(self) -> Stop:
+        last = f"; last: {self.failures[-1]}" if self.failures else ""
+        return Stop(OrderState.FAILED, f"dispatch failed {self._policy.max_shipping_attempts} times{last}")
+
+    async def run(self, deadline: datetime, cancelled: Callable[[], bool]) -> ShippingResult:
+        """Run one more ShippingWorkflow; one that broke rather than reported counts as a failed dispatch."""
+        self.shipments += 1
+        status = self._record.status
+        status.shipping_attempts, status.step = self.shipments, self.step
+        self._record.advance(OrderState.SHIPPING, EventType.SHIPPING_STARTED, shipping_attempt=self.shipments)
+        self._record.outbox.publish_in_next_task()  # the child's start, or its failure, brings that task
+        parent = workflow.info().workflow_id
+        shipment = ShippingInput(
+            order_id=status.order_id,
+            parent_workflow_id=parent,
+            address=status.address,
+            package_ready=self.phase is not ShippingPhase.PREPARING,
+            policy=self._policy,
+            deadline=deadline,
+        )
+        self.current = await workflow.start_child_workflow(
+            ShippingWorkflow.run,
+            shipment,
+            id=f"{parent}-shipping-{self.shipments}",
+            task_queue=self._policy.shipping_task_queue,
+            task_timeout=WORKFLOW_TASK_TIMEOUT,
+        )
+        try:
+            return await self.current
+        except ChildWorkflowError as err:
+            if cancelled():
+                raise  # the order is stopping, not shipping again
+            cause = err.cause
+            if isinstance(cause, ApplicationError) and cause.type == DEADLINE_EXCEEDED:
+                raise LifecycleStopped(Stop(OrderState.FAILED, cause.message)) from err
+            self.failures.append(str(cause or err))
+            return ShippingResult()
+        finally:
+            self.current = None
+
+    def package_prepared(self, prepared: PackagePrepared) -> None:
+        self._record.attempts.merge(prepared.prepare)
+        self.phase = ShippingPhase.PACKAGE_READY
+        self._record.status.step = self.step
+        self._record.emit(EventType.PACKAGE_PREPARED)
+        # the dispatch follows in a moment: this shipment's outcome and this go out together
+        shipment = self.current
+        self._record.outbox.hold_until(lambda: self.current is not shipment)
+
+    def dispatch_failed(self, failed: DispatchFailed) -> None:
+        self._record.attempts.merge(failed.dispatch)
+        self.failures.append(failed.reason)
+        self._record.emit(EventType.DISPATCH_FAILED, reason=failed.reason, shipping_attempt=self.shipments)
+        extra = {"order_id": self._record.status.order_id, "step": Step.DISPATCH_CARRIER.value}
+        workflow.logger.warning(
+            "dispatch failed", extra=extra | {"attempt": self.shipments, "error": failed.reason}
+        )
+
+    def dispatched(self, dispatched: CarrierDispatched) -> bool:
+        """The carrier has the package; True if for the order's current address."""
+        self._record.attempts.merge(dispatched.dispatch)
+        address = dispatched.address
+        self._record.emit(
+            EventType.CARRIER_DISPATCHED,
+            tracking_number=dispatched.tracking_number,
+            address=address.model_dump(),
+        )
+        if address != self._record.status.address:
+            return False
+        self.phase = ShippingPhase.DISPATCHED
+        return True
