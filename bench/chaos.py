@@ -4,7 +4,7 @@
     python bench/chaos.py --orders 600 --rate 4 --rounds 2
 
 The whole system (the `make run` launcher) runs on servers of its own: a PostgreSQL and a RabbitMQ
-started for the run (tests/private_servers.py; never the machine's shared ones) and a Temporal dev
+started for the run (testsupport/servers.py; never the machine's shared ones) and a Temporal dev
 server that keeps its state in a file. Orders are placed over the REST gateway at a steady rate and
 approved when they ask, as in bench/lifecycle.py. Meanwhile, one at a time and spread evenly over
 the load, api, bridge, workers and audit are killed -9 and started again, RabbitMQ and PostgreSQL
@@ -60,19 +60,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 from temporalio.client import Client
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the crash tests' private servers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, run as a file
 
 from bench.load import BENCH_PUBLISHER, Load, customer_token, offer, place_command
 from bench.measure import Ledger, OrderClock, Outcome
 from bench.pipeline import approve_command
 from bench.report import MAX_FAULTS_SHOWN
-from private_servers import (
-    PrivatePostgres,
-    PrivateRabbitMQ,
-    private_servers,
-    publish_until_confirmed,
-)
 from services.audit.projection import STATE_OF_EVENT
 from services.stack import RUN_DIR, Stack, TemporalDevServer, free_port, running_stack, with_payload_keys
 from services.workers.business import PaymentStatus
@@ -82,6 +75,8 @@ from shared.db import AuditEvent, Order, Payment
 from shared.lifecycle import ORDER_WORKFLOW, order_workflow_id
 from shared.settings import Settings
 from shared.temporal import connect_temporal
+from testsupport.orders import ONCE_PER_COMPLETED_ORDER, order_body_of
+from testsupport.servers import PrivatePostgres, PrivateRabbitMQ, private_servers, publish_until_confirmed
 
 CHAOS_DATABASE = "orderflow_chaos"
 EVENTS_QUEUE = "chaos.events"
@@ -90,20 +85,7 @@ RETRY_SECONDS = 0.5
 APPROVAL_PATIENCE_SECONDS = 120.0
 AUDIT_POLL_SECONDS = 0.5
 # the steps an order takes at most once
-ONCE_PER_ORDER = frozenset(
-    {
-        "queued",
-        "admitted",
-        "received",
-        "validated",
-        "approved",
-        "payment_charged",
-        "shipped",
-        "completed",
-        "cancelled",
-        "failed",
-    }
-)
+ONCE_PER_ORDER = frozenset({*ONCE_PER_COMPLETED_ORDER, "cancelled", "failed"})
 
 
 @dataclass
@@ -138,12 +120,7 @@ class PatientClients:
         self._approvals: set[asyncio.Task[None]] = set()
 
     async def place(self, order_id: str) -> None:
-        command = place_command(order_id)
-        body = {
-            "order_id": order_id,
-            "command_id": str(command.command_id),
-            **command.payload.model_dump(mode="json", exclude_none=True),
-        }
+        body = order_body_of(place_command(order_id))
         while True:
             if await self._placed(body):
                 return

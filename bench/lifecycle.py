@@ -74,7 +74,7 @@ from pathlib import Path
 
 import structlog
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, run as a file
 
 from bench import report
 from bench.baseline import running_baseline

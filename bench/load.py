@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol
-from uuid import uuid4
 
 from bench.measure import Ledger
 from shared import local_issuer
-from shared.contracts import Actor, Address, OrderItem, PlaceOrder, PlaceOrderPayload, Role
+from shared.contracts import Actor, Address, OrderItem, PlaceOrder, Role
 from shared.settings import Settings
+from testsupport.orders import place_order, unique_id
 
 MAX_IN_FLIGHT = 64
 ADDRESS = Address(name="Bench", line1="1 Load Street", city="Testville", postal_code="12345", country="DE")
@@ -70,7 +69,7 @@ async def offer(system: SystemUnderTest, ledger: Ledger, load: Load) -> None:
     for index in range(load.orders):
         await asyncio.sleep(max(0.0, started + index / load.rate - time.monotonic()))
         await in_flight.acquire()
-        placement = asyncio.create_task(_place(system, ledger, f"bench-{uuid4().hex[:12]}"))
+        placement = asyncio.create_task(_place(system, ledger, unique_id("bench")))
         placements.add(placement)
 
         def answered(done: asyncio.Task[None]) -> None:
@@ -96,13 +95,7 @@ async def _place(system: SystemUnderTest, ledger: Ledger, order_id: str) -> None
 def place_command(order_id: str, issuers: bool = True) -> PlaceOrder:
     """Every order of the bench: one item, one address, placed by the bench's customer (`issuers`
     False: by the publisher itself, for a revision from before commands named their issuer)."""
-    return PlaceOrder(
-        command_id=uuid4(),
-        order_id=order_id,
-        issued_at=datetime.now(UTC),
-        issued_by=BENCH_CUSTOMER if issuers else None,
-        payload=PlaceOrderPayload(payment_id=f"pay-{order_id}", items=ITEMS, address=ADDRESS),
-    )
+    return place_order(order_id, issued_by=BENCH_CUSTOMER if issuers else None, items=ITEMS, address=ADDRESS)
 
 
 def customer_token(settings: Settings) -> dict[str, str]:

@@ -16,10 +16,8 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from uuid import uuid4
 
 import httpx
 from aio_pika.abc import AbstractIncomingMessage
@@ -42,6 +40,7 @@ from shared import broker
 from shared.contracts import ApproveOrder, EventType, OrderEvent
 from shared.schema import drop_database
 from shared.settings import Settings
+from testsupport.orders import approve_order
 
 BENCH_NAME = "orderflow_bench"
 WARM_UP_SECONDS = 2.0  # let the workers start polling before the clock starts
@@ -121,12 +120,7 @@ class PipelineConfig:
 
 
 def approve_command(order_id: str, issuers: bool = True) -> ApproveOrder:
-    return ApproveOrder(
-        command_id=uuid4(),
-        order_id=order_id,
-        issued_at=datetime.now(UTC),
-        issued_by=BENCH_REVIEWER if issuers else None,
-    )
+    return approve_order(order_id, issued_by=BENCH_REVIEWER if issuers else None)
 
 
 class Pipeline:

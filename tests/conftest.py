@@ -1,5 +1,6 @@
 """Shared fixtures: a fresh test database and broker vhost, and real Temporal servers; and those of
-service_support.py (a broker channel, the dead-letter queue) and api_support.py (a command tap).
+the testsupport package (a broker channel, the dead-letter queue, a command tap, a gateway process,
+the whole system).
 
 Everything here talks to real services: PostgreSQL and RabbitMQ on loopback (started by the
 machine), a Temporal dev server and the time-skipping test server (started here from the binaries
@@ -27,9 +28,9 @@ from shared import db, local_issuer, schema
 from shared.contracts import Role
 from shared.settings import Settings
 
-# the fixtures of the helper modules, for every test that asks for them by name (a test imports
+# the fixtures of the support package, for every test that asks for them by name (a test imports
 # only the helpers it calls)
-pytest_plugins = ["service_support", "api_support"]
+pytest_plugins = ["testsupport.amqp", "testsupport.gateway", "testsupport.system"]
 
 BIN = Path(sys.executable).parent
 # ORDERFLOW_TEST_ID lets test sessions run side by side, each on its own database and vhost

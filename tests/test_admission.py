@@ -10,11 +10,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from uuid import uuid4
 
 import pytest
 import pytest_asyncio
-from aio_pika.abc import AbstractChannel, AbstractQueue
+from aio_pika.abc import AbstractQueue
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
@@ -22,14 +21,11 @@ from temporalio import activity, workflow
 from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from api_support import bearer, gateway, order_body, unique_id
-from service_support import consumer_queue, drain, eventually, moved_to, running, take_messages
 from services.bridge.consumer import run_bridge
 from shared import broker, db, schema
 from shared.admissions import HOLDING_SLOT, AdmissionSlots
 from shared.broker import (
     CommandRefused,
-    Topology,
     declare_command_queue,
     declare_placement_queue,
     publish_command,
@@ -50,17 +46,13 @@ from shared.lifecycle import (
     order_workflow_id,
 )
 from shared.settings import Settings
-from test_bridge import (
-    _describe_if_started,
-    approve,
-    cancel,
-    described,
-    place_order,
-    publish,
-    update_address,
-)
+from testsupport.amqp import Broker, consumer_queue, drain, moved_to, own_queues, publish, take_messages
+from testsupport.gateway import bearer, gateway
+from testsupport.orders import approve_order, cancel_order, order_body, place_order, unique_id, update_address
+from testsupport.polling import eventually
+from testsupport.services import running
+from testsupport.temporal import describe_if_started, described
 
-Broker = tuple[AbstractChannel, Topology]
 ADMISSION_DATABASE = "orderflow_test_admission"
 
 
@@ -146,16 +138,8 @@ async def sessions(admission_base: Settings) -> AsyncIterator[async_sessionmaker
 
 @pytest.fixture
 def admission_settings(admission_base: Settings) -> Settings:
-    test_id = uuid4().hex[:12]
-    return admission_base.model_copy(
-        update={
-            "order_task_queue": f"order-tq-{test_id}",
-            "command_queue": f"test.commands.{test_id}",
-            "placement_queue": f"test.placements.{test_id}",
-            "max_running_lifecycles": 3,
-            "placement_backlog_limit": 500,
-            "placement_prefetch": 50,
-        }
+    return own_queues(
+        admission_base, max_running_lifecycles=3, placement_backlog_limit=500, placement_prefetch=50
     )
 
 
@@ -280,7 +264,7 @@ async def test_an_approval_for_a_running_order_is_not_held_up_by_waiting_placeme
 
         loop = asyncio.get_running_loop()
         approved_at = loop.time()
-        await publish(channel, approve(running_orders[0].order_id))
+        await publish(channel, approve_order(running_orders[0].order_id))
         assert await result_of(temporal_client, running_orders[0].order_id) == "approved"
         assert loop.time() - approved_at < 3.0
         # its slot went to one of the waiting placements (about in arrival order, not strictly)
@@ -316,8 +300,8 @@ async def test_commands_for_a_waiting_order_apply_to_it(
             order = await session.get(Order, to_steer.order_id)
         assert order is not None and order.state == OrderState.QUEUED.value
 
-        cancellation = cancel(to_cancel.order_id)
-        address_change, approval = update_address(to_steer.order_id), approve(to_steer.order_id)
+        cancellation = cancel_order(to_cancel.order_id)
+        address_change, approval = update_address(to_steer.order_id), approve_order(to_steer.order_id)
         await publish(channel, cancellation, address_change, approval)
         queued, cancelled = await events_of(events, to_cancel.order_id, 2)
         assert (queued.type, queued.seq) == (EventType.QUEUED, 1)
@@ -329,7 +313,7 @@ async def test_commands_for_a_waiting_order_apply_to_it(
         assert cancelled.data["refunded"] is False and cancelled.data["admitted"] is False
 
         # free the slots: the cancelled order never starts, the other starts with its commands
-        await publish(channel, *(approve(b.order_id) for b in blockers))
+        await publish(channel, *(approve_order(b.order_id) for b in blockers))
         assert await result_of(temporal_client, to_steer.order_id) == "approved early"
         handle = temporal_client.get_workflow_handle(order_workflow_id(to_steer.order_id))
         assert await handle.query(StandInLifecycle.early_commands) == [
@@ -338,7 +322,7 @@ async def test_commands_for_a_waiting_order_apply_to_it(
         ]
         assert await admission_status(sessions, to_cancel.order_id) == "cancelled"
         never_started = temporal_client.get_workflow_handle(order_workflow_id(to_cancel.order_id))
-        assert await _describe_if_started(never_started) is None
+        assert await describe_if_started(never_started) is None
 
 
 async def test_a_full_backlog_refuses_placements_at_the_door(
@@ -376,7 +360,9 @@ async def test_two_bridges_share_the_bound_and_keep_each_order_s_commands_in_ord
     events: AbstractQueue,
 ) -> None:
     orders = [place_order(unique_id("ord")) for _ in range(30)]
-    follow_ups = [cancel(o.order_id) if i % 5 == 0 else approve(o.order_id) for i, o in enumerate(orders)]
+    follow_ups = [
+        cancel_order(o.order_id) if i % 5 == 0 else approve_order(o.order_id) for i, o in enumerate(orders)
+    ]
     async with running(run_bridge, admission_settings), running(run_bridge, admission_settings):
         for placement, follow_up in zip(orders, follow_ups, strict=True):
             await publish(channel, placement, follow_up)  # back to back, as a client would
@@ -418,7 +404,7 @@ async def test_a_command_that_overtakes_its_placement_waits_for_it(
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
     placement = place_order(unique_id("ord"))
-    approval = approve(placement.order_id)
+    approval = approve_order(placement.order_id)
     async with running(run_bridge, admission_settings):
         await publish(channel, approval)  # another bridge still has the placement in hand, say
         await reaches(sessions, placement.order_id, "unplaced")

@@ -13,9 +13,7 @@ import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from urllib.parse import quote, urlsplit, urlunsplit
-from uuid import uuid4
 
 import aio_pika
 import pytest
@@ -23,14 +21,10 @@ import pytest_asyncio
 from aio_pika.exceptions import ChannelClosed
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api_support import running_system, unique_id
-from service_support import GUEST, TEST_REVIEWER, eventually, publish_raw
 from shared import broker
 from shared.authorization import FORBIDDEN
 from shared.contracts import (
     Actor,
-    ApproveOrder,
-    CancelOrder,
     Command,
     EventType,
     OrderEvent,
@@ -40,7 +34,10 @@ from shared.contracts import (
 )
 from shared.db import Order
 from shared.settings import Settings
-from test_e2e import EventLog, approve_command, following_events, place_command
+from testsupport.amqp import publish_raw
+from testsupport.orders import GUEST, TEST_REVIEWER, approve_order, cancel_order, place_order, unique_id
+from testsupport.polling import eventually
+from testsupport.system import EventLog, following_events
 
 pytestmark = [
     pytest.mark.e2e,
@@ -75,13 +72,11 @@ def broker_users(settings: Settings) -> Iterator[dict[str, str]]:
             subprocess.run(["rabbitmqctl", "-q", "delete_user", user], check=False, capture_output=True)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def system(
-    settings: Settings, migrated_database: str, broker_users: dict[str, str]
-) -> AsyncIterator[Settings]:
+@pytest.fixture(scope="module")
+def system_settings(settings: Settings, broker_users: dict[str, str]) -> Settings:
+    """The system of this module gives its customer broker user the customer role."""
     roles = {**settings.amqp_publisher_roles, CUSTOMER_USER: [Role.CUSTOMER]}
-    async with running_system(settings.model_copy(update={"amqp_publisher_roles": roles}), "authz") as system:
-        yield system
+    return settings.model_copy(update={"amqp_publisher_roles": roles})
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -103,10 +98,6 @@ async def publisher(
         yield topology
     finally:
         await connection.close()
-
-
-def approval_by(order_id: str, issuer: Actor | None) -> ApproveOrder:
-    return approve_command(order_id).model_copy(update={"issued_by": issuer})
 
 
 async def rejection_of(events: EventLog, command: Command) -> OrderEvent:
@@ -141,7 +132,7 @@ async def test_the_broker_refuses_a_publish_that_forges_its_user_id(
     system: Settings, broker_users: dict[str, str]
 ) -> None:
     async with publisher(system, broker_users, CUSTOMER_USER) as topology:
-        forged = place_command(unique_id("forged"))
+        forged = place_order(unique_id("forged"), issued_by=None)
         with pytest.raises(ChannelClosed):
             await topology.commands.publish(
                 aio_pika.Message(body=forged.model_dump_json().encode(), user_id=GUEST.subject),
@@ -153,7 +144,7 @@ async def test_a_command_without_user_id_is_forbidden_and_changes_nothing(
     followed: tuple[broker.Topology, EventLog], db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     topology, events = followed
-    place = place_command(unique_id("anonymous"))
+    place = place_order(unique_id("anonymous"), issued_by=None)
     await publish_raw(topology.commands, "order.place", place.model_dump_json().encode(), user_id=None)
 
     assert_forbidden(await rejection_of(events, place), place)
@@ -168,7 +159,7 @@ async def test_a_broker_user_without_a_role_cannot_place(
     db_sessions: async_sessionmaker[AsyncSession],
 ) -> None:
     _, events = followed
-    place = place_command(unique_id("nobody"))
+    place = place_order(unique_id("nobody"), issued_by=None)
     async with publisher(system, broker_users, NOBODY_USER) as topology:
         await broker.publish_command(topology, place)
 
@@ -185,12 +176,12 @@ async def test_a_broker_user_without_the_reviewer_role_cannot_approve(
     tests_topology, events = followed
     order_id = unique_id("customer")
     async with publisher(system, broker_users, CUSTOMER_USER) as topology:
-        await placed_and_in_review(topology, events, place_command(order_id))
-        own_approval = approval_by(order_id, None)
+        await placed_and_in_review(topology, events, place_order(order_id, issued_by=None))
+        own_approval = approve_order(order_id, issued_by=None)
         await broker.publish_command(topology, own_approval)
         assert_forbidden(await rejection_of(events, own_approval), own_approval)
         # and it cannot name a reviewer instead: it is not a delegate
-        named = approval_by(order_id, TEST_REVIEWER)
+        named = approve_order(order_id, issued_by=TEST_REVIEWER)
         await broker.publish_command(topology, named)
         assert_forbidden(await rejection_of(events, named), named)
 
@@ -203,7 +194,7 @@ async def test_a_broker_user_without_the_reviewer_role_cannot_approve(
         CUSTOMER_USER,
         None,
     )
-    cancel = CancelOrder(command_id=uuid4(), order_id=order_id, issued_at=datetime.now(UTC))
+    cancel = cancel_order(order_id, issued_by=None)
     await broker.publish_command(tests_topology, cancel)  # as an operator: the order ends
     assert (await events.wait_for_end(order_id)).type is EventType.CANCELLED
 
@@ -214,13 +205,11 @@ async def test_four_eyes_and_the_approver_recorded(
     topology, events = followed
     order_id = unique_id("four-eyes")
     # the tests' broker user is a delegate: it acts for the people it names
-    await placed_and_in_review(
-        topology, events, place_command(order_id).model_copy(update={"issued_by": ALICE})
-    )
-    by_the_placer = approval_by(order_id, ALICE)
+    await placed_and_in_review(topology, events, place_order(order_id, issued_by=ALICE))
+    by_the_placer = approve_order(order_id, issued_by=ALICE)
     await broker.publish_command(topology, by_the_placer)
     assert_forbidden(await rejection_of(events, by_the_placer), by_the_placer)
-    approval = approval_by(order_id, TEST_REVIEWER)
+    approval = approve_order(order_id, issued_by=TEST_REVIEWER)
     await broker.publish_command(topology, approval)
 
     assert (await events.wait_for_end(order_id)).type is EventType.COMPLETED
@@ -244,7 +233,7 @@ async def test_a_non_delegate_naming_someone_else_is_forbidden(
     db_sessions: async_sessionmaker[AsyncSession],
 ) -> None:
     _, events = followed
-    place = place_command(unique_id("impostor")).model_copy(update={"issued_by": ALICE})
+    place = place_order(unique_id("impostor"), issued_by=ALICE)
     async with publisher(system, broker_users, CUSTOMER_USER) as topology:
         await broker.publish_command(topology, place)
 

@@ -21,19 +21,6 @@ from temporalio import workflow
 from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from api_support import (
-    ADDRESS,
-    ITEMS,
-    bearer,
-    closed_port,
-    gateway,
-    insert_events,
-    insert_order,
-    order_body,
-    own_vhost,
-    unique_id,
-)
-from service_support import drain, next_message
 from shared.contracts import (
     COMMAND_ROUTING_KEYS,
     MAX_ITEMS,
@@ -51,6 +38,10 @@ from shared.contracts import (
 )
 from shared.lifecycle import ORDER_WORKFLOW, STATUS_QUERY, order_workflow_id
 from shared.settings import Settings
+from testsupport.amqp import drain, next_message, own_vhost
+from testsupport.gateway import bearer, closed_port, gateway
+from testsupport.orders import ADDRESS, ITEMS, order_body, unique_id
+from testsupport.read_model import insert_events, insert_order
 
 
 async def command_message(queue: AbstractQueue, command_id: str) -> AbstractIncomingMessage:

@@ -11,36 +11,37 @@ from uuid import uuid4
 
 import pytest
 import pytest_asyncio
-from aio_pika.abc import AbstractChannel, AbstractQueue
+from aio_pika.abc import AbstractQueue
 from prometheus_client import REGISTRY
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from api_support import ADDRESS, insert_order, unique_id
-from service_support import (
-    DownDatabase,
-    consumer_queue,
-    dead_letter_of,
-    dead_lettered,
-    eventually,
-    publish_raw,
-    running,
-    verdict,
-    was_dead_lettered,
-)
 from services.audit.consumer import AuditLog, run_audit
 from services.audit.projection import record_events
-from shared.broker import ERROR_HEADER, Topology, declare_audit_queue, publish_event
+from shared.broker import ERROR_HEADER, declare_audit_queue
 from shared.contracts import EventType, OrderEvent, OrderState
 from shared.db import AuditEvent, Order, transaction
 from shared.settings import Settings
+from testsupport.amqp import (
+    Broker,
+    consumer_queue,
+    dead_letter_of,
+    dead_lettered,
+    own_queues,
+    publish,
+    publish_raw,
+    verdict,
+    was_dead_lettered,
+)
+from testsupport.orders import ADDRESS, NEW_ADDRESS, unique_id
+from testsupport.polling import eventually
+from testsupport.read_model import insert_order
+from testsupport.services import DownDatabase, running
 
-Broker = tuple[AbstractChannel, Topology]
 Sessions = async_sessionmaker[AsyncSession]
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
-NEW_ADDRESS: dict[str, Any] = {**ADDRESS, "line1": "1 Dorset Street", "postal_code": "W1U 4EG"}
 NEWEST_ADDRESS: dict[str, Any] = {**ADDRESS, "line1": "221B Baker Street", "postal_code": "NW1 6XE"}
 
 
@@ -59,9 +60,7 @@ def event(order_id: str, seq: int, type: EventType, **data: Any) -> OrderEvent:
 @pytest.fixture
 def audit_settings(base_settings: Settings) -> Settings:
     """An audit queue of this test's own; a poison event gets two tries."""
-    return base_settings.model_copy(
-        update={"audit_queue": f"test.audit.{uuid4().hex[:12]}", "max_event_deliveries": 2}
-    )
+    return own_queues(base_settings, max_event_deliveries=2)
 
 
 @pytest_asyncio.fixture
@@ -86,11 +85,6 @@ async def order_id(db_sessions: Sessions) -> str:
 
 
 # --- helpers -------------------------------------------------------------------------------------
-async def publish(broker: Broker, *events: OrderEvent) -> None:
-    for one in events:
-        await publish_event(broker[1], one)
-
-
 async def stored_events(sessions: Sessions, order_id: str) -> list[AuditEvent]:
     async with sessions() as session:
         rows = await session.scalars(

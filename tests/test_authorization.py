@@ -32,8 +32,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi.routing import iter_route_contexts
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api_support import ADDRESS, bearer, gateway, insert_events, insert_order, order_body, unique_id
-from service_support import drain, next_message
 from services.api.app import create_app
 from services.api.auth import (
     AuthNotConfigured,
@@ -47,6 +45,10 @@ from services.stack import service_environment
 from shared import local_issuer
 from shared.contracts import Actor, EventType, OrderState, Role, command_adapter
 from shared.settings import Settings
+from testsupport.amqp import drain, next_message
+from testsupport.gateway import bearer, gateway
+from testsupport.orders import ADDRESS, order_body, unique_id
+from testsupport.read_model import insert_events, insert_order
 
 CUSTOMER, OTHER_CUSTOMER, REVIEWER, OPERATOR = "cara", "cole", "rita", "olivia"
 OPEN = 200  # what every caller gets from an open route, token or not

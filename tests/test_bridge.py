@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import pytest
 import pytest_asyncio
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from pydantic import BaseModel
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
@@ -24,65 +23,52 @@ from sqlmodel import col
 from temporalio import workflow
 from temporalio.client import (
     Client,
-    WorkflowExecutionDescription,
     WorkflowExecutionStatus,
     WorkflowHandle,
 )
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from api_support import ADDRESS as SAMPLE_ADDRESS
-from api_support import unique_id
-from service_support import (
-    GUEST,
-    TEST_REVIEWER,
-    DownDatabase,
-    consumer_queue,
-    dead_letter_of,
-    dead_lettered,
-    drain,
-    eventually,
-    publish_raw,
-    running,
-    take_messages,
-    verdict,
-    was_dead_lettered,
-)
 from services.bridge.consumer import OrderLocks, run_bridge
 from services.bridge.issuers import NO_ROLE, NO_USER_ID, NOT_A_DELEGATE, PublisherIdentities
 from services.bridge.lifecycles import PLACE_COMMAND_MEMO, forbidden
 from shared.authorization import FORBIDDEN
 from shared.broker import (
     ERROR_HEADER,
-    Topology,
     declare_command_queue,
     declare_placement_queue,
-    publish_command,
 )
 from shared.consuming import is_transient
 from shared.contracts import (
     Actor,
-    Address,
     ApproveOrder,
     CancelOrder,
     Command,
     EventType,
     OrderEvent,
-    OrderItem,
-    PlaceOrder,
-    PlaceOrderPayload,
     Role,
     UpdateAddress,
-    UpdateAddressPayload,
 )
 from shared.db import ProcessedCommand
 from shared.lifecycle import ORDER_WORKFLOW, OrderWorkflowInput, Signals, order_workflow_id
 from shared.settings import Settings
-
-Broker = tuple[AbstractChannel, Topology]
-
-ADDRESS = Address.model_validate(SAMPLE_ADDRESS)
-NEW_ADDRESS = ADDRESS.model_copy(update={"line1": "1 Dorset Street", "postal_code": "W1U 4EG"})
+from testsupport.amqp import (
+    Broker,
+    consumer_queue,
+    dead_letter_of,
+    dead_lettered,
+    drain,
+    own_queues,
+    publish,
+    publish_raw,
+    take_messages,
+    verdict,
+    was_dead_lettered,
+)
+from testsupport.orders import GUEST, approve_order, cancel_order, place_order, unique_id, update_address
+from testsupport.polling import eventually
+from testsupport.services import DownDatabase, running
+from testsupport.temporal import described
 
 
 # --- the stand-in workflow -----------------------------------------------------------------------
@@ -132,41 +118,6 @@ class StandInOrderWorkflow:
 STRANGER = Actor(subject="stranger", roles=frozenset({Role.CUSTOMER}))
 
 
-def place_order(order_id: str) -> PlaceOrder:
-    payload = PlaceOrderPayload(
-        payment_id=unique_id("pay"), items=[OrderItem(sku="sku-1", qty=2)], address=ADDRESS
-    )
-    return PlaceOrder(
-        command_id=uuid4(),
-        order_id=order_id,
-        issued_at=datetime.now(UTC),
-        correlation_id="corr-1",
-        issued_by=GUEST,
-        payload=payload,
-    )
-
-
-def approve(order_id: str) -> ApproveOrder:
-    """By a reviewer the tests' broker user names (it placed the order: four eyes)."""
-    return ApproveOrder(
-        command_id=uuid4(), order_id=order_id, issued_at=datetime.now(UTC), issued_by=TEST_REVIEWER
-    )
-
-
-def cancel(order_id: str) -> CancelOrder:
-    return CancelOrder(command_id=uuid4(), order_id=order_id, issued_at=datetime.now(UTC), issued_by=GUEST)
-
-
-def update_address(order_id: str) -> UpdateAddress:
-    return UpdateAddress(
-        command_id=uuid4(),
-        order_id=order_id,
-        issued_at=datetime.now(UTC),
-        issued_by=GUEST,
-        payload=UpdateAddressPayload(address=NEW_ADDRESS),
-    )
-
-
 def signal_of(name: str, command: Command) -> ReceivedSignal:
     return ReceivedSignal(name=name, command=command.model_dump(mode="json"))
 
@@ -177,16 +128,7 @@ def bridge_settings(settings: Settings) -> Settings:
     """A task queue and command queues of this test's own; a poison message gets two tries. The
     stand-in lifecycles never end, so the admission bound is out of the way (tests/test_admission.py
     covers it)."""
-    test_id = uuid4().hex[:12]
-    return settings.model_copy(
-        update={
-            "order_task_queue": f"order-tq-{test_id}",
-            "command_queue": f"test.commands.{test_id}",
-            "placement_queue": f"test.placements.{test_id}",
-            "max_command_deliveries": 2,
-            "max_running_lifecycles": 100_000,
-        }
-    )
+    return own_queues(settings, max_command_deliveries=2, max_running_lifecycles=100_000)
 
 
 @pytest_asyncio.fixture
@@ -232,26 +174,6 @@ async def rejections(broker_channel: Broker) -> AbstractQueue:
 
 
 # --- helpers -------------------------------------------------------------------------------------
-async def publish(broker: Broker, *commands: Command) -> None:
-    for command in commands:
-        await publish_command(broker[1], command)
-
-
-async def described(client: Client, order_id: str) -> WorkflowExecutionDescription:
-    """The order's workflow, once it exists."""
-    handle = client.get_workflow_handle(order_workflow_id(order_id))
-    return await eventually(lambda: _describe_if_started(handle))
-
-
-async def _describe_if_started(handle: WorkflowHandle[Any, Any]) -> WorkflowExecutionDescription | None:
-    try:
-        return await handle.describe()
-    except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND:
-            return None
-        raise
-
-
 async def signals_received(client: Client, order_id: str, count: int) -> list[ReceivedSignal]:
     """The stand-in's signals, once it has at least `count` of them."""
     handle = client.get_workflow_handle((await described(client, order_id)).id)
@@ -396,9 +318,9 @@ async def test_commands_reach_the_workflow_as_signals_in_order(
 ) -> None:
     order_id = unique_id("ord")
     approval, address_change, cancellation = (
-        approve(order_id),
+        approve_order(order_id),
         update_address(order_id),
-        cancel(order_id),
+        cancel_order(order_id),
     )
     await publish(broker_channel, place_order(order_id))
     await described(temporal_client, order_id)
@@ -420,7 +342,9 @@ async def test_place_and_approve_published_back_to_back_apply_in_that_order(
     temporal_client: Client,
     rejections: AbstractQueue,
 ) -> None:
-    orders = [(place_order(order_id), approve(order_id)) for order_id in (unique_id("ord") for _ in range(8))]
+    orders = [
+        (place_order(order_id), approve_order(order_id)) for order_id in (unique_id("ord") for _ in range(8))
+    ]
     # all waiting before the bridge starts, so it takes them in one burst and handles them at once
     await publish(broker_channel, *(command for pair in orders for command in pair))
 
@@ -440,7 +364,7 @@ async def test_a_command_delivered_twice_has_one_effect(
     db_sessions: async_sessionmaker[AsyncSession],
 ) -> None:
     order_id = unique_id("ord")
-    place, approval, cancellation = place_order(order_id), approve(order_id), cancel(order_id)
+    place, approval, cancellation = place_order(order_id), approve_order(order_id), cancel_order(order_id)
     relocation, last = update_address(order_id), update_address(order_id)
     await publish(broker_channel, place, place)
     await described(temporal_client, order_id)
@@ -473,9 +397,9 @@ async def test_a_forbidden_command_is_rejected_once_recorded_and_never_applied(
     order_id = unique_id("ord")
     await publish(broker_channel, place_order(order_id))
     await described(temporal_client, order_id)
-    by_a_customer = approve(order_id).model_copy(update={"issued_by": STRANGER})
+    by_a_customer = approve_order(order_id).model_copy(update={"issued_by": STRANGER})
     await publish(broker_channel, by_a_customer, by_a_customer)
-    cancellation = cancel(order_id)
+    cancellation = cancel_order(order_id)
     await publish(broker_channel, cancellation)
 
     # handled in arrival order: the cancel arrived last, so the approvals were dealt with
@@ -516,11 +440,11 @@ def test_the_issuer_is_the_publishers_broker_user_or_whom_a_delegate_names(
 def test_an_issuer_without_the_role_may_not_send_the_command() -> None:
     identities = PublisherIdentities({"shop": [Role.CUSTOMER]}, [])
     assert identities.authorize("shop", place_order("o-1")) == forbidden(NOT_A_DELEGATE)  # names GUEST
-    assert identities.authorize("shop", approve("o-1")) == forbidden(NOT_A_DELEGATE)
+    assert identities.authorize("shop", approve_order("o-1")) == forbidden(NOT_A_DELEGATE)
     shop = Actor(subject="shop", roles=frozenset({Role.CUSTOMER}))
-    anonymous_approval = approve("o-1").model_copy(update={"issued_by": None})
+    anonymous_approval = approve_order("o-1").model_copy(update={"issued_by": None})
     assert identities.authorize("shop", anonymous_approval) == forbidden(NO_ROLE)
-    assert identities.authorize("shop", cancel("o-1").model_copy(update={"issued_by": None})) == shop
+    assert identities.authorize("shop", cancel_order("o-1").model_copy(update={"issued_by": None})) == shop
 
 
 async def test_a_command_for_an_unknown_order_is_rejected(
@@ -529,7 +453,7 @@ async def test_a_command_for_an_unknown_order_is_rejected(
     rejections: AbstractQueue,
     db_sessions: async_sessionmaker[AsyncSession],
 ) -> None:
-    command = approve(unique_id("ord"))
+    command = approve_order(unique_id("ord"))
     await publish(broker_channel, command)
 
     assert_rejected(await rejection_of(rejections, command), command, "unknown order")
@@ -571,7 +495,7 @@ async def test_invalid_messages_are_dead_lettered_and_the_bridge_keeps_serving(
     without_payload = place_order(unique_id("ord")).model_dump(mode="json", exclude={"payload"})
     not_json = await publish_raw(commands, "order.place", b"{not json")
     not_a_command = await publish_raw(commands, "order.place", json.dumps(without_payload).encode())
-    valid = approve(unique_id("ord"))
+    valid = approve_order(unique_id("ord"))
     await publish(broker_channel, valid)
 
     assert_rejected(await rejection_of(rejections, valid), valid, "unknown order")
@@ -621,7 +545,7 @@ async def test_a_command_that_keeps_failing_is_dead_lettered_after_its_deliverie
     dead_letters: AbstractQueue,
     db_sessions: async_sessionmaker[AsyncSession],
 ) -> None:
-    poison = approve(unique_id(poisoned_orders))
+    poison = approve_order(unique_id(poisoned_orders))
     await publish(broker_channel, poison)
 
     dead = await dead_letter_of(dead_letters, str(poison.command_id))
@@ -629,7 +553,7 @@ async def test_a_command_that_keeps_failing_is_dead_lettered_after_its_deliverie
     assert "poisoned order" in str(dead.headers[ERROR_HEADER])
     assert await outcome_of(db_sessions, poison) is None
 
-    valid = approve(unique_id("ord"))
+    valid = approve_order(unique_id("ord"))
     await publish(broker_channel, valid)
     assert_rejected(await rejection_of(rejections, valid), valid, "unknown order")
 
@@ -642,7 +566,7 @@ async def test_a_database_outage_neither_loses_nor_dead_letters_a_command(
     dead_letters: AbstractQueue,
     db_sessions: async_sessionmaker[AsyncSession],
 ) -> None:
-    command = approve(unique_id("ord"))
+    command = approve_order(unique_id("ord"))
     await publish(broker_channel, command)
     async with DownDatabase() as down, running(run_bridge, down.settings_for(bridge_settings)):
         await eventually(down.retried)

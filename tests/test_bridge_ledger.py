@@ -14,8 +14,6 @@ from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col
 
-from api_support import unique_id
-from service_support import GUEST
 from services.bridge.admission import (
     AdmissionLedger,
     NotRegistered,
@@ -31,7 +29,7 @@ from shared.authorization import FORBIDDEN
 from shared.contracts import Actor, Command, Role
 from shared.db import Admission, Order, ProcessedCommand
 from shared.settings import Settings
-from test_bridge import approve, cancel, place_order
+from testsupport.orders import GUEST, approve_order, cancel_order, place_order, unique_id
 
 LEDGER_DATABASE = "orderflow_test_ledger" + os.environ.get("ORDERFLOW_TEST_ID", "")
 
@@ -168,7 +166,7 @@ async def test_a_command_is_processed_once(engine: AsyncEngine) -> None:
     placement = place_order(unique_id("ord"))
     await ledger.register(placement, nothing, take_free_slot=True)
     await ledger.started(placement, ACCEPTED)
-    approval = approve(placement.order_id)
+    approval = approve_order(placement.order_id)
 
     async def no_cancel() -> None:
         raise AssertionError("not a cancel")
@@ -181,7 +179,7 @@ async def test_a_command_is_processed_once(engine: AsyncEngine) -> None:
 async def test_commands_that_overtook_the_placement_start_with_it(engine: AsyncEngine) -> None:
     ledger = AdmissionLedger(engine, max_running=5)
     placement = place_order(unique_id("ord"))
-    approval = approve(placement.order_id)
+    approval = approve_order(placement.order_id)
     assert await ledger.park(approval)
     registration = await ledger.register(placement, nothing, take_free_slot=True)
     assert isinstance(registration, Registration) and registration.slot is not None
@@ -192,7 +190,7 @@ async def test_a_cancel_for_a_waiting_order_ends_it_once(engine: AsyncEngine) ->
     ledger = AdmissionLedger(engine, max_running=5)
     placement = place_order(unique_id("ord"))
     await ledger.register(placement, nothing, take_free_slot=False)
-    cancellation = cancel(placement.order_id)
+    cancellation = cancel_order(placement.order_id)
     published: list[str] = []
 
     async def publish_cancelled() -> None:
@@ -209,8 +207,8 @@ async def test_a_waiting_order_takes_only_the_commands_its_placer_allows(engine:
     placement = place_order(unique_id("ord"))
     await ledger.register(placement, nothing, take_free_slot=False)
     stranger = Actor(subject="stranger", roles=frozenset({Role.CUSTOMER}))
-    by_stranger = cancel(placement.order_id).model_copy(update={"issued_by": stranger})
-    own_approval = approve(placement.order_id).model_copy(update={"issued_by": GUEST})
+    by_stranger = cancel_order(placement.order_id).model_copy(update={"issued_by": stranger})
+    own_approval = approve_order(placement.order_id).model_copy(update={"issued_by": GUEST})
 
     async def no_cancel() -> None:
         raise AssertionError("the order must not end")
@@ -228,8 +226,8 @@ async def test_parked_commands_the_placer_does_not_allow_are_refused_as_it_regis
     ledger = AdmissionLedger(engine, max_running=5)
     placement = place_order(unique_id("ord"))
     stranger = Actor(subject="stranger", roles=frozenset({Role.CUSTOMER}))
-    by_stranger = cancel(placement.order_id).model_copy(update={"issued_by": stranger})
-    approval = approve(placement.order_id)
+    by_stranger = cancel_order(placement.order_id).model_copy(update={"issued_by": stranger})
+    approval = approve_order(placement.order_id)
     for command in (by_stranger, approval):
         assert (
             await ledger.park(command) or await ledger.steer(command, nothing_to_publish) is Steering.PARKED

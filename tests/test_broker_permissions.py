@@ -19,12 +19,12 @@ import pytest_asyncio
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.exceptions import ChannelAccessRefused
 
-from service_support import eventually
 from services.api.connections import open_broker
 from shared import broker
 from shared.broker_users import ACCOUNTS, account_url, password_file, set_up_accounts
 from shared.contracts import Address, EventType, OrderEvent, OrderItem, PlaceOrder, PlaceOrderPayload
 from shared.settings import Settings
+from testsupport.polling import eventually
 
 TEST_ID = os.environ.get("ORDERFLOW_TEST_ID", "")
 VHOST = f"orderflow_test{TEST_ID}_permissions"

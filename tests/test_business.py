@@ -12,10 +12,8 @@ import dataclasses
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
-from uuid import uuid4
 
 import pytest
 from sqlalchemy import func, select, text
@@ -24,7 +22,6 @@ from sqlmodel import col
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from service_support import DownDatabase
 from services.workers import business, faults
 from services.workers.activities import BusinessActivities
 from services.workers.boundary import (
@@ -49,11 +46,12 @@ from shared.contracts import (
     OrderItem,
     OrderState,
     PlaceOrder,
-    PlaceOrderPayload,
 )
 from shared.db import Order, Payment, transaction
 from shared.settings import Settings
-from workflow_harness import wait_until
+from testsupport.orders import place_order, unique_id
+from testsupport.polling import eventually
+from testsupport.services import DownDatabase
 
 Sessions = async_sessionmaker[AsyncSession]
 
@@ -79,23 +77,13 @@ def sessions(db_sessions: Sessions, monkeypatch: pytest.MonkeyPatch) -> Sessions
     return db_sessions
 
 
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid4().hex[:12]}"
-
-
-def place_order(
-    order_id: str | None = None, payment_id: str | None = None, items: list[OrderItem] = ITEMS
-) -> PlaceOrder:
-    return PlaceOrder(
-        command_id=uuid4(),
-        order_id=order_id or unique("order"),
-        issued_at=datetime.now(UTC),
-        payload=PlaceOrderPayload(payment_id=payment_id or unique("pay"), items=items, address=ADDRESS),
-    )
+def business_order(**order: Any) -> PlaceOrder:
+    """A placement of this module's order (its own address and items), by nobody in particular."""
+    return place_order(**{"items": ITEMS, "address": ADDRESS, "issued_by": None, **order})
 
 
 async def received(sessions: Sessions, **order: Any) -> PlaceOrder:
-    placed = place_order(**order)
+    placed = business_order(**order)
     await business.order_received(sessions, placed)
     return placed
 
@@ -189,7 +177,7 @@ async def test_order_validated_rejects_a_payment_owned_by_another_order(sessions
 async def test_order_validated_of_a_missing_order_is_worth_retrying(sessions: Sessions) -> None:
     # not a business verdict (the insert may not be visible yet), so not OrderInvalid
     with pytest.raises(LookupError):
-        await business.order_validated(sessions, unique("missing"))
+        await business.order_validated(sessions, unique_id("missing"))
 
 
 # --- payment_charged / payment_refunded -----------------------------------------------------------
@@ -246,7 +234,7 @@ async def behind_a_held_charge(
         async def behind_is_blocked() -> bool:
             return await other_backends_waiting_on_a_lock(sessions) >= 1
 
-        await wait_until(behind_is_blocked, waiting_for)
+        await eventually(behind_is_blocked, what=waiting_for)
         assert not behind.done()
     finally:
         release.set()  # never leave the first transaction open, whatever happened
@@ -284,7 +272,7 @@ async def test_payment_charged_for_a_payment_owned_by_another_order_is_invalid(s
     await charge(sessions, first)
 
     with pytest.raises(OrderInvalid, match=f"belongs to order {first.order_id}"):
-        await charge(sessions, first, order_id=unique("other-order"))
+        await charge(sessions, first, order_id=unique_id("other-order"))
     [payment] = await stored_payments(sessions, first.payload.payment_id)
     assert payment.order_id == first.order_id
 
@@ -338,7 +326,7 @@ async def test_a_refund_never_touches_another_orders_payment(sessions: Sessions)
     first = await received(sessions)
     await charge(sessions, first)
 
-    assert await refund(sessions, first, order_id=unique("other-order")) is False
+    assert await refund(sessions, first, order_id=unique_id("other-order")) is False
     [payment] = await stored_payments(sessions, first.payload.payment_id)
     assert (payment.order_id, payment.status) == (first.order_id, PaymentStatus.CHARGED.value)
 
@@ -363,7 +351,7 @@ async def test_carrier_dispatched_keeps_its_tracking_number_and_takes_the_new_ad
 
 async def test_carrier_dispatched_for_a_missing_order_is_worth_retrying(sessions: Sessions) -> None:
     with pytest.raises(LookupError):
-        await business.carrier_dispatched(sessions, unique("missing"), ADDRESS)
+        await business.carrier_dispatched(sessions, unique_id("missing"), ADDRESS)
 
 
 @pytest.mark.parametrize(
@@ -412,7 +400,7 @@ async def order_snapshot(sessions: Sessions, order_id: str) -> dict[str, Any] | 
 async def test_each_business_step_calls_the_fault_injector_first(
     db_sessions: Sessions, monkeypatch: pytest.MonkeyPatch, step: BusinessStep
 ) -> None:
-    placed = place_order()
+    placed = business_order()
     if step is not business.order_received:
         monkeypatch.setattr(faults, "flaky_call", no_fault)
         await business.order_received(db_sessions, placed)
@@ -465,7 +453,7 @@ async def test_a_database_outage_is_reported_as_such_and_a_broken_rule_for_good(
             await engine.dispose()
     assert (outage.value.type, outage.value.non_retryable) == (DEPENDENCY_UNAVAILABLE, False)
 
-    reused = placed.model_copy(update={"order_id": unique("other-order")})
+    reused = placed.model_copy(update={"order_id": unique_id("other-order")})
     await business.order_received(sessions, reused)
     await charge(sessions, placed)
     reachable = BusinessActivities(sessions, None, None, None, None)  # type: ignore[arg-type]

@@ -36,15 +36,6 @@ from starlette.responses import (
 from starlette.routing import Route
 from typer.testing import CliRunner, Result
 
-from api_support import (
-    ADDRESS,
-    bearer,
-    closed_port,
-    insert_events,
-    insert_order,
-    unique_id,
-)
-from service_support import eventually, next_message
 from services.cli.errors import WATCH_TIMEOUT_EXIT_CODE
 from services.cli.main import app
 from services.stack import service_environment
@@ -59,6 +50,11 @@ from shared.contracts import (
     command_adapter,
 )
 from shared.settings import Settings
+from testsupport.amqp import next_message
+from testsupport.gateway import bearer, closed_port
+from testsupport.orders import ADDRESS, unique_id
+from testsupport.polling import eventually
+from testsupport.read_model import insert_events, insert_order
 
 ADDRESS_OPTIONS = [
     "--name",

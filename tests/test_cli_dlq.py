@@ -22,13 +22,14 @@ import pytest_asyncio
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, HeadersType
 from typer.testing import CliRunner, Result
 
-from api_support import closed_port
-from service_support import drain, eventually
 from services.cli.main import app
 from shared import broker
 from shared.consuming import QueueConsumer
 from shared.contracts import command_adapter
 from shared.settings import Settings
+from testsupport.amqp import drain, publish_raw
+from testsupport.gateway import closed_port
+from testsupport.polling import eventually
 
 LONG_ERROR = "1 validation error for PlaceOrder\npayload.items\n  " + "Field required " * 10
 
@@ -68,21 +69,17 @@ async def dlq(settings: Settings, *args: str, input: str | None = None) -> Resul
     return result
 
 
-async def publish(origin: Origin, body: bytes) -> str:
-    """Publish to `orders.commands` as a client would; returns the message id."""
-    message_id = str(uuid4())
-    await origin.topology.commands.publish(
-        aio_pika.Message(
-            body=body,
-            message_id=message_id,
-            content_type="application/json",
-            type="PlaceOrder",
-            correlation_id="corr-1",
-            headers={"x-client": "kept"},
-        ),
-        routing_key=origin.routing_key,
+async def publish_as_client(origin: Origin, body: bytes) -> str:
+    """Publish to `orders.commands` as a client would, with properties of its own; the message id."""
+    return await publish_raw(
+        origin.topology.commands,
+        origin.routing_key,
+        body,
+        user_id=None,
+        message_type="PlaceOrder",
+        correlation_id="corr-1",
+        headers={"x-client": "kept"},
     )
-    return message_id
 
 
 async def dead_letter(
@@ -94,7 +91,7 @@ async def dead_letter(
     error: str = LONG_ERROR,
 ) -> str:
     """Publish a message, take it from its queue and dead-letter it as a consumer does."""
-    message_id = await publish(origin, body)
+    message_id = await publish_as_client(origin, body)
     message = await origin.queue.get(no_ack=False, timeout=5)
     assert message is not None and message.message_id == message_id
     await broker.dead_letter(origin.topology, message, consumer=consumer, reason=reason, error=error)
@@ -434,9 +431,9 @@ async def test_what_a_consumer_gave_up_on_can_be_listed_and_replayed(
     consumer = QueueConsumer("test-consumer", origin.topology, 2, stop)
     consuming = asyncio.create_task(consumer.run(origin.queue, command_adapter.validate_json, always_fail))
     try:
-        not_json = await publish(origin, b"not json")
-        not_a_command = await publish(origin, b'{"type": "PlaceOrder"}')
-        valid = await publish(origin, PLACE_ORDER)
+        not_json = await publish_as_client(origin, b"not json")
+        not_a_command = await publish_as_client(origin, b'{"type": "PlaceOrder"}')
+        valid = await publish_as_client(origin, PLACE_ORDER)
         await eventually(lambda: holds(origin.dead_letters, 3))
     finally:
         stop.set()

@@ -27,8 +27,6 @@ from temporalio.api.failure.v1 import Failure
 from temporalio.exceptions import ApplicationError
 from temporalio.service import TLSConfig
 
-from api_support import bearer, gateway, gateway_process, serving_page, unique_id
-from service_support import eventually
 from services.api.codec import PREFIX, SESSION_COOKIE
 from shared import local_issuer
 from shared.codec import (
@@ -45,6 +43,9 @@ from shared.codec import (
 from shared.contracts import Role
 from shared.settings import Settings
 from shared.temporal import connect_config, connect_temporal
+from testsupport.gateway import bearer, gateway, gateway_process, serving_page
+from testsupport.orders import unique_id
+from testsupport.polling import eventually
 
 SECRET = "Ada Lovelace, 12 St James's Square"
 UI_ORIGIN = "http://127.0.0.1:8233"

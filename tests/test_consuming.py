@@ -10,9 +10,10 @@ from uuid import uuid4
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from service_support import dead_letter_of, eventually, verdict
 from shared import broker
 from shared.consuming import QueueConsumer
+from testsupport.amqp import dead_letter_of, verdict
+from testsupport.polling import eventually
 
 MAX_DELIVERIES = 4
 

@@ -2,7 +2,7 @@
 are in flight, and afterwards every order complete, once.
 
 The system runs as in tests/test_e2e.py (the `make run` launcher, the real fault injector), but on
-servers of its own (tests/private_servers.py): a PostgreSQL and a RabbitMQ that may be restarted
+servers of its own (testsupport/servers.py): a PostgreSQL and a RabbitMQ that may be restarted
 without disturbing anybody else's tests, and a Temporal dev server that keeps its state in a file
 and so survives its own restart.
 
@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from uuid import uuid4
 
 import httpx
 import pytest
@@ -33,46 +32,24 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 from temporalio.client import Client
 
-from api_support import bearer
-from private_servers import (
-    PrivatePostgres,
-    PrivateRabbitMQ,
-    private_servers,
-    publish_until_confirmed,
-)
-from service_support import eventually
 from services.stack import Stack, TemporalDevServer, free_port, running_stack
 from shared import broker, db
-from shared.contracts import Command, EventType, Role
+from shared.contracts import EventType, Role
 from shared.db import AuditEvent, Order, Payment, ProcessedCommand
 from shared.lifecycle import order_workflow_id
 from shared.settings import Settings
 from shared.temporal import connect_temporal
-from test_e2e import (
-    LIFECYCLE_TIMEOUT,
-    EventLog,
-    approve_command,
-    audit_trail,
-    full_trail_stored,
-    place_command,
-)
+from testsupport.gateway import bearer
+from testsupport.orders import ONCE_PER_COMPLETED_ORDER, approve_order, order_body_of, place_order, unique_id
+from testsupport.polling import eventually
+from testsupport.servers import PrivatePostgres, PrivateRabbitMQ, private_servers, publish_until_confirmed
+from testsupport.system import LIFECYCLE_TIMEOUT, EventLog, audit_trail, full_trail_stored
 
 pytestmark = pytest.mark.e2e
 
 CRASH_DATABASE = "orderflow_crash"
 EVENTS_QUEUE = "crash-tests.events"
 OUTAGE_SECONDS = 2.0  # long enough for every service to run into a server that is down
-# the steps a completed order takes once each
-ONCE_PER_ORDER = (
-    "queued",
-    "admitted",
-    "received",
-    "validated",
-    "approved",
-    "payment_charged",
-    "shipped",
-    "completed",
-)
 
 
 @dataclass(frozen=True)
@@ -169,21 +146,13 @@ def no_service_gave_up(crash: CrashSystem) -> Iterator[None]:
     assert crash.stack.exited() == {}
 
 
-def new_order_id(kind: str) -> str:
-    return f"crash-{kind}-{uuid4().hex[:8]}"
-
-
-async def publish(subscriber: Subscriber, command: Command) -> None:
-    await publish_until_confirmed(subscriber.topology, command, patience=LIFECYCLE_TIMEOUT)
-
-
 async def place_and_approve(subscriber: Subscriber, order_ids: list[str]) -> None:
     """Place the orders and approve each when it asks for it."""
     for order_id in order_ids:
-        await publish(subscriber, place_command(order_id))
+        await publish_until_confirmed(subscriber.topology, place_order(order_id))
     for order_id in order_ids:
         await subscriber.events.wait_for(order_id, EventType.AWAITING_APPROVAL)
-        await publish(subscriber, approve_command(order_id))
+        await publish_until_confirmed(subscriber.topology, approve_order(order_id))
 
 
 async def completed(subscriber: Subscriber, order_ids: list[str]) -> None:
@@ -237,7 +206,9 @@ async def assert_completed_once(
     assert [row.seq for row in trail] == list(range(1, len(trail) + 1))
     assert {row.event_id for row in trail} == {event.event_id for event in events.by_order[order_id]}
     kinds = [row.type for row in trail]
-    assert {kind: kinds.count(kind) for kind in ONCE_PER_ORDER} == dict.fromkeys(ONCE_PER_ORDER, 1)
+    assert {kind: kinds.count(kind) for kind in ONCE_PER_COMPLETED_ORDER} == dict.fromkeys(
+        ONCE_PER_COMPLETED_ORDER, 1
+    )
     async with sessions() as session:
         order = await session.get(Order, order_id)
         payments = await session.scalars(select(Payment).where(col(Payment.order_id) == order_id))
@@ -258,15 +229,15 @@ async def assert_completed_once(
 async def test_workers_killed_during_a_charge_charge_once_and_complete(
     crash: CrashSystem, amqp: Subscriber, db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    order_id = new_order_id("charge")
-    await publish(amqp, place_command(order_id))
+    order_id = unique_id("crash-charge")
+    await publish_until_confirmed(amqp.topology, place_order(order_id))
     await amqp.events.wait_for(order_id, EventType.AWAITING_APPROVAL)
 
     payment = insert(Payment).values(
         payment_id=f"pay-{order_id}", order_id=order_id, amount_cents=1, status="charged"
     )
     async with holding(db_sessions, payment) as claim:
-        await publish(amqp, approve_command(order_id))
+        await publish_until_confirmed(amqp.topology, approve_order(order_id))
         await eventually(claim.someone_waits)  # a charge attempt is in the worker, writing the payment
         await crash.stack.crash_and_restart("workers")
 
@@ -277,8 +248,8 @@ async def test_workers_killed_during_a_charge_charge_once_and_complete(
 async def test_bridge_killed_between_starting_a_lifecycle_and_acking_its_placement(
     crash: CrashSystem, amqp: Subscriber, db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    order_id = new_order_id("start")
-    place = place_command(order_id)
+    order_id = unique_id("crash-start")
+    place = place_order(order_id)
     workflow = crash.temporal.get_workflow_handle(order_workflow_id(order_id))
 
     # the bridge records a command's outcome after applying it and before acking it
@@ -286,13 +257,13 @@ async def test_bridge_killed_between_starting_a_lifecycle_and_acking_its_placeme
         command_id=place.command_id, order_id=order_id, type=place.type.value, outcome="accepted"
     )
     async with holding(db_sessions, record) as claim:
-        await publish(amqp, place)
+        await publish_until_confirmed(amqp.topology, place)
         await eventually(claim.someone_waits)
         started_run = (await workflow.describe()).run_id
         await crash.stack.crash_and_restart("bridge")
 
     await amqp.events.wait_for(order_id, EventType.AWAITING_APPROVAL)
-    await publish(amqp, approve_command(order_id))
+    await publish_until_confirmed(amqp.topology, approve_order(order_id))
     await completed(amqp, [order_id])
 
     runs = [run.run_id async for run in crash.temporal.list_workflows(f'WorkflowId = "{workflow.id}"')]
@@ -315,7 +286,7 @@ async def test_audit_killed_mid_batch_loses_and_repeats_nothing(
     the audit table locked, two orders run to their end and their events pile up in the consumer.
     Then the second order's read-model row is locked and the table released: the consumer's next
     batch writes the first order's events and stops at the second's, uncommitted, when it is killed."""
-    first, second = new_order_id("batch"), new_order_id("stop")
+    first, second = unique_id("crash-batch"), unique_id("crash-stop")
 
     async def all_delivered_to_audit() -> bool:
         queue = await amqp.channel.declare_queue(crash.settings.audit_queue, passive=True)
@@ -347,15 +318,15 @@ async def test_audit_killed_mid_batch_loses_and_repeats_nothing(
 async def test_orders_in_flight_survive_a_worker_crash(
     crash: CrashSystem, amqp: Subscriber, db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    order_ids = [new_order_id("worker") for _ in range(3)]
+    order_ids = [unique_id("crash-worker") for _ in range(3)]
     for order_id in order_ids:
-        await publish(amqp, place_command(order_id))
+        await publish_until_confirmed(amqp.topology, place_order(order_id))
     for order_id in order_ids:
         await amqp.events.wait_for(order_id, EventType.AWAITING_APPROVAL)
 
     await crash.stack.crash_and_restart("workers")
     for order_id in order_ids:
-        await publish(amqp, approve_command(order_id))
+        await publish_until_confirmed(amqp.topology, approve_order(order_id))
 
     await completed(amqp, order_ids)
     for order_id in order_ids:
@@ -363,7 +334,7 @@ async def test_orders_in_flight_survive_a_worker_crash(
 
 
 async def test_commands_wait_out_a_bridge_crash(crash: CrashSystem, amqp: Subscriber) -> None:
-    order_id = new_order_id("bridge")
+    order_id = unique_id("crash-bridge")
 
     await crash.stack.crash_and_restart("bridge")
     await place_and_approve(amqp, [order_id])
@@ -380,17 +351,13 @@ async def test_rabbitmq_restarted_while_the_services_run(
     api: httpx.AsyncClient,
     db_sessions: async_sessionmaker[AsyncSession],
 ) -> None:
-    in_flight = [new_order_id("amqp-before") for _ in range(3)]
-    over_http, over_amqp = new_order_id("amqp-http"), new_order_id("amqp-after")
+    in_flight = [unique_id("crash-amqp-before") for _ in range(3)]
+    over_http, over_amqp = unique_id("crash-amqp-http"), unique_id("crash-amqp-after")
     await place_and_approve(amqp, in_flight)
 
     await crash.rabbitmq.stop()
-    placement = place_command(over_http)
-    body = {
-        "order_id": over_http,
-        "command_id": str(placement.command_id),
-        **placement.payload.model_dump(mode="json", exclude_none=True),
-    }
+    placement = place_order(over_http)
+    body = order_body_of(placement)
     refused = await api.post("/orders", json=body)
     assert refused.status_code == 503, refused.text  # no broker, no promise
     for consumer in ("workers", "bridge", "audit"):  # started while it is away, they wait for it
@@ -404,10 +371,10 @@ async def test_rabbitmq_restarted_while_the_services_run(
         return response.status_code == 202
 
     await eventually(accepted, timeout=LIFECYCLE_TIMEOUT)  # the gateway is connected again
-    await publish(amqp, place_command(over_amqp))
+    await publish_until_confirmed(amqp.topology, place_order(over_amqp))
     for order_id in (over_http, over_amqp):
         await amqp.events.wait_for(order_id, EventType.AWAITING_APPROVAL)
-        await publish(amqp, approve_command(order_id))
+        await publish_until_confirmed(amqp.topology, approve_order(order_id))
 
     await completed(amqp, [*in_flight, over_http, over_amqp])
     for order_id in (*in_flight, over_http, over_amqp):
@@ -423,8 +390,8 @@ async def test_postgres_restarted_while_the_services_run(
     api: httpx.AsyncClient,
     db_sessions: async_sessionmaker[AsyncSession],
 ) -> None:
-    in_flight = [new_order_id("pg-before") for _ in range(3)]
-    after = new_order_id("pg-after")
+    in_flight = [unique_id("crash-pg-before") for _ in range(3)]
+    after = unique_id("crash-pg-after")
     await place_and_approve(amqp, in_flight)
     await amqp.events.wait_for(in_flight[0], EventType.PAYMENT_CHARGED)
 
@@ -443,8 +410,8 @@ async def test_postgres_restarted_while_the_services_run(
 async def test_temporal_restarted_while_the_services_run(
     crash: CrashSystem, amqp: Subscriber, db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    in_flight = [new_order_id("temporal-before") for _ in range(3)]
-    after = new_order_id("temporal-after")
+    in_flight = [unique_id("crash-temporal-before") for _ in range(3)]
+    after = unique_id("crash-temporal-after")
     await place_and_approve(amqp, in_flight)
     await amqp.events.wait_for(in_flight[0], EventType.APPROVED)  # the lifecycles are under way
 

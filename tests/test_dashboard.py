@@ -21,21 +21,15 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from typer.testing import CliRunner
 
-from api_support import (
-    bearer,
-    insert_events,
-    insert_order,
-    order_body,
-    running_system,
-    serving_page,
-    unique_id,
-)
-from service_support import eventually
 from services.cli.main import app as cli
 from shared.admissions import AdmissionStatus
 from shared.contracts import EventType, OrderState, Role
 from shared.db import Admission, transaction
 from shared.settings import Settings
+from testsupport.gateway import bearer, serving_page
+from testsupport.orders import order_body, unique_id
+from testsupport.polling import eventually
+from testsupport.read_model import insert_events, insert_order
 
 LIFECYCLE_TIMEOUT_MS = 60_000  # generous: the real fault injector runs, on a busy machine
 
@@ -134,12 +128,6 @@ async def test_the_figures_are_for_reviewers_and_operators(gateway_url: str, bas
 
 
 # --- the page in a browser, against the whole system ---------------------------------------------
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def system(settings: Settings, migrated_database: str) -> AsyncIterator[Settings]:
-    async with running_system(settings, "dashboard") as system_settings:
-        yield system_settings
-
-
 @pytest_asyncio.fixture(loop_scope="session")
 async def browser() -> AsyncIterator[Browser]:
     """Headless Chromium: Debian's package (`.ci/run` installs it), not a download of Playwright's."""

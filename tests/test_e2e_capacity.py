@@ -11,8 +11,7 @@ import asyncio
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from datetime import UTC, datetime
-from uuid import uuid4
+from datetime import datetime
 
 import httpx
 import pytest
@@ -21,15 +20,16 @@ from aio_pika.abc import AbstractQueue
 from sqlalchemy import func, select
 from sqlmodel import col
 
-from api_support import bearer
-from service_support import moved_to
 from services.stack import free_port, running_stack
 from shared import broker, db, schema
 from shared.admissions import HOLDING_SLOT
-from shared.contracts import CancelOrder, EventType, OrderEvent, Role
+from shared.contracts import EventType, OrderEvent, Role
 from shared.db import Admission
 from shared.settings import Settings
-from test_e2e import EventLog, approve_command, following_events, place_command, place_over_http
+from testsupport.amqp import moved_to
+from testsupport.gateway import bearer
+from testsupport.orders import approve_order, cancel_order, place_order, unique_id
+from testsupport.system import EventLog, place_over_http
 
 pytestmark = pytest.mark.e2e
 
@@ -64,22 +64,12 @@ async def system(settings: Settings) -> AsyncIterator[Settings]:
             print(f"service logs: {log.name}")
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def amqp(system: Settings) -> AsyncIterator[tuple[broker.Topology, EventLog, AbstractQueue]]:
-    async with following_events(system) as followed:
-        yield followed
-
-
-def cancel_command(order_id: str) -> CancelOrder:
-    return CancelOrder(command_id=uuid4(), order_id=order_id, issued_at=datetime.now(UTC))
-
-
 async def test_a_burst_above_the_bound_all_ends_as_its_commands_say(
     system: Settings,
     amqp: tuple[broker.Topology, EventLog, AbstractQueue],
 ) -> None:
     topology, events, _ = amqp
-    order_ids = [f"cap-{uuid4().hex[:10]}" for _ in range(ORDERS)]
+    order_ids = [unique_id("cap") for _ in range(ORDERS)]
     to_cancel = set(order_ids[::8])
     customer = bearer(system, "capacity-customer", Role.CUSTOMER)
     async with httpx.AsyncClient(base_url=system.api_url, timeout=10, headers=customer) as api:
@@ -88,8 +78,8 @@ async def test_a_burst_above_the_bound_all_ends_as_its_commands_say(
             if index % 2:
                 await place_over_http(api, order_id)
             else:
-                await broker.publish_command(topology, place_command(order_id))
-            follow_up = cancel_command(order_id) if order_id in to_cancel else approve_command(order_id)
+                await broker.publish_command(topology, place_order(order_id))
+            follow_up = cancel_order(order_id) if order_id in to_cancel else approve_order(order_id)
             await broker.publish_command(topology, follow_up)
 
     endings = await asyncio.gather(*(events.wait_for_end(order_id) for order_id in order_ids))
@@ -111,16 +101,16 @@ async def test_orders_waiting_for_their_reviewer_do_not_hold_back_the_ones_behin
     amqp: tuple[broker.Topology, EventLog, AbstractQueue],
 ) -> None:
     topology, events, _ = amqp
-    order_ids = [f"rev-{uuid4().hex[:10]}" for _ in range(3 * MAX_RUNNING)]
+    order_ids = [unique_id("rev") for _ in range(3 * MAX_RUNNING)]
     async with slots_sampled(system) as slots_seen:
         for order_id in order_ids:
-            await broker.publish_command(topology, place_command(order_id))
+            await broker.publish_command(topology, place_order(order_id))
         # with nobody approving, every order still gets as far as its review
         await asyncio.gather(
             *(events.wait_for(order_id, EventType.AWAITING_APPROVAL) for order_id in order_ids)
         )
         for order_id in order_ids:  # all at once: they go on no more than the bound at a time
-            await broker.publish_command(topology, approve_command(order_id))
+            await broker.publish_command(topology, approve_order(order_id))
         endings = await asyncio.gather(*(events.wait_for_end(order_id) for order_id in order_ids))
 
     assert [ending.type for ending in endings] == [EventType.COMPLETED] * len(order_ids)

@@ -9,9 +9,10 @@ from pathlib import Path
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api_support import bearer, gateway, gateway_process, order_body
 from shared.contracts import Role
 from shared.settings import Settings
+from testsupport.gateway import bearer, gateway, gateway_process
+from testsupport.orders import order_body
 
 
 async def test_a_body_over_the_limit_is_refused_before_it_is_parsed(settings: Settings) -> None:

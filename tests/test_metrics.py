@@ -14,7 +14,7 @@ import aio_pika
 import httpx
 import pytest
 import pytest_asyncio
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import TypeAdapter
@@ -23,8 +23,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 from temporalio.client import Client
 
-from api_support import bearer, gateway, unique_id
-from service_support import consumer_queue, eventually, running
 from services.audit.consumer import run_audit
 from services.stack import check_metrics_ports, free_port, metrics_ports
 from shared import broker
@@ -34,8 +32,12 @@ from shared.contracts import EventType, OrderEvent, Role
 from shared.db import Admission, AuditEvent, transaction
 from shared.metrics import serve_metrics, temporal_runtime
 from shared.settings import Settings
+from testsupport.amqp import Broker, consumer_queue, own_queues
+from testsupport.gateway import bearer, gateway
+from testsupport.orders import unique_id
+from testsupport.polling import eventually
+from testsupport.services import running
 
-Broker = tuple[AbstractChannel, broker.Topology]
 Sessions = async_sessionmaker[AsyncSession]
 JSON_OBJECT = TypeAdapter(dict[str, Any])
 
@@ -165,7 +167,7 @@ async def audit(
 ) -> AsyncIterator[None]:
     """The audit consumer on a queue of this test's own."""
     channel, topology = broker_channel
-    settings = base_settings.model_copy(update={"audit_queue": f"test.audit.{uuid4().hex[:12]}"})
+    settings = own_queues(base_settings)
     async with (
         consumer_queue(broker.declare_audit_queue(channel, topology, settings)),
         running(run_audit, settings),

@@ -28,11 +28,12 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.core.parameters import ParameterLocation
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api_support import bearer, gateway_process, own_vhost
 from services.api.app import create_app
 from shared.contracts import Role
 from shared.json_schema import stripped_text_pattern
 from shared.settings import Settings
+from testsupport.amqp import own_vhost
+from testsupport.gateway import bearer, gateway_process
 
 if TYPE_CHECKING:  # schemathesis names the type of an OpenAPI operation's case for type checkers only
     from schemathesis.specs.openapi.schemas import OpenApiCase

@@ -19,8 +19,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 from temporalio.client import Client, WorkflowExecutionStatus
 
-from api_support import bearer, gateway
-from service_support import eventually, moved_to, running
 from services.audit.consumer import run_audit
 from services.bridge.consumer import run_bridge
 from services.stack import drop_vhost
@@ -36,7 +34,11 @@ from shared.contracts import CancelOrder, EventType, OrderItem, OrderState, Plac
 from shared.db import Admission, AuditEvent, Order, Payment, ProcessedCommand
 from shared.lifecycle import order_workflow_id
 from shared.settings import Settings
-from test_bridge import approve, cancel, place_order
+from testsupport.amqp import moved_to
+from testsupport.gateway import bearer, gateway
+from testsupport.orders import approve_order, cancel_order, place_order
+from testsupport.polling import eventually
+from testsupport.services import running
 
 RECONCILER_DATABASE = "orderflow_test_reconciler"
 Sessions = async_sessionmaker[AsyncSession]
@@ -99,7 +101,7 @@ async def placed(topology: broker.Topology, sessions: Sessions, *then_approve: b
     order = place_order(f"rec-{uuid4().hex[:10]}")
     await broker.publish_command(topology, order)
     if then_approve:
-        await broker.publish_command(topology, approve(order.order_id))
+        await broker.publish_command(topology, approve_order(order.order_id))
     return order
 
 
@@ -246,8 +248,8 @@ async def test_the_read_model_holds_every_accepted_order_whatever_its_first_even
     invalid = invalid.model_copy(
         update={"payload": invalid.payload.model_copy(update={"items": [OrderItem(sku="A", qty=1)] * 2})}
     )
-    early_cancel: CancelOrder = cancel(early.order_id)
-    for command in (early_cancel, early, behind, cancel(behind.order_id), invalid):
+    early_cancel: CancelOrder = cancel_order(early.order_id)
+    for command in (early_cancel, early, behind, cancel_order(behind.order_id), invalid):
         await broker.publish_command(topology, command)
 
     expected = {
@@ -280,10 +282,10 @@ async def test_a_command_delivered_again_after_its_order_ended_is_a_duplicate_no
 ) -> None:
     topology, _ = pipeline
     order = await placed(topology, sessions)
-    approval = approve(order.order_id)
+    approval = approve_order(order.order_id)
     await broker.publish_command(topology, approval)
     await reaches(sessions, order.order_id, OrderState.SHIPPING)  # approved: it took the command
-    early_cancel = cancel(f"rec-gone-{uuid4().hex[:8]}")
+    early_cancel = cancel_order(f"rec-gone-{uuid4().hex[:8]}")
     waiting = place_order(early_cancel.order_id)
     await broker.publish_command(topology, early_cancel)
     await broker.publish_command(topology, waiting)

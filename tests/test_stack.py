@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service_support import eventually
 from services.stack import (
     for_a_person,
     free_port,
@@ -28,6 +27,7 @@ from services.stack import (
 from shared import local_issuer
 from shared.contracts import Role
 from shared.settings import Settings
+from testsupport.polling import eventually
 
 START_TIMEOUT_SECONDS = 60.0
 REPO = Path(__file__).resolve().parents[1]

@@ -22,14 +22,16 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from api_support import bearer, gateway_process, insert_order, unique_id
-from service_support import eventually
 from services.api.schemas import StreamedEvent
 from services.audit.projection import record_event
 from services.cli.watch import StreamedMessage, server_sent_events
 from shared.contracts import EventType, OrderEvent, OrderState, Role
 from shared.db import AuditEvent, transaction
 from shared.settings import Settings
+from testsupport.gateway import bearer, gateway_process
+from testsupport.orders import unique_id
+from testsupport.polling import eventually
+from testsupport.read_model import insert_order
 
 READ_TIMEOUT_SECONDS = 10.0
 R, V, A = EventType.RECEIVED, EventType.VALIDATED, EventType.AWAITING_APPROVAL

@@ -15,11 +15,11 @@ from temporalio.api.common.v1 import Payload
 from temporalio.client import Client, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 
-from api_support import bearer
 from services.workers.boundary import OrderActivities
 from shared.codec import ENCODING, EncryptionCodec, payload_keyring
 from shared.contracts import EventType, OrderState, Role
 from shared.settings import Settings
+from testsupport.gateway import bearer
 from workflow_harness import NEW_ADDRESS, OrderHarness, fails, order_harness
 
 TEMPORAL = str(Path(sys.executable).parent / "temporal")

@@ -9,12 +9,10 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Iterator
-from uuid import uuid4
 
 import httpx
 import pytest
 import pytest_asyncio
-from aio_pika.abc import AbstractChannel
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -23,8 +21,6 @@ from opentelemetry.trace import SpanKind
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 
-from api_support import bearer, gateway, order_body
-from service_support import consumer_queue, eventually, running
 from services.audit.consumer import run_audit
 from services.bridge.consumer import run_bridge
 from services.workers.worker import running_workers
@@ -33,8 +29,12 @@ from shared.contracts import OrderState, Role
 from shared.db import Order
 from shared.settings import Settings
 from shared.tracing import tracing_enabled
+from testsupport.amqp import Broker, consumer_queue, own_queues
+from testsupport.gateway import bearer, gateway
+from testsupport.orders import order_body
+from testsupport.polling import eventually
+from testsupport.services import running
 
-Broker = tuple[AbstractChannel, broker.Topology]
 Sessions = async_sessionmaker[AsyncSession]
 
 
@@ -55,22 +55,11 @@ def spans() -> Iterator[InMemorySpanExporter]:
 @pytest.fixture
 def trip_settings(settings: Settings) -> Settings:
     """Queues and task queues of this test's own; the real workflows, in Temporal's sandbox."""
-    test_id = uuid4().hex[:12]
-    return settings.model_copy(
-        update={
-            "order_task_queue": f"order-tq-{test_id}",
-            "shipping_task_queue": f"shipping-tq-{test_id}",
-            "command_queue": f"test.commands.{test_id}",
-            "placement_queue": f"test.placements.{test_id}",
-            "audit_queue": f"test.audit.{test_id}",
-            "workflow_sandbox": True,
-            "max_running_lifecycles": 100_000,
-        }
-    )
+    return own_queues(settings, workflow_sandbox=True, max_running_lifecycles=100_000)
 
 
 @pytest_asyncio.fixture
-async def system(
+async def traced_api(
     trip_settings: Settings,
     broker_channel: Broker,
     temporal_client: Client,
@@ -111,9 +100,9 @@ def span_id(span: ReadableSpan) -> int:
 
 
 async def test_one_trace_runs_from_the_request_through_the_broker_temporal_and_back_to_the_audit(
-    system: httpx.AsyncClient, trip_settings: Settings, spans: InMemorySpanExporter, db_sessions: Sessions
+    traced_api: httpx.AsyncClient, trip_settings: Settings, spans: InMemorySpanExporter, db_sessions: Sessions
 ) -> None:
-    placed = await system.post("/orders", json=order_body())
+    placed = await traced_api.post("/orders", json=order_body())
     assert placed.status_code == httpx.codes.ACCEPTED
     order_id = placed.json()["order_id"]
     [request] = [
@@ -152,7 +141,7 @@ async def test_one_trace_runs_from_the_request_through_the_broker_temporal_and_b
     publishing = {span_id(span) for span in trip["RunActivity:publish_events"]}
     assert any(parent_of(span) in publishing for span in trip[audit])
 
-    await system.post(f"/orders/{order_id}/cancel", json={"reason": "trace seen"})
+    await traced_api.post(f"/orders/{order_id}/cancel", json={"reason": "trace seen"})
     await eventually(lambda: _ended(db_sessions, order_id))
 
 

@@ -1,5 +1,5 @@
-"""PostgreSQL and RabbitMQ servers of our own, for the tests that restart them (and bench/chaos.py),
-and a client's publish that rides out such a restart.
+"""PostgreSQL and RabbitMQ servers of our own, for what restarts them (tests/test_crash.py,
+bench/chaos.py), and a client's publish that rides out such a restart.
 
 The machine's servers on 5432 and 5672 are shared with whoever else runs tests at the same time, so
 whatever restarts a server restarts one started here: on free ports, with its data in a temporary
@@ -30,6 +30,7 @@ START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 30.0
 PUBLISH_ATTEMPT_SECONDS = 5.0
 PUBLISH_RETRY_SECONDS = 0.2
+PUBLISH_PATIENCE_SECONDS = 60.0
 
 
 async def run(*command: str) -> None:
@@ -170,7 +171,9 @@ async def private_servers() -> AsyncIterator[tuple[PrivatePostgres, PrivateRabbi
         yield postgres, rabbitmq
 
 
-async def publish_until_confirmed(topology: broker.Topology, command: Command, patience: float) -> None:
+async def publish_until_confirmed(
+    topology: broker.Topology, command: Command, patience: float = PUBLISH_PATIENCE_SECONDS
+) -> None:
     """Publish as a client riding out a broker restart does: again, with the same command id (so
     one effect), until the broker confirms it; TimeoutError after `patience` seconds. The robust
     connection reconnects meanwhile."""
