@@ -33,6 +33,7 @@ from services.api.auth import (
     get_verifier,
 )
 from services.api.errors import Responses, documented_error
+from services.api.limits import BODY_LIMIT_RESPONSES
 from shared.codec import EncryptionCodec, PayloadKeysError, UndecryptablePayload, payload_keyring
 from shared.contracts import Actor, Role
 from shared.settings import Settings
@@ -102,6 +103,7 @@ Codec = Annotated[EncryptionCodec, Depends(payload_codec)]
 
 RESPONSES: Responses = {
     **AUTH_RESPONSES,
+    **BODY_LIMIT_RESPONSES,
     status.HTTP_400_BAD_REQUEST: documented_error(
         "A payload cannot be decrypted (its key is not in the keyring, or it was altered), or the "
         "body cannot be read as JSON at all."

@@ -26,8 +26,11 @@ from services.api.schemas import ErrorMessage
 # a validation error's `input` longer than this (as JSON) is left out of the answer
 ECHOED_INPUT_LIMIT = 200
 
-WRITE_LIMIT_RESPONSES: Responses = {
+BODY_LIMIT_RESPONSES: Responses = {
     status.HTTP_413_CONTENT_TOO_LARGE: documented_error("The request body is larger than the gateway takes."),
+}
+WRITE_LIMIT_RESPONSES: Responses = {
+    **BODY_LIMIT_RESPONSES,
     status.HTTP_429_TOO_MANY_REQUESTS: documented_error(
         "The caller sent more state-changing requests than its rate limit allows; nothing was done. "
         "Retry after `Retry-After` seconds.",
