@@ -35,12 +35,8 @@ EVENTS_QUERY = "events"
 """Every event the lifecycle emitted so far (a list of `OrderEvent`), published or not."""
 
 WORKFLOW_TASK_TIMEOUT = timedelta(seconds=3)
-"""The workflow task timeout lifecycles run with (the bridge starts orders with it, orders start
-their shipments with it). While local-activity attempts are in flight a workflow task stays open
-and is renewed at 80 % of this: that bounds how long a signal (a cancel, say) can wait during an
-unusually long step, and how soon a crashed worker's workflow moves on to another worker. 1 s was
-too tight: on a busy machine task completions arrived after the server had timed the task out
-(31 of 300 orders at 8/s on a quiet one), and every timed-out task is redone."""
+"""Of orders and their shipments: bounds a signal's wait during a long step and a dead worker's
+hand-over, and leaves a busy machine time to answer (docs/design.md)."""
 
 
 def order_workflow_id(order_id: str) -> str:

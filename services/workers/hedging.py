@@ -1,20 +1,9 @@
-"""A business step's attempts, side by side inside one local activity (`attempt_step`).
+"""A business step's attempts, side by side inside one local activity (`attempt_step`): each
+cut at its timeout, a failed one replaced at once, the first success wins (docs/design.md).
 
-The fault injector fails a third of the attempts and hangs another third, so a step runs
-`parallel` attempts at once, cuts each at `attempt_timeout_seconds`, replaces a failed one at
-once, and the first success wins (the business functions are idempotent, and a charge is safe
-under concurrency). Doing that here, in the worker, rather than one local activity per attempt
-costs the lifecycle one activity task, one workflow activation and one marker per step instead of
-four or five of each: half the bare shape's worker CPU per order, and 40 % of the pipeline's
-(docs/performance.md). The marker carries the step's attempts and errors (`StepAttempts`), which
-the workflow keeps for its status and the Temporal UI shows; each failed attempt is also logged
-here, with its order, step and number.
-
-Failures come back as non-retryable `ApplicationError`s carrying that `StepAttempts` as their
-detail: the step's own business error as it was raised (an invalid order, a voided payment),
-`STEP_EXHAUSTED` when `max_attempts` failed, `DEADLINE_EXCEEDED` when no attempt may start any
-more. An attempt that found the database down (`DEPENDENCY_UNAVAILABLE`) spends no attempt: the
-next one waits a little, longer each time, so an outage does not burn the step's bound.
+Failures come back as non-retryable `ApplicationError`s carrying the step's `StepAttempts`: the
+business error as raised, `STEP_EXHAUSTED`, or `DEADLINE_EXCEEDED`. An attempt that found the
+database down (`DEPENDENCY_UNAVAILABLE`) spends none of the step's bound; the next waits longer.
 """
 
 from __future__ import annotations
