@@ -45,7 +45,7 @@ lock: | $(BIN)/python
 ## The gateway trusts a local development issuer whose key is made in .run/ on first start
 ## (`orderflow token --role reviewer --subject rita` prints a token).
 run: install
-	$(BIN)/python -m services.stack
+	$(BIN)/python -m devstack
 
 ## The gate before the tests (and CI): ruff's lint rules and format, then mypy (strict), over the
 ## whole tree, as pyproject.toml configures them; any finding fails it.

@@ -24,7 +24,7 @@ from temporalio.client import Client
 from bench import bare_lifecycle as bare
 from bench.load import place_command
 from bench.measure import Ledger, cpu_by_kind
-from services.stack import (
+from devstack.stack import (
     RUN_DIR,
     Stack,
     TemporalDevServer,

@@ -96,7 +96,9 @@ async def child(tree: Path, temporal_address: str, orders: int) -> dict[str, flo
     consumer: Any = importlib.import_module("services.bridge.consumer")
     admission: Any = importlib.import_module("services.bridge.admission")
     lifecycles: Any = importlib.import_module("services.bridge.lifecycles")
-    stack: Any = importlib.import_module("services.stack")
+    # the launcher moved out of services/; trees before that have it there
+    launcher = "devstack.stack" if (tree / "devstack").is_dir() else "services.stack"
+    stack: Any = importlib.import_module(launcher)
     shared_broker: Any = importlib.import_module("shared.broker")
     db: Any = importlib.import_module("shared.db")
     schema: Any = importlib.import_module("shared.schema")
@@ -223,7 +225,7 @@ async def parent(trees: list[Path], orders: int, rounds: int) -> None:
 
 
 def run_child(tree: Path, address: str, orders: int) -> dict[str, float]:
-    from services.stack import RUN_DIR, local_payload_keys  # this tree's, in the parent only
+    from devstack.stack import RUN_DIR, local_payload_keys  # this tree's, in the parent only
 
     # this tree's local payload key, unless one is configured (trees before it ignore it)
     keys = {"ORDERFLOW_PAYLOAD_KEYS_FILE": str(local_payload_keys(RUN_DIR))}

@@ -66,8 +66,8 @@ from bench.load import BENCH_PUBLISHER, Load, customer_token, offer, place_comma
 from bench.measure import Ledger, OrderClock, Outcome
 from bench.pipeline import approve_command
 from bench.report import MAX_FAULTS_SHOWN
+from devstack.stack import RUN_DIR, Stack, TemporalDevServer, free_port, running_stack, with_payload_keys
 from services.audit.projection import STATE_OF_EVENT
-from services.stack import RUN_DIR, Stack, TemporalDevServer, free_port, running_stack, with_payload_keys
 from services.workers.business import PaymentStatus
 from shared import broker, db, local_issuer
 from shared.contracts import EventType, OrderEvent

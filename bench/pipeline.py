@@ -24,7 +24,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from bench.load import BENCH_PUBLISHER, BENCH_REVIEWER, Shed, customer_token, place_command
 from bench.measure import Ledger, OrderClock, cpu_by_kind
-from services.stack import (
+from devstack.stack import (
     RUN_DIR,
     Stack,
     TemporalDevServer,

@@ -1,10 +1,11 @@
 """A business step's attempts inside its one local activity (`hedging.attempt_step`), on their own:
-plain asyncio, the attempts scripted."""
+plain asyncio, the attempts scripted; and an order's log of them (`hedging.AttemptLog`)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from temporalio.exceptions import ApplicationError
@@ -14,11 +15,12 @@ from services.workers.hedging import (
     DEPENDENCY_UNAVAILABLE,
     RECENT_ERRORS,
     STEP_EXHAUSTED,
+    AttemptLog,
     AttemptPlan,
     StepAttempts,
     attempt_step,
 )
-from shared.contracts import Step
+from shared.contracts import Step, StepError
 
 Attempt = Callable[[], Awaitable[str]]
 
@@ -192,3 +194,25 @@ async def test_cancelling_the_step_cancels_its_attempts() -> None:
 
     await asyncio.sleep(0.01)
     assert attempts.cancelled == 3
+
+
+def test_an_order_s_log_adds_up_each_step_s_attempts_and_keeps_its_latest_errors() -> None:
+    log = AttemptLog("o-1")
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def errors(step: Step, first: int, count: int) -> list[StepError]:
+        return [
+            StepError(step=step, attempt=n, error="boom", at=start + timedelta(seconds=n))
+            for n in range(first, first + count)
+        ]
+
+    log.merge(StepAttempts(step=Step.VALIDATE, attempts=3, errors=errors(Step.VALIDATE, 1, 2)))
+    log.merge(StepAttempts(step=Step.CHARGE_PAYMENT, attempts=4, errors=errors(Step.CHARGE_PAYMENT, 3, 3)))
+    log.merge(StepAttempts(step=Step.VALIDATE, attempts=RECENT_ERRORS, errors=errors(Step.VALIDATE, 6, 6)))
+
+    assert log.report(Step.VALIDATE).attempts == 3 + RECENT_ERRORS
+    assert log.report(Step.CHARGE_PAYMENT).attempts == 4
+    assert log.report(Step.RECEIVE) == StepAttempts(step=Step.RECEIVE, attempts=0)
+    # the order keeps its latest errors of any step, and each step's report shows its own of them
+    assert [error.attempt for error in log.errors] == list(range(12 - RECENT_ERRORS, 12))
+    assert [error.attempt for error in log.report(Step.VALIDATE).errors] == [2, *range(6, 12)]

@@ -1,4 +1,4 @@
-"""`make run` (python -m services.stack): everything comes up, answers, and Ctrl-C stops it all;
+"""`make run` (python -m devstack): everything comes up, answers, and Ctrl-C stops it all;
 several bridges and workers run side by side when the settings ask for them; the local issuer's key
 is made on first start and the gateway trusts it."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.stack import (
+from devstack.stack import (
     for_a_person,
     free_port,
     instance_names,
@@ -59,7 +59,7 @@ async def test_the_run_command_starts_everything_and_stops_cleanly_on_ctrl_c(
         run = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "services.stack",
+            "devstack",
             cwd=tmp_path,  # its .run/ goes here
             env=env,
             stdout=log,

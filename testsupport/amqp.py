@@ -20,7 +20,7 @@ from aio_pika.abc import (
     HeadersType,
 )
 
-from services.stack import isolated_settings
+from devstack.stack import isolated_settings
 from shared import broker
 from shared.contracts import Command, OrderEvent
 from shared.settings import Settings

@@ -18,8 +18,8 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from devstack.stack import service_environment
 from services.api.app import create_app
-from services.stack import service_environment
 from shared import local_issuer
 from shared.contracts import Role
 from shared.settings import Settings

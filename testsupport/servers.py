@@ -19,7 +19,7 @@ from pathlib import Path
 
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
-from services.stack import free_port, wait_for_port
+from devstack.stack import free_port, wait_for_port
 from shared import broker
 from shared.contracts import Command
 

@@ -17,7 +17,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from services.stack import free_port, running_stack
+from devstack.stack import free_port, running_stack
 from shared import broker
 from shared.admissions import AdmissionStatus
 from shared.contracts import EventType, OrderEvent

@@ -21,20 +21,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-import asyncpg
-import structlog
 from sqlalchemy import Row, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.bridge.lifecycles import Outcome, forbidden
-from shared import db
 from shared.admissions import ADMISSIONS_CHANNEL, LOCK_SLOTS, AdmissionStatus
 from shared.authorization import refusal
 from shared.consuming import RetrySoon
@@ -47,12 +43,11 @@ from shared.contracts import (
 )
 from shared.db import INSERT_ORDER, order_row
 from shared.lifecycle import EarlyCommand
+from shared.notifications import ChannelListener, first_of
 from shared.settings import Settings
 
 # a waiting placement looks again this often even if no release notification reached it
 SLOT_POLL_SECONDS = 1.0
-
-log = structlog.get_logger(__name__)
 
 EventPublisher = Callable[[], Awaitable[None]]
 """Publishes a decision's event. Called inside the decision's transaction: a crash before the
@@ -479,10 +474,10 @@ class SlotGate:
     asks again when a lifecycle anywhere releases one (PostgreSQL NOTIFY) or every second."""
 
     def __init__(self, settings: Settings) -> None:
-        self._settings = settings
         self._released = asyncio.Event()
         self._turn = asyncio.Lock()
         self._waiting = 0
+        self._listener = ChannelListener(settings, ADMISSIONS_CHANNEL, self._released.set)
 
     def idle(self) -> bool:
         """No placement waits here: one registering now takes a free slot without overtaking any."""
@@ -500,40 +495,11 @@ class SlotGate:
                     outcome = await take()
                     if outcome is not AdmissionStatus.WAITING:
                         return outcome
-                    if await _first_of(self._released, stop, SLOT_POLL_SECONDS) is stop:
+                    if await first_of(self._released, stop, SLOT_POLL_SECONDS) is stop:
                         return AdmissionStatus.WAITING
         finally:
             self._waiting -= 1
 
     async def listen(self, stop: asyncio.Event) -> None:
         """Hear slot releases until `stop`; reconnects, and polling covers the gaps."""
-        while not stop.is_set():
-            try:
-                connection = await db.listening_connection(self._settings)
-            except (OSError, asyncpg.PostgresError) as error:
-                log.warning("cannot listen for slot releases; polling", error=repr(error))
-                await _first_of(stop, stop, 5.0)
-                continue
-            lost = _set_when_lost(connection)
-            await connection.add_listener(ADMISSIONS_CHANNEL, lambda *_: self._released.set())
-            try:
-                await _first_of(stop, lost, None)
-            finally:
-                with suppress(Exception):
-                    await connection.close()
-
-
-def _set_when_lost(connection: asyncpg.Connection) -> asyncio.Event:
-    """An event set when this connection ends (its own: a listener outlives the loop's round)."""
-    lost = asyncio.Event()
-    connection.add_termination_listener(lambda _: lost.set())
-    return lost
-
-
-async def _first_of(a: asyncio.Event, b: asyncio.Event, timeout: float | None) -> asyncio.Event | None:
-    """Wait until `a` or `b` is set (returns it) or `timeout` passes (None)."""
-    waits = {asyncio.create_task(a.wait()): a, asyncio.create_task(b.wait()): b}
-    done, pending = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
-    return waits[done.pop()] if done else None
+        await self._listener.run(stop)

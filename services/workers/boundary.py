@@ -9,14 +9,12 @@ imports this module, so it holds no I/O.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 from temporalio import activity
 
-from services.workers.hedging import AttemptPlan, StepAttempts, attempt_step
+from services.workers.hedging import StepAttempts, StepDone, StepRun, run_attempts
 from shared.contracts import Address, OrderEvent, PlaceOrder
 from shared.lifecycle import LifecyclePolicy
 
@@ -75,61 +73,38 @@ class AdmissionInput(BaseModel):
     order_id: str
 
 
-P = TypeVar("P", bound=BaseModel)
-R = TypeVar("R")
-
-
-class StepRun(BaseModel, Generic[P]):
-    """One business step: its input, and how to attempt it."""
-
-    plan: AttemptPlan
-    input: P
-
-
-class StepDone(BaseModel, Generic[R]):
-    """A business step that succeeded: the winning attempt's result, and how the step went."""
-
-    result: R
-    attempts: StepAttempts
-
-
-async def _run_step(run: StepRun[P], attempt: Callable[[P], Awaitable[R]]) -> StepDone[R]:
-    result, attempts = await attempt_step(run.plan, lambda: attempt(run.input))
-    return StepDone[Any](result=result, attempts=attempts)
-
-
 class OrderActivities(ABC):
     """The activities of both workers, as the workflows see them.
 
     A business step is one local activity (`*_step`) that runs the step's attempts side by side
-    (`hedging.attempt_step`); each attempt calls the plain method of the same name, which
+    (`hedging.run_attempts`); each attempt calls the plain method of the same name, which
     implementations provide.
     """
 
     # --- business steps --------------------------------------------------------------------------
     @activity.defn
     async def receive_order_step(self, run: StepRun[ReceiveOrderInput]) -> StepDone[None]:
-        return await _run_step(run, self.receive_order)
+        return await run_attempts(run, self.receive_order)
 
     @activity.defn
     async def validate_order_step(self, run: StepRun[ValidateOrderInput]) -> StepDone[None]:
-        return await _run_step(run, self.validate_order)
+        return await run_attempts(run, self.validate_order)
 
     @activity.defn
     async def charge_payment_step(self, run: StepRun[ChargePaymentInput]) -> StepDone[ChargeResult]:
-        return await _run_step(run, self.charge_payment)
+        return await run_attempts(run, self.charge_payment)
 
     @activity.defn
     async def prepare_package_step(self, run: StepRun[PreparePackageInput]) -> StepDone[None]:
-        return await _run_step(run, self.prepare_package)
+        return await run_attempts(run, self.prepare_package)
 
     @activity.defn
     async def dispatch_carrier_step(self, run: StepRun[DispatchCarrierInput]) -> StepDone[DispatchResult]:
-        return await _run_step(run, self.dispatch_carrier)
+        return await run_attempts(run, self.dispatch_carrier)
 
     @activity.defn
     async def mark_shipped_step(self, run: StepRun[MarkShippedInput]) -> StepDone[None]:
-        return await _run_step(run, self.mark_shipped)
+        return await run_attempts(run, self.mark_shipped)
 
     # --- one attempt of a business step (called inside the step's activity) --------------------
     @abstractmethod

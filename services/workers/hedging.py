@@ -1,9 +1,12 @@
-"""A business step's attempts, side by side inside one local activity (`attempt_step`): each
-cut at its timeout, a failed one replaced at once, the first success wins (docs/design.md).
+"""A business step's attempts, all in this module: how the workflow asks for them (`AttemptPlan`
+in a `StepRun`), how they run side by side inside the step's one local activity (`attempt_step`:
+each cut at its timeout, a failed one replaced at once, the first success wins; docs/design.md),
+and how they are reported (`StepAttempts`) and kept per order (`AttemptLog`).
 
 Failures come back as non-retryable `ApplicationError`s carrying the step's `StepAttempts`: the
 business error as raised, `STEP_EXHAUSTED`, or `DEADLINE_EXCEEDED`. An attempt that found the
 database down (`DEPENDENCY_UNAVAILABLE`) spends none of the step's bound; the next waits longer.
+Workflows import this module (passed through their sandbox): its workflow-side parts do no I/O.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import structlog
 from pydantic import BaseModel
@@ -21,6 +24,8 @@ from temporalio.exceptions import ApplicationError
 from shared.contracts import Step, StepError
 
 T = TypeVar("T")
+P = TypeVar("P", bound=BaseModel)
+R = TypeVar("R")
 
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 """ApplicationError type of a step given up at the lifecycle's deadline."""
@@ -58,6 +63,40 @@ class StepAttempts(BaseModel):
     step: Step
     attempts: int
     errors: list[StepError] = []
+
+
+class StepRun(BaseModel, Generic[P]):
+    """One business step, as its activity gets it: its input, and how to attempt it."""
+
+    plan: AttemptPlan
+    input: P
+
+
+class StepDone(BaseModel, Generic[R]):
+    """A business step that succeeded: the winning attempt's result, and how the step went."""
+
+    result: R
+    attempts: StepAttempts
+
+
+class AttemptLog:
+    """Attempts per step and the most recent errors of one order; its status reads them."""
+
+    def __init__(self, order_id: str) -> None:
+        self.order_id = order_id
+        self.attempts: dict[Step, int] = {}
+        self.errors: list[StepError] = []
+
+    def report(self, step: Step) -> StepAttempts:
+        errors = [error for error in self.errors if error.step == step]
+        return StepAttempts(step=step, attempts=self.attempts.get(step, 0), errors=errors)
+
+    def merge(self, report: StepAttempts) -> None:
+        self.attempts[report.step] = self.attempts.get(report.step, 0) + report.attempts
+        self._keep(report.errors)
+
+    def _keep(self, errors: list[StepError]) -> None:
+        self.errors = sorted([*self.errors, *errors], key=lambda error: error.at)[-RECENT_ERRORS:]
 
 
 def deadline_reason(step: str, deadline_seconds: float) -> str:
@@ -143,6 +182,12 @@ async def attempt_step(plan: AttemptPlan, attempt: Callable[[], Awaitable[T]]) -
     finally:
         for task in in_flight:
             task.cancel()
+
+
+async def run_attempts(run: StepRun[P], attempt: Callable[[P], Awaitable[R]]) -> StepDone[R]:
+    """A step's activity: `attempt(run.input)` as `run.plan` says (`attempt_step`)."""
+    result, attempts = await attempt_step(run.plan, lambda: attempt(run.input))
+    return StepDone(result=result, attempts=attempts)
 
 
 def _retrieve_error(attempt: asyncio.Task[T]) -> None:

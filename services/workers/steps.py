@@ -1,5 +1,5 @@
 """How a workflow runs one business step (`run_step`): one local activity that runs the step's
-attempts side by side in the worker (`hedging.attempt_step`) and returns them with its result.
+attempts side by side in the worker (`hedging`, which owns attempts) and returns them with its result.
 
 The workflow, not Temporal's retry policy, bounds a step: the fault injector hangs a third of the
 attempts, so each gets a short timeout and the step counts its attempts and errors for the status.
@@ -20,16 +20,19 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
-    from services.workers.boundary import StepDone, StepRun
     from services.workers.hedging import (
         DEADLINE_EXCEEDED,
-        RECENT_ERRORS,
         STEP_EXHAUSTED,
         AttemptPlan,
         StepAttempts,
+        StepDone,
+        StepRun,
         deadline_reason,
     )
-    from shared.contracts import Step, StepError
+
+    # re-exported: what a workflow keeps its steps' attempts in (`run_step(attempts=...)`)
+    from services.workers.hedging import AttemptLog as AttemptLog  # noqa: PLC0414
+    from shared.contracts import Step
     from shared.lifecycle import LifecyclePolicy
 
 P = TypeVar("P", bound=BaseModel)
@@ -62,17 +65,11 @@ class StepExhausted(Exception):
 
 @dataclass(frozen=True)
 class StepPolicy:
-    """How one business step is attempted.
+    """How one business step is attempted (`hedging.attempt_step`): `parallel` attempts side by
+    side, each cut at `attempt_timeout`, none started after `deadline` (workflow time).
 
-    An attempt passes in milliseconds, fails at once, or hangs until `attempt_timeout` cuts it.
-    `parallel` attempts run side by side and the first success wins; a failed attempt is replaced
-    at once, without a pause: waiting out a hang is what makes a lifecycle slow, and with several
-    attempts in flight a hang rarely delays the step. The business functions are idempotent and
-    charging is safe under concurrency, so overlapping attempts have one effect.
-
-    No attempt starts after `deadline` (workflow time): the step fails with `StepDeadlineExceeded`.
-    The step checks this itself because while attempts are in flight the workflow task stays open,
-    and a timer that fires meanwhile is only seen when the task ends.
+    The step checks the deadline itself because while attempts are in flight the workflow task
+    stays open, and a timer that fires meanwhile is only seen when the task ends.
     """
 
     attempt_timeout: timedelta
@@ -92,26 +89,6 @@ class StepPolicy:
             parallel=lifecycle.parallel_attempts,
             max_attempts=max_attempts,
         )
-
-
-class AttemptLog:
-    """Attempts per step and the most recent errors of one order; its status reads them."""
-
-    def __init__(self, order_id: str) -> None:
-        self.order_id = order_id
-        self.attempts: dict[Step, int] = {}
-        self.errors: list[StepError] = []
-
-    def report(self, step: Step) -> StepAttempts:
-        errors = [error for error in self.errors if error.step == step]
-        return StepAttempts(step=step, attempts=self.attempts.get(step, 0), errors=errors)
-
-    def merge(self, report: StepAttempts) -> None:
-        self.attempts[report.step] = self.attempts.get(report.step, 0) + report.attempts
-        self._keep(report.errors)
-
-    def _keep(self, errors: list[StepError]) -> None:
-        self.errors = sorted([*self.errors, *errors], key=lambda error: error.at)[-RECENT_ERRORS:]
 
 
 async def run_step(

@@ -1,7 +1,7 @@
 """The whole of orderflow on one machine: a Temporal dev server, the migrations, and the four
 services (api, bridge, workers, audit) as child processes with their logs.
 
-`make run` runs `python -m services.stack`; the end-to-end tests and the benchmark start the same
+`make run` runs `python -m devstack`; the end-to-end tests and the benchmark start the same
 stack through `running_stack`, so what they measure is what users run.
 
 Bridges and workers are competing consumers (of the command and placement queues) and pollers (of
@@ -465,7 +465,3 @@ def main() -> int:
     )
     RUN_DIR.mkdir(exist_ok=True)
     return asyncio.run(run_until_interrupted(settings, RUN_DIR))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

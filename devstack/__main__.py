@@ -1,0 +1,7 @@
+"""`make run`: `python -m devstack`."""
+
+import sys
+
+from devstack.stack import main
+
+sys.exit(main())
