@@ -49,7 +49,13 @@ HAPPY_PATH = (
     "shipped",
     "completed",
 )
-ADDRESS = {"line1": "1 Main Street", "city": "London", "postal_code": "N1 9GU", "country": "GB"}
+ADDRESS = {
+    "name": "Carol",
+    "line1": "1 Main Street",
+    "city": "London",
+    "postal_code": "N1 9GU",
+    "country": "GB",
+}
 NEW_ADDRESS = {**ADDRESS, "line1": "221B Baker Street", "postal_code": "NW1 6XE"}
 REDELIVERED_SHARE = 0.02
 WARM_UP_ORDERS = 20
@@ -232,16 +238,18 @@ def lifecycle_event(order_id: str, seq: int, event_type: str, at: datetime) -> d
     command_id: UUID | None = None
     data: dict[str, Any] = {}
     tracking_number = f"TRK-{order_id.upper()}"
-    if event_type in ("queued", "admitted"):
-        data = {"queued_at": START.isoformat()}
-        if event_type == "admitted":
-            data["admission_wait_seconds"] = 0.012
+    if event_type == "queued":
+        data = {"queued_at": START.isoformat(), "placed_by": "carol"}
+    elif event_type == "admitted":
+        data = {"queued_at": START.isoformat(), "admission_wait_seconds": 0.012}
+    elif event_type == "received":
+        data = {"placed_by": "carol"}
     elif event_type == "awaiting_approval":
         data = {"review_window_seconds": 8.0}
     elif event_type in ("approved", "address_updated"):
         command_id = uuid5(NAMESPACE_URL, f"{order_id}/{event_type}")
         data = (
-            {"reviewer": "alice", "note": "looks fine"}
+            {"approved_by": "alice", "note": "looks fine"}
             if event_type == "approved"
             else {"address": NEW_ADDRESS}
         )

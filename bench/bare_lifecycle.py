@@ -309,13 +309,24 @@ async def run_worker(address: str) -> None:
     client = await connect_temporal(settings)
     activities = BareActivities()
     # every activity of the baseline is local; the workflows run as the pipeline's do (sandbox or not)
-    local_only = {"no_remote_activities": True, "workflow_runner": workflow_runner(settings)}
+    runner = workflow_runner(settings)
+    order_queue = [*order_activities(activities), notify]
     workers = [
         workflow_worker(
-            client, ORDER_TASK_QUEUE, BareOrderWorkflow, [*order_activities(activities), notify], **local_only
+            client,
+            ORDER_TASK_QUEUE,
+            BareOrderWorkflow,
+            order_queue,
+            workflow_runner=runner,
+            no_remote_activities=True,
         ),
         workflow_worker(
-            client, SHIPPING_TASK_QUEUE, BareShippingWorkflow, shipping_activities(activities), **local_only
+            client,
+            SHIPPING_TASK_QUEUE,
+            BareShippingWorkflow,
+            shipping_activities(activities),
+            workflow_runner=runner,
+            no_remote_activities=True,
         ),
     ]
     print("bare workers polling", ORDER_TASK_QUEUE, SHIPPING_TASK_QUEUE, flush=True)

@@ -28,6 +28,8 @@ from shared.broker import (
 )
 from shared.contracts import (
     COMMAND_ROUTING_KEYS,
+    EVENT_DATA,
+    EXAMPLE_DATA,
     MAX_ITEMS,
     MAX_QTY,
     ApproveOrder,
@@ -191,10 +193,12 @@ def _add_events(document: Doc) -> None:
         summary = EVENT_SUMMARIES[event]
         if event.is_terminal:
             summary += " Terminal: the lifecycle has ended."
+        # the envelope, with this type and its payload model as `data`
+        data = {"$ref": SCHEMA_REF.format(model=EVENT_DATA[event].__name__)}
         payload = {
             "allOf": [
                 {"$ref": SCHEMA_REF.format(model="OrderEvent")},
-                {"properties": {"type": {"const": event.value}}},
+                {"properties": {"type": {"const": event.value}, "data": data}},
             ]
         }
         message = _message(name, f"Order {event.value}", summary, payload, "event", event.value)
@@ -298,6 +302,8 @@ def _schemas() -> Doc:
         schema_generator=StrippedTextJsonSchema,
     )
     schemas: Doc = top["$defs"]
+    for event, example in EXAMPLE_DATA.items():
+        schemas[EVENT_DATA[event].__name__]["examples"] = [example.model_dump(mode="json")]
     # Each command model defaults its `type`, but commands are parsed as a union discriminated by
     # `type`, so on the wire it must be present.
     for model in COMMAND_MODELS.values():

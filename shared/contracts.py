@@ -6,9 +6,9 @@ checked against them. This module stays free of I/O imports because workflow cod
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, ClassVar, Literal
 from uuid import UUID
 
 from pydantic import (
@@ -16,8 +16,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    JsonValue,
+    PlainSerializer,
     StringConstraints,
     TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
     field_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -206,9 +211,197 @@ TERMINAL_EVENTS = frozenset(
 )
 
 
-class OrderEvent(Model):
-    """One lifecycle event. `seq` is 1, 2, 3, ... per order without gaps; 0 marks a
-    `command_rejected` for an order that has no running lifecycle (unknown or already ended)."""
+# --- event payloads: one model per event type, the `data` of its events ------------------------
+IsoTimestamp = Annotated[
+    AwareDatetime, PlainSerializer(datetime.isoformat, return_type=str, when_used="json")
+]
+"""A timestamp written as Python's `isoformat` (`+00:00`, not `Z`), as these fields always were."""
+
+
+def _absent(value: object) -> bool:
+    return value is None
+
+
+Omitted = Field(default=None, exclude_if=_absent)
+"""An optional field left out of the JSON when unset (those without it are written as null)."""
+
+
+class EventData(Model):
+    """Base of the event payloads; `event_type` is the type whose `data` a payload is."""
+
+    event_type: ClassVar[EventType]
+
+
+class QueuedData(EventData):
+    event_type = EventType.QUEUED
+    queued_at: IsoTimestamp
+    placed_by: Subject | None
+
+
+class AdmittedData(EventData):
+    event_type = EventType.ADMITTED
+    queued_at: IsoTimestamp | None = Field(description="null: started without waiting in the queue")
+    admission_wait_seconds: float | None
+
+
+class ReceivedData(EventData):
+    event_type = EventType.RECEIVED
+    placed_by: Subject | None
+
+
+class ValidatedData(EventData):
+    event_type = EventType.VALIDATED
+
+
+class AwaitingApprovalData(EventData):
+    event_type = EventType.AWAITING_APPROVAL
+    review_window_seconds: float
+
+
+class ApprovedData(EventData):
+    event_type = EventType.APPROVED
+    approved_by: Subject | None = Field(description="The verified subject that sent the approval")
+    note: str | None
+
+
+class PaymentChargedData(EventData):
+    event_type = EventType.PAYMENT_CHARGED
+    amount_cents: int
+    already_charged: bool = Field(description="True: this payment_id had been charged before")
+
+
+class ShippingStartedData(EventData):
+    event_type = EventType.SHIPPING_STARTED
+    shipping_attempt: int = Field(ge=1)
+
+
+class PackagePreparedData(EventData):
+    event_type = EventType.PACKAGE_PREPARED
+
+
+class CarrierDispatchedData(EventData):
+    event_type = EventType.CARRIER_DISPATCHED
+    tracking_number: str
+    address: Address = Field(description="Where the carrier takes the package")
+
+
+class DispatchFailedData(EventData):
+    event_type = EventType.DISPATCH_FAILED
+    reason: str
+    shipping_attempt: int = Field(ge=1)
+
+
+class ShippedData(EventData):
+    event_type = EventType.SHIPPED
+    tracking_number: str
+
+
+class CompletedData(EventData):
+    event_type = EventType.COMPLETED
+
+
+class AddressUpdatedData(EventData):
+    event_type = EventType.ADDRESS_UPDATED
+    address: Address
+
+
+class CancelledData(EventData):
+    event_type = EventType.CANCELLED
+    reason: str
+    refunded: bool
+    admitted: bool | None = Field(
+        default=None,
+        exclude_if=_absent,
+        description="false for an order cancelled while queued; absent otherwise",
+    )
+
+
+class FailedData(EventData):
+    event_type = EventType.FAILED
+    reason: str
+    refunded: bool
+
+
+class TerminatedData(EventData):
+    event_type = EventType.TERMINATED
+    reason: str
+    workflow_status: str = Field(description="How Temporal closed the workflow, such as TERMINATED")
+    charged: bool
+    refunded: bool = Field(description="Every charge is refunded")
+
+
+class CommandRejectedData(EventData):
+    event_type = EventType.COMMAND_REJECTED
+    command_type: CommandType
+    reason: str
+    detail: str | None = Field(
+        default=None, exclude_if=_absent, description="Why, for reason `forbidden`; absent otherwise"
+    )
+
+
+EventPayload = (
+    QueuedData
+    | AdmittedData
+    | ReceivedData
+    | ValidatedData
+    | AwaitingApprovalData
+    | ApprovedData
+    | PaymentChargedData
+    | ShippingStartedData
+    | PackagePreparedData
+    | CarrierDispatchedData
+    | DispatchFailedData
+    | ShippedData
+    | CompletedData
+    | AddressUpdatedData
+    | CancelledData
+    | FailedData
+    | TerminatedData
+    | CommandRejectedData
+)
+"""The `data` of an event: its type's payload model."""
+
+EVENT_DATA: dict[EventType, type[EventPayload]] = {model.event_type: model for model in EventPayload.__args__}
+"""Each event type's payload model."""
+
+
+_EXAMPLE_TIME = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+_EXAMPLE_ADDRESS = Address(
+    name="Ada Lovelace", line1="12 St James's Square", city="London", postal_code="SW1Y 4JH", country="GB"
+)
+EXAMPLE_DATA: dict[EventType, EventPayload] = {
+    data.event_type: data
+    for data in (
+        QueuedData(queued_at=_EXAMPLE_TIME, placed_by="alice"),
+        AdmittedData(queued_at=_EXAMPLE_TIME, admission_wait_seconds=0.25),
+        ReceivedData(placed_by="alice"),
+        ValidatedData(),
+        AwaitingApprovalData(review_window_seconds=300.0),
+        ApprovedData(approved_by="rita", note="looks fine"),
+        PaymentChargedData(amount_cents=2_500, already_charged=False),
+        ShippingStartedData(shipping_attempt=1),
+        PackagePreparedData(),
+        CarrierDispatchedData(tracking_number="TRK-1", address=_EXAMPLE_ADDRESS),
+        DispatchFailedData(reason="carrier refused the package", shipping_attempt=1),
+        ShippedData(tracking_number="TRK-1"),
+        CompletedData(),
+        AddressUpdatedData(address=_EXAMPLE_ADDRESS),
+        CancelledData(reason="cancelled on request", refunded=False),
+        FailedData(reason="payment declined", refunded=False),
+        TerminatedData(
+            reason="terminated through Temporal by ops: duplicate",
+            workflow_status="TERMINATED",
+            charged=True,
+            refunded=True,
+        ),
+        CommandRejectedData(command_type=CommandType.CANCEL, reason="order already dispatched"),
+    )
+}
+"""An example payload of each event type (the AsyncAPI document shows them)."""
+
+
+class EventEnvelope(Model):
+    """What every event carries besides its `data`."""
 
     event_id: UUID
     type: EventType
@@ -217,7 +410,77 @@ class OrderEvent(Model):
     occurred_at: AwareDatetime
     correlation_id: str | None = None
     command_id: UUID | None = None
-    data: dict[str, Any] = Field(default_factory=dict)
+
+
+def _payload_model(info: ValidationInfo) -> type[EventPayload]:
+    """The payload model of the event being validated (its `type` is validated before `data`)."""
+    event_type = info.data.get("type")
+    if event_type is None:
+        raise ValueError("an event's data is read by its type, which is not valid")
+    return EVENT_DATA[event_type]
+
+
+class OrderEvent(EventEnvelope):
+    """One lifecycle event. `seq` is 1, 2, 3, ... per order without gaps; 0 marks a
+    `command_rejected` for an order that has no running lifecycle (unknown or already ended).
+    `data` is the payload model of its `type`."""
+
+    data: EventPayload
+
+    @field_validator("data", mode="wrap")
+    @classmethod
+    def _data_of_its_type(
+        cls, data: object, _: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> EventPayload:
+        """Read as its type's model only, so payloads of the same shape stay apart."""
+        model = _payload_model(info)
+        return data if isinstance(data, model) else model.model_validate(data)
+
+
+class RecordedEvent(EventEnvelope):
+    """An event as the audit table holds it: `data` is its type's model, or, for a row of another
+    shape (written by an older orderflow, or by hand), the JSON object as stored."""
+
+    data: EventPayload | dict[str, JsonValue]
+
+    @field_validator("data", mode="wrap")
+    @classmethod
+    def _data_of_its_type(
+        cls, data: object, _: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> EventPayload | dict[str, JsonValue]:
+        model = _payload_model(info)
+        if isinstance(data, model):
+            return data
+        try:
+            return model.model_validate(data)
+        except ValidationError:
+            return _JSON_OBJECT.validate_python(data)
+
+
+_JSON_OBJECT: TypeAdapter[dict[str, JsonValue]] = TypeAdapter(dict[str, JsonValue])
+
+
+def event_of(
+    data: EventPayload,
+    *,
+    event_id: UUID,
+    order_id: str,
+    seq: int,
+    occurred_at: datetime,
+    correlation_id: str | None = None,
+    command_id: UUID | None = None,
+) -> OrderEvent:
+    """The event whose `data` is `data` (its type follows from the payload)."""
+    return OrderEvent(
+        event_id=event_id,
+        type=data.event_type,
+        order_id=order_id,
+        seq=seq,
+        occurred_at=occurred_at,
+        correlation_id=correlation_id,
+        command_id=command_id,
+        data=data,
+    )
 
 
 # --- status ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+from pydantic import JsonValue
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -66,7 +67,7 @@ class Order(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=64)
     payment_id: str = Field(max_length=64)
     items: list[dict[str, Any]] = Field(sa_column=Column(JSONB, nullable=False))
-    address: dict[str, Any] = Field(sa_column=Column(JSONB, nullable=False))
+    address: dict[str, JsonValue] = Field(sa_column=Column(JSONB, nullable=False))
     amount_cents: int = Field(sa_column=Column(BigInteger, nullable=False))
     state: str = Field(sa_column=Column(String(32), nullable=False, index=True))
     last_event_seq: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
@@ -125,7 +126,7 @@ class AuditEvent(SQLModel, table=True):
     occurred_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
     correlation_id: str | None = Field(default=None, max_length=128)
     command_id: UUID | None = None
-    data: dict[str, Any] = Field(sa_column=Column(JSONB, nullable=False))
+    data: dict[str, JsonValue] = Field(sa_column=Column(JSONB, nullable=False))
     recorded_at: datetime | None = _timestamp(nullable=False, default_now=True)
     position: int | None = Field(
         default=None, sa_column=Column(BigInteger, nullable=False, server_default=FetchedValue())
@@ -164,7 +165,7 @@ class Admission(SQLModel, table=True):
     status: str = Field(max_length=16)
     place_command_id: UUID | None = None
     placed_by: str | None = Field(default=None, max_length=255)
-    early_commands: list[dict[str, Any]] = Field(
+    early_commands: list[dict[str, JsonValue]] = Field(
         default_factory=list, sa_column=Column(JSONB, nullable=False, server_default="[]")
     )
     cancel_command_id: UUID | None = None
@@ -194,7 +195,7 @@ placement, or the lifecycle receiving it); a second insert changes nothing. Para
 `order_row`."""
 
 
-def order_row(order: PlaceOrder, state: OrderState) -> dict[str, Any]:
+def order_row(order: PlaceOrder, state: OrderState) -> dict[str, object]:
     payload = order.payload
     return {
         "order_id": order.order_id,

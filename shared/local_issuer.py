@@ -71,12 +71,12 @@ def key_id(public_key: ec.EllipticCurvePublicKey) -> str:
     return hashlib.sha256(der).hexdigest()[:KEY_ID_LENGTH]
 
 
-def public_jwk_of(public_key: ec.EllipticCurvePublicKey, kid: str) -> dict[str, Any]:
-    jwk: dict[str, Any] = ECAlgorithm.to_jwk(public_key, as_dict=True)
+def public_jwk_of(public_key: ec.EllipticCurvePublicKey, kid: str) -> dict[str, object]:
+    jwk: dict[str, object] = ECAlgorithm.to_jwk(public_key, as_dict=True)
     return {**jwk, "kid": kid, "alg": ALGORITHM, "use": "sig"}
 
 
-def public_jwks(path: Path) -> dict[str, Any]:
+def public_jwks(path: Path) -> dict[str, list[dict[str, object]]]:
     """The issuer's JWKS (its one public key), as an issuer's `jwks_uri` would serve it."""
     public_key = load_private_key(path).public_key()
     return {"keys": [public_jwk_of(public_key, kid=key_id(public_key))]}

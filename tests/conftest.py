@@ -22,8 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
+from devstack.stack import isolated_settings
 from payload_keys import TEST_DATA_CONVERTER, TEST_PAYLOAD_KEYS
-from services.stack import isolated_settings
 from shared import db, local_issuer, schema
 from shared.contracts import Role
 from shared.settings import Settings

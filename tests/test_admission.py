@@ -310,7 +310,10 @@ async def test_commands_for_a_waiting_order_apply_to_it(
             2,
             cancellation.command_id,
         )
-        assert cancelled.data["refunded"] is False and cancelled.data["admitted"] is False
+        assert (
+            cancelled.data.model_dump(mode="json")["refunded"] is False
+            and cancelled.data.model_dump(mode="json")["admitted"] is False
+        )
 
         # free the slots: the cancelled order never starts, the other starts with its commands
         await publish(channel, *(approve_order(b.order_id) for b in blockers))

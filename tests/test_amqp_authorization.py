@@ -113,9 +113,9 @@ async def rejection_of(events: EventLog, command: Command) -> OrderEvent:
 
 
 def assert_forbidden(rejection: OrderEvent, command: Command) -> None:
-    assert rejection.data["reason"] == FORBIDDEN
-    assert rejection.data["command_type"] == command.type.value
-    assert rejection.data["detail"]  # what a person reads about it
+    assert rejection.data.model_dump(mode="json")["reason"] == FORBIDDEN
+    assert rejection.data.model_dump(mode="json")["command_type"] == command.type.value
+    assert rejection.data.model_dump(mode="json")["detail"]  # what a person reads about it
 
 
 async def read_model(sessions: async_sessionmaker[AsyncSession], order_id: str) -> Order | None:
@@ -214,9 +214,12 @@ async def test_four_eyes_and_the_approver_recorded(
 
     assert (await events.wait_for_end(order_id)).type is EventType.COMPLETED
     [approved] = events.of(order_id, EventType.APPROVED)
-    assert (approved.command_id, approved.data["approved_by"]) == (approval.command_id, TEST_REVIEWER.subject)
+    assert (approved.command_id, approved.data.model_dump(mode="json")["approved_by"]) == (
+        approval.command_id,
+        TEST_REVIEWER.subject,
+    )
     [received] = events.of(order_id, EventType.QUEUED)
-    assert received.data["placed_by"] == ALICE.subject
+    assert received.data.model_dump(mode="json")["placed_by"] == ALICE.subject
 
     async def recorded() -> Order | None:
         order = await read_model(db_sessions, order_id)

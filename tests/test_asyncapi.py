@@ -22,6 +22,7 @@ from shared.broker import (
 )
 from shared.contracts import (
     COMMAND_ROUTING_KEYS,
+    EVENT_DATA,
     MAX_ITEMS,
     MAX_QTY,
     CommandType,
@@ -111,6 +112,17 @@ def test_each_event_has_its_routing_key_on_the_events_exchange(doc: dict[str, An
     assert envelope == {"$ref": "#/components/schemas/OrderEvent"}
     assert narrowed["properties"]["type"]["const"] == event.value
     assert doc["operations"][f"receive.{event.routing_key}"]["action"] == "receive"
+
+
+@pytest.mark.parametrize("event", list(EventType))
+def test_each_event_states_its_payload_model(doc: dict[str, Any], event: EventType) -> None:
+    model = EVENT_DATA[event]  # every event type has its payload model
+    assert model.event_type is event
+    _, narrowed = message_of(doc, doc["channels"][event.routing_key])["payload"]["allOf"]
+    data = resolve(doc, narrowed["properties"]["data"]["$ref"])
+    assert data["title"] == model.__name__
+    assert set(data.get("properties", {})) == set(model.model_fields)
+    assert data["additionalProperties"] is False
 
 
 def test_event_semantics_are_documented(doc: dict[str, Any]) -> None:

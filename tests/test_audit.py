@@ -20,7 +20,17 @@ from sqlmodel import col
 from services.audit.consumer import AuditLog, run_audit
 from services.audit.projection import record_events
 from shared.broker import ERROR_HEADER, declare_audit_queue
-from shared.contracts import EventType, OrderEvent, OrderState
+from shared.contracts import (
+    EVENT_DATA,
+    EXAMPLE_DATA,
+    Address,
+    CommandRejectedData,
+    CommandType,
+    CompletedData,
+    EventType,
+    OrderEvent,
+    OrderState,
+)
 from shared.db import AuditEvent, Order, transaction
 from shared.settings import Settings
 from testsupport.amqp import (
@@ -42,17 +52,21 @@ from testsupport.services import DownDatabase, running
 Sessions = async_sessionmaker[AsyncSession]
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
-NEWEST_ADDRESS: dict[str, Any] = {**ADDRESS, "line1": "221B Baker Street", "postal_code": "NW1 6XE"}
+# as the events carry it: every field, unset ones null
+NEWEST_ADDRESS: dict[str, Any] = Address.model_validate(
+    {**ADDRESS, "line1": "221B Baker Street", "postal_code": "NW1 6XE"}
+).model_dump()
 
 
 def event(order_id: str, seq: int, type: EventType, **data: Any) -> OrderEvent:
+    """An event of `type` with `data`; what it does not say comes from the type's example."""
     return OrderEvent(
         event_id=uuid4(),
         type=type,
         order_id=order_id,
         seq=seq,
         occurred_at=START + timedelta(seconds=seq),
-        data=data,
+        data=EVENT_DATA[type].model_validate({**EXAMPLE_DATA[type].model_dump(), **data}),
     )
 
 
@@ -157,7 +171,7 @@ async def test_events_are_stored_whole(
         occurred_at=START,
         correlation_id="corr-7",
         command_id=uuid4(),
-        data={"command_type": "ApproveOrder", "reason": "unknown order"},
+        data=CommandRejectedData(command_type=CommandType.APPROVE, reason="unknown order"),
     )
     await publish(broker_channel, rejection)
     await stored(db_sessions, rejection)
@@ -401,7 +415,7 @@ async def test_a_reason_stays_until_a_newer_event_brings_one(db_sessions: Sessio
     """A state-changing event without a reason leaves the one an older event of the same batch
     brought, as when they come one at a time."""
     failed = event(order_id, 5, EventType.FAILED, reason="payment declined")
-    terminated = event(order_id, 6, EventType.TERMINATED)
+    terminated = event(order_id, 6, EventType.TERMINATED, reason="")
     await record(db_sessions, failed, terminated)
 
     order = await order_row(db_sessions, order_id)
@@ -486,6 +500,7 @@ async def test_a_batch_with_an_ending_counts_it_once(db_sessions: Sessions, orde
         order_id=order_id,
         seq=3,
         occurred_at=admitted.occurred_at + timedelta(seconds=3.5),
+        data=CompletedData(),
     )
     before = ended("completed")
 

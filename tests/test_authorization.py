@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi.routing import iter_route_contexts
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from devstack.stack import service_environment
 from services.api.app import create_app
 from services.api.auth import (
     AuthNotConfigured,
@@ -41,7 +42,6 @@ from services.api.auth import (
     roles_in,
 )
 from services.api.connections import DependencyUnavailable
-from services.stack import service_environment
 from shared import local_issuer
 from shared.contracts import Actor, EventType, OrderState, Role, command_adapter
 from shared.settings import Settings

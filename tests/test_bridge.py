@@ -234,7 +234,7 @@ def assert_rejected(event: OrderEvent, command: Command, reason: str) -> None:
         command.command_id,
     )
     assert event.correlation_id == command.correlation_id
-    assert event.data == {"command_type": command.type.value, "reason": reason}
+    assert event.data.model_dump(mode="json") == {"command_type": command.type.value, "reason": reason}
 
 
 # --- starting workflows --------------------------------------------------------------------------
@@ -406,7 +406,11 @@ async def test_a_forbidden_command_is_rejected_once_recorded_and_never_applied(
     assert await signals_received(temporal_client, order_id, 1) == [signal_of(Signals.CANCEL, cancellation)]
     [rejection] = await rejections_of(rejections, by_a_customer)
     assert rejection.seq == 0
-    assert rejection.data == {"command_type": "ApproveOrder", "reason": FORBIDDEN, "detail": NO_ROLE}
+    assert rejection.data.model_dump(mode="json") == {
+        "command_type": "ApproveOrder",
+        "reason": FORBIDDEN,
+        "detail": NO_ROLE,
+    }
     assert await recorded_outcome(db_sessions, by_a_customer) == "rejected"
     assert await drain(rejections) == []  # the second copy, handled after it, was a duplicate
 

@@ -14,6 +14,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col
 
+from devstack.stack import isolated_settings
 from services.bridge.admission import (
     AdmissionLedger,
     NotRegistered,
@@ -22,7 +23,6 @@ from services.bridge.admission import (
     Steering,
 )
 from services.bridge.lifecycles import ACCEPTED, Outcome, OutcomeKind
-from services.stack import isolated_settings
 from shared import db, schema
 from shared.admissions import AdmissionSlots, AdmissionStatus, Sessions
 from shared.authorization import FORBIDDEN

@@ -22,7 +22,15 @@ from aiormq.exceptions import ChannelAccessRefused
 from services.api.connections import open_broker
 from shared import broker
 from shared.broker_users import ACCOUNTS, account_url, password_file, set_up_accounts
-from shared.contracts import Address, EventType, OrderEvent, OrderItem, PlaceOrder, PlaceOrderPayload
+from shared.contracts import (
+    EXAMPLE_DATA,
+    Address,
+    EventType,
+    OrderEvent,
+    OrderItem,
+    PlaceOrder,
+    PlaceOrderPayload,
+)
 from shared.settings import Settings
 from testsupport.polling import eventually
 
@@ -140,6 +148,7 @@ def an_event() -> OrderEvent:
         order_id=f"perm-{uuid4().hex[:8]}",
         seq=1,
         occurred_at=now(),
+        data=EXAMPLE_DATA[EventType.RECEIVED],
     )
 
 

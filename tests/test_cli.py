@@ -36,16 +36,18 @@ from starlette.responses import (
 from starlette.routing import Route
 from typer.testing import CliRunner, Result
 
+from devstack.stack import service_environment
 from services.cli.errors import WATCH_TIMEOUT_EXIT_CODE
 from services.cli.main import app
-from services.stack import service_environment
 from shared import local_issuer
 from shared.contracts import (
+    EXAMPLE_DATA,
     CommandType,
     EventType,
     OrderEvent,
     OrderState,
     PlaceOrder,
+    RecordedEvent,
     Role,
     command_adapter,
 )
@@ -691,7 +693,7 @@ async def test_history_prints_events_in_order(
 # --- watch ----------------------------------------------------------------------------------------
 def printed_events(result: Result) -> list[tuple[int, EventType]]:
     """What `watch --json` printed: contract events (the streams' positions left out), one a line."""
-    events = [OrderEvent.model_validate_json(line) for line in result.stdout.splitlines()]
+    events = [RecordedEvent.model_validate_json(line) for line in result.stdout.splitlines()]
     return [(event.seq, event.type) for event in events]
 
 
@@ -795,7 +797,12 @@ async def test_watch_resumes_a_lost_stream_after_the_last_event_it_saw() -> None
         seq = 1 if last_event_id is None else 2
         ending = EventType.RECEIVED if seq == 1 else EventType.COMPLETED
         event = OrderEvent(
-            event_id=uuid4(), type=ending, order_id=order_id, seq=seq, occurred_at=datetime.now(UTC)
+            event_id=uuid4(),
+            type=ending,
+            order_id=order_id,
+            seq=seq,
+            occurred_at=datetime.now(UTC),
+            data=EXAMPLE_DATA[ending],
         )
         body = f"id: 0\n\ndata: {event.model_dump_json()}\nid: {seq * 10}\n\n"
         return StreamingResponse(iter([body]), media_type="text/event-stream")

@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 from temporalio.client import Client
 
-from services.stack import Stack, TemporalDevServer, free_port, running_stack
+from devstack.stack import Stack, TemporalDevServer, free_port, running_stack
 from shared import broker, db
 from shared.contracts import EventType, Role
 from shared.db import AuditEvent, Order, Payment, ProcessedCommand

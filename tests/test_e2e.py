@@ -93,14 +93,14 @@ async def test_address_update_and_cancel_through_the_api(
     response = await api.post(f"/orders/{order_id}/address", json={"address": new_address})
     assert response.status_code == 202, response.text
     updated = await events.wait_for(order_id, EventType.ADDRESS_UPDATED)
-    assert updated.data["address"]["line1"] == "1 New Street"
+    assert updated.data.model_dump(mode="json")["address"]["line1"] == "1 New Street"
 
     response = await api.post(f"/orders/{order_id}/cancel", json={"reason": "changed my mind"})
     assert response.status_code == 202, response.text
     ending = await events.wait_for_end(order_id)
 
     assert ending.type is EventType.CANCELLED
-    assert ending.data == {"reason": "changed my mind", "refunded": False}
+    assert ending.data.model_dump(mode="json") == {"reason": "changed my mind", "refunded": False}
     assert str(ending.command_id) == response.json()["command_id"]
     trail = await full_trail_stored(db_sessions, events, order_id)
     assert [row.type for row in trail][-2:] == ["address_updated", "cancelled"]

@@ -20,7 +20,7 @@ from aio_pika.abc import AbstractQueue
 from sqlalchemy import func, select
 from sqlmodel import col
 
-from services.stack import free_port, running_stack
+from devstack.stack import free_port, running_stack
 from shared import broker, db, schema
 from shared.admissions import HOLDING_SLOT
 from shared.contracts import EventType, OrderEvent, Role

@@ -23,12 +23,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 from temporalio.client import Client
 
+from devstack.stack import check_metrics_ports, free_port, metrics_ports
 from services.audit.consumer import run_audit
-from services.stack import check_metrics_ports, free_port, metrics_ports
 from shared import broker
 from shared.admissions import AdmissionStatus
 from shared.consuming import QueueConsumer
-from shared.contracts import EventType, OrderEvent, Role
+from shared.contracts import EXAMPLE_DATA, EventType, OrderEvent, Role
 from shared.db import Admission, AuditEvent, transaction
 from shared.metrics import serve_metrics, temporal_runtime
 from shared.settings import Settings
@@ -176,7 +176,9 @@ async def audit(
 
 
 def lifecycle_event(order_id: str, seq: int, type: EventType, at: datetime) -> OrderEvent:
-    return OrderEvent(event_id=uuid4(), type=type, order_id=order_id, seq=seq, occurred_at=at)
+    return OrderEvent(
+        event_id=uuid4(), type=type, order_id=order_id, seq=seq, occurred_at=at, data=EXAMPLE_DATA[type]
+    )
 
 
 async def test_the_audit_consumer_counts_each_ending_once_and_times_it_from_admission(

@@ -19,9 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 from temporalio.client import Client, WorkflowExecutionStatus
 
+from devstack.stack import drop_vhost
 from services.audit.consumer import run_audit
 from services.bridge.consumer import run_bridge
-from services.stack import drop_vhost
 from services.workers import reconciler
 from services.workers.activities import BusinessActivities
 from services.workers.business import PaymentStatus
@@ -172,6 +172,7 @@ async def test_a_terminated_order_in_review_is_reported_terminated_and_its_slot_
     assert_gapless_ending_with(events, EventType.TERMINATED)
     ending = dict(events[-1].data)
     reason = ending.pop("reason")
+    assert isinstance(reason, str)
     assert reason.startswith("terminated through Temporal by ") and reason.endswith(": stuck in a test")
     assert ending == {"workflow_status": "terminated", "charged": False, "refunded": False}
     payment = await row_of(sessions, Payment, order.payload.payment_id)

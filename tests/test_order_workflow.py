@@ -191,15 +191,24 @@ async def test_approved_order_completes_with_every_step_and_event(harness: Order
     assert [event.type for event in events] == HAPPY_EVENTS
     by_type = {event.type: event for event in events}
     assert by_type[E.APPROVED].command_id == approval.command_id
-    assert by_type[E.APPROVED].data == {"approved_by": REVIEWER.subject, "note": "looks fine"}
-    assert by_type[E.RECEIVED].data == {"placed_by": CUSTOMER.subject}
+    assert by_type[E.APPROVED].data.model_dump(mode="json") == {
+        "approved_by": REVIEWER.subject,
+        "note": "looks fine",
+    }
+    assert by_type[E.RECEIVED].data.model_dump(mode="json") == {"placed_by": CUSTOMER.subject}
     assert (status.placed_by, status.approved_by) == (CUSTOMER.subject, REVIEWER.subject)
-    assert by_type[E.PAYMENT_CHARGED].data == {"amount_cents": AMOUNT_CENTS, "already_charged": False}
-    assert by_type[E.SHIPPING_STARTED].data == {"shipping_attempt": 1}
+    assert by_type[E.PAYMENT_CHARGED].data.model_dump(mode="json") == {
+        "amount_cents": AMOUNT_CENTS,
+        "already_charged": False,
+    }
+    assert by_type[E.SHIPPING_STARTED].data.model_dump(mode="json") == {"shipping_attempt": 1}
     dispatched = by_type[E.CARRIER_DISPATCHED]
-    assert dispatched.data == {"tracking_number": TRACKING_NUMBER, "address": ADDRESS.model_dump()}
-    assert by_type[E.SHIPPED].data == {"tracking_number": TRACKING_NUMBER}
-    assert by_type[E.AWAITING_APPROVAL].data == {
+    assert dispatched.data.model_dump(mode="json") == {
+        "tracking_number": TRACKING_NUMBER,
+        "address": ADDRESS.model_dump(),
+    }
+    assert by_type[E.SHIPPED].data.model_dump(mode="json") == {"tracking_number": TRACKING_NUMBER}
+    assert by_type[E.AWAITING_APPROVAL].data.model_dump(mode="json") == {
         "review_window_seconds": harness.policy.review_window_seconds
     }
     assert all(event.command_id is None for event in events if event.type is not E.APPROVED)
@@ -222,7 +231,7 @@ async def test_cancel_before_approval_ends_without_charging(harness: OrderHarnes
     events = assert_numbered(harness)
     assert [event.type for event in events] == [*UNTIL_REVIEW, E.CANCELLED]
     assert events[-1].command_id == cancel.command_id
-    assert events[-1].data == {"reason": "found it cheaper", "refunded": False}
+    assert events[-1].data.model_dump(mode="json") == {"reason": "found it cheaper", "refunded": False}
 
 
 async def test_cancel_after_payment_refunds_and_stops_the_shipment(
@@ -253,7 +262,7 @@ async def test_cancel_after_payment_refunds_and_stops_the_shipment(
     assert status.shipping_attempts == 1
     assert [event.type for event in events] == [*UNTIL_SHIPPING, E.PACKAGE_PREPARED, E.CANCELLED]
     assert events[-1].command_id == cancel.command_id
-    assert events[-1].data == {"reason": cancel.payload.reason, "refunded": True}
+    assert events[-1].data.model_dump(mode="json") == {"reason": cancel.payload.reason, "refunded": True}
 
 
 async def cancelled_through_temporal(harness: OrderHarness) -> OrderStatus:
@@ -280,7 +289,10 @@ async def test_a_cancellation_through_temporal_in_review_ends_the_order_as_cance
     events = assert_numbered(harness)
     assert [event.type for event in events] == [*UNTIL_REVIEW, E.CANCELLED]
     assert events[-1].command_id is None
-    assert events[-1].data == {"reason": CANCELLED_THROUGH_TEMPORAL, "refunded": False}
+    assert events[-1].data.model_dump(mode="json") == {
+        "reason": CANCELLED_THROUGH_TEMPORAL,
+        "refunded": False,
+    }
 
 
 async def test_a_cancellation_through_temporal_after_payment_refunds_and_stops_the_shipment(
@@ -303,7 +315,7 @@ async def test_a_cancellation_through_temporal_after_payment_refunds_and_stops_t
     assert await harness.shipment_status(1) is WorkflowExecutionStatus.CANCELED
     events = assert_numbered(harness)
     assert [event.type for event in events] == [*UNTIL_SHIPPING, E.PACKAGE_PREPARED, E.CANCELLED]
-    assert events[-1].data == {"reason": CANCELLED_THROUGH_TEMPORAL, "refunded": True}
+    assert events[-1].data.model_dump(mode="json") == {"reason": CANCELLED_THROUGH_TEMPORAL, "refunded": True}
 
 
 async def test_a_cancel_during_a_charge_attempt_refunds_whatever_the_attempt_did(
@@ -363,7 +375,7 @@ async def test_an_approval_racing_a_cancel_loses_if_the_cancel_came_first(harnes
     # arrived while the order was ending or once it had ended
     assert sorted(event.type for event in events[len(UNTIL_REVIEW) :]) == [E.CANCELLED, E.COMMAND_REJECTED]
     [rejected] = [event for event in events if event.type is E.COMMAND_REJECTED]
-    assert (rejected.command_id, rejected.data["reason"]) == (
+    assert (rejected.command_id, rejected.data.model_dump(mode="json")["reason"]) == (
         approval.command_id,
         "order has ended or is ending",
     )
@@ -412,7 +424,7 @@ async def test_address_update_before_dispatch_reaches_the_running_shipment(harne
     dispatched_to = [request.address for request in harness.mocks.called(OrderActivities.dispatch_carrier)]
     assert dispatched_to == [NEW_ADDRESS]
     assert updated.command_id == update.command_id
-    assert updated.data == {"address": NEW_ADDRESS.model_dump()}
+    assert updated.data.model_dump(mode="json") == {"address": NEW_ADDRESS.model_dump()}
     events = assert_numbered(harness)
     assert [event.type for event in events] == [
         *UNTIL_SHIPPING,
@@ -422,7 +434,10 @@ async def test_address_update_before_dispatch_reaches_the_running_shipment(harne
         E.SHIPPED,
         E.COMPLETED,
     ]
-    assert harness.mocks.events_of(E.CARRIER_DISPATCHED)[0].data["address"] == NEW_ADDRESS.model_dump()
+    assert (
+        harness.mocks.events_of(E.CARRIER_DISPATCHED)[0].data.model_dump(mode="json")["address"]
+        == NEW_ADDRESS.model_dump()
+    )
 
 
 async def test_address_update_after_dispatch_is_rejected(harness: OrderHarness) -> None:
@@ -439,7 +454,10 @@ async def test_address_update_after_dispatch_is_rejected(harness: OrderHarness) 
     status = await harness.result()
 
     assert rejected.command_id == update.command_id
-    assert rejected.data == {"command_type": "UpdateAddress", "reason": "order already dispatched"}
+    assert rejected.data.model_dump(mode="json") == {
+        "command_type": "UpdateAddress",
+        "reason": "order already dispatched",
+    }
     assert status.state is OrderState.COMPLETED
     assert status.address == ADDRESS
     assert [request.address for request in harness.mocks.called(OrderActivities.dispatch_carrier)] == [
@@ -475,7 +493,7 @@ async def test_review_window_expiry_cancels_the_order(harness: OrderHarness) -> 
     events = assert_numbered(harness)
     assert [event.type for event in events] == [*UNTIL_REVIEW, E.CANCELLED]
     assert events[-1].command_id is None
-    assert events[-1].data == {"reason": "review_timeout", "refunded": False}
+    assert events[-1].data.model_dump(mode="json") == {"reason": "review_timeout", "refunded": False}
 
 
 async def test_dispatch_failure_makes_the_parent_ship_again(harness: OrderHarness) -> None:
@@ -495,13 +513,13 @@ async def test_dispatch_failure_makes_the_parent_ship_again(harness: OrderHarnes
         *UNTIL_SHIPPING, E.PACKAGE_PREPARED, E.DISPATCH_FAILED,
         E.SHIPPING_STARTED, E.CARRIER_DISPATCHED, E.SHIPPED, E.COMPLETED,
     ]  # fmt: skip
-    assert [event.data for event in harness.mocks.events_of(E.SHIPPING_STARTED)] == [
+    assert [event.data.model_dump(mode="json") for event in harness.mocks.events_of(E.SHIPPING_STARTED)] == [
         {"shipping_attempt": 1},
         {"shipping_attempt": 2},
     ]
     failed = harness.mocks.events_of(E.DISPATCH_FAILED)[0]
-    assert failed.data["shipping_attempt"] == 1
-    assert f"carrier refused #{per_shipment}" in failed.data["reason"]
+    assert failed.data.model_dump(mode="json")["shipping_attempt"] == 1
+    assert f"carrier refused #{per_shipment}" in failed.data.model_dump(mode="json")["reason"]
     assert await harness.shipment_status(1) is WorkflowExecutionStatus.COMPLETED
     assert await harness.shipment_status(2) is WorkflowExecutionStatus.COMPLETED
 
@@ -546,7 +564,7 @@ async def test_dispatch_failing_every_time_fails_the_order_and_refunds(harness: 
     events = assert_numbered(harness)
     assert [event.type for event in events].count(E.DISPATCH_FAILED) == 2
     assert events[-1].type is E.FAILED
-    assert events[-1].data == {"reason": status.reason, "refunded": True}
+    assert events[-1].data.model_dump(mode="json") == {"reason": status.reason, "refunded": True}
 
 
 async def test_duplicate_commands_apply_once(harness: OrderHarness) -> None:
@@ -575,7 +593,10 @@ async def test_duplicate_commands_apply_once(harness: OrderHarness) -> None:
         (E.APPROVED, approve_id),
         (E.COMMAND_REJECTED, other.command_id),
     ]
-    assert rejected.data == {"command_type": "ApproveOrder", "reason": "order already approved"}
+    assert rejected.data.model_dump(mode="json") == {
+        "command_type": "ApproveOrder",
+        "reason": "order already approved",
+    }
     assert [request.address for request in harness.mocks.called(OrderActivities.dispatch_carrier)] == [
         NEW_ADDRESS
     ]
@@ -593,7 +614,7 @@ async def test_invalid_order_fails_without_charging(harness: OrderHarness) -> No
     assert_not_called(harness, OrderActivities.charge_payment, OrderActivities.refund_payment)
     events = assert_numbered(harness)
     assert [event.type for event in events] == [E.ADMITTED, E.RECEIVED, E.FAILED]
-    assert events[-1].data == {"reason": status.reason, "refunded": False}
+    assert events[-1].data.model_dump(mode="json") == {"reason": status.reason, "refunded": False}
 
 
 async def test_status_counts_attempts_and_keeps_their_errors(harness: OrderHarness) -> None:
@@ -647,15 +668,16 @@ async def test_deadline_ends_an_order_whose_step_never_succeeds(harness_on_own_s
     )
     events = assert_numbered(harness)
     assert [event.type for event in events] == [E.ADMITTED, E.FAILED]
-    assert events[-1].data == {"reason": reason, "refunded": False}
+    assert events[-1].data.model_dump(mode="json") == {"reason": reason, "refunded": False}
 
 
 # --- who may steer the order ----------------------------------------------------------------------
 def forbidden_commands(harness: OrderHarness) -> list[tuple[object, CommandType]]:
     return [
-        (event.command_id, CommandType(event.data["command_type"]))
+        (event.command_id, CommandType(event.data.model_dump(mode="json")["command_type"]))
         for event in harness.mocks.events_of(E.COMMAND_REJECTED)
-        if event.data["reason"] == FORBIDDEN and event.data["detail"]
+        if event.data.model_dump(mode="json")["reason"] == FORBIDDEN
+        and event.data.model_dump(mode="json")["detail"]
     ]
 
 
@@ -675,7 +697,10 @@ async def test_nobody_approves_an_order_they_placed(harness: OrderHarness) -> No
         REVIEWER.subject,
     )
     [approved] = harness.mocks.events_of(E.APPROVED)
-    assert (approved.command_id, approved.data["approved_by"]) == (approval.command_id, REVIEWER.subject)
+    assert (approved.command_id, approved.data.model_dump(mode="json")["approved_by"]) == (
+        approval.command_id,
+        REVIEWER.subject,
+    )
 
 
 async def test_a_command_without_a_verified_issuer_or_role_is_forbidden(harness: OrderHarness) -> None:
@@ -712,7 +737,10 @@ async def test_only_the_placer_or_an_operator_changes_the_address(harness: Order
         (by_other.command_id, CommandType.UPDATE_ADDRESS),
         (by_reviewer.command_id, CommandType.UPDATE_ADDRESS),
     ]
-    assert [event.data["address"]["line1"] for event in harness.mocks.events_of(E.ADDRESS_UPDATED)] == [
+    assert [
+        event.data.model_dump(mode="json")["address"]["line1"]
+        for event in harness.mocks.events_of(E.ADDRESS_UPDATED)
+    ] == [
         "3 Operator Way",
         NEW_ADDRESS.line1,
     ]
@@ -778,7 +806,7 @@ async def test_an_admitted_order_numbers_after_queued_and_applies_its_early_comm
     assert status.queued_at is not None
     events = assert_numbered(harness, first_seq=2)  # the bridge's `queued` was seq 1
     assert [event.type for event in events] == [E.ADMITTED, E.ADDRESS_UPDATED, *HAPPY_EVENTS[1:]]
-    admitted = events[0].data
+    admitted = events[0].data.model_dump(mode="json")
     assert admitted["queued_at"] == status.queued_at.isoformat()
     assert admitted["admission_wait_seconds"] >= 1.5
     assert [(event.type, event.command_id) for event in events if event.command_id is not None] == [
@@ -794,7 +822,7 @@ async def test_an_order_started_without_waiting_says_so(harness: OrderHarness) -
     admitted = await harness.wait_for_event(E.ADMITTED)
 
     assert admitted.seq == 1
-    assert admitted.data == {"queued_at": None, "admission_wait_seconds": None}
+    assert admitted.data.model_dump(mode="json") == {"queued_at": None, "admission_wait_seconds": None}
     assert (await harness.status()).queued_at is None
 
 
@@ -1090,7 +1118,7 @@ async def test_address_update_during_the_dispatch_reaches_the_carrier(harness: O
     assert dispatched_to[-1] == NEW_ADDRESS, (
         f"the carrier was last given {dispatched_to[-1].line1!r}, the order says {status.address.line1!r}"
     )
-    assert dispatched[-1].data["address"] == NEW_ADDRESS.model_dump()
+    assert dispatched[-1].data.model_dump(mode="json")["address"] == NEW_ADDRESS.model_dump()
     assert_numbered(harness)
 
 
@@ -1116,7 +1144,9 @@ async def test_address_update_overtaken_by_the_dispatch_report_is_not_claimed(
 
     assert status.state is OrderState.COMPLETED
     dispatched_to = [request.address for request in harness.mocks.called(OrderActivities.dispatch_carrier)]
-    reported = Address.model_validate(harness.mocks.events_of(E.CARRIER_DISPATCHED)[-1].data["address"])
+    reported = Address.model_validate(
+        harness.mocks.events_of(E.CARRIER_DISPATCHED)[-1].data.model_dump(mode="json")["address"]
+    )
     # whatever the order decides about the late update, what it reports must be what the carrier got
     assert reported == dispatched_to[-1], (
         f"carrier_dispatched reports {reported.line1!r} but the carrier was given {dispatched_to[-1].line1!r}"

@@ -14,7 +14,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from services.workers.boundary import PublishEventsInput
 from services.workers.outbox import Outbox
-from shared.contracts import EventType, PlaceOrder
+from shared.contracts import EXAMPLE_DATA, EventType, PlaceOrder
 from workflow_harness import place_order, unique_order_id
 
 TASK_QUEUE = "outbox-probe"
@@ -30,11 +30,11 @@ class OutboxProbe:
         outbox = Outbox(order, first_seq=1)
         publisher = asyncio.create_task(outbox.publish())
         await workflow.wait_condition(lambda: True)  # the publisher has started, as in a lifecycle
-        outbox.emit(EventType.SHIPPING_STARTED)
+        outbox.emit(EXAMPLE_DATA[EventType.SHIPPING_STARTED])
         outbox.publish_in_next_task()
         for _ in range(3):  # the publisher gathers for two rounds, then takes the batch
             await workflow.wait_condition(lambda: True)
-        outbox.emit(EventType.CANCELLED)
+        outbox.emit(EXAMPLE_DATA[EventType.CANCELLED])
         outbox.close()
         await publisher
 
@@ -82,7 +82,7 @@ class CommitProbe:
         outbox = Outbox(order, first_seq=1)
         publisher = asyncio.create_task(outbox.publish())
         await workflow.wait_condition(lambda: True)
-        outbox.emit(EventType.SHIPPING_STARTED)
+        outbox.emit(EXAMPLE_DATA[EventType.SHIPPING_STARTED])
         outbox.publish_in_next_task()
         await workflow.execute_child_workflow(CommitProbeChild.run, id=f"{workflow.info().workflow_id}-child")
         outbox.close()

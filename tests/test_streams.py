@@ -25,7 +25,7 @@ from sqlmodel import col
 from services.api.schemas import StreamedEvent
 from services.audit.projection import record_event
 from services.cli.watch import StreamedMessage, server_sent_events
-from shared.contracts import EventType, OrderEvent, OrderState, Role
+from shared.contracts import EXAMPLE_DATA, EventType, OrderEvent, OrderState, Role
 from shared.db import AuditEvent, transaction
 from shared.settings import Settings
 from testsupport.gateway import bearer, gateway_process
@@ -39,7 +39,12 @@ R, V, A = EventType.RECEIVED, EventType.VALIDATED, EventType.AWAITING_APPROVAL
 
 def order_event(order_id: str, seq: int, event_type: EventType) -> OrderEvent:
     return OrderEvent(
-        event_id=uuid4(), type=event_type, order_id=order_id, seq=seq, occurred_at=datetime.now(UTC)
+        event_id=uuid4(),
+        type=event_type,
+        order_id=order_id,
+        seq=seq,
+        occurred_at=datetime.now(UTC),
+        data=EXAMPLE_DATA[event_type],
     )
 
 

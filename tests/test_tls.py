@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from sqlalchemy.engine import make_url
 
+from devstack.stack import service_environment
 from services.api.__main__ import serving_options
-from services.stack import service_environment
 from shared import broker, db, schema
 from shared.connection_security import amqp_ssl_context, amqp_url, database_url, postgres_ssl
 from shared.settings import Settings

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TypedDict
 
 import structlog
 import uvicorn
@@ -34,7 +35,14 @@ def main() -> None:
     )
 
 
-def serving_options(settings: Settings) -> dict[str, Any]:
+class ServingOptions(TypedDict):
+    ssl_certfile: Path | None
+    ssl_keyfile: Path | None
+    proxy_headers: bool
+    forwarded_allow_ips: list[str] | None
+
+
+def serving_options(settings: Settings) -> ServingOptions:
     """HTTPS when given a certificate; X-Forwarded-For/-Proto believed only from the configured
     proxies (uvicorn would trust 127.0.0.1 by default)."""
     proxies = [address.strip() for address in settings.api_forwarded_allow_ips.split(",") if address.strip()]

@@ -13,9 +13,9 @@ import asyncio
 import ipaddress
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -61,11 +61,11 @@ class InvalidToken(Exception):
 class KeySet:
     """The signing keys of one JWKS document, by key id (`kid`), parsed once per algorithm."""
 
-    def __init__(self, jwks: dict[str, Any]) -> None:
-        keys = jwks.get("keys") if isinstance(jwks, dict) else None
-        self._keys: dict[str | None, dict[str, Any]] = {
+    def __init__(self, jwks: Mapping[str, object]) -> None:
+        keys = jwks.get("keys")
+        self._keys: dict[str | None, dict[str, object]] = {
             key.get("kid"): key
-            for key in keys or []
+            for key in (keys if isinstance(keys, list) else [])
             if isinstance(key, dict) and key.get("use", "sig") == "sig"
         }
         self._parsed: dict[tuple[str | None, str], jwt.PyJWK] = {}
@@ -81,7 +81,8 @@ class KeySet:
             if jwk is None:
                 raise InvalidToken("the token's signing key is not among its issuer's keys")
             try:
-                self._parsed[kid, algorithm] = jwt.PyJWK(jwk, algorithm=jwk.get("alg") or algorithm)
+                named = jwk.get("alg")
+                self._parsed[kid, algorithm] = jwt.PyJWK(jwk, algorithm=str(named) if named else algorithm)
             except jwt.PyJWTError as error:
                 raise InvalidToken(f"the issuer's key {kid!r} cannot verify {algorithm}") from error
         return self._parsed[kid, algorithm]
@@ -255,15 +256,15 @@ def is_asymmetric(algorithm: str) -> bool:
     return algorithm in ASYMMETRIC_ALGORITHMS
 
 
-def roles_in(claims: dict[str, Any], claim_path: str) -> frozenset[Role]:
+def roles_in(claims: Mapping[str, object], claim_path: str) -> frozenset[Role]:
     """The known roles under `claim_path` (dots nest): a list of names or one space-separated
     string; names orderflow does not know are ignored."""
-    value: Any = claims
+    value: object = claims
     for name in claim_path.split("."):
         value = value.get(name) if isinstance(value, dict) else None
     if isinstance(value, str):
         value = value.split()
-    names: Iterable[Any] = value if isinstance(value, list) else []
+    names: Iterable[object] = value if isinstance(value, list) else []
     return frozenset(Role(name) for name in names if isinstance(name, str) and name in ROLE_NAMES)
 
 

@@ -9,7 +9,7 @@ authorize again against the order.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypedDict, TypeVar
 from uuid import UUID, uuid4, uuid5
 
 from fastapi import APIRouter, Header, HTTPException, Request, status
@@ -199,9 +199,15 @@ async def refuse_early(session: AsyncSession, command_type: CommandType, actor: 
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail=reason)
 
 
-def envelope(
-    order_id: str, body: CommandOptions, idempotency_key: str | None, actor: Actor
-) -> dict[str, Any]:
+class Envelope(TypedDict):
+    command_id: UUID
+    order_id: str
+    issued_at: datetime
+    correlation_id: str | None
+    issued_by: Actor
+
+
+def envelope(order_id: str, body: CommandOptions, idempotency_key: str | None, actor: Actor) -> Envelope:
     """The fields every command shares, from the request, its caller and the time it arrived."""
     return {
         "command_id": resolve_command_id(body.command_id, idempotency_key),

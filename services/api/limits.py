@@ -8,7 +8,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.encoders import jsonable_encoder
@@ -179,7 +179,7 @@ async def validation_error(_: Request, error: Exception) -> JSONResponse:
     )
 
 
-def without_large_input(problem: dict[str, Any]) -> dict[str, Any]:
+def without_large_input(problem: dict[str, object]) -> dict[str, object]:
     if "input" in problem and len(json.dumps(problem["input"], default=str)) > ECHOED_INPUT_LIMIT:
         return {key: value for key, value in problem.items() if key != "input"}
     return problem

@@ -33,7 +33,7 @@ from services.api.schemas import (
     OrderSummary,
     StatusSource,
 )
-from shared.contracts import OrderEvent, OrderState, OrderStatus
+from shared.contracts import OrderState, OrderStatus, RecordedEvent
 from shared.db import Order
 from shared.lifecycle import STATUS_QUERY, order_workflow_id
 
@@ -93,7 +93,7 @@ async def order_history(actor: AnyRole, order_id: OrderIdPath, session: SessionD
     if not rows and await read_model.find_order(session, order_id) is None:
         raise unknown_order(order_id)
     return OrderHistory(
-        order_id=order_id, events=[OrderEvent.model_validate(row, from_attributes=True) for row in rows]
+        order_id=order_id, events=[RecordedEvent.model_validate(row, from_attributes=True) for row in rows]
     )
 
 

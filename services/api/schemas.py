@@ -15,11 +15,11 @@ from shared.contracts import (
     CorrelationId,
     Identifier,
     Model,
-    OrderEvent,
     OrderItem,
     OrderState,
     OrderStatus,
     PlaceOrderPayload,
+    RecordedEvent,
     Step,
     UpdateAddressPayload,
 )
@@ -116,11 +116,11 @@ class OrderPage(BaseModel):
 
 class OrderHistory(BaseModel):
     order_id: str
-    events: list[OrderEvent] = Field(description="Ordered by `seq`, then by when they were recorded.")
+    events: list[RecordedEvent] = Field(description="Ordered by `seq`, then by when they were recorded.")
 
 
 # --- streams and the dashboard --------------------------------------------------------------------
-class StreamedEvent(OrderEvent):
+class StreamedEvent(RecordedEvent):
     """An event as the streams send it: the contract's event and its place in the audit table."""
 
     position: int = Field(

@@ -26,7 +26,6 @@ from functools import partial
 from types import FrameType
 from typing import Annotated, Any
 
-import asyncpg
 import structlog
 from fastapi import (
     APIRouter,
@@ -50,14 +49,13 @@ from services.api.dependencies import ConnectionsDep, OrderIdPath
 from services.api.errors import Responses, json_error
 from services.api.limits import STREAM_LIMIT_RESPONSES, StreamSlot
 from services.api.schemas import StreamedEvent
-from shared import db
 from shared.contracts import TERMINAL_EVENTS
 from shared.db import AuditEvent, Order
+from shared.notifications import ChannelListener, first_of
 from shared.settings import Settings
 
 EVENTS_CHANNEL = "orderflow_events"  # NOTIFY'd by the audit table's trigger (migration 0004)
 POLL_SECONDS = 1.0
-LISTEN_RETRY_SECONDS = 2.0
 PAGE_SIZE = 500  # events read per query
 RECONNECT_MILLISECONDS = 1000  # the SSE `retry`: how soon a client reconnects after a lost stream
 MAX_POSITION = 2**63 - 1  # positions are BIGINT
@@ -70,10 +68,9 @@ class EventFeed:
     """Tells this process's streams when events were stored, and when the server stops."""
 
     def __init__(self, settings: Settings) -> None:
-        self._settings = settings
         self._stored = asyncio.Event()
         self.stopping = asyncio.Event()
-        self.listening = False
+        self._listener = ChannelListener(settings, EVENTS_CHANNEL, self._wake)
 
     def next_store(self) -> asyncio.Event:
         """An event set once events are stored after this call: take it before reading, so that
@@ -86,46 +83,17 @@ class EventFeed:
     async def wait(self, stored: asyncio.Event, timeout: float | None) -> None:
         """Until `stored` is set, the server stops or `timeout` seconds pass (None: no limit); no
         longer than `POLL_SECONDS` while notifications cannot be heard."""
-        if not self.listening:
+        if not self._listener.listening:
             timeout = POLL_SECONDS if timeout is None else min(timeout, POLL_SECONDS)
         await first_of(stored, self.stopping, timeout)
 
-    def _wake(self, *_: object) -> None:
+    def _wake(self) -> None:
         stored, self._stored = self._stored, asyncio.Event()
         stored.set()
 
     async def listen(self) -> None:
         """Hear the NOTIFYs until the server stops; reconnects, and polling covers the gaps."""
-        while not self.stopping.is_set():
-            try:
-                await self._listen_while_connected()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-                log.warning("cannot listen for stored events; streams poll", error=repr(error))
-                with suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), LISTEN_RETRY_SECONDS)
-
-    async def _listen_while_connected(self) -> None:
-        connection = await db.listening_connection(self._settings, timeout=LISTEN_RETRY_SECONDS)
-        lost = asyncio.Event()
-        connection.add_termination_listener(lambda _: lost.set())
-        try:
-            await connection.add_listener(EVENTS_CHANNEL, self._wake)
-            self.listening = True
-            self._wake()  # events stored while nobody listened
-            await first_of(lost, self.stopping, timeout=None)
-        finally:
-            self.listening = False
-            connection.terminate()  # no goodbye to wait for: an unanswering server must not hold us
-
-
-async def first_of(a: asyncio.Event, b: asyncio.Event, timeout: float | None) -> None:
-    """Wait until `a` or `b` is set, or `timeout` seconds pass (None: no limit)."""
-    waits = [asyncio.create_task(a.wait()), asyncio.create_task(b.wait())]
-    try:
-        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiting in waits:
-            waiting.cancel()
+        await self._listener.run(self.stopping)
 
 
 @contextmanager

@@ -4,8 +4,7 @@ serves them with the rest of the process's registry."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, MutableMapping
-from typing import Any
+from collections.abc import Iterable
 
 import structlog
 from fastapi import APIRouter, Response
@@ -77,7 +76,7 @@ class HttpMetrics:
             HTTP_REQUEST_DURATION.labels(scope["method"], route).observe(time.perf_counter() - started)
 
 
-def untraced(scope: MutableMapping[str, Any]) -> bool:
+def untraced(scope: Scope) -> bool:
     """For FastAPI's own tracing: the requests it leaves out."""
     return scope.get("path") in UNTRACED_PATHS
 

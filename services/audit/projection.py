@@ -19,14 +19,28 @@ neither miss a newer event of a fact's type nor deadlock on the orders' rows.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Hashable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.contracts import EventType, OrderEvent, OrderState
+from shared.contracts import (
+    Address,
+    AddressUpdatedData,
+    ApprovedData,
+    CancelledData,
+    CarrierDispatchedData,
+    EventPayload,
+    EventType,
+    FailedData,
+    OrderEvent,
+    OrderState,
+    QueuedData,
+    ReceivedData,
+    ShippedData,
+    TerminatedData,
+)
 
 STATE_OF_EVENT: dict[EventType, OrderState] = {
     EventType.QUEUED: OrderState.QUEUED,
@@ -48,7 +62,7 @@ STATE_OF_EVENT: dict[EventType, OrderState] = {
 }
 """`address_updated` and `command_rejected` leave the state as it is."""
 
-# the order column each of these events carries in `data` under the same name
+# the order column each of these events carries (`_fact_of` reads it)
 FACT_OF_EVENT: dict[EventType, str] = {
     EventType.QUEUED: "placed_by",
     EventType.RECEIVED: "placed_by",
@@ -57,8 +71,6 @@ FACT_OF_EVENT: dict[EventType, str] = {
     EventType.CARRIER_DISPATCHED: "tracking_number",
     EventType.SHIPPED: "tracking_number",
 }
-
-EVENTS_WITH_REASON = frozenset({EventType.CANCELLED, EventType.FAILED, EventType.TERMINATED})
 
 Key = TypeVar("Key", bound=Hashable)
 
@@ -173,7 +185,7 @@ async def record_event(session: AsyncSession, event: OrderEvent) -> bool:
     return is_new
 
 
-def _store_parameters(events: Sequence[OrderEvent]) -> dict[str, list[Any]]:
+def _store_parameters(events: Sequence[OrderEvent]) -> dict[str, Sequence[object]]:
     return {
         "event_ids": [event.event_id for event in events],
         "order_ids": [event.order_id for event in events],
@@ -182,11 +194,11 @@ def _store_parameters(events: Sequence[OrderEvent]) -> dict[str, list[Any]]:
         "occurred_ats": [event.occurred_at for event in events],
         "correlation_ids": [event.correlation_id for event in events],
         "command_ids": [event.command_id for event in events],
-        "data": [json.dumps(event.data) for event in events],
+        "data": [event.data.model_dump_json() for event in events],
     }
 
 
-def _projection_parameters(new_events: list[OrderEvent]) -> dict[str, list[Any]] | None:
+def _projection_parameters(new_events: list[OrderEvent]) -> dict[str, Sequence[object]] | None:
     """`PROJECT_ONTO_ORDERS`'s parameters for these newly stored events; None if they project
     nothing."""
     newest_state: dict[str, OrderEvent] = {}
@@ -197,12 +209,12 @@ def _projection_parameters(new_events: list[OrderEvent]) -> dict[str, list[Any]]
             continue
         if event.type in STATE_OF_EVENT:
             _keep_newest(newest_state, event.order_id, event)
-            if event.type in EVENTS_WITH_REASON and event.data.get("reason"):
+            if _reason_of(event.data):
                 _keep_newest(newest_reason, event.order_id, event)
         if event.type in FACT_OF_EVENT:
             _keep_newest(newest_fact, (event.order_id, event.type), event)
     # the newest event of a fact's type wins: one that carries no value leaves the column as it is
-    facts = [event for event in newest_fact.values() if event.data.get(FACT_OF_EVENT[event.type]) is not None]
+    facts = [event for event in newest_fact.values() if _fact_of(event.data) is not None]
     if not newest_state and not facts:
         return None
     state_orders = list(newest_state)
@@ -213,12 +225,12 @@ def _projection_parameters(new_events: list[OrderEvent]) -> dict[str, list[Any]]
         "states": [STATE_OF_EVENT[newest_state[order_id].type].value for order_id in state_orders],
         "state_times": [newest_state[order_id].occurred_at for order_id in state_orders],
         "reason_seqs": [None if event is None else event.seq for event in reasons],
-        "reasons": [None if event is None else event.data["reason"] for event in reasons],
+        "reasons": [None if event is None else _reason_of(event.data) for event in reasons],
         "fact_order_ids": [event.order_id for event in facts],
         "fact_types": [event.type.value for event in facts],
         "fact_seqs": [event.seq for event in facts],
         "fact_times": [event.occurred_at for event in facts],
-        "addresses": [None if value is None else json.dumps(value) for value in _values(facts, "address")],
+        "addresses": [None if value is None else value.model_dump_json() for value in _addresses(facts)],
         "tracking_numbers": _values(facts, "tracking_number"),
         "placed_bys": _values(facts, "placed_by"),
         "approved_bys": _values(facts, "approved_by"),
@@ -230,6 +242,31 @@ def _keep_newest(newest: dict[Key, OrderEvent], key: Key, event: OrderEvent) -> 
         newest[key] = event
 
 
-def _values(facts: list[OrderEvent], column: str) -> list[Any]:
+def _values(facts: list[OrderEvent], column: str) -> list[str | None]:
     """Per fact event, the value it carries for `column`; None where it carries another's."""
-    return [event.data[column] if FACT_OF_EVENT[event.type] == column else None for event in facts]
+    values = [_fact_of(event.data) if FACT_OF_EVENT[event.type] == column else None for event in facts]
+    return [value if isinstance(value, str) else None for value in values]
+
+
+def _addresses(facts: list[OrderEvent]) -> list[Address | None]:
+    return [event.data.address if isinstance(event.data, AddressUpdatedData) else None for event in facts]
+
+
+def _fact_of(data: EventPayload) -> str | Address | None:
+    """The value an event carries for its type's column in FACT_OF_EVENT."""
+    match data:
+        case QueuedData(placed_by=value) | ReceivedData(placed_by=value) | ApprovedData(approved_by=value):
+            return value
+        case AddressUpdatedData(address=value):
+            return value
+        case CarrierDispatchedData(tracking_number=value) | ShippedData(tracking_number=value):
+            return value
+    return None
+
+
+def _reason_of(data: EventPayload) -> str | None:
+    """Why an order ended, if it did and says why."""
+    match data:
+        case CancelledData(reason=reason) | FailedData(reason=reason) | TerminatedData(reason=reason):
+            return reason or None
+    return None

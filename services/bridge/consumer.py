@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 from uuid import uuid5
 
 import structlog
@@ -60,13 +60,17 @@ from shared.broker import (
 from shared.consuming import QueueConsumer, Stopping, retry_transient, stopped_within
 from shared.contracts import (
     ApproveOrder,
+    CancelledData,
     CancelOrder,
     Command,
-    EventType,
+    CommandRejectedData,
+    EventPayload,
     OrderEvent,
     PlaceOrder,
+    QueuedData,
     UpdateAddress,
     command_adapter,
+    event_of,
 )
 from shared.settings import Settings
 from shared.temporal import connect_temporal, tracing_interceptors
@@ -241,11 +245,9 @@ class Bridge:
         return outcome
 
     async def _publish_registration(self, command: PlaceOrder, registration: Registration) -> None:
-        queued_at = registration.queued_at.isoformat()
         placed_by = command.issued_by.subject if command.issued_by else None
-        await self._publish(
-            bridge_event(command, EventType.QUEUED, seq=1, queued_at=queued_at, placed_by=placed_by)
-        )
+        queued = QueuedData(queued_at=registration.queued_at, placed_by=placed_by)
+        await self._publish(bridge_event(command, queued, seq=1))
         for refused in registration.refused:
             await self._publish(rejection_event(refused.command, refused.outcome))
         if registration.cancel is not None:
@@ -335,39 +337,33 @@ class Bridge:
         return await retry_transient(operation, self._stop)
 
 
-def bridge_event(command: Command, event: EventType, seq: int, **data: Any) -> OrderEvent:
+def bridge_event(command: Command, data: EventPayload, seq: int) -> OrderEvent:
     """An event the bridge publishes on behalf of `command`; its id is derived from the command,
     so an event re-published after a crash is seen once."""
-    return OrderEvent(
-        event_id=uuid5(command.command_id, event.value),
-        type=event,
+    return event_of(
+        data,
+        event_id=uuid5(command.command_id, data.event_type.value),
         order_id=command.order_id,
         seq=seq,
         occurred_at=datetime.now(UTC),
         correlation_id=command.correlation_id,
         command_id=command.command_id,
-        data=data,
     )
 
 
 def rejection_event(command: Command, rejection: Outcome) -> OrderEvent:
     """`order.command_rejected` for a command that found no running lifecycle (or was forbidden);
     `detail` explains a `forbidden`."""
-    explained = {"detail": rejection.explanation} if rejection.explanation else {}
-    return bridge_event(
-        command,
-        EventType.COMMAND_REJECTED,
-        seq=0,
-        command_type=command.type.value,
-        reason=rejection.detail or "",
-        **explained,
+    rejected = CommandRejectedData(
+        command_type=command.type, reason=rejection.detail or "", detail=rejection.explanation or None
     )
+    return bridge_event(command, rejected, seq=0)
 
 
 def cancelled_before_admission(command: SteeringCommand) -> OrderEvent:
     """The end of an order cancelled while it waited: seq 2, after its `queued`."""
     reason = (command.payload.reason if isinstance(command, CancelOrder) else None) or "cancelled on request"
-    return bridge_event(command, EventType.CANCELLED, seq=2, reason=reason, refunded=False, admitted=False)
+    return bridge_event(command, CancelledData(reason=reason, refunded=False, admitted=False), seq=2)
 
 
 class OrderLocks:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
 
 from temporalio.client import (
     Client,
@@ -28,6 +27,7 @@ from shared.contracts import (
     CancelOrder,
     CommandType,
     OrderEvent,
+    OrderStatus,
     PlaceOrder,
     UpdateAddress,
 )
@@ -135,7 +135,7 @@ class OrderLifecycles:
         return ACCEPTED
 
 
-async def _why_not_running(handle: WorkflowHandle[Any, Any]) -> str:
+async def _why_not_running(handle: WorkflowHandle[object, OrderStatus]) -> str:
     """Tell an order that never existed from one whose lifecycle has ended."""
     try:
         description = await handle.describe()
@@ -150,7 +150,7 @@ async def _why_not_running(handle: WorkflowHandle[Any, Any]) -> str:
 
 
 async def _was_applied(
-    handle: WorkflowHandle[Any, Any], command: ApproveOrder | CancelOrder | UpdateAddress
+    handle: WorkflowHandle[object, OrderStatus], command: ApproveOrder | CancelOrder | UpdateAddress
 ) -> bool:
     """Whether the ended lifecycle took the command: each command it took (applied or rejected)
     is named by one of its events. Its history answers, replayed by a worker."""

@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 STORED_TOKEN_MODE = 0o600
 CONFIG_DIR_MODE = 0o700
@@ -80,12 +79,12 @@ def claims(token: str, roles_claim: str) -> TokenClaims:
     """The subject, roles (under the dotted `roles_claim`) and expiry the token claims."""
     try:
         payload = token.split(".")[1]
-        fields: Any = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        fields: object = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     except (IndexError, ValueError, binascii.Error):
         raise NotAToken("this is not a JWT access token (header.payload.signature)") from None
     if not isinstance(fields, dict):
         raise NotAToken("this token's payload is not a set of claims")
-    roles: Any = fields
+    roles: object = fields
     for part in roles_claim.split("."):
         roles = roles.get(part) if isinstance(roles, dict) else None
     if isinstance(roles, str):

@@ -35,6 +35,7 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractRobustConnection,
+    HeadersType,
 )
 from aio_pika.exceptions import AMQPError, ChannelNotFoundEntity
 from aiormq.abc import DeliveredMessage
@@ -72,7 +73,7 @@ class DeadLetter:
     content_type: str | None
     type: str | None
     correlation_id: str | None
-    headers: dict[str, Any]
+    headers: HeadersType
     body: bytes
 
     @classmethod
@@ -94,7 +95,7 @@ class DeadLetter:
             body=message.body,
         )
 
-    def original_headers(self) -> dict[str, Any]:
+    def original_headers(self) -> HeadersType:
         """Its headers as its publisher sent them: without orderflow's diagnosis and the count."""
         return {
             name: value
@@ -103,7 +104,7 @@ class DeadLetter:
         }
 
 
-def header_text(headers: Mapping[str, Any], name: str) -> str | None:
+def header_text(headers: Mapping[str, object], name: str) -> str | None:
     value = headers.get(name)
     return None if value is None else str(value)
 
@@ -267,8 +268,8 @@ def run(operation: Coroutine[Any, Any, T]) -> T:
 
 
 # --- how the CLI shows them -------------------------------------------------------------------------
-def as_json(dead_letter: DeadLetter, *, with_body: bool) -> dict[str, Any]:
-    item: dict[str, Any] = {
+def as_json(dead_letter: DeadLetter, *, with_body: bool) -> dict[str, object]:
+    item: dict[str, object] = {
         "message_id": dead_letter.message_id,
         "consumer": dead_letter.consumer,
         "reason": dead_letter.reason,
@@ -290,7 +291,7 @@ def as_json(dead_letter: DeadLetter, *, with_body: bool) -> dict[str, Any]:
     return item
 
 
-def readable_body(body: bytes) -> tuple[Any, bool]:
+def readable_body(body: bytes) -> tuple[object, bool]:
     """The body parsed if it is JSON (and whether it was), else the repr of its bytes."""
     try:
         return json.loads(body), True
@@ -338,7 +339,7 @@ def details(dead_letter: DeadLetter) -> str:
     lines = [f"dead letter {dead_letter.message_id or '(no message id)'}"]
     lines += [f"  {label:<12} {value}" for label, value in rows if value is not None]
     lines += ["  error", indented(dead_letter.error or "")]
-    lines += ["  body", indented(json.dumps(body, indent=2, ensure_ascii=False) if is_json else body)]
+    lines += ["  body", indented(json.dumps(body, indent=2, ensure_ascii=False) if is_json else str(body))]
     return "\n".join(lines)
 
 

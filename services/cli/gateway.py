@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NoReturn
 from urllib.parse import quote
 
@@ -10,6 +11,10 @@ import httpx
 from services.cli.errors import fail, reason
 
 REQUEST_TIMEOUT_SECONDS = 15.0
+Answer = dict[str, Any]
+"""A gateway's answer: JSON as its response models write it, which the CLI reads by key."""
+Query = dict[str, str | int | None]
+"""Query parameters; one that is None is left out."""
 NO_TOKEN_HINT = "no token was sent: give --token, set ORDERFLOW_TOKEN or run `orderflow login`"
 
 
@@ -29,26 +34,32 @@ class Gateway:
         self.base_url = base_url.rstrip("/")
         self.headers = authorization(token)
 
-    def get(self, path: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    def get(self, path: str, params: Query | None = None) -> Answer:
         # httpx would send a None parameter as an empty value
         present = {name: value for name, value in (params or {}).items() if value is not None}
         return self._request("GET", path, params=present)
 
-    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._request("POST", path, json=body)
+    def post(self, path: str, body: Mapping[str, object]) -> Answer:
+        return self._request("POST", path, body=body)
 
-    def _request(self, method: str, path: str, **options: Any) -> dict[str, Any]:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, str | int] | None = None,
+        body: Mapping[str, object] | None = None,
+    ) -> Answer:
         try:
             with httpx.Client(
                 base_url=self.base_url, headers=self.headers, timeout=REQUEST_TIMEOUT_SECONDS
             ) as client:
-                response = client.request(method, path, **options)
+                response = client.request(method, path, params=params, json=body)
         except httpx.HTTPError as error:
             fail(f"cannot reach the gateway at {self.base_url}: {reason(error)}")
         if response.is_error:
             refused(response)
-        body: dict[str, Any] = response.json()
-        return body
+        answer: Answer = response.json()
+        return answer
 
 
 def refused(response: httpx.Response) -> NoReturn:

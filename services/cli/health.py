@@ -3,19 +3,17 @@ database and Temporal each answer it)?"""
 
 from __future__ import annotations
 
-from typing import Any
-
 import httpx
 
 from services.cli import render
 from services.cli.errors import fail, reason
-from services.cli.gateway import REQUEST_TIMEOUT_SECONDS, error_detail
+from services.cli.gateway import REQUEST_TIMEOUT_SECONDS, Answer, error_detail
 
 # /readyz answers with the checks either way: 200 when all passed, 503 when one failed
 READINESS_ANSWERS = (httpx.codes.OK, httpx.codes.SERVICE_UNAVAILABLE)
 
 
-def gateway_health(base_url: str) -> dict[str, Any]:
+def gateway_health(base_url: str) -> Answer:
     """`gateway`, `live`, `ready`, each dependency's check (`ok`, `detail`) and the `failed` ones.
     An unreachable gateway, or an answer that is not its health, ends the command (`fail`)."""
     base_url = base_url.rstrip("/")
@@ -44,7 +42,7 @@ def answer(response: httpx.Response) -> str:
     return f"{response.status_code} {response.reason_phrase}: {error_detail(response)}"
 
 
-def as_text(health: dict[str, Any]) -> str:
+def as_text(health: Answer) -> str:
     rows = [["gateway", "live", health["gateway"]]]
     rows += [
         [name, "ok" if check["ok"] else "FAILED", check["detail"]] for name, check in health["checks"].items()

@@ -11,12 +11,12 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from aio_pika.exceptions import AMQPError
@@ -30,11 +30,11 @@ from services.cli.errors import (
     fail,
     reason,
 )
-from services.cli.gateway import Gateway, order_path
+from services.cli.gateway import Answer, Gateway, Query, order_path
 from services.cli.watch import ENDING_EXIT_CODES, follow_order
 from shared import broker_users, connection_security, local_issuer, schema
 from shared.broker import DEAD_LETTER_QUEUE
-from shared.contracts import OrderEvent, OrderState, Role
+from shared.contracts import OrderState, RecordedEvent, Role
 from shared.settings import Settings, invalid_settings_message
 
 app = typer.Typer(
@@ -113,19 +113,19 @@ def gateway(api_url: str | None, token: str | None = None) -> Gateway:
     return Gateway(api_url or settings().api_url, credentials.chosen(token))
 
 
-def show(answer: dict[str, Any], as_json: bool, as_text: Callable[[dict[str, Any]], str]) -> None:
+def show(answer: Answer, as_json: bool, as_text: Callable[[Answer], str]) -> None:
     typer.echo(json.dumps(answer, indent=2) if as_json else as_text(answer))
 
 
 def send_command(
-    api_url: str | None, token: str | None, path: str, body: dict[str, Any], as_json: bool
+    api_url: str | None, token: str | None, path: str, body: Mapping[str, object], as_json: bool
 ) -> None:
     show(gateway(api_url, token).post(path, body), as_json, render.accepted)
 
 
 def address(
     name: str, line1: str, line2: str | None, city: str, region: str | None, postal_code: str, country: str
-) -> dict[str, Any]:
+) -> dict[str, str | None]:
     return {
         "name": name,
         "line1": line1,
@@ -137,13 +137,13 @@ def address(
     }
 
 
-def parse_item(text: str) -> dict[str, Any]:
+def parse_item(text: str) -> dict[str, str | int]:
     """`SKU:QTY[:PRICE_CENTS]` -> an order item (the gateway checks the bounds)."""
     parts = text.split(":")
     try:
         if len(parts) not in (2, 3):
             raise ValueError
-        item: dict[str, Any] = {"sku": parts[0], "qty": int(parts[1])}
+        item: dict[str, str | int] = {"sku": parts[0], "qty": int(parts[1])}
         if len(parts) == 3:
             item["unit_price_cents"] = int(parts[2])
     except ValueError:
@@ -256,7 +256,7 @@ def list_orders(
     as_json: AsJson = False,
 ) -> None:
     """List orders, newest first (a customer's own only)."""
-    params = {"state": state.value if state else None, "limit": limit, "cursor": cursor}
+    params: Query = {"state": state.value if state else None, "limit": limit, "cursor": cursor}
     show(gateway(api_url, token).get("/orders", params), as_json, render.order_page)
 
 
@@ -286,9 +286,8 @@ def watch(
     code says how it ended. Follows the gateway's event stream of the order (nothing but the
     gateway's URL is needed), resuming it if the connection is lost."""
 
-    def print_event(event: OrderEvent) -> None:
-        item = event.model_dump(mode="json")
-        typer.echo(json.dumps(item) if as_json else render.event(item))
+    def print_event(event: RecordedEvent) -> None:
+        typer.echo(json.dumps(event.model_dump(mode="json")) if as_json else render.event(event))
 
     def note(text: str) -> None:
         typer.echo(text, err=True)

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+
+from services.cli.gateway import Answer
+from shared.contracts import OrderEvent, RecordedEvent
 
 
-def accepted(answer: dict[str, Any]) -> str:
+def accepted(answer: Answer) -> str:
     return (
         f"accepted: {answer['type']} for order {answer['order_id']} (command {answer['command_id']})\n"
         f"follow it: orderflow status {answer['order_id']}"
     )
 
 
-def order_status(status: dict[str, Any]) -> str:
+def order_status(status: Answer) -> str:
     source = "its workflow" if status["source"] == "workflow" else "the orders table"
     step = f", step {status['step']}" if status.get("step") else ""
     rows = [
@@ -35,7 +37,7 @@ def order_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def order_page(page: dict[str, Any]) -> str:
+def order_page(page: Answer) -> str:
     if not page["items"]:
         return "no orders"
     rows = [
@@ -48,23 +50,26 @@ def order_page(page: dict[str, Any]) -> str:
     return text
 
 
-def history(answer: dict[str, Any]) -> str:
+def history(answer: Answer) -> str:
     if not answer["events"]:
         return f"order {answer['order_id']} has no events yet"
-    return "\n".join(event(item) for item in answer["events"])
+    return "\n".join(event(RecordedEvent.model_validate(item)) for item in answer["events"])
 
 
-def event(item: dict[str, Any]) -> str:
-    data = f"  {json.dumps(item['data'], sort_keys=True)}" if item.get("data") else ""
-    return f"{item['occurred_at']}  #{item['seq']:<3} {item['order_id']}  {item['type']}{data}"
+def event(order_event: OrderEvent | RecordedEvent) -> str:
+    item = order_event.model_dump(mode="json")
+    data = f"  {json.dumps(item['data'], sort_keys=True)}" if item["data"] else ""
+    return (
+        f"{item['occurred_at']}  #{order_event.seq:<3} {order_event.order_id}  {order_event.type.value}{data}"
+    )
 
 
-def address(fields: dict[str, Any]) -> str:
+def address(fields: Answer) -> str:
     parts = ("name", "line1", "line2", "city", "region", "postal_code", "country")
     return ", ".join(str(fields[part]) for part in parts if fields.get(part))
 
 
-def step_error(error: dict[str, Any]) -> str:
+def step_error(error: Answer) -> str:
     return f"{error['step']} attempt {error['attempt']} at {error['at']}: {error['error']}"
 
 

@@ -16,7 +16,7 @@ import httpx
 
 from services.cli.errors import fail, reason
 from services.cli.gateway import Gateway, order_path, refused
-from shared.contracts import EventType, OrderEvent
+from shared.contracts import EventType, RecordedEvent
 
 CONNECT_TIMEOUT_SECONDS = 5.0
 RETRY_SECONDS = 0.5  # before asking again for an order not known yet, or resuming a lost stream
@@ -42,9 +42,9 @@ async def follow_order(
     gateway: Gateway,
     order_id: str,
     timeout: float,
-    on_event: Callable[[OrderEvent], None],
+    on_event: Callable[[RecordedEvent], None],
     on_note: Callable[[str], None],
-) -> OrderEvent | None:
+) -> RecordedEvent | None:
     """Report the order's events as the gateway streams them; returns its terminal event, or None
     if it has not ended within `timeout` seconds. An unreachable gateway or an answer other than
     the stream (or 404: the order may not be known yet) is fatal (`fail`)."""
@@ -65,12 +65,12 @@ async def follow_order(
 async def _follow(
     client: httpx.AsyncClient,
     order_id: str,
-    on_event: Callable[[OrderEvent], None],
+    on_event: Callable[[RecordedEvent], None],
     on_note: Callable[[str], None],
-) -> OrderEvent:
+) -> RecordedEvent:
     path = order_path(order_id, "events/stream")
     last_event_id: str | None = None
-    ending: OrderEvent | None = None
+    ending: RecordedEvent | None = None
     answered = told_unknown = False
     while ending is None:
         headers = {"Last-Event-ID": last_event_id} if last_event_id is not None else {}
@@ -123,8 +123,8 @@ async def server_sent_events(response: httpx.Response) -> AsyncIterator[Streamed
         data, has_id = [], False
 
 
-def contract_event(data: str) -> OrderEvent:
-    """The contract's event in a streamed event's data (which adds its audit `position`)."""
+def contract_event(data: str) -> RecordedEvent:
+    """The event in a streamed event's data (which adds its audit `position`)."""
     fields = json.loads(data)
     fields.pop("position", None)
-    return OrderEvent.model_validate(fields)
+    return RecordedEvent.model_validate(fields)

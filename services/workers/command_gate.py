@@ -4,18 +4,18 @@ rejected as `forbidden`, one the lifecycle no longer takes is rejected; each rej
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from services.workers.outbox import Command
     from shared.authorization import FORBIDDEN, refusal
-    from shared.contracts import EventType, OrderState, OrderStatus
+    from shared.contracts import CommandRejectedData, EventPayload, OrderState, OrderStatus
 
 
 class Emit(Protocol):
-    def __call__(self, event_type: EventType, command: Command | None = None, **data: Any) -> None: ...
+    def __call__(self, data: EventPayload, command: Command | None = None) -> None: ...
 
 
 class CommandGate:
@@ -35,15 +35,13 @@ class CommandGate:
         in_review = self._status.state is OrderState.AWAITING_APPROVAL
         why = refusal(command.type, command.issued_by, self._status.placed_by, in_review)
         if why is not None:
-            self._reject(command, FORBIDDEN, detail=why)
+            self._reject(command, FORBIDDEN, why)
         elif blocked is not None:
             self._reject(command, blocked)
         return why is None and blocked is None
 
-    def _reject(self, command: Command, reason: str, **explained: str) -> None:
-        command_type = command.type.value
-        self._emit(EventType.COMMAND_REJECTED, command, command_type=command_type, reason=reason, **explained)
+    def _reject(self, command: Command, reason: str, detail: str | None = None) -> None:
+        rejected = CommandRejectedData(command_type=command.type, reason=reason, detail=detail)
+        self._emit(rejected, command)
         extra = {"order_id": self._status.order_id, "command_id": str(command.command_id)}
-        workflow.logger.warning(
-            "command rejected", extra=extra | {"command_type": command_type, "reason": reason, **explained}
-        )
+        workflow.logger.warning("command rejected", extra=extra | rejected.model_dump(mode="json"))

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError, ChildWorkflowError
@@ -25,7 +24,18 @@ with workflow.unsafe.imports_passed_through():
     from services.workers.outbox import Command, Outbox
     from services.workers.shipping_workflow import ShippingWorkflow
     from services.workers.steps import AttemptLog
-    from shared.contracts import CancelOrder, EventType, OrderState, OrderStatus, Step
+    from shared.contracts import (
+        AdmittedData,
+        CancelOrder,
+        CarrierDispatchedData,
+        DispatchFailedData,
+        EventPayload,
+        OrderState,
+        OrderStatus,
+        PackagePreparedData,
+        ShippingStartedData,
+        Step,
+    )
     from shared.lifecycle import WORKFLOW_TASK_TIMEOUT, LifecyclePolicy, OrderWorkflowInput
 
 # a stop in these steps has no payment to refund
@@ -117,19 +127,17 @@ class OrderRecord:
         self._order = order
         self.attempts = AttemptLog(order.order_id)
 
-    def advance(
-        self, state: OrderState, event: EventType, command: Command | None = None, **data: Any
-    ) -> None:
+    def advance(self, state: OrderState, data: EventPayload, command: Command | None = None) -> None:
         """A state change: status, event and log line together."""
         self.status.state = state
-        self.emit(event, command=command, **data)
+        self.emit(data, command=command)
         extra = {"order_id": self.status.order_id, "state": state.value, "step": self.status.step.value}
         workflow.logger.info("state transition", extra=extra | {"seq": self.outbox.last_seq})
 
-    def emit(self, event_type: EventType, command: Command | None = None, **data: Any) -> None:
-        event = self.outbox.emit(event_type, command, **data)
+    def emit(self, data: EventPayload, command: Command | None = None) -> None:
+        event = self.outbox.emit(data, command)
         self.status.updated_at = event.occurred_at
-        if event_type.is_terminal:
+        if event.type.is_terminal:
             self.status.finished_at = event.occurred_at
 
     def admitted(self, start: OrderWorkflowInput) -> None:
@@ -137,9 +145,8 @@ class OrderRecord:
         if start.queued_at is not None:
             waited = workflow.info().workflow_start_time - start.queued_at
             wait = round(max(waited.total_seconds(), 0.0), 3)
-        queued_at = start.queued_at.isoformat() if start.queued_at else None
         self.advance(
-            OrderState.RECEIVED, EventType.ADMITTED, queued_at=queued_at, admission_wait_seconds=wait
+            OrderState.RECEIVED, AdmittedData(queued_at=start.queued_at, admission_wait_seconds=wait)
         )
 
     def payment(self) -> ChargePaymentInput:
@@ -179,7 +186,7 @@ class Shipping:
         self.shipments += 1
         status = self._record.status
         status.shipping_attempts, status.step = self.shipments, self.step
-        self._record.advance(OrderState.SHIPPING, EventType.SHIPPING_STARTED, shipping_attempt=self.shipments)
+        self._record.advance(OrderState.SHIPPING, ShippingStartedData(shipping_attempt=self.shipments))
         self._record.outbox.publish_in_next_task()  # the child's start, or its failure, brings that task
         parent = workflow.info().workflow_id
         shipment = ShippingInput(
@@ -214,7 +221,7 @@ class Shipping:
         self._record.attempts.merge(prepared.prepare)
         self.phase = ShippingPhase.PACKAGE_READY
         self._record.status.step = self.step
-        self._record.emit(EventType.PACKAGE_PREPARED)
+        self._record.emit(PackagePreparedData())
         # the dispatch follows in a moment: this shipment's outcome and this go out together
         shipment = self.current
         self._record.outbox.hold_until(lambda: self.current is not shipment)
@@ -222,7 +229,7 @@ class Shipping:
     def dispatch_failed(self, failed: DispatchFailed) -> None:
         self._record.attempts.merge(failed.dispatch)
         self.failures.append(failed.reason)
-        self._record.emit(EventType.DISPATCH_FAILED, reason=failed.reason, shipping_attempt=self.shipments)
+        self._record.emit(DispatchFailedData(reason=failed.reason, shipping_attempt=self.shipments))
         extra = {"order_id": self._record.status.order_id, "step": Step.DISPATCH_CARRIER.value}
         workflow.logger.warning(
             "dispatch failed", extra=extra | {"attempt": self.shipments, "error": failed.reason}
@@ -232,11 +239,7 @@ class Shipping:
         """The carrier has the package; True if for the order's current address."""
         self._record.attempts.merge(dispatched.dispatch)
         address = dispatched.address
-        self._record.emit(
-            EventType.CARRIER_DISPATCHED,
-            tracking_number=dispatched.tracking_number,
-            address=address.model_dump(),
-        )
+        self._record.emit(CarrierDispatchedData(tracking_number=dispatched.tracking_number, address=address))
         if address != self._record.status.address:
             return False
         self.phase = ShippingPhase.DISPATCHED

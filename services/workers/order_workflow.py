@@ -45,14 +45,23 @@ with workflow.unsafe.imports_passed_through():
     from services.workers.shipping_workflow import ShippingWorkflow
     from services.workers.steps import P, R, StepActivity, StepDeadlineExceeded, StepPolicy, run_step
     from shared.contracts import (
+        AddressUpdatedData,
+        ApprovedData,
         ApproveOrder,
+        AwaitingApprovalData,
+        CancelledData,
         CancelOrder,
-        EventType,
+        CompletedData,
+        FailedData,
         OrderEvent,
         OrderState,
         OrderStatus,
+        PaymentChargedData,
+        ReceivedData,
+        ShippedData,
         Step,
         UpdateAddress,
+        ValidatedData,
     )
     from shared.lifecycle import EVENTS_QUERY, ORDER_WORKFLOW, STATUS_QUERY, OrderWorkflowInput, Signals
 
@@ -109,21 +118,20 @@ class OrderWorkflow:
         await self._step(
             Step.RECEIVE, OrderActivities.receive_order_step, ReceiveOrderInput(order=self._order)
         )
-        self._advance(OrderState.RECEIVED, EventType.RECEIVED, placed_by=self._status.placed_by)
+        self._advance(OrderState.RECEIVED, ReceivedData(placed_by=self._status.placed_by))
 
         await self._step(
             Step.VALIDATE, OrderActivities.validate_order_step, ValidateOrderInput(order_id=order_id)
         )
-        self._advance(OrderState.VALIDATED, EventType.VALIDATED)
+        self._advance(OrderState.VALIDATED, ValidatedData())
 
         await self._review()
 
         charge = await self._charge_payment()
+        amount_cents = self._order.payload.amount_cents
         self._advance(
             OrderState.PAID,
-            EventType.PAYMENT_CHARGED,
-            amount_cents=self._order.payload.amount_cents,
-            already_charged=charge.already_charged,
+            PaymentChargedData(amount_cents=amount_cents, already_charged=charge.already_charged),
         )
 
         self._status.tracking_number = tracking_number = await self._ship()
@@ -131,7 +139,7 @@ class OrderWorkflow:
         await self._step(
             Step.MARK_SHIPPED, OrderActivities.mark_shipped_step, MarkShippedInput(order_id=order_id)
         )
-        self._advance(OrderState.SHIPPED, EventType.SHIPPED, tracking_number=tracking_number)
+        self._advance(OrderState.SHIPPED, ShippedData(tracking_number=tracking_number))
 
     def _admit(self, start: OrderWorkflowInput) -> None:
         """The first event, then the commands that reached the order while it waited for a slot."""
@@ -145,7 +153,7 @@ class OrderWorkflow:
     async def _review(self) -> None:
         self._status.step = Step.REVIEW
         window = self._policy.review_window_seconds
-        self._advance(OrderState.AWAITING_APPROVAL, EventType.AWAITING_APPROVAL, review_window_seconds=window)
+        self._advance(OrderState.AWAITING_APPROVAL, AwaitingApprovalData(review_window_seconds=window))
         self._deadline.pause()
         gave_slot_back = self._approval is None and await self._slot.leave_for_review(
             lambda: self._approval is not None,
@@ -171,13 +179,8 @@ class OrderWorkflow:
         approval = self._approval
         assert approval is not None
         self._status.approved_by = approval.issued_by.subject if approval.issued_by else None
-        self._advance(
-            OrderState.APPROVED,
-            EventType.APPROVED,
-            command=approval,
-            approved_by=self._status.approved_by,
-            note=approval.payload.note,
-        )
+        approved = ApprovedData(approved_by=self._status.approved_by, note=approval.payload.note)
+        self._advance(OrderState.APPROVED, approved, command=approval)
 
     async def _charge_payment(self) -> ChargeResult:
         charge = self._record.payment()
@@ -229,15 +232,15 @@ class OrderWorkflow:
     async def _finish(self, stop: Stop | None) -> None:
         if stop is None:
             self._status.step = Step.DONE
-            self._advance(OrderState.COMPLETED, EventType.COMPLETED)
+            self._advance(OrderState.COMPLETED, CompletedData())
             return
         # an attempt cut short may still have charged
         refunded = await self._refund() if self._status.step not in BEFORE_PAYMENT else False
         self._status.step = Step.DONE
         self._status.refunded = refunded
         self._status.reason = stop.reason
-        event = EventType.CANCELLED if stop.state is OrderState.CANCELLED else EventType.FAILED
-        self._advance(stop.state, event, command=stop.command, reason=stop.reason, refunded=refunded)
+        ending = CancelledData if stop.state is OrderState.CANCELLED else FailedData
+        self._advance(stop.state, ending(reason=stop.reason, refunded=refunded), command=stop.command)
 
     async def _refund(self) -> bool:
         self._status.step = Step.REFUND
@@ -289,7 +292,7 @@ class OrderWorkflow:
         if not self._commands.accept(command, self._change_blocked()):
             return False
         self._status.address = command.payload.address
-        self._emit(EventType.ADDRESS_UPDATED, command=command, address=command.payload.address.model_dump())
+        self._emit(AddressUpdatedData(address=command.payload.address), command=command)
         return True
 
     def _change_blocked(self) -> str | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -21,10 +20,11 @@ with workflow.unsafe.imports_passed_through():
     from shared.contracts import (
         ApproveOrder,
         CancelOrder,
-        EventType,
+        EventPayload,
         OrderEvent,
         PlaceOrder,
         UpdateAddress,
+        event_of,
     )
 
 Command = ApproveOrder | CancelOrder | UpdateAddress
@@ -67,16 +67,15 @@ class Outbox:
     def last_seq(self) -> int:
         return self._next_seq - 1
 
-    def emit(self, event_type: EventType, command: Command | None = None, **data: Any) -> OrderEvent:
-        event = OrderEvent(
+    def emit(self, data: EventPayload, command: Command | None = None) -> OrderEvent:
+        event = event_of(
+            data,
             event_id=workflow.uuid4(),
-            type=event_type,
             order_id=self._order.order_id,
             seq=self._next_seq,
             occurred_at=workflow.now(),
             correlation_id=self._order.correlation_id,
             command_id=command.command_id if command else None,
-            data=data,
         )
         self._next_seq += 1
         self._pending.append(event)

@@ -42,7 +42,7 @@ from services.workers.activities import wake_resumed
 from shared.admissions import AdmissionSlots, AdmissionStatus
 from shared.broker import Topology, publish_event
 from shared.consuming import stopped_within
-from shared.contracts import EventType, OrderEvent
+from shared.contracts import OrderEvent, TerminatedData, event_of
 from shared.db import Admission, Order, transaction
 from shared.lifecycle import EVENTS_QUERY, order_workflow_id
 
@@ -163,19 +163,19 @@ class Reconciler:
         )
         reason = await self._why_closed(description)
         assert description.close_time is not None
-        terminated = OrderEvent(
+        data = TerminatedData(
+            reason=reason,
+            workflow_status=_status_name(description.status),
+            charged=refunded,  # every charge is refunded: True only if there was one
+            refunded=refunded,
+        )
+        terminated = event_of(
+            data,
             event_id=uuid5(NAMESPACE_URL, f"orderflow:{description.id}/{description.run_id}/terminated"),
-            type=EventType.TERMINATED,
             order_id=order_id,
             seq=last.seq + 1,
             occurred_at=description.close_time,
             correlation_id=last.correlation_id,
-            data={
-                "reason": reason,
-                "workflow_status": _status_name(description.status),
-                "charged": refunded,  # every charge is refunded: True only if there was one
-                "refunded": refunded,
-            },
         )
         await publish_event(self._topology, terminated)
         log.warning(

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
-from typing import Any
 
 from temporalio import workflow
 from temporalio.client import Client
@@ -68,7 +67,10 @@ def workflow_runner(settings: Settings) -> WorkflowRunner:
     return sandbox_runner() if settings.workflow_sandbox else UnsandboxedWorkflowRunner()
 
 
-def order_activities(activities: OrderActivities) -> list[Callable[..., Any]]:
+Activity = Callable[..., object]
+
+
+def order_activities(activities: OrderActivities) -> list[Activity]:
     """What the order task queue's worker runs: OrderWorkflow's activities, local or not."""
     return [
         activities.receive_order_step,
@@ -83,47 +85,77 @@ def order_activities(activities: OrderActivities) -> list[Callable[..., Any]]:
     ]
 
 
-def shipping_activities(activities: OrderActivities) -> list[Callable[..., Any]]:
+def shipping_activities(activities: OrderActivities) -> list[Activity]:
     return [
         activities.prepare_package_step,
         activities.dispatch_carrier_step,
     ]
 
 
-def order_worker(client: Client, task_queue: str, activities: OrderActivities, **options: Any) -> Worker:
-    return workflow_worker(client, task_queue, OrderWorkflow, order_activities(activities), **options)
+def order_worker(
+    client: Client,
+    task_queue: str,
+    activities: OrderActivities,
+    *,
+    workflow_runner: WorkflowRunner | None = None,
+    max_cached_workflows: int = 1000,
+) -> Worker:
+    return workflow_worker(
+        client,
+        task_queue,
+        OrderWorkflow,
+        order_activities(activities),
+        workflow_runner=workflow_runner,
+        max_cached_workflows=max_cached_workflows,
+    )
 
 
-def shipping_worker(client: Client, task_queue: str, activities: OrderActivities, **options: Any) -> Worker:
-    # its activities are all local: no polls for remote activity tasks
-    options = {"no_remote_activities": True} | options
-    return workflow_worker(client, task_queue, ShippingWorkflow, shipping_activities(activities), **options)
+def shipping_worker(
+    client: Client,
+    task_queue: str,
+    activities: OrderActivities,
+    *,
+    workflow_runner: WorkflowRunner | None = None,
+    max_cached_workflows: int = 1000,
+) -> Worker:
+    return workflow_worker(
+        client,
+        task_queue,
+        ShippingWorkflow,
+        shipping_activities(activities),
+        workflow_runner=workflow_runner,
+        max_cached_workflows=max_cached_workflows,
+        no_remote_activities=True,  # its activities are all local: no polls for remote activity tasks
+    )
 
 
 def workflow_worker(
     client: Client,
     task_queue: str,
     workflow_class: type,
-    activities: list[Callable[..., Any]],
-    **options: Any,
+    activities: Sequence[Activity],
+    *,
+    workflow_runner: WorkflowRunner | None = None,
+    max_cached_workflows: int = 1000,
+    no_remote_activities: bool = False,
 ) -> Worker:
-    """A worker as in production; tests pass `options` (a smaller cache, say) on top."""
-    settings: dict[str, Any] = {
-        "workflow_runner": sandbox_runner(),
-        "max_concurrent_workflow_tasks": MAX_WORKFLOW_TASKS,
-        "max_concurrent_local_activities": MAX_LOCAL_ACTIVITIES,
-        "max_concurrent_activities": MAX_ACTIVITIES,
-        # after a crash, a workflow's next task waits this long for the dead worker before any
-        # worker takes it (the default, 10 s, would eat most of a lifecycle's 15 s)
-        "sticky_queue_schedule_to_start_timeout": STICKY_QUEUE_TIMEOUT,
-        "interceptors": tracing_interceptors(),
-    }
+    """A worker as in production: the launcher and the bench choose the runner (None: the
+    sandbox), tests a smaller cache (1000 is the SDK's default)."""
     return Worker(
         client,
         task_queue=task_queue,
         workflows=[workflow_class],
         activities=activities,
-        **(settings | options),
+        workflow_runner=workflow_runner or sandbox_runner(),
+        max_cached_workflows=max_cached_workflows,
+        no_remote_activities=no_remote_activities,
+        max_concurrent_workflow_tasks=MAX_WORKFLOW_TASKS,
+        max_concurrent_local_activities=MAX_LOCAL_ACTIVITIES,
+        max_concurrent_activities=MAX_ACTIVITIES,
+        # after a crash, a workflow's next task waits this long for the dead worker before any
+        # worker takes it (the default, 10 s, would eat most of a lifecycle's 15 s)
+        sticky_queue_schedule_to_start_timeout=STICKY_QUEUE_TIMEOUT,
+        interceptors=tracing_interceptors(),
     )
 
 
