@@ -33,6 +33,7 @@ from temporalio.exceptions import ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
     from services.workers import faults
+    from services.workers.attempts import AttemptLog
     from services.workers.boundary import (
         AdmissionInput,
         ChargePaymentInput,
@@ -47,7 +48,7 @@ with workflow.unsafe.imports_passed_through():
         RefundPaymentInput,
         ValidateOrderInput,
     )
-    from services.workers.steps import AttemptLog, StepActivity, StepExhausted, StepPolicy, run_step
+    from services.workers.steps import StepActivity, StepExhausted, StepPolicy, run_step
     from shared.contracts import Address, Step
     from shared.lifecycle import WORKFLOW_TASK_TIMEOUT, LifecyclePolicy, OrderWorkflowInput
 

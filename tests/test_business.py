@@ -24,6 +24,7 @@ from temporalio.testing import ActivityEnvironment
 
 from services.workers import business, faults
 from services.workers.activities import BusinessActivities
+from services.workers.attempts import DEPENDENCY_UNAVAILABLE
 from services.workers.boundary import (
     ORDER_INVALID,
     PublishEventsInput,
@@ -39,7 +40,6 @@ from services.workers.business import (
 from services.workers.faults import (
     flaky_call,  # the real one, before any test substitutes it
 )
-from services.workers.hedging import DEPENDENCY_UNAVAILABLE
 from shared import db
 from shared.contracts import (
     Address,

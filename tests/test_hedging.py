@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from temporalio.exceptions import ApplicationError
 
-from services.workers.hedging import (
+from services.workers.attempts import (
     DEADLINE_EXCEEDED,
     DEPENDENCY_UNAVAILABLE,
     RECENT_ERRORS,

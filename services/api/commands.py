@@ -49,6 +49,7 @@ from shared.contracts import (
 IDEMPOTENCY_NAMESPACE = UUID("5b0e7c36-5f0c-4a51-9d43-2a8f1f3c8e21")
 
 PayloadT = TypeVar("PayloadT", bound=Model)
+CommandT = TypeVar("CommandT", PlaceOrder, ApproveOrder, CancelOrder, UpdateAddress)
 
 router = APIRouter(prefix="/orders", tags=["commands"])
 
@@ -107,9 +108,7 @@ async def place_order(
     idempotency_key: IdempotencyKey = None,
 ) -> CommandAccepted:
     order_id = body.order_id or f"ord-{uuid4().hex}"
-    command = PlaceOrder(
-        **envelope(order_id, body, idempotency_key, actor), payload=payload_of(body, PlaceOrderPayload)
-    )
+    command = command_of(PlaceOrder, PlaceOrderPayload, order_id, body, idempotency_key, actor)
     return await accept(command, publisher, request)
 
 
@@ -132,9 +131,7 @@ async def approve_order(
 ) -> CommandAccepted:
     await refuse_early(session, CommandType.APPROVE, actor, order_id)
     body = body or ApproveOrderRequest()  # the body is optional: nothing to say but "approved"
-    command = ApproveOrder(
-        **envelope(order_id, body, idempotency_key, actor), payload=payload_of(body, ApproveOrderPayload)
-    )
+    command = command_of(ApproveOrder, ApproveOrderPayload, order_id, body, idempotency_key, actor)
     return await accept(command, publisher, request)
 
 
@@ -157,9 +154,7 @@ async def cancel_order(
 ) -> CommandAccepted:
     await refuse_early(session, CommandType.CANCEL, actor, order_id)
     body = body or CancelOrderRequest()  # the body is optional: a reason is not required
-    command = CancelOrder(
-        **envelope(order_id, body, idempotency_key, actor), payload=payload_of(body, CancelOrderPayload)
-    )
+    command = command_of(CancelOrder, CancelOrderPayload, order_id, body, idempotency_key, actor)
     return await accept(command, publisher, request)
 
 
@@ -181,9 +176,7 @@ async def update_address(
     idempotency_key: IdempotencyKey = None,
 ) -> CommandAccepted:
     await refuse_early(session, CommandType.UPDATE_ADDRESS, actor, order_id)
-    command = UpdateAddress(
-        **envelope(order_id, body, idempotency_key, actor), payload=payload_of(body, UpdateAddressPayload)
-    )
+    command = command_of(UpdateAddress, UpdateAddressPayload, order_id, body, idempotency_key, actor)
     return await accept(command, publisher, request)
 
 
@@ -216,6 +209,20 @@ def envelope(order_id: str, body: CommandOptions, idempotency_key: str | None, a
         "correlation_id": body.correlation_id,
         "issued_by": actor,
     }
+
+
+def command_of(
+    command_type: type[CommandT],
+    payload_type: type[Model],
+    order_id: str,
+    body: CommandOptions,
+    idempotency_key: str | None,
+    actor: Actor,
+) -> CommandT:
+    """The command a request stands for: the envelope every command shares, the body's payload."""
+    return command_type.model_validate(
+        {**envelope(order_id, body, idempotency_key, actor), "payload": payload_of(body, payload_type)}
+    )
 
 
 def payload_of(body: CommandOptions, payload_type: type[PayloadT]) -> PayloadT:

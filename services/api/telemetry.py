@@ -86,6 +86,30 @@ BACKLOG_STATUSES = [
 ]
 
 
+BACKLOG_GAUGES: tuple[tuple[str, str, frozenset[AdmissionStatus]], ...] = (
+    (
+        "orderflow_admission_placements_waiting",
+        "Placements registered by a bridge and waiting for a slot (more may wait in the broker)",
+        frozenset({AdmissionStatus.WAITING}),
+    ),
+    (
+        "orderflow_admission_lifecycles_running",
+        "Lifecycles holding a slot (running or being started), at most ORDERFLOW_MAX_RUNNING_LIFECYCLES",
+        frozenset(status for status in AdmissionStatus if status.holds_slot),
+    ),
+    (
+        "orderflow_admission_lifecycles_in_review",
+        "Lifecycles waiting for their reviewer, holding no slot meanwhile",
+        frozenset({AdmissionStatus.REVIEWING}),
+    ),
+    (
+        "orderflow_admission_approved_waiting",
+        "Approved orders waiting for a slot to go on (the next freed, before any placement)",
+        frozenset({AdmissionStatus.RESUMING}),
+    ),
+)
+
+
 class AdmissionBacklog(Collector):
     """Placements waiting for a slot, lifecycles holding one, in review (holding none) and approved
     waiting for one, across all bridges, as counted in the `admissions` table (nothing when it
@@ -111,26 +135,9 @@ class AdmissionBacklog(Collector):
     def collect(self) -> Iterable[Metric]:
         if self._counts is None:
             return
-        yield GaugeMetricFamily(
-            "orderflow_admission_placements_waiting",
-            "Placements registered by a bridge and waiting for a slot (more may wait in the broker)",
-            value=self._counts.get(AdmissionStatus.WAITING, 0),
-        )
-        yield GaugeMetricFamily(
-            "orderflow_admission_lifecycles_running",
-            "Lifecycles holding a slot (running or being started), at most ORDERFLOW_MAX_RUNNING_LIFECYCLES",
-            value=sum(self._counts.get(status, 0) for status in AdmissionStatus if status.holds_slot),
-        )
-        yield GaugeMetricFamily(
-            "orderflow_admission_lifecycles_in_review",
-            "Lifecycles waiting for their reviewer, holding no slot meanwhile",
-            value=self._counts.get(AdmissionStatus.REVIEWING, 0),
-        )
-        yield GaugeMetricFamily(
-            "orderflow_admission_approved_waiting",
-            "Approved orders waiting for a slot to go on (the next freed, before any placement)",
-            value=self._counts.get(AdmissionStatus.RESUMING, 0),
-        )
+        for name, documentation, statuses in BACKLOG_GAUGES:
+            value = sum(self._counts.get(status, 0) for status in statuses)
+            yield GaugeMetricFamily(name, documentation, value=value)
 
 
 @router.get(METRICS_PATH, include_in_schema=False)

@@ -16,6 +16,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
 from services.workers import business
+from services.workers.attempts import DEPENDENCY_UNAVAILABLE, describe_failure
 from services.workers.boundary import (
     ORDER_INVALID,
     PAYMENT_VOIDED,
@@ -32,7 +33,6 @@ from services.workers.boundary import (
     RefundPaymentInput,
     ValidateOrderInput,
 )
-from services.workers.hedging import DEPENDENCY_UNAVAILABLE, describe_failure
 from shared.admissions import AdmissionSlots
 from shared.broker import Topology, publish_event
 from shared.consuming import is_transient

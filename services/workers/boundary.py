@@ -14,7 +14,7 @@ from datetime import datetime
 from pydantic import BaseModel
 from temporalio import activity
 
-from services.workers.hedging import StepAttempts, StepDone, StepRun, run_attempts
+from services.workers.attempts import StepAttempts, StepDone, StepRun, run_attempts
 from shared.contracts import Address, OrderEvent, PlaceOrder
 from shared.lifecycle import LifecyclePolicy
 
@@ -77,7 +77,7 @@ class OrderActivities(ABC):
     """The activities of both workers, as the workflows see them.
 
     A business step is one local activity (`*_step`) that runs the step's attempts side by side
-    (`hedging.run_attempts`); each attempt calls the plain method of the same name, which
+    (`attempts.run_attempts`); each attempt calls the plain method of the same name, which
     implementations provide.
     """
 

@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from sqlalchemy import Update, func, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Mapped
 from sqlmodel import col
@@ -120,13 +120,7 @@ async def payment_charged(
 async def _charge(sessions: Sessions, *, payment_id: str, order_id: str, amount_cents: int) -> ChargeOutcome:
     async with transaction(sessions) as session:
         claimed = await session.scalar(
-            insert(Payment)
-            .values(
-                payment_id=payment_id,
-                order_id=order_id,
-                amount_cents=amount_cents,
-                status=PaymentStatus.CHARGED.value,
-            )
+            _new_payment(payment_id, order_id, amount_cents, PaymentStatus.CHARGED)
             .on_conflict_do_nothing(index_elements=[Payment.payment_id])
             .returning(col(Payment.payment_id))
         )
@@ -144,6 +138,13 @@ async def _charge(sessions: Sessions, *, payment_id: str, order_id: str, amount_
     if existing.status != PaymentStatus.CHARGED.value:
         raise PaymentVoided(f"payment {payment_id} is {existing.status}: order {order_id} has stopped")
     return ChargeOutcome.ALREADY_CHARGED
+
+
+def _new_payment(payment_id: str, order_id: str, amount_cents: int, status: PaymentStatus) -> Insert:
+    """A payment row claiming `payment_id`; its conflict clause says what an existing claim does."""
+    return insert(Payment).values(
+        payment_id=payment_id, order_id=order_id, amount_cents=amount_cents, status=status.value
+    )
 
 
 async def package_prepared(sessions: Sessions, order_id: str) -> None:
@@ -204,15 +205,8 @@ async def payment_refunded(sessions: Sessions, *, payment_id: str, order_id: str
     """
     async with transaction(sessions) as session:
         status = await session.scalar(
-            insert(Payment)
-            .values(
-                payment_id=payment_id,
-                order_id=order_id,
-                amount_cents=amount_cents,
-                status=PaymentStatus.VOIDED.value,
-                charged_at=None,
-                voided_at=func.now(),
-            )
+            _new_payment(payment_id, order_id, amount_cents, PaymentStatus.VOIDED)
+            .values(charged_at=None, voided_at=func.now())
             .on_conflict_do_update(
                 index_elements=[Payment.payment_id],
                 set_={

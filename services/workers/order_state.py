@@ -12,6 +12,7 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
+    from services.workers.attempts import DEADLINE_EXCEEDED, AttemptLog
     from services.workers.boundary import (
         CarrierDispatched,
         ChargePaymentInput,
@@ -20,10 +21,8 @@ with workflow.unsafe.imports_passed_through():
         ShippingInput,
         ShippingResult,
     )
-    from services.workers.hedging import DEADLINE_EXCEEDED
     from services.workers.outbox import Command, Outbox
     from services.workers.shipping_workflow import ShippingWorkflow
-    from services.workers.steps import AttemptLog
     from shared.contracts import (
         AdmittedData,
         CancelOrder,
@@ -217,7 +216,7 @@ class Shipping:
         finally:
             self.current = None
 
-    def package_prepared(self, prepared: PackagePrepared) -> None:
+    def package_ready(self, prepared: PackagePrepared) -> None:
         self._record.attempts.merge(prepared.prepare)
         self.phase = ShippingPhase.PACKAGE_READY
         self._record.status.step = self.step

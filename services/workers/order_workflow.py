@@ -13,12 +13,16 @@ from __future__ import annotations
 import asyncio
 from contextlib import suppress
 from datetime import timedelta
+from typing import TypeVar
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
+    from pydantic import BaseModel
+
     from services.workers.admission_slot import AdmissionSlot, get_through
+    from services.workers.attempts import deadline_reason
     from services.workers.boundary import (
         ORDER_INVALID,
         ChargeResult,
@@ -31,7 +35,6 @@ with workflow.unsafe.imports_passed_through():
         ValidateOrderInput,
     )
     from services.workers.command_gate import CommandGate
-    from services.workers.hedging import deadline_reason
     from services.workers.order_state import (
         BEFORE_PAYMENT,
         Deadline,
@@ -43,7 +46,7 @@ with workflow.unsafe.imports_passed_through():
         Stop,
     )
     from services.workers.shipping_workflow import ShippingWorkflow
-    from services.workers.steps import P, R, StepActivity, StepDeadlineExceeded, StepPolicy, run_step
+    from services.workers.steps import StepActivity, StepDeadlineExceeded, StepPolicy, run_step
     from shared.contracts import (
         AddressUpdatedData,
         ApprovedData,
@@ -64,6 +67,9 @@ with workflow.unsafe.imports_passed_through():
         ValidatedData,
     )
     from shared.lifecycle import EVENTS_QUERY, ORDER_WORKFLOW, STATUS_QUERY, OrderWorkflowInput, Signals
+
+InputT = TypeVar("InputT", bound=BaseModel)
+ResultT = TypeVar("ResultT")
 
 CANCELLED_THROUGH_TEMPORAL = "cancelled through Temporal (workflow cancellation request)"
 
@@ -309,7 +315,7 @@ class OrderWorkflow:
     # --- progress reports from the shipping child ------------------------------------------------
     @workflow.signal(name=Signals.PACKAGE_PREPARED)
     def on_package_prepared(self, prepared: PackagePrepared) -> None:
-        self._shipping.package_prepared(prepared)
+        self._shipping.package_ready(prepared)
 
     @workflow.signal(name=Signals.DISPATCH_FAILED)
     def on_dispatch_failed(self, failed: DispatchFailed) -> None:
@@ -325,7 +331,7 @@ class OrderWorkflow:
         return self._record.snapshot()
 
     # --- helpers ---------------------------------------------------------------------------------
-    async def _step(self, step: Step, activity: StepActivity[P, R], arg: P) -> R:
+    async def _step(self, step: Step, activity: StepActivity[InputT, ResultT], arg: InputT) -> ResultT:
         self._status.step = step
         policy = StepPolicy.of(self._policy, self._deadline.at)
         try:

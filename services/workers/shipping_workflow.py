@@ -9,10 +9,14 @@ the parent `DispatchFailed(reason)` and ends; the parent decides whether to ship
 from __future__ import annotations
 
 import asyncio
+from typing import TypeVar
 
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
+    from pydantic import BaseModel
+
+    from services.workers.attempts import AttemptLog
     from services.workers.boundary import (
         CarrierDispatched,
         DispatchCarrierInput,
@@ -25,9 +29,6 @@ with workflow.unsafe.imports_passed_through():
         ShippingResult,
     )
     from services.workers.steps import (
-        AttemptLog,
-        P,
-        R,
         StepActivity,
         StepExhausted,
         StepPolicy,
@@ -35,6 +36,9 @@ with workflow.unsafe.imports_passed_through():
     )
     from shared.contracts import Address, Step
     from shared.lifecycle import SHIPPING_WORKFLOW, Signals
+
+InputT = TypeVar("InputT", bound=BaseModel)
+ResultT = TypeVar("ResultT")
 
 
 @workflow.defn(name=SHIPPING_WORKFLOW)
@@ -106,5 +110,7 @@ class ShippingWorkflow:
                 extra={"order_id": order_id, "step": Step.DISPATCH_CARRIER.value},
             )
 
-    async def _step(self, step: Step, activity: StepActivity[P, R], arg: P, policy: StepPolicy) -> R:
+    async def _step(
+        self, step: Step, activity: StepActivity[InputT, ResultT], arg: InputT, policy: StepPolicy
+    ) -> ResultT:
         return await run_step(step, activity, arg, policy=policy, attempts=self._attempts)

@@ -1,5 +1,5 @@
 """How a workflow runs one business step (`run_step`): one local activity that runs the step's
-attempts side by side in the worker (`hedging`, which owns attempts) and returns them with its result.
+attempts side by side in the worker (`attempts`, which owns them) and returns them with its result.
 
 The workflow, not Temporal's retry policy, bounds a step: the fault injector hangs a third of the
 attempts, so each gets a short timeout and the step counts its attempts and errors for the status.
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -20,25 +20,24 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
-    from services.workers.hedging import (
+    from services.workers.attempts import (
         DEADLINE_EXCEEDED,
         STEP_EXHAUSTED,
+        AttemptLog,
         AttemptPlan,
         StepAttempts,
         StepDone,
         StepRun,
         deadline_reason,
     )
-
-    # re-exported: what a workflow keeps its steps' attempts in (`run_step(attempts=...)`)
-    from services.workers.hedging import AttemptLog as AttemptLog  # noqa: PLC0414
+    from services.workers.boundary import OrderActivities
     from shared.contracts import Step
     from shared.lifecycle import LifecyclePolicy
 
 P = TypeVar("P", bound=BaseModel)
 R = TypeVar("R")
 
-StepActivity = Callable[[Any, StepRun[P]], Awaitable[StepDone[R]]]
+StepActivity = Callable[[OrderActivities, StepRun[P]], Awaitable[StepDone[R]]]
 """A business step's activity method of `OrderActivities`, e.g. `OrderActivities.charge_payment_step`."""
 
 ONE_ATTEMPT = RetryPolicy(maximum_attempts=1)
@@ -65,7 +64,7 @@ class StepExhausted(Exception):
 
 @dataclass(frozen=True)
 class StepPolicy:
-    """How one business step is attempted (`hedging.attempt_step`): `parallel` attempts side by
+    """How one business step is attempted (`attempts.attempt_step`): `parallel` attempts side by
     side, each cut at `attempt_timeout`, none started after `deadline` (workflow time).
 
     The step checks the deadline itself because while attempts are in flight the workflow task

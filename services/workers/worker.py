@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
+from typing import TypedDict, Unpack
 
 from temporalio import workflow
 from temporalio.client import Client
@@ -35,7 +36,7 @@ SANDBOX_PASSTHROUGH = (
     "services.workers.order_state",
     "services.workers.outbox",
     "services.workers.steps",
-    "services.workers.hedging",
+    "services.workers.attempts",
     "pydantic",
     "pydantic_core",
     "annotated_types",
@@ -92,40 +93,24 @@ def shipping_activities(activities: OrderActivities) -> list[Activity]:
     ]
 
 
+class WorkerOptions(TypedDict, total=False):
+    workflow_runner: WorkflowRunner | None
+    max_cached_workflows: int
+
+
 def order_worker(
-    client: Client,
-    task_queue: str,
-    activities: OrderActivities,
-    *,
-    workflow_runner: WorkflowRunner | None = None,
-    max_cached_workflows: int = 1000,
+    client: Client, task_queue: str, activities: OrderActivities, **options: Unpack[WorkerOptions]
 ) -> Worker:
-    return workflow_worker(
-        client,
-        task_queue,
-        OrderWorkflow,
-        order_activities(activities),
-        workflow_runner=workflow_runner,
-        max_cached_workflows=max_cached_workflows,
-    )
+    return workflow_worker(client, task_queue, OrderWorkflow, order_activities(activities), **options)
 
 
 def shipping_worker(
-    client: Client,
-    task_queue: str,
-    activities: OrderActivities,
-    *,
-    workflow_runner: WorkflowRunner | None = None,
-    max_cached_workflows: int = 1000,
+    client: Client, task_queue: str, activities: OrderActivities, **options: Unpack[WorkerOptions]
 ) -> Worker:
+    # its activities are all local: no polls for remote activity tasks
+    local_only = shipping_activities(activities)
     return workflow_worker(
-        client,
-        task_queue,
-        ShippingWorkflow,
-        shipping_activities(activities),
-        workflow_runner=workflow_runner,
-        max_cached_workflows=max_cached_workflows,
-        no_remote_activities=True,  # its activities are all local: no polls for remote activity tasks
+        client, task_queue, ShippingWorkflow, local_only, no_remote_activities=True, **options
     )
 
 

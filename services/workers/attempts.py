@@ -163,19 +163,8 @@ async def attempt_step(plan: AttemptPlan, attempt: Callable[[], Awaitable[T]]) -
                 if error is None:
                     return task.result(), report()
                 if isinstance(error, ApplicationError) and error.non_retryable:
-                    raise ApplicationError(
-                        error.message, report().model_dump(mode="json"), type=error.type, non_retryable=True
-                    ) from error
-                described = describe_failure(error)
-                at = datetime.now(UTC)
-                errors.append(StepError(step=plan.step, attempt=number, error=described, at=at))
-                log.warning(
-                    "step attempt failed",
-                    order_id=plan.order_id,
-                    step=plan.step.value,
-                    attempt=number,
-                    error=described,
-                )
+                    raise give_up(error.message, error.type) from error
+                errors.append(_failed_attempt(plan, number, error))
                 if isinstance(error, ApplicationError) and error.type == DEPENDENCY_UNAVAILABLE:
                     outages += 1
                     backoff_until = loop.time() + outage_backoff_seconds(outages)
@@ -188,6 +177,14 @@ async def run_attempts(run: StepRun[P], attempt: Callable[[P], Awaitable[R]]) ->
     """A step's activity: `attempt(run.input)` as `run.plan` says (`attempt_step`)."""
     result, attempts = await attempt_step(run.plan, lambda: attempt(run.input))
     return StepDone(result=result, attempts=attempts)
+
+
+def _failed_attempt(plan: AttemptPlan, number: int, error: BaseException) -> StepError:
+    described = describe_failure(error)
+    log.warning(
+        "step attempt failed", order_id=plan.order_id, step=plan.step.value, attempt=number, error=described
+    )
+    return StepError(step=plan.step, attempt=number, error=described, at=datetime.now(UTC))
 
 
 def _retrieve_error(attempt: asyncio.Task[T]) -> None:
