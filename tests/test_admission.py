@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import timedelta
 
 import pytest
@@ -188,6 +189,30 @@ async def events(channel: Broker) -> AbstractQueue:
     return queue
 
 
+@dataclass(frozen=True)
+class AdmissionRig:
+    """A bridge's world with the stand-in lifecycle: its settings, broker, Temporal and database."""
+
+    settings: Settings
+    channel: Broker
+    client: Client
+    sessions: async_sessionmaker[AsyncSession]
+    slots: SlotActivities
+
+
+@pytest.fixture
+def rig(
+    admission_settings: Settings,
+    queues: None,
+    slot_activities: SlotActivities,
+    channel: Broker,
+    temporal_client: Client,
+    sessions: async_sessionmaker[AsyncSession],
+) -> AdmissionRig:
+    """What a test of admission needs, with the bridge's queues declared and the stand-in polling."""
+    return AdmissionRig(admission_settings, channel, temporal_client, sessions, slot_activities)
+
+
 async def result_of(client: Client, order_id: str) -> str:
     handle = client.get_workflow_handle((await described(client, order_id)).id)
     return str(await asyncio.wait_for(handle.result(), timeout=30))
@@ -223,86 +248,66 @@ async def events_of(queue: AbstractQueue, order_id: str, count: int) -> list[Ord
 
 
 # --- tests ---------------------------------------------------------------------------------------
-async def test_above_the_bound_every_placement_waits_its_turn_and_runs(
-    admission_settings: Settings,
-    queues: None,
-    slot_activities: SlotActivities,
-    channel: Broker,
-    temporal_client: Client,
-    sessions: async_sessionmaker[AsyncSession],
-) -> None:
+async def test_above_the_bound_every_placement_waits_its_turn_and_runs(rig: AdmissionRig) -> None:
     placements = [place_order(unique_id("auto")) for _ in range(40)]
-    await publish(channel, *placements)  # all waiting before the bridge starts
+    await publish(rig.channel, *placements)  # all waiting before the bridge starts
 
-    async with running(run_bridge, admission_settings):
-        results = await asyncio.gather(*(result_of(temporal_client, p.order_id) for p in placements))
+    async with running(run_bridge, rig.settings):
+        results = await asyncio.gather(*(result_of(rig.client, p.order_id) for p in placements))
 
     assert results == ["auto"] * 40
-    assert len(slot_activities.slots_seen) == 40
-    assert max(slot_activities.slots_seen) <= 3
+    assert len(rig.slots.slots_seen) == 40
+    assert max(rig.slots.slots_seen) <= 3
     for placement in placements:
-        assert await admission_status(sessions, placement.order_id) == "ended"
+        assert await admission_status(rig.sessions, placement.order_id) == "ended"
 
 
 async def test_an_approval_for_a_running_order_is_not_held_up_by_waiting_placements(
-    admission_settings: Settings,
-    queues: None,
-    slot_activities: SlotActivities,
-    channel: Broker,
-    temporal_client: Client,
-    sessions: async_sessionmaker[AsyncSession],
+    rig: AdmissionRig,
 ) -> None:
     running_orders = [place_order(unique_id("ord")) for _ in range(3)]
     waiting = [place_order(unique_id("ord")) for _ in range(120)]
-    async with running(run_bridge, admission_settings):
-        await publish(channel, *running_orders)
+    async with running(run_bridge, rig.settings):
+        await publish(rig.channel, *running_orders)
         for placement in running_orders:
-            await described(temporal_client, placement.order_id)
-        await publish(channel, *waiting)
+            await described(rig.client, placement.order_id)
+        await publish(rig.channel, *waiting)
         # the bridge holds (and registered) 50 of them; the rest wait in the broker
-        await reaches(sessions, waiting[49].order_id, "waiting")
+        await reaches(rig.sessions, waiting[49].order_id, "waiting")
 
         loop = asyncio.get_running_loop()
         approved_at = loop.time()
-        await publish(channel, approve_order(running_orders[0].order_id))
-        assert await result_of(temporal_client, running_orders[0].order_id) == "approved"
+        await publish(rig.channel, approve_order(running_orders[0].order_id))
+        assert await result_of(rig.client, running_orders[0].order_id) == "approved"
         assert loop.time() - approved_at < 3.0
         # its slot went to one of the waiting placements (about in arrival order, not strictly)
         held = [placement.order_id for placement in waiting[:50]]
 
         async def one_more_runs() -> bool:
-            return await statuses_of(sessions, held) == {"running": 1, "waiting": 49}
+            return await statuses_of(rig.sessions, held) == {"running": 1, "waiting": 49}
 
         await eventually(one_more_runs)
-        assert await admission_status(sessions, waiting[-1].order_id) is None
+        assert await admission_status(rig.sessions, waiting[-1].order_id) is None
 
 
-async def test_commands_for_a_waiting_order_apply_to_it(
-    admission_settings: Settings,
-    queues: None,
-    slot_activities: SlotActivities,
-    channel: Broker,
-    temporal_client: Client,
-    sessions: async_sessionmaker[AsyncSession],
-    events: AbstractQueue,
-) -> None:
+async def test_commands_for_a_waiting_order_apply_to_it(rig: AdmissionRig, events: AbstractQueue) -> None:
     blockers = [place_order(unique_id("ord")) for _ in range(3)]
     to_cancel, to_steer = place_order(unique_id("ord")), place_order(unique_id("ord"))
-    async with running(run_bridge, admission_settings):
-        await publish(channel, *blockers)
+    async with running(run_bridge, rig.settings):
+        await publish(rig.channel, *blockers)
         for placement in blockers:
-            await described(temporal_client, placement.order_id)
-        await publish(channel, to_cancel, to_steer)
-        await reaches(sessions, to_steer.order_id, "waiting")
+            await described(rig.client, placement.order_id)
+        await publish(rig.channel, to_cancel, to_steer)
+        await reaches(rig.sessions, to_steer.order_id, "waiting")
 
         # status and list show a waiting order as queued
-        async with sessions() as session:
+        async with rig.sessions() as session:
             order = await session.get(Order, to_steer.order_id)
         assert order is not None and order.state == OrderState.QUEUED.value
 
         cancellation = cancel_order(to_cancel.order_id)
         address_change, approval = update_address(to_steer.order_id), approve_order(to_steer.order_id)
-        await publish(channel, cancellation, address_change, approval)
+        await publish(rig.channel, cancellation, address_change, approval)
         queued, cancelled = await events_of(events, to_cancel.order_id, 2)
         assert (queued.type, queued.seq) == (EventType.QUEUED, 1)
         assert (cancelled.type, cancelled.seq, cancelled.command_id) == (
@@ -316,15 +321,15 @@ async def test_commands_for_a_waiting_order_apply_to_it(
         )
 
         # free the slots: the cancelled order never starts, the other starts with its commands
-        await publish(channel, *(approve_order(b.order_id) for b in blockers))
-        assert await result_of(temporal_client, to_steer.order_id) == "approved early"
-        handle = temporal_client.get_workflow_handle(order_workflow_id(to_steer.order_id))
+        await publish(rig.channel, *(approve_order(b.order_id) for b in blockers))
+        assert await result_of(rig.client, to_steer.order_id) == "approved early"
+        handle = rig.client.get_workflow_handle(order_workflow_id(to_steer.order_id))
         assert await handle.query(StandInLifecycle.early_commands) == [
             str(address_change.command_id),
             str(approval.command_id),
         ]
-        assert await admission_status(sessions, to_cancel.order_id) == "cancelled"
-        never_started = temporal_client.get_workflow_handle(order_workflow_id(to_cancel.order_id))
+        assert await admission_status(rig.sessions, to_cancel.order_id) == "cancelled"
+        never_started = rig.client.get_workflow_handle(order_workflow_id(to_cancel.order_id))
         assert await describe_if_started(never_started) is None
 
 
@@ -354,30 +359,24 @@ async def test_a_full_backlog_refuses_placements_at_the_door(
 
 
 async def test_two_bridges_share_the_bound_and_keep_each_order_s_commands_in_order(
-    admission_settings: Settings,
-    queues: None,
-    slot_activities: SlotActivities,
-    channel: Broker,
-    temporal_client: Client,
-    sessions: async_sessionmaker[AsyncSession],
-    events: AbstractQueue,
+    rig: AdmissionRig, events: AbstractQueue
 ) -> None:
     orders = [place_order(unique_id("ord")) for _ in range(30)]
     follow_ups = [
         cancel_order(o.order_id) if i % 5 == 0 else approve_order(o.order_id) for i, o in enumerate(orders)
     ]
-    async with running(run_bridge, admission_settings), running(run_bridge, admission_settings):
+    async with running(run_bridge, rig.settings), running(run_bridge, rig.settings):
         for placement, follow_up in zip(orders, follow_ups, strict=True):
-            await publish(channel, placement, follow_up)  # back to back, as a client would
+            await publish(rig.channel, placement, follow_up)  # back to back, as a client would
 
         for placement, follow_up in zip(orders, follow_ups, strict=True):
             if isinstance(follow_up, ApproveOrder):
-                assert await result_of(temporal_client, placement.order_id) in ("approved", "approved early")
+                assert await result_of(rig.client, placement.order_id) in ("approved", "approved early")
             else:
-                await _cancelled_either_way(temporal_client, sessions, placement.order_id)
+                await _cancelled_either_way(rig.client, rig.sessions, placement.order_id)
     rejected = [e for e in await _drain_events(events) if e.type is EventType.COMMAND_REJECTED]
     assert rejected == []
-    assert max(slot_activities.slots_seen) <= admission_settings.max_running_lifecycles
+    assert max(rig.slots.slots_seen) <= rig.settings.max_running_lifecycles
 
 
 async def _cancelled_either_way(
@@ -398,18 +397,11 @@ async def _drain_events(queue: AbstractQueue) -> list[OrderEvent]:
     return [OrderEvent.model_validate_json(m.body) for m in await drain(queue)]
 
 
-async def test_a_command_that_overtakes_its_placement_waits_for_it(
-    admission_settings: Settings,
-    queues: None,
-    slot_activities: SlotActivities,
-    channel: Broker,
-    temporal_client: Client,
-    sessions: async_sessionmaker[AsyncSession],
-) -> None:
+async def test_a_command_that_overtakes_its_placement_waits_for_it(rig: AdmissionRig) -> None:
     placement = place_order(unique_id("ord"))
     approval = approve_order(placement.order_id)
-    async with running(run_bridge, admission_settings):
-        await publish(channel, approval)  # another bridge still has the placement in hand, say
-        await reaches(sessions, placement.order_id, "unplaced")
-        await publish(channel, placement)
-        assert await result_of(temporal_client, placement.order_id) == "approved early"
+    async with running(run_bridge, rig.settings):
+        await publish(rig.channel, approval)  # another bridge still has the placement in hand, say
+        await reaches(rig.sessions, placement.order_id, "unplaced")
+        await publish(rig.channel, placement)
+        assert await result_of(rig.client, placement.order_id) == "approved early"

@@ -152,15 +152,24 @@ async def test_a_command_without_user_id_is_forbidden_and_changes_nothing(
     assert [e.type for e in events.by_order[place.order_id]] == [EventType.COMMAND_REJECTED]
 
 
-async def test_a_broker_user_without_a_role_cannot_place(
+@pytest.mark.parametrize(
+    ("user", "issued_by"),
+    [
+        pytest.param(NOBODY_USER, None, id="a_broker_user_without_a_role_cannot_place"),
+        pytest.param(CUSTOMER_USER, ALICE, id="a_non_delegate_naming_someone_else_is_forbidden"),
+    ],
+)
+async def test_a_placement_the_broker_user_may_not_make_is_forbidden(
     system: Settings,
     broker_users: dict[str, str],
     followed: tuple[broker.Topology, EventLog],
     db_sessions: async_sessionmaker[AsyncSession],
+    user: str,
+    issued_by: Actor | None,
 ) -> None:
     _, events = followed
-    place = place_order(unique_id("nobody"), issued_by=None)
-    async with publisher(system, broker_users, NOBODY_USER) as topology:
+    place = place_order(unique_id("forbidden"), issued_by=issued_by)
+    async with publisher(system, broker_users, user) as topology:
         await broker.publish_command(topology, place)
 
     assert_forbidden(await rejection_of(events, place), place)
@@ -227,18 +236,3 @@ async def test_four_eyes_and_the_approver_recorded(
 
     order = await eventually(recorded, timeout=30)
     assert (order.placed_by, order.approved_by) == (ALICE.subject, TEST_REVIEWER.subject)
-
-
-async def test_a_non_delegate_naming_someone_else_is_forbidden(
-    system: Settings,
-    broker_users: dict[str, str],
-    followed: tuple[broker.Topology, EventLog],
-    db_sessions: async_sessionmaker[AsyncSession],
-) -> None:
-    _, events = followed
-    place = place_order(unique_id("impostor"), issued_by=ALICE)
-    async with publisher(system, broker_users, CUSTOMER_USER) as topology:
-        await broker.publish_command(topology, place)
-
-    assert_forbidden(await rejection_of(events, place), place)
-    assert await read_model(db_sessions, place.order_id) is None

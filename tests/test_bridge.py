@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -173,7 +174,37 @@ async def rejections(broker_channel: Broker) -> AbstractQueue:
     return queue
 
 
+@dataclass(frozen=True)
+class BridgeRig:
+    """The running bridge (its settings), the broker, Temporal, the rejections and the database."""
+
+    settings: Settings
+    channel: Broker
+    client: Client
+    rejections: AbstractQueue
+    sessions: async_sessionmaker[AsyncSession]
+
+
+@pytest.fixture
+def rig(
+    bridge: Settings,
+    broker_channel: Broker,
+    temporal_client: Client,
+    rejections: AbstractQueue,
+    db_sessions: async_sessionmaker[AsyncSession],
+) -> BridgeRig:
+    return BridgeRig(bridge, broker_channel, temporal_client, rejections, db_sessions)
+
+
 # --- helpers -------------------------------------------------------------------------------------
+async def started(rig: BridgeRig) -> str:
+    """A new order placed through the bridge, once its workflow runs: its id."""
+    order_id = unique_id("ord")
+    await publish(rig.channel, place_order(order_id))
+    await described(rig.client, order_id)
+    return order_id
+
+
 async def signals_received(client: Client, order_id: str, count: int) -> list[ReceivedSignal]:
     """The stand-in's signals, once it has at least `count` of them."""
     handle = client.get_workflow_handle((await described(client, order_id)).id)
@@ -238,95 +269,72 @@ def assert_rejected(event: OrderEvent, command: Command, reason: str) -> None:
 
 
 # --- starting workflows --------------------------------------------------------------------------
-async def test_place_order_starts_the_order_workflow(
-    bridge: Settings,
-    broker_channel: Broker,
-    temporal_client: Client,
-    db_sessions: async_sessionmaker[AsyncSession],
-) -> None:
+async def test_place_order_starts_the_order_workflow(rig: BridgeRig) -> None:
     order_id = unique_id("ord")
     command = place_order(order_id)
-    await publish(broker_channel, command)
+    await publish(rig.channel, command)
 
-    description = await described(temporal_client, order_id)
+    description = await described(rig.client, order_id)
     assert description.id == order_workflow_id(order_id)
     assert description.workflow_type == ORDER_WORKFLOW
-    assert description.task_queue == bridge.order_task_queue
+    assert description.task_queue == rig.settings.order_task_queue
     assert await description.memo_value(PLACE_COMMAND_MEMO) == str(command.command_id)
-    started_with = await temporal_client.get_workflow_handle(description.id).query(
+    started_with = await rig.client.get_workflow_handle(description.id).query(
         StandInOrderWorkflow.started_with
     )
     assert started_with is not None and started_with.queued_at is not None
     assert started_with == OrderWorkflowInput(
         order=command,
-        policy=bridge.lifecycle_policy(),
+        policy=rig.settings.lifecycle_policy(),
         queued_at=started_with.queued_at,
         first_seq=2,  # after the bridge's `queued`
     )
-    assert await recorded_outcome(db_sessions, command) == "accepted"
+    assert await recorded_outcome(rig.sessions, command) == "accepted"
 
 
-async def test_a_second_place_order_for_the_same_order_is_rejected(
-    bridge: Settings,
-    broker_channel: Broker,
-    temporal_client: Client,
-    rejections: AbstractQueue,
-    db_sessions: async_sessionmaker[AsyncSession],
-) -> None:
+async def test_a_second_place_order_for_the_same_order_is_rejected(rig: BridgeRig) -> None:
     order_id = unique_id("ord")
     first, second = place_order(order_id), place_order(order_id)
-    await publish(broker_channel, first)
-    started = await described(temporal_client, order_id)
-    await publish(broker_channel, second)
+    await publish(rig.channel, first)
+    started = await described(rig.client, order_id)
+    await publish(rig.channel, second)
 
-    assert_rejected(await rejection_of(rejections, second), second, "order already exists")
-    assert await recorded_outcome(db_sessions, second) == "rejected"
-    still = await temporal_client.get_workflow_handle(order_workflow_id(order_id)).describe()
+    assert_rejected(await rejection_of(rig.rejections, second), second, "order already exists")
+    assert await recorded_outcome(rig.sessions, second) == "rejected"
+    still = await rig.client.get_workflow_handle(order_workflow_id(order_id)).describe()
     assert still.run_id == started.run_id
-    started_with = await temporal_client.get_workflow_handle(started.id).query(
-        StandInOrderWorkflow.started_with
-    )
+    started_with = await rig.client.get_workflow_handle(started.id).query(StandInOrderWorkflow.started_with)
     assert started_with is not None and started_with.order == first
 
 
-async def test_a_place_order_redelivered_after_its_workflow_started_is_a_duplicate(
-    bridge: Settings,
-    broker_channel: Broker,
-    temporal_client: Client,
-    rejections: AbstractQueue,
-    db_sessions: async_sessionmaker[AsyncSession],
-) -> None:
+async def test_a_place_order_redelivered_after_its_workflow_started_is_a_duplicate(rig: BridgeRig) -> None:
     """The bridge stopped after starting the workflow and before recording the command."""
     command = place_order(unique_id("ord"))
-    await temporal_client.start_workflow(
+    await rig.client.start_workflow(
         ORDER_WORKFLOW,
-        OrderWorkflowInput(order=command, policy=bridge.lifecycle_policy()),
+        OrderWorkflowInput(order=command, policy=rig.settings.lifecycle_policy()),
         id=order_workflow_id(command.order_id),
-        task_queue=bridge.order_task_queue,
+        task_queue=rig.settings.order_task_queue,
         memo={PLACE_COMMAND_MEMO: str(command.command_id)},
     )
-    await publish(broker_channel, command)
+    await publish(rig.channel, command)
 
-    assert await recorded_outcome(db_sessions, command) == "duplicate"
+    assert await recorded_outcome(rig.sessions, command) == "duplicate"
     # a rejection would have been confirmed by the broker before the outcome was recorded
-    assert [_event(message) for message in await drain(rejections)] == []
+    assert [_event(message) for message in await drain(rig.rejections)] == []
 
 
 # --- signals -------------------------------------------------------------------------------------
-async def test_commands_reach_the_workflow_as_signals_in_order(
-    bridge: Settings, broker_channel: Broker, temporal_client: Client
-) -> None:
-    order_id = unique_id("ord")
+async def test_commands_reach_the_workflow_as_signals_in_order(rig: BridgeRig) -> None:
+    order_id = await started(rig)
     approval, address_change, cancellation = (
         approve_order(order_id),
         update_address(order_id),
         cancel_order(order_id),
     )
-    await publish(broker_channel, place_order(order_id))
-    await described(temporal_client, order_id)
-    await publish(broker_channel, approval, address_change, cancellation)
+    await publish(rig.channel, approval, address_change, cancellation)
 
-    assert await signals_received(temporal_client, order_id, 3) == [
+    assert await signals_received(rig.client, order_id, 3) == [
         signal_of(Signals.APPROVE, approval),
         signal_of(Signals.UPDATE_ADDRESS, address_change),
         signal_of(Signals.CANCEL, cancellation),
@@ -356,63 +364,47 @@ async def test_place_and_approve_published_back_to_back_apply_in_that_order(
     assert await drain(rejections) == []
 
 
-async def test_a_command_delivered_twice_has_one_effect(
-    bridge: Settings,
-    broker_channel: Broker,
-    temporal_client: Client,
-    rejections: AbstractQueue,
-    db_sessions: async_sessionmaker[AsyncSession],
-) -> None:
+async def test_a_command_delivered_twice_has_one_effect(rig: BridgeRig) -> None:
     order_id = unique_id("ord")
     place, approval, cancellation = place_order(order_id), approve_order(order_id), cancel_order(order_id)
     relocation, last = update_address(order_id), update_address(order_id)
-    await publish(broker_channel, place, place)
-    await described(temporal_client, order_id)
+    await publish(rig.channel, place, place)
+    await described(rig.client, order_id)
     # one order's commands apply in arrival order: once the last arrived, the repeats were handled
-    await publish(
-        broker_channel, relocation, relocation, approval, approval, cancellation, cancellation, last
-    )
+    await publish(rig.channel, relocation, relocation, approval, approval, cancellation, cancellation, last)
 
-    assert await signals_received(temporal_client, order_id, 4) == [
+    assert await signals_received(rig.client, order_id, 4) == [
         signal_of(Signals.UPDATE_ADDRESS, relocation),
         signal_of(Signals.APPROVE, approval),
         signal_of(Signals.CANCEL, cancellation),
         signal_of(Signals.UPDATE_ADDRESS, last),
     ]
     # the two copies of the placement may be in hand at once: which records first is open
-    assert await recorded_outcome(db_sessions, place) in {"accepted", "duplicate"}
+    assert await recorded_outcome(rig.sessions, place) in {"accepted", "duplicate"}
     for command in (relocation, approval, cancellation):
-        assert await recorded_outcome(db_sessions, command) == "accepted"
-    assert await drain(rejections) == []
+        assert await recorded_outcome(rig.sessions, command) == "accepted"
+    assert await drain(rig.rejections) == []
 
 
 # --- rejections ----------------------------------------------------------------------------------
-async def test_a_forbidden_command_is_rejected_once_recorded_and_never_applied(
-    bridge: Settings,
-    broker_channel: Broker,
-    temporal_client: Client,
-    rejections: AbstractQueue,
-    db_sessions: async_sessionmaker[AsyncSession],
-) -> None:
-    order_id = unique_id("ord")
-    await publish(broker_channel, place_order(order_id))
-    await described(temporal_client, order_id)
+async def test_a_forbidden_command_is_rejected_once_recorded_and_never_applied(rig: BridgeRig) -> None:
+    order_id = await started(rig)
     by_a_customer = approve_order(order_id).model_copy(update={"issued_by": STRANGER})
-    await publish(broker_channel, by_a_customer, by_a_customer)
+    await publish(rig.channel, by_a_customer, by_a_customer)
     cancellation = cancel_order(order_id)
-    await publish(broker_channel, cancellation)
+    await publish(rig.channel, cancellation)
 
     # handled in arrival order: the cancel arrived last, so the approvals were dealt with
-    assert await signals_received(temporal_client, order_id, 1) == [signal_of(Signals.CANCEL, cancellation)]
-    [rejection] = await rejections_of(rejections, by_a_customer)
+    assert await signals_received(rig.client, order_id, 1) == [signal_of(Signals.CANCEL, cancellation)]
+    [rejection] = await rejections_of(rig.rejections, by_a_customer)
     assert rejection.seq == 0
     assert rejection.data.model_dump(mode="json") == {
         "command_type": "ApproveOrder",
         "reason": FORBIDDEN,
         "detail": NO_ROLE,
     }
-    assert await recorded_outcome(db_sessions, by_a_customer) == "rejected"
-    assert await drain(rejections) == []  # the second copy, handled after it, was a duplicate
+    assert await recorded_outcome(rig.sessions, by_a_customer) == "rejected"
+    assert await drain(rig.rejections) == []  # the second copy, handled after it, was a duplicate
 
 
 @pytest.mark.parametrize(
@@ -451,37 +443,28 @@ def test_an_issuer_without_the_role_may_not_send_the_command() -> None:
     assert identities.authorize("shop", cancel_order("o-1").model_copy(update={"issued_by": None})) == shop
 
 
-async def test_a_command_for_an_unknown_order_is_rejected(
-    bridge: Settings,
-    broker_channel: Broker,
-    rejections: AbstractQueue,
-    db_sessions: async_sessionmaker[AsyncSession],
-) -> None:
+async def test_a_command_for_an_unknown_order_is_rejected(rig: BridgeRig) -> None:
     command = approve_order(unique_id("ord"))
-    await publish(broker_channel, command)
+    await publish(rig.channel, command)
 
-    assert_rejected(await rejection_of(rejections, command), command, "unknown order")
+    assert_rejected(await rejection_of(rig.rejections, command), command, "unknown order")
 
     # parked first (recorded `accepted`), the record is replaced just after the rejection's publish
     async def rejected() -> bool:
-        return await outcome_of(db_sessions, command) == "rejected"
+        return await outcome_of(rig.sessions, command) == "rejected"
 
     await eventually(rejected)
 
 
-async def test_a_command_for_an_ended_order_is_rejected(
-    bridge: Settings, broker_channel: Broker, temporal_client: Client, rejections: AbstractQueue
-) -> None:
-    order_id = unique_id("ord")
-    await publish(broker_channel, place_order(order_id))
-    handle = temporal_client.get_workflow_handle(order_workflow_id(order_id))
-    await described(temporal_client, order_id)
+async def test_a_command_for_an_ended_order_is_rejected(rig: BridgeRig) -> None:
+    order_id = await started(rig)
+    handle = rig.client.get_workflow_handle(order_workflow_id(order_id))
     await handle.cancel()
     await eventually(lambda: _has_status(handle, WorkflowExecutionStatus.CANCELED))
 
     command = update_address(order_id)
-    await publish(broker_channel, command)
-    assert_rejected(await rejection_of(rejections, command), command, "order already ended")
+    await publish(rig.channel, command)
+    assert_rejected(await rejection_of(rig.rejections, command), command, "order already ended")
 
 
 async def _has_status(handle: WorkflowHandle[Any, Any], status: WorkflowExecutionStatus) -> bool:

@@ -296,6 +296,15 @@ async def test_racing_registrations_share_the_free_slots_without_exceeding_them(
 
 
 # --- the slot while the order is in review (shared/admissions.py, the workers' side) ------------
+OneSlot = tuple[AdmissionLedger, AdmissionSlots]
+
+
+@pytest.fixture
+def one_slot(engine: AsyncEngine, sessions_of: Sessions) -> OneSlot:
+    """The bridge's ledger and the workers' slots over one slot."""
+    return AdmissionLedger(engine, max_running=1), AdmissionSlots(sessions_of, max_running=1)
+
+
 async def running_order(ledger: AdmissionLedger) -> str:
     placement = place_order(unique_id("ord"))
     registration = await ledger.register(placement, nothing, take_free_slot=True)
@@ -312,9 +321,9 @@ async def waiting_order(ledger: AdmissionLedger) -> str:
 
 
 async def test_an_order_in_review_gives_its_slot_to_a_waiting_placement(
-    engine: AsyncEngine, sessions_of: Sessions
+    engine: AsyncEngine, one_slot: OneSlot
 ) -> None:
-    ledger, slots = AdmissionLedger(engine, max_running=1), AdmissionSlots(sessions_of, max_running=1)
+    ledger, slots = one_slot
     reviewed = await running_order(ledger)
     placed = await waiting_order(ledger)
 
@@ -326,9 +335,9 @@ async def test_an_order_in_review_gives_its_slot_to_a_waiting_placement(
 
 
 async def test_an_approved_order_goes_on_before_any_waiting_placement(
-    engine: AsyncEngine, sessions_of: Sessions
+    engine: AsyncEngine, one_slot: OneSlot
 ) -> None:
-    ledger, slots = AdmissionLedger(engine, max_running=1), AdmissionSlots(sessions_of, max_running=1)
+    ledger, slots = one_slot
     reviewed = await running_order(ledger)
     await slots.leave_for_review(reviewed)
     running = await running_order(ledger)  # took the slot given back
@@ -346,9 +355,9 @@ async def test_an_approved_order_goes_on_before_any_waiting_placement(
 
 
 async def test_approved_orders_get_the_freed_slots_in_the_order_they_asked(
-    engine: AsyncEngine, sessions_of: Sessions
+    engine: AsyncEngine, one_slot: OneSlot
 ) -> None:
-    ledger, slots = AdmissionLedger(engine, max_running=1), AdmissionSlots(sessions_of, max_running=1)
+    ledger, slots = one_slot
     first, second = await running_order(ledger), await waiting_order(ledger)
     await slots.leave_for_review(first)
     assert isinstance(await ledger.take_slot(second), Slot)
@@ -366,9 +375,9 @@ async def test_approved_orders_get_the_freed_slots_in_the_order_they_asked(
 
 
 async def test_an_order_ended_in_review_or_in_line_holds_nothing_any_more(
-    engine: AsyncEngine, sessions_of: Sessions
+    engine: AsyncEngine, one_slot: OneSlot
 ) -> None:
-    ledger, slots = AdmissionLedger(engine, max_running=1), AdmissionSlots(sessions_of, max_running=1)
+    ledger, slots = one_slot
     reviewed = await running_order(ledger)
     await slots.leave_for_review(reviewed)
     in_line = await running_order(ledger)

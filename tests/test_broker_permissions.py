@@ -23,7 +23,6 @@ from services.api.connections import open_broker
 from shared import broker
 from shared.broker_users import ACCOUNTS, account_url, password_file, set_up_accounts
 from shared.contracts import (
-    EXAMPLE_DATA,
     Address,
     EventType,
     OrderEvent,
@@ -32,11 +31,14 @@ from shared.contracts import (
     PlaceOrderPayload,
 )
 from shared.settings import Settings
+from testsupport.orders import example_event, unique_id
 from testsupport.polling import eventually
 
 TEST_ID = os.environ.get("ORDERFLOW_TEST_ID", "")
 VHOST = f"orderflow_test{TEST_ID}_permissions"
 PREFIX = f"orderflow-test{TEST_ID}-"
+ConnectAs = Callable[[str], Awaitable[tuple[Settings, AbstractRobustConnection]]]
+"""Connects as one of the service users: its settings and its connection."""
 
 pytestmark = pytest.mark.skipif(
     shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl (root) to create users"
@@ -80,7 +82,7 @@ def settings_of(admin_settings: Settings, environment: dict[str, str]) -> Settin
 @pytest_asyncio.fixture
 async def connect_as(
     admin_settings: Settings, accounts: tuple[dict[str, dict[str, str]], Path]
-) -> AsyncIterator[Callable[[str], Awaitable[tuple[Settings, AbstractRobustConnection]]]]:
+) -> AsyncIterator[ConnectAs]:
     """A connection as a service's user (`api`, `bridge`, `workers`, `audit`, or `operator`)."""
     environments, secrets_dir = accounts
     opened: list[AbstractRobustConnection] = []
@@ -142,14 +144,7 @@ async def delete_queue(channel: AbstractChannel) -> Any:
 
 
 def an_event() -> OrderEvent:
-    return OrderEvent(
-        event_id=uuid4(),
-        type=EventType.RECEIVED,
-        order_id=f"perm-{uuid4().hex[:8]}",
-        seq=1,
-        occurred_at=now(),
-        data=EXAMPLE_DATA[EventType.RECEIVED],
-    )
+    return example_event(unique_id("perm"), 1, EventType.RECEIVED)
 
 
 def a_placement() -> PlaceOrder:
@@ -174,7 +169,7 @@ def test_passwords_are_kept_private(accounts: tuple[dict[str, dict[str, str]], P
 
 
 async def test_the_gateway_publishes_commands_and_nothing_else(
-    connect_as: Callable[[str], Awaitable[tuple[Settings, AbstractRobustConnection]]], admin: AbstractChannel
+    connect_as: ConnectAs, admin: AbstractChannel
 ) -> None:
     settings, connection = await connect_as("api")
     # the gateway's own start-up: its queues are found without configure permission
@@ -198,7 +193,7 @@ async def test_the_gateway_publishes_commands_and_nothing_else(
 
 
 async def test_the_workers_publish_events_and_nothing_else(
-    connect_as: Callable[[str], Awaitable[tuple[Settings, AbstractRobustConnection]]], admin: AbstractChannel
+    connect_as: ConnectAs, admin: AbstractChannel
 ) -> None:
     settings, connection = await connect_as("workers")
     channel, topology = await broker.open_channel(connection)
@@ -215,7 +210,7 @@ async def test_the_workers_publish_events_and_nothing_else(
 
 
 async def test_the_audit_consumer_reads_its_queue_and_nothing_else(
-    connect_as: Callable[[str], Awaitable[tuple[Settings, AbstractRobustConnection]]], admin: AbstractChannel
+    connect_as: ConnectAs, admin: AbstractChannel
 ) -> None:
     settings, connection = await connect_as("audit")
     events = await admin.get_exchange(broker.EVENTS_EXCHANGE)
@@ -233,7 +228,7 @@ async def test_the_audit_consumer_reads_its_queue_and_nothing_else(
 
 
 async def test_the_bridge_reads_commands_and_publishes_events(
-    connect_as: Callable[[str], Awaitable[tuple[Settings, AbstractRobustConnection]]], admin: AbstractChannel
+    connect_as: ConnectAs, admin: AbstractChannel
 ) -> None:
     settings, connection = await connect_as("bridge")
     channel, topology = await broker.open_channel(connection)
@@ -247,9 +242,7 @@ async def test_the_bridge_reads_commands_and_publishes_events(
     await refused(connection, declare_queue)
 
 
-async def test_the_operator_replays_dead_letters_and_reads_nothing_else(
-    connect_as: Callable[[str], Awaitable[tuple[Settings, AbstractRobustConnection]]],
-) -> None:
+async def test_the_operator_replays_dead_letters_and_reads_nothing_else(connect_as: ConnectAs) -> None:
     _, connection = await connect_as("operator")
     channel, _ = await broker.open_channel(connection)
     await (await channel.get_queue(broker.DEAD_LETTER_QUEUE)).get(fail=False)
@@ -259,9 +252,7 @@ async def test_the_operator_replays_dead_letters_and_reads_nothing_else(
     await refused(connection, declare_queue)
 
 
-async def test_a_user_that_may_not_declare_says_what_is_missing(
-    connect_as: Callable[[str], Awaitable[tuple[Settings, AbstractRobustConnection]]],
-) -> None:
+async def test_a_user_that_may_not_declare_says_what_is_missing(connect_as: ConnectAs) -> None:
     settings, connection = await connect_as("api")
     channel, topology = await broker.open_channel(connection)
     unprovisioned = settings.model_copy(update={"placement_queue": f"missing-{uuid4().hex}"})

@@ -28,13 +28,13 @@ from services.audit.consumer import run_audit
 from shared import broker
 from shared.admissions import AdmissionStatus
 from shared.consuming import QueueConsumer
-from shared.contracts import EXAMPLE_DATA, EventType, OrderEvent, Role
+from shared.contracts import EventType, OrderEvent, Role
 from shared.db import Admission, AuditEvent, transaction
 from shared.metrics import serve_metrics, temporal_runtime
 from shared.settings import Settings
 from testsupport.amqp import Broker, consumer_queue, own_queues
 from testsupport.gateway import bearer, gateway
-from testsupport.orders import unique_id
+from testsupport.orders import example_event, unique_id
 from testsupport.polling import eventually
 from testsupport.services import running
 
@@ -175,12 +175,6 @@ async def audit(
         yield
 
 
-def lifecycle_event(order_id: str, seq: int, type: EventType, at: datetime) -> OrderEvent:
-    return OrderEvent(
-        event_id=uuid4(), type=type, order_id=order_id, seq=seq, occurred_at=at, data=EXAMPLE_DATA[type]
-    )
-
-
 async def test_the_audit_consumer_counts_each_ending_once_and_times_it_from_admission(
     audit: None,
     broker_channel: Broker,
@@ -188,10 +182,10 @@ async def test_the_audit_consumer_counts_each_ending_once_and_times_it_from_admi
 ) -> None:
     admitted_at = datetime.now(UTC)
     completed_order, cancelled_order = unique_id("completed"), unique_id("cancelled")
-    admitted = lifecycle_event(completed_order, 2, EventType.ADMITTED, admitted_at)
-    completed = lifecycle_event(completed_order, 3, EventType.COMPLETED, admitted_at + timedelta(seconds=3.5))
+    admitted = example_event(completed_order, 2, EventType.ADMITTED, admitted_at)
+    completed = example_event(completed_order, 3, EventType.COMPLETED, admitted_at + timedelta(seconds=3.5))
     # cancelled while queued: it ends without ever being admitted
-    cancelled = lifecycle_event(cancelled_order, 2, EventType.CANCELLED, admitted_at)
+    cancelled = example_event(cancelled_order, 2, EventType.CANCELLED, admitted_at)
     ended = {
         outcome: sample("orderflow_lifecycles_ended_total", outcome=outcome)
         for outcome in ("completed", "cancelled")

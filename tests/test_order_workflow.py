@@ -156,6 +156,15 @@ def assert_not_called(harness: OrderHarness, *mocked: Mocked) -> None:
         assert harness.mocks.called(activity) == [], f"{activity.__name__} should not have been called"
 
 
+async def approved_and_held_in(harness: OrderHarness, step: Mocked) -> asyncio.Event:
+    """Start and approve the order, and wait until `step` is called and held: set the gate to go on."""
+    gate = asyncio.Event()
+    harness.mocks.script(step, then=waits_for(gate))
+    await harness.start_and_approve()
+    await harness.wait_for_call(step)
+    return gate
+
+
 # --- the lifecycle's paths ------------------------------------------------------------------------
 async def test_approved_order_completes_with_every_step_and_event(harness: OrderHarness) -> None:
     status, approval = await happy_path_scenario(harness)
@@ -300,9 +309,7 @@ async def test_a_cancellation_through_temporal_after_payment_refunds_and_stops_t
 ) -> None:
     harness = harness_on_own_server
     harness.mocks.script(OrderActivities.dispatch_carrier, then=hangs)
-    await harness.start(dispatch_attempts_per_shipment=20)
-    await harness.wait_for_event(E.AWAITING_APPROVAL)
-    await harness.approve()
+    await harness.start_and_approve(dispatch_attempts_per_shipment=20)
     await harness.wait_for_call(OrderActivities.dispatch_carrier)
     status = await cancelled_through_temporal(harness)
 
@@ -324,12 +331,7 @@ async def test_a_cancel_during_a_charge_attempt_refunds_whatever_the_attempt_did
     # the charge attempt is in flight when the cancel lands: it may yet commit, so the order
     # refunds (the business layer voids a payment nothing charged yet)
     harness = harness_on_own_server
-    gate = asyncio.Event()
-    harness.mocks.script(OrderActivities.charge_payment, then=waits_for(gate))
-    await harness.start()
-    await harness.wait_for_event(E.AWAITING_APPROVAL)
-    await harness.approve()
-    await harness.wait_for_call(OrderActivities.charge_payment)
+    gate = await approved_and_held_in(harness, OrderActivities.charge_payment)
     await harness.cancel(reason="changed my mind mid-charge")
     status = await harness.result()
     gate.set()
@@ -387,9 +389,7 @@ async def test_a_cancel_racing_an_approval_still_cancels_and_leaves_nothing_char
     harness_on_own_server: OrderHarness,
 ) -> None:
     harness = harness_on_own_server
-    await harness.start()
-    await harness.wait_for_event(E.AWAITING_APPROVAL)
-    approval = await harness.approve()
+    approval = await harness.start_and_approve()
     cancel = await harness.cancel()
     status = await harness.result()
 
@@ -407,12 +407,7 @@ async def test_a_cancel_racing_an_approval_still_cancels_and_leaves_nothing_char
 
 async def test_address_update_before_dispatch_reaches_the_running_shipment(harness: OrderHarness) -> None:
     # The package is held back, so the update arrives while the shipment runs and before dispatch.
-    gate = asyncio.Event()
-    harness.mocks.script(OrderActivities.prepare_package, then=waits_for(gate))
-    await harness.start()
-    await harness.wait_for_event(E.AWAITING_APPROVAL)
-    await harness.approve()
-    await harness.wait_for_call(OrderActivities.prepare_package)
+    gate = await approved_and_held_in(harness, OrderActivities.prepare_package)
     update = await harness.update_address(NEW_ADDRESS)
     updated = await harness.wait_for_event(E.ADDRESS_UPDATED)
     assert (await harness.status()).address == NEW_ADDRESS
@@ -442,12 +437,7 @@ async def test_address_update_before_dispatch_reaches_the_running_shipment(harne
 
 async def test_address_update_after_dispatch_is_rejected(harness: OrderHarness) -> None:
     # Marking shipped is held back, so the order is dispatched but still running.
-    gate = asyncio.Event()
-    harness.mocks.script(OrderActivities.mark_shipped, then=waits_for(gate))
-    await harness.start()
-    await harness.wait_for_event(E.AWAITING_APPROVAL)
-    await harness.approve()
-    await harness.wait_for_call(OrderActivities.mark_shipped)
+    gate = await approved_and_held_in(harness, OrderActivities.mark_shipped)
     update = await harness.update_address(NEW_ADDRESS)
     rejected = await harness.wait_for_event(E.COMMAND_REJECTED)
     gate.set()
@@ -529,9 +519,7 @@ async def test_a_database_outage_spends_no_attempts_and_the_order_completes(harn
     # spends none of the shipment's attempts, and each retry waits a little longer
     outage = [database_down] * (3 * harness.policy.dispatch_attempts_per_shipment)
     harness.mocks.script(OrderActivities.dispatch_carrier, *outage)
-    await harness.start()
-    await harness.wait_for_event(E.AWAITING_APPROVAL)
-    await harness.approve()
+    await harness.start_and_approve()
     status = await harness.result()
 
     assert status.state is OrderState.COMPLETED
@@ -542,9 +530,7 @@ async def test_a_database_outage_spends_no_attempts_and_the_order_completes(harn
 
 async def test_dispatch_failing_every_time_fails_the_order_and_refunds(harness: OrderHarness) -> None:
     harness.mocks.script(OrderActivities.dispatch_carrier, then=fails("carrier down"))
-    await harness.start(max_shipping_attempts=2)
-    await harness.wait_for_event(E.AWAITING_APPROVAL)
-    await harness.approve()
+    await harness.start_and_approve(max_shipping_attempts=2)
     status = await harness.result()
 
     assert status.state is OrderState.FAILED
@@ -780,9 +766,7 @@ async def test_a_reviewer_cancels_an_order_in_review(harness: OrderHarness) -> N
 
 async def test_an_early_approval_by_the_placer_is_forbidden(harness: OrderHarness) -> None:
     own = harness.approval(by=CUSTOMER_WHO_REVIEWS)
-    await harness.start(first_seq=2, early_commands=[own])
-    await harness.wait_for_event(E.AWAITING_APPROVAL)
-    await harness.approve()
+    await harness.start_and_approve(first_seq=2, early_commands=[own])
     status = await harness.result()
 
     assert forbidden_commands(harness) == [(own.command_id, CommandType.APPROVE)]
@@ -865,9 +849,7 @@ async def test_the_slot_is_given_back_for_the_review_and_taken_again_once_approv
 
 
 async def test_an_order_approved_within_the_grace_keeps_its_slot(harness: OrderHarness) -> None:
-    await harness.start(review_slot_grace_seconds=30.0)
-    await harness.wait_for_event(E.AWAITING_APPROVAL)
-    await harness.approve()
+    await harness.start_and_approve(review_slot_grace_seconds=30.0)
     status = await harness.result()
 
     assert status.state is OrderState.COMPLETED
@@ -901,9 +883,7 @@ async def test_an_approved_order_waits_for_a_slot_and_goes_on_when_one_is_handed
     harness: OrderHarness,
 ) -> None:
     harness.mocks.no_slot_answers = 1
-    await harness.start()
-    await harness.wait_for_event(E.AWAITING_APPROVAL)
-    await harness.approve()
+    await harness.start_and_approve()
     await harness.wait_for_call(OrderActivities.resume_admission)
     await asyncio.sleep(0.3)
     assert_not_called(harness, OrderActivities.charge_payment)  # no slot: it waits
@@ -923,9 +903,7 @@ async def test_the_wait_for_a_slot_after_approval_does_not_count_against_the_dea
 ) -> None:
     # no wake-up ever comes: the order asks again every few seconds, far past its deadline
     harness.mocks.no_slot_answers = 4
-    await harness.start(lifecycle_deadline_seconds=3.0)
-    await harness.wait_for_event(E.AWAITING_APPROVAL)
-    await harness.approve()
+    await harness.start_and_approve(lifecycle_deadline_seconds=3.0)
     status = await harness.result()
 
     assert status.state is OrderState.COMPLETED
@@ -938,9 +916,7 @@ async def test_a_cancel_while_waiting_for_a_slot_ends_the_order_and_its_place_in
     harness: OrderHarness,
 ) -> None:
     harness.mocks.no_slot_answers = 1000
-    await harness.start()
-    await harness.wait_for_event(E.AWAITING_APPROVAL)
-    await harness.approve()
+    await harness.start_and_approve()
     await harness.wait_for_call(OrderActivities.resume_admission)
     await harness.cancel()
     status = await harness.result()
@@ -1069,9 +1045,7 @@ async def test_address_update_as_a_failed_shipment_ends_goes_to_the_next_shipmen
     gate = asyncio.Event()
     refused = fails("carrier refused")
     harness.mocks.script(OrderActivities.dispatch_carrier, waits_for(gate, then=refused), refused)
-    await harness.start()
-    await harness.wait_for_event(E.AWAITING_APPROVAL)
-    await harness.approve()
+    await harness.start_and_approve()
     await harness.wait_for_call(OrderActivities.dispatch_carrier)
     async with harness.worker_stopped(Role.ORDERS):
         gate.set()
@@ -1100,9 +1074,7 @@ async def test_address_update_during_the_dispatch_reaches_the_carrier(harness: O
     # passes and only then takes the update; its result must not report the old address as done.
     gate = asyncio.Event()
     harness.mocks.script(OrderActivities.dispatch_carrier, waits_for(gate))
-    await harness.start(activity_attempt_timeout_seconds=5.0)
-    await harness.wait_for_event(E.AWAITING_APPROVAL)
-    await harness.approve()
+    await harness.start_and_approve(activity_attempt_timeout_seconds=5.0)
     await harness.wait_for_call(OrderActivities.dispatch_carrier)
     await harness.update_address(NEW_ADDRESS)
     await harness.wait_for_shipment_history(1, HistoryEventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED)
@@ -1132,9 +1104,7 @@ async def test_address_update_overtaken_by_the_dispatch_report_is_not_claimed(
     harness = stoppable_harness
     gate = asyncio.Event()
     harness.mocks.script(OrderActivities.dispatch_carrier, waits_for(gate))
-    await harness.start(activity_attempt_timeout_seconds=5.0)
-    await harness.wait_for_event(E.AWAITING_APPROVAL)
-    await harness.approve()
+    await harness.start_and_approve(activity_attempt_timeout_seconds=5.0)
     await harness.wait_for_call(OrderActivities.dispatch_carrier)
     async with harness.worker_stopped(Role.ORDERS):
         gate.set()

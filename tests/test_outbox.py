@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from temporalio import activity, workflow
@@ -15,9 +16,32 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from services.workers.boundary import PublishEventsInput
 from services.workers.outbox import Outbox
 from shared.contracts import EXAMPLE_DATA, EventType, PlaceOrder
-from workflow_harness import place_order, unique_order_id
+from testsupport.orders import place_order
 
 TASK_QUEUE = "outbox-probe"
+
+
+async def run_probe(
+    client: Client,
+    publish_events: Callable[[PublishEventsInput], Awaitable[None]],
+    probe: type,
+    *children: type,
+) -> None:
+    """Run the `probe` workflow (by its class name) on a new order to its end, with `publish_events`."""
+    async with Worker(
+        client,
+        task_queue=TASK_QUEUE,
+        workflows=[probe, *children],
+        activities=[publish_events],
+        workflow_runner=UnsandboxedWorkflowRunner(),  # as production runs it
+    ):
+        await client.execute_workflow(
+            probe.__name__,
+            place_order(),
+            id=f"{probe.__name__}-{uuid.uuid4()}",
+            task_queue=TASK_QUEUE,
+            execution_timeout=timedelta(seconds=20),
+        )
 
 
 @workflow.defn(name="OutboxProbe")
@@ -48,20 +72,7 @@ async def test_a_batch_waiting_for_a_next_task_that_never_comes_goes_by_an_activ
     async def publish_events(batch: PublishEventsInput) -> None:
         published.append([event.type for event in batch.events])
 
-    async with Worker(
-        temporal_client,
-        task_queue=TASK_QUEUE,
-        workflows=[OutboxProbe],
-        activities=[publish_events],
-        workflow_runner=UnsandboxedWorkflowRunner(),  # as production runs it
-    ):
-        await temporal_client.execute_workflow(
-            OutboxProbe.run,
-            place_order(unique_order_id()),
-            id=f"outbox-probe-{uuid.uuid4()}",
-            task_queue=TASK_QUEUE,
-            execution_timeout=timedelta(seconds=20),
-        )
+    await run_probe(temporal_client, publish_events, OutboxProbe)
 
     assert published == [[EventType.SHIPPING_STARTED], [EventType.CANCELLED]]
 
@@ -103,20 +114,7 @@ async def test_a_batch_published_in_the_next_task_was_committed_before_it_went_o
         history = await temporal_client.get_workflow_handle(info.workflow_id).fetch_history()
         seen.append((info.is_local, [event.event_type for event in history.events]))
 
-    async with Worker(
-        temporal_client,
-        task_queue=TASK_QUEUE,
-        workflows=[CommitProbe, CommitProbeChild],
-        activities=[publish_events],
-        workflow_runner=UnsandboxedWorkflowRunner(),
-    ):
-        await temporal_client.execute_workflow(
-            CommitProbe.run,
-            place_order(unique_order_id()),
-            id=f"commit-probe-{uuid.uuid4()}",
-            task_queue=TASK_QUEUE,
-            execution_timeout=timedelta(seconds=20),
-        )
+    await run_probe(temporal_client, publish_events, CommitProbe, CommitProbeChild)
 
     assert len(seen) == 1
     local, history = seen[0]

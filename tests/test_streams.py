@@ -11,10 +11,8 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 import httpx
 import pytest
@@ -25,27 +23,16 @@ from sqlmodel import col
 from services.api.schemas import StreamedEvent
 from services.audit.projection import record_event
 from services.cli.watch import StreamedMessage, server_sent_events
-from shared.contracts import EXAMPLE_DATA, EventType, OrderEvent, OrderState, Role
+from shared.contracts import EventType, OrderState, Role
 from shared.db import AuditEvent, transaction
 from shared.settings import Settings
 from testsupport.gateway import bearer, gateway_process
-from testsupport.orders import unique_id
+from testsupport.orders import example_event, unique_id
 from testsupport.polling import eventually
 from testsupport.read_model import insert_order
 
 READ_TIMEOUT_SECONDS = 10.0
 R, V, A = EventType.RECEIVED, EventType.VALIDATED, EventType.AWAITING_APPROVAL
-
-
-def order_event(order_id: str, seq: int, event_type: EventType) -> OrderEvent:
-    return OrderEvent(
-        event_id=uuid4(),
-        type=event_type,
-        order_id=order_id,
-        seq=seq,
-        occurred_at=datetime.now(UTC),
-        data=EXAMPLE_DATA[event_type],
-    )
 
 
 async def store(
@@ -54,7 +41,7 @@ async def store(
     """Events of one order, stored in one transaction as the audit consumer stores a batch."""
     async with transaction(sessions) as session:
         for seq, event_type in kinds:
-            await record_event(session, order_event(order_id, seq, event_type))
+            await record_event(session, example_event(order_id, seq, event_type))
 
 
 async def newest_position(sessions: async_sessionmaker[AsyncSession]) -> int:
@@ -122,7 +109,7 @@ async def test_positions_follow_the_order_of_commits(db_sessions: async_sessionm
     first, second = unique_id("pos"), unique_id("pos")
 
     async with transaction(db_sessions) as session:
-        await record_event(session, order_event(first, 1, R))  # its position drawn, not committed
+        await record_event(session, example_event(first, 1, R))  # its position drawn, not committed
         storing_second = asyncio.create_task(store(db_sessions, second, (1, R)))
         await asyncio.sleep(0.5)
         second_waited = not storing_second.done()

@@ -42,6 +42,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from payload_keys import TEST_DATA_CONVERTER
+from services.workers.attempts import DEPENDENCY_UNAVAILABLE
 from services.workers.boundary import (
     ORDER_INVALID,
     AdmissionInput,
@@ -57,7 +58,6 @@ from services.workers.boundary import (
     RefundPaymentInput,
     ValidateOrderInput,
 )
-from services.workers.hedging import DEPENDENCY_UNAVAILABLE
 from services.workers.worker import order_worker, shipping_worker
 from shared import contracts
 from shared.contracts import (
@@ -72,7 +72,6 @@ from shared.contracts import (
     OrderItem,
     OrderStatus,
     PlaceOrder,
-    PlaceOrderPayload,
     UpdateAddress,
     UpdateAddressPayload,
 )
@@ -87,14 +86,13 @@ from shared.lifecycle import (
     order_workflow_id,
 )
 from shared.settings import Settings
+from testsupport import orders
+from testsupport.orders import unique_id
+from testsupport.polling import eventually
 
 TRACKING_NUMBER = "TRK-TEST-0001"
-ADDRESS = Address(
-    name="Ada Lovelace", line1="1 Analytical St", city="London", postal_code="N1 1AA", country="GB"
-)
-NEW_ADDRESS = Address(
-    name="Ada Lovelace", line1="2 Difference Rd", city="Leeds", postal_code="LS1 1AA", country="GB"
-)
+ADDRESS = Address.model_validate(orders.ADDRESS)
+NEW_ADDRESS = Address.model_validate(orders.NEW_ADDRESS)
 ITEMS = [
     OrderItem(sku="SKU-1", qty=2, unit_price_cents=1_250),
     OrderItem(sku="SKU-2", qty=1, unit_price_cents=500),
@@ -309,19 +307,9 @@ class MockActivities(OrderActivities):
 
 
 # --- commands -------------------------------------------------------------------------------------
-def unique_order_id() -> str:
-    return f"wf-{uuid4().hex[:12]}"
-
-
-def place_order(order_id: str) -> PlaceOrder:
-    return PlaceOrder(
-        command_id=uuid4(),
-        order_id=order_id,
-        issued_at=datetime.now(UTC),
-        correlation_id=f"corr-{order_id}",
-        issued_by=CUSTOMER,
-        payload=PlaceOrderPayload(payment_id=f"pay-{order_id}", items=ITEMS, address=ADDRESS),
-    )
+def place_order(order_id: str | None = None) -> PlaceOrder:
+    """The harness's order (its items, by `CUSTOMER`), placed as `testsupport` places one."""
+    return orders.place_order(order_id or unique_id("wf"), issued_by=CUSTOMER, items=ITEMS, address=ADDRESS)
 
 
 def policy_for(shipping_queue: str) -> LifecyclePolicy:
@@ -337,18 +325,13 @@ class Role(StrEnum):
     SHIPMENTS = "shipments"  # the shipping task queue: ShippingWorkflow and its activities
 
 
-async def wait_until(
-    check: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = PROMPTLY
-) -> None:
-    """Poll `check` until it holds; fail the test with `what` if it does not within `timeout`."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        holds = check()
-        if holds if isinstance(holds, bool) else await holds:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
+async def wait_until(check: Callable[[], bool], what: str, timeout: float = PROMPTLY) -> None:
+    """`eventually` for a check of what the mocks saw; fails the test naming `what`."""
+
+    async def holds() -> bool:
+        return check()
+
+    await eventually(holds, timeout, what)
 
 
 class OrderHarness:
@@ -370,7 +353,7 @@ class OrderHarness:
         self.order_queue = order_queue
         self.shipping_queue = shipping_queue
         self.sticky = sticky
-        self.order = place_order(order_id or unique_order_id())
+        self.order = place_order(order_id)
         self.policy = policy_for(shipping_queue).model_copy(update=policy or {})
         self._handle: WorkflowHandle[Any, OrderStatus] | None = None
         self._workers: dict[Role, tuple[Worker, asyncio.Task[None]]] = {}
@@ -468,6 +451,12 @@ class OrderHarness:
         await self.handle.signal(Signals.UPDATE_ADDRESS, command)
         return command
 
+    async def start_and_approve(self, **policy: Any) -> ApproveOrder:
+        """Start the lifecycle (`policy` as for `start`) and approve the order once it is in review."""
+        await self.start(**policy)
+        await self.wait_for_event(EventType.AWAITING_APPROVAL)
+        return await self.approve()
+
     # observations
     async def status(self) -> OrderStatus:
         status: OrderStatus = await self.handle.query(STATUS_QUERY, result_type=OrderStatus)
@@ -509,7 +498,7 @@ class OrderHarness:
         async def reached() -> bool:
             return await self.shipment_status(attempt) is status
 
-        await wait_until(reached, f"shipment {attempt} to be {status.name}")
+        await eventually(reached, PROMPTLY, f"shipment {attempt} to be {status.name}")
 
     async def wait_for_shipment_history(self, attempt: int, *wanted: HistoryEventType.ValueType) -> None:
         """Until the shipment's history holds an event of each `wanted` type."""
@@ -519,7 +508,7 @@ class OrderHarness:
             return set(wanted) <= {event.event_type for event in history.events}
 
         names = [HistoryEventType.Name(event_type) for event_type in wanted]
-        await wait_until(recorded, f"shipment {attempt} to record {names}")
+        await eventually(recorded, PROMPTLY, f"shipment {attempt} to record {names}")
 
     async def histories(self) -> dict[str, WorkflowHistory]:
         """The order's history and each of its shipments', by workflow id."""
@@ -611,18 +600,15 @@ async def order_harness(
 
 # --- scenarios shared with record_histories.py ----------------------------------------------------
 async def happy_path_scenario(harness: OrderHarness) -> tuple[OrderStatus, ApproveOrder]:
-    await harness.start()
-    await harness.wait_for_event(EventType.AWAITING_APPROVAL)
-    approval = await harness.approve()
+    approval = await harness.start_and_approve()
     return await harness.result(), approval
 
 
 async def cancel_after_payment_scenario(harness: OrderHarness) -> tuple[OrderStatus, CancelOrder]:
     """Dispatch hangs, so the order is paid and its shipment running when the cancel arrives."""
     harness.mocks.script(OrderActivities.dispatch_carrier, then=hangs)
-    await harness.start(dispatch_attempts_per_shipment=20)  # still dispatching when the cancel lands
-    await harness.wait_for_event(EventType.AWAITING_APPROVAL)
-    await harness.approve()
+    # still dispatching when the cancel lands
+    await harness.start_and_approve(dispatch_attempts_per_shipment=20)
     await harness.wait_for_call(OrderActivities.dispatch_carrier)
     cancel = await harness.cancel()
     return await harness.result(), cancel
@@ -642,18 +628,14 @@ async def dispatch_retry_scenario(harness: OrderHarness) -> OrderStatus:
     per_shipment = harness.policy.dispatch_attempts_per_shipment
     refusals = [fails(f"carrier refused #{n}") for n in range(1, per_shipment + 1)]
     harness.mocks.script(OrderActivities.dispatch_carrier, *refusals)
-    await harness.start()
-    await harness.wait_for_event(EventType.AWAITING_APPROVAL)
-    await harness.approve()
+    await harness.start_and_approve()
     return await harness.result()
 
 
 async def temporal_cancel_scenario(harness: OrderHarness) -> OrderStatus:
     """An operator cancels the workflow through Temporal while its paid order's shipment dispatches."""
     harness.mocks.script(OrderActivities.dispatch_carrier, then=hangs)
-    await harness.start(dispatch_attempts_per_shipment=20)
-    await harness.wait_for_event(EventType.AWAITING_APPROVAL)
-    await harness.approve()
+    await harness.start_and_approve(dispatch_attempts_per_shipment=20)
     await harness.wait_for_call(OrderActivities.dispatch_carrier)
     await harness.handle.cancel()
     with suppress(WorkflowFailureError):  # it closes as Canceled

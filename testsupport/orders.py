@@ -1,4 +1,4 @@
-"""Sample orders, the commands about them and the people who issue them, and unique ids."""
+"""Sample orders, the commands and events about them, the people who issue them, and unique ids."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from shared.contracts import (
+    EXAMPLE_DATA,
     Actor,
     Address,
     ApproveOrder,
     CancelOrder,
+    EventType,
+    OrderEvent,
     OrderItem,
     PlaceOrder,
     PlaceOrderPayload,
@@ -117,4 +120,18 @@ def update_address(order_id: str, address: dict[str, Any] = NEW_ADDRESS) -> Upda
         issued_at=datetime.now(UTC),
         issued_by=GUEST,
         payload=UpdateAddressPayload(address=Address.model_validate(address)),
+    )
+
+
+def example_event(
+    order_id: str, seq: int, event_type: EventType, occurred_at: datetime | None = None
+) -> OrderEvent:
+    """An event of `event_type` carrying the type's example data, as of now unless told otherwise."""
+    return OrderEvent(
+        event_id=uuid4(),
+        type=event_type,
+        order_id=order_id,
+        seq=seq,
+        occurred_at=occurred_at or datetime.now(UTC),
+        data=EXAMPLE_DATA[event_type],
     )
