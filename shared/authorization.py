@@ -1,10 +1,7 @@
 """Who may issue which command: one set of rules for the gateway, the bridge and the workflow.
 
-Plain functions over contract models, free of I/O, so workflow code can use them too. The gateway
-refuses a request whose caller lacks the role (403); the bridge refuses such a command from an
-AMQP publisher; the rules that depend on the order (its placer, whether it is in review) are
-applied where the order is known: by the bridge while the order waits for admission, by the
-workflow once it runs. A refusal is a `command_rejected` event with reason `forbidden`.
+Free of I/O, so workflow code uses it too. Roles are checked on arrival; the rules that depend on the
+order (its placer, its review) where the order is known, by the bridge or the workflow.
 """
 
 from __future__ import annotations
@@ -30,12 +27,7 @@ def may_issue(command_type: CommandType, actor: Actor | None) -> bool:
 def refusal(
     command_type: CommandType, actor: Actor | None, placed_by: str | None, in_review: bool
 ) -> str | None:
-    """Why `actor` may not issue `command_type` on an order placed by `placed_by` (None: allowed).
-
-    - approve: a reviewer or operator who did not place the order (four eyes, operators too);
-    - cancel: its placer, an operator, or a reviewer while the order is in review;
-    - update address: its placer or an operator.
-    """
+    """Why `actor` may not issue `command_type` on an order placed by `placed_by` (None: allowed)."""
     if actor is None or not may_issue(command_type, actor):
         return "the issuer has no role that may send this command"
     placer = placed_by is not None and actor.subject == placed_by

@@ -1,28 +1,18 @@
 """The RabbitMQ topology, declared here once, and publishing.
 
-On connect each service looks up what it uses and declares only what is missing: a provisioned
-broker (`orderflow broker provision`, `make run`) has it all in place, so a service's own broker user
-needs no configure permission (a passive declare needs none); on a bare vhost a user allowed to
-configure (the development account) declares it. A service whose user may not, on a broker not
-provisioned, stops with `TopologyMissing`.
-
-Exchanges (public contract): `orders.commands` and `orders.events`, both durable topic exchanges.
-Queues (owned by orderflow):
-- the placement queue (`order.place`): PlaceOrder commands wait here, durably, until the bridge
-  admits their lifecycle. It is bounded: once `placement_backlog_limit` placements are waiting the
-  broker refuses new ones with a negative publisher confirm (`x-overflow: reject-publish`), so a
-  placement is either refused at the door or accepted for good;
-- the command queue (approve, cancel, update address): never behind waiting placements;
-- the audit consumer's event queue, and one dead-letter queue that keeps every message a consumer
-  gave up on, with the reason in its headers.
+A service looks up what it uses and declares only what is missing, so on a provisioned broker its
+own user needs no configure permission. The exchanges are the public contract; the queues are ours.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
 from typing import TypeVar
+from uuid import UUID
 
 import aio_pika
 import structlog
@@ -32,11 +22,12 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
-    HeadersType,
 )
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelNotFoundEntity, DeliveryError
 from aiormq.abc import DeliveredMessage, FieldTable
-from aiormq.exceptions import ChannelAccessRefused
+from aiormq.exceptions import ChannelAccessRefused, ChannelPreconditionFailed
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from shared.connection_security import amqp_ssl_context, amqp_url
 from shared.contracts import COMMAND_ROUTING_KEYS, Command, CommandType, OrderEvent
@@ -52,12 +43,20 @@ ERROR_HEADER = "x-orderflow-error"
 CONSUMER_HEADER = "x-orderflow-consumer"
 # the broker's own x-delivery-count starts again in the dead-letter queue: keep what it said
 DELIVERIES_HEADER = "x-orderflow-deliveries"
-CONNECT_PATIENCE_SECONDS = 60.0
-CONNECT_RETRY_SECONDS = 1.0
-# a message in the dead-letter queue shows that exchange as its own: keep where it came from, so a
-# replay can send it back there
 EXCHANGE_HEADER = "x-orderflow-exchange"
 EXCHANGES = (COMMANDS_EXCHANGE, EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE)
+# classic: `orderflow dlq` reads by taking and giving back, which a classic queue neither reorders
+# nor counts as a delivery (a quorum queue's delivery limit would drop a dead letter read often)
+DEAD_LETTER_QUEUE_ARGUMENTS: FieldTable = {"x-queue-type": "classic"}
+CONNECT_PATIENCE_SECONDS = 60.0
+CONNECT_RETRY_SECONDS = 1.0
+MAX_ERROR_HEADER_LENGTH = 2000
+
+PLACE_ROUTING_KEY = COMMAND_ROUTING_KEYS[CommandType.PLACE]
+STEERING_ROUTING_KEYS = tuple(key for key in COMMAND_ROUTING_KEYS.values() if key != PLACE_ROUTING_KEY)
+# before placements had a queue of their own, the command queue took every command with this key
+LEGACY_COMMAND_BINDING = "order.*"
+AUDIT_ROUTING_KEYS = ("order.#",)
 
 T = TypeVar("T")
 
@@ -74,22 +73,56 @@ class TopologyMissing(Exception):
     """An exchange or queue the service needs is missing and its broker user may not declare it."""
 
 
+class DeadLetterHeaders(BaseModel):
+    """The original message's headers, plus why a consumer gave up on it."""
+
+    model_config = ConfigDict(extra="allow", validate_by_name=True)
+
+    reason: str = Field(
+        alias=REASON_HEADER,
+        description="Why: the body was not valid JSON, failed validation, or kept failing (was "
+        "delivered too many times).",
+    )
+    error: str = Field(alias=ERROR_HEADER, description="The error text (truncated).")
+    consumer: str = Field(
+        alias=CONSUMER_HEADER,
+        description="The consumer that gave up, such as the bridge or the audit consumer.",
+    )
+    deliveries: int = Field(
+        alias=DELIVERIES_HEADER,
+        ge=1,
+        description="How many times the consumer had received the message when it gave up.",
+    )
+    exchange: str | SkipJsonSchema[None] = Field(
+        default=None,
+        alias=EXCHANGE_HEADER,
+        description="The exchange the message was first published to (its own is now the dead-letter "
+        "exchange), where a replay sends it back. Absent on messages dead-lettered before orderflow set it.",
+    )
+
+
 @dataclass(frozen=True)
 class Topology:
     commands: AbstractExchange
     events: AbstractExchange
     dead_letter: AbstractExchange
     publisher: str | None = None
-    """The connection's broker user, sent as every message's `user_id`: the broker checks it, so a
-    consumer knows for certain who published (the bridge authorizes commands by it)."""
+    """The connection's broker user, sent as every message's `user_id`, which the broker checks."""
+
+
+@dataclass(frozen=True)
+class ConsumerQueue:
+    """A durable quorum queue (it counts redeliveries in `x-delivery-count`) that dead-letters."""
+
+    name: str
+    routing_keys: tuple[str, ...]
+    limits: FieldTable = field(default_factory=dict)
 
 
 async def connect(
     settings: Settings, name: str, patience: float = CONNECT_PATIENCE_SECONDS
 ) -> AbstractRobustConnection:
-    """A robust connection: it reconnects and re-declares what its channels declared. It does so
-    only once it has connected, so the first connection waits up to `patience` seconds for a broker
-    that is down or restarting: a service started meanwhile waits for it instead of exiting."""
+    """A robust connection; it reconnects only once connected, so the first try waits `patience` seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + patience
     while True:
@@ -125,7 +158,7 @@ async def create_topology(channel: AbstractChannel, publisher: str | None = None
         DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
     )
     dead_letter_queue = await channel.declare_queue(
-        DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+        DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS
     )
     await dead_letter_queue.bind(dead_letter, routing_key="#")
     return Topology(commands=commands, events=events, dead_letter=dead_letter, publisher=publisher)
@@ -134,8 +167,7 @@ async def create_topology(channel: AbstractChannel, publisher: str | None = None
 async def in_place(
     channel: AbstractChannel, *, exchanges: tuple[str, ...] = (), queues: tuple[str, ...] = ()
 ) -> bool:
-    """Whether these exchanges and queues exist, asked with passive declares (which need no
-    permission) on a channel of their own: the broker closes the channel that asks for a missing one."""
+    """Whether these exist, asked by passive declares (no permission needed) on a channel a miss closes."""
     underlay = await channel.get_underlay_channel()
     probe = await underlay.connection.channel()
     try:
@@ -164,78 +196,55 @@ async def configuring(declaring: Awaitable[T]) -> T:
 
 
 async def declare_consumer_queue(
-    channel: AbstractChannel,
-    name: str,
-    exchange: AbstractExchange,
-    routing_keys: tuple[str, ...],
-    arguments: FieldTable | None = None,
+    channel: AbstractChannel, exchange: AbstractExchange, queue: ConsumerQueue
 ) -> AbstractQueue:
-    """A durable quorum queue (it counts redeliveries in `x-delivery-count`) that dead-letters;
-    looked up when in place (it was declared with its bindings), else declared."""
-    if await in_place(channel, queues=(name,)):
-        return await channel.get_queue(name)
-    return await configuring(create_consumer_queue(channel, name, exchange, routing_keys, arguments))
+    """Looked up when in place (it was declared with its bindings), else declared."""
+    if await in_place(channel, queues=(queue.name,)):
+        return await channel.get_queue(queue.name)
+    return await configuring(create_consumer_queue(channel, exchange, queue))
 
 
 async def create_consumer_queue(
-    channel: AbstractChannel,
-    name: str,
-    exchange: AbstractExchange,
-    routing_keys: tuple[str, ...],
-    arguments: FieldTable | None = None,
+    channel: AbstractChannel, exchange: AbstractExchange, queue: ConsumerQueue
 ) -> AbstractQueue:
-    queue = await channel.declare_queue(
-        name,
-        durable=True,
-        arguments={
-            "x-queue-type": "quorum",
-            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
-            **(arguments or {}),
-        },
-    )
-    for routing_key in routing_keys:
-        await queue.bind(exchange, routing_key=routing_key)
-    return queue
+    arguments: FieldTable = {"x-queue-type": "quorum", "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
+    declared = await channel.declare_queue(queue.name, durable=True, arguments={**arguments, **queue.limits})
+    for routing_key in queue.routing_keys:
+        await declared.bind(exchange, routing_key=routing_key)
+    return declared
 
 
-PLACE_ROUTING_KEY = COMMAND_ROUTING_KEYS[CommandType.PLACE]
-STEERING_ROUTING_KEYS = tuple(key for key in COMMAND_ROUTING_KEYS.values() if key != PLACE_ROUTING_KEY)
-# before placements had a queue of their own, the command queue took every command with this key
-LEGACY_COMMAND_BINDING = "order.*"
-AUDIT_ROUTING_KEYS = ("order.#",)
+def placement_queue(settings: Settings) -> ConsumerQueue:
+    """Full at `placement_backlog_limit`, fixed when first declared (a `max-length` policy overrides it)."""
+    limits: FieldTable = {"x-max-length": settings.placement_backlog_limit, "x-overflow": "reject-publish"}
+    return ConsumerQueue(settings.placement_queue, (PLACE_ROUTING_KEY,), limits)
 
 
-async def declare_command_queue(
-    channel: AbstractChannel, topology: Topology, settings: Settings
-) -> AbstractQueue:
-    """The bridge's queue of approve, cancel and update-address commands. The gateway declares it
-    (and the placement queue) too, so a command accepted before the bridge first started waits
-    for it instead of being unroutable."""
-    return await declare_consumer_queue(
-        channel, settings.command_queue, topology.commands, STEERING_ROUTING_KEYS
-    )
+def command_queue(settings: Settings) -> ConsumerQueue:
+    """The bridge's approve, cancel and update-address commands, never behind waiting placements."""
+    return ConsumerQueue(settings.command_queue, STEERING_ROUTING_KEYS)
+
+
+def audit_queue(settings: Settings) -> ConsumerQueue:
+    return ConsumerQueue(settings.audit_queue, AUDIT_ROUTING_KEYS)
 
 
 async def declare_placement_queue(
     channel: AbstractChannel, topology: Topology, settings: Settings
 ) -> AbstractQueue:
-    """Where placements wait for admission; full at `placement_backlog_limit` ready messages.
-
-    A queue's arguments are fixed when it is first declared: to change the limit on a broker that
-    has the queue, delete the (drained) queue or set a `max-length` policy on it."""
-    return await declare_consumer_queue(
-        channel, settings.placement_queue, topology.commands, (PLACE_ROUTING_KEY,), placement_limit(settings)
-    )
+    return await declare_consumer_queue(channel, topology.commands, placement_queue(settings))
 
 
-def placement_limit(settings: Settings) -> FieldTable:
-    return {"x-max-length": settings.placement_backlog_limit, "x-overflow": "reject-publish"}
+async def declare_command_queue(
+    channel: AbstractChannel, topology: Topology, settings: Settings
+) -> AbstractQueue:
+    return await declare_consumer_queue(channel, topology.commands, command_queue(settings))
 
 
 async def declare_command_queues(
     channel: AbstractChannel, topology: Topology, settings: Settings
 ) -> tuple[AbstractQueue, AbstractQueue]:
-    """The placement queue and the command queue, for publishers that must not go unrouted."""
+    """For the gateway too: a command accepted before the bridge first started then waits for it."""
     return (
         await declare_placement_queue(channel, topology, settings),
         await declare_command_queue(channel, topology, settings),
@@ -245,23 +254,63 @@ async def declare_command_queues(
 async def declare_audit_queue(
     channel: AbstractChannel, topology: Topology, settings: Settings
 ) -> AbstractQueue:
-    """The audit consumer's queue of events. The workers declare it too, so an event published
-    before the audit consumer first started still reaches the audit table."""
-    return await declare_consumer_queue(channel, settings.audit_queue, topology.events, AUDIT_ROUTING_KEYS)
+    """For the workers too: an event published before the audit consumer first started then waits for it."""
+    return await declare_consumer_queue(channel, topology.events, audit_queue(settings))
 
 
 async def provision(channel: AbstractChannel, settings: Settings) -> None:
-    """Every exchange and queue the services use, declared by an administrator (`orderflow broker
-    provision`, `make run`), so that the services' own users need no configure permission."""
+    """Declare everything, bindings updated, as an administrator: the services' users need not configure."""
     topology = await create_topology(channel)
-    await create_consumer_queue(
-        channel, settings.placement_queue, topology.commands, (PLACE_ROUTING_KEY,), placement_limit(settings)
-    )
-    commands = await create_consumer_queue(
-        channel, settings.command_queue, topology.commands, STEERING_ROUTING_KEYS
-    )
+    await create_consumer_queue(channel, topology.commands, placement_queue(settings))
+    commands = await create_consumer_queue(channel, topology.commands, command_queue(settings))
     await commands.unbind(topology.commands, LEGACY_COMMAND_BINDING)
-    await create_consumer_queue(channel, settings.audit_queue, topology.events, AUDIT_ROUTING_KEYS)
+    await create_consumer_queue(channel, topology.events, audit_queue(settings))
+
+
+async def replace_quorum_dead_letter_queue(connection: AbstractRobustConnection) -> None:
+    """Before 1.0 the dead-letter queue was a quorum queue: its dead letters move, in order, to the
+    classic queue that replaces it, by way of a holding queue (the two have one name)."""
+    holding = f"{DEAD_LETTER_QUEUE}.moving"
+    async with connection.channel() as channel:
+        quorum = await declared_otherwise(channel, DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE_ARGUMENTS)
+        interrupted = await in_place(channel, queues=(holding,))  # by a failure halfway
+    if quorum:
+        await move_dead_letters(connection, DEAD_LETTER_QUEUE, holding)
+    if quorum or interrupted:
+        await move_dead_letters(connection, holding, DEAD_LETTER_QUEUE)
+
+
+async def move_dead_letters(connection: AbstractRobustConnection, source: str, target: str) -> None:
+    """New dead letters go to `target` from now on, those in `source` follow in order, and `source`
+    is deleted; one arriving while the bindings change may be kept twice, never lost. On a channel of
+    its own: RabbitMQ 3.10 fails a publish to the new queue on a channel that took from the old."""
+    async with connection.channel() as channel:
+        exchange = await channel.get_exchange(DEAD_LETTER_EXCHANGE)
+        target_queue = await channel.declare_queue(
+            target, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS
+        )
+        await target_queue.bind(exchange, routing_key="#")
+        source_queue = await channel.get_queue(source)
+        await source_queue.unbind(exchange, routing_key="#")
+        while (message := await source_queue.get(no_ack=False, fail=False)) is not None:
+            await channel.default_exchange.publish(message, routing_key=target)  # confirmed
+            await message.ack()
+        await source_queue.delete(if_unused=False, if_empty=False)  # drained (quorum queues know no if-empty)
+
+
+async def declared_otherwise(channel: AbstractChannel, queue: str, arguments: FieldTable) -> bool:
+    """Whether `queue` exists with other arguments: declared with these (made if missing) on a
+    channel of its own, which the broker closes when it refuses."""
+    underlay = await channel.get_underlay_channel()
+    probe = await underlay.connection.channel()
+    try:
+        await probe.queue_declare(queue, durable=True, arguments=arguments)
+    except ChannelPreconditionFailed:
+        return True
+    finally:
+        if not probe.is_closed:
+            await probe.close()
+    return False
 
 
 async def open_channel(
@@ -281,26 +330,19 @@ def connection_user(connection: AbstractRobustConnection) -> str | None:
 
 
 async def publish_command(topology: Topology, command: Command) -> None:
-    """Publish one command; returns once the broker confirmed it. Raises `CommandRefused` when
-    the broker refused it (placement backlog full), `CommandNotRouted` when no queue took it."""
+    """Publish and await the confirm; `CommandRefused`: backlog full, `CommandNotRouted`: no queue bound."""
     routing_key = COMMAND_ROUTING_KEYS[command.type]
     # without an issuer the body names none (revisions before issuers knew no such field)
     unnamed = {"issued_by"} if command.issued_by is None else None
+    message = _published(
+        topology,
+        command.model_dump_json(exclude=unnamed),
+        command.command_id,
+        command.correlation_id,
+        command.type,
+    )
     try:
-        confirmation = await topology.commands.publish(
-            aio_pika.Message(
-                body=command.model_dump_json(exclude=unnamed).encode(),
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                message_id=str(command.command_id),
-                correlation_id=command.correlation_id,
-                type=command.type.value,
-                user_id=topology.publisher,
-                headers=trace_headers(),
-            ),
-            routing_key=routing_key,
-            mandatory=True,
-        )
+        confirmation = await topology.commands.publish(message, routing_key=routing_key, mandatory=True)
     except DeliveryError as refused:
         raise CommandRefused(f"the broker refused {routing_key!r}: its queue is full") from refused
     # a channel without on_return_raises hands an unroutable mandatory message back instead of raising
@@ -309,19 +351,31 @@ async def publish_command(topology: Topology, command: Command) -> None:
 
 
 async def publish_event(topology: Topology, event: OrderEvent) -> None:
-    await topology.events.publish(
-        aio_pika.Message(
-            body=event.model_dump_json().encode(),
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=str(event.event_id),
-            correlation_id=event.correlation_id,
-            type=event.type.value,
-            user_id=topology.publisher,
-            timestamp=event.occurred_at,
-            headers=trace_headers(),
-        ),
-        routing_key=event.type.routing_key,
+    message = _published(
+        topology, event.model_dump_json(), event.event_id, event.correlation_id, event.type, event.occurred_at
+    )
+    await topology.events.publish(message, routing_key=event.type.routing_key)
+
+
+def _published(
+    topology: Topology,
+    body: str,
+    message_id: UUID,
+    correlation_id: str | None,
+    message_type: StrEnum,
+    timestamp: datetime | None = None,
+) -> aio_pika.Message:
+    """Persistent JSON from `topology`'s publisher, carrying the current trace."""
+    return aio_pika.Message(
+        body=body.encode(),
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=str(message_id),
+        correlation_id=correlation_id,
+        type=message_type.value,
+        user_id=topology.publisher,
+        timestamp=timestamp,
+        headers=trace_headers(),
     )
 
 
@@ -333,25 +387,18 @@ async def dead_letter(
     reason: str,
     error: str,
 ) -> None:
-    """Move a message the consumer gave up on to the dead-letter queue, saying why, then ack it.
-
-    Publishing (confirmed) comes before the ack, so a crash in between duplicates the message in
-    the dead-letter queue rather than losing it.
-    """
-    headers: HeadersType = dict(message.headers or {})
-    headers.update(
-        {
-            REASON_HEADER: reason,
-            ERROR_HEADER: error[:2000],
-            CONSUMER_HEADER: consumer,
-            DELIVERIES_HEADER: delivery_count(message) + 1,
-            EXCHANGE_HEADER: message.exchange,
-        }
+    """To the dead-letter queue, saying why, then acked: a crash in between duplicates it, never loses it."""
+    why = DeadLetterHeaders(
+        reason=reason,
+        error=error[:MAX_ERROR_HEADER_LENGTH],
+        consumer=consumer,
+        deliveries=delivery_count(message) + 1,
+        exchange=message.exchange,
     )
     await topology.dead_letter.publish(
         aio_pika.Message(
             body=message.body,
-            headers=headers,
+            headers={**(message.headers or {}), **why.model_dump(by_alias=True)},
             content_type=message.content_type,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message.message_id,

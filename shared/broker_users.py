@@ -1,12 +1,8 @@
 """Least privilege on the broker: one RabbitMQ user per service, allowed only what it uses.
 
-RabbitMQ grants a user, per vhost, three regular expressions over exchange and queue names:
-configure (declare, delete), write (publish to an exchange, bind a queue) and read (consume or get
-from a queue). No service may configure: an administrator declares the topology once
-(`shared.broker.provision`), and a passive declare, which is how a service finds what it uses,
-needs no permission at all. The users, their passwords (as salted hashes) and their permissions
-are written as RabbitMQ definitions, which `rabbitmqctl import_definitions` (`make run`) or the
-broker's `load_definitions` (compose) applies.
+No service may configure (declare, delete): an administrator declares the topology once
+(`shared.broker.provision`). The users, their password hashes and permissions are RabbitMQ
+definitions, applied by `rabbitmqctl import_definitions` (`make run`) or `load_definitions` (compose).
 """
 
 from __future__ import annotations
@@ -15,7 +11,6 @@ import asyncio
 import base64
 import hashlib
 import json
-import os
 import re
 import secrets
 import shutil
@@ -23,10 +18,10 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import unquote
 
 import httpx
+from pydantic import JsonValue
 from yarl import URL
 
 from shared import broker
@@ -36,7 +31,7 @@ from shared.broker import (
     DEAD_LETTER_QUEUE,
     EVENTS_EXCHANGE,
 )
-from shared.connection_security import amqp_ssl_context, amqp_url, read_secret
+from shared.connection_security import amqp_ssl_context, amqp_url, create_private_file, read_secret
 from shared.settings import Settings
 
 NOTHING = "^$"
@@ -47,7 +42,7 @@ MANAGEMENT_TIMEOUT_SECONDS = 30.0
 
 @dataclass(frozen=True)
 class Grant:
-    """A user's permissions on one vhost, as RabbitMQ's three regular expressions."""
+    """A user's permissions on one vhost: regular expressions over exchange and queue names."""
 
     configure: str = NOTHING
     write: str = NOTHING
@@ -60,8 +55,7 @@ def only(*names: str) -> str:
 
 
 def grants(settings: Settings) -> dict[str, Grant]:
-    """Each account and what it may do. A dead letter is published to its exchange, and a replay
-    to the exchange it came from."""
+    """Each account and what it may do (a replay of a dead letter goes to the exchange it came from)."""
     return {
         "gateway": Grant(write=only(COMMANDS_EXCHANGE)),
         "bridge": Grant(
@@ -90,9 +84,8 @@ def password_hash(password: str) -> str:
 
 def definitions(
     settings: Settings, vhost: str, passwords: Mapping[str, str], prefix: str = USER_PREFIX
-) -> dict[str, Any]:
-    """RabbitMQ definitions creating each account in `passwords` (as `prefix` + account) with
-    its permissions on `vhost` (which they create too, if missing)."""
+) -> dict[str, JsonValue]:
+    """RabbitMQ definitions of the accounts in `passwords` (user `prefix` + account), granted on `vhost`."""
     granted = grants(settings)
     return {
         "vhosts": [{"name": vhost}],
@@ -112,19 +105,16 @@ def definitions(
 
 
 def stored_passwords(directory: Path) -> dict[str, str]:
-    """Each account's password, from `directory/broker-<account>.password` (mode 0600), made on
-    first use; the services read their own file (`ORDERFLOW_AMQP_PASSWORD_FILE`)."""
+    """Each account's password, from its `password_file` in `directory`, made on first use."""
     for account in ACCOUNTS:
         path = password_file(directory, account)
         if not path.exists():
-            # created 0600 before anything is written to it
-            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
-                file.write(secrets.token_urlsafe(PASSWORD_BYTES))
+            create_private_file(path, secrets.token_urlsafe(PASSWORD_BYTES).encode())
     return read_passwords(directory)
 
 
 def read_passwords(directory: Path) -> dict[str, str]:
-    """Each account's password, from `directory/broker-<account>.password` (Docker secrets, say)."""
+    """Each account's password, from its `password_file` in `directory` (Docker secrets, say)."""
     return {account: read_secret(password_file(directory, account)) for account in ACCOUNTS}
 
 
@@ -136,7 +126,7 @@ class CannotCreateUsers(Exception):
     """rabbitmqctl is missing or refused (it needs root or the rabbitmq user on the broker's host)."""
 
 
-def import_definitions(content: Mapping[str, Any]) -> None:
+def import_definitions(content: Mapping[str, JsonValue]) -> None:
     """Apply definitions with rabbitmqctl, over its standard input: no password on a command line."""
     ctl = shutil.which("rabbitmqctl")
     if ctl is None:
@@ -169,8 +159,7 @@ async def provision(
     management_url: str | None = None,
     prefix: str = USER_PREFIX,
 ) -> None:
-    """As `settings`' administrative user: the accounts of `passwords` created or brought up to
-    date (through the management API at `management_url`, else rabbitmqctl), then the topology."""
+    """As administrator: the accounts (through `management_url`, else rabbitmqctl), then the topology."""
     if passwords:
         content = definitions(settings, vhost_of(settings.amqp_url), passwords, prefix)
         if management_url is None:
@@ -179,10 +168,11 @@ async def provision(
             await asyncio.to_thread(post_definitions, management_url, settings, content)
     connection = await broker.connect(settings, "orderflow-provisioning", patience=0)
     async with connection:
+        await broker.replace_quorum_dead_letter_queue(connection)
         await broker.provision(await connection.channel(), settings)
 
 
-def post_definitions(management_url: str, settings: Settings, content: Mapping[str, Any]) -> None:
+def post_definitions(management_url: str, settings: Settings, content: Mapping[str, JsonValue]) -> None:
     """Apply definitions through RabbitMQ's management API, as the administrator of `amqp_url`."""
     admin = URL(amqp_url(settings))
     response = httpx.post(
@@ -201,8 +191,7 @@ def post_definitions(management_url: str, settings: Settings, content: Mapping[s
 async def set_up_accounts(
     settings: Settings, secrets_dir: Path, prefix: str = USER_PREFIX
 ) -> dict[str, dict[str, str]]:
-    """`make run`: the accounts created (or their permissions brought up to date) and the topology
-    declared, as `settings`' administrative user; returns each service's ORDERFLOW_AMQP_* variables."""
+    """`make run`'s `provision`, with stored passwords: each service's ORDERFLOW_AMQP_* variables."""
     await provision(settings, stored_passwords(secrets_dir), prefix=prefix)
     return {
         service: {

@@ -1,14 +1,8 @@
-"""Payloads encrypted before they leave the process, so no Temporal history holds order data in
-plaintext: a `PayloadCodec` with AES-256-GCM, and the data converter every client and worker uses.
+"""Temporal payloads encrypted (AES-256-GCM) before they leave the process, so no history holds
+order data in plaintext, failure texts included.
 
-Each payload is sealed whole (its metadata and data) under the keyring's first key, with a fresh
-96-bit nonce; the key's id travels in the payload's metadata, so a payload sealed under an older
-key still opens after a rotation while that key stays in the keyring. Failure messages and stack
-traces go into encoded attributes, under the same codec (they may quote order data).
-
-Keys come from `ORDERFLOW_PAYLOAD_KEYS` (`id:base64-of-32-bytes`, comma-separated) and
-`ORDERFLOW_PAYLOAD_KEYS_FILE` (the same, one per line); the first key of the two together
-encrypts. An error names the setting and where in it, never a key.
+Each payload is sealed whole under the keyring's first key; the key's id travels in its metadata, so
+after a rotation a payload sealed under an older key opens while that key stays in the keyring.
 """
 
 from __future__ import annotations
@@ -28,6 +22,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from temporalio.api.common.v1 import Payload
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes, PayloadCodec
+
+from shared.connection_security import create_private_file
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -96,7 +92,7 @@ def _entries(settings: Settings) -> Iterator[tuple[str, str]]:
 
 
 def payload_keyring(settings: Settings) -> PayloadKeyring:
-    """The configured keys; a service that talks to Temporal does not run without one."""
+    """The keys of `payload_keys` then `payload_keys_file`; an error names where, never a key."""
     ciphers = parse_key_entries(_entries(settings))
     if not ciphers:
         raise PayloadKeysError(
@@ -107,8 +103,7 @@ def payload_keyring(settings: Settings) -> PayloadKeyring:
 
 
 class EncryptionCodec(PayloadCodec):
-    """AES-256-GCM over each whole payload. A payload without the `binary/encrypted` encoding is
-    passed through on decode: histories begun before encryption still replay."""
+    """AES-256-GCM over each whole payload; unencrypted ones pass on decode, so older histories replay."""
 
     def __init__(self, keyring: PayloadKeyring) -> None:
         self._keyring = keyring
@@ -158,10 +153,6 @@ def new_key_line(key_id: str) -> str:
 
 
 def ensure_keys_file(path: Path, key_id: str) -> None:
-    """Create `path` (mode 0600) holding one new key, unless it exists."""
-    if path.exists():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(new_key_line(key_id) + "\n")
+    """Create `path` holding one new key, unless it exists."""
+    if not path.exists():
+        create_private_file(path, (new_key_line(key_id) + "\n").encode())

@@ -1,13 +1,10 @@
-"""How orderflow's connections to RabbitMQ and PostgreSQL are secured: passwords read from files
-(never from the logs or an error message) and TLS contexts built from the settings.
-
-Every connection goes through here: the services' broker connections and `orderflow dlq`
-(`shared.broker.connect`), every database engine (`shared.db.create_engine`), the migrations and
-the connections that create or drop a database (`shared.schema`).
+"""Secrets in files and secured connections: every connection to RabbitMQ and PostgreSQL takes its
+password (from a file, never logged) and its TLS context from here.
 """
 
 from __future__ import annotations
 
+import os
 import ssl
 from pathlib import Path
 
@@ -25,6 +22,13 @@ def read_secret(path: Path) -> str:
     return path.read_text(encoding="utf-8").rstrip("\r\n")
 
 
+def create_private_file(path: Path, content: bytes) -> None:
+    """A new file that only its owner may read: mode 0600 from its creation, before it holds anything."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
+        file.write(content)
+
+
 def amqp_url(settings: Settings) -> str:
     """`amqp_url` with the password from `amqp_password_file`, when one is given."""
     if settings.amqp_password_file is None:
@@ -34,8 +38,7 @@ def amqp_url(settings: Settings) -> str:
 
 
 def amqp_ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    """For an amqps:// URL: the broker's certificate checked against `amqp_ca_file` (else the
-    system's CAs) and its name, and our client certificate when one is given."""
+    """For an amqps:// URL: the broker's certificate and name checked, ours presented when given."""
     if URL(settings.amqp_url).scheme != "amqps":
         return None
     return client_context(settings.amqp_ca_file, settings.amqp_cert_file, settings.amqp_key_file)
@@ -50,9 +53,8 @@ def database_url(settings: Settings) -> str:
 
 
 def postgres_ssl(settings: Settings) -> PostgresSSL:
-    """libpq's sslmode semantics: `require` encrypts without checking the server (unless a root
-    certificate is given, as libpq does), `verify-ca` checks its certificate, `verify-full` its
-    name too; `disable`, `allow` and `prefer` are left to asyncpg, which knows them by name."""
+    """libpq's sslmode semantics (`require` checks nothing unless given a root certificate); asyncpg
+    knows `disable`, `allow` and `prefer` by name."""
     mode = settings.database_sslmode
     if mode in ("disable", "allow", "prefer"):
         return mode

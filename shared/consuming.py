@@ -1,21 +1,13 @@
-"""How orderflow's consumers (the bridge, the audit consumer) treat the messages they receive.
-
-- Each delivered message runs in its own task; manual acks, given by the handler after its work.
-- A body that is not JSON, or not the contract's schema, goes to the dead-letter queue at once.
-- Transient outages (Temporal or PostgreSQL unreachable) are retried in place with capped
-  backoff: the message is neither lost nor counted as poison.
-- Any other error requeues the message; once it has been delivered `max_deliveries` times it is
-  dead-lettered with reason `processing_failed`. One bad message never stops the consumer.
-- On stop the consumer is cancelled and in-flight messages finish; a message still waiting out
-  an outage is left unacked, so the broker hands it out again.
-- Each message is counted per queue (consumed, requeued, dead-lettered) and, while tracing is on,
-  handled in a span that continues its publisher's trace.
+"""How orderflow's consumers (the bridge, the audit consumer) treat what they receive: each message
+in a task of its own, acked by its handler. A body that is not the contract's JSON is dead-lettered
+at once; a transient outage (Temporal, PostgreSQL) is retried in place; any other failure requeues
+the message until its `max_deliveries`th delivery dead-letters it (`processing_failed`). On stop,
+messages in flight get `drain_seconds`; the broker hands out again what is left unacked.
 """
 
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import TypeVar
@@ -29,14 +21,13 @@ from sqlalchemy.exc import DBAPIError
 from temporalio.service import RPCError, RPCStatusCode
 
 from shared import broker, tracing
-from shared.settings import Settings
+from shared.settings import DRAIN_SECONDS, Settings
 
 T = TypeVar("T")
 M = TypeVar("M")
 
 FIRST_RETRY_DELAY_SECONDS = 0.1
 MAX_RETRY_DELAY_SECONDS = 5.0
-DRAIN_TIMEOUT_SECONDS = 15.0
 
 _TRANSIENT_RPC_STATUSES = frozenset(
     {RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.RESOURCE_EXHAUSTED}
@@ -134,12 +125,18 @@ class QueueConsumer:
     """Feeds one queue's messages to a handler until stopped; settles what the handler could not."""
 
     def __init__(
-        self, name: str, topology: broker.Topology, max_deliveries: int, stop: asyncio.Event
+        self,
+        name: str,
+        topology: broker.Topology,
+        max_deliveries: int,
+        stop: asyncio.Event,
+        drain_seconds: float = DRAIN_SECONDS,
     ) -> None:
         self._name = name
         self._topology = topology
         self._max_deliveries = max_deliveries
         self._stop = stop
+        self._drain_seconds = drain_seconds
         self._in_flight: set[asyncio.Task[object]] = set()
 
     async def run(
@@ -148,7 +145,7 @@ class QueueConsumer:
         validate: Callable[[bytes], M],
         handle: Callable[[AbstractIncomingMessage, M], Awaitable[None]],
     ) -> None:
-        """Consume until `stop` is set, then give in-flight messages time to finish."""
+        """Consume until `stop` is set, then give in-flight messages `drain_seconds` to finish."""
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             task = asyncio.current_task()
@@ -166,15 +163,19 @@ class QueueConsumer:
         try:
             await self._stop.wait()
         finally:
+            drained_by = asyncio.get_running_loop().time() + self._drain_seconds
             with suppress(AMQPError, OSError, TimeoutError):
                 await queue.cancel(consumer_tag, timeout=5)
-            await self._drain()
+            await self._drain(drained_by)
             log.info("stopped consuming", queue=queue.name)
 
-    async def _drain(self) -> None:
+    async def _drain(self, drained_by: float) -> None:
         if not self._in_flight:
             return
-        _, unfinished = await asyncio.wait(set(self._in_flight), timeout=DRAIN_TIMEOUT_SECONDS)
+        timeout = max(0.0, drained_by - asyncio.get_running_loop().time())
+        _, unfinished = await asyncio.wait(set(self._in_flight), timeout=timeout)
+        if unfinished:
+            log.warning("drain time over: messages left for redelivery", messages=len(unfinished))
         for task in unfinished:
             task.cancel()
 
@@ -230,12 +231,3 @@ class QueueConsumer:
         await broker.dead_letter(self._topology, message, consumer=self._name, reason=reason, error=error)
         MESSAGES_DEAD_LETTERED.labels(queue, reason).inc()
         log.error("message dead-lettered", outcome="dead_lettered", reason=reason, error=error)
-
-
-def stop_on_signals() -> asyncio.Event:
-    """An event set by SIGINT or SIGTERM, for a service's main loop to wait on."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    return stop

@@ -1,7 +1,7 @@
 """The public contract: commands into orderflow, events out of it, and an order's status.
 
-Every other module imports these models; the README and `docs/asyncapi.json` are generated from or
-checked against them. This module stays free of I/O imports because workflow code uses it too.
+`docs/asyncapi.json` is generated from these models (their docstrings are its summaries). Free of
+I/O imports: workflow code uses this module too.
 """
 
 from __future__ import annotations
@@ -27,13 +27,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-# --- bounds (documented in the AsyncAPI document) -------------------------------------------------
 MAX_ITEMS = 100
 MAX_QTY = 1_000
 MAX_UNIT_PRICE_CENTS = 100_000_000
 
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
-"""An order id or payment id: 1 to 64 letters, digits, '.', '_' or '-'."""
+"""An order id, payment id or SKU."""
 
 CorrelationId = Annotated[str, StringConstraints(max_length=128)]
 """A caller's id that ties related commands and events together."""
@@ -70,14 +69,12 @@ class OrderItem(Model):
     @field_validator("qty", "unit_price_cents", mode="before")
     @classmethod
     def _json_integer(cls, value: object) -> object:
-        """A JSON integer (`2`, or `2.0`, which JSON Schema counts as one), as the documents say:
-        pydantic alone would also make 2 of `true` or `"2"`."""
+        """A JSON integer (`2`, or `2.0`), as documented: pydantic alone would also take `true` or `"2"`."""
         if isinstance(value, bool | str):
             raise PydanticCustomError("int_type", "Input should be a valid integer")
         return value
 
 
-# --- who issued a command ------------------------------------------------------------------------
 class Role(StrEnum):
     """What a caller may do (docs/security.md has the whole matrix)."""
 
@@ -91,9 +88,7 @@ Subject = Annotated[str, StringConstraints(min_length=1, max_length=255)]
 
 
 class Actor(Model):
-    """The verified identity a command was issued by, and its roles. Never taken from a publisher's
-    word: the gateway sets it from the bearer token, the bridge from the broker-validated `user_id`
-    (or, for a publisher configured as a delegate, such as the gateway, from what it names)."""
+    """The verified issuer of a command and its roles, never taken from a publisher's word."""
 
     subject: Subject
     roles: frozenset[Role] = frozenset()
@@ -102,7 +97,6 @@ class Actor(Model):
         return not self.roles.isdisjoint(roles)
 
 
-# --- commands -------------------------------------------------------------------------------------
 class CommandType(StrEnum):
     PLACE = "PlaceOrder"
     APPROVE = "ApproveOrder"
@@ -146,21 +140,34 @@ class _CommandEnvelope(Model):
 
 
 class PlaceOrder(_CommandEnvelope):
+    """Place a new order: `queued` until the bridge admits its lifecycle (ORDERFLOW_MAX_RUNNING_LIFECYCLES
+    run at once), whose 15 seconds count from then. Refused (basic.nack) while the backlog is full:
+    retry later with the same command_id. An existing order id starts no second lifecycle."""
+
     type: Literal[CommandType.PLACE] = CommandType.PLACE
     payload: PlaceOrderPayload
 
 
 class ApproveOrder(_CommandEnvelope):
+    """Approve an order that waits for manual review (sent while it is queued, it applies when review
+    comes). From a reviewer or an operator, never from the order's own placer (four eyes)."""
+
     type: Literal[CommandType.APPROVE] = CommandType.APPROVE
     payload: ApproveOrderPayload = ApproveOrderPayload()
 
 
 class CancelOrder(_CommandEnvelope):
+    """Cancel an order, until dispatch: after payment it is refunded, a queued order never starts.
+    From its placer, an operator, or a reviewer while the order is in review."""
+
     type: Literal[CommandType.CANCEL] = CommandType.CANCEL
     payload: CancelOrderPayload = CancelOrderPayload()
 
 
 class UpdateAddress(_CommandEnvelope):
+    """Change the shipping address, until dispatch (for a queued order, as its lifecycle starts).
+    From its placer or an operator."""
+
     type: Literal[CommandType.UPDATE_ADDRESS] = CommandType.UPDATE_ADDRESS
     payload: UpdateAddressPayload
 
@@ -176,7 +183,6 @@ COMMAND_ROUTING_KEYS: dict[CommandType, str] = {
 }
 
 
-# --- events ---------------------------------------------------------------------------------------
 class EventType(StrEnum):
     QUEUED = "queued"
     ADMITTED = "admitted"
@@ -194,7 +200,7 @@ class EventType(StrEnum):
     ADDRESS_UPDATED = "address_updated"
     CANCELLED = "cancelled"
     FAILED = "failed"
-    TERMINATED = "terminated"  # the workflow was terminated: its ending written by the reconciler
+    TERMINATED = "terminated"
     COMMAND_REJECTED = "command_rejected"
 
     @property
@@ -211,101 +217,127 @@ TERMINAL_EVENTS = frozenset(
 )
 
 
-# --- event payloads: one model per event type, the `data` of its events ------------------------
 IsoTimestamp = Annotated[
     AwareDatetime, PlainSerializer(datetime.isoformat, return_type=str, when_used="json")
 ]
-"""A timestamp written as Python's `isoformat` (`+00:00`, not `Z`), as these fields always were."""
+"""Written as Python's `isoformat` (`+00:00`, not `Z`), as these fields always were."""
 
 
 def _absent(value: object) -> bool:
     return value is None
 
 
-Omitted = Field(default=None, exclude_if=_absent)
-"""An optional field left out of the JSON when unset (those without it are written as null)."""
-
-
 class EventData(Model):
-    """Base of the event payloads; `event_type` is the type whose `data` a payload is."""
+    """Base of the event payloads, one model per event type: the `data` of its events."""
 
     event_type: ClassVar[EventType]
 
 
 class QueuedData(EventData):
+    """The placement was accepted and waits for admission (seq 1)."""
+
     event_type = EventType.QUEUED
     queued_at: IsoTimestamp
     placed_by: Subject | None
 
 
 class AdmittedData(EventData):
+    """The lifecycle started: its 15 seconds count from here."""
+
     event_type = EventType.ADMITTED
     queued_at: IsoTimestamp | None = Field(description="null: started without waiting in the queue")
     admission_wait_seconds: float | None
 
 
 class ReceivedData(EventData):
+    """The order was recorded."""
+
     event_type = EventType.RECEIVED
     placed_by: Subject | None
 
 
 class ValidatedData(EventData):
+    """The order passed validation."""
+
     event_type = EventType.VALIDATED
 
 
 class AwaitingApprovalData(EventData):
+    """The order waits for an ApproveOrder; at the end of its review window without one
+    (ORDERFLOW_REVIEW_WINDOW_SECONDS) it is cancelled with reason review_timeout."""
+
     event_type = EventType.AWAITING_APPROVAL
     review_window_seconds: float
 
 
 class ApprovedData(EventData):
+    """A reviewer approved the order."""
+
     event_type = EventType.APPROVED
     approved_by: Subject | None = Field(description="The verified subject that sent the approval")
     note: str | None
 
 
 class PaymentChargedData(EventData):
+    """The payment was charged (once per payment_id)."""
+
     event_type = EventType.PAYMENT_CHARGED
     amount_cents: int
     already_charged: bool = Field(description="True: this payment_id had been charged before")
 
 
 class ShippingStartedData(EventData):
+    """Shipping started."""
+
     event_type = EventType.SHIPPING_STARTED
     shipping_attempt: int = Field(ge=1)
 
 
 class PackagePreparedData(EventData):
+    """The package was prepared."""
+
     event_type = EventType.PACKAGE_PREPARED
 
 
 class CarrierDispatchedData(EventData):
+    """A carrier took the package."""
+
     event_type = EventType.CARRIER_DISPATCHED
     tracking_number: str
     address: Address = Field(description="Where the carrier takes the package")
 
 
 class DispatchFailedData(EventData):
+    """A dispatch failed; shipping is retried a bounded number of times."""
+
     event_type = EventType.DISPATCH_FAILED
     reason: str
     shipping_attempt: int = Field(ge=1)
 
 
 class ShippedData(EventData):
+    """The order was marked shipped."""
+
     event_type = EventType.SHIPPED
     tracking_number: str
 
 
 class CompletedData(EventData):
+    """The lifecycle finished successfully."""
+
     event_type = EventType.COMPLETED
 
 
 class AddressUpdatedData(EventData):
+    """The shipping address changed."""
+
     event_type = EventType.ADDRESS_UPDATED
     address: Address
 
 
 class CancelledData(EventData):
+    """The order was cancelled."""
+
     event_type = EventType.CANCELLED
     reason: str
     refunded: bool
@@ -317,23 +349,31 @@ class CancelledData(EventData):
 
 
 class FailedData(EventData):
+    """The lifecycle failed."""
+
     event_type = EventType.FAILED
     reason: str
     refunded: bool
 
 
 class TerminatedData(EventData):
+    """The order's workflow was terminated through Temporal (or timed out or failed there), so none
+    of its own code ran at the end; written by the reconciler."""
+
     event_type = EventType.TERMINATED
-    reason: str
+    reason: str = Field(description="Includes the termination's reason")
     workflow_status: str = Field(description="How Temporal closed the workflow, such as TERMINATED")
-    charged: bool
+    charged: bool = Field(description="Whether the payment had been charged")
     refunded: bool = Field(description="Every charge is refunded")
 
 
 class CommandRejectedData(EventData):
+    """A command could not apply (a cancel after shipment, an approve of an unknown order, ...); the
+    event's `command_id` names it. Nothing was applied."""
+
     event_type = EventType.COMMAND_REJECTED
     command_type: CommandType
-    reason: str
+    reason: str = Field(description="`forbidden`: the command's issuer may not send it")
     detail: str | None = Field(
         default=None, exclude_if=_absent, description="Why, for reason `forbidden`; absent otherwise"
     )
@@ -359,10 +399,8 @@ EventPayload = (
     | TerminatedData
     | CommandRejectedData
 )
-"""The `data` of an event: its type's payload model."""
 
 EVENT_DATA: dict[EventType, type[EventPayload]] = {model.event_type: model for model in EventPayload.__args__}
-"""Each event type's payload model."""
 
 
 _EXAMPLE_TIME = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -412,18 +450,18 @@ class EventEnvelope(Model):
     command_id: UUID | None = None
 
 
-def _payload_model(info: ValidationInfo) -> type[EventPayload]:
-    """The payload model of the event being validated (its `type` is validated before `data`)."""
-    event_type = info.data.get("type")
+def _typed_data(data: object, info: ValidationInfo) -> EventPayload:
+    """`data` read as its event type's model only, so payloads of the same shape stay apart."""
+    event_type = info.data.get("type")  # validated before `data`
     if event_type is None:
         raise ValueError("an event's data is read by its type, which is not valid")
-    return EVENT_DATA[event_type]
+    model = EVENT_DATA[event_type]
+    return data if isinstance(data, model) else model.model_validate(data)
 
 
 class OrderEvent(EventEnvelope):
     """One lifecycle event. `seq` is 1, 2, 3, ... per order without gaps; 0 marks a
-    `command_rejected` for an order that has no running lifecycle (unknown or already ended).
-    `data` is the payload model of its `type`."""
+    `command_rejected` for an order that has no running lifecycle (unknown or already ended)."""
 
     data: EventPayload
 
@@ -432,14 +470,11 @@ class OrderEvent(EventEnvelope):
     def _data_of_its_type(
         cls, data: object, _: ValidatorFunctionWrapHandler, info: ValidationInfo
     ) -> EventPayload:
-        """Read as its type's model only, so payloads of the same shape stay apart."""
-        model = _payload_model(info)
-        return data if isinstance(data, model) else model.model_validate(data)
+        return _typed_data(data, info)
 
 
 class RecordedEvent(EventEnvelope):
-    """An event as the audit table holds it: `data` is its type's model, or, for a row of another
-    shape (written by an older orderflow, or by hand), the JSON object as stored."""
+    """An event as the audit table holds it; `data` of another shape (older, or by hand) stays as stored."""
 
     data: EventPayload | dict[str, JsonValue]
 
@@ -448,11 +483,8 @@ class RecordedEvent(EventEnvelope):
     def _data_of_its_type(
         cls, data: object, _: ValidatorFunctionWrapHandler, info: ValidationInfo
     ) -> EventPayload | dict[str, JsonValue]:
-        model = _payload_model(info)
-        if isinstance(data, model):
-            return data
         try:
-            return model.model_validate(data)
+            return _typed_data(data, info)
         except ValidationError:
             return _JSON_OBJECT.validate_python(data)
 
@@ -483,7 +515,6 @@ def event_of(
     )
 
 
-# --- status ---------------------------------------------------------------------------------------
 class OrderState(StrEnum):
     """Where an order stands. `queued`: accepted, waiting for the bridge to admit its lifecycle."""
 
@@ -498,16 +529,16 @@ class OrderState(StrEnum):
     COMPLETED = "completed"
     CANCELLED = "cancelled"
     FAILED = "failed"
-    TERMINATED = "terminated"  # its workflow was terminated (no workflow code ran at the end)
+    TERMINATED = "terminated"  # its workflow was terminated: no workflow code ran at the end
 
     @property
     def is_terminal(self) -> bool:
-        return self in (
-            OrderState.COMPLETED,
-            OrderState.CANCELLED,
-            OrderState.FAILED,
-            OrderState.TERMINATED,
-        )
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset(
+    {OrderState.COMPLETED, OrderState.CANCELLED, OrderState.FAILED, OrderState.TERMINATED}
+)
 
 
 class Step(StrEnum):
@@ -540,9 +571,8 @@ class OrderStatus(BaseModel):
     address: Address
     payment_id: str
     placed_by: str | None = None
-    """The subject that placed the order (None: placed before identities were recorded)."""
+    """None: placed before identities were recorded."""
     approved_by: str | None = None
-    """The subject that approved it, once approved."""
     attempts: dict[Step, int] = Field(default_factory=dict)
     recent_errors: list[StepError] = Field(default_factory=list)
     shipping_attempts: int = 0
@@ -552,8 +582,7 @@ class OrderStatus(BaseModel):
     queued_at: datetime | None = None
     """When the bridge took the placement in; `started_at - queued_at` is the admission wait."""
     waiting_for_slot_since: datetime | None = None
-    """Approved after giving its admission slot back for the review, it waits for one to go on
-    (ahead of every waiting placement) since then; None while it holds one or needs none."""
+    """Approved, it waits for a slot again (ahead of every placement); None: it holds one or needs none."""
     started_at: datetime
     updated_at: datetime
     finished_at: datetime | None = None

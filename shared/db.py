@@ -1,7 +1,7 @@
 """PostgreSQL: the tables (sqlmodel) and the async engine (asyncpg).
 
-The schema itself is created and changed only by the migrations in `migrations/`; these models
-describe it for queries. `tests/test_migrations.py` checks the two agree.
+Only the migrations (`migrations/`) create and change the schema; these models describe it for
+queries, and `tests/test_migrations.py` checks that the two agree.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -42,20 +41,14 @@ from shared.contracts import OrderState, PlaceOrder
 from shared.settings import Settings
 
 
-def _timestamp(nullable: bool = True, default_now: bool = False) -> Any:
-    return Field(
-        default=None,
-        sa_column=Column(
-            DateTime(timezone=True),
-            nullable=nullable,
-            server_default=func.now() if default_now else None,
-        ),
+def _timestamp(nullable: bool = True, default_now: bool = False) -> Column[datetime]:
+    return Column(
+        DateTime(timezone=True), nullable=nullable, server_default=func.now() if default_now else None
     )
 
 
 class Order(SQLModel, table=True):
-    """The read model of an order: business steps write their columns, the audit consumer
-    projects `state`, `address`, `reason`, `placed_by` and `approved_by` from the events."""
+    """The read model of an order: business steps write their columns, the audit consumer the rest."""
 
     __tablename__ = "orders"
     # newest first is how orders are listed, a customer's own among them
@@ -66,7 +59,7 @@ class Order(SQLModel, table=True):
 
     id: str = Field(primary_key=True, max_length=64)
     payment_id: str = Field(max_length=64)
-    items: list[dict[str, Any]] = Field(sa_column=Column(JSONB, nullable=False))
+    items: list[dict[str, JsonValue]] = Field(sa_column=Column(JSONB, nullable=False))
     address: dict[str, JsonValue] = Field(sa_column=Column(JSONB, nullable=False))
     amount_cents: int = Field(sa_column=Column(BigInteger, nullable=False))
     state: str = Field(sa_column=Column(String(32), nullable=False, index=True))
@@ -74,20 +67,18 @@ class Order(SQLModel, table=True):
     reason: str | None = Field(default=None, sa_column=Column(Text))
     tracking_number: str | None = Field(default=None, max_length=64)
     placed_by: str | None = Field(default=None, max_length=255)
-    """The verified subject that placed the order (None: placed before issuers were recorded)."""
+    """None: placed before issuers were recorded."""
     approved_by: str | None = Field(default=None, max_length=255)
-    """The verified subject that approved it."""
-    created_at: datetime | None = _timestamp(nullable=False, default_now=True)
-    updated_at: datetime | None = _timestamp(nullable=False, default_now=True)
-    validated_at: datetime | None = _timestamp()
-    package_prepared_at: datetime | None = _timestamp()
-    dispatched_at: datetime | None = _timestamp()
-    shipped_at: datetime | None = _timestamp()
+    created_at: datetime | None = Field(default=None, sa_column=_timestamp(nullable=False, default_now=True))
+    updated_at: datetime | None = Field(default=None, sa_column=_timestamp(nullable=False, default_now=True))
+    validated_at: datetime | None = Field(default=None, sa_column=_timestamp())
+    package_prepared_at: datetime | None = Field(default=None, sa_column=_timestamp())
+    dispatched_at: datetime | None = Field(default=None, sa_column=_timestamp())
+    shipped_at: datetime | None = Field(default=None, sa_column=_timestamp())
 
 
 class Payment(SQLModel, table=True):
-    """One charge per `payment_id`: the primary key is what makes charging idempotent. A voided
-    row (no `charged_at`) holds the id for an order that stopped before its charge committed."""
+    """One charge per `payment_id` (the key makes charging idempotent); voided: stopped before charging."""
 
     __tablename__ = "payments"
 
@@ -95,16 +86,13 @@ class Payment(SQLModel, table=True):
     order_id: str = Field(max_length=64, index=True)
     amount_cents: int = Field(sa_column=Column(BigInteger, nullable=False))
     status: str = Field(max_length=16)
-    charged_at: datetime | None = _timestamp(default_now=True)
-    refunded_at: datetime | None = _timestamp()
-    voided_at: datetime | None = _timestamp()
+    charged_at: datetime | None = Field(default=None, sa_column=_timestamp(default_now=True))
+    refunded_at: datetime | None = Field(default=None, sa_column=_timestamp())
+    voided_at: datetime | None = Field(default=None, sa_column=_timestamp())
 
 
 class AuditEvent(SQLModel, table=True):
-    """Every event once: unique on `event_id`, and on `(order_id, seq)` for lifecycle events.
-
-    `position` numbers the rows in the order their transactions commit; the table's trigger sets
-    it on insert (whatever the insert says) and NOTIFYs `orderflow_events` (migration 0004)."""
+    """Every event once; a trigger (migration 0004) numbers `position` in commit order, and NOTIFYs."""
 
     __tablename__ = "order_events"
     __table_args__ = (
@@ -127,7 +115,7 @@ class AuditEvent(SQLModel, table=True):
     correlation_id: str | None = Field(default=None, max_length=128)
     command_id: UUID | None = None
     data: dict[str, JsonValue] = Field(sa_column=Column(JSONB, nullable=False))
-    recorded_at: datetime | None = _timestamp(nullable=False, default_now=True)
+    recorded_at: datetime | None = Field(default=None, sa_column=_timestamp(nullable=False, default_now=True))
     position: int | None = Field(
         default=None, sa_column=Column(BigInteger, nullable=False, server_default=FetchedValue())
     )
@@ -143,14 +131,13 @@ class ProcessedCommand(SQLModel, table=True):
     type: str = Field(max_length=32)
     outcome: str = Field(max_length=16)
     detail: str | None = Field(default=None, sa_column=Column(Text))
-    processed_at: datetime | None = _timestamp(nullable=False, default_now=True)
+    processed_at: datetime | None = Field(
+        default=None, sa_column=_timestamp(nullable=False, default_now=True)
+    )
 
 
 class Admission(SQLModel, table=True):
-    """The bridge's record of one order's admission: from the placement's arrival (or a command
-    that overtook it) until its lifecycle ends. Rows `admitting` or `running` hold the slots that
-    `max_running_lifecycles` bounds; `resuming` ones (approved, waiting for a slot) come first
-    when one is freed."""
+    """One order's admission, from its placement (or a command ahead of it) until its lifecycle ends."""
 
     __tablename__ = "admissions"
     __table_args__ = (
@@ -169,12 +156,12 @@ class Admission(SQLModel, table=True):
         default_factory=list, sa_column=Column(JSONB, nullable=False, server_default="[]")
     )
     cancel_command_id: UUID | None = None
-    created_at: datetime | None = _timestamp(nullable=False, default_now=True)
-    queued_at: datetime | None = _timestamp()
-    admitted_at: datetime | None = _timestamp()
-    resuming_since: datetime | None = _timestamp()
+    created_at: datetime | None = Field(default=None, sa_column=_timestamp(nullable=False, default_now=True))
+    queued_at: datetime | None = Field(default=None, sa_column=_timestamp())
+    admitted_at: datetime | None = Field(default=None, sa_column=_timestamp())
+    resuming_since: datetime | None = Field(default=None, sa_column=_timestamp())
     """When it first asked for a slot again after its review (its place among the approved)."""
-    ended_at: datetime | None = _timestamp()
+    ended_at: datetime | None = Field(default=None, sa_column=_timestamp())
 
 
 INSERT_ORDER = (
@@ -190,9 +177,8 @@ INSERT_ORDER = (
     )
     .on_conflict_do_nothing(index_elements=[Order.id])
 )
-"""The order's row as first written (by whoever comes first: the bridge registering the
-placement, or the lifecycle receiving it); a second insert changes nothing. Parameters:
-`order_row`."""
+"""The order's row as first written, by the bridge or the lifecycle, whichever comes first (parameters:
+`order_row`)."""
 
 
 def order_row(order: PlaceOrder, state: OrderState) -> dict[str, object]:
@@ -213,15 +199,9 @@ async def insert_order(session: AsyncSession, order: PlaceOrder, state: OrderSta
 
 
 def create_engine(settings: Settings, *, pre_ping: bool = False) -> AsyncEngine:
-    """A pool of connections to the database.
-
-    `pre_ping` checks each connection as it leaves the pool: a round trip per transaction, worth
-    it only where nobody retries. The services' own work retries what a transient failure stops,
-    and a connection found dead invalidates the whole pool, so after a restart of PostgreSQL each
-    process meets one failure, not one per pooled connection.
-    """
-    # enough kept open for a worker's steps at full load: a connection opened past the pool's size
-    # is closed again after its transaction, and opening one costs both ends far more than using it
+    """A pool of connections. `pre_ping` costs a round trip per transaction: worth it only where
+    nobody retries (a connection found dead invalidates the whole pool anyway)."""
+    # enough kept open for a worker's steps at full load: opening a connection costs more than using it
     return create_async_engine(
         database_url(settings),
         connect_args={"ssl": postgres_ssl(settings)},
@@ -243,8 +223,7 @@ async def transaction(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterat
 
 
 async def listening_connection(settings: Settings, timeout: float = 60.0) -> asyncpg.Connection:
-    """A plain asyncpg connection, for LISTEN (outside the pool: it stays open), with the engine's
-    URL, password and TLS."""
+    """A plain asyncpg connection for LISTEN (it stays open: outside the pool), secured as the engine's."""
     dsn = make_url(database_url(settings)).set(drivername="postgresql")
     return await asyncpg.connect(
         dsn.render_as_string(hide_password=False), ssl=postgres_ssl(settings), timeout=timeout

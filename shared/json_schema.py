@@ -1,10 +1,8 @@
 """JSON Schema of the contract models as they validate, for the OpenAPI and AsyncAPI documents.
 
-The contract strips surrounding whitespace from free text (names, address lines, reasons) before it
-checks the length, so `minLength`/`maxLength` would be wrong about both ends: `" "` has length 1 and
-is refused, a name padded with spaces past 200 characters is accepted. Such a field is documented
-by a pattern over the text as sent instead, so every message the documents allow is accepted and
-every message they refuse is rejected.
+Free text is stripped before its length is checked, so `minLength`/`maxLength` would be wrong both
+ways (`" "` is refused, a padded name past 200 characters accepted): a pattern over the text as sent
+documents it instead.
 """
 
 from __future__ import annotations
@@ -18,9 +16,8 @@ WHITESPACE = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 
 
 def stripped_text_pattern(min_length: int, max_length: int) -> str:
-    """A regex for text that is `min_length` (0 or 1) to `max_length` characters long once
-    surrounding whitespace is removed. The outer runs may take all of that whitespace, so at most
-    `max_length` characters remain between them; with `min_length` 1 the first of them is not whitespace."""
+    """Text of `min_length` (0 or 1) to `max_length` characters once stripped: the outer runs take the
+    whitespace, with `min_length` 1 the first character between them is not whitespace."""
     space = f"[{WHITESPACE}]*"
     if min_length == 0:
         return rf"^{space}[\s\S]{{0,{max_length}}}{space}$"

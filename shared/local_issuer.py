@@ -1,24 +1,25 @@
 """The local development issuer: a signing key on disk that mints bearer tokens for `make run`.
 
-The gateway trusts it only when `ORDERFLOW_AUTH_LOCAL_ISSUER=true` (never by default), so a
-production gateway cannot run open by accident. The key is created on first use, readable by its
-owner only, kept outside git (`.run/`), and never logged.
+The gateway trusts it only with `ORDERFLOW_AUTH_LOCAL_ISSUER=true` (never by default), so a
+production gateway cannot run open by accident. Its key is readable by its owner only, kept outside
+git (`.run/`), and never logged.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
+from pydantic import JsonValue
 
+from shared.connection_security import create_private_file
 from shared.contracts import Role
 
 if TYPE_CHECKING:
@@ -35,22 +36,18 @@ class NoLocalIssuer(Exception):
 
 
 def under_make_run(settings: Settings) -> bool:
-    """Whether `make run` and `orderflow token` use the local issuer: as ORDERFLOW_AUTH_LOCAL_ISSUER
-    says, or, where it is not set, yes (`make run` then passes it on to the gateway explicitly)."""
+    """Whether `make run` and `orderflow token` use the local issuer: yes unless the setting says no."""
     return settings.auth_local_issuer or "auth_local_issuer" not in settings.model_fields_set
 
 
 def ensure_key(path: Path) -> None:
-    """Create the issuer's private key at `path` (mode 0600) unless it exists."""
-    if path.exists():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(pem)
+    """Create the issuer's private key at `path` unless it exists."""
+    if not path.exists():
+        key = ec.generate_private_key(ec.SECP256R1())
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        create_private_file(path, pem)
 
 
 def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -90,24 +87,27 @@ def mint_token(
     lifetime_seconds: int | None = None,
     now: float | None = None,
 ) -> str:
-    """A signed access token for `subject` with `roles`, for the gateway `settings` describe: its
-    audience, its roles claim (a dotted path such as `realm_access.roles` nests it, as Keycloak
-    does), the local issuer's key and, unless given, its token lifetime."""
+    """A signed access token for `subject` with `roles`, as the gateway `settings` describe expects it."""
     private_key = load_private_key(settings.auth_local_issuer_key_file)
     issued_at = int(time.time() if now is None else now)
     lifetime = settings.auth_local_token_lifetime_seconds if lifetime_seconds is None else lifetime_seconds
-    claims: dict[str, Any] = {
+    claims: dict[str, JsonValue] = {
         "iss": ISSUER,
         "aud": settings.auth_audience,
         "sub": subject,
         "iat": issued_at,
         "nbf": issued_at,
         "exp": issued_at + lifetime,
+        **nested_claim(settings.auth_roles_claim, [role.value for role in roles]),
     }
-    *parents, leaf = settings.auth_roles_claim.split(".")
-    holder = claims
-    for parent in parents:
-        holder = holder.setdefault(parent, {})
-    holder[leaf] = [role.value for role in roles]
     kid = key_id(private_key.public_key())
     return jwt.encode(claims, private_key, algorithm=ALGORITHM, headers={"kid": kid})
+
+
+def nested_claim(path: str, value: JsonValue) -> dict[str, JsonValue]:
+    """`value` under the claim `path`; dots nest, as Keycloak's `realm_access.roles`."""
+    *parents, leaf = path.split(".")
+    claim: dict[str, JsonValue] = {leaf: value}
+    for parent in reversed(parents):
+        claim = {parent: claim}
+    return claim

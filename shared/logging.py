@@ -1,22 +1,28 @@
-"""Structured logs: one JSON line per event, from structlog and from the standard library alike.
+"""Structured logs: one JSON line per event, from structlog and the standard library alike, with the
+current span's `trace_id` and `span_id` when there is one.
 
 Workflow code logs through `temporalio.workflow.logger` (standard logging, silent during replay);
-its `extra` fields (order_id, step, attempt, ...) land in the same JSON lines.
+its `extra` fields (order_id, step, attempt, ...) land in the same lines.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import NoReturn, TextIO
 
 import structlog
+from opentelemetry import trace
 from pydantic import ValidationError
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from shared.settings import Settings, get_settings, invalid_settings_message
 
 _SKIPPED_RECORD_FIELDS = frozenset(
-    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys() | {"message", "asctime"}
+    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
+    # uvicorn's records repeat the message, in ANSI colours, as `color_message`
+    | {"message", "asctime", "color_message"}
 )
 
 
@@ -30,12 +36,27 @@ def _record_extras(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDic
     return event_dict
 
 
+def _trace_context(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """The current span's ids in OpenTelemetry's hex form, so a log line leads to its trace."""
+    span = trace.get_current_span().get_span_context()
+    if span.is_valid:
+        event_dict["trace_id"] = trace.format_trace_id(span.trace_id)
+        event_dict["span_id"] = trace.format_span_id(span.span_id)
+    return event_dict
+
+
+def _colours_on(stream: TextIO) -> bool:
+    """Colour only on a terminal, and never with NO_COLOR set (https://no-color.org)."""
+    return stream.isatty() and not os.environ.get("NO_COLOR")
+
+
 def configure_logging(settings: Settings, service: str) -> None:
     shared_processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _trace_context,
         # tracebacks as data, without local variables (they hold whole requests and secrets)
         structlog.processors.ExceptionRenderer(
             structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
@@ -44,9 +65,10 @@ def configure_logging(settings: Settings, service: str) -> None:
     renderer = (
         structlog.processors.JSONRenderer(default=str)
         if settings.log_json
-        # plain tracebacks: the default (rich, with every frame's locals) shows what the JSON lines
-        # keep out, and takes seconds on a slow machine, the event loop blocked meanwhile
-        else structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+        # plain tracebacks: rich's show every frame's locals and block the event loop for seconds
+        else structlog.dev.ConsoleRenderer(
+            colors=_colours_on(sys.stdout), exception_formatter=structlog.dev.plain_traceback
+        )
     )
     structlog.configure(
         # a line below the level is dropped before the processors spend time on it
@@ -77,11 +99,15 @@ def configure_logging(settings: Settings, service: str) -> None:
 
 
 def settings_or_exit(service: str) -> Settings:
-    """The settings; when one is bad, one log line naming it and exit code 2, not a traceback. The
-    line is JSON, the default: the settings that could choose otherwise are what could not be read."""
+    """The settings; when one is bad, `stop_starting` naming it (in JSON: nothing else could be read)."""
     try:
         return get_settings()
     except ValidationError as error:
         configure_logging(Settings.model_construct(), service)
-        structlog.get_logger().critical(invalid_settings_message(error))
-        raise SystemExit(2) from None
+        stop_starting(invalid_settings_message(error))
+
+
+def stop_starting(reason: str) -> NoReturn:
+    """Stop a service that cannot start with one critical log line and exit code 2, not a traceback."""
+    structlog.get_logger().critical(reason)
+    raise SystemExit(2)

@@ -1,13 +1,7 @@
-"""How a process serves its Prometheus metrics, Temporal's among them.
+"""How a process serves its Prometheus metrics (prometheus_client's default registry), Temporal's too.
 
-Each process keeps its metrics in prometheus_client's default registry (with the process's own
-CPU, memory and file descriptors). The gateway answers `/metrics` on its HTTP port; the bridge,
-workers and audit consumer serve the registry on a port of their own (`serve_metrics`).
-
-The Temporal SDK's metrics (`temporal_*`: polls, task latencies, slots, client requests) are kept
-by its Rust core, which serves them on a loopback port of its own; `temporal_runtime` sets that up
-and adds them to this process's answer at each scrape, so one port shows everything and the
-Python side does no work per metric update.
+The Temporal SDK's Rust core serves its own metrics on a loopback port; each scrape of ours adds
+them, so one port shows everything and the Python side does no work per metric update.
 """
 
 from __future__ import annotations
@@ -17,7 +11,7 @@ import urllib.request
 from collections.abc import Iterable
 
 import structlog
-from prometheus_client import REGISTRY, start_http_server
+from prometheus_client import REGISTRY
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
@@ -26,19 +20,6 @@ from temporalio.runtime import LoggingConfig, PrometheusConfig, Runtime, Telemet
 CORE_SCRAPE_TIMEOUT_SECONDS = 2.0
 
 log = structlog.get_logger(__name__)
-
-
-def serve_metrics(host: str, port: int) -> None:
-    """Serve this process's metrics at http://host:port/metrics from a thread (port 0: not at all).
-    A port already taken costs the metrics, not the service: it logs the error and runs on."""
-    if not port:
-        return
-    try:
-        start_http_server(port, addr=host)
-    except OSError as error:
-        log.error("metrics not served", host=host, port=port, error=str(error))
-        return
-    log.info("serving metrics", url=f"http://{host}:{port}/metrics")
 
 
 class CoreMetrics(Collector):
@@ -58,8 +39,7 @@ class CoreMetrics(Collector):
 
 
 def temporal_runtime(metrics_port: int, logging: LoggingConfig | None = LoggingConfig.default) -> Runtime:
-    """A Temporal runtime (for `Runtime.set_default`) whose metrics join this process's registry,
-    if the process serves metrics at all (`metrics_port`, 0: it does not)."""
+    """A Temporal runtime whose metrics join this process's, if it serves any (`metrics_port` not 0)."""
     if not metrics_port:
         return Runtime(telemetry=TelemetryConfig(logging=logging))
     core_port = _free_loopback_port()

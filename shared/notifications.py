@@ -17,8 +17,7 @@ log = structlog.get_logger(__name__)
 
 
 class ChannelListener:
-    """Calls `on_notify` for each notification on `channel`, and once more each time the LISTEN
-    begins (for what was notified while nobody listened); `listening` says whether it is heard."""
+    """Calls `on_notify` per notification on `channel`, and as each LISTEN begins (for any it missed)."""
 
     def __init__(self, settings: Settings, channel: str, on_notify: Callable[[], None]) -> None:
         self._settings = settings

@@ -1,7 +1,6 @@
 """Create the database if it is missing and bring its schema to the newest migration.
 
-Each function takes the database's URL and, for TLS, what `connection_security.postgres_ssl` makes
-of the settings (None: asyncpg's default, as for a URL of a test database)."""
+`ssl` is what `connection_security.postgres_ssl` makes of the settings (None: asyncpg's default)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""All configuration, read once from the environment (prefix `ORDERFLOW_`) or a `.env` file.
-
-Defaults are safe for a developer machine: everything on loopback, the services' stock credentials.
+"""All configuration, read once from the environment (prefix `ORDERFLOW_`) or a `.env` file; the
+defaults are safe for a developer machine. `.env.example` documents every setting.
 """
 
 from __future__ import annotations
@@ -8,11 +7,19 @@ from __future__ import annotations
 from functools import lru_cache
 from ipaddress import ip_network
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from limits import parse_many
-from pydantic import Field, FilePath, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    FilePath,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
@@ -27,7 +34,7 @@ ENV_PREFIX = "ORDERFLOW_"
 URL_SCHEMES = {
     "amqp_url": ("amqp", "amqps"),
     "api_url": ("http", "https"),
-    "otel_endpoint": ("http", "https"),
+    "temporal_ui_url": ("http", "https"),
 }
 # each private key setting and the certificate setting it belongs with
 CERTIFICATE_OF_KEY = {
@@ -36,18 +43,27 @@ CERTIFICATE_OF_KEY = {
     "api_tls_key_file": "api_tls_cert_file",
 }
 VERIFYING_SSLMODES = ("require", "verify-ca", "verify-full")
-SECRET_AND_CERTIFICATE_FILES = (
-    "amqp_password_file",
-    "amqp_ca_file",
-    "amqp_cert_file",
-    "amqp_key_file",
-    "database_password_file",
-    "database_sslrootcert",
-    "database_sslcert",
-    "database_sslkey",
-    "api_tls_cert_file",
-    "api_tls_key_file",
-)
+
+
+def _empty_is_none(value: object) -> object:
+    return None if value == "" else value
+
+
+def _empty_is_zero(value: object) -> object:
+    return 0 if value == "" else value
+
+
+OptionalPath = Annotated[Path | None, BeforeValidator(_empty_is_none)]
+"""A path; empty, as an unset variable in a compose file reads, means none."""
+OptionalFile = Annotated[FilePath | None, BeforeValidator(_empty_is_none)]
+"""An existing file; empty means none."""
+KeyFile = Annotated[OptionalFile, Field(validate_default=True)]
+"""A private key file, checked even when unset: it goes with its certificate (`CERTIFICATE_OF_KEY`)."""
+Port = Annotated[int, BeforeValidator(_empty_is_zero), Field(ge=0, le=65535)]
+"""A port to listen on; 0 or empty: none."""
+
+# under the 10 s a platform (Docker, Kubernetes) waits between SIGTERM and SIGKILL by default
+DRAIN_SECONDS = 8
 
 
 class Settings(BaseSettings):
@@ -58,6 +74,10 @@ class Settings(BaseSettings):
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     temporal_address: str = "127.0.0.1:7233"
     temporal_namespace: str = "default"
+    temporal_ui_url: str = Field(
+        default="http://127.0.0.1:8233",
+        description="the Temporal UI, for the dashboard's links to an order's workflow",
+    )
 
     # task queues
     order_task_queue: str = "order-tq"
@@ -135,22 +155,29 @@ class Settings(BaseSettings):
     api_port: int = 8000
     api_url: str = "http://127.0.0.1:8000"
 
+    # starting and stopping
+    startup_patience_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description="how long a starting service waits for its broker, database and Temporal to answer "
+        "before it exits, naming the one that did not",
+    )
+    drain_seconds: int = Field(
+        default=DRAIN_SECONDS, ge=1, description="how long a service stopping lets the work in hand finish"
+    )
+
     log_level: str = "INFO"
     log_json: bool = True
 
-    # metrics (Prometheus): the gateway serves /metrics on its own port, the others on these
-    metrics_host: str = Field(default="127.0.0.1", description="where the metrics endpoints listen")
-    bridge_metrics_port: int = Field(
-        default=9110, ge=0, le=65535, description="0 or empty: none; `make run` counts up for more bridges"
+    # metrics (Prometheus) and probes: the gateway serves /metrics, /healthz and /readyz on its own
+    # port, the others on these
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="where the metrics and probe endpoints listen (0.0.0.0: reachable from other hosts)",
     )
-    worker_metrics_port: int = Field(default=9120, ge=0, le=65535)
-    audit_metrics_port: int = Field(default=9130, ge=0, le=65535)
-
-    # traces (OpenTelemetry): off unless an exporter is named
-    otel_exporter: Literal["none", "console", "otlp"] = "none"
-    otel_endpoint: str = Field(
-        default="http://127.0.0.1:4318/v1/traces", description="OTLP over HTTP, for otel_exporter=otlp"
-    )
+    bridge_metrics_port: Port = Field(default=9110, description="`make run` counts up for more bridges")
+    worker_metrics_port: Port = 9120
+    audit_metrics_port: Port = 9130
 
     # --- security: identity at the gateway (docs/security.md) ---
     auth_issuer: str = Field(
@@ -191,39 +218,26 @@ class Settings(BaseSettings):
     )
     # --- security: broker users and TLS for AMQP and PostgreSQL (docs/security.md) ---
     # secrets come from files (Docker/Kubernetes secrets) so that no URL or environment holds them
-    amqp_password_file: FilePath | None = Field(
-        default=None, description="a file holding the broker password; replaces the one in amqp_url"
-    )
-    amqp_ca_file: FilePath | None = Field(
-        default=None, description="CA certificates the broker's must chain to (amqps://); default: system's"
-    )
-    amqp_cert_file: FilePath | None = Field(default=None, description="client certificate (mutual TLS)")
-    amqp_key_file: FilePath | None = Field(default=None, validate_default=True, description="its key")
-    database_password_file: FilePath | None = Field(
-        default=None, description="a file holding the database password; replaces the one in database_url"
-    )
+    amqp_password_file: OptionalFile = Field(None, description="replaces the password in amqp_url")
+    amqp_ca_file: OptionalFile = Field(None, description="CAs the broker must chain to (default: system's)")
+    amqp_cert_file: OptionalFile = Field(None, description="client certificate (mutual TLS)")
+    amqp_key_file: KeyFile = None
+    database_password_file: OptionalFile = Field(None, description="replaces the password in database_url")
     database_sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = Field(
         default="prefer", description="as libpq's sslmode: verify-full checks the server's name too"
     )
-    database_sslrootcert: FilePath | None = Field(
-        default=None, description="CA certificates the server's must chain to; default: the system's"
+    database_sslrootcert: OptionalFile = Field(
+        None, description="CAs the server must chain to (default: system's)"
     )
-    database_sslcert: FilePath | None = Field(default=None, description="client certificate (mutual TLS)")
-    database_sslkey: FilePath | None = Field(default=None, validate_default=True, description="its key")
-    api_tls_cert_file: FilePath | None = Field(
-        default=None, description="the gateway serves HTTPS with this certificate (chain) and key"
-    )
-    api_tls_key_file: FilePath | None = Field(default=None, validate_default=True)
+    database_sslcert: OptionalFile = Field(None, description="client certificate (mutual TLS)")
+    database_sslkey: KeyFile = None
+    api_tls_cert_file: OptionalFile = Field(None, description="the gateway's HTTPS certificate (chain)")
+    api_tls_key_file: KeyFile = None
     api_forwarded_allow_ips: str = Field(
         default="",
         description="reverse proxies (comma-separated IPs or networks) whose X-Forwarded-For/-Proto "
         "the gateway believes; empty: none",
     )
-
-    @field_validator(*SECRET_AND_CERTIFICATE_FILES, mode="before")
-    @classmethod
-    def _empty_file_is_none(cls, value: object) -> object:
-        return None if value == "" else value
 
     @field_validator("amqp_key_file", "database_sslkey", "api_tls_key_file")
     @classmethod
@@ -268,18 +282,13 @@ class Settings(BaseSettings):
         default=SecretStr(""),
         description="payload encryption keys, `id:base64-of-32-bytes`, comma-separated; the first encrypts",
     )
-    payload_keys_file: Path | None = Field(
+    payload_keys_file: OptionalPath = Field(
         default=None, description="a file of payload keys, one `id:base64` a line (after payload_keys)"
     )
     codec_cors_origins: list[str] = Field(
         default=["http://127.0.0.1:8233", "http://localhost:8233"],
         description="origins (JSON list) whose pages may call the codec endpoints: the Temporal UI's",
     )
-
-    @field_validator("payload_keys_file", mode="before")
-    @classmethod
-    def _empty_path_is_none(cls, value: object) -> object:
-        return None if value == "" else value
 
     # --- security: abuse limits at the gateway (docs/security.md) ---
     api_max_body_bytes: int = Field(
@@ -302,11 +311,6 @@ class Settings(BaseSettings):
         except ValueError:
             raise PydanticCustomError("rate", "should be limits like 20/second;1000/minute") from None
         return value
-
-    @field_validator("bridge_metrics_port", "worker_metrics_port", "audit_metrics_port", mode="before")
-    @classmethod
-    def _empty_port_disables(cls, value: object) -> object:
-        return 0 if value == "" else value
 
     @field_validator(*URL_SCHEMES)
     @classmethod
@@ -335,16 +339,8 @@ class Settings(BaseSettings):
         return value
 
     def lifecycle_policy(self) -> LifecyclePolicy:
-        return LifecyclePolicy(
-            review_window_seconds=self.review_window_seconds,
-            review_slot_grace_seconds=self.review_slot_grace_seconds,
-            lifecycle_deadline_seconds=self.lifecycle_deadline_seconds,
-            max_shipping_attempts=self.max_shipping_attempts,
-            activity_attempt_timeout_seconds=self.activity_attempt_timeout_seconds,
-            parallel_attempts=self.parallel_attempts,
-            dispatch_attempts_per_shipment=self.dispatch_attempts_per_shipment,
-            shipping_task_queue=self.shipping_task_queue,
-        )
+        """The policy a lifecycle starts with: the settings of the same names."""
+        return LifecyclePolicy.model_validate(self.model_dump(include=set(LifecyclePolicy.model_fields)))
 
 
 @lru_cache

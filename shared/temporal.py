@@ -1,11 +1,8 @@
-"""The Temporal client every service uses: pydantic models cross the workflow boundary as JSON,
-encrypted (`shared.codec`), over a connection configured the way Temporal's own tools are.
+"""The Temporal client every service uses: pydantic models as encrypted JSON (`shared.codec`).
 
-Where and how to connect comes from Temporal's environment configuration (`temporalio.envconfig`):
-`TEMPORAL_ADDRESS`, `TEMPORAL_NAMESPACE`, `TEMPORAL_API_KEY`, `TEMPORAL_TLS*`, `TEMPORAL_GRPC_META_*`
-and a profile (`TEMPORAL_PROFILE`) of the config file (`TEMPORAL_CONFIG_FILE`, by default
-`~/.config/temporalio/temporal.toml`). What it leaves unsaid, address and namespace, comes from
-`ORDERFLOW_TEMPORAL_ADDRESS` and `ORDERFLOW_TEMPORAL_NAMESPACE`: the local defaults.
+Where and how to connect comes from Temporal's own environment configuration (`TEMPORAL_ADDRESS`,
+`TEMPORAL_API_KEY`, `TEMPORAL_TLS*`, `TEMPORAL_PROFILE`, ...); what it leaves unsaid, address and
+namespace, from `ORDERFLOW_TEMPORAL_ADDRESS` and `ORDERFLOW_TEMPORAL_NAMESPACE`.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ from temporalio.envconfig import ClientConfig, ClientConnectConfig
 from temporalio.service import RPCError
 
 from shared.codec import PayloadKeysError, encrypted_data_converter, payload_keyring
-from shared.logging import configure_logging, settings_or_exit
+from shared.logging import configure_logging, settings_or_exit, stop_starting
 from shared.settings import Settings
 from shared.tracing import tracing_enabled
 
@@ -29,8 +26,7 @@ CONNECT_PATIENCE_SECONDS = 60.0
 
 
 def connect_config(settings: Settings, environ: Mapping[str, str] | None = None) -> ClientConnectConfig:
-    """`Client.connect`'s target, namespace, TLS, API key and gRPC metadata: Temporal's environment
-    configuration (`environ`, the process's by default) over orderflow's address and namespace."""
+    """`Client.connect`'s arguments: Temporal's configuration from `environ` over orderflow's defaults."""
     defaults: ClientConnectConfig = {
         "target_host": settings.temporal_address,
         "namespace": settings.temporal_namespace,
@@ -65,19 +61,16 @@ async def connect_temporal(
 
 
 def temporal_settings_or_exit(service: str) -> Settings:
-    """`settings_or_exit` for a service that talks to Temporal: without a payload key it would
-    write order data in plaintext, so it does not start (one log line, exit code 2)."""
+    """`settings_or_exit`, and no start without a payload key (it would write order data in plaintext)."""
     settings = settings_or_exit(service)
     try:
         payload_keyring(settings)
     except PayloadKeysError as error:
         configure_logging(settings, service)
-        structlog.get_logger().critical(f"invalid settings: {error}")
-        raise SystemExit(2) from None
+        stop_starting(f"invalid settings: {error}")
     return settings
 
 
 def tracing_interceptors() -> list[TracingInterceptor]:
-    """For a client or a worker while tracing is on (`shared.tracing`): a span for each workflow
-    start, signal, workflow run and activity, and the trace carried along in Temporal's headers."""
+    """While tracing is on: spans for workflow starts, signals, runs and activities, carried in headers."""
     return [TracingInterceptor()] if tracing_enabled() else []

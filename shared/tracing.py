@@ -1,62 +1,82 @@
-"""Traces (OpenTelemetry) along an order's whole path: gateway → broker → bridge → Temporal →
-activities → events → audit consumer.
+"""Traces (OpenTelemetry) along an order's path: gateway → broker → bridge → Temporal → activities →
+events → audit consumer, carried over AMQP in the W3C `traceparent` header.
 
-Off by default (`ORDERFLOW_OTEL_EXPORTER=none`): no tracer provider is installed, and every hook
-here checks `tracing_enabled()` and does nothing else, so tracing costs close to nothing. With an
-exporter (`otlp`, or `console` for debugging) `configure_tracing` installs a provider, and then:
-- the gateway traces each request (FastAPI does so by itself once a provider is installed);
-- a published command or event carries its span's context in the W3C `traceparent` header
-  (`trace_headers`), and a consumer handles each message in a span that continues it (`consuming`);
-- Temporal calls carry it in their headers (`shared.temporal.tracing_interceptors`, on the bridge's
-  client and the workers): workflow start, signals, workflow runs, activities.
+Configured by OpenTelemetry's standard environment variables, which its SDK reads (endpoint, resource,
+sampler; `OTEL_SERVICE_NAME` is `orderflow-<service>` by default). Unless they name an exporter or an
+OTLP endpoint, or with `OTEL_SDK_DISABLED=true`, no tracer provider is installed and every hook here
+does nothing.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from aio_pika.abc import AbstractIncomingMessage, HeadersType
 from opentelemetry import propagate, trace
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    ConsoleSpanExporter,
-    SpanExporter,
+from opentelemetry.environment_variables import OTEL_TRACES_EXPORTER
+from opentelemetry.sdk.environment_variables import (
+    OTEL_EXPORTER_OTLP_ENDPOINT,
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
+    OTEL_SDK_DISABLED,
 )
+from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from shared.settings import Settings
+from shared.logging import stop_starting
 
 SERVICE_NAME_PREFIX = "orderflow-"
+EXPORTERS = ("otlp", "console")
 
 _tracer = trace.get_tracer(__name__)
 
 
-def configure_tracing(settings: Settings, service: str) -> None:
-    """Install the tracer provider `settings.otel_exporter` asks for (none: leave tracing off)."""
-    if settings.otel_exporter == "none":
+def configure_tracing(service: str) -> None:
+    """Install a tracer provider for the exporters the environment names, if it names any."""
+    exporters = _exporter_names()
+    if not exporters or os.environ.get(OTEL_SDK_DISABLED, "").strip().lower() == "true":
         return
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: SERVICE_NAME_PREFIX + service}))
-    # batched: spans are exported from a thread of their own, off the request and message paths
-    provider.add_span_processor(BatchSpanProcessor(_exporter(settings)))
+    if unknown := set(exporters) - set(EXPORTERS):
+        known = ", ".join((*EXPORTERS, "none"))
+        stop_starting(
+            f"invalid settings: {OTEL_TRACES_EXPORTER}: unknown {', '.join(sorted(unknown))} (known: {known})"
+        )
+    # the environment's OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over the default name
+    default = Resource.create({SERVICE_NAME: SERVICE_NAME_PREFIX + service})
+    provider = TracerProvider(resource=default.merge(OTELResourceDetector().detect()))
+    for name in exporters:
+        # batched: spans are exported from a thread of their own, off the request and message paths
+        provider.add_span_processor(BatchSpanProcessor(_exporter(name)))
     trace.set_tracer_provider(provider)
 
 
-def _exporter(settings: Settings) -> SpanExporter:
-    if settings.otel_exporter == "console":
+def _exporter_names() -> list[str]:
+    """`OTEL_TRACES_EXPORTER` (comma-separated; `none` for none), else `otlp` if an OTLP endpoint is set."""
+    named = os.environ.get(OTEL_TRACES_EXPORTER)
+    if named is None:
+        endpoint = os.environ.get(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) or os.environ.get(
+            OTEL_EXPORTER_OTLP_ENDPOINT
+        )
+        return ["otlp"] if endpoint else []
+    names = (name.strip() for name in named.split(","))
+    return [name for name in names if name not in ("", "none")]
+
+
+def _exporter(name: str) -> SpanExporter:
+    if name == "console":
         # one line per span, beside the JSON log lines
         return ConsoleSpanExporter(formatter=lambda span: span.to_json(indent=None) + "\n")
     # imported only here: a process that does not export over OTLP need not load it
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    return OTLPSpanExporter(endpoint=settings.otel_endpoint)
+    return OTLPSpanExporter()  # endpoint, headers and TLS from the OTEL_EXPORTER_OTLP_* variables
 
 
 def tracing_enabled() -> bool:
-    """Whether this process records spans: a tracer provider was installed (by
-    `configure_tracing`, or by a test)."""
+    """Whether a tracer provider was installed (by `configure_tracing`, or by a test)."""
     return isinstance(trace.get_tracer_provider(), TracerProvider)
 
 

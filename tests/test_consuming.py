@@ -23,9 +23,8 @@ async def test_a_failing_message_is_rejected_until_its_delivery_count_sends_it_t
     dead_letters: AbstractQueue,
 ) -> None:
     channel, topology = broker_channel
-    queue = await broker.declare_consumer_queue(
-        channel, f"test.redelivery.{uuid4().hex[:8]}", topology.commands, routing_keys=()
-    )
+    redelivery = broker.ConsumerQueue(f"test.redelivery.{uuid4().hex[:8]}", routing_keys=())
+    queue = await broker.declare_consumer_queue(channel, topology.commands, redelivery)
     message_id = await _publish(channel, queue)
     seen_counts: list[int] = []
 

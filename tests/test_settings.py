@@ -52,7 +52,6 @@ def refusal(**environment: str) -> str:
         ("ORDERFLOW_API_URL", "http://[::1", "http://host:port/"),
         ("ORDERFLOW_DATABASE_URL", "mysql://127.0.0.1/orderflow", "PostgreSQL URL"),
         ("ORDERFLOW_DATABASE_URL", "orderflow", "PostgreSQL URL"),
-        ("ORDERFLOW_OTEL_ENDPOINT", "127.0.0.1:4318", "http://host:port/"),
     ],
 )
 def test_a_bad_setting_is_named_in_one_line(variable: str, value: str, reason: str) -> None:
@@ -122,20 +121,28 @@ def test_tls_and_secret_files_are_checked(environment: dict[str, str], reason: s
     assert "not a secret to repeat" not in message
 
 
-def test_tls_settings_that_belong_together_are_accepted(tmp_path: Path) -> None:
+def test_tls_settings_that_belong_together_are_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.touch()
     key.touch()
-    settings = Settings(
-        _env_file=None,
-        amqp_url="amqps://orderflow-gateway@rabbit:5671/",
-        amqp_ca_file=cert,
-        amqp_cert_file=cert,
-        amqp_key_file=key,
-        database_sslmode="verify-full",
-        database_sslrootcert=cert,
-        api_tls_cert_file=cert,
-        api_tls_key_file=key,
-        api_forwarded_allow_ips="10.0.0.0/8,*",
+    environment = {
+        "ORDERFLOW_AMQP_URL": "amqps://orderflow-gateway@rabbit:5671/",
+        "ORDERFLOW_AMQP_CA_FILE": cert,
+        "ORDERFLOW_AMQP_CERT_FILE": cert,
+        "ORDERFLOW_AMQP_KEY_FILE": key,
+        "ORDERFLOW_DATABASE_SSLMODE": "verify-full",
+        "ORDERFLOW_DATABASE_SSLROOTCERT": cert,
+        "ORDERFLOW_API_TLS_CERT_FILE": cert,
+        "ORDERFLOW_API_TLS_KEY_FILE": key,
+        "ORDERFLOW_API_FORWARDED_ALLOW_IPS": "10.0.0.0/8,*",
+    }
+    for name, value in environment.items():
+        monkeypatch.setenv(name, str(value))
+    settings = Settings(_env_file=None)
+    assert (settings.amqp_key_file, settings.api_tls_key_file, settings.database_sslrootcert) == (
+        key,
+        key,
+        cert,
     )
-    assert settings.api_tls_key_file == key

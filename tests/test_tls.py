@@ -95,10 +95,13 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
 
 
 @pytest.fixture
-def https_gateway(base_settings: Settings, certificates: Certificates, tmp_path: Path) -> Iterator[str]:
-    """`python -m services.api` serving HTTPS with the test certificate."""
+def https_gateway(
+    settings: Settings, migrated_database: str, certificates: Certificates, tmp_path: Path
+) -> Iterator[str]:
+    """`python -m services.api` serving HTTPS with the test certificate (its servers answering: it
+    waits for them before it serves)."""
     port = closed_port()
-    secured = base_settings.model_copy(
+    secured = settings.model_copy(
         update={"api_tls_cert_file": certificates.cert, "api_tls_key_file": certificates.key}
     )
     env = service_environment(secured) | {"ORDERFLOW_API_HOST": "127.0.0.1", "ORDERFLOW_API_PORT": str(port)}
@@ -110,7 +113,7 @@ def https_gateway(base_settings: Settings, certificates: Certificates, tmp_path:
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while not serves(url, certificates.ca):
             assert process.poll() is None, f"the gateway exited:\n{log_path.read_text()}"
-            assert time.monotonic() < deadline, "the gateway did not answer over HTTPS"
+            assert time.monotonic() < deadline, f"no answer over HTTPS:\n{log_path.read_text()}"
             time.sleep(0.1)
         yield url
     finally:

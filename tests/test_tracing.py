@@ -1,19 +1,25 @@
 """Traces: one order's trace runs from the gateway's request over the broker into the bridge, on
 through Temporal into the workflow (in the sandbox) and its activities, and over the broker again
-to the audit consumer. Off without an exporter: nothing is traced or sent along."""
+to the audit consumer. OpenTelemetry's standard variables configure it; off without an exporter."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
 
 import httpx
 import pytest
 import pytest_asyncio
 from opentelemetry import trace
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -155,31 +161,124 @@ async def _ended(sessions: Sessions, order_id: str) -> bool:
     return order is not None and OrderState(order.state).is_terminal
 
 
-def test_without_an_exporter_nothing_is_traced_and_the_console_exporter_prints_a_line_per_span() -> None:
-    # a process of its own: this one has a tracer provider installed for good
-    script = textwrap.dedent(
-        """
-        from opentelemetry import trace
-        from shared.settings import Settings
-        from shared.temporal import tracing_interceptors
-        from shared.tracing import configure_tracing, trace_headers, tracing_enabled
+PROBE = textwrap.dedent(
+    """
+    import json
 
-        configure_tracing(Settings(_env_file=None), "probe")
-        print(tracing_enabled(), trace_headers(), tracing_interceptors(), flush=True)
-        configure_tracing(Settings(_env_file=None, otel_exporter="console"), "probe")
-        with trace.get_tracer("probe").start_as_current_span("probing"):
-            print(trace_headers()["traceparent"], flush=True)
+    from opentelemetry import trace
+
+    from shared.temporal import tracing_interceptors
+    from shared.tracing import configure_tracing, trace_headers, tracing_enabled
+
+    configure_tracing("probe")
+    with trace.get_tracer("probe").start_as_current_span("probing"):
+        headers = trace_headers()
+    seen = {"enabled": tracing_enabled(), "headers": headers, "interceptors": len(tracing_interceptors())}
+    print(json.dumps(seen), flush=True)
+    if tracing_enabled():
         trace.get_tracer_provider().shutdown()
-        """
-    )
+    """
+)
+
+
+@dataclass
+class Probe:
+    """What a process that configured tracing from its environment saw, and the spans it printed."""
+
+    enabled: bool
+    headers: dict[str, str]
+    interceptors: int
+    spans: list[dict[str, Any]]
+
+
+def otel_environment(**variables: str) -> dict[str, str]:
+    """This process's environment with no OTEL_* variable but these."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("OTEL_")} | variables
+
+
+def probe(**variables: str) -> Probe:
+    """Run `PROBE` in a process of its own (this one has a tracer provider for good)."""
     ran = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+        [sys.executable, "-c", PROBE],
+        env=otel_environment(**variables),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     )
-    off, traceparent, exported = ran.stdout.splitlines()
-    assert off == "False {} []"
-    span = json.loads(exported)
+    seen, *spans = ran.stdout.splitlines()
+    return Probe(**json.loads(seen), spans=[json.loads(span) for span in spans])
+
+
+def test_without_an_exporter_or_endpoint_nothing_is_traced() -> None:
+    assert probe() == Probe(enabled=False, headers={}, interceptors=0, spans=[])
+
+
+def test_the_console_exporter_prints_a_line_per_span_named_after_the_service() -> None:
+    seen = probe(OTEL_TRACES_EXPORTER="console")
+    assert seen.enabled and seen.interceptors == 1
+    [span] = seen.spans
     assert span["name"] == "probing"
     assert span["resource"]["attributes"]["service.name"] == "orderflow-probe"
     # the header carried the span's own trace and span ids
-    _, trace_id, parent_id, _ = traceparent.split("-")
+    _, trace_id, parent_id, _ = seen.headers["traceparent"].split("-")
     assert (f"0x{trace_id}", f"0x{parent_id}") == (span["context"]["trace_id"], span["context"]["span_id"])
+
+
+def test_the_resource_comes_from_the_standard_variables() -> None:
+    [span] = probe(
+        OTEL_TRACES_EXPORTER="console",
+        OTEL_SERVICE_NAME="shop-probe",
+        OTEL_RESOURCE_ATTRIBUTES="deployment.environment=staging",
+    ).spans
+    attributes = span["resource"]["attributes"]
+    assert (attributes["service.name"], attributes["deployment.environment"]) == ("shop-probe", "staging")
+
+
+def test_the_sampler_comes_from_the_standard_variables() -> None:
+    seen = probe(OTEL_TRACES_EXPORTER="console", OTEL_TRACES_SAMPLER="always_off")
+    assert seen.enabled and seen.spans == []
+    flags = int(seen.headers["traceparent"].rsplit("-", 1)[1], 16)
+    assert not flags & 0x01  # passed on as not sampled
+
+
+def test_otel_sdk_disabled_turns_tracing_off() -> None:
+    assert not probe(OTEL_TRACES_EXPORTER="console", OTEL_SDK_DISABLED="true").enabled
+
+
+def test_an_otlp_endpoint_turns_tracing_on_and_receives_the_spans() -> None:
+    received: list[tuple[str, bytes]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append((self.path, self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+    with HTTPServer(("127.0.0.1", 0), Collector) as collector:
+        serving = threading.Thread(target=collector.serve_forever, daemon=True)
+        serving.start()
+        try:
+            seen = probe(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector.server_port}")
+        finally:
+            collector.shutdown()
+    assert seen.enabled
+    [(path, body)] = received
+    assert path == "/v1/traces"
+    [resource_spans] = ExportTraceServiceRequest.FromString(body).resource_spans
+    [span] = resource_spans.scope_spans[0].spans
+    assert span.name == "probing"
+
+
+def test_an_unknown_exporter_stops_the_service_with_one_line() -> None:
+    ran = subprocess.run(
+        [sys.executable, "-c", "from shared.tracing import configure_tracing; configure_tracing('probe')"],
+        env=otel_environment(OTEL_TRACES_EXPORTER="otlp,jaeger"),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert ran.returncode == 2
+    (line,) = ran.stdout.splitlines()
+    assert "invalid settings: OTEL_TRACES_EXPORTER: unknown jaeger" in line
