@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from types import FrameType
 from typing import TypedDict
 
 import structlog
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 
 from services.api.app import create_app
 from services.api.auth import AuthNotConfigured, TokenVerifier
 from shared.logging import configure_logging
 from shared.settings import Settings
+from shared.startup import CLOSE_SECONDS, Dependency, exit_unless_ended_within, reach_or_exit
 from shared.temporal import temporal_settings_or_exit
 from shared.tracing import configure_tracing
 
@@ -24,15 +28,34 @@ def main() -> None:
     except AuthNotConfigured as error:
         structlog.get_logger().critical(f"the gateway cannot start: {error}")
         raise SystemExit(2) from None
-    configure_tracing(settings, "api")  # before the app: FastAPI traces once a provider is installed
-    # log_config=None keeps uvicorn's loggers on the JSON handler configured above
-    uvicorn.run(
+    asyncio.run(reach_or_exit(settings, "api", tuple(Dependency)))
+    configure_tracing("api")  # before the app: FastAPI traces once a provider is installed
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.api_host,
         port=settings.api_port,
-        log_config=None,
+        log_config=None,  # uvicorn's loggers stay on the JSON handler configured above
+        timeout_graceful_shutdown=settings.drain_seconds,
         **serving_options(settings),
     )
+    server = DrainingServer(config, settings.drain_seconds)
+    server.run()
+    if not server.started:
+        raise SystemExit(STARTUP_FAILURE)  # uvicorn logged why (the port is taken, say)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, which gives the requests in hand `drain_seconds` when told to stop, and
+    exits a second later whatever it still waits for (as the other services do)."""
+
+    def __init__(self, config: uvicorn.Config, drain_seconds: int) -> None:
+        super().__init__(config)
+        self._drain_seconds = drain_seconds
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            exit_unless_ended_within(self._drain_seconds + CLOSE_SECONDS)
+        super().handle_exit(sig, frame)
 
 
 class ServingOptions(TypedDict):

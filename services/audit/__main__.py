@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 
 from services.audit.consumer import CONSUMER_NAME, run_audit
-from shared.consuming import stop_on_signals
 from shared.logging import configure_logging, settings_or_exit
-from shared.metrics import serve_metrics
+from shared.startup import Dependency, started
 from shared.tracing import configure_tracing
+
+DEPENDENCIES = (Dependency.BROKER, Dependency.DATABASE)
 
 
 async def main() -> None:
     settings = settings_or_exit(CONSUMER_NAME)
     configure_logging(settings, CONSUMER_NAME)
-    configure_tracing(settings, CONSUMER_NAME)
-    serve_metrics(settings.metrics_host, settings.audit_metrics_port)
-    await run_audit(settings, stop_on_signals())
+    configure_tracing(CONSUMER_NAME)
+    async with started(settings, CONSUMER_NAME, settings.audit_metrics_port, DEPENDENCIES) as service:
+        await run_audit(settings, service.stop)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 import asyncio
 import logging
-import signal
 import warnings
 
 import structlog
@@ -15,8 +14,9 @@ from temporalio.runtime import (
 
 from services.workers.worker import running_workers
 from shared.logging import configure_logging
-from shared.metrics import serve_metrics, temporal_runtime
-from shared.temporal import connect_temporal, temporal_settings_or_exit
+from shared.metrics import temporal_runtime
+from shared.startup import Dependency, started
+from shared.temporal import temporal_settings_or_exit
 from shared.tracing import configure_tracing
 
 # Expected once per hung attempt, so not worth a line each: Core cuts the attempt at its timeout,
@@ -36,17 +36,14 @@ def core_logs() -> LoggingConfig:
 async def main() -> None:
     settings = temporal_settings_or_exit("workers")
     configure_logging(settings, "workers")
-    configure_tracing(settings, "workers")
+    configure_tracing("workers")
     Runtime.set_default(temporal_runtime(settings.worker_metrics_port, logging=core_logs()))
-    serve_metrics(settings.metrics_host, settings.worker_metrics_port)
     log = structlog.get_logger()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    client = await connect_temporal(settings)
-    async with running_workers(client, settings):
-        log.info("workers started", task_queues=[settings.order_task_queue, settings.shipping_task_queue])
-        await stop.wait()
+    async with started(settings, "workers", settings.worker_metrics_port, tuple(Dependency)) as service:
+        client = await service.connections.temporal.get()
+        async with running_workers(client, settings):
+            log.info("workers started", task_queues=[settings.order_task_queue, settings.shipping_task_queue])
+            await service.stop.wait()
     log.info("workers stopped")
 
 

@@ -1,0 +1,285 @@
+"""How a service starts and stops.
+
+Starting, it serves its probes and waits up to `startup_patience_seconds` for the broker, database
+and Temporal it uses (a server that is starting or restarting comes up in that time). One that
+still does not answer ends the start with one line on stderr naming it, where it was looked for
+(without a password) and the setting that says where, and exit code 2, not a traceback:
+`orderflow-bridge: cannot reach RabbitMQ at amqp://bridge@127.0.0.1:5673/ (connection refused); is it
+running? set ORDERFLOW_AMQP_URL`. The connections it waited on stay open for its /readyz checks.
+
+Stopping (SIGINT, SIGTERM), it lets the work in hand finish for `drain_seconds`; whatever it still
+waits for a second later (a server that hung, say), the process exits then: within the 10 s a
+platform gives it before SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import os
+import re
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import partial
+from urllib.parse import urlsplit, urlunsplit
+
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+
+from shared import broker, db
+from shared.consuming import stopped_within
+from shared.probes import (
+    CONNECT_TIMEOUT_SECONDS,
+    Check,
+    LazyConnection,
+    channel_open,
+    database_answers,
+    serve_endpoints,
+    temporal_serving,
+)
+from shared.settings import ENV_PREFIX, Settings
+from shared.temporal import connect_config, connect_temporal
+
+EXIT_UNREACHABLE = 2
+EXIT_STOPPED_LATE = 1
+CLOSE_SECONDS = 1.0  # after the drain, for closing the connections
+RETRY_SECONDS = 1.0
+# the Rust core of the Temporal SDK tells why it could not connect only inside its error's text
+_TEMPORAL_OS_ERROR = re.compile(r"Os \{ code: (\d+)")
+_TEMPORAL_CAUSE = re.compile(r'error: "([^"]+)"')
+
+log = structlog.get_logger(__name__)
+
+
+class Dependency(StrEnum):
+    """A server a service may depend on, by the name /readyz gives it."""
+
+    BROKER = "broker"
+    DATABASE = "database"
+    TEMPORAL = "temporal"
+
+
+@dataclass(frozen=True)
+class Whereabouts:
+    """What to tell a person about a server that does not answer."""
+
+    product: str
+    address: str  # without a password
+    setting: str  # the environment variable that says where it is
+
+
+def whereabouts(dependency: Dependency, settings: Settings) -> Whereabouts:
+    match dependency:
+        case Dependency.BROKER:
+            return Whereabouts("RabbitMQ", without_password(settings.amqp_url), f"{ENV_PREFIX}AMQP_URL")
+        case Dependency.DATABASE:
+            url = without_password(settings.database_url)
+            return Whereabouts("PostgreSQL", url, f"{ENV_PREFIX}DATABASE_URL")
+        case Dependency.TEMPORAL:
+            target = connect_config(settings)["target_host"]
+            # Temporal's own variables (or profile) win over ours (shared/temporal.py)
+            own = target == settings.temporal_address
+            return Whereabouts(
+                "Temporal", target, f"{ENV_PREFIX}TEMPORAL_ADDRESS" if own else "TEMPORAL_ADDRESS"
+            )
+
+
+def without_password(url: str) -> str:
+    parts = urlsplit(url)
+    user, at, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}{at}{host}"))
+
+
+@dataclass(frozen=True)
+class ProbeChannel:
+    connection: AbstractRobustConnection
+    channel: AbstractChannel
+
+
+class ServiceConnections:
+    """The service's own connection to each server it uses, for its probes (beside those its work
+    uses): opened while it starts, checked by /readyz."""
+
+    def __init__(self, settings: Settings, program: str, dependencies: Collection[Dependency]) -> None:
+        self.dependencies = dependencies
+        self.broker = LazyConnection(
+            Dependency.BROKER, partial(_open_channel, settings, program), _close_channel
+        )
+        self.database = db.create_engine(settings)  # connects on first use
+        self.temporal = LazyConnection(Dependency.TEMPORAL, partial(connect_temporal, settings, patience=0))
+
+    def checks(self) -> dict[str, Check]:
+        every: dict[Dependency, Check] = {
+            Dependency.BROKER: self._check_broker,
+            Dependency.DATABASE: partial(database_answers, self.database),
+            Dependency.TEMPORAL: self._check_temporal,
+        }
+        return {name.value: check for name, check in every.items() if name in self.dependencies}
+
+    async def _check_broker(self) -> str:
+        return await channel_open((await self.broker.get()).channel)
+
+    async def _check_temporal(self) -> str:
+        return await temporal_serving(await self.temporal.get())
+
+    async def close(self) -> None:
+        await self.broker.close()
+        await self.database.dispose()
+
+
+async def _open_channel(settings: Settings, program: str) -> ProbeChannel:
+    connection = await broker.connect(settings, f"{program}-probes", patience=0)
+    return ProbeChannel(connection, await connection.channel())
+
+
+async def _close_channel(link: ProbeChannel) -> None:
+    await link.connection.close()
+
+
+@dataclass(frozen=True)
+class Started:
+    stop: asyncio.Event  # set by SIGINT or SIGTERM
+    connections: ServiceConnections
+
+
+@asynccontextmanager
+async def started(
+    settings: Settings, service: str, endpoints_port: int, dependencies: Collection[Dependency]
+) -> AsyncIterator[Started]:
+    """Serve the service's metrics and probes on `endpoints_port` and wait for its `dependencies`; exit
+    (one line, code 2) if one does not answer in time, quietly if stopped meanwhile. Closes the
+    probes' connections at the end."""
+    program = f"orderflow-{service}"
+    stop = stop_on_signals(settings.drain_seconds)
+    connections = ServiceConnections(settings, program, dependencies)
+    try:
+        checks = connections.checks()
+        serve_endpoints(settings.metrics_host, endpoints_port, checks)
+        await _reach_or_exit(settings, program, checks, stop)
+        yield Started(stop, connections)
+    finally:
+        await connections.close()
+
+
+async def reach_or_exit(settings: Settings, service: str, dependencies: Collection[Dependency]) -> None:
+    """Wait for `dependencies` as `started` does, then let go of them: for a service whose work opens
+    connections of its own (the gateway)."""
+    program = f"orderflow-{service}"
+    connections = ServiceConnections(settings, program, dependencies)
+    try:
+        stop = stop_on_signals(settings.drain_seconds)
+        await _reach_or_exit(settings, program, connections.checks(), stop)
+    finally:
+        await connections.close()
+
+
+@dataclass(frozen=True)
+class Unreachable:
+    dependency: Dependency
+    error: Exception
+
+
+async def _reach_or_exit(
+    settings: Settings, program: str, checks: dict[str, Check], stop: asyncio.Event
+) -> None:
+    deadline = asyncio.get_running_loop().time() + settings.startup_patience_seconds
+    waits = (_reach(settings, Dependency(name), check, deadline, stop) for name, check in checks.items())
+    unreachable = [outcome for outcome in await asyncio.gather(*waits) if outcome is not None]
+    if stop.is_set():
+        raise SystemExit(0)  # stopped before it started: nothing to finish
+    if unreachable:
+        first = unreachable[0]
+        print(
+            unreachable_line(program, whereabouts(first.dependency, settings), first.error), file=sys.stderr
+        )
+        raise SystemExit(EXIT_UNREACHABLE)
+
+
+async def _reach(
+    settings: Settings, dependency: Dependency, check: Check, deadline: float, stop: asyncio.Event
+) -> Unreachable | None:
+    """None once the dependency answers, or once the service is told to stop."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
+                await check()
+            return None
+        except Exception as error:  # noqa: BLE001 (whatever the reason, the server did not answer)
+            if loop.time() + RETRY_SECONDS > deadline:
+                return Unreachable(dependency, error)
+            where = whereabouts(dependency, settings)
+            why = diagnose(error).reason
+            log.info("waiting for a server", server=where.product, address=where.address, reason=why)
+        if await stopped_within(stop, RETRY_SECONDS):
+            return None
+
+
+def unreachable_line(program: str, where: Whereabouts, error: BaseException) -> str:
+    failure = diagnose(error)
+    if failure.answered:
+        return (
+            f"{program}: {where.product} at {where.address} refused the connection ({failure.reason}); "
+            f"check {where.setting}"
+        )
+    return (
+        f"{program}: cannot reach {where.product} at {where.address} ({failure.reason}); "
+        f"is it running? set {where.setting}"
+    )
+
+
+@dataclass(frozen=True)
+class Failure:
+    reason: str  # as a person would say it: `connection refused`, not the wrappers' words
+    answered: bool  # the server was there, and refused (a wrong password, a missing database)
+
+
+def diagnose(error: BaseException) -> Failure:
+    cause = error.__cause__ or error  # what DependencyUnavailable or SQLAlchemy wraps
+    if isinstance(error, TimeoutError) or isinstance(cause, TimeoutError):
+        return Failure("no answer", answered=False)
+    if isinstance(cause, OSError) and cause.errno is not None and cause.errno > 0:
+        return Failure(os.strerror(cause.errno).lower(), answered=False)
+    if isinstance(cause, OSError) and cause.errno is not None and cause.strerror:  # a name not resolved
+        return Failure(cause.strerror.lower(), answered=False)
+    if os_error := _TEMPORAL_OS_ERROR.search(str(cause)):
+        return Failure(os.strerror(int(os_error[1])).lower(), answered=False)
+    if temporal_cause := _TEMPORAL_CAUSE.search(str(cause)):
+        return Failure(temporal_cause[1].lower(), answered=False)
+    return Failure((str(cause).strip() or type(cause).__name__).splitlines()[0], answered=True)
+
+
+def stop_on_signals(drain_seconds: int) -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM, for the service to stop on; the process ends at the
+    latest `drain_seconds` + `CLOSE_SECONDS` later."""
+    stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            stop.set()
+            exit_unless_ended_within(drain_seconds + CLOSE_SECONDS)
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal)
+    return stop
+
+
+def exit_unless_ended_within(seconds: float) -> None:
+    """Whatever the process still waits for then (a server that hung, say), it exits `seconds`
+    from now: before the platform kills it, with a line saying so."""
+    # run in this context, so that its log line names the service as the others do
+    watchdog = threading.Timer(seconds, contextvars.copy_context().run, [_exit_now])
+    watchdog.daemon = True
+    watchdog.start()
+
+
+def _exit_now() -> None:
+    log.error("not stopped within the drain time; exiting without closing what is still open")
+    sys.stdout.flush()
+    os._exit(EXIT_STOPPED_LATE)
