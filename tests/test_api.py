@@ -48,6 +48,13 @@ async def command_message(queue: AbstractQueue, command_id: str) -> AbstractInco
     return await next_message(queue, lambda message: message.message_id == command_id)
 
 
+async def order_in_the_table(sessions: async_sessionmaker[AsyncSession], state: OrderState) -> str:
+    """The id of a new order in `state` that only the orders table knows (no workflow, no events)."""
+    order_id = unique_id("ord")
+    await insert_order(sessions, order_id, state)
+    return order_id
+
+
 # --- fixtures of this file ------------------------------------------------------------------------
 OPERATOR = Actor(subject="olivia", roles=frozenset({Role.OPERATOR}))
 """Who the tests of this file are: one who may do everything (test_authorization.py has the others)."""
@@ -366,8 +373,7 @@ async def test_status_comes_from_the_workflow(api: httpx.AsyncClient, temporal_c
 async def test_status_falls_back_to_the_orders_table(
     api: httpx.AsyncClient, db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    order_id = unique_id("ord")
-    await insert_order(db_sessions, order_id, OrderState.COMPLETED)
+    order_id = await order_in_the_table(db_sessions, OrderState.COMPLETED)
 
     response = await api.get(f"/orders/{order_id}")
 
@@ -382,8 +388,7 @@ async def test_status_falls_back_to_the_orders_table(
 async def test_status_without_temporal_reads_the_table_or_is_503(
     settings: Settings, db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    order_id = unique_id("ord")
-    await insert_order(db_sessions, order_id, OrderState.PAID)
+    order_id = await order_in_the_table(db_sessions, OrderState.PAID)
 
     async with gateway(
         settings.model_copy(update={"temporal_address": f"127.0.0.1:{closed_port()}"}), as_operator(settings)
@@ -430,8 +435,7 @@ async def test_history_is_in_seq_order(
 async def test_history_of_an_order_without_events_is_empty(
     api: httpx.AsyncClient, db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    order_id = unique_id("ord")
-    await insert_order(db_sessions, order_id, OrderState.RECEIVED)
+    order_id = await order_in_the_table(db_sessions, OrderState.RECEIVED)
 
     response = await api.get(f"/orders/{order_id}/events")
 

@@ -13,12 +13,10 @@ import hmac
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +39,12 @@ from services.api.auth import (
     TokenVerifier,
     roles_in,
 )
-from services.api.connections import DependencyUnavailable
 from shared import local_issuer
 from shared.contracts import Actor, EventType, OrderState, Role, command_adapter
+from shared.probes import DependencyUnavailable
 from shared.settings import Settings
 from testsupport.amqp import drain, next_message
-from testsupport.gateway import bearer, gateway
+from testsupport.gateway import bearer, gateway, serving
 from testsupport.orders import ADDRESS, order_body, unique_id
 from testsupport.read_model import insert_events, insert_order
 
@@ -371,23 +369,11 @@ class JwksServer:
     def __init__(self) -> None:
         self.keys: list[ec.EllipticCurvePrivateKey] = []
         self.fetches = 0
-        server = self
+        self.url = ""
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                server.fetches += 1
-                body = json.dumps({"keys": [server.jwk(key) for key in server.keys]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        self._http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._http.server_address[1]}/jwks"
+    def document(self) -> bytes:
+        self.fetches += 1
+        return json.dumps({"keys": [self.jwk(key) for key in self.keys]}).encode()
 
     @staticmethod
     def jwk(key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:
@@ -396,13 +382,9 @@ class JwksServer:
 
     @contextmanager
     def serving(self) -> Iterator[JwksServer]:
-        thread = threading.Thread(target=self._http.serve_forever, daemon=True)
-        thread.start()
-        try:
+        with serving(self.document, "application/json") as port:
+            self.url = f"http://127.0.0.1:{port}/jwks"
             yield self
-        finally:
-            self._http.shutdown()
-            self._http.server_close()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -499,10 +498,8 @@ async def decode_from(page: Page, origin: str, endpoint: str, body: dict[str, ob
 
 @pytest.mark.e2e
 async def test_the_temporal_ui_of_the_same_host_decodes_once_an_operator_signed_in_to_the_dashboard(
-    settings: Settings, db_sessions: async_sessionmaker[AsyncSession], tmp_path: Path
+    settings: Settings, db_sessions: async_sessionmaker[AsyncSession], tmp_path: Path, chromium: str
 ) -> None:
-    chromium = shutil.which("chromium")
-    assert chromium, "no chromium on PATH: apt-get install chromium"
     body = await sealed_body(settings)
     operator = token_of(settings, "oona", Role.OPERATOR, SESSION_LIFETIME_SECONDS)
     with temporal_ui_stand_in() as ui_port:

@@ -26,14 +26,13 @@ from pydantic import StringConstraints, TypeAdapter, ValidationError
 from schemathesis import AuthContext
 from schemathesis.config import SchemathesisConfig
 from schemathesis.core.parameters import ParameterLocation
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.app import create_app
 from shared.contracts import Role
 from shared.json_schema import stripped_text_pattern
 from shared.settings import Settings
 from testsupport.amqp import own_vhost
-from testsupport.gateway import bearer, gateway_process
+from testsupport.gateway import bearer
 
 if TYPE_CHECKING:  # schemathesis names the type of an OpenAPI operation's case for type checkers only
     from schemathesis.specs.openapi.schemas import OpenApiCase
@@ -102,17 +101,10 @@ def operator(settings: Settings) -> str:
 
 
 @pytest.fixture(scope="module")
-def gateway_url(
-    settings: Settings,
-    db_sessions: async_sessionmaker[AsyncSession],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[str]:
-    """A gateway on a vhost of its own, so the commands it publishes reach no other test."""
-    with (
-        own_vhost(settings, "orderflow_contract") as contract_settings,
-        gateway_process(contract_settings, tmp_path_factory.mktemp("gateway") / "gateway.log") as url,
-    ):
-        yield url
+def gateway_settings(settings: Settings) -> Iterator[Settings]:
+    """A vhost of its own for the gateway, so the commands it publishes reach no other test."""
+    with own_vhost(settings, "orderflow_contract") as contract_settings:
+        yield contract_settings
 
 
 @pytest.mark.parametrize(("min_length", "max_length"), [(0, 1), (0, 3), (1, 1), (1, 3)])

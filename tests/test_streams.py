@@ -1,7 +1,7 @@
 """The gateway's event streams (`/orders/{id}/events/stream`, `/events/stream`) against a gateway
 process and the real audit table: what they send, how they resume, when they end.
 
-Events are stored as the audit consumer stores them (`record_event`, one transaction per batch);
+Events are stored as the audit consumer stores them (`record_events`, one transaction per batch);
 the audit table's trigger numbers them and wakes the gateway's streams.
 """
 
@@ -21,8 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
 from services.api.schemas import StreamedEvent
-from services.audit.projection import record_event
-from services.cli.watch import StreamedMessage, server_sent_events
+from services.audit.projection import record_events
+from services.cli.watch import server_sent_events
 from shared.contracts import EventType, OrderState, Role
 from shared.db import AuditEvent, transaction
 from shared.settings import Settings
@@ -32,6 +32,8 @@ from testsupport.polling import eventually
 from testsupport.read_model import insert_order
 
 READ_TIMEOUT_SECONDS = 10.0
+Block = tuple[str | None, str | None]
+"""A block of an event stream: the last event id, and the data (None: the block only moved the id)."""
 R, V, A = EventType.RECEIVED, EventType.VALIDATED, EventType.AWAITING_APPROVAL
 
 
@@ -41,7 +43,7 @@ async def store(
     """Events of one order, stored in one transaction as the audit consumer stores a batch."""
     async with transaction(sessions) as session:
         for seq, event_type in kinds:
-            await record_event(session, example_event(order_id, seq, event_type))
+            await record_events(session, [example_event(order_id, seq, event_type)])
 
 
 async def newest_position(sessions: async_sessionmaker[AsyncSession]) -> int:
@@ -56,32 +58,31 @@ class Stream:
         self.response = response
         self._messages = server_sent_events(response)
 
-    async def next(self) -> StreamedMessage:
+    async def next(self) -> Block:
         return await asyncio.wait_for(anext(self._messages), READ_TIMEOUT_SECONDS)
 
     async def events(self, count: int) -> list[StreamedEvent]:
         """The next `count` events (blocks with data)."""
         found: list[StreamedEvent] = []
         while len(found) < count:
-            message = await self.next()
-            if message.data is not None:
-                found.append(carried(message))
+            event_id, data = await self.next()
+            if data is not None:
+                found.append(carried(event_id, data))
         return found
 
     async def rest(self) -> list[StreamedEvent]:
         """The events until the stream ends (which it must within the time limit)."""
 
         async def to_the_end() -> list[StreamedEvent]:
-            return [carried(message) async for message in self._messages if message.data is not None]
+            return [carried(event_id, data) async for event_id, data in self._messages if data is not None]
 
         return await asyncio.wait_for(to_the_end(), READ_TIMEOUT_SECONDS)
 
 
-def carried(message: StreamedMessage) -> StreamedEvent:
+def carried(event_id: str | None, data: str) -> StreamedEvent:
     """The event a block carries; its SSE id is its position."""
-    assert message.data is not None
-    event = StreamedEvent.model_validate_json(message.data)
-    assert message.id == str(event.position)
+    event = StreamedEvent.model_validate_json(data)
+    assert event_id == str(event.position)
     return event
 
 
@@ -109,7 +110,7 @@ async def test_positions_follow_the_order_of_commits(db_sessions: async_sessionm
     first, second = unique_id("pos"), unique_id("pos")
 
     async with transaction(db_sessions) as session:
-        await record_event(session, example_event(first, 1, R))  # its position drawn, not committed
+        await record_events(session, [example_event(first, 1, R)])  # its position drawn, not committed
         storing_second = asyncio.create_task(store(db_sessions, second, (1, R)))
         await asyncio.sleep(0.5)
         second_waited = not storing_second.done()
@@ -146,7 +147,7 @@ async def test_an_order_stream_sends_the_history_then_live_events_and_ends_with_
         await store(db_sessions, order_id, (4, EventType.CANCELLED), (0, EventType.COMMAND_REJECTED))
         rest = await stream.rest()
 
-    assert (start.id, start.data) == ("0", None)
+    assert start == ("0", None)
     assert kinds_of(history + live + rest) == [
         (1, R),
         (2, V),
@@ -234,7 +235,7 @@ async def test_the_stream_of_every_order_starts_now_and_follows_them_all(
         await store(db_sessions, other, (1, R))
         events = await stream.events(2)
 
-    assert start.id == str(newest) and start.data is None
+    assert start == (str(newest), None)
     assert [(event.order_id, event.seq) for event in events] == [(one, 2), (other, 1)]
 
 
@@ -273,13 +274,13 @@ async def test_a_quiet_stream_ends_at_its_timeout(gateway_url: str, reviewer: di
 
 # --- the client and the server leaving ------------------------------------------------------------
 async def test_a_client_that_leaves_is_let_go(
-    base_settings: Settings,
+    settings: Settings,
     db_sessions: async_sessionmaker[AsyncSession],
     tmp_path: Path,
     reviewer: dict[str, str],
 ) -> None:
     log = tmp_path / "gateway.log"
-    with gateway_process(base_settings, log) as url:
+    with gateway_process(settings, log) as url:
         async with streaming(f"{url}/events/stream", reviewer) as stream:
             await stream.next()  # open, and waiting for events
 
@@ -290,7 +291,7 @@ async def test_a_client_that_leaves_is_let_go(
 
 
 async def test_a_stopping_gateway_ends_its_streams_at_once(
-    base_settings: Settings,
+    settings: Settings,
     db_sessions: async_sessionmaker[AsyncSession],
     tmp_path: Path,
     reviewer: dict[str, str],
@@ -299,7 +300,7 @@ async def test_a_stopping_gateway_ends_its_streams_at_once(
     await store(db_sessions, order_id, (1, R))
 
     with ExitStack() as gateway:
-        url = gateway.enter_context(gateway_process(base_settings, tmp_path / "gateway.log"))
+        url = gateway.enter_context(gateway_process(settings, tmp_path / "gateway.log"))
         async with streaming(f"{url}/orders/{order_id}/events/stream", reviewer) as stream:
             await stream.next()  # open
             stopping = time.monotonic()

@@ -8,8 +8,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -94,32 +94,45 @@ def answers(url: str) -> bool:
 
 
 @pytest.fixture(scope="module")
+def gateway_settings(settings: Settings) -> Settings:
+    """What `gateway_url` serves: the test database, vhost and dev server of this session (a test
+    module may override it)."""
+    return settings
+
+
+@pytest.fixture(scope="module")
 def gateway_url(
-    settings: Settings,
+    gateway_settings: Settings,
     db_sessions: async_sessionmaker[AsyncSession],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
-    """A gateway process on the test database, vhost and dev server of this session."""
-    with gateway_process(settings, tmp_path_factory.mktemp("gateway") / "gateway.log") as url:
+    """A gateway process serving `gateway_settings`."""
+    with gateway_process(gateway_settings, tmp_path_factory.mktemp("gateway") / "gateway.log") as url:
         yield url
 
 
-@contextmanager
-def serving_page(page: bytes) -> Iterator[int]:
+def serving_page(page: bytes) -> AbstractContextManager[int]:
     """An HTML page served on a free port of 127.0.0.1 (another origin than the gateway's); its port."""
+    return serving(lambda: page, "text/html")
 
-    class Page(BaseHTTPRequestHandler):
+
+@contextmanager
+def serving(body: Callable[[], bytes], content_type: str) -> Iterator[int]:
+    """An HTTP server on a free port of 127.0.0.1 answering every GET with `body()`; its port."""
+
+    class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            content = body()
             self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(page)))
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(content)))
             self.end_headers()
-            self.wfile.write(page)
+            self.wfile.write(content)
 
         def log_message(self, *_: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

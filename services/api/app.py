@@ -1,20 +1,25 @@
-"""The REST gateway's FastAPI application: `create_app(settings)`."""
+"""The REST gateway's FastAPI application, `create_app(settings)`, and its OpenAPI document."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 from fastapi import FastAPI, status
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from pydantic.json_schema import models_json_schema
 
 from services.api import codec, commands, dashboard, health, limits, orders, streams, telemetry
 from services.api.auth import TokenVerifier
-from services.api.connections import Connections, DependencyUnavailable
+from services.api.commands import BacklogFull
+from services.api.connections import Connections
 from services.api.errors import backlog_full, dependency_unavailable, method_not_allowed
-from services.api.openapi import openapi_document
-from services.api.publishing import BacklogFull
+from services.api.schemas import REQUEST_BODIES
+from shared.json_schema import StrippedTextJsonSchema
+from shared.probes import DependencyUnavailable
 from shared.settings import Settings
 
 DESCRIPTION = """
@@ -82,11 +87,35 @@ def create_app(settings: Settings) -> FastAPI:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Trust the configured token issuers; open the broker channel, database engine and Temporal
-    client once; close them at shutdown."""
+    """Trusts the configured token issuers and holds the connections while the app runs."""
     app.state.token_verifier = TokenVerifier.from_settings(app.state.settings)
     app.state.connections = await Connections.open(app.state.settings)
     try:
         yield
     finally:
         await app.state.connections.close()
+
+
+def openapi_document(app: FastAPI) -> dict[str, Any]:  # an OpenAPI document: JSON of any shape
+    """FastAPI's document, made once, its request bodies described as they are checked
+    (`StrippedTextJsonSchema`; the responses carry stripped text, which its patterns allow too)."""
+    if app.openapi_schema is None:
+        document = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+            tags=app.openapi_tags,
+        )
+        _, bodies = models_json_schema(
+            [(model, "validation") for model in REQUEST_BODIES],
+            ref_template="#/components/schemas/{model}",
+            schema_generator=StrippedTextJsonSchema,
+        )
+        components = document["components"]["schemas"]
+        renamed = bodies["$defs"].keys() - components.keys()
+        if renamed:  # FastAPI named a schema otherwise (an input and output variant, say)
+            raise RuntimeError(f"request body schemas missing from the OpenAPI document: {renamed}")
+        components.update(bodies["$defs"])
+        app.openapi_schema = document
+    return app.openapi_schema

@@ -1,10 +1,9 @@
 """Who is calling: OAuth2 bearer tokens (JWT access tokens) verified against their issuer's keys.
 
-A route declares the roles it admits in its signature, `Security(current_actor, scopes=[...])`
-(any one of them will do), and gets the caller as an `Actor`. A missing or invalid token is a 401
-with `WWW-Authenticate: Bearer`; a valid token without one of the roles a 403. Signatures are
-checked by PyJWT, against an issuer's published keys (JWKS, fetched and cached here) or the local
-development issuer's key when `auth_local_issuer` is on. Tokens and keys are never logged.
+A route declares the roles it admits, `Security(current_actor, scopes=[...])` (any one will do), and
+gets the caller as an `Actor`: a missing or invalid token is a 401, a token without the role a 403.
+Keys come from an issuer's JWKS (fetched and cached here) or the local development issuer. Tokens
+and keys are never logged.
 """
 
 from __future__ import annotations
@@ -25,12 +24,14 @@ from fastapi import Depends, HTTPException, Request, Security, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
 from jwt.algorithms import HMACAlgorithm, NoneAlgorithm, get_default_algorithms
 from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.api.connections import DependencyUnavailable, describe
 from services.api.errors import Responses, json_error
 from shared import local_issuer
 from shared.authorization import ROLES_FOR
 from shared.contracts import Actor, CommandType, Role
+from shared.db import Order
+from shared.probes import DependencyUnavailable, describe
 from shared.settings import Settings
 
 # claims a token must carry; `nbf` is checked when present
@@ -40,6 +41,7 @@ REQUIRED_CLAIMS = ["exp", "iat", "sub", "iss", "aud"]
 UNKNOWN_KEY_REFETCH_SECONDS = 10.0
 JWKS_FETCH_TIMEOUT_SECONDS = 5.0
 ROLE_NAMES = frozenset(role.value for role in Role)
+# the public-key signatures PyJWT knows: neither `none` nor an HMAC, whose key would be a shared secret
 ASYMMETRIC_ALGORITHMS = frozenset(
     name
     for name, algorithm in get_default_algorithms().items()
@@ -74,8 +76,8 @@ class KeySet:
         return kid in self._keys
 
     def key(self, kid: str | None, algorithm: str) -> jwt.PyJWK:
-        """The key `kid` bound to `algorithm` (a key that names its own `alg` keeps it, so a token
-        claiming another is refused by the signature check)."""
+        """The key `kid` for `algorithm`; a key naming its own `alg` keeps it (a token claiming
+        another then fails the signature check)."""
         if (kid, algorithm) not in self._parsed:
             jwk = self._keys.get(kid)
             if jwk is None:
@@ -87,19 +89,13 @@ class KeySet:
                 raise InvalidToken(f"the issuer's key {kid!r} cannot verify {algorithm}") from error
         return self._parsed[kid, algorithm]
 
+    async def keys_for(self, kid: str | None) -> KeySet:
+        """Keys known at start-up (the local development issuer's) are their own source."""
+        return self
+
 
 class KeySource(Protocol):
     async def keys_for(self, kid: str | None) -> KeySet: ...
-
-
-class FixedKeys:
-    """Keys known at start-up: the local development issuer's."""
-
-    def __init__(self, keys: KeySet) -> None:
-        self._keys = keys
-
-    async def keys_for(self, kid: str | None) -> KeySet:
-        return self._keys
 
 
 class PublishedKeys:
@@ -155,14 +151,15 @@ def trusted_issuers(settings: Settings) -> dict[str, KeySource]:
         raise AuthNotConfigured("ORDERFLOW_AUTH_ISSUER and ORDERFLOW_AUTH_JWKS_URL go together: set both")
     if settings.auth_issuer:
         check_jwks_url(settings.auth_jwks_url)
-        published = PublishedKeys(settings.auth_jwks_url, settings.auth_jwks_cache_seconds)
-        issuers[settings.auth_issuer] = published
+        issuers[settings.auth_issuer] = PublishedKeys(
+            settings.auth_jwks_url, settings.auth_jwks_cache_seconds
+        )
     if settings.auth_local_issuer:
         try:
             jwks = local_issuer.public_jwks(settings.auth_local_issuer_key_file)
         except local_issuer.NoLocalIssuer as error:
             raise AuthNotConfigured(str(error)) from None
-        issuers[local_issuer.ISSUER] = FixedKeys(KeySet(jwks))
+        issuers[local_issuer.ISSUER] = KeySet(jwks)
     if not issuers:
         raise AuthNotConfigured(
             "no token issuer is configured: set ORDERFLOW_AUTH_ISSUER and ORDERFLOW_AUTH_JWKS_URL, or "
@@ -174,9 +171,8 @@ def trusted_issuers(settings: Settings) -> dict[str, KeySource]:
 def check_jwks_url(url: str) -> None:
     """Keys travel over HTTPS; plain HTTP only from this machine (a local issuer or a test)."""
     parts = urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
-        return
-    if parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname):
+    host = parts.hostname
+    if host and (parts.scheme == "https" or (parts.scheme == "http" and is_loopback(host))):
         return
     raise AuthNotConfigured("ORDERFLOW_AUTH_JWKS_URL should be an https:// URL (http:// only on loopback)")
 
@@ -199,16 +195,13 @@ class TokenVerifier:
     """Turns a bearer token into the `Actor` it was issued to, or raises `InvalidToken`."""
 
     def __init__(self, settings: Settings, issuers: dict[str, KeySource]) -> None:
+        self._settings = settings
         self._issuers = issuers
-        self._algorithms = settings.auth_algorithms
-        self._audience = settings.auth_audience
-        self._leeway = settings.auth_clock_skew_seconds
-        self._roles_claim = settings.auth_roles_claim
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenVerifier:
         """Raises `AuthNotConfigured` for a configuration the gateway must not start with."""
-        unsafe = [name for name in settings.auth_algorithms if not is_asymmetric(name)]
+        unsafe = [name for name in settings.auth_algorithms if name not in ASYMMETRIC_ALGORITHMS]
         if unsafe:
             raise AuthNotConfigured(
                 f"ORDERFLOW_AUTH_ALGORITHMS may name asymmetric signatures only, not {', '.join(unsafe)}"
@@ -225,8 +218,9 @@ class TokenVerifier:
             issuer = jwt.decode(token, options={"verify_signature": False}).get("iss")
         except jwt.PyJWTError as error:
             raise InvalidToken("the token is not a well-formed JWT") from error
+        settings = self._settings
         algorithm = header.get("alg")
-        if algorithm not in self._algorithms:
+        if algorithm not in settings.auth_algorithms:
             raise InvalidToken(f"tokens signed with {algorithm!r} are not accepted")
         source = self._issuers.get(issuer) if isinstance(issuer, str) else None
         if source is None:
@@ -237,23 +231,18 @@ class TokenVerifier:
             claims = jwt.decode(
                 token,
                 key,
-                algorithms=self._algorithms,
-                audience=self._audience,
+                algorithms=settings.auth_algorithms,
+                audience=settings.auth_audience,
                 issuer=issuer,
-                leeway=self._leeway,
+                leeway=settings.auth_clock_skew_seconds,
                 options={"require": REQUIRED_CLAIMS},
             )
-            actor = Actor(subject=claims["sub"], roles=roles_in(claims, self._roles_claim))
+            actor = Actor(subject=claims["sub"], roles=roles_in(claims, settings.auth_roles_claim))
             return VerifiedToken(actor, expires_at=int(claims["exp"]))
         except jwt.PyJWTError as error:
             raise InvalidToken(describe(error)) from error
         except ValidationError as error:
             raise InvalidToken("the token's subject is not a valid subject") from error
-
-
-def is_asymmetric(algorithm: str) -> bool:
-    """A public-key signature algorithm PyJWT knows (so neither `none` nor an HMAC)."""
-    return algorithm in ASYMMETRIC_ALGORITHMS
 
 
 def roles_in(claims: Mapping[str, object], claim_path: str) -> frozenset[Role]:
@@ -289,8 +278,7 @@ async def current_actor(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_token)],
     verifier: Annotated[TokenVerifier, Depends(get_verifier)],
 ) -> Actor:
-    """The caller, who holds one of the roles named as scopes (`Security(current_actor,
-    scopes=[...])`; no scopes: any valid token)."""
+    """The caller, who holds one of the roles named as scopes (no scopes: any valid token)."""
     if credentials is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
@@ -338,6 +326,14 @@ def sees_every_order(actor: Actor) -> bool:
 def may_read(actor: Actor, placed_by: str | None) -> bool:
     """A reviewer or operator reads every order; a customer only those it placed."""
     return sees_every_order(actor) or (placed_by is not None and placed_by == actor.subject)
+
+
+async def readable_by(session: AsyncSession, actor: Actor, order_id: str) -> bool:
+    """`may_read` by the order's id: a customer's own are those the orders table says it placed."""
+    if sees_every_order(actor):
+        return True
+    order = await session.get(Order, order_id)
+    return order is not None and may_read(actor, order.placed_by)
 
 
 AUTH_RESPONSES: Responses = {

@@ -1,14 +1,9 @@
-"""The codec server: Temporal's remote codec protocol on the gateway, for operators.
+"""Temporal's remote codec protocol on the gateway, for operators: the Temporal UI or CLI posts
+payloads to `/codec/decode` (or `/codec/encode`) and gets them back decrypted (or encrypted).
 
-The Temporal UI (or `temporal --codec-endpoint <gateway>/codec`) posts a history's payloads, as
-Temporal's Payloads JSON, to `/codec/decode` and gets them back decrypted; `/codec/encode` does
-the reverse (a signal's input typed in the UI, say). Operators only. The UI calls from its own
-origin, so these routes, and only these, answer CORS for the configured UI origins.
-
-A UI without a sign-in of its own (the dev server's) sends no token, only cookies ("Include
-cross-origin credentials"): `POST /codec/session` puts an operator's bearer token in a cookie that
-the browser sends to `/codec` alone, and these two routes, which change nothing, accept it in place
-of the `Authorization` header. No other route reads it.
+These routes alone answer CORS, for the UI's origins. A UI without a sign-in of its own sends only
+cookies: `POST /codec/session` puts an operator's token in a cookie for `/codec`, which decode and
+encode (they change nothing), and no other route, accept in place of the `Authorization` header.
 """
 
 from __future__ import annotations
@@ -20,7 +15,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, Security, status
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, SecurityScopes
 from google.protobuf import json_format
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 from temporalio.api.common.v1 import Payloads
@@ -53,8 +48,6 @@ router = APIRouter(prefix=PREFIX, tags=["codec"])
 
 class CodecPayload(BaseModel):
     """A `temporal.api.common.v1.Payload` in proto3 JSON: its bytes in base64."""
-
-    model_config = ConfigDict(extra="ignore")
 
     metadata: dict[str, Base64] = Field(default={}, description="metadata values, base64")
     data: Base64 = Field(default="", description="the payload's bytes, base64")
@@ -89,8 +82,7 @@ async def codec_caller(
     session: Annotated[str | None, Depends(session_cookie)],
     verifier: Annotated[TokenVerifier, Depends(get_verifier)],
 ) -> Actor:
-    """The caller by its bearer token or, without one, by the token in the codec session cookie,
-    verified and authorized alike."""
+    """The caller by its bearer token or else by the token in the codec session cookie."""
     if credentials is None and session:
         credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=session)
     return await current_actor(security_scopes, credentials, verifier)
@@ -157,10 +149,9 @@ async def open_session(
     verifier: Annotated[TokenVerifier, Depends(get_verifier)],
     _: TokenOperator,
 ) -> None:
-    """Sets an `HttpOnly`, `SameSite=Strict` cookie for `/codec` holding the operator's token, for
-    as long as the token lasts, so that a Temporal UI of the same site (another port of this host,
-    say) decodes with *Include cross-origin credentials*. It authorizes `/codec/decode` and
-    `/codec/encode`, nothing else."""
+    """Sets an `HttpOnly`, `SameSite=Strict` cookie for `/codec` holding the operator's token while
+    it lasts, so that a Temporal UI of the same site decodes with *Include cross-origin credentials*.
+    It authorizes `/codec/decode` and `/codec/encode`, nothing else."""
     assert credentials is not None  # TokenOperator refused the request otherwise
     token = credentials.credentials
     lifetime = (await verifier.verify(token)).expires_at - int(time.time())

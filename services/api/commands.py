@@ -1,26 +1,29 @@
-"""Command endpoints: each builds one contract command and publishes it to `orders.commands`.
+"""Command endpoints: each publishes one contract command to `orders.commands`.
 
-A 202 means RabbitMQ confirmed the command (publisher confirms, mandatory routing); anything less is
-a 503 and nothing was published, so a client may retry, ideally with the same command id. Each
-command carries its caller as `issued_by` (from the bearer token), which the bridge and the workflow
-authorize again against the order.
+A 202 means RabbitMQ confirmed the command; anything less is a 503 and nothing was published, so a
+client may retry, ideally with the same command id. Each command carries its caller as `issued_by`
+(from the bearer token), which the bridge and the workflow authorize again against the order.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, TypedDict, TypeVar
+from typing import Annotated
 from uuid import UUID, uuid4, uuid5
 
-from fastapi import APIRouter, Header, HTTPException, Request, status
-from sqlalchemy.ext.asyncio import AsyncSession
+import structlog
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from fastapi import APIRouter, Depends, Header, HTTPException, Request, status
+from fastapi.types import DecoratedCallable
 
-from services.api import read_model
 from services.api.auth import AUTH_RESPONSES, Approver, Canceller, Placer, Readdresser
-from services.api.dependencies import OrderIdPath, PublisherDep, SessionDep
+from services.api.connections import BrokerLink
+from services.api.dependencies import ConnectionsDep, OrderIdPath
 from services.api.errors import UNREADABLE_BODY, Responses, documented_error
-from services.api.limits import WRITE_LIMIT_RESPONSES, count_write
-from services.api.publishing import CommandPublisher
+from services.api.limits import WRITE_LIMIT_RESPONSES, WriteRateLimit
 from services.api.schemas import (
     ApproveOrderRequest,
     CancelOrderRequest,
@@ -30,27 +33,18 @@ from services.api.schemas import (
     UpdateAddressRequest,
 )
 from shared.authorization import refusal
-from shared.contracts import (
-    Actor,
-    ApproveOrder,
-    ApproveOrderPayload,
-    CancelOrder,
-    CancelOrderPayload,
-    Command,
-    CommandType,
-    Model,
-    PlaceOrder,
-    PlaceOrderPayload,
-    UpdateAddress,
-    UpdateAddressPayload,
-)
+from shared.broker import CommandNotRouted, CommandRefused, publish_command
+from shared.contracts import Actor, Command, CommandType, command_adapter
+from shared.db import Order
+from shared.probes import DependencyUnavailable, LazyConnection, describe
 
 # fixed, so one Idempotency-Key maps to one command id in every gateway process, before and after restarts
 IDEMPOTENCY_NAMESPACE = UUID("5b0e7c36-5f0c-4a51-9d43-2a8f1f3c8e21")
+# what a command request carries besides its payload
+ENVELOPE_FIELDS = {*CommandOptions.model_fields, "order_id"}
+PUBLISH_TIMEOUT_SECONDS = 5.0
 
-PayloadT = TypeVar("PayloadT", bound=Model)
-CommandT = TypeVar("CommandT", PlaceOrder, ApproveOrder, CancelOrder, UpdateAddress)
-
+log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/orders", tags=["commands"])
 
 IdempotencyKey = Annotated[
@@ -92,141 +86,54 @@ PLACE_RESPONSES: Responses = {
 }
 
 
-@router.post(
-    "",
-    status_code=status.HTTP_202_ACCEPTED,
-    summary="Place an order",
-    description="Publishes a `PlaceOrder` command (routing key `order.place`). The order is `queued` "
-    "until the bridge admits its lifecycle (at most `max_running_lifecycles` run at once).",
-    responses=PLACE_RESPONSES,
-)
-async def place_order(
-    actor: Placer,
-    body: PlaceOrderRequest,
-    request: Request,
-    publisher: PublisherDep,
-    idempotency_key: IdempotencyKey = None,
-) -> CommandAccepted:
-    order_id = body.order_id or f"ord-{uuid4().hex}"
-    command = command_of(PlaceOrder, PlaceOrderPayload, order_id, body, idempotency_key, actor)
-    return await accept(command, publisher, request)
+@dataclass(frozen=True)
+class CommandSender:
+    """What every command route does with its request (a dependency): check, build, publish, answer 202."""
+
+    request: Request
+    connections: ConnectionsDep
+    idempotency_key: IdempotencyKey = None
+
+    async def send(
+        self, command_type: CommandType, actor: Actor, order_id: str, body: CommandOptions | None
+    ) -> CommandAccepted:
+        """`body` None: an approval or cancellation sent without one (its payload's fields are optional)."""
+        body = body or CommandOptions()
+        if command_type is not CommandType.PLACE:
+            await self.refuse_early(command_type, actor, order_id)
+        command = command_adapter.validate_python(
+            {
+                "type": command_type,
+                "command_id": resolve_command_id(body.command_id, self.idempotency_key),
+                "order_id": order_id,
+                "issued_at": datetime.now(UTC),
+                "correlation_id": body.correlation_id,
+                "issued_by": actor,
+                "payload": body.model_dump(exclude=ENVELOPE_FIELDS),
+            }
+        )
+        write_limit: WriteRateLimit = self.request.app.state.write_limit
+        await write_limit.check(actor.subject)
+        await publish(self.connections.broker, command)
+        return CommandAccepted(
+            command_id=command.command_id,
+            type=command.type,
+            order_id=order_id,
+            status_url=str(self.request.url_for("order_status", order_id=order_id)),
+        )
+
+    async def refuse_early(self, command_type: CommandType, actor: Actor, order_id: str) -> None:
+        """403 at once where the orders table already names the order's placer. Whether the order is
+        in review is left to the workflow (the table may lag behind it), and so is an order the
+        table lacks yet."""
+        async with self.connections.sessions() as session:
+            order = await session.get(Order, order_id)
+        reason = None if order is None else refusal(command_type, actor, order.placed_by, in_review=True)
+        if reason is not None:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, detail=reason)
 
 
-@router.post(
-    "/{order_id}/approve",
-    status_code=status.HTTP_202_ACCEPTED,
-    summary="Approve an order waiting in manual review",
-    description="Publishes an `ApproveOrder` command (routing key `order.approve`). The approver is "
-    "the token's subject, who must not be the order's placer (four eyes).",
-    responses=ORDER_COMMAND_RESPONSES,
-)
-async def approve_order(
-    actor: Approver,
-    order_id: OrderIdPath,
-    request: Request,
-    publisher: PublisherDep,
-    session: SessionDep,
-    body: ApproveOrderRequest | None = None,
-    idempotency_key: IdempotencyKey = None,
-) -> CommandAccepted:
-    await refuse_early(session, CommandType.APPROVE, actor, order_id)
-    body = body or ApproveOrderRequest()  # the body is optional: nothing to say but "approved"
-    command = command_of(ApproveOrder, ApproveOrderPayload, order_id, body, idempotency_key, actor)
-    return await accept(command, publisher, request)
-
-
-@router.post(
-    "/{order_id}/cancel",
-    status_code=status.HTTP_202_ACCEPTED,
-    summary="Cancel an order (until dispatch; refunds if it was paid)",
-    description="Publishes a `CancelOrder` command (routing key `order.cancel`): by the order's "
-    "placer, an operator, or a reviewer while the order is in review.",
-    responses=ORDER_COMMAND_RESPONSES,
-)
-async def cancel_order(
-    actor: Canceller,
-    order_id: OrderIdPath,
-    request: Request,
-    publisher: PublisherDep,
-    session: SessionDep,
-    body: CancelOrderRequest | None = None,
-    idempotency_key: IdempotencyKey = None,
-) -> CommandAccepted:
-    await refuse_early(session, CommandType.CANCEL, actor, order_id)
-    body = body or CancelOrderRequest()  # the body is optional: a reason is not required
-    command = command_of(CancelOrder, CancelOrderPayload, order_id, body, idempotency_key, actor)
-    return await accept(command, publisher, request)
-
-
-@router.post(
-    "/{order_id}/address",
-    status_code=status.HTTP_202_ACCEPTED,
-    summary="Change an order's shipping address (until dispatch)",
-    description="Publishes an `UpdateAddress` command (routing key `order.update_address`): by the "
-    "order's placer or an operator.",
-    responses=ORDER_COMMAND_RESPONSES,
-)
-async def update_address(
-    actor: Readdresser,
-    order_id: OrderIdPath,
-    body: UpdateAddressRequest,
-    request: Request,
-    publisher: PublisherDep,
-    session: SessionDep,
-    idempotency_key: IdempotencyKey = None,
-) -> CommandAccepted:
-    await refuse_early(session, CommandType.UPDATE_ADDRESS, actor, order_id)
-    command = command_of(UpdateAddress, UpdateAddressPayload, order_id, body, idempotency_key, actor)
-    return await accept(command, publisher, request)
-
-
-async def refuse_early(session: AsyncSession, command_type: CommandType, actor: Actor, order_id: str) -> None:
-    """403 at once where the orders table already names the order's placer (four eyes; a customer
-    steers only its own orders). Whether it is in review is left to the workflow: the table may lag
-    behind it. An order the table lacks yet is decided by the bridge or the workflow."""
-    order = await read_model.find_order(session, order_id)
-    if order is None:
-        return
-    reason = refusal(command_type, actor, order.placed_by, in_review=True)
-    if reason is not None:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, detail=reason)
-
-
-class Envelope(TypedDict):
-    command_id: UUID
-    order_id: str
-    issued_at: datetime
-    correlation_id: str | None
-    issued_by: Actor
-
-
-def envelope(order_id: str, body: CommandOptions, idempotency_key: str | None, actor: Actor) -> Envelope:
-    """The fields every command shares, from the request, its caller and the time it arrived."""
-    return {
-        "command_id": resolve_command_id(body.command_id, idempotency_key),
-        "order_id": order_id,
-        "issued_at": datetime.now(UTC),
-        "correlation_id": body.correlation_id,
-        "issued_by": actor,
-    }
-
-
-def command_of(
-    command_type: type[CommandT],
-    payload_type: type[Model],
-    order_id: str,
-    body: CommandOptions,
-    idempotency_key: str | None,
-    actor: Actor,
-) -> CommandT:
-    """The command a request stands for: the envelope every command shares, the body's payload."""
-    return command_type.model_validate(
-        {**envelope(order_id, body, idempotency_key, actor), "payload": payload_of(body, payload_type)}
-    )
-
-
-def payload_of(body: CommandOptions, payload_type: type[PayloadT]) -> PayloadT:
-    return payload_type.model_validate(body.model_dump(include=set(payload_type.model_fields)))
+Sender = Annotated[CommandSender, Depends()]
 
 
 def resolve_command_id(from_body: UUID | None, idempotency_key: str | None) -> UUID:
@@ -247,13 +154,87 @@ def command_id_for_key(key: str) -> UUID:
         return uuid5(IDEMPOTENCY_NAMESPACE, key)
 
 
-async def accept(command: Command, publisher: CommandPublisher, request: Request) -> CommandAccepted:
-    assert command.issued_by is not None  # every route sets it from the token
-    await count_write(request, command.issued_by.subject)
-    await publisher.publish(command)
-    return CommandAccepted(
-        command_id=command.command_id,
-        type=command.type,
-        order_id=command.order_id,
-        status_url=str(request.url_for("order_status", order_id=command.order_id)),
+class BacklogFull(Exception):
+    """The broker refused a placement: the admission backlog is full (a 503 with Retry-After)."""
+
+
+async def publish(broker: LazyConnection[BrokerLink], command: Command) -> None:
+    """Returns once the broker confirmed `command`; raises `BacklogFull` or `DependencyUnavailable`."""
+    context = {
+        "order_id": command.order_id,
+        "command_id": str(command.command_id),
+        "type": command.type.value,
+    }
+    link = await broker.get()
+    try:
+        async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
+            await publish_command(link.topology, command)
+    except CommandRefused as refused:
+        log.warning("placement refused: backlog full", **context)
+        raise BacklogFull(
+            "too many orders are waiting to start: the placement was not accepted; "
+            "retry after the time in Retry-After"
+        ) from refused
+    except (CommandNotRouted, TimeoutError, *CONNECTION_EXCEPTIONS) as error:
+        log.warning("command not accepted", **context, reason=describe(error))
+        raise DependencyUnavailable("broker", f"the command was not accepted ({describe(error)})") from error
+    log.info("command accepted", **context, correlation_id=command.correlation_id)
+
+
+def command_route(
+    path: str, summary: str, description: str, responses: Responses = ORDER_COMMAND_RESPONSES
+) -> Callable[[DecoratedCallable], DecoratedCallable]:
+    return router.post(
+        path,
+        status_code=status.HTTP_202_ACCEPTED,
+        summary=summary,
+        description=description,
+        responses=responses,
     )
+
+
+@command_route(
+    "",
+    "Place an order",
+    "Publishes a `PlaceOrder` command (routing key `order.place`). The order is `queued` until the "
+    "bridge admits its lifecycle (at most `max_running_lifecycles` run at once).",
+    PLACE_RESPONSES,
+)
+async def place_order(actor: Placer, body: PlaceOrderRequest, sender: Sender) -> CommandAccepted:
+    return await sender.send(CommandType.PLACE, actor, body.order_id or f"ord-{uuid4().hex}", body)
+
+
+@command_route(
+    "/{order_id}/approve",
+    "Approve an order waiting in manual review",
+    "Publishes an `ApproveOrder` command (routing key `order.approve`). The approver is the token's "
+    "subject, who must not be the order's placer (four eyes).",
+)
+async def approve_order(
+    actor: Approver, order_id: OrderIdPath, sender: Sender, body: ApproveOrderRequest | None = None
+) -> CommandAccepted:
+    return await sender.send(CommandType.APPROVE, actor, order_id, body)
+
+
+@command_route(
+    "/{order_id}/address",
+    "Change an order's shipping address (until dispatch)",
+    "Publishes an `UpdateAddress` command (routing key `order.update_address`): by the order's "
+    "placer or an operator.",
+)
+async def update_address(
+    actor: Readdresser, order_id: OrderIdPath, body: UpdateAddressRequest, sender: Sender
+) -> CommandAccepted:
+    return await sender.send(CommandType.UPDATE_ADDRESS, actor, order_id, body)
+
+
+@command_route(
+    "/{order_id}/cancel",
+    "Cancel an order (until dispatch; refunds if it was paid)",
+    "Publishes a `CancelOrder` command (routing key `order.cancel`): by the order's placer, an "
+    "operator, or a reviewer while the order is in review.",
+)
+async def cancel_order(
+    actor: Canceller, order_id: OrderIdPath, sender: Sender, body: CancelOrderRequest | None = None
+) -> CommandAccepted:
+    return await sender.send(CommandType.CANCEL, actor, order_id, body)

@@ -1,16 +1,15 @@
 """The gateway's connections to RabbitMQ, PostgreSQL and Temporal, opened once per process.
 
-The broker and Temporal are connected at start-up when they are up and otherwise on first use, so
-the gateway starts (and reports not ready) while a dependency is down instead of crash-looping.
+The broker and Temporal are connected at start-up and, once lost, again on the next request that
+needs them, so the gateway stays up (and reports not ready) while a dependency is down.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
@@ -18,68 +17,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from temporalio.client import Client
 
 from shared import broker, db
+from shared.probes import DependencyUnavailable, LazyConnection
 from shared.settings import Settings
 from shared.temporal import connect_temporal
 
-CONNECT_TIMEOUT_SECONDS = 5.0
-
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
-
-
-class DependencyUnavailable(Exception):
-    """A dependency the request needs is down; the gateway answers 503."""
-
-    def __init__(self, dependency: str, reason: str) -> None:
-        super().__init__(f"{dependency} unavailable: {reason}")
-        self.dependency = dependency
-        self.reason = reason
-
-
-def describe(error: BaseException) -> str:
-    """A one-line reason for an error, even for exceptions without a message."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-async def _nothing_to_close(_: object) -> None:
-    """The Temporal client has no close(); its connection ends with the process."""
-
-
-class LazyConnection(Generic[T]):
-    """A connection opened once, on the first `get()` that finds its dependency up."""
-
-    def __init__(
-        self,
-        name: str,
-        open_: Callable[[], Awaitable[T]],
-        close: Callable[[T], Awaitable[None]] = _nothing_to_close,
-    ) -> None:
-        self.name = name
-        self._open = open_
-        self._close = close
-        self._value: T | None = None
-        self._lock = asyncio.Lock()
-
-    async def get(self) -> T:
-        """The open connection; raises `DependencyUnavailable` if it cannot be opened now."""
-        if self._value is None:
-            async with self._lock:  # one connection attempt at a time, not one per request
-                if self._value is None:
-                    self._value = await self._open_in_time()
-        return self._value
-
-    async def _open_in_time(self) -> T:
-        try:
-            async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
-                return await self._open()
-        except Exception as error:  # whatever stops the connection, the dependency is unavailable
-            raise DependencyUnavailable(self.name, describe(error)) from error
-
-    async def close(self) -> None:
-        value, self._value = self._value, None
-        if value is not None:
-            await self._close(value)
 
 
 @dataclass(frozen=True)
@@ -100,10 +43,6 @@ async def open_broker(settings: Settings) -> BrokerLink:
     return BrokerLink(connection=connection, channel=channel, topology=topology)
 
 
-async def close_broker(link: BrokerLink) -> None:
-    await link.connection.close()
-
-
 @dataclass(frozen=True)
 class Connections:
     broker: LazyConnection[BrokerLink]
@@ -116,12 +55,14 @@ class Connections:
         # connects lazily, from its pool; a request is not retried, so each connection is checked
         engine = db.create_engine(settings, pre_ping=True)
         connections = cls(
-            broker=LazyConnection("broker", partial(open_broker, settings), close_broker),
+            broker=LazyConnection(
+                "broker", partial(open_broker, settings), lambda link: link.connection.close()
+            ),
             temporal=LazyConnection("temporal", partial(connect_temporal, settings, patience=0)),
             engine=engine,
             sessions=db.session_factory(engine),
         )
-        await asyncio.gather(_warm_up(connections.broker), _warm_up(connections.temporal))
+        await asyncio.gather(warm_up(connections.broker), warm_up(connections.temporal))
         return connections
 
     async def close(self) -> None:
@@ -130,7 +71,8 @@ class Connections:
         await self.engine.dispose()
 
 
-async def _warm_up(connection: LazyConnection[T]) -> None:
+async def warm_up(connection: LazyConnection[T]) -> None:
+    """Connect now if the dependency is up; one that is down is only logged (and tried again on use)."""
     try:
         await connection.get()
     except DependencyUnavailable as error:

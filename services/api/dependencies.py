@@ -9,7 +9,6 @@ from fastapi import Depends, Path, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.connections import Connections
-from services.api.publishing import CommandPublisher
 from shared.contracts import Identifier
 
 
@@ -19,14 +18,6 @@ def get_connections(request: Request) -> Connections:
 
 
 ConnectionsDep = Annotated[Connections, Depends(get_connections)]
-
-
-def get_publisher(connections: ConnectionsDep) -> CommandPublisher:
-    """No I/O here: the broker is reached only once the request has passed validation."""
-    return CommandPublisher(connections.broker)
-
-
-PublisherDep = Annotated[CommandPublisher, Depends(get_publisher)]
 
 
 async def get_session(connections: ConnectionsDep) -> AsyncIterator[AsyncSession]:

@@ -7,8 +7,6 @@ can answer with, so the OpenAPI document says exactly what a client may get.
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -16,7 +14,8 @@ from starlette.routing import compile_path
 
 from services.api.schemas import ErrorMessage
 
-Responses = dict[int | str, dict[str, Any]]
+# an operation's `responses`: status -> its OpenAPI entry (FastAPI's keys: model, description, ...)
+Responses = dict[int | str, dict[str, object]]
 
 # the broker and Temporal are reconnected on the next request that needs them
 DEPENDENCY_RETRY_AFTER_SECONDS = 5
@@ -30,15 +29,15 @@ RETRY_AFTER_HEADER = {
 }
 
 
-def documented_error(description: str, *, retry_after: bool = False) -> dict[str, Any]:
+def documented_error(description: str, *, retry_after: bool = False) -> dict[str, object]:
     """An error answer as an operation's `responses` entry: its `ErrorMessage` body and headers."""
-    response: dict[str, Any] = {"model": ErrorMessage, "description": description}
+    response: dict[str, object] = {"model": ErrorMessage, "description": description}
     if retry_after:
         response["headers"] = RETRY_AFTER_HEADER
     return response
 
 
-def json_error(description: str) -> dict[str, Any]:
+def json_error(description: str) -> dict[str, object]:
     """An `ErrorMessage` answer documented as JSON whatever the operation's own media type (an event
     stream's errors are JSON too); the schema is there because `documented_error` puts it there."""
     schema = {"$ref": "#/components/schemas/ErrorMessage"}
@@ -53,21 +52,20 @@ UNREADABLE_BODY: Responses = {
 }
 
 
-async def dependency_unavailable(_: Request, error: Exception) -> JSONResponse:
+def error_answer(status_code: int, detail: str, headers: dict[str, str]) -> JSONResponse:
     return JSONResponse(
-        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-        content=ErrorMessage(detail=str(error)).model_dump(),
-        headers={"Retry-After": str(DEPENDENCY_RETRY_AFTER_SECONDS)},
+        status_code=status_code, content=ErrorMessage(detail=detail).model_dump(), headers=headers
     )
+
+
+async def dependency_unavailable(_: Request, error: Exception) -> JSONResponse:
+    retry_after = {"Retry-After": str(DEPENDENCY_RETRY_AFTER_SECONDS)}
+    return error_answer(status.HTTP_503_SERVICE_UNAVAILABLE, str(error), retry_after)
 
 
 async def backlog_full(request: Request, error: Exception) -> JSONResponse:
-    retry_after = request.app.state.settings.shed_retry_after_seconds
-    return JSONResponse(
-        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-        content=ErrorMessage(detail=str(error)).model_dump(),
-        headers={"Retry-After": str(retry_after)},
-    )
+    retry_after = {"Retry-After": str(request.app.state.settings.shed_retry_after_seconds)}
+    return error_answer(status.HTTP_503_SERVICE_UNAVAILABLE, str(error), retry_after)
 
 
 async def method_not_allowed(request: Request, error: Exception) -> JSONResponse:
@@ -79,11 +77,8 @@ async def method_not_allowed(request: Request, error: Exception) -> JSONResponse
         | documented_methods(request.app, request.url.path)
     )
     allow = ", ".join(allowed)
-    return JSONResponse(
-        status_code=status.HTTP_405_METHOD_NOT_ALLOWED,
-        content=ErrorMessage(detail=f"{request.method} is not allowed here; allowed: {allow}").model_dump(),
-        headers={"Allow": allow},
-    )
+    detail = f"{request.method} is not allowed here; allowed: {allow}"
+    return error_answer(status.HTTP_405_METHOD_NOT_ALLOWED, detail, {"Allow": allow})
 
 
 def documented_methods(app: FastAPI, path: str) -> set[str]:

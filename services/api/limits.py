@@ -1,5 +1,5 @@
-"""Abuse limits of the gateway: request body size, write rate per caller, event streams per caller,
-and validation errors that do not echo oversized input back."""
+"""The gateway's abuse limits: body size, write rate and event streams per caller, and 422s that do
+not echo oversized input back."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
@@ -46,9 +47,8 @@ STREAM_LIMIT_RESPONSES: Responses = {
 
 
 class BodySizeLimit:
-    """Answers 413 to a request whose body is larger than `max_bytes`, before anything parses it:
-    at once from its Content-Length, or, for a body sent without one (chunked), once what arrived
-    passes the limit (such a body is read ahead, up to the limit, and handed on whole)."""
+    """Answers 413 to a body larger than `max_bytes` before anything parses it: by its Content-Length,
+    or, sent without one (chunked), once what arrived passes the limit (it is read ahead, then replayed)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -88,9 +88,8 @@ class BodySizeLimit:
                 return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
     async def _too_large(self, send: Send) -> None:
-        body = ErrorMessage(
-            detail=f"the request body is larger than {self.max_bytes} bytes"
-        ).model_dump_json()
+        detail = f"the request body is larger than {self.max_bytes} bytes"
+        body = ErrorMessage(detail=detail).model_dump_json()
         await send(
             {
                 "type": "http.response.start",
@@ -138,7 +137,8 @@ class StreamSlots:
         self._per_subject = per_subject
         self._open: Counter[str] = Counter()
 
-    def open(self, subject: str) -> None:
+    @contextmanager
+    def held(self, subject: str) -> Iterator[None]:
         if self._open[subject] >= self._per_subject:
             raise HTTPException(
                 status.HTTP_429_TOO_MANY_REQUESTS,
@@ -146,11 +146,12 @@ class StreamSlots:
                 headers={"Retry-After": "5"},
             )
         self._open[subject] += 1
-
-    def close(self, subject: str) -> None:
-        self._open[subject] -= 1
-        if not self._open[subject]:
-            del self._open[subject]
+        try:
+            yield
+        finally:
+            self._open[subject] -= 1
+            if not self._open[subject]:
+                del self._open[subject]
 
 
 def stream_slots(request: Request) -> StreamSlots:
@@ -163,32 +164,19 @@ async def holding_stream_slot(
 ) -> AsyncIterator[None]:
     """Holds one of the caller's stream slots until the stream ends (FastAPI runs the code after
     `yield` once the response is sent)."""
-    slots.open(actor.subject)
-    try:
+    with slots.held(actor.subject):
         yield
-    finally:
-        slots.close(actor.subject)
 
 
 async def validation_error(_: Request, error: Exception) -> JSONResponse:
     """FastAPI's 422, without echoing an input larger than `ECHOED_INPUT_LIMIT` back."""
     assert isinstance(error, RequestValidationError)
-    return JSONResponse(
-        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
-        content={"detail": [without_large_input(problem) for problem in jsonable_encoder(error.errors())]},
-    )
-
-
-def without_large_input(problem: dict[str, object]) -> dict[str, object]:
-    if "input" in problem and len(json.dumps(problem["input"], default=str)) > ECHOED_INPUT_LIMIT:
-        return {key: value for key, value in problem.items() if key != "input"}
-    return problem
+    problems: list[dict[str, object]] = jsonable_encoder(error.errors())
+    for problem in problems:
+        if len(json.dumps(problem.get("input"), default=str)) > ECHOED_INPUT_LIMIT:
+            del problem["input"]
+    return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": problems})
 
 
 StreamSlot = Annotated[None, Depends(holding_stream_slot)]
 """One of the caller's event streams, held while the stream runs."""
-
-
-async def count_write(request: Request, subject: str) -> None:
-    limit: WriteRateLimit = request.app.state.write_limit
-    await limit.check(subject)

@@ -6,41 +6,49 @@ unknown to it (404), as if it did not exist.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import structlog
 from fastapi import APIRouter, HTTPException, Query, status
+from sqlalchemy import and_, or_
 from sqlalchemy.ext.asyncio import AsyncSession
-from temporalio.client import (
-    WorkflowExecutionStatus,
-    WorkflowQueryFailedError,
-    WorkflowQueryRejectedError,
-)
+from sqlmodel import col, select
+from temporalio.client import WorkflowExecutionStatus, WorkflowQueryFailedError, WorkflowQueryRejectedError
 from temporalio.common import QueryRejectCondition
 from temporalio.service import RPCError, RPCStatusCode
 
-from services.api import read_model
-from services.api.auth import AUTH_RESPONSES, AnyRole, may_read, sees_every_order
-from services.api.connections import Connections, DependencyUnavailable, describe
+from services.api.auth import AUTH_RESPONSES, AnyRole, may_read, readable_by, sees_every_order
+from services.api.connections import Connections
 from services.api.dependencies import ConnectionsDep, OrderIdPath, SessionDep
 from services.api.errors import Responses, documented_error
-from services.api.read_model import CURSOR_PATTERN, Cursor
-from services.api.schemas import (
-    OrderHistory,
-    OrderPage,
-    OrderStatusView,
-    OrderSummary,
-    StatusSource,
-)
+from services.api.schemas import OrderHistory, OrderPage, OrderStatusView, OrderSummary, StatusSource
 from shared.contracts import OrderState, OrderStatus, RecordedEvent
-from shared.db import Order
+from shared.db import AuditEvent, Order
 from shared.lifecycle import STATUS_QUERY, order_workflow_id
+from shared.probes import DependencyUnavailable, describe
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# `<created_at in microseconds since EPOCH>_<order id>`: every string of this form is a cursor (17
+# digits stay below the year 9999), so the OpenAPI document describes cursors exactly
+CURSOR_PATTERN = r"^[0-9]{1,17}_[A-Za-z0-9._-]{1,64}$"
 # bounded so a workflow no worker can answer for falls back to the orders table quickly
 STATUS_QUERY_TIMEOUT = timedelta(seconds=2)
+# closed without the workflow's own ending: until the workers' reconciler has written it, the
+# orders table still shows where the lifecycle was
+ENDED_WITHOUT_ITS_CODE = frozenset(
+    {WorkflowExecutionStatus.TERMINATED, WorkflowExecutionStatus.TIMED_OUT, WorkflowExecutionStatus.FAILED}
+)
+# why a status query gets no answer: Temporal cannot be asked, the workflow is missing or closed
+NO_WORKFLOW_ANSWER = (
+    DependencyUnavailable,
+    RPCError,
+    WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
+    TimeoutError,
+)
 
 log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/orders", tags=["orders"], responses=AUTH_RESPONSES)
@@ -68,9 +76,9 @@ async def order_status(
 ) -> OrderStatusView:
     try:
         live = await query_workflow_status(connections, order_id)
-    except NoWorkflowAnswer as no_answer:
+    except NO_WORKFLOW_ANSWER as no_answer:
         log.info(
-            "workflow did not answer, reading the orders table", order_id=order_id, reason=no_answer.reason
+            "workflow did not answer, reading the orders table", order_id=order_id, reason=describe(no_answer)
         )
         view = await status_from_read_model(session, order_id, no_answer)
     else:
@@ -87,10 +95,15 @@ async def order_status(
     responses=NOT_FOUND,
 )
 async def order_history(actor: AnyRole, order_id: OrderIdPath, session: SessionDep) -> OrderHistory:
-    if not await read_model.readable_by(session, actor, order_id):
+    if not await readable_by(session, actor, order_id):
         raise unknown_order(order_id)
-    rows = await read_model.order_events(session, order_id)
-    if not rows and await read_model.find_order(session, order_id) is None:
+    query = (
+        select(AuditEvent)
+        .where(AuditEvent.order_id == order_id)
+        .order_by(col(AuditEvent.seq), col(AuditEvent.recorded_at))
+    )
+    rows = list(await session.scalars(query))
+    if not rows and await session.get(Order, order_id) is None:
         raise unknown_order(order_id)
     return OrderHistory(
         order_id=order_id, events=[RecordedEvent.model_validate(row, from_attributes=True) for row in rows]
@@ -112,105 +125,85 @@ async def list_orders(
         Query(pattern=CURSOR_PATTERN, description="A `next_cursor` from the previous page, as is."),
     ] = None,
 ) -> OrderPage:
-    after = Cursor.decode(cursor) if cursor else None
-    placed_by = None if sees_every_order(actor) else actor.subject
-    orders, next_cursor = await read_model.list_orders(session, state, limit, after, placed_by)
+    created_at, order_id = col(Order.created_at), col(Order.id)
+    # newest first, the order of the `ix_orders_created_at` index; one more row tells if a page follows
+    query = select(Order).order_by(created_at.desc(), order_id).limit(limit + 1)
+    if not sees_every_order(actor):
+        query = query.where(Order.placed_by == actor.subject)
+    if state is not None:
+        query = query.where(Order.state == state.value)
+    if cursor:
+        after_created_at, after_id = decode_cursor(cursor)
+        query = query.where(
+            or_(created_at < after_created_at, and_(created_at == after_created_at, order_id > after_id))
+        )
+    orders = list(await session.scalars(query))
+    summary_fields = set(OrderSummary.model_fields)
     return OrderPage(
-        items=[summary_from_row(order) for order in orders],
-        next_cursor=next_cursor.encode() if next_cursor else None,
+        items=[
+            OrderSummary.model_validate({**order.model_dump(include=summary_fields), "order_id": order.id})
+            for order in orders[:limit]
+        ],
+        next_cursor=cursor_after(orders[limit - 1]) if len(orders) > limit else None,
     )
 
 
-# closed without the workflow's own ending: until the workers' reconciler has written it, the
-# orders table still shows where the lifecycle was
-ENDED_WITHOUT_ITS_CODE = frozenset(
-    {WorkflowExecutionStatus.TERMINATED, WorkflowExecutionStatus.TIMED_OUT, WorkflowExecutionStatus.FAILED}
-)
+def cursor_after(order: Order) -> str:
+    """The cursor of the page that follows `order` (matching `CURSOR_PATTERN`)."""
+    assert order.created_at is not None  # the column is NOT NULL
+    return f"{(order.created_at - EPOCH) // timedelta(microseconds=1)}_{order.id}"
 
 
-class NoWorkflowAnswer(Exception):
-    """The status query got no answer: the workflow is missing, closed other than by completing
-    (`closed_as`), or Temporal could not be asked."""
-
-    def __init__(
-        self, reason: str, workflow_missing: bool, closed_as: WorkflowExecutionStatus | None = None
-    ) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.workflow_missing = workflow_missing
-        self.closed_as = closed_as
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, id) of the order a page ended with."""
+    micros, order_id = cursor.split("_", 1)
+    return EPOCH + timedelta(microseconds=int(micros)), order_id
 
 
 async def query_workflow_status(connections: Connections, order_id: str) -> OrderStatus:
-    """The workflow's own status; raises `NoWorkflowAnswer` saying whether the workflow is missing."""
-    try:
-        client = await connections.temporal.get()
-        handle = client.get_workflow_handle(order_workflow_id(order_id))
-        # a workflow that was cancelled, terminated or failed through Temporal would answer with
-        # the state it was in; the orders table has its ending
-        live: OrderStatus = await handle.query(
-            STATUS_QUERY,
-            result_type=OrderStatus,
-            rpc_timeout=STATUS_QUERY_TIMEOUT,
-            reject_condition=QueryRejectCondition.NOT_COMPLETED_CLEANLY,
-        )
-        return live
-    except (
-        DependencyUnavailable,
-        RPCError,
-        WorkflowQueryFailedError,
-        WorkflowQueryRejectedError,
-        TimeoutError,
-    ) as error:
-        missing = isinstance(error, RPCError) and error.status == RPCStatusCode.NOT_FOUND
-        closed_as = error.status if isinstance(error, WorkflowQueryRejectedError) else None
-        raise NoWorkflowAnswer(describe(error), missing, closed_as) from error
+    """The workflow's own status; raises one of `NO_WORKFLOW_ANSWER` if it does not answer."""
+    client = await connections.temporal.get()
+    handle = client.get_workflow_handle(order_workflow_id(order_id))
+    # a workflow that was cancelled, terminated or failed through Temporal would answer with the
+    # state it was in; the orders table has its ending
+    live: OrderStatus = await handle.query(
+        STATUS_QUERY,
+        result_type=OrderStatus,
+        rpc_timeout=STATUS_QUERY_TIMEOUT,
+        reject_condition=QueryRejectCondition.NOT_COMPLETED_CLEANLY,
+    )
+    return live
 
 
 async def status_from_read_model(
-    session: AsyncSession, order_id: str, no_answer: NoWorkflowAnswer
+    session: AsyncSession, order_id: str, no_answer: Exception
 ) -> OrderStatusView:
-    order = await read_model.find_order(session, order_id)
-    if order is not None:
-        view = status_from_row(order)
-        if no_answer.closed_as in ENDED_WITHOUT_ITS_CODE and not view.state.is_terminal:
-            closed_as = no_answer.closed_as.name.lower()
-            reason = f"the workflow was {closed_as} through Temporal; the order's ending follows shortly"
-            return view.model_copy(update={"state": OrderState.TERMINATED, "reason": reason})
-        return view
-    if no_answer.workflow_missing:
-        raise unknown_order(order_id) from no_answer
-    # Temporal could not be asked, so "unknown" would be a guess
-    raise DependencyUnavailable(
-        "temporal", f"{no_answer.reason}; and the orders table has no row for the order"
-    ) from no_answer
+    """The orders table's status of the order, whose workflow did not answer (`no_answer` says why)."""
+    order = await session.get(Order, order_id)
+    if order is None:
+        if isinstance(no_answer, RPCError) and no_answer.status == RPCStatusCode.NOT_FOUND:
+            raise unknown_order(order_id) from no_answer
+        # Temporal could not be asked, so "unknown" would be a guess
+        reason = f"{describe(no_answer)}; and the orders table has no row for the order"
+        raise DependencyUnavailable("temporal", reason) from no_answer
+    view = status_from_row(order)
+    closed_as = no_answer.status if isinstance(no_answer, WorkflowQueryRejectedError) else None
+    if closed_as in ENDED_WITHOUT_ITS_CODE and not view.state.is_terminal:
+        ending = closed_as.name.lower()
+        reason = f"the workflow was {ending} through Temporal; the order's ending follows shortly"
+        return view.model_copy(update={"state": OrderState.TERMINATED, "reason": reason})
+    return view
 
 
 def status_from_row(order: Order) -> OrderStatusView:
-    state = OrderState(order.state)
     return OrderStatusView.model_validate(
         {
+            **order.model_dump(include=set(OrderStatusView.model_fields)),
             "source": StatusSource.READ_MODEL,
             "order_id": order.id,
-            "state": state,
-            "address": order.address,
-            "payment_id": order.payment_id,
-            "items": order.items,
-            "amount_cents": order.amount_cents,
-            "reason": order.reason,
-            "tracking_number": order.tracking_number,
-            "placed_by": order.placed_by,
-            "approved_by": order.approved_by,
             "started_at": order.created_at,
-            "updated_at": order.updated_at,
-            "finished_at": order.updated_at if state.is_terminal else None,
+            "finished_at": order.updated_at if OrderState(order.state).is_terminal else None,
         }
-    )
-
-
-def summary_from_row(order: Order) -> OrderSummary:
-    return OrderSummary.model_validate(
-        {**order.model_dump(include=set(OrderSummary.model_fields)), "order_id": order.id}
     )
 
 

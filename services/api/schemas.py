@@ -25,6 +25,13 @@ from shared.contracts import (
 )
 
 
+# --- errors -------------------------------------------------------------------------------------
+class ErrorMessage(BaseModel):
+    """The body of every error answer but a validation error (422, FastAPI's `HTTPValidationError`)."""
+
+    detail: str = Field(description="What went wrong, in a sentence.")
+
+
 # --- commands -------------------------------------------------------------------------------------
 class CommandOptions(Model):
     """Fields every command request may carry besides its payload."""
@@ -55,7 +62,7 @@ class UpdateAddressRequest(CommandOptions, UpdateAddressPayload):
     pass
 
 
-# the bodies commands are sent with (their OpenAPI schemas are made by services/api/openapi.py)
+# the bodies commands are sent with (their OpenAPI schemas are made by `app.openapi_document`)
 REQUEST_BODIES: tuple[type[CommandOptions], ...] = (
     PlaceOrderRequest,
     ApproveOrderRequest,
@@ -159,22 +166,3 @@ class Stats(BaseModel):
         description="The newest event's `position` when these figures were read (0: none yet). Follow "
         "`/events/stream` from it (`Last-Event-ID`) to miss nothing that changes them.",
     )
-
-
-# --- errors -------------------------------------------------------------------------------------
-class ErrorMessage(BaseModel):
-    """The body of every error answer but a validation error (422, FastAPI's `HTTPValidationError`)."""
-
-    detail: str = Field(description="What went wrong, in a sentence.")
-
-
-# --- health ---------------------------------------------------------------------------------------
-class DependencyCheck(BaseModel):
-    ok: bool
-    detail: str
-
-
-class Readiness(BaseModel):
-    ready: bool
-    checks: dict[str, DependencyCheck]
-    failed: list[str] = Field(description="Names of the dependencies that are not ready.")

@@ -1,17 +1,10 @@
 """Server-sent event streams from the audit table: one order's events, and every order's.
 
-The audit table is the source: a stream sends only what is committed, and can send it again from
-any point. An event's SSE `id` is its `position`, which numbers the table's rows in the order their
-transactions committed (migration 0004), so a client that reconnects with `Last-Event-ID` gets
-exactly the events after the last one it saw, of one order or of all. Each stream first sends an
-`id` of its own (no data, so no event is dispatched): the point it starts from, so that even a
-client that saw no event yet resumes from there.
-
-Streams learn of new events from the NOTIFY that every transaction storing events sends at its
-commit (the table's trigger), through one LISTEN connection per gateway process: an event reaches
-them milliseconds after the audit consumer stored it, and an idle stream costs no query at all,
-where polling would cost each open stream a query per interval and still lag by it. While that
-connection is down, the streams poll every `POLL_SECONDS`.
+A stream sends only committed events. An event's SSE `id` is its `position`, which numbers the
+table's rows in commit order (migration 0004), so a client reconnecting with `Last-Event-ID` gets
+exactly the events after the last one it saw. Streams wake on the NOTIFY the table's trigger sends
+at each commit (one LISTEN connection per gateway process, so an idle stream costs no query), and
+poll every `POLL_SECONDS` while that connection is down.
 """
 
 from __future__ import annotations
@@ -24,27 +17,17 @@ from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from types import FrameType
-from typing import Annotated, Any
+from typing import Annotated
 
 import structlog
-from fastapi import (
-    APIRouter,
-    Depends,
-    FastAPI,
-    Header,
-    HTTPException,
-    Query,
-    Request,
-    status,
-)
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, status
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import WithJsonSchema
-from sqlalchemy import ColumnElement, exists, func, select
+from sqlalchemy import exists, func
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
+from sqlmodel import col, select
 
-from services.api import read_model
-from services.api.auth import AUTH_RESPONSES, AnyRole, Overseer
+from services.api.auth import AUTH_RESPONSES, AnyRole, Overseer, readable_by
 from services.api.dependencies import ConnectionsDep, OrderIdPath
 from services.api.errors import Responses, json_error
 from services.api.limits import STREAM_LIMIT_RESPONSES, StreamSlot
@@ -77,9 +60,6 @@ class EventFeed:
         nothing stored during the read goes unnoticed."""
         return self._stored
 
-    def stop(self) -> None:
-        self.stopping.set()
-
     async def wait(self, stored: asyncio.Event, timeout: float | None) -> None:
         """Until `stored` is set, the server stops or `timeout` seconds pass (None: no limit); no
         longer than `POLL_SECONDS` while notifications cannot be heard."""
@@ -96,20 +76,21 @@ class EventFeed:
         await self._listener.run(self.stopping)
 
 
+SignalHandler = Callable[[int, FrameType | None], object]
+
+
 @contextmanager
 def on_exit_signals(callback: Callable[[], None]) -> Iterator[None]:
-    """Call `callback` (in the event loop) on SIGINT and SIGTERM, then the handler installed before.
-
-    uvicorn's handler starts a graceful shutdown that waits for every response to finish, and an
-    event stream finishes only when told to; ASGI has no message for "the server is stopping". No
-    handler is wrapped where none is installed (a default handler ends the process anyway)."""
+    """Call `callback` (in the event loop) on SIGINT and SIGTERM, then the handler installed before:
+    ASGI tells a stream nothing when the server stops, and uvicorn's graceful shutdown waits for
+    every response to end. A default handler ends the process anyway, so it is not wrapped."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers belong to the main thread
         return
     loop = asyncio.get_running_loop()
-    previous: dict[signal.Signals, Callable[[int, FrameType | None], Any]] = {}
+    previous: dict[signal.Signals, SignalHandler] = {}
 
-    def chained(handler: Callable[[int, FrameType | None], Any], sig: int, frame: FrameType | None) -> None:
+    def chained(handler: SignalHandler, sig: int, frame: FrameType | None) -> None:
         loop.call_soon_threadsafe(callback)
         handler(sig, frame)
 
@@ -133,10 +114,10 @@ async def event_feed(app: FastAPI) -> AsyncIterator[None]:
     app.state.event_feed = feed
     listener = asyncio.create_task(feed.listen())
     try:
-        with on_exit_signals(feed.stop):
+        with on_exit_signals(feed.stopping.set):
             yield
     finally:
-        feed.stop()
+        feed.stopping.set()
         listener.cancel()  # it may be connecting to a database that does not answer
         with suppress(asyncio.CancelledError):
             await listener
@@ -153,10 +134,6 @@ def get_feed(request: Request) -> EventFeed:
 FeedDep = Annotated[EventFeed, Depends(get_feed)]
 
 # --- the resume point -----------------------------------------------------------------------------
-POSITION_MEANING = (
-    "An event's SSE `id` is its `position`: its place in the audit table, counting in the order "
-    "events were committed, across all orders."
-)
 # documented without the `null` of `int | None`: a header has no null (absent is absent)
 POSITION_SCHEMA = WithJsonSchema({"type": "integer", "minimum": 0, "maximum": MAX_POSITION})
 LastEventIdHeader = Annotated[
@@ -194,8 +171,8 @@ def streamed(event: StreamedEvent) -> ServerSentEvent:
 
 
 def starting_point(position: int) -> ServerSentEvent:
-    """No data, so no event for the client: its last event id becomes `position`, and it learns
-    how soon to reconnect."""
+    """No data, so no event for the client: its last event id becomes `position` (where it resumes
+    even before its first event), and it learns how soon to reconnect."""
     return ServerSentEvent(id=str(position), retry=RECONNECT_MILLISECONDS)
 
 
@@ -214,10 +191,11 @@ def logging_early_ends(feed: EventFeed, **context: object) -> Iterator[None]:
 def stream_description(what: str, ends: str) -> str:
     return (
         f"{what} as server-sent events (`text/event-stream`), each event's `data` a JSON "
-        f"`StreamedEvent`. {POSITION_MEANING} Resume with `Last-Event-ID` (header) or "
-        "`last_event_id` (query) to get exactly the events after that one. The stream first sends "
-        "an `id` with no data (the point it starts from), then events in `position` order, with a "
-        f"`: ping` comment every 15 s while there is nothing to send. {ends}"
+        "`StreamedEvent`. An event's SSE `id` is its `position`: its place in the audit table, "
+        "counting in the order events were committed, across all orders. Resume with `Last-Event-ID` "
+        "(header) or `last_event_id` (query) to get exactly the events after that one. The stream "
+        "first sends an `id` with no data (the point it starts from), then events in `position` order, "
+        f"with a `: ping` comment every 15 s while there is nothing to send. {ends}"
     )
 
 
@@ -237,13 +215,13 @@ async def order_stream_start(
     start = after or 0
     async with connections.sessions() as session:
         known = await order_is_known(session, order_id)
-        if not known or not await read_model.readable_by(session, actor, order_id):
+        if not known or not await readable_by(session, actor, order_id):
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND,
                 detail=f"order {order_id!r} is unknown: no events and no row in the orders table",
             )
         ending = await ending_position(session, order_id)
-        if ending is not None and not await order_events_after(session, order_id, start, limit=1):
+        if ending is not None and not await events_after(session, start, 1, order_id):
             # an EventSource stops reconnecting on a 204
             raise HTTPException(status.HTTP_204_NO_CONTENT)
     return OrderStream(order_id, start, ended=ending is not None and ending <= start)
@@ -289,7 +267,7 @@ async def order_event_stream(
         while not feed.stopping.is_set():
             stored = feed.next_store()
             async with connections.sessions() as session:
-                events = await order_events_after(session, start.order_id, after, PAGE_SIZE)
+                events = await events_after(session, after, PAGE_SIZE, start.order_id)
             for event in events:
                 yield streamed(event)  # type: ignore[misc]
                 after = event.position
@@ -368,22 +346,14 @@ async def ending_position(session: AsyncSession, order_id: str) -> int | None:
     return position
 
 
-async def order_events_after(
-    session: AsyncSession, order_id: str, position: int, limit: int
-) -> list[StreamedEvent]:
-    return await events_after(session, position, limit, col(AuditEvent.order_id) == order_id)
-
-
 async def events_after(
-    session: AsyncSession, position: int, limit: int, *conditions: ColumnElement[bool]
+    session: AsyncSession, position: int, limit: int, order_id: str | None = None
 ) -> list[StreamedEvent]:
-    """The first `limit` events after `position` (that meet `conditions`), in position order."""
-    query = (
-        select(AuditEvent)
-        .where(col(AuditEvent.position) > position, *conditions)
-        .order_by(col(AuditEvent.position))
-        .limit(limit)
-    )
+    """The first `limit` events after `position` (of `order_id` alone, if given), in position order."""
+    query = select(AuditEvent).where(col(AuditEvent.position) > position)
+    if order_id is not None:
+        query = query.where(col(AuditEvent.order_id) == order_id)
+    query = query.order_by(col(AuditEvent.position)).limit(limit)
     return [StreamedEvent.model_validate(row, from_attributes=True) for row in await session.scalars(query)]
 
 

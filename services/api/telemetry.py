@@ -4,7 +4,6 @@ serves them with the rest of the process's registry."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 
 import structlog
 from fastapi import APIRouter, Response
@@ -13,19 +12,17 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.api.dependencies import ConnectionsDep
-from shared.admissions import AdmissionStatus
+from shared.admission_table import AdmissionStatus
 from shared.db import Admission
 
 METRICS_PATH = "/metrics"
@@ -81,11 +78,7 @@ def untraced(scope: Scope) -> bool:
     return scope.get("path") in UNTRACED_PATHS
 
 
-BACKLOG_STATUSES = [
-    status.value for status in AdmissionStatus if status is AdmissionStatus.WAITING or status.in_lifecycle
-]
-
-
+# the admission backlog's gauges, counted in the `admissions` table across all bridges at each scrape
 BACKLOG_GAUGES: tuple[tuple[str, str, frozenset[AdmissionStatus]], ...] = (
     (
         "orderflow_admission_placements_waiting",
@@ -108,41 +101,31 @@ BACKLOG_GAUGES: tuple[tuple[str, str, frozenset[AdmissionStatus]], ...] = (
         frozenset({AdmissionStatus.RESUMING}),
     ),
 )
+BACKLOG_STATUSES = [status.value for _, _, statuses in BACKLOG_GAUGES for status in statuses]
 
 
-class AdmissionBacklog(Collector):
-    """Placements waiting for a slot, lifecycles holding one, in review (holding none) and approved
-    waiting for one, across all bridges, as counted in the `admissions` table (nothing when it
-    could not be read)."""
-
-    def __init__(self, counts: dict[AdmissionStatus, int] | None) -> None:
-        self._counts = counts
-
-    @classmethod
-    async def read(cls, sessions: async_sessionmaker[AsyncSession]) -> AdmissionBacklog:
-        try:
-            async with sessions() as session:
-                rows = await session.execute(
-                    select(col(Admission.status), func.count())
-                    .where(col(Admission.status).in_(BACKLOG_STATUSES))
-                    .group_by(col(Admission.status))
-                )
-                return cls({AdmissionStatus(status): count for status, count in rows.all()})
-        except Exception as error:  # noqa: BLE001 (a scrape answers without the backlog rather than fail)
-            log.warning("admission backlog unavailable", error=repr(error))
-            return cls(None)
-
-    def collect(self) -> Iterable[Metric]:
-        if self._counts is None:
-            return
-        for name, documentation, statuses in BACKLOG_GAUGES:
-            value = sum(self._counts.get(status, 0) for status in statuses)
-            yield GaugeMetricFamily(name, documentation, value=value)
+async def admission_counts(sessions: async_sessionmaker[AsyncSession]) -> dict[AdmissionStatus, int] | None:
+    """Admissions per backlog status; None when the table cannot be read."""
+    try:
+        async with sessions() as session:
+            rows = await session.execute(
+                select(col(Admission.status), func.count())
+                .where(col(Admission.status).in_(BACKLOG_STATUSES))
+                .group_by(col(Admission.status))
+            )
+            return {AdmissionStatus(status): count for status, count in rows.all()}
+    except Exception as error:  # noqa: BLE001 (a scrape answers without the backlog rather than fail)
+        log.warning("admission backlog unavailable", error=repr(error))
+        return None
 
 
 @router.get(METRICS_PATH, include_in_schema=False)
 async def metrics(connections: ConnectionsDep) -> Response:
     """The process's metrics in Prometheus' text format, the admission backlog read just now."""
     backlog = CollectorRegistry()
-    backlog.register(await AdmissionBacklog.read(connections.sessions))
+    counts = await admission_counts(connections.sessions)
+    if counts is not None:
+        for name, documentation, statuses in BACKLOG_GAUGES:
+            value = sum(counts.get(status, 0) for status in statuses)
+            Gauge(name, documentation, registry=backlog).set(value)
     return Response(generate_latest(REGISTRY) + generate_latest(backlog), media_type=CONTENT_TYPE_LATEST)
