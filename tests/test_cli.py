@@ -12,7 +12,7 @@ import json
 import stat
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
 from pathlib import Path
@@ -217,20 +217,11 @@ def test_version_is_the_packages_whatever_the_settings() -> None:
     assert result.stdout == f"orderflow {version('orderflow')}\n"
 
 
-# --- health ---------------------------------------------------------------------------------------
 @asynccontextmanager
-async def stand_in_gateway(liveness: Response, readiness: Response) -> AsyncIterator[str]:
-    """A server on a free port answering /healthz and /readyz as told; yields its URL."""
-
-    async def healthz(_: Request) -> Response:
-        return liveness
-
-    async def readyz(_: Request) -> Response:
-        return readiness
-
+async def stand_in(*routes: Route) -> AsyncIterator[str]:
+    """A stand-in gateway on a free port serving only these routes; yields its URL."""
     port = closed_port()
-    stand_in = Starlette(routes=[Route("/healthz", healthz), Route("/readyz", readyz)])
-    server = uvicorn.Server(uvicorn.Config(stand_in, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=list(routes)), port=port, log_level="warning"))
     serving = asyncio.create_task(server.serve())
 
     async def started() -> bool:
@@ -242,6 +233,19 @@ async def stand_in_gateway(liveness: Response, readiness: Response) -> AsyncIter
     finally:
         server.should_exit = True
         await serving
+
+
+# --- health ---------------------------------------------------------------------------------------
+def stand_in_gateway(liveness: Response, readiness: Response) -> AbstractAsyncContextManager[str]:
+    """A stand-in answering /healthz and /readyz as told."""
+
+    async def healthz(_: Request) -> Response:
+        return liveness
+
+    async def readyz(_: Request) -> Response:
+        return readiness
+
+    return stand_in(Route("/healthz", healthz), Route("/readyz", readyz))
 
 
 async def test_health_of_a_ready_gateway(gateway_url: str) -> None:
@@ -408,21 +412,8 @@ async def listening_gateway(status_code: int = 200) -> AsyncIterator[tuple[str, 
             {"items": [], "next_cursor": None} if status_code == 200 else {"detail": "no"}, status_code
         )
 
-    port = closed_port()
-    server = uvicorn.Server(
-        uvicorn.Config(Starlette(routes=[Route("/orders", orders)]), port=port, log_level="warning")
-    )
-    serving = asyncio.create_task(server.serve())
-
-    async def started() -> bool:
-        return server.started
-
-    try:
-        await eventually(started)
-        yield f"http://127.0.0.1:{port}", seen
-    finally:
-        server.should_exit = True
-        await serving
+    async with stand_in(Route("/orders", orders)) as url:
+        yield url, seen
 
 
 async def test_the_token_sent_is_the_option_else_the_environment_else_the_login(
@@ -783,22 +774,8 @@ async def test_watch_resumes_a_lost_stream_after_the_last_event_it_saw() -> None
         body = f"id: 0\n\ndata: {event.model_dump_json()}\nid: {seq * 10}\n\n"
         return StreamingResponse(iter([body]), media_type="text/event-stream")
 
-    stand_in = Starlette(routes=[Route(f"/orders/{order_id}/events/stream", stream)])
-    port = closed_port()
-    server = uvicorn.Server(uvicorn.Config(stand_in, port=port, log_level="warning"))
-    serving = asyncio.create_task(server.serve())
-
-    async def started() -> bool:
-        return server.started
-
-    try:
-        await eventually(started)
-        result = await orderflow(
-            "watch", order_id, "--timeout", "20", "--api-url", f"http://127.0.0.1:{port}"
-        )
-    finally:
-        server.should_exit = True
-        await serving
+    async with stand_in(Route(f"/orders/{order_id}/events/stream", stream)) as url:
+        result = await orderflow("watch", order_id, "--timeout", "20", "--api-url", url)
 
     assert result.exit_code == 0, result.output
     assert asked_after == [None, "10"]

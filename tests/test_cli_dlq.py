@@ -22,13 +22,16 @@ import pytest_asyncio
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, HeadersType
 from typer.testing import CliRunner, Result
 
+from devstack.stack import drop_vhost
 from services.cli.main import app
 from shared import broker
+from shared.broker_users import vhost_of
 from shared.consuming import QueueConsumer
 from shared.contracts import command_adapter
 from shared.settings import Settings
-from testsupport.amqp import drain, publish_raw
+from testsupport.amqp import drain, moved_to, publish_raw
 from testsupport.gateway import closed_port
+from testsupport.orders import place_order
 from testsupport.polling import eventually
 
 LONG_ERROR = "1 validation error for PlaceOrder\npayload.items\n  " + "Field required " * 10
@@ -55,18 +58,24 @@ async def origin(base_settings: Settings) -> AsyncIterator[Origin]:
         dead_letters = await channel.get_queue(broker.DEAD_LETTER_QUEUE)
         await dead_letters.purge()  # what earlier tests left there is not this test's business
         routing_key = f"test.dlq.{uuid4().hex[:12]}"
-        queue = await broker.declare_consumer_queue(channel, routing_key, topology.commands, (routing_key,))
+        queue = await broker.declare_consumer_queue(
+            channel, topology.commands, broker.ConsumerQueue(routing_key, (routing_key,))
+        )
         yield Origin(topology, routing_key, queue, dead_letters)
         await queue.delete(if_unused=False, if_empty=False)
     finally:
         await connection.close()
 
 
-async def dlq(settings: Settings, *args: str, input: str | None = None) -> Result:
-    """`orderflow dlq ...` in a thread (it runs an event loop of its own) on the test's broker."""
+async def orderflow(settings: Settings, *args: str, input: str | None = None) -> Result:
+    """`orderflow ...` in a thread (it runs an event loop of its own) on the test's broker."""
     env = {"ORDERFLOW_AMQP_URL": settings.amqp_url}
-    result: Result = await asyncio.to_thread(runner.invoke, app, ["dlq", *args], env=env, input=input)
+    result: Result = await asyncio.to_thread(runner.invoke, app, list(args), env=env, input=input)
     return result
+
+
+async def dlq(settings: Settings, *args: str, input: str | None = None) -> Result:
+    return await orderflow(settings, "dlq", *args, input=input)
 
 
 async def publish_as_client(origin: Origin, body: bytes) -> str:
@@ -194,6 +203,23 @@ async def test_list_limit_shows_the_oldest_and_says_how_many_more(
     assert "1 more not shown" in result.stderr
 
 
+async def test_listing_reads_no_further_than_its_limit_however_often(
+    base_settings: Settings, origin: Origin
+) -> None:
+    made = [await dead_letter(origin) for _ in range(5)]
+
+    # more listings than the delivery limit of a quorum queue on RabbitMQ 4.0-4.2 (20 by default)
+    for _ in range(25):
+        assert listed_ids(await dlq(base_settings, "list", "--limit", "2", "--json")) == made[:2]
+
+    waiting = await drain(origin.dead_letters)
+    assert [message.message_id for message in waiting] == made
+    # only the two listed were ever taken, and taking them counted no delivery
+    assert [message.redelivered for message in waiting] == [True, True, False, False, False]
+    never_taken = waiting[-1].headers.get("x-delivery-count")
+    assert [message.headers.get("x-delivery-count") for message in waiting] == [never_taken] * 5
+
+
 async def test_list_filters_by_reason_and_consumer(base_settings: Settings, origin: Origin) -> None:
     bridge_invalid = await dead_letter(origin, consumer="bridge", reason="invalid_json")
     await dead_letter(origin, consumer="bridge", reason="schema_invalid")
@@ -203,9 +229,14 @@ async def test_list_filters_by_reason_and_consumer(base_settings: Settings, orig
     by_both = await dlq(base_settings, "list", "--reason", "invalid_json", "--consumer", "audit", "--json")
     by_nothing = succeeded(await dlq(base_settings, "list", "--consumer", "nobody"))
 
+    limited = await dlq(base_settings, "list", "--reason", "invalid_json", "--limit", "1", "--json")
+
     assert listed_ids(by_reason) == [bridge_invalid, audit_invalid]
     assert listed_ids(by_both) == [audit_invalid]
     assert by_nothing.stdout.strip() == "no dead letters"
+    # those behind the first match were not searched
+    assert listed_ids(limited) == [bridge_invalid]
+    assert "2 more not searched (--limit)" in limited.stderr
 
 
 async def test_list_json_carries_each_dead_letters_diagnosis(base_settings: Settings, origin: Origin) -> None:
@@ -420,6 +451,38 @@ async def test_an_unreachable_broker_is_a_clear_error(base_settings: Settings, c
     failed(await dlq(unreachable, *command), "cannot work on the dead-letter queue")
 
 
+# --- a broker of an older orderflow ------------------------------------------------------------------
+async def test_provisioning_replaces_a_quorum_dead_letter_queue_keeping_its_dead_letters(
+    base_settings: Settings,
+) -> None:
+    vhost = f"{vhost_of(base_settings.amqp_url)}_quorum_dlq"
+    older = moved_to(base_settings, vhost)
+    connection = await broker.connect(older, "tests-dlq-older")
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            broker.DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        quorum = await channel.declare_queue(
+            broker.DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await quorum.bind(exchange, routing_key="#")
+        kept = [await publish_raw(exchange, f"order.{n}", b"{}") for n in range(3)]
+
+        succeeded(await orderflow(older, "broker", "provision"))
+        arriving = await publish_raw(exchange, "order.3", b"{}")
+
+        # a plain declare that the broker refuses unless the queue is a classic one
+        classic = await channel.declare_queue(
+            broker.DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "classic"}
+        )
+        assert await ids_waiting(classic) == [*kept, arriving]
+        assert not await broker.in_place(channel, queues=(f"{broker.DEAD_LETTER_QUEUE}.moving",))
+    finally:
+        await connection.close()
+        drop_vhost(vhost)
+
+
 # --- the consumers' own dead letters ----------------------------------------------------------------
 async def test_what_a_consumer_gave_up_on_can_be_listed_and_replayed(
     base_settings: Settings, origin: Origin
@@ -453,25 +516,7 @@ async def test_what_a_consumer_gave_up_on_can_be_listed_and_replayed(
     assert Counter(await ids_waiting(origin.dead_letters)) == Counter([not_json, not_a_command])
 
 
-PLACE_ORDER = json.dumps(
-    {
-        "command_id": str(uuid4()),
-        "type": "PlaceOrder",
-        "order_id": "A-dlq",
-        "issued_at": "2026-11-25T10:00:00Z",
-        "payload": {
-            "payment_id": "pay-dlq",
-            "items": [{"sku": "BOOK-1", "qty": 1}],
-            "address": {
-                "name": "Ada",
-                "line1": "12 Main St",
-                "city": "Berlin",
-                "postal_code": "10115",
-                "country": "DE",
-            },
-        },
-    }
-).encode()
+PLACE_ORDER = place_order("A-dlq").model_dump_json().encode()
 
 
 async def holds(queue: AbstractQueue, count: int) -> bool:

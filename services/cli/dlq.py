@@ -1,43 +1,24 @@
 """`orderflow dlq`: look into the dead-letter queue and replay what a consumer gave up on.
 
-AMQP reads a queue only by taking from it. Every waiting dead letter is taken with basic.get and
-not acknowledged, then each one not replayed is given back with basic.nack (requeue), in the order
-it was taken. All of them are taken because a quorum queue (RabbitMQ 3.10, see
-tests/test_cli_dlq.py) puts a requeued message behind the messages still waiting: giving back only
-the first few would move them to the end. Closing the channel instead gives them back in no
-particular order. Only a dead letter that arrives between the last get and the nacks lands ahead of
-them. A nack, not a reject: RabbitMQ 4.3 and later count rejects towards a quorum queue's delivery
-limit.
-
-A replay publishes the dead letter to the exchange it came from, waits for the broker's confirm,
-and only then acks it: a crash in between leaves it in both places, and the command ids and event
-ids that consumers de-duplicate on make that harmless.
+AMQP reads a queue only by taking from it: dead letters are taken unacknowledged (basic.get) and
+each one not replayed is given back (basic.nack, requeue). The dead-letter queue is a classic queue,
+which puts a message given back in its old place and counts no delivery, so reading leaves it as it
+was. A replayed dead letter is acked once the broker confirmed its republication: a crash in
+between leaves it in both places, harmless as consumers take a command id or event id once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import (
-    AsyncIterator,
-    Callable,
-    Coroutine,
-    Iterable,
-    Mapping,
-    Sequence,
-)
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import aio_pika
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractIncomingMessage,
-    AbstractRobustConnection,
-    HeadersType,
-)
-from aio_pika.exceptions import AMQPError, ChannelNotFoundEntity
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection, HeadersType
+from aio_pika.exceptions import AMQPError
 from aiormq.abc import DeliveredMessage
 
 from services.cli import render
@@ -47,8 +28,8 @@ from shared.settings import Settings
 
 CONNECTION_NAME = "orderflow-cli-dlq"
 DIAGNOSIS_HEADER_PREFIX = "x-orderflow-"
-# the count of the queue it was last in: left on a replayed message, it would make the consumer
-# give up on it too soon
+# the count of the quorum queue it was in: left on a replayed message, its consumer would give up
+# on it too soon
 DELIVERY_COUNT_HEADER = "x-delivery-count"
 SHORT_ERROR_LENGTH = 60
 
@@ -61,45 +42,41 @@ class DeadLetterError(Exception):
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """A message in the dead-letter queue and what its headers say about it."""
+    """A message in the dead-letter queue, and why it is there (orderflow's headers on it)."""
 
-    message_id: str | None
-    routing_key: str
-    exchange: str | None  # None: dead-lettered before orderflow kept the exchange
+    message: AbstractIncomingMessage
     reason: str | None
     consumer: str | None
-    deliveries: int | None
     error: str | None
-    content_type: str | None
-    type: str | None
-    correlation_id: str | None
-    headers: HeadersType
-    body: bytes
+    exchange: str | None  # None: dead-lettered before orderflow kept the exchange
+    deliveries: int | None
 
     @classmethod
     def of(cls, message: AbstractIncomingMessage) -> DeadLetter:
-        headers = dict(message.headers or {})
+        headers = message.headers or {}
         deliveries = headers.get(broker.DELIVERIES_HEADER)
         return cls(
-            message_id=message.message_id,
-            routing_key=message.routing_key or "",
-            exchange=header_text(headers, broker.EXCHANGE_HEADER),
+            message,
             reason=header_text(headers, broker.REASON_HEADER),
             consumer=header_text(headers, broker.CONSUMER_HEADER),
-            deliveries=deliveries if isinstance(deliveries, int) else None,
             error=header_text(headers, broker.ERROR_HEADER),
-            content_type=message.content_type,
-            type=message.type,
-            correlation_id=message.correlation_id,
-            headers=headers,
-            body=message.body,
+            exchange=header_text(headers, broker.EXCHANGE_HEADER),
+            deliveries=deliveries if isinstance(deliveries, int) else None,
         )
+
+    @property
+    def message_id(self) -> str | None:
+        return self.message.message_id
+
+    @property
+    def routing_key(self) -> str:
+        return self.message.routing_key or ""
 
     def original_headers(self) -> HeadersType:
         """Its headers as its publisher sent them: without orderflow's diagnosis and the count."""
         return {
             name: value
-            for name, value in self.headers.items()
+            for name, value in (self.message.headers or {}).items()
             if not name.startswith(DIAGNOSIS_HEADER_PREFIX) and name != DELIVERY_COUNT_HEADER
         }
 
@@ -124,14 +101,6 @@ class Selection:
             and (self.consumer is None or dead_letter.consumer == self.consumer)
         )
 
-    def chosen(self, messages: Iterable[AbstractIncomingMessage]) -> list[AbstractIncomingMessage]:
-        """The messages selected, oldest first; an error when a message id is not among them."""
-        chosen = [message for message in messages if self.matches(DeadLetter.of(message))]
-        missing = self.message_ids - {message.message_id for message in chosen}
-        if missing:
-            raise DeadLetterError(f"no dead letter has the message id {', '.join(sorted(missing))}")
-        return chosen
-
 
 @dataclass(frozen=True)
 class Replayed:
@@ -142,45 +111,60 @@ class Replayed:
     routing_key: str
 
 
-@dataclass(frozen=True)
-class Taken:
-    """The dead letters taken, and the connection and channel they were taken on."""
+@dataclass
+class DeadLetterQueue:
+    """The dead-letter queue as one connection reads it: what it took, and how many it left behind."""
 
     connection: AbstractRobustConnection
-    channel: AbstractChannel
-    messages: list[AbstractIncomingMessage]
+    queue: AbstractQueue
+    taken: list[AbstractIncomingMessage] = field(default_factory=list)
+    unread: int = 0
+
+    async def take(self, selection: Selection, limit: int | None = None) -> list[DeadLetter]:
+        """The selected dead letters, oldest first, taken from the head until `limit` of them are
+        found; an error when a message id is not among them."""
+        chosen: list[DeadLetter] = []
+        while limit is None or len(chosen) < limit:
+            message = await self.queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            self.taken.append(message)
+            self.unread = message.message_count or 0  # those behind it
+            if selection.matches(dead_letter := DeadLetter.of(message)):
+                chosen.append(dead_letter)
+        missing = selection.message_ids - {dead_letter.message_id for dead_letter in chosen}
+        if missing:
+            raise DeadLetterError(f"no dead letter has the message id {', '.join(sorted(missing))}")
+        return chosen
+
+    async def give_back(self) -> None:
+        with suppress(AMQPError, RuntimeError):  # a channel that is gone gave them back already
+            for message in self.taken:
+                if not message.processed:
+                    await message.nack(requeue=True)
 
 
 @asynccontextmanager
-async def dead_letters_taken(settings: Settings) -> AsyncIterator[Taken]:
-    """Every message in the dead-letter queue, oldest first, taken unacknowledged; those the block
-    does not ack go back, in the same order, when it ends."""
+async def dead_letter_queue(settings: Settings) -> AsyncIterator[DeadLetterQueue]:
+    """The dead-letter queue; what the block takes and does not ack goes back when it ends."""
     # an operator's command says at once that the broker is down, rather than wait like a service
     connection = await broker.connect(settings, CONNECTION_NAME, patience=0)
     async with connection:
         channel, _ = await broker.open_channel(connection)
-        queue = await channel.get_queue(broker.DEAD_LETTER_QUEUE)
-        messages: list[AbstractIncomingMessage] = []
+        queue = DeadLetterQueue(connection, await channel.get_queue(broker.DEAD_LETTER_QUEUE))
         try:
-            while (message := await queue.get(no_ack=False, fail=False)) is not None:
-                messages.append(message)
-            yield Taken(connection, channel, messages)
+            yield queue
         finally:
-            await give_back(messages)
+            await queue.give_back()
 
 
-async def give_back(messages: Sequence[AbstractIncomingMessage]) -> None:
-    # a channel that is gone already gave them back, in whatever order the broker chose
-    with suppress(AMQPError, RuntimeError):
-        for message in messages:
-            if not message.processed:
-                await message.nack(requeue=True)
-
-
-async def find(settings: Settings, selection: Selection) -> list[DeadLetter]:
-    """The dead letters selected, oldest first; the queue is left as it was."""
-    async with dead_letters_taken(settings) as taken:
-        return [DeadLetter.of(message) for message in selection.chosen(taken.messages)]
+async def find(
+    settings: Settings, selection: Selection, limit: int | None = None
+) -> tuple[list[DeadLetter], int]:
+    """The selected dead letters, oldest first and no more than `limit`, and how many dead letters
+    were left unread behind them; the queue is left as it was."""
+    async with dead_letter_queue(settings) as dead_letters:
+        return await dead_letters.take(selection, limit), dead_letters.unread
 
 
 async def replay(
@@ -192,16 +176,19 @@ async def replay(
     """Republish the selected dead letters, oldest first, each to the exchange it came from, and
     remove each from the dead-letter queue once the broker confirmed it. Nothing is replayed unless
     each has an exchange to go to; the first that the broker routes to no queue stops the replay."""
-    async with dead_letters_taken(settings) as taken:
-        chosen = selection.chosen(taken.messages)
+    async with dead_letter_queue(settings) as dead_letters:
+        chosen = await dead_letters.take(selection)
         if not chosen:
             raise DeadLetterError("no dead letter matches")
-        dead_letters = [DeadLetter.of(message) for message in chosen]
-        destinations = [destination(dead_letter, exchange_if_unknown) for dead_letter in dead_letters]
-        await check_exchanges_exist(taken.connection, set(destinations))
-        for message, dead_letter, exchange in zip(chosen, dead_letters, destinations, strict=True):
-            await republish(taken.channel, exchange, dead_letter, broker.connection_user(taken.connection))
-            await message.ack()
+        destinations = [destination(dead_letter, exchange_if_unknown) for dead_letter in chosen]
+        # asked first, as publishing to a missing exchange would close the channel halfway through
+        for name in sorted(set(destinations) - {""}):  # the default exchange cannot be declared
+            if not await broker.in_place(dead_letters.queue.channel, exchanges=(name,)):
+                raise DeadLetterError(f"there is no exchange {name!r} to replay to")
+        publisher = broker.connection_user(dead_letters.connection)
+        for dead_letter, exchange in zip(chosen, destinations, strict=True):
+            await republish(dead_letter, exchange, publisher)
+            await dead_letter.message.ack()
             on_replayed(Replayed(dead_letter.message_id, exchange, dead_letter.routing_key))
 
 
@@ -216,48 +203,29 @@ def destination(dead_letter: DeadLetter, exchange_if_unknown: str | None) -> str
     )
 
 
-async def check_exchanges_exist(connection: AbstractRobustConnection, names: set[str]) -> None:
-    """Publishing to a missing exchange would close the channel, which gives the taken messages
-    back out of order: ask on a channel of its own first."""
-    for name in sorted(names - {""}):  # the default exchange always exists, and cannot be declared
-        channel = await connection.channel()
-        try:
-            await channel.get_exchange(name)  # a passive declare
-        except ChannelNotFoundEntity:
-            raise DeadLetterError(f"there is no exchange {name!r} to replay to") from None
-        finally:
-            await channel.close()
-
-
-async def republish(
-    channel: AbstractChannel, exchange_name: str, dead_letter: DeadLetter, publisher: str | None
-) -> None:
-    """Publish it as its publisher did, and wait for the broker's confirm. The broker lets nobody
-    publish in another's name: a replayed command is the replaying operator's (`user_id`)."""
-    exchange = await channel.get_exchange(exchange_name, ensure=False)
-    confirmation = await exchange.publish(
-        aio_pika.Message(
-            body=dead_letter.body,
-            headers=dead_letter.original_headers(),
-            content_type=dead_letter.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=dead_letter.message_id,
-            correlation_id=dead_letter.correlation_id,
-            type=dead_letter.type,
-            user_id=publisher,
-        ),
+async def republish(dead_letter: DeadLetter, exchange: str, publisher: str | None) -> None:
+    """Publish it as its publisher did, but as `publisher` (the broker lets nobody publish in
+    another's name), on the channel it came on, and wait for the broker's confirm."""
+    properties = dead_letter.message.properties  # a copy of those it came with
+    properties.headers = dead_letter.original_headers()
+    properties.delivery_mode = aio_pika.DeliveryMode.PERSISTENT
+    properties.user_id = publisher
+    # mandatory: an unroutable message comes back instead of vanishing, and stays a dead letter
+    confirmation = await dead_letter.message.channel.basic_publish(
+        dead_letter.message.body,
+        exchange=exchange,
         routing_key=dead_letter.routing_key,
+        properties=properties,
         mandatory=True,
     )
-    # mandatory: an unroutable message comes back instead of vanishing, and stays a dead letter
     if isinstance(confirmation, DeliveredMessage):
         raise DeadLetterError(
-            f"exchange {exchange_name!r} routes {dead_letter.routing_key!r} to no queue: dead letter "
+            f"exchange {exchange!r} routes {dead_letter.routing_key!r} to no queue: dead letter "
             f"{dead_letter.message_id} and those after it stay in {broker.DEAD_LETTER_QUEUE}"
         )
 
 
-def run(operation: Coroutine[Any, Any, T]) -> T:
+def run(operation: Coroutine[object, object, T]) -> T:
     """Run one dlq operation; a refusal or an unreachable broker ends the command with a message."""
     try:
         return asyncio.run(operation)
@@ -279,12 +247,13 @@ def as_json(dead_letter: DeadLetter, *, with_body: bool) -> dict[str, object]:
         "error": dead_letter.error,
     }
     if with_body:
-        body, is_json = readable_body(dead_letter.body)
+        message = dead_letter.message
+        body, is_json = readable_body(message.body)
         item |= {
-            "content_type": dead_letter.content_type,
-            "type": dead_letter.type,
-            "correlation_id": dead_letter.correlation_id,
-            "headers": dead_letter.headers,
+            "content_type": message.content_type,
+            "type": message.type,
+            "correlation_id": message.correlation_id,
+            "headers": message.headers,
             "body_is_json": is_json,
             "body": body,
         }
@@ -322,19 +291,19 @@ def shortened(error: str) -> str:
 
 
 def details(dead_letter: DeadLetter) -> str:
-    body, is_json = readable_body(dead_letter.body)
-    publisher_headers = dead_letter.original_headers()
-    headers = json.dumps(publisher_headers, default=str, sort_keys=True) if publisher_headers else None
+    message = dead_letter.message
+    body, is_json = readable_body(message.body)
+    headers = dead_letter.original_headers()
     rows = [
         ("reason", dead_letter.reason),
         ("consumer", dead_letter.consumer),
         ("deliveries", dead_letter.deliveries),
-        ("exchange", dead_letter.exchange if dead_letter.exchange is not None else "(not recorded)"),
+        ("exchange", "(not recorded)" if dead_letter.exchange is None else dead_letter.exchange),
         ("routing key", dead_letter.routing_key),
-        ("content", dead_letter.content_type),
-        ("type", dead_letter.type),
-        ("correlation", dead_letter.correlation_id),
-        ("headers", headers),
+        ("content", message.content_type),
+        ("type", message.type),
+        ("correlation", message.correlation_id),
+        ("headers", json.dumps(headers, default=str, sort_keys=True) if headers else None),
     ]
     lines = [f"dead letter {dead_letter.message_id or '(no message id)'}"]
     lines += [f"  {label:<12} {value}" for label, value in rows if value is not None]

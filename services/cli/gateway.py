@@ -12,7 +12,7 @@ from services.cli.errors import fail, reason
 
 REQUEST_TIMEOUT_SECONDS = 15.0
 Answer = dict[str, Any]
-"""A gateway's answer: JSON as its response models write it, which the CLI reads by key."""
+"""A gateway's answer: whatever JSON its response models write, which the CLI reads by key."""
 Query = dict[str, str | int | None]
 """Query parameters; one that is None is left out."""
 NO_TOKEN_HINT = "no token was sent: give --token, set ORDERFLOW_TOKEN or run `orderflow login`"
@@ -24,42 +24,42 @@ def order_path(order_id: str, action: str = "") -> str:
     return f"{path}/{action}" if action else path
 
 
-def authorization(token: str | None) -> dict[str, str]:
-    """The header that carries `token` (none without one: the gateway then answers 401)."""
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
 class Gateway:
     def __init__(self, base_url: str, token: str | None) -> None:
         self.base_url = base_url.rstrip("/")
-        self.headers = authorization(token)
+        # without a token the gateway answers 401, which `refused` explains
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     def get(self, path: str, params: Query | None = None) -> Answer:
         # httpx would send a None parameter as an empty value
         present = {name: value for name, value in (params or {}).items() if value is not None}
-        return self._request("GET", path, params=present)
+        return answer_of(self.request("GET", path, params=present))
 
     def post(self, path: str, body: Mapping[str, object]) -> Answer:
-        return self._request("POST", path, body=body)
+        return answer_of(self.request("POST", path, body=body))
 
-    def _request(
+    def request(
         self,
         method: str,
         path: str,
-        params: dict[str, str | int] | None = None,
+        params: Mapping[str, str | int] | None = None,
         body: Mapping[str, object] | None = None,
-    ) -> Answer:
+    ) -> httpx.Response:
+        """The gateway's response, whatever its status; an unreachable gateway ends the command."""
         try:
             with httpx.Client(
                 base_url=self.base_url, headers=self.headers, timeout=REQUEST_TIMEOUT_SECONDS
             ) as client:
-                response = client.request(method, path, params=params, json=body)
+                return client.request(method, path, params=params, json=body)
         except httpx.HTTPError as error:
             fail(f"cannot reach the gateway at {self.base_url}: {reason(error)}")
-        if response.is_error:
-            refused(response)
-        answer: Answer = response.json()
-        return answer
+
+
+def answer_of(response: httpx.Response) -> Answer:
+    if response.is_error:
+        refused(response)
+    answer: Answer = response.json()
+    return answer
 
 
 def refused(response: httpx.Response) -> NoReturn:

@@ -1,11 +1,5 @@
-"""The `orderflow` command line: steer and follow orders through the REST gateway (watch their
-events live on its event streams), get a token for it, and migrate the database.
-
-Every command has `--help`; output is human-readable unless `--json` is given; errors are one
-message and a non-zero exit code.
-"""
-
-from __future__ import annotations
+"""The `orderflow` command line: steer and follow orders through the REST gateway, get a token for
+it, migrate the database, and provision the broker and work on its dead-letter queue."""
 
 import asyncio
 import json
@@ -16,7 +10,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from aio_pika.exceptions import AMQPError
@@ -24,13 +18,8 @@ from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 
 from services.cli import credentials, dlq, health, render
-from services.cli.errors import (
-    BAD_SETTING_EXIT_CODE,
-    WATCH_TIMEOUT_EXIT_CODE,
-    fail,
-    reason,
-)
-from services.cli.gateway import Answer, Gateway, Query, order_path
+from services.cli.errors import BAD_SETTING_EXIT_CODE, WATCH_TIMEOUT_EXIT_CODE, fail, reason
+from services.cli.gateway import Gateway, Query, order_path
 from services.cli.watch import ENDING_EXIT_CODES, follow_order
 from shared import broker_users, connection_security, local_issuer, schema
 from shared.broker import DEAD_LETTER_QUEUE
@@ -45,6 +34,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,  # locals would print settings, passwords included
 )
+Shown = TypeVar("Shown", bound=Mapping[str, object])
 
 
 def print_version(requested: bool) -> None:
@@ -60,8 +50,7 @@ def orderflow(
         typer.Option("--version", is_eager=True, callback=print_version, help="Print the version and exit."),
     ] = False,
 ) -> None:
-    # Every failure is reported as one message of the command's own: without this, a library's
-    # warning (a failed connection, say) would also be printed, by logging's last-resort handler.
+    # a failure is reported once, by the command: not again by logging's last-resort handler
     if not logging.getLogger().handlers:
         logging.getLogger().addHandler(logging.NullHandler())
 
@@ -80,41 +69,43 @@ Token = Annotated[
         "--token",
         envvar="ORDERFLOW_TOKEN",
         help="The bearer token to send; by default the one `orderflow login` stored.",
-        show_default=False,
     ),
 ]
-OrderId = Annotated[str, typer.Argument(help="The order id.", show_default=False)]
+OrderId = Annotated[str, typer.Argument(help="The order id.")]
 CommandId = Annotated[
     str | None,
     typer.Option("--command-id", help="A UUID to reuse when retrying, so the command applies once."),
 ]
-Name = Annotated[str, typer.Option("--name", help="Recipient's name.", show_default=False)]
-Line1 = Annotated[str, typer.Option("--line1", help="Street address.", show_default=False)]
+Name = Annotated[str, typer.Option("--name", help="Recipient's name.")]
+Line1 = Annotated[str, typer.Option("--line1", help="Street address.")]
 Line2 = Annotated[str | None, typer.Option("--line2", help="Second address line.")]
-City = Annotated[str, typer.Option("--city", help="City.", show_default=False)]
+City = Annotated[str, typer.Option("--city", help="City.")]
 Region = Annotated[str | None, typer.Option("--region", help="Region, state or province.")]
-PostalCode = Annotated[str, typer.Option("--postal-code", help="Postal code.", show_default=False)]
-Country = Annotated[
-    str, typer.Option("--country", help="ISO 3166-1 alpha-2 code, e.g. DE.", show_default=False)
-]
+PostalCode = Annotated[str, typer.Option("--postal-code", help="Postal code.")]
+Country = Annotated[str, typer.Option("--country", help="ISO 3166-1 alpha-2 code, e.g. DE.")]
 
 
 def settings() -> Settings:
-    """Read per invocation, so the environment of this run counts; a bad setting ends the command
-    with one line naming it."""
+    """Read per invocation; a bad setting ends the command with one line naming it."""
     try:
         return Settings()
     except ValidationError as error:
         fail(invalid_settings_message(error), BAD_SETTING_EXIT_CODE)
 
 
-def gateway(api_url: str | None, token: str | None = None) -> Gateway:
-    """The gateway at `api_url` (else settings.api_url), sent `token` or else the stored one."""
+def gateway(api_url: str | None, token: str | None) -> Gateway:
     return Gateway(api_url or settings().api_url, credentials.chosen(token))
 
 
-def show(answer: Answer, as_json: bool, as_text: Callable[[Answer], str]) -> None:
-    typer.echo(json.dumps(answer, indent=2) if as_json else as_text(answer))
+def print_json(value: object) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+def show(answer: Shown, as_json: bool, as_text: Callable[[Shown], str]) -> None:
+    if as_json:
+        print_json(answer)
+    else:
+        typer.echo(as_text(answer))
 
 
 def send_command(
@@ -154,11 +145,8 @@ def parse_item(text: str) -> dict[str, str | int]:
 # --- commands -------------------------------------------------------------------------------------
 @app.command()
 def place(
-    payment_id: Annotated[str, typer.Option("--payment-id", help="The payment's id.", show_default=False)],
-    items: Annotated[
-        list[str],
-        typer.Option("--item", help="SKU:QTY[:PRICE_CENTS]; repeat for each item.", show_default=False),
-    ],
+    payment_id: Annotated[str, typer.Option("--payment-id", help="The payment's id.")],
+    items: Annotated[list[str], typer.Option("--item", help="SKU:QTY[:PRICE_CENTS]; repeat for each item.")],
     name: Name,
     line1: Line1,
     city: City,
@@ -189,32 +177,32 @@ def place(
     send_command(api_url, token, "/orders", body, as_json)
 
 
-@app.command()
-def approve(
-    order_id: OrderId,
-    note: Annotated[str | None, typer.Option("--note", help="Why.")] = None,
-    command_id: CommandId = None,
-    api_url: ApiUrl = None,
-    token: Token = None,
-    as_json: AsJson = False,
-) -> None:
-    """Approve an order waiting in manual review, as the token's subject (never one's own order)."""
-    body = {"note": note, "command_id": command_id}
-    send_command(api_url, token, order_path(order_id, "approve"), body, as_json)
+def add_steering_command(action: str, field: str, field_help: str, summary: str) -> None:
+    """`orderflow ACTION ORDER_ID [--FIELD TEXT]`, which sends the order's ACTION command."""
+
+    def steer(
+        order_id: OrderId,
+        text: Annotated[str | None, typer.Option(f"--{field}", help=field_help)] = None,
+        command_id: CommandId = None,
+        api_url: ApiUrl = None,
+        token: Token = None,
+        as_json: AsJson = False,
+    ) -> None:
+        body = {field: text, "command_id": command_id}
+        send_command(api_url, token, order_path(order_id, action), body, as_json)
+
+    app.command(action, help=summary)(steer)
 
 
-@app.command()
-def cancel(
-    order_id: OrderId,
-    cancel_reason: Annotated[str | None, typer.Option("--reason", help="Why it is cancelled.")] = None,
-    command_id: CommandId = None,
-    api_url: ApiUrl = None,
-    token: Token = None,
-    as_json: AsJson = False,
-) -> None:
-    """Cancel an order (until dispatch; a paid order is refunded)."""
-    body = {"reason": cancel_reason, "command_id": command_id}
-    send_command(api_url, token, order_path(order_id, "cancel"), body, as_json)
+add_steering_command(
+    "approve",
+    "note",
+    "Why.",
+    "Approve an order waiting in manual review, as the token's subject (never one's own order).",
+)
+add_steering_command(
+    "cancel", "reason", "Why it is cancelled.", "Cancel an order (until dispatch; a paid order is refunded)."
+)
 
 
 @app.command("update-address")
@@ -282,9 +270,11 @@ def watch(
     api_url: ApiUrl = None,
     token: Token = None,
 ) -> None:
-    """Print an order's events so far, then each as it happens, until the order ends; the exit
-    code says how it ended. Follows the gateway's event stream of the order (nothing but the
-    gateway's URL is needed), resuming it if the connection is lost."""
+    """Print an order's events until it ends; the exit code says how it ended.
+
+    Prints the events so far, then each as it happens, from the gateway's event stream of the order
+    (nothing but the gateway's URL is needed), resuming the stream if the connection is lost.
+    """
 
     def print_event(event: RecordedEvent) -> None:
         typer.echo(json.dumps(event.model_dump(mode="json")) if as_json else render.event(event))
@@ -302,27 +292,20 @@ def watch(
 
 @app.command("health", epilog="Exit codes: 0 ready; 1 not ready, or the gateway cannot be reached.")
 def health_command(api_url: ApiUrl = None, as_json: AsJson = False) -> None:
-    """Ask the gateway whether it is live (/healthz) and ready (/readyz), and show the state of
-    each dependency it checks: the broker, the database and Temporal."""
-    found = health.gateway_health(gateway(api_url).base_url)
+    """Ask the gateway whether it is live and ready: /healthz, then /readyz (broker, database, Temporal)."""
+    found = health.gateway_health(Gateway(api_url or settings().api_url, token=None))
     show(found, as_json, health.as_text)
     if not found["ready"]:
         raise typer.Exit(1)
 
 
 # --- identity ---------------------------------------------------------------------------------------
-@app.command(
-    "token",
-    epilog="Exit codes: 0 printed; 1 no local issuer is configured, or its key is missing.",
-)
+@app.command("token", epilog="Exit codes: 0 printed; 1 no local issuer is configured, or its key is missing.")
 def token_command(
     roles: Annotated[
-        list[Role],
-        typer.Option("--role", help="A role the token carries; repeat for several.", show_default=False),
+        list[Role], typer.Option("--role", help="A role the token carries; repeat for several.")
     ],
-    subject: Annotated[
-        str, typer.Option("--subject", help="Who the token says its bearer is.", show_default=False)
-    ],
+    subject: Annotated[str, typer.Option("--subject", help="Who the token says its bearer is.")],
     lifetime: Annotated[
         int | None,
         typer.Option(
@@ -357,12 +340,13 @@ def token_command(
 @app.command(epilog="Exit codes: 0 stored; 1 not a token, or an expired one.")
 def login(
     token: Annotated[
-        str | None,
-        typer.Option("--token", help="The token; by default read from stdin.", show_default=False),
+        str | None, typer.Option("--token", help="The token; by default read from stdin.")
     ] = None,
 ) -> None:
-    """Store a bearer token for the commands that follow (readable by you only), in
-    $XDG_CONFIG_HOME/orderflow/token; --token and ORDERFLOW_TOKEN still win over it."""
+    """Store a bearer token for the commands that follow, in $XDG_CONFIG_HOME/orderflow/token.
+
+    Readable by you only; --token and ORDERFLOW_TOKEN still win over it.
+    """
     if token is None:
         token = typer.prompt("Token", hide_input=True) if sys.stdin.isatty() else sys.stdin.read()
     token = token.strip()
@@ -379,8 +363,7 @@ def login(
 @app.command()
 def logout() -> None:
     """Remove the token `orderflow login` stored."""
-    removed = credentials.forget()
-    typer.echo("signed out" if removed else "no stored token; nothing to do")
+    typer.echo("signed out" if credentials.forget() else "no stored token; nothing to do")
 
 
 @app.command()
@@ -420,8 +403,11 @@ def provision_broker(
         typer.Option(help="Create the users through this RabbitMQ management API (default: rabbitmqctl)."),
     ] = None,
 ) -> None:
-    """Declare orderflow's exchanges and queues (and create its services' users), so that each
-    service runs with a broker user that may not declare or delete anything."""
+    """Declare orderflow's exchanges and queues, and create its services' users.
+
+    Each service then runs with a broker user that may not declare or delete anything. A
+    dead-letter queue left by an older orderflow (a quorum queue) is replaced, its dead letters kept.
+    """
     try:
         accounts = None if passwords is None else broker_users.read_passwords(passwords)
         asyncio.run(broker_users.provision(settings(), accounts, management_url))
@@ -462,34 +448,30 @@ def list_dead_letters(
     """List dead letters, oldest first; the queue is left as it was.
 
     One line each: message id, consumer, reason, deliveries, routing key and the error (shortened).
+    The queue is read no further than --limit needs.
     """
     selection = dlq.Selection(reason=with_reason, consumer=from_consumer)
-    found = dlq.run(dlq.find(settings(), selection))
-    shown = found[:limit]
+    shown, unread = dlq.run(dlq.find(settings(), selection, limit))
     if as_json:
-        items = [dlq.as_json(dead_letter, with_body=False) for dead_letter in shown]
-        typer.echo(json.dumps(items, indent=2, default=str))
+        print_json([dlq.as_json(dead_letter, with_body=False) for dead_letter in shown])
     else:
         typer.echo(dlq.summaries(shown))
-    if len(found) > limit:
-        typer.echo(f"{len(found) - limit} more not shown (--limit)", err=True)
+    if unread:
+        # with --reason or --consumer, those behind the last one shown were not looked at
+        not_shown = "not searched" if with_reason or from_consumer else "not shown"
+        typer.echo(f"{unread} more {not_shown} (--limit)", err=True)
 
 
 @dlq_app.command("show")
 def show_dead_letter(
-    message_id: Annotated[
-        str, typer.Argument(help="Its message id (see `orderflow dlq list`).", show_default=False)
-    ],
+    message_id: Annotated[str, typer.Argument(help="Its message id (see `orderflow dlq list`).")],
     as_json: AsJson = False,
 ) -> None:
-    """Show one dead letter: why, where it came from, and its body.
-
-    The error in full, the consumer, deliveries, exchange and routing key, and the body
-    pretty-printed if it is JSON.
-    """
-    oldest, *copies = dlq.run(dlq.find(settings(), dlq.Selection(message_ids=frozenset({message_id}))))
+    """Show one dead letter: why, where it came from, and its body (pretty-printed if JSON)."""
+    selection = dlq.Selection(message_ids=frozenset({message_id}))
+    (oldest, *copies), _ = dlq.run(dlq.find(settings(), selection))
     if as_json:
-        typer.echo(json.dumps(dlq.as_json(oldest, with_body=True), indent=2, default=str))
+        print_json(dlq.as_json(oldest, with_body=True))
     else:
         typer.echo(dlq.details(oldest))
     if copies:
@@ -499,8 +481,7 @@ def show_dead_letter(
 @dlq_app.command("replay")
 def replay_dead_letters(
     message_ids: Annotated[
-        list[str] | None,
-        typer.Argument(metavar="MESSAGE_ID...", help="The dead letters to replay.", show_default=False),
+        list[str] | None, typer.Argument(metavar="MESSAGE_ID...", help="The dead letters to replay.")
     ] = None,
     replay_all: Annotated[
         bool, typer.Option("--all", help="Replay every dead letter (that --reason and --consumer select).")
@@ -519,9 +500,8 @@ def replay_dead_letters(
 ) -> None:
     """Republish dead letters to the exchange they came from, and remove them from the queue.
 
-    Each goes with its routing key, body, message id, content type and type, and leaves the
-    dead-letter queue once the broker has confirmed it. Safe to repeat: consumers take a command id
-    or event id once.
+    Each goes with its routing key, body and properties, and leaves the dead-letter queue once the
+    broker has confirmed it. Safe to repeat: consumers take a command id or event id once.
     """
     if bool(message_ids) == replay_all:
         raise typer.BadParameter("give message ids or --all (not both)", param_hint="MESSAGE_ID... / --all")
@@ -529,10 +509,10 @@ def replay_dead_letters(
         raise typer.BadParameter("--reason and --consumer select with --all", param_hint="--all")
     selection = dlq.Selection(frozenset(message_ids or ()), with_reason, from_consumer)
     if replay_all and not yes:
-        count = len(dlq.run(dlq.find(settings(), selection)))
-        if not count:
+        chosen, _ = dlq.run(dlq.find(settings(), selection))
+        if not chosen:
             fail("no dead letter matches")
-        typer.confirm(f"Replay {count} dead letter(s) to the exchanges they came from?", abort=True)
+        typer.confirm(f"Replay {len(chosen)} dead letter(s) to the exchanges they came from?", abort=True)
 
     def report(replayed: dlq.Replayed) -> None:
         typer.echo(json.dumps(asdict(replayed)) if as_json else dlq.replayed_text(replayed))

@@ -1,8 +1,8 @@
 """`orderflow watch`: follow one order through the gateway's stream of its events until it ends.
 
-`GET /orders/{id}/events/stream` sends the order's history, then each event as it is stored, and
-ends after the order's terminal event (and any rejection stored by then). A stream lost on the way
-(the gateway restarted, say) is resumed with `Last-Event-ID`, so every event is reported once.
+The stream sends the order's history, then each event as it is stored, and ends after its terminal
+event; one lost on the way (the gateway restarted, say) is resumed with `Last-Event-ID`, so every
+event is reported once.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 
 import httpx
 
@@ -20,7 +19,6 @@ from shared.contracts import EventType, RecordedEvent
 
 CONNECT_TIMEOUT_SECONDS = 5.0
 RETRY_SECONDS = 0.5  # before asking again for an order not known yet, or resuming a lost stream
-
 # how `orderflow watch` exits for each ending (and WATCH_TIMEOUT_EXIT_CODE when it gives up)
 ENDING_EXIT_CODES = {
     EventType.COMPLETED: 0,
@@ -30,14 +28,6 @@ ENDING_EXIT_CODES = {
 }
 
 
-@dataclass(frozen=True)
-class StreamedMessage:
-    """One block of an event stream: an `id`, and `data` unless it only moved the last event id."""
-
-    id: str | None
-    data: str | None
-
-
 async def follow_order(
     gateway: Gateway,
     order_id: str,
@@ -45,9 +35,9 @@ async def follow_order(
     on_event: Callable[[RecordedEvent], None],
     on_note: Callable[[str], None],
 ) -> RecordedEvent | None:
-    """Report the order's events as the gateway streams them; returns its terminal event, or None
-    if it has not ended within `timeout` seconds. An unreachable gateway or an answer other than
-    the stream (or 404: the order may not be known yet) is fatal (`fail`)."""
+    """Report the order's events as the gateway streams them; its terminal event, or None if it has
+    not ended within `timeout` seconds. An unreachable gateway, or an answer other than the stream
+    or 404 (the order may not be known yet), ends the command."""
     try:
         async with (
             asyncio.timeout(timeout),
@@ -57,12 +47,12 @@ async def follow_order(
                 timeout=httpx.Timeout(CONNECT_TIMEOUT_SECONDS, read=None),
             ) as client,
         ):
-            return await _follow(client, order_id, on_event, on_note)
+            return await follow_stream(client, order_id, on_event, on_note)
     except TimeoutError:
         return None
 
 
-async def _follow(
+async def follow_stream(
     client: httpx.AsyncClient,
     order_id: str,
     on_event: Callable[[RecordedEvent], None],
@@ -85,10 +75,10 @@ async def _follow(
                     await response.aread()
                     refused(response)
                 else:
-                    async for message in server_sent_events(response):
-                        last_event_id = message.id
-                        if message.data is not None:
-                            event = contract_event(message.data)
+                    async for event_id, data in server_sent_events(response):
+                        last_event_id = event_id
+                        if data is not None:
+                            event = contract_event(data)
                             on_event(event)
                             # read on: the stream ends after what was stored with the ending
                             ending = event if event.type.is_terminal else ending
@@ -103,9 +93,9 @@ async def _follow(
     return ending
 
 
-async def server_sent_events(response: httpx.Response) -> AsyncIterator[StreamedMessage]:
-    """The blocks of a `text/event-stream` body that carry an id or data, as the SSE standard reads
-    them: the last event id stays until a block changes it."""
+async def server_sent_events(response: httpx.Response) -> AsyncIterator[tuple[str | None, str | None]]:
+    """The last event id and the data (None: the block only moved the id) of each block of a
+    `text/event-stream` body that carries either, as the SSE standard reads them."""
     event_id: str | None = None
     data: list[str] = []
     has_id = False
@@ -119,7 +109,7 @@ async def server_sent_events(response: httpx.Response) -> AsyncIterator[Streamed
                 event_id, has_id = value, True
             continue
         if data or has_id:
-            yield StreamedMessage(event_id, "\n".join(data) if data else None)
+            yield event_id, "\n".join(data) if data else None
         data, has_id = [], False
 
 
