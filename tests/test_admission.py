@@ -8,7 +8,7 @@ stand-in `OrderWorkflow` holds its slot until it is approved or cancelled (or, f
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -20,11 +20,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 from temporalio import activity, workflow
 from temporalio.client import Client
+from temporalio.common import RawValue
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from services.bridge.consumer import run_bridge
 from shared import broker, db, schema
-from shared.admissions import HOLDING_SLOT, AdmissionSlots
+from shared.admission_table import HOLDING_SLOT, AdmissionSlots
 from shared.broker import (
     CommandRefused,
     declare_command_queue,
@@ -33,7 +34,6 @@ from shared.broker import (
 )
 from shared.contracts import (
     ApproveOrder,
-    CancelOrder,
     EventType,
     OrderEvent,
     OrderState,
@@ -58,6 +58,9 @@ ADMISSION_DATABASE = "orderflow_test_admission"
 
 
 # --- the stand-in lifecycle ----------------------------------------------------------------------
+ENDED_BY_SIGNAL = {Signals.APPROVE: "approved", Signals.CANCEL: "cancelled"}
+
+
 class SlotActivities:
     """What the stand-in does outside the workflow: count slots in use, release its own."""
 
@@ -81,13 +84,15 @@ class SlotActivities:
 
 @workflow.defn(name=ORDER_WORKFLOW)
 class StandInLifecycle:
-    def __init__(self) -> None:
-        self._ended_by: str | None = None
-        self._early: list[str] = []
+    """Holds its slot until approved or cancelled (`auto-...` orders: at once), then releases it."""
+
+    # what a run has seen so far (each run sets its own)
+    _ended_by: str | None = None
+    _early: tuple[str, ...] = ()
 
     @workflow.run
     async def run(self, start: OrderWorkflowInput) -> str:
-        self._early = [str(command.command_id) for command in start.early_commands]
+        self._early = tuple(str(command.command_id) for command in start.early_commands)
         if any(isinstance(command, ApproveOrder) for command in start.early_commands):
             self._ended_by = "approved early"
         await workflow.execute_activity_method(
@@ -102,17 +107,14 @@ class StandInLifecycle:
         assert self._ended_by is not None
         return self._ended_by
 
-    @workflow.signal(name=Signals.APPROVE)
-    def approve(self, _: ApproveOrder) -> None:
-        self._ended_by = "approved"
-
-    @workflow.signal(name=Signals.CANCEL)
-    def cancel(self, _: CancelOrder) -> None:
-        self._ended_by = "cancelled"
+    @workflow.signal(dynamic=True)
+    def command(self, name: str, _: Sequence[RawValue]) -> None:
+        """An approval or a cancel ends it (an address change does not)."""
+        self._ended_by = ENDED_BY_SIGNAL.get(name, self._ended_by)
 
     @workflow.query
     def early_commands(self) -> list[str]:
-        return self._early
+        return list(self._early)
 
 
 # --- fixtures ------------------------------------------------------------------------------------

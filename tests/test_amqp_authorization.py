@@ -118,6 +118,12 @@ def assert_forbidden(rejection: OrderEvent, command: Command) -> None:
     assert rejection.data.model_dump(mode="json")["detail"]  # what a person reads about it
 
 
+async def forbidden_when_sent(topology: broker.Topology, events: EventLog, command: Command) -> None:
+    """Publish `command` and see it rejected as forbidden."""
+    await broker.publish_command(topology, command)
+    assert_forbidden(await rejection_of(events, command), command)
+
+
 async def read_model(sessions: async_sessionmaker[AsyncSession], order_id: str) -> Order | None:
     async with sessions() as session:
         return await session.get(Order, order_id, populate_existing=True)
@@ -170,9 +176,7 @@ async def test_a_placement_the_broker_user_may_not_make_is_forbidden(
     _, events = followed
     place = place_order(unique_id("forbidden"), issued_by=issued_by)
     async with publisher(system, broker_users, user) as topology:
-        await broker.publish_command(topology, place)
-
-    assert_forbidden(await rejection_of(events, place), place)
+        await forbidden_when_sent(topology, events, place)
     assert await read_model(db_sessions, place.order_id) is None
 
 
@@ -186,13 +190,9 @@ async def test_a_broker_user_without_the_reviewer_role_cannot_approve(
     order_id = unique_id("customer")
     async with publisher(system, broker_users, CUSTOMER_USER) as topology:
         await placed_and_in_review(topology, events, place_order(order_id, issued_by=None))
-        own_approval = approve_order(order_id, issued_by=None)
-        await broker.publish_command(topology, own_approval)
-        assert_forbidden(await rejection_of(events, own_approval), own_approval)
+        await forbidden_when_sent(topology, events, approve_order(order_id, issued_by=None))
         # and it cannot name a reviewer instead: it is not a delegate
-        named = approve_order(order_id, issued_by=TEST_REVIEWER)
-        await broker.publish_command(topology, named)
-        assert_forbidden(await rejection_of(events, named), named)
+        await forbidden_when_sent(topology, events, approve_order(order_id, issued_by=TEST_REVIEWER))
 
     await asyncio.sleep(1)  # had either applied, its `approved` would be out by now
     assert events.of(order_id, EventType.APPROVED) == []
@@ -215,9 +215,7 @@ async def test_four_eyes_and_the_approver_recorded(
     order_id = unique_id("four-eyes")
     # the tests' broker user is a delegate: it acts for the people it names
     await placed_and_in_review(topology, events, place_order(order_id, issued_by=ALICE))
-    by_the_placer = approve_order(order_id, issued_by=ALICE)
-    await broker.publish_command(topology, by_the_placer)
-    assert_forbidden(await rejection_of(events, by_the_placer), by_the_placer)
+    await forbidden_when_sent(topology, events, approve_order(order_id, issued_by=ALICE))
     approval = approve_order(order_id, issued_by=TEST_REVIEWER)
     await broker.publish_command(topology, approval)
 

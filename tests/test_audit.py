@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import uuid4
 
@@ -19,10 +19,9 @@ from sqlmodel import col
 
 from services.audit.consumer import AuditLog, run_audit
 from services.audit.projection import record_events
+from services.audit.reconciliation import repair_rows_behind
 from shared.broker import ERROR_HEADER, declare_audit_queue
 from shared.contracts import (
-    EVENT_DATA,
-    EXAMPLE_DATA,
     Address,
     CommandRejectedData,
     CommandType,
@@ -46,28 +45,16 @@ from testsupport.amqp import (
 )
 from testsupport.orders import ADDRESS, NEW_ADDRESS, unique_id
 from testsupport.polling import eventually
-from testsupport.read_model import insert_order
+from testsupport.read_model import EVENTS_START, event, insert_order
 from testsupport.services import DownDatabase, running
 
 Sessions = async_sessionmaker[AsyncSession]
 
-START = datetime(2026, 1, 1, tzinfo=UTC)
+START = EVENTS_START
 # as the events carry it: every field, unset ones null
 NEWEST_ADDRESS: dict[str, Any] = Address.model_validate(
     {**ADDRESS, "line1": "221B Baker Street", "postal_code": "NW1 6XE"}
 ).model_dump()
-
-
-def event(order_id: str, seq: int, type: EventType, **data: Any) -> OrderEvent:
-    """An event of `type` with `data`; what it does not say comes from the type's example."""
-    return OrderEvent(
-        event_id=uuid4(),
-        type=type,
-        order_id=order_id,
-        seq=seq,
-        occurred_at=START + timedelta(seconds=seq),
-        data=EVENT_DATA[type].model_validate({**EXAMPLE_DATA[type].model_dump(), **data}),
-    )
 
 
 # --- fixtures ------------------------------------------------------------------------------------
@@ -437,6 +424,30 @@ async def test_events_of_an_order_without_a_row_are_stored_and_project_nothing(
     assert [row.seq for row in await stored_events(db_sessions, order_id)] == [1, 2, 3]
     async with db_sessions() as session:
         assert await session.get(Order, order_id) is None
+
+
+async def test_a_row_committed_after_its_events_is_repaired_and_counted(db_sessions: Sessions) -> None:
+    order_id = unique_id("ord")
+    await record(
+        db_sessions,
+        event(order_id, 1, EventType.QUEUED, placed_by="alice"),
+        event(order_id, 2, EventType.CANCELLED, reason="changed my mind"),
+    )  # projected onto no row
+    await insert_order(db_sessions, order_id, OrderState.QUEUED)  # committed after them
+    repairs_before = REGISTRY.get_sample_value("orderflow_read_model_repairs_total") or 0.0
+
+    repaired = await repair_rows_behind(db_sessions)
+
+    assert order_id in repaired
+    assert REGISTRY.get_sample_value("orderflow_read_model_repairs_total") == repairs_before + len(repaired)
+    order = await order_row(db_sessions, order_id)
+    assert (order.state, order.last_event_seq, order.reason, order.placed_by) == (
+        "cancelled",
+        2,
+        "changed my mind",
+        "alice",
+    )
+    assert order_id not in await repair_rows_behind(db_sessions)  # in step with its events now
 
 
 async def test_a_fact_older_than_one_recorded_changes_nothing(db_sessions: Sessions, order_id: str) -> None:

@@ -1,12 +1,12 @@
 """The command bridge against real RabbitMQ, PostgreSQL and a Temporal dev server.
 
 A stand-in `OrderWorkflow` (registered under the real name) records the input and the signals
-it receives, so the tests see exactly what the bridge delivered to Temporal.
+it receives, so the tests see exactly what the bridge delivered to Temporal. The rules the bridge
+decides by are tested in memory in tests/test_bridge_rules.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,7 +18,6 @@ import pytest_asyncio
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from pydantic import BaseModel
 from sqlalchemy import select, text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 from temporalio import workflow
@@ -27,19 +26,17 @@ from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowHandle,
 )
-from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from services.bridge.consumer import OrderLocks, run_bridge
-from services.bridge.issuers import NO_ROLE, NO_USER_ID, NOT_A_DELEGATE, PublisherIdentities
-from services.bridge.lifecycles import PLACE_COMMAND_MEMO, forbidden
+from services.bridge.consumer import run_bridge
+from services.bridge.issuers import NO_ROLE
+from services.bridge.lifecycles import PLACE_COMMAND_MEMO
 from shared.authorization import FORBIDDEN
 from shared.broker import (
     ERROR_HEADER,
     declare_command_queue,
     declare_placement_queue,
 )
-from shared.consuming import is_transient
 from shared.contracts import (
     Actor,
     ApproveOrder,
@@ -66,7 +63,7 @@ from testsupport.amqp import (
     verdict,
     was_dead_lettered,
 )
-from testsupport.orders import GUEST, approve_order, cancel_order, place_order, unique_id, update_address
+from testsupport.orders import approve_order, cancel_order, place_order, unique_id, update_address
 from testsupport.polling import eventually
 from testsupport.services import DownDatabase, running
 from testsupport.temporal import described
@@ -407,42 +404,6 @@ async def test_a_forbidden_command_is_rejected_once_recorded_and_never_applied(r
     assert await drain(rig.rejections) == []  # the second copy, handled after it, was a duplicate
 
 
-@pytest.mark.parametrize(
-    ("user_id", "claimed", "issuer"),
-    [
-        (None, None, NO_USER_ID),
-        ("", GUEST, NO_USER_ID),
-        ("gateway", None, Actor(subject="gateway", roles=frozenset({Role.OPERATOR}))),
-        ("gateway", STRANGER, STRANGER),
-        ("shop", None, Actor(subject="shop", roles=frozenset({Role.CUSTOMER}))),
-        (
-            "shop",
-            Actor(subject="shop", roles=frozenset({Role.CUSTOMER})),
-            Actor(subject="shop", roles=frozenset({Role.CUSTOMER})),
-        ),
-        ("shop", Actor(subject="shop", roles=frozenset({Role.OPERATOR})), NOT_A_DELEGATE),
-        ("shop", STRANGER, NOT_A_DELEGATE),
-        ("unknown", None, Actor(subject="unknown")),
-    ],
-)
-def test_the_issuer_is_the_publishers_broker_user_or_whom_a_delegate_names(
-    user_id: str | None, claimed: Actor | None, issuer: Actor | str
-) -> None:
-    identities = PublisherIdentities({"gateway": [Role.OPERATOR], "shop": [Role.CUSTOMER]}, ["gateway"])
-    resolved = identities.issuer(user_id, claimed)
-    assert resolved == (issuer if isinstance(issuer, Actor) else forbidden(issuer))
-
-
-def test_an_issuer_without_the_role_may_not_send_the_command() -> None:
-    identities = PublisherIdentities({"shop": [Role.CUSTOMER]}, [])
-    assert identities.authorize("shop", place_order("o-1")) == forbidden(NOT_A_DELEGATE)  # names GUEST
-    assert identities.authorize("shop", approve_order("o-1")) == forbidden(NOT_A_DELEGATE)
-    shop = Actor(subject="shop", roles=frozenset({Role.CUSTOMER}))
-    anonymous_approval = approve_order("o-1").model_copy(update={"issued_by": None})
-    assert identities.authorize("shop", anonymous_approval) == forbidden(NO_ROLE)
-    assert identities.authorize("shop", cancel_order("o-1").model_copy(update={"issued_by": None})) == shop
-
-
 async def test_a_command_for_an_unknown_order_is_rejected(rig: BridgeRig) -> None:
     command = approve_order(unique_id("ord"))
     await publish(rig.channel, command)
@@ -562,43 +523,3 @@ async def test_a_database_outage_neither_loses_nor_dead_letters_a_command(
     async with running(run_bridge, bridge_settings):
         assert_rejected(await rejection_of(rejections, command), command, "unknown order")
     assert await outcome_of(db_sessions, command) == "rejected"
-
-
-# --- units ---------------------------------------------------------------------------------------
-def _db_error(sqlstate: str) -> DBAPIError:
-    class Orig(Exception):
-        pass
-
-    orig = Orig("boom")
-    orig.sqlstate = sqlstate  # type: ignore[attr-defined]
-    return DBAPIError("SELECT 1", None, orig)
-
-
-@pytest.mark.parametrize(
-    ("error", "transient"),
-    [
-        (RPCError("down", RPCStatusCode.UNAVAILABLE, b""), True),
-        (RPCError("not found", RPCStatusCode.NOT_FOUND, b""), False),
-        (ConnectionRefusedError("refused"), True),
-        (_db_error("57P01"), True),  # admin shutdown
-        (_db_error("08006"), True),  # connection failure
-        (_db_error("P0001"), False),  # raised by a trigger
-        (ValueError("bad"), False),
-    ],
-)
-def test_transient_failures_are_told_apart(error: Exception, transient: bool) -> None:
-    assert is_transient(error) is transient
-
-
-async def test_order_locks_are_granted_in_request_order_and_then_forgotten() -> None:
-    locks = OrderLocks()
-    granted: list[int] = []
-
-    async def take(turn: int) -> None:
-        async with locks.hold("order-1"):
-            granted.append(turn)
-            await asyncio.sleep(0)
-
-    await asyncio.gather(*(take(turn) for turn in range(5)))
-    assert granted == [0, 1, 2, 3, 4]
-    assert len(locks) == 0

@@ -15,19 +15,24 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col
 
 from devstack.stack import isolated_settings
-from services.bridge.admission import (
+from services.audit.projection import record_events
+from services.bridge.admission_gate import (
+    ALREADY_PROCESSED,
+    CANCELLED_BEFORE_ADMISSION,
+    PLACED_BY_ANOTHER,
+    WAITING_FOR_PLACEMENT,
     AdmissionLedger,
-    NotRegistered,
     Registration,
+    Signal,
     Slot,
-    Steering,
 )
+from services.bridge.consumer import registration_events
 from services.bridge.lifecycles import ACCEPTED, Outcome, OutcomeKind
 from shared import db, schema
-from shared.admissions import AdmissionSlots, AdmissionStatus, Sessions
+from shared.admission_table import AdmissionSlots, AdmissionStatus, Sessions
 from shared.authorization import FORBIDDEN
-from shared.contracts import Actor, Command, Role
-from shared.db import Admission, Order, ProcessedCommand
+from shared.contracts import Actor, CancelOrder, CancelOrderPayload, Command, OrderState, Role
+from shared.db import Admission, Order, ProcessedCommand, transaction
 from shared.settings import Settings
 from testsupport.orders import GUEST, approve_order, cancel_order, place_order, unique_id
 
@@ -51,7 +56,7 @@ async def ledger_settings() -> Settings:
 async def engine(ledger_settings: Settings) -> AsyncIterator[AsyncEngine]:
     engine = db.create_engine(ledger_settings)
     async with engine.begin() as connection:
-        await connection.execute(text("TRUNCATE admissions, orders, processed_commands"))
+        await connection.execute(text("TRUNCATE admissions, orders, processed_commands, order_events"))
     yield engine
     await engine.dispose()
 
@@ -85,10 +90,17 @@ async def recorded(engine: AsyncEngine, command: Command) -> str | None:
         )
 
 
-async def listed(engine: AsyncEngine, order_id: str) -> bool:
+async def listed(engine: AsyncEngine, order_id: str) -> tuple[str, int, str | None] | None:
+    """The order's row in the read model: its state, last event's seq and reason."""
     async with engine.connect() as connection:
-        found = await connection.scalar(select(func.count()).where(col(Order.id) == order_id))
-    return bool(found)
+        row = (
+            await connection.execute(
+                select(col(Order.state), col(Order.last_event_seq), col(Order.reason)).where(
+                    col(Order.id) == order_id
+                )
+            )
+        ).first()
+    return None if row is None else (row.state, row.last_event_seq, row.reason)
 
 
 async def holding_slots(engine: AsyncEngine) -> int:
@@ -108,7 +120,7 @@ async def test_a_crash_before_registering_commits_leaves_nothing_half_done(
     with pytest.raises(Crash):
         await ledger.register(placement, crash, take_free_slot)
     assert await status_of(engine, placement.order_id) is None
-    assert not await listed(engine, placement.order_id)
+    assert await listed(engine, placement.order_id) is None
     assert await holding_slots(engine) == 0
 
     published: list[Registration] = []
@@ -120,7 +132,7 @@ async def test_a_crash_before_registering_commits_leaves_nothing_half_done(
     assert isinstance(registration, Registration)
     assert len(published) == 1  # the events again, with the same ids, now that they commit
     assert (registration.slot is not None) is take_free_slot
-    assert await listed(engine, placement.order_id)
+    assert await listed(engine, placement.order_id) == (OrderState.QUEUED.value, 1, None)
 
 
 async def test_a_placement_delivered_again_publishes_nothing_new_and_after_its_record_is_processed(
@@ -137,14 +149,14 @@ async def test_a_placement_delivered_again_publishes_nothing_new_and_after_its_r
     assert again.slot == first.slot and again.queued_at == first.queued_at
     assert await holding_slots(engine) == 1
 
-    await ledger.started(placement, ACCEPTED)
+    await ledger.settle_start(placement, ACCEPTED)
     assert (await status_of(engine, placement.order_id), await recorded(engine, placement)) == (
         "running",
         "accepted",
     )
-    assert await ledger.register(placement, crash, take_free_slot=True) is NotRegistered.PROCESSED
+    assert await ledger.register(placement, crash, take_free_slot=True) is ALREADY_PROCESSED
     other = place_order(placement.order_id)
-    assert await ledger.register(other, crash, take_free_slot=True) is NotRegistered.PLACED_BY_ANOTHER
+    assert await ledger.register(other, crash, take_free_slot=True) is PLACED_BY_ANOTHER
 
 
 async def test_a_lifecycle_that_did_not_start_gives_its_slot_back_with_the_record(
@@ -153,7 +165,7 @@ async def test_a_lifecycle_that_did_not_start_gives_its_slot_back_with_the_recor
     ledger = AdmissionLedger(engine, max_running=1)
     placement = place_order(unique_id("ord"))
     await ledger.register(placement, nothing, take_free_slot=True)
-    await ledger.not_started(placement, Outcome(OutcomeKind.REJECTED, "order already exists"))
+    await ledger.settle_start(placement, Outcome(OutcomeKind.REJECTED, "order already exists"))
     assert (await status_of(engine, placement.order_id), await recorded(engine, placement)) == (
         "ended",
         "rejected",
@@ -165,15 +177,15 @@ async def test_a_command_is_processed_once(engine: AsyncEngine) -> None:
     ledger = AdmissionLedger(engine, max_running=5)
     placement = place_order(unique_id("ord"))
     await ledger.register(placement, nothing, take_free_slot=True)
-    await ledger.started(placement, ACCEPTED)
+    await ledger.settle_start(placement, ACCEPTED)
     approval = approve_order(placement.order_id)
 
     async def no_cancel() -> None:
         raise AssertionError("not a cancel")
 
-    assert await ledger.steer(approval, no_cancel) is Steering.SIGNAL
+    assert await ledger.steer(approval, no_cancel) is Signal.STARTED
     await ledger.record(approval, ACCEPTED)
-    assert await ledger.steer(approval, no_cancel) is Steering.PROCESSED
+    assert await ledger.steer(approval, no_cancel) is ALREADY_PROCESSED
 
 
 async def test_commands_that_overtook_the_placement_start_with_it(engine: AsyncEngine) -> None:
@@ -196,8 +208,8 @@ async def test_a_cancel_for_a_waiting_order_ends_it_once(engine: AsyncEngine) ->
     async def publish_cancelled() -> None:
         published.append("cancelled")
 
-    assert await ledger.steer(cancellation, publish_cancelled) is Steering.CANCELLED_WAITING
-    assert await ledger.steer(cancellation, publish_cancelled) is Steering.CANCELLED_WAITING
+    assert await ledger.steer(cancellation, publish_cancelled) is CANCELLED_BEFORE_ADMISSION
+    assert await ledger.steer(cancellation, publish_cancelled) is CANCELLED_BEFORE_ADMISSION
     assert published == ["cancelled"]
     assert await ledger.take_slot(placement.order_id) is AdmissionStatus.CANCELLED
 
@@ -230,7 +242,8 @@ async def test_parked_commands_the_placer_does_not_allow_are_refused_as_it_regis
     approval = approve_order(placement.order_id)
     for command in (by_stranger, approval):
         assert (
-            await ledger.park(command) or await ledger.steer(command, nothing_to_publish) is Steering.PARKED
+            await ledger.park(command)
+            or await ledger.steer(command, nothing_to_publish) is WAITING_FOR_PLACEMENT
         )
         await ledger.record(command, ACCEPTED)
     registration = await ledger.register(placement, nothing, take_free_slot=True)
@@ -244,6 +257,31 @@ async def test_parked_commands_the_placer_does_not_allow_are_refused_as_it_regis
 
 async def nothing_to_publish() -> None:
     return None
+
+
+@pytest.mark.parametrize("parked_cancel", [False, True], ids=["queued", "cancelled_by_a_parked_cancel"])
+async def test_an_order_whose_events_are_recorded_before_its_row_commits_ends_at_the_last_one(
+    engine: AsyncEngine, sessions_of: Sessions, parked_cancel: bool
+) -> None:
+    """The audit consumer may record a registration's events while it is still uncommitted: their
+    projection finds no row, so the row itself must say what they do."""
+    ledger = AdmissionLedger(engine, max_running=5)
+    placement = place_order(unique_id("ord"))
+    reason = CancelOrderPayload(reason="changed my mind")
+    cancellation = cancel_order(placement.order_id).model_copy(update={"payload": reason})
+    if parked_cancel:
+        assert await ledger.park(cancellation)
+
+    async def recorded_at_once(registration: Registration) -> None:
+        async with transaction(sessions_of) as session:
+            await record_events(session, registration_events(placement, registration))
+
+    registration = await ledger.register(placement, recorded_at_once, take_free_slot=False)
+
+    assert isinstance(registration, Registration)
+    assert isinstance(registration.cancel, CancelOrder) is parked_cancel
+    expected = (OrderState.CANCELLED.value, 2, "changed my mind") if parked_cancel else ("queued", 1, None)
+    assert await listed(engine, placement.order_id) == expected
 
 
 async def test_two_bridges_racing_for_the_last_slot_take_it_once(
@@ -263,7 +301,7 @@ async def test_two_bridges_racing_for_the_last_slot_take_it_once(
 
         # and two placements that register at once, each asking for a free slot as it does
         await asyncio.gather(
-            *(ledger.started(p, ACCEPTED) for ledger, p in zip(ledgers, waiting, strict=True))
+            *(ledger.settle_start(p, ACCEPTED) for ledger, p in zip(ledgers, waiting, strict=True))
         )
         arriving = [place_order(unique_id("ord")) for _ in ledgers]
         registrations = await asyncio.gather(
@@ -295,7 +333,7 @@ async def test_racing_registrations_share_the_free_slots_without_exceeding_them(
         await other_engine.dispose()
 
 
-# --- the slot while the order is in review (shared/admissions.py, the workers' side) ------------
+# --- the slot while the order is in review (shared/admission_table.py, the workers' side) ------------
 OneSlot = tuple[AdmissionLedger, AdmissionSlots]
 
 
@@ -309,8 +347,15 @@ async def running_order(ledger: AdmissionLedger) -> str:
     placement = place_order(unique_id("ord"))
     registration = await ledger.register(placement, nothing, take_free_slot=True)
     assert isinstance(registration, Registration) and registration.slot is not None
-    await ledger.started(placement, ACCEPTED)
+    await ledger.settle_start(placement, ACCEPTED)
     return placement.order_id
+
+
+async def in_review(ledger: AdmissionLedger, slots: AdmissionSlots) -> str:
+    """A running order that gave its slot back for its review."""
+    order_id = await running_order(ledger)
+    await slots.leave_for_review(order_id)
+    return order_id
 
 
 async def waiting_order(ledger: AdmissionLedger) -> str:
@@ -338,8 +383,7 @@ async def test_an_approved_order_goes_on_before_any_waiting_placement(
     engine: AsyncEngine, one_slot: OneSlot
 ) -> None:
     ledger, slots = one_slot
-    reviewed = await running_order(ledger)
-    await slots.leave_for_review(reviewed)
+    reviewed = await in_review(ledger, slots)
     running = await running_order(ledger)  # took the slot given back
     placed = await waiting_order(ledger)
 
@@ -361,7 +405,7 @@ async def test_approved_orders_get_the_freed_slots_in_the_order_they_asked(
     first, second = await running_order(ledger), await waiting_order(ledger)
     await slots.leave_for_review(first)
     assert isinstance(await ledger.take_slot(second), Slot)
-    await ledger.started(place_order(second), ACCEPTED)
+    await ledger.settle_start(place_order(second), ACCEPTED)
     await slots.leave_for_review(second)
     running = await running_order(ledger)
 
@@ -378,10 +422,7 @@ async def test_an_order_ended_in_review_or_in_line_holds_nothing_any_more(
     engine: AsyncEngine, one_slot: OneSlot
 ) -> None:
     ledger, slots = one_slot
-    reviewed = await running_order(ledger)
-    await slots.leave_for_review(reviewed)
-    in_line = await running_order(ledger)
-    await slots.leave_for_review(in_line)
+    reviewed, in_line = await in_review(ledger, slots), await in_review(ledger, slots)
     running = await running_order(ledger)
     assert await slots.resume(in_line) is False
 

@@ -26,11 +26,12 @@ from temporalio.client import Client
 from devstack.stack import check_metrics_ports, free_port, metrics_ports
 from services.audit.consumer import run_audit
 from shared import broker
-from shared.admissions import AdmissionStatus
+from shared.admission_table import AdmissionStatus
 from shared.consuming import QueueConsumer
 from shared.contracts import EventType, OrderEvent, Role
 from shared.db import Admission, AuditEvent, transaction
-from shared.metrics import serve_metrics, temporal_runtime
+from shared.metrics import temporal_runtime
+from shared.probes import serve_endpoints
 from shared.settings import Settings
 from testsupport.amqp import Broker, consumer_queue, own_queues
 from testsupport.gateway import bearer, gateway
@@ -136,7 +137,7 @@ async def test_consumers_count_messages_consumed_requeued_and_dead_lettered_per_
 
     stop = asyncio.Event()
     async with consumer_queue(
-        broker.declare_consumer_queue(channel, name, topology.commands, routing_keys=())
+        broker.declare_consumer_queue(channel, topology.commands, broker.ConsumerQueue(name, routing_keys=()))
     ) as queue:
         for body in (b'{"fail": false}', b"not json", b'{"fail": true}'):
             await channel.default_exchange.publish(aio_pika.Message(body=body), routing_key=name)
@@ -230,7 +231,7 @@ async def test_a_service_serves_its_metrics_and_temporals_on_one_port(settings: 
         settings.temporal_address, namespace=settings.temporal_namespace, runtime=runtime
     )
     await client.count_workflows()
-    serve_metrics("127.0.0.1", port)
+    serve_endpoints("127.0.0.1", port, checks={})
 
     async with httpx.AsyncClient() as http:
         answer = await http.get(f"http://127.0.0.1:{port}/metrics")

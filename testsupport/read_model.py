@@ -1,15 +1,33 @@
-"""Rows of the orders read model and the audit table, written as orderflow's services write them."""
+"""Rows of the orders read model and the audit table, written as orderflow's services write them,
+and the events the audit consumer projects onto them."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import uuid4
 
+from pydantic import JsonValue
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from shared.contracts import EventType, OrderState
+from shared.contracts import EVENT_DATA, EXAMPLE_DATA, EventType, OrderEvent, OrderState
 from shared.db import AuditEvent, Order, transaction
 from testsupport.orders import ADDRESS, ITEMS
+
+EVENTS_START = datetime(2026, 1, 1, tzinfo=UTC)
+"""When `event`'s events happen: seq seconds after it."""
+
+
+def event(order_id: str, seq: int, type: EventType, **data: Any) -> OrderEvent:
+    """An event of `type` with `data`; what it does not say comes from the type's example."""
+    return OrderEvent(
+        event_id=uuid4(),
+        type=type,
+        order_id=order_id,
+        seq=seq,
+        occurred_at=EVENTS_START + timedelta(seconds=seq),
+        data=EVENT_DATA[type].model_validate({**EXAMPLE_DATA[type].model_dump(), **data}),
+    )
 
 
 async def insert_order(
@@ -38,11 +56,18 @@ async def insert_order(
 
 
 async def insert_events(
-    sessions: async_sessionmaker[AsyncSession], order_id: str, types_by_seq: dict[int, EventType]
+    sessions: async_sessionmaker[AsyncSession],
+    order_id: str,
+    types_by_seq: dict[int, EventType],
+    example_data: bool = False,
 ) -> None:
-    """Rows of the audit table, as the audit consumer writes them."""
+    """Rows of the audit table, as the audit consumer writes them; their data marks their seq, or is
+    the contract's example of their type."""
     async with transaction(sessions) as session:
         for seq, event_type in types_by_seq.items():
+            data: dict[str, JsonValue] = (
+                EXAMPLE_DATA[event_type].model_dump(mode="json") if example_data else {"seq_was": seq}
+            )
             session.add(
                 AuditEvent(
                     event_id=uuid4(),
@@ -50,6 +75,6 @@ async def insert_events(
                     seq=seq,
                     type=event_type.value,
                     occurred_at=datetime(2030, 1, 1, tzinfo=UTC) + timedelta(seconds=seq),
-                    data={"seq_was": seq},
+                    data=data,
                 )
             )

@@ -1,6 +1,6 @@
 """The audit consumer: every event on `orders.events` lands once in `order_events`, and the
-`orders` read model follows it (`projection`), in one transaction acked after its commit. A
-terminal event recorded is a lifecycle ended (`lifecycle_metrics`)."""
+`orders` read model follows it (`projection`, checked by `reconciliation`), in one transaction
+acked after its commit. A terminal event recorded is a lifecycle ended (`lifecycle_metrics`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.audit.lifecycle_metrics import count_endings, lifecycle_endings
 from services.audit.projection import record_events
+from services.audit.reconciliation import reconcile
 from shared import db
 from shared.broker import declare_audit_queue
 from shared.consuming import QueueConsumer, consumer_channel, retry_transient
@@ -31,9 +32,14 @@ async def run_audit(settings: Settings, stop: asyncio.Event) -> None:
     try:
         async with broker_channel as (channel, topology):
             queue = await declare_audit_queue(channel, topology, settings)
-            audit = AuditLog(db.session_factory(engine), stop)
-            consumer = QueueConsumer(CONSUMER_NAME, topology, settings.max_event_deliveries, stop)
-            await consumer.run(queue, OrderEvent.model_validate_json, audit.handle)
+            sessions = db.session_factory(engine)
+            audit = AuditLog(sessions, stop)
+            consumer = QueueConsumer(
+                CONSUMER_NAME, topology, settings.max_event_deliveries, stop, settings.drain_seconds
+            )
+            await asyncio.gather(
+                consumer.run(queue, OrderEvent.model_validate_json, audit.handle), reconcile(sessions, stop)
+            )
     finally:
         await engine.dispose()
 
@@ -41,10 +47,9 @@ async def run_audit(settings: Settings, stop: asyncio.Event) -> None:
 class AuditLog:
     """Records events in batched transactions and acks each event after its batch committed.
 
-    The events that arrive while one transaction commits form the next batch, so a busy queue
-    costs a few transactions instead of one per event, and a quiet one adds no delay. A batch
-    costs two statements whatever its size (`record_events`), three if lifecycles end in it. A
-    batch that fails is retried one event at a time, so a bad event fails alone.
+    The events that arrive while one transaction commits form the next batch: a busy queue costs
+    a few transactions, a quiet one no delay. A batch that fails is retried one event at a time,
+    so a bad event fails alone.
     """
 
     def __init__(
@@ -70,9 +75,7 @@ class AuditLog:
         is_new = await recorded
         await message.ack()
         if is_new:
-            # the workers log each state transition already; a line per event was a tenth of the
-            # audit's CPU
-            log.debug("event recorded", outcome="recorded")
+            log.debug("event recorded", outcome="recorded")  # the workers log each transition already
         else:
             log.info("duplicate event", outcome="duplicate")
 

@@ -1,27 +1,19 @@
 """The audit table and the `orders` read model, written from a batch of events in one transaction.
 
-Events may arrive twice or out of order. The audit row is unique on `event_id` and on
-`(order_id, seq)`, so a repeat inserts nothing and projects nothing. The projection never moves an
-order back: `state` comes from the newest state-changing event (`last_event_seq` is that event's
-seq), and `address`, `tracking_number`, `placed_by` and `approved_by` from the newest event of the
-type that carries them.
-
-A batch costs two statements whatever its size: one insert of all its events, then one update of
-the orders that its new events project onto, with the outcome of applying those events one at a
-time in seq order. A missing order row (no `order_received` yet) is skipped.
-
-Consumers may record batches concurrently. Every transaction that stores events holds the audit
-table's position lock from its first insert until it commits (migration 0004), and the projection
-runs after the insert: it sees every event committed before, and a transaction storing events
-later waits for this one and then sees them all. Batches project one after another, so they
-neither miss a newer event of a fact's type nor deadlock on the orders' rows.
+Events may arrive twice or out of order: the audit row is unique on `event_id` and on
+`(order_id, seq)`, so a repeat stores and projects nothing, and the projection never moves an order
+back. A batch costs two statements whatever its size. Every transaction that stores events holds the
+table's position lock until it commits (migration 0004), so batches project one after another, each
+seeing the events of those before it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
+from pydantic import JsonValue
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -38,6 +30,7 @@ from shared.contracts import (
     OrderState,
     QueuedData,
     ReceivedData,
+    RecordedEvent,
     ShippedData,
     TerminatedData,
 )
@@ -62,7 +55,7 @@ STATE_OF_EVENT: dict[EventType, OrderState] = {
 }
 """`address_updated` and `command_rejected` leave the state as it is."""
 
-# the order column each of these events carries (`_fact_of` reads it)
+# the order column each of these events carries (`fact_value` reads it)
 FACT_OF_EVENT: dict[EventType, str] = {
     EventType.QUEUED: "placed_by",
     EventType.RECEIVED: "placed_by",
@@ -72,11 +65,11 @@ FACT_OF_EVENT: dict[EventType, str] = {
     EventType.SHIPPED: "tracking_number",
 }
 
+Event = OrderEvent | RecordedEvent
 Key = TypeVar("Key", bound=Hashable)
 
 # `position` comes from the table's trigger (per row: the position lock, already held after the
-# first, the next number and a NOTIFY, which PostgreSQL sends once at commit), `recorded_at` from
-# its default
+# first, the next number and a NOTIFY, which PostgreSQL sends once at commit)
 STORE_EVENTS = text(
     """
     INSERT INTO order_events
@@ -95,11 +88,9 @@ STORE_EVENTS = text(
     """
 )
 
-# Per order, from the batch's new events: the newest state-changing one applies if newer than
-# `last_event_seq`, and the reason of the newest one with a reason if that is newer too (as
-# applying them one at a time in seq order would). The newest event of each fact's type applies
-# unless an event of that type with a higher seq is recorded; of two applied to one column
-# (`tracking_number`), the newer wins. `updated_at`: the state's event's time, or a later fact's.
+# The state (and reason) apply if newer than `last_event_seq`. A fact applies unless an event of
+# its type with a higher seq is recorded; of two for one column (`tracking_number`), the newer
+# wins. `updated_at`: the state's event's time, or a later fact's.
 PROJECT_ONTO_ORDERS = text(
     """
     WITH state_change AS (
@@ -160,29 +151,72 @@ PROJECT_ONTO_ORDERS = text(
 )
 
 
+@dataclass(frozen=True)
+class Changes:
+    """What some events bring to their orders' rows, as if applied one at a time in seq order:
+    per order, the newest state-changing event and the newest of those with a reason; per order
+    and fact-carrying type, the newest event, if it carries a value."""
+
+    states: dict[str, Event]
+    reasons: dict[str, Event]
+    facts: list[Event]
+
+
+def changes_of(events: Iterable[Event]) -> Changes:
+    states: dict[str, Event] = {}
+    reasons: dict[str, Event] = {}
+    facts: dict[tuple[str, EventType], Event] = {}
+    for event in events:
+        if event.seq == 0:  # a rejection outside any lifecycle
+            continue
+        if event.type in STATE_OF_EVENT:
+            _keep_newest(states, event.order_id, event)
+            if reason_of(event.data):
+                _keep_newest(reasons, event.order_id, event)
+        if event.type in FACT_OF_EVENT:
+            _keep_newest(facts, (event.order_id, event.type), event)
+    # the newest event of a fact's type wins: one without a value leaves the column as it is
+    return Changes(states, reasons, [event for event in facts.values() if fact_value(event.data) is not None])
+
+
+def fact_value(data: EventPayload | dict[str, JsonValue]) -> str | Address | None:
+    """The value an event gives its type's column in FACT_OF_EVENT."""
+    match data:
+        case QueuedData(placed_by=value) | ReceivedData(placed_by=value) | ApprovedData(approved_by=value):
+            return value
+        case AddressUpdatedData(address=value):
+            return value
+        case CarrierDispatchedData(tracking_number=value) | ShippedData(tracking_number=value):
+            return value
+    return None
+
+
+def reason_of(data: EventPayload | dict[str, JsonValue]) -> str | None:
+    """Why an order ended, if it did and says why."""
+    match data:
+        case CancelledData(reason=reason) | FailedData(reason=reason) | TerminatedData(reason=reason):
+            return reason or None
+    return None
+
+
 async def record_events(session: AsyncSession, events: Sequence[OrderEvent]) -> list[bool]:
     """Store the events and project the new ones; per event, False if it was stored before (or
     earlier in `events`), and nothing was done for it."""
     inserted = await session.execute(STORE_EVENTS, _store_parameters(events))
     inserted_ids = set(inserted.scalars())
     recorded: list[bool] = []
-    new_events: list[OrderEvent] = []
     for event in events:
-        is_new = event.event_id in inserted_ids
+        recorded.append(event.event_id in inserted_ids)
         inserted_ids.discard(event.event_id)  # a second copy of it is a duplicate
-        recorded.append(is_new)
-        if is_new:
-            new_events.append(event)
-    projection = _projection_parameters(new_events)
-    if projection is not None:
-        await session.execute(PROJECT_ONTO_ORDERS, projection)
+    await project(session, [event for event, is_new in zip(events, recorded, strict=True) if is_new])
     return recorded
 
 
-async def record_event(session: AsyncSession, event: OrderEvent) -> bool:
-    """Store one event and project it; False if it was stored before (nothing done)."""
-    [is_new] = await record_events(session, [event])
-    return is_new
+async def project(session: AsyncSession, events: Iterable[Event]) -> None:
+    """Project stored events onto their orders' rows (a missing row is skipped)."""
+    changes = changes_of(events)
+    if changes.states or changes.facts:
+        await session.execute(PROJECT_ONTO_ORDERS, _projection_parameters(changes))
 
 
 def _store_parameters(events: Sequence[OrderEvent]) -> dict[str, Sequence[object]]:
@@ -198,75 +232,34 @@ def _store_parameters(events: Sequence[OrderEvent]) -> dict[str, Sequence[object
     }
 
 
-def _projection_parameters(new_events: list[OrderEvent]) -> dict[str, Sequence[object]] | None:
-    """`PROJECT_ONTO_ORDERS`'s parameters for these newly stored events; None if they project
-    nothing."""
-    newest_state: dict[str, OrderEvent] = {}
-    newest_reason: dict[str, OrderEvent] = {}
-    newest_fact: dict[tuple[str, EventType], OrderEvent] = {}
-    for event in new_events:
-        if event.seq == 0:  # a rejection outside any lifecycle, nothing to project
-            continue
-        if event.type in STATE_OF_EVENT:
-            _keep_newest(newest_state, event.order_id, event)
-            if _reason_of(event.data):
-                _keep_newest(newest_reason, event.order_id, event)
-        if event.type in FACT_OF_EVENT:
-            _keep_newest(newest_fact, (event.order_id, event.type), event)
-    # the newest event of a fact's type wins: one that carries no value leaves the column as it is
-    facts = [event for event in newest_fact.values() if _fact_of(event.data) is not None]
-    if not newest_state and not facts:
-        return None
-    state_orders = list(newest_state)
-    reasons = [newest_reason.get(order_id) for order_id in state_orders]
+def _projection_parameters(changes: Changes) -> dict[str, Sequence[object]]:
+    states = list(changes.states.values())
+    reasons = [changes.reasons.get(event.order_id) for event in states]
+    facts = changes.facts
+
+    def values(column: str) -> list[str | None]:
+        """Per fact event, the value it gives `column` (None where it gives another column one)."""
+        carried = [fact_value(event.data) if FACT_OF_EVENT[event.type] == column else None for event in facts]
+        return [value.model_dump_json() if isinstance(value, Address) else value for value in carried]
+
     return {
-        "state_order_ids": state_orders,
-        "state_seqs": [newest_state[order_id].seq for order_id in state_orders],
-        "states": [STATE_OF_EVENT[newest_state[order_id].type].value for order_id in state_orders],
-        "state_times": [newest_state[order_id].occurred_at for order_id in state_orders],
+        "state_order_ids": [event.order_id for event in states],
+        "state_seqs": [event.seq for event in states],
+        "states": [STATE_OF_EVENT[event.type].value for event in states],
+        "state_times": [event.occurred_at for event in states],
         "reason_seqs": [None if event is None else event.seq for event in reasons],
-        "reasons": [None if event is None else _reason_of(event.data) for event in reasons],
+        "reasons": [None if event is None else reason_of(event.data) for event in reasons],
         "fact_order_ids": [event.order_id for event in facts],
         "fact_types": [event.type.value for event in facts],
         "fact_seqs": [event.seq for event in facts],
         "fact_times": [event.occurred_at for event in facts],
-        "addresses": [None if value is None else value.model_dump_json() for value in _addresses(facts)],
-        "tracking_numbers": _values(facts, "tracking_number"),
-        "placed_bys": _values(facts, "placed_by"),
-        "approved_bys": _values(facts, "approved_by"),
+        "addresses": values("address"),
+        "tracking_numbers": values("tracking_number"),
+        "placed_bys": values("placed_by"),
+        "approved_bys": values("approved_by"),
     }
 
 
-def _keep_newest(newest: dict[Key, OrderEvent], key: Key, event: OrderEvent) -> None:
+def _keep_newest(newest: dict[Key, Event], key: Key, event: Event) -> None:
     if key not in newest or newest[key].seq < event.seq:
         newest[key] = event
-
-
-def _values(facts: list[OrderEvent], column: str) -> list[str | None]:
-    """Per fact event, the value it carries for `column`; None where it carries another's."""
-    values = [_fact_of(event.data) if FACT_OF_EVENT[event.type] == column else None for event in facts]
-    return [value if isinstance(value, str) else None for value in values]
-
-
-def _addresses(facts: list[OrderEvent]) -> list[Address | None]:
-    return [event.data.address if isinstance(event.data, AddressUpdatedData) else None for event in facts]
-
-
-def _fact_of(data: EventPayload) -> str | Address | None:
-    """The value an event carries for its type's column in FACT_OF_EVENT."""
-    match data:
-        case QueuedData(placed_by=value) | ReceivedData(placed_by=value) | ApprovedData(approved_by=value):
-            return value
-        case AddressUpdatedData(address=value):
-            return value
-        case CarrierDispatchedData(tracking_number=value) | ShippedData(tracking_number=value):
-            return value
-    return None
-
-
-def _reason_of(data: EventPayload) -> str | None:
-    """Why an order ended, if it did and says why."""
-    match data:
-        case CancelledData(reason=reason) | FailedData(reason=reason) | TerminatedData(reason=reason):
-            return reason or None
-    return None

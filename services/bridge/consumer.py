@@ -1,22 +1,12 @@
 """The command bridge: commands from `orders.commands` become workflow starts and signals.
 
-Placements (their own queue) are registered at once and held, unacked, until `admission` gives
-them a slot: then the lifecycle starts and the placement is acked. Approve, cancel and update
-address (the command queue) never wait behind placements: they signal a running lifecycle, apply
-to a waiting order, or wait for a placement they overtook.
-
-Each command's issuer is its publisher's broker-validated `user_id` (see `issuers`); a command its
-issuer may not send is rejected with reason `forbidden`, recorded and acked, and changes nothing.
-Each other command, in its order's arrival order:
-1. a command id already in `processed_commands` is a duplicate: acked, no effect;
-2. otherwise it is applied; a command that cannot apply is answered with an
-   `order.command_rejected` event (seq 0 when there is no lifecycle to number it);
-3. the outcome is recorded in `processed_commands` (a placement's together with its admission's
-   last change), then the message is acked.
-Step 1 is part of the admission ledger's first statement for the command. A crash between 2 and 3
-redelivers the command: a start is recognised by the workflow's memo and a registration by its
-record, a signal is de-duplicated by the workflow, and an event is re-published with the same
-event id.
+Placements (a queue of their own) are registered at once and held, unacked, until the admission
+gate gives them a slot; approve, cancel and update address never wait behind them. A command its
+broker user may not send (`issuers`) is rejected as `forbidden`. Each other command, in its order's
+arrival order, is skipped if `processed_commands` has its id, else applied (or answered with an
+`order.command_rejected` event), then its outcome is recorded and it is acked. A crash before the
+record redelivers it: starts, registrations and signals are recognised, events re-published with
+the same ids.
 """
 
 from __future__ import annotations
@@ -26,49 +16,46 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from functools import partial
 from typing import TypeVar
 from uuid import uuid5
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from services.bridge.admission import (
+from services.bridge.admission_gate import (
+    ALREADY_PROCESSED,
+    CANCELLED_BEFORE_ADMISSION,
+    CANCELLED_SEQ,
+    WAITING_FOR_PLACEMENT,
     AdmissionLedger,
-    NotRegistered,
     Registration,
+    Signal,
     Slot,
     SlotGate,
-    Steering,
+    cancel_reason,
 )
 from services.bridge.issuers import PublisherIdentities
 from services.bridge.lifecycles import (
-    ORDER_ENDED,
-    ORDER_EXISTS,
+    QUEUED_SEQ,
     UNKNOWN_ORDER,
     OrderLifecycles,
     Outcome,
     OutcomeKind,
+    SteeringCommand,
 )
 from shared import broker, db
-from shared.admissions import AdmissionStatus
-from shared.broker import (
-    Topology,
-    declare_command_queue,
-    declare_placement_queue,
-    publish_event,
-)
+from shared.admission_table import AdmissionStatus
+from shared.broker import Topology, declare_command_queue, declare_placement_queue, publish_event
 from shared.consuming import QueueConsumer, Stopping, retry_transient, stopped_within
 from shared.contracts import (
-    ApproveOrder,
     CancelledData,
-    CancelOrder,
     Command,
     CommandRejectedData,
     EventPayload,
     OrderEvent,
     PlaceOrder,
     QueuedData,
-    UpdateAddress,
     command_adapter,
     event_of,
 )
@@ -76,16 +63,11 @@ from shared.settings import Settings
 from shared.temporal import connect_temporal, tracing_interceptors
 
 T = TypeVar("T")
-SteeringCommand = ApproveOrder | CancelOrder | UpdateAddress
 
 CONSUMER_NAME = "bridge"
 SWEEP_INTERVAL_SECONDS = 1.0
 
-WAITING_FOR_PLACEMENT = "waiting for the order's placement"
-APPLIES_AT_START = "applies when the order's lifecycle starts"
-CANCELLED_BEFORE_ADMISSION = "cancelled before its lifecycle started"
-# the outcome of a command found in `processed_commands`: acked, and not recorded again
-ALREADY_PROCESSED = Outcome(OutcomeKind.DUPLICATE, "command already processed")
+NO_SUCH_ORDER = Outcome(OutcomeKind.REJECTED, UNKNOWN_ORDER)
 
 LOG_EVENT_OF_OUTCOME: dict[OutcomeKind, str] = {
     OutcomeKind.ACCEPTED: "command accepted",
@@ -117,10 +99,12 @@ async def run_bridge(settings: Settings, stop: asyncio.Event) -> None:
         )
 
         def consumer() -> QueueConsumer:
-            return QueueConsumer(CONSUMER_NAME, topology, settings.max_command_deliveries, stop)
+            return QueueConsumer(
+                CONSUMER_NAME, topology, settings.max_command_deliveries, stop, settings.drain_seconds
+            )
 
         await asyncio.gather(
-            consumer().run(placements, PlaceOrder.model_validate_json, bridge.handle_placement),
+            consumer().run(placements, PlaceOrder.model_validate_json, bridge.handle),
             consumer().run(commands, command_adapter.validate_json, bridge.handle),
             bridge.sweep(placements),
             bridge.gate.listen(stop),
@@ -151,39 +135,21 @@ class Bridge:
         self._order_locks = OrderLocks()
 
     async def handle(self, message: AbstractIncomingMessage, command: Command) -> None:
-        """An approve, cancel or update-address command."""
-        if isinstance(command, PlaceOrder):  # published to the command queue by hand: still a placement
-            await self.handle_placement(message, command)
-            return
-        self._bind_log_context(command)
-        issuer = self._identities.authorize(message.user_id, command)
-        async with self._ordered(command.order_id):
-            if isinstance(issuer, Outcome):
-                outcome = await self._refuse(command, issuer)
-            else:
-                steering: SteeringCommand = command.model_copy(update={"issued_by": issuer})
-                outcome = await self._conclude(steering, await self._steer(steering))
-        await self._settle(message, outcome)
-
-    async def handle_placement(self, message: AbstractIncomingMessage, command: PlaceOrder) -> None:
-        """Not under the order's lock throughout: the wait for a slot must not hold up commands."""
-        self._bind_log_context(command)
+        """A placement (from either queue: one published to the command queue by hand is still a
+        placement), or an approve, cancel or update-address command."""
+        structlog.contextvars.bind_contextvars(
+            order_id=command.order_id, command_id=str(command.command_id), command_type=command.type.value
+        )
         issuer = self._identities.authorize(message.user_id, command)
         if isinstance(issuer, Outcome):
-            outcome = await self._refuse(command, issuer)
-        else:
+            async with self._ordered(command.order_id):
+                outcome = await self._refuse(command, issuer)
+        elif isinstance(command, PlaceOrder):
             outcome = await self._place(command.model_copy(update={"issued_by": issuer}))
-        await self._settle(message, outcome)
-
-    @staticmethod
-    def _bind_log_context(command: Command) -> None:
-        structlog.contextvars.bind_contextvars(
-            order_id=command.order_id,
-            command_id=str(command.command_id),
-            command_type=command.type.value,
-        )
-
-    async def _settle(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
+        else:
+            steering: SteeringCommand = command.model_copy(update={"issued_by": issuer})
+            async with self._ordered(command.order_id):
+                outcome = await self._conclude(steering, await self._steer(steering))
         await message.ack()
         log.info(LOG_EVENT_OF_OUTCOME[outcome.kind], outcome=outcome.kind.value, reason=outcome.detail)
 
@@ -203,22 +169,21 @@ class Bridge:
 
     # --- placements ------------------------------------------------------------------------------
     async def _place(self, command: PlaceOrder) -> Outcome:
-        """Register the placement, wait for a slot, start the lifecycle."""
+        """Register the placement, wait for a slot, start the lifecycle (not under the order's
+        lock throughout: the wait for a slot must not hold up its commands)."""
         async with self._ordered(command.order_id):
             registration = await self._retry(
                 lambda: self._ledger.register(
                     command,
-                    lambda r: self._publish_registration(command, r),
+                    lambda registration: self._publish(*registration_events(command, registration)),
                     # only while none of this bridge's placements waits, so none is overtaken
                     take_free_slot=self.gate.idle(),
                 )
             )
-        if registration is NotRegistered.PROCESSED:
-            return ALREADY_PROCESSED
-        if registration is NotRegistered.PLACED_BY_ANOTHER:
-            return await self._conclude(command, Outcome(OutcomeKind.REJECTED, ORDER_EXISTS))
+        if isinstance(registration, Outcome):
+            return await self._conclude(command, registration)
         if registration.status is AdmissionStatus.CANCELLED:
-            return await self._conclude(command, Outcome(OutcomeKind.ACCEPTED, CANCELLED_BEFORE_ADMISSION))
+            return await self._conclude(command, CANCELLED_BEFORE_ADMISSION)
         return await self._admit(command, registration.slot)
 
     async def _admit(self, command: PlaceOrder, slot: Slot | None) -> Outcome:
@@ -229,7 +194,7 @@ class Bridge:
         if taken is AdmissionStatus.WAITING:
             raise Stopping  # still waiting: the broker keeps the placement for the next bridge
         if isinstance(taken, AdmissionStatus):
-            return await self._conclude(command, Outcome(OutcomeKind.ACCEPTED, CANCELLED_BEFORE_ADMISSION))
+            return await self._conclude(command, CANCELLED_BEFORE_ADMISSION)
         log.info(
             "lifecycle admitted",
             admission_wait_seconds=round((datetime.now(UTC) - taken.queued_at).total_seconds(), 3),
@@ -239,49 +204,21 @@ class Bridge:
         )
         if outcome.kind is OutcomeKind.REJECTED:
             await self._publish(rejection_event(command, outcome))
-            await self._retry(lambda: self._ledger.not_started(command, outcome))
-        else:
-            await self._retry(lambda: self._ledger.started(command, outcome))
+        await self._retry(lambda: self._ledger.settle_start(command, outcome))
         return outcome
-
-    async def _publish_registration(self, command: PlaceOrder, registration: Registration) -> None:
-        placed_by = command.issued_by.subject if command.issued_by else None
-        queued = QueuedData(queued_at=registration.queued_at, placed_by=placed_by)
-        await self._publish(bridge_event(command, queued, seq=1))
-        for refused in registration.refused:
-            await self._publish(rejection_event(refused.command, refused.outcome))
-        if registration.cancel is not None:
-            await self._publish(cancelled_before_admission(registration.cancel))
 
     # --- approve, cancel, update address ---------------------------------------------------------
     async def _steer(self, command: SteeringCommand) -> Outcome:
+        publish_cancelled = partial(self._publish, cancelled_before_admission(command))
         while True:
-            steering = await self._retry(
-                lambda: self._ledger.steer(
-                    command, lambda: self._publish(cancelled_before_admission(command))
-                )
-            )
-            match steering:
-                case Steering.PROCESSED:
-                    return ALREADY_PROCESSED
-                case Steering.SIGNAL:
-                    return await self._retry(lambda: self._lifecycles.signal(command))
-                case Steering.APPLIED_WAITING:
-                    return Outcome(OutcomeKind.ACCEPTED, APPLIES_AT_START)
-                case Steering.CANCELLED_WAITING:
-                    return Outcome(OutcomeKind.ACCEPTED, CANCELLED_BEFORE_ADMISSION)
-                case Steering.PARKED:
-                    return Outcome(OutcomeKind.ACCEPTED, WAITING_FOR_PLACEMENT)
-                case Steering.ENDED:
-                    return Outcome(OutcomeKind.REJECTED, ORDER_ENDED)
-                case Outcome():
-                    return steering
-            # no record: a lifecycle from before admission existed, or the placement is behind
+            steered = await self._retry(lambda: self._ledger.steer(command, publish_cancelled))
+            if isinstance(steered, Outcome):
+                return steered
             outcome = await self._retry(lambda: self._lifecycles.signal(command))
-            if outcome.detail != UNKNOWN_ORDER:
+            if steered is Signal.STARTED or outcome.detail != UNKNOWN_ORDER:
                 return outcome
             if await self._retry(lambda: self._ledger.park(command)):
-                return Outcome(OutcomeKind.ACCEPTED, WAITING_FOR_PLACEMENT)
+                return WAITING_FOR_PLACEMENT
             # the placement registered meanwhile: steer again
 
     # --- housekeeping ----------------------------------------------------------------------------
@@ -315,9 +252,8 @@ class Bridge:
 
     async def _reject_parked(self, commands: list[Command]) -> None:
         for command in commands:
-            unknown = Outcome(OutcomeKind.REJECTED, UNKNOWN_ORDER)
-            await self._publish(rejection_event(command, unknown))
-            await self._ledger.record(command, unknown, replace=True)
+            await self._publish(rejection_event(command, NO_SUCH_ORDER))
+            await self._ledger.record(command, NO_SUCH_ORDER, replace=True)
             log.info("parked command rejected", order_id=command.order_id, command_id=str(command.command_id))
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -330,8 +266,9 @@ class Bridge:
                 raise Stopping  # later commands of this order must not overtake this one
             yield
 
-    async def _publish(self, event: OrderEvent) -> None:
-        await self._retry(lambda: publish_event(self._topology, event))
+    async def _publish(self, *events: OrderEvent) -> None:
+        for event in events:
+            await self._retry(partial(publish_event, self._topology, event))
 
     async def _retry(self, operation: Callable[[], Awaitable[T]]) -> T:
         return await retry_transient(operation, self._stop)
@@ -351,6 +288,17 @@ def bridge_event(command: Command, data: EventPayload, seq: int) -> OrderEvent:
     )
 
 
+def registration_events(command: PlaceOrder, registration: Registration) -> list[OrderEvent]:
+    """What registering a placement publishes: `queued`, the rejections of parked commands its
+    placer does not allow, and `cancelled` if a parked cancel ended it."""
+    placed_by = command.issued_by.subject if command.issued_by else None
+    queued = QueuedData(queued_at=registration.queued_at, placed_by=placed_by)
+    rejections = [rejection_event(refused.command, refused.outcome) for refused in registration.refused]
+    cancel = registration.cancel
+    ended = [] if cancel is None else [cancelled_before_admission(cancel)]
+    return [bridge_event(command, queued, QUEUED_SEQ), *rejections, *ended]
+
+
 def rejection_event(command: Command, rejection: Outcome) -> OrderEvent:
     """`order.command_rejected` for a command that found no running lifecycle (or was forbidden);
     `detail` explains a `forbidden`."""
@@ -361,9 +309,9 @@ def rejection_event(command: Command, rejection: Outcome) -> OrderEvent:
 
 
 def cancelled_before_admission(command: SteeringCommand) -> OrderEvent:
-    """The end of an order cancelled while it waited: seq 2, after its `queued`."""
-    reason = (command.payload.reason if isinstance(command, CancelOrder) else None) or "cancelled on request"
-    return bridge_event(command, CancelledData(reason=reason, refunded=False, admitted=False), seq=2)
+    """The end of an order cancelled while it waited."""
+    cancelled = CancelledData(reason=cancel_reason(command), refunded=False, admitted=False)
+    return bridge_event(command, cancelled, seq=CANCELLED_SEQ)
 
 
 class OrderLocks:

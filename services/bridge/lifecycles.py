@@ -1,8 +1,6 @@
 """The bridge's side of Temporal: an admitted placement becomes a workflow start, any other command
-a signal.
-
-`start` and `signal` say what became of a command; they never publish. Transient Temporal errors (server
-unreachable) propagate as `RPCError` for the caller to retry.
+a signal. Both say what became of the command and never publish; transient Temporal errors
+propagate as `RPCError` for the caller to retry.
 """
 
 from __future__ import annotations
@@ -11,12 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from temporalio.client import (
-    Client,
-    WorkflowExecutionStatus,
-    WorkflowHandle,
-    WorkflowQueryFailedError,
-)
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowQueryFailedError
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
@@ -38,12 +31,16 @@ from shared.lifecycle import (
     EarlyCommand,
     OrderWorkflowInput,
     Signals,
+    order_summary,
     order_workflow_id,
 )
 from shared.settings import Settings
 
+SteeringCommand = ApproveOrder | CancelOrder | UpdateAddress
+
 # the workflow's memo names the command that started it, so a redelivered PlaceOrder is recognised
 PLACE_COMMAND_MEMO = "place_command_id"
+QUEUED_SEQ = 1  # the bridge's `queued`: the lifecycle's events follow it
 
 ORDER_EXISTS = "order already exists"
 UNKNOWN_ORDER = "unknown order"
@@ -91,13 +88,13 @@ class OrderLifecycles:
     async def start(
         self, command: PlaceOrder, queued_at: datetime, early_commands: list[EarlyCommand]
     ) -> Outcome:
-        """Start the order's lifecycle; its events follow the bridge's `queued` (seq 1)."""
+        """Start the order's lifecycle."""
         workflow_id = order_workflow_id(command.order_id)
         start = OrderWorkflowInput(
             order=command,
             policy=self._settings.lifecycle_policy(),
             queued_at=queued_at,
-            first_seq=2,
+            first_seq=QUEUED_SEQ + 1,
             early_commands=early_commands,
         )
         try:
@@ -109,6 +106,7 @@ class OrderLifecycles:
                 task_timeout=WORKFLOW_TASK_TIMEOUT,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 memo={PLACE_COMMAND_MEMO: str(command.command_id)},
+                static_summary=order_summary(command),
             )
         except WorkflowAlreadyStartedError:
             description = await self._client.get_workflow_handle(workflow_id).describe()
@@ -118,7 +116,7 @@ class OrderLifecycles:
             return Outcome(OutcomeKind.REJECTED, ORDER_EXISTS)
         return ACCEPTED
 
-    async def signal(self, command: ApproveOrder | CancelOrder | UpdateAddress) -> Outcome:
+    async def signal(self, command: SteeringCommand) -> Outcome:
         handle = self._client.get_workflow_handle(order_workflow_id(command.order_id))
         try:
             # the whole command is the argument: the workflow de-duplicates by its command_id
@@ -149,9 +147,7 @@ async def _why_not_running(handle: WorkflowHandle[object, OrderStatus]) -> str:
     return ORDER_ENDED
 
 
-async def _was_applied(
-    handle: WorkflowHandle[object, OrderStatus], command: ApproveOrder | CancelOrder | UpdateAddress
-) -> bool:
+async def _was_applied(handle: WorkflowHandle[object, OrderStatus], command: SteeringCommand) -> bool:
     """Whether the ended lifecycle took the command: each command it took (applied or rejected)
     is named by one of its events. Its history answers, replayed by a worker."""
     try:

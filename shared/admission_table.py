@@ -1,4 +1,6 @@
-"""Admission of lifecycles: the shared record (`admissions` table) that bounds how many run at once.
+"""The `admissions` table, shared by the bridge (`services/bridge/admission_gate.py`, which admits
+placements) and the running lifecycles (`AdmissionSlots`): its statuses, its slot lock, and what a
+lifecycle does with its slot. Together they bound how many lifecycles run at once.
 
 The bridge writes a row when a placement arrives and turns it `running` when it starts the
 lifecycle. The lifecycle gives its slot back while it waits for its reviewer (`leave_for_review`),
@@ -63,7 +65,7 @@ LEAVE_FOR_REVIEW = text(
     "UPDATE admissions SET status = 'reviewing' WHERE order_id = :order_id AND status = 'running'"
 )
 END = text("UPDATE admissions SET status = 'ended', ended_at = now() WHERE order_id = :order_id")
-# under LOCK_SLOTS, taken by an earlier statement (see services/bridge/admission.py): the slot
+# under LOCK_SLOTS, taken by an earlier statement (see services/bridge/admission_gate.py): the slot
 # goes to the order if the lifecycles holding one, and the approved orders that asked before it,
 # leave one free
 RESUME = text(
