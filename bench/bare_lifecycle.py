@@ -24,32 +24,17 @@ import logging
 import os
 import sys
 from datetime import datetime, timedelta
-from typing import TypeVar
 
 from pydantic import BaseModel
 from temporalio import activity, workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ChildWorkflowError
+from temporalio.exceptions import ApplicationError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
-    from services.workers import faults
-    from services.workers.attempts import AttemptLog
-    from services.workers.boundary import (
-        AdmissionInput,
-        ChargePaymentInput,
-        ChargeResult,
-        DispatchCarrierInput,
-        DispatchResult,
-        MarkShippedInput,
-        OrderActivities,
-        PreparePackageInput,
-        PublishEventsInput,
-        ReceiveOrderInput,
-        RefundPaymentInput,
-        ValidateOrderInput,
-    )
-    from services.workers.steps import StepActivity, StepExhausted, StepPolicy, run_step
-    from shared.contracts import Address, Step
+    from services.workers import activity_interface, faults
+    from services.workers.activity_interface import ChargeOutcome, OrderActivities, PaymentInput
+    from services.workers.steps import STEP_EXHAUSTED, AttemptLog, InputT, ResultT, StepActivity, run_step
+    from shared.contracts import Address, OrderEvent, PlaceOrder, Step
     from shared.lifecycle import WORKFLOW_TASK_TIMEOUT, LifecyclePolicy, OrderWorkflowInput
 
 ORDER_TASK_QUEUE = "bare-order-tq"
@@ -65,10 +50,6 @@ NOTICES = (AWAITING_APPROVAL, COMPLETED, CANCELLED, FAILED)
 NOTIFY_TIMEOUT = timedelta(seconds=5)
 # retried, but never backing off past Core's local retry threshold (see services/workers/steps.py)
 NOTIFY_RETRY = RetryPolicy(maximum_interval=timedelta(seconds=1))
-
-
-P = TypeVar("P", bound=BaseModel)
-R = TypeVar("R")
 
 
 def workflow_id(order_id: str) -> str:
@@ -92,50 +73,44 @@ class Shipped(BaseModel):
 class BareActivities(OrderActivities):
     """The business steps without their database work; what they return is made up."""
 
-    @activity.defn
-    async def receive_order(self, input: ReceiveOrderInput) -> None:
+    async def receive_order(self, order: PlaceOrder) -> None:
+        await faults.flaky_call()
+
+    async def validate_order(self, order_id: str) -> None:
+        await faults.flaky_call()
+
+    async def charge_payment(self, payment: PaymentInput) -> ChargeOutcome:
+        await faults.flaky_call()
+        return ChargeOutcome.CHARGED
+
+    async def prepare_package(self, order_id: str) -> None:
+        await faults.flaky_call()
+
+    async def dispatch_carrier(self, dispatch: activity_interface.DispatchCarrierInput) -> str:
+        await faults.flaky_call()
+        return f"TRK-{dispatch.order_id}"
+
+    async def mark_shipped(self, order_id: str) -> None:
         await faults.flaky_call()
 
     @activity.defn
-    async def validate_order(self, input: ValidateOrderInput) -> None:
-        await faults.flaky_call()
-
-    @activity.defn
-    async def charge_payment(self, input: ChargePaymentInput) -> ChargeResult:
-        await faults.flaky_call()
-        return ChargeResult(already_charged=False)
-
-    @activity.defn
-    async def prepare_package(self, input: PreparePackageInput) -> None:
-        await faults.flaky_call()
-
-    @activity.defn
-    async def dispatch_carrier(self, input: DispatchCarrierInput) -> DispatchResult:
-        await faults.flaky_call()
-        return DispatchResult(tracking_number=f"TRK-{input.order_id}")
-
-    @activity.defn
-    async def mark_shipped(self, input: MarkShippedInput) -> None:
-        await faults.flaky_call()
-
-    @activity.defn
-    async def refund_payment(self, input: RefundPaymentInput) -> bool:
+    async def refund_payment(self, payment: PaymentInput) -> bool:
         return True  # the pipeline's refund calls no fault injector either
 
     @activity.defn
-    async def publish_events(self, input: PublishEventsInput) -> None:
+    async def publish_events(self, events: list[OrderEvent]) -> None:
         raise NotImplementedError("the baseline publishes no events")
 
     @activity.defn
-    async def leave_admission_for_review(self, input: AdmissionInput) -> None:
+    async def leave_admission_for_review(self, order_id: str) -> None:
         raise NotImplementedError("the baseline admits every order at once")
 
     @activity.defn
-    async def resume_admission(self, input: AdmissionInput) -> bool:
+    async def resume_admission(self, order_id: str) -> bool:
         raise NotImplementedError("the baseline admits every order at once")
 
     @activity.defn
-    async def release_admission(self, input: AdmissionInput) -> None:
+    async def release_admission(self, order_id: str) -> None:
         raise NotImplementedError("the baseline admits every order at once")
 
 
@@ -146,9 +121,19 @@ async def notify(notice: str) -> None:
 
 
 # --- workflows -----------------------------------------------------------------------------------
-async def business_step(step: Step, activity: StepActivity[P, R], arg: P, policy: StepPolicy) -> R:
+async def business_step(
+    step: Step,
+    activity: StepActivity[InputT, ResultT],
+    arg: InputT,
+    policy: LifecyclePolicy,
+    deadline: datetime,
+    max_attempts: int | None = None,
+) -> ResultT:
     """One business step through the project's step loop (the attempts' log is not kept)."""
-    return await run_step(step, activity, arg, policy=policy, attempts=AttemptLog(step.value))
+    attempts = AttemptLog(step.value)
+    return await run_step(
+        step, activity, arg, policy=policy, deadline=deadline, attempts=attempts, max_attempts=max_attempts
+    )
 
 
 async def tell_bench(order_id: str, event: str) -> None:
@@ -173,8 +158,7 @@ class BareOrderWorkflow:
     async def run(self, start: OrderWorkflowInput) -> str:
         order_id, policy = start.order.order_id, start.policy
         deadline = workflow.info().workflow_start_time + timedelta(seconds=policy.lifecycle_deadline_seconds)
-        steps = StepPolicy.of(policy, deadline)
-        lifecycle = asyncio.create_task(self._lifecycle(start, steps, deadline))
+        lifecycle = asyncio.create_task(self._lifecycle(start, deadline))
         try:
             await workflow.wait_condition(lifecycle.done, timeout=deadline - workflow.now())
             ending = self._ending_of(lifecycle)
@@ -182,7 +166,7 @@ class BareOrderWorkflow:
             lifecycle.cancel()
             ending = FAILED
         if ending != COMPLETED and self._charged:
-            payment = RefundPaymentInput(
+            payment = PaymentInput(
                 order_id=order_id,
                 payment_id=start.order.payload.payment_id,
                 amount_cents=start.order.payload.amount_cents,
@@ -207,25 +191,26 @@ class BareOrderWorkflow:
             return FAILED
         return COMPLETED
 
-    async def _lifecycle(self, start: OrderWorkflowInput, steps: StepPolicy, deadline: datetime) -> None:
-        order = start.order
+    async def _lifecycle(self, start: OrderWorkflowInput, deadline: datetime) -> None:
+        order, policy = start.order, start.policy
+        await business_step(Step.RECEIVE, OrderActivities.receive_order_step, order, policy, deadline)
         await business_step(
-            Step.RECEIVE, OrderActivities.receive_order_step, ReceiveOrderInput(order=order), steps
+            Step.VALIDATE, OrderActivities.validate_order_step, order.order_id, policy, deadline
         )
-        validate = ValidateOrderInput(order_id=order.order_id)
-        await business_step(Step.VALIDATE, OrderActivities.validate_order_step, validate, steps)
         await tell_bench(order.order_id, AWAITING_APPROVAL)
         try:
             await workflow.wait_condition(lambda: self._approved, timeout=start.policy.review_window_seconds)
         except TimeoutError:
             raise Stopped(CANCELLED) from None
         self._charged = True  # from here on a stop refunds
-        charge = ChargePaymentInput(
+        charge = PaymentInput(
             order_id=order.order_id,
             payment_id=order.payload.payment_id,
             amount_cents=order.payload.amount_cents,
         )
-        await business_step(Step.CHARGE_PAYMENT, OrderActivities.charge_payment_step, charge, steps)
+        await business_step(
+            Step.CHARGE_PAYMENT, OrderActivities.charge_payment_step, charge, policy, deadline
+        )
         shipment = BareShipment(
             order_id=order.order_id,
             address=order.payload.address,
@@ -234,8 +219,9 @@ class BareOrderWorkflow:
             package_ready=False,
         )
         await self._ship(shipment)
-        mark = MarkShippedInput(order_id=order.order_id)
-        await business_step(Step.MARK_SHIPPED, OrderActivities.mark_shipped_step, mark, steps)
+        await business_step(
+            Step.MARK_SHIPPED, OrderActivities.mark_shipped_step, order.order_id, policy, deadline
+        )
 
     async def _ship(self, shipment: BareShipment) -> None:
         for attempt in range(1, shipment.policy.max_shipping_attempts + 1):
@@ -263,22 +249,26 @@ class BareOrderWorkflow:
 class BareShippingWorkflow:
     @workflow.run
     async def run(self, shipment: BareShipment) -> Shipped:
-        order_id = shipment.order_id
+        order_id, policy, deadline = shipment.order_id, shipment.policy, shipment.deadline
         if not shipment.package_ready:
-            prepare = PreparePackageInput(order_id=order_id)
-            policy = StepPolicy.of(shipment.policy, shipment.deadline)
-            await business_step(Step.PREPARE_PACKAGE, OrderActivities.prepare_package_step, prepare, policy)
-        dispatch = StepPolicy.of(
-            shipment.policy, shipment.deadline, max_attempts=shipment.policy.dispatch_attempts_per_shipment
-        )
-        try:
-            carrier = DispatchCarrierInput(order_id=order_id, address=shipment.address)
-            dispatched = await business_step(
-                Step.DISPATCH_CARRIER, OrderActivities.dispatch_carrier_step, carrier, dispatch
+            await business_step(
+                Step.PREPARE_PACKAGE, OrderActivities.prepare_package_step, order_id, policy, deadline
             )
-        except StepExhausted:
+        carrier = activity_interface.DispatchCarrierInput(order_id=order_id, address=shipment.address)
+        try:
+            tracking_number = await business_step(
+                Step.DISPATCH_CARRIER,
+                OrderActivities.dispatch_carrier_step,
+                carrier,
+                policy,
+                deadline,
+                max_attempts=policy.dispatch_attempts_per_shipment,
+            )
+        except ApplicationError as err:
+            if err.type != STEP_EXHAUSTED:
+                raise
             return Shipped(package_ready=True)
-        return Shipped(package_ready=True, tracking_number=dispatched.tracking_number)
+        return Shipped(package_ready=True, tracking_number=tracking_number)
 
 
 # --- the worker process ----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ class Signals:
     APPROVE = "approve"
     CANCEL = "cancel"
     UPDATE_ADDRESS = "update_address"
-    # a slot freed for the approved order waiting to go on (see shared/admissions.py)
+    # a slot freed for the approved order waiting to go on (see shared/admission_table.py)
     SLOT_GRANTED = "slot_granted"
     # child -> parent
     PACKAGE_PREPARED = "package_prepared"
@@ -41,6 +41,13 @@ hand-over, and leaves a busy machine time to answer (docs/design.md)."""
 
 def order_workflow_id(order_id: str) -> str:
     return f"order-{order_id}"
+
+
+def order_summary(order: PlaceOrder) -> str:
+    """The workflow's summary in Temporal's UI (its `static_summary`, sealed by the payload codec)."""
+    placed_by = order.issued_by.subject if order.issued_by else "an unverified issuer"
+    lines, amount = len(order.payload.items), order.payload.amount_cents / 100
+    return f"order {order.order_id}: {lines} line(s), {amount:.2f} in total, placed by {placed_by}"
 
 
 class LifecyclePolicy(BaseModel):

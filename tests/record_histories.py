@@ -19,7 +19,9 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # also run as `python -m tests.record_histories`
+# the harness as the tests import it, and the repository's root for testsupport, however this is run
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from workflow_harness import (
     PRODUCTION_ATTEMPTS,

@@ -22,24 +22,15 @@ from sqlmodel import col
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from services.workers import business, faults
+from services.workers import business_functions as business
+from services.workers import faults
 from services.workers.activities import BusinessActivities
-from services.workers.attempts import DEPENDENCY_UNAVAILABLE
-from services.workers.boundary import (
-    ORDER_INVALID,
-    PublishEventsInput,
-    ReceiveOrderInput,
-    ValidateOrderInput,
-)
-from services.workers.business import (
-    ChargeOutcome,
-    OrderInvalid,
-    PaymentStatus,
-    PaymentVoided,
-)
+from services.workers.activity_interface import ORDER_INVALID, ChargeOutcome, PaymentInput
+from services.workers.business_functions import OrderInvalid, PaymentStatus, PaymentVoided
 from services.workers.faults import (
     flaky_call,  # the real one, before any test substitutes it
 )
+from services.workers.steps import DEPENDENCY_UNAVAILABLE
 from shared import db
 from shared.contracts import (
     Address,
@@ -88,22 +79,20 @@ async def received(sessions: Sessions, **order: Any) -> PlaceOrder:
     return placed
 
 
-async def charge(sessions: Sessions, placed: PlaceOrder, order_id: str | None = None) -> ChargeOutcome:
-    return await business.payment_charged(
-        sessions,
-        payment_id=placed.payload.payment_id,
-        order_id=order_id or placed.order_id,
-        amount_cents=placed.payload.amount_cents,
+def payment_of(placed: PlaceOrder, order_id: str | None = None) -> PaymentInput:
+    """The placement's payment, charged or refunded by its own order or by `order_id`."""
+    payload = placed.payload
+    return PaymentInput(
+        order_id=order_id or placed.order_id, payment_id=payload.payment_id, amount_cents=payload.amount_cents
     )
+
+
+async def charge(sessions: Sessions, placed: PlaceOrder, order_id: str | None = None) -> ChargeOutcome:
+    return await business.payment_charged(sessions, payment_of(placed, order_id))
 
 
 async def refund(sessions: Sessions, placed: PlaceOrder, order_id: str | None = None) -> bool:
-    return await business.payment_refunded(
-        sessions,
-        payment_id=placed.payload.payment_id,
-        order_id=order_id or placed.order_id,
-        amount_cents=placed.payload.amount_cents,
-    )
+    return await business.payment_refunded(sessions, payment_of(placed, order_id))
 
 
 async def stored_order(sessions: Sessions, order_id: str) -> Order:
@@ -448,7 +437,7 @@ async def test_a_database_outage_is_reported_as_such_and_a_broken_rule_for_good(
         try:
             unreachable = BusinessActivities(db.session_factory(engine), None, None, None, None)  # type: ignore[arg-type]
             with pytest.raises(ApplicationError) as outage:
-                await unreachable.receive_order(ReceiveOrderInput(order=placed))
+                await unreachable.receive_order(placed)
         finally:
             await engine.dispose()
     assert (outage.value.type, outage.value.non_retryable) == (DEPENDENCY_UNAVAILABLE, False)
@@ -458,7 +447,7 @@ async def test_a_database_outage_is_reported_as_such_and_a_broken_rule_for_good(
     await charge(sessions, placed)
     reachable = BusinessActivities(sessions, None, None, None, None)  # type: ignore[arg-type]
     with pytest.raises(ApplicationError) as broken:
-        await reachable.validate_order(ValidateOrderInput(order_id=reused.order_id))
+        await reachable.validate_order(reused.order_id)
     assert (broken.value.type, broken.value.non_retryable) == (ORDER_INVALID, True)
 
 
@@ -469,7 +458,7 @@ async def test_a_local_publish_hands_its_batch_over_at_once_while_the_broker_is_
     local = ActivityEnvironment()
     local.info = dataclasses.replace(local.info, is_local=True)
     with pytest.raises(ApplicationError) as handed_over:
-        await asyncio.wait_for(local.run(activities.publish_events, PublishEventsInput(events=[])), 1)
+        await asyncio.wait_for(local.run(activities.publish_events, []), 1)
     assert (handed_over.value.type, handed_over.value.non_retryable) == (DEPENDENCY_UNAVAILABLE, True)
     # the regular activity it falls back to waits for the broker instead (nothing to send here)
-    await ActivityEnvironment().run(activities.publish_events, PublishEventsInput(events=[]))
+    await ActivityEnvironment().run(activities.publish_events, [])

@@ -22,7 +22,7 @@ from sqlmodel import col
 
 from devstack.stack import free_port, running_stack
 from shared import broker, db, schema
-from shared.admissions import HOLDING_SLOT
+from shared.admission_table import HOLDING_SLOT
 from shared.contracts import EventType, OrderEvent, Role
 from shared.db import Admission
 from shared.settings import Settings

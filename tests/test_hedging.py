@@ -1,5 +1,5 @@
-"""A business step's attempts inside its one local activity (`hedging.attempt_step`), on their own:
-plain asyncio, the attempts scripted; and an order's log of them (`hedging.AttemptLog`)."""
+"""A business step's attempts inside its one local activity (`steps.attempt_step`), on their own:
+plain asyncio, the attempts scripted; and an order's log of them (`steps.AttemptLog`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from temporalio.exceptions import ApplicationError
 
-from services.workers.attempts import (
+from services.workers.steps import (
     DEADLINE_EXCEEDED,
     DEPENDENCY_UNAVAILABLE,
     RECENT_ERRORS,

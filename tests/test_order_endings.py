@@ -1,6 +1,6 @@
 """However an order ends, it ends truthfully: cancelled or terminated by an operator through
-Temporal, cancelled before it started, failed early. Status, read model and history agree, and no
-payment stays charged. Real workers (order worker
+Temporal, cancelled before it started, failed early. Status, read model, history and Temporal's
+search attributes agree, and no payment stays charged. Real workers (order worker
 only: shipments never run here, so a charged order stays in `shipping` until we act), bridge,
 audit consumer, PostgreSQL, RabbitMQ and a Temporal dev server; a database and vhost of this
 module's own, so the reconciler sees only these orders."""
@@ -9,30 +9,35 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 from uuid import uuid4
 
+import httpx
 import pytest
 import pytest_asyncio
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 
 from devstack.stack import drop_vhost
 from services.audit.consumer import run_audit
 from services.bridge.consumer import run_bridge
 from services.workers import reconciler
 from services.workers.activities import BusinessActivities
-from services.workers.business import PaymentStatus
+from services.workers.business_functions import PaymentStatus
 from services.workers.order_workflow import CANCELLED_THROUGH_TEMPORAL
 from services.workers.reconciler import Reconciler
+from services.workers.visibility import AWAITING_REVIEW, ORDER_STATE
 from services.workers.worker import order_worker
 from shared import broker, db, schema
-from shared.admissions import AdmissionSlots, AdmissionStatus
+from shared.admission_table import AdmissionSlots, AdmissionStatus
 from shared.contracts import CancelOrder, EventType, OrderItem, OrderState, PlaceOrder, Role
 from shared.db import Admission, AuditEvent, Order, Payment, ProcessedCommand
-from shared.lifecycle import order_workflow_id
+from shared.lifecycle import order_summary, order_workflow_id
 from shared.settings import Settings
 from testsupport.amqp import moved_to
 from testsupport.gateway import bearer, gateway
@@ -70,13 +75,42 @@ async def sessions(reconciler_settings: Settings) -> AsyncIterator[Sessions]:
     await engine.dispose()
 
 
+@dataclass(frozen=True)
+class Pipeline:
+    """What a test places orders through and reads them from, and the reconciler to call."""
+
+    topology: broker.Topology
+    reconciler: Reconciler
+    client: Client
+    settings: Settings
+    sessions: Sessions
+
+    async def place(self, approve: bool = False) -> PlaceOrder:
+        order = place_order(f"rec-{uuid4().hex[:10]}")
+        await broker.publish_command(self.topology, order)
+        if approve:
+            await broker.publish_command(self.topology, approve_order(order.order_id))
+        return order
+
+    async def in_review(self) -> PlaceOrder:
+        order = await self.place()
+        await reaches(self.sessions, order.order_id, OrderState.AWAITING_APPROVAL)
+        return order
+
+    def workflow(self, order: PlaceOrder) -> WorkflowHandle[Any, Any]:
+        return self.client.get_workflow_handle(order_workflow_id(order.order_id))
+
+    def operator_api(self) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+        return gateway(self.settings, bearer(self.settings, "ops", Role.OPERATOR))
+
+
 @pytest_asyncio.fixture(loop_scope="session")
 async def pipeline(
     reconciler_settings: Settings,
     sessions: Sessions,
     temporal_client: Client,
     monkeypatch: pytest.MonkeyPatch,
-) -> AsyncIterator[tuple[broker.Topology, Reconciler]]:
+) -> AsyncIterator[Pipeline]:
     """Bridge, audit consumer and order worker running; the reconciler, not yet, for the test to
     call; it acts on workflows closed any time ago."""
     monkeypatch.setattr(reconciler, "SETTLE_TIME", timedelta(0))
@@ -92,17 +126,10 @@ async def pipeline(
             running(run_bridge, settings),
             order_worker(temporal_client, settings.order_task_queue, activities),
         ):
-            yield topology, Reconciler(temporal_client, sessions, topology, slots)
+            reconciling = Reconciler(temporal_client, sessions, topology, slots)
+            yield Pipeline(topology, reconciling, temporal_client, settings, sessions)
     finally:
         await connection.close()
-
-
-async def placed(topology: broker.Topology, sessions: Sessions, *then_approve: bool) -> PlaceOrder:
-    order = place_order(f"rec-{uuid4().hex[:10]}")
-    await broker.publish_command(topology, order)
-    if then_approve:
-        await broker.publish_command(topology, approve_order(order.order_id))
-    return order
 
 
 async def state_of(sessions: Sessions, order_id: str) -> OrderState | None:
@@ -138,30 +165,23 @@ def assert_gapless_ending_with(events: list[AuditEvent], last: EventType) -> Non
 
 
 async def test_a_terminated_order_in_review_is_reported_terminated_and_its_slot_released(
-    pipeline: tuple[broker.Topology, Reconciler],
-    sessions: Sessions,
-    temporal_client: Client,
-    reconciler_settings: Settings,
+    pipeline: Pipeline, sessions: Sessions
 ) -> None:
-    topology, reconcile = pipeline
-    order = await placed(topology, sessions)
-    still_running = await placed(topology, sessions)
-    await reaches(sessions, order.order_id, OrderState.AWAITING_APPROVAL)
-    await reaches(sessions, still_running.order_id, OrderState.AWAITING_APPROVAL)
+    order = await pipeline.in_review()
+    still_running = await pipeline.in_review()
 
     async def slot_given_back() -> bool:  # after the review's grace: its row no longer holds one
         admission = await row_of(sessions, Admission, order.order_id)
         return isinstance(admission, Admission) and admission.status == AdmissionStatus.REVIEWING.value
 
     await eventually(slot_given_back)
-    handle = temporal_client.get_workflow_handle(order_workflow_id(order.order_id))
-    await handle.terminate(reason="stuck in a test")
-    async with gateway(reconciler_settings, bearer(reconciler_settings, "ops", Role.OPERATOR)) as api:
+    await pipeline.workflow(order).terminate(reason="stuck in a test")
+    async with pipeline.operator_api() as api:
         # at once, before the reconciler: the workflow's stale answer is not taken
         status = (await api.get(f"/orders/{order.order_id}")).json()
         assert (status["state"], status["source"]) == ("terminated", "read_model")
-        assert await reconcile.reconcile() == [order.order_id]  # the running order is left alone
-        assert await reconcile.reconcile() == []  # and once is enough
+        assert await pipeline.reconciler.reconcile() == [order.order_id]  # the running one is left alone
+        assert await pipeline.reconciler.reconcile() == []  # and once is enough
 
         await reaches(sessions, order.order_id, OrderState.TERMINATED)
         status = (await api.get(f"/orders/{order.order_id}")).json()
@@ -183,15 +203,13 @@ async def test_a_terminated_order_in_review_is_reported_terminated_and_its_slot_
 
 
 async def test_a_terminated_charged_order_is_refunded_and_says_it_was_charged(
-    pipeline: tuple[broker.Topology, Reconciler], sessions: Sessions, temporal_client: Client
+    pipeline: Pipeline, sessions: Sessions
 ) -> None:
-    topology, reconcile = pipeline
-    order = await placed(topology, sessions, True)
+    order = await pipeline.place(approve=True)
     await reaches(sessions, order.order_id, OrderState.SHIPPING)  # and stays: no shipping worker
 
-    handle = temporal_client.get_workflow_handle(order_workflow_id(order.order_id))
-    await handle.terminate(reason="operator pulled the plug")
-    assert await reconcile.reconcile() == [order.order_id]
+    await pipeline.workflow(order).terminate(reason="operator pulled the plug")
+    assert await pipeline.reconciler.reconcile() == [order.order_id]
 
     await reaches(sessions, order.order_id, OrderState.TERMINATED)
     events = await trail(sessions, order.order_id)
@@ -203,18 +221,12 @@ async def test_a_terminated_charged_order_is_refunded_and_says_it_was_charged(
 
 
 async def test_a_cancellation_through_temporal_ends_the_order_and_the_read_model_agrees(
-    pipeline: tuple[broker.Topology, Reconciler],
-    sessions: Sessions,
-    temporal_client: Client,
-    reconciler_settings: Settings,
+    pipeline: Pipeline, sessions: Sessions
 ) -> None:
     # (a cancel after payment refunds: tests/test_order_workflow.py; here the whole path to the
     # read model, in review, since a shipment that no worker runs could not be cancelled)
-    topology, reconcile = pipeline
-    order = await placed(topology, sessions)
-    await reaches(sessions, order.order_id, OrderState.AWAITING_APPROVAL)
-
-    handle = temporal_client.get_workflow_handle(order_workflow_id(order.order_id))
+    order = await pipeline.in_review()
+    handle = pipeline.workflow(order)
     await handle.cancel()
 
     await reaches(sessions, order.order_id, OrderState.CANCELLED)
@@ -223,7 +235,7 @@ async def test_a_cancellation_through_temporal_ends_the_order_and_the_read_model
         return (await handle.describe()).status is WorkflowExecutionStatus.CANCELED
 
     await eventually(closed_as_canceled)
-    async with gateway(reconciler_settings, bearer(reconciler_settings, "ops", Role.OPERATOR)) as api:
+    async with pipeline.operator_api() as api:
         status = (await api.get(f"/orders/{order.order_id}")).json()
     assert (status["state"], status["reason"]) == ("cancelled", CANCELLED_THROUGH_TEMPORAL)
     events = await trail(sessions, order.order_id)
@@ -234,24 +246,27 @@ async def test_a_cancellation_through_temporal_ends_the_order_and_the_read_model
     assert stored is not None and stored.reason == CANCELLED_THROUGH_TEMPORAL
     admission = await row_of(sessions, Admission, order.order_id)
     assert isinstance(admission, Admission) and admission.status == AdmissionStatus.ENDED.value
-    assert await reconcile.reconcile() == []  # it ended itself: nothing to reconcile
+    assert await pipeline.reconciler.reconcile() == []  # it ended itself: nothing to reconcile
+
+
+def invalid_order() -> PlaceOrder:
+    """An order that fails validation: a SKU twice."""
+    order = place_order(f"rec-invalid-{uuid4().hex[:8]}")
+    items = [OrderItem(sku="A", qty=1)] * 2
+    return order.model_copy(update={"payload": order.payload.model_copy(update={"items": items})})
 
 
 async def test_the_read_model_holds_every_accepted_order_whatever_its_first_event(
-    pipeline: tuple[broker.Topology, Reconciler], sessions: Sessions
+    pipeline: Pipeline, sessions: Sessions
 ) -> None:
     # orders that end before their `received`: cancelled before their placement arrived (the
     # cancel waits for it), cancelled right behind it, and one that fails validation
-    topology, _ = pipeline
     early = place_order(f"rec-early-{uuid4().hex[:8]}")
     behind = place_order(f"rec-behind-{uuid4().hex[:8]}")
-    invalid = place_order(f"rec-invalid-{uuid4().hex[:8]}")
-    invalid = invalid.model_copy(
-        update={"payload": invalid.payload.model_copy(update={"items": [OrderItem(sku="A", qty=1)] * 2})}
-    )
+    invalid = invalid_order()
     early_cancel: CancelOrder = cancel_order(early.order_id)
     for command in (early_cancel, early, behind, cancel_order(behind.order_id), invalid):
-        await broker.publish_command(topology, command)
+        await broker.publish_command(pipeline.topology, command)
 
     expected = {
         early.order_id: OrderState.CANCELLED,
@@ -279,10 +294,10 @@ async def outcome_of(sessions: Sessions, command_id: object) -> ProcessedCommand
 
 
 async def test_a_command_delivered_again_after_its_order_ended_is_a_duplicate_not_a_rejection(
-    pipeline: tuple[broker.Topology, Reconciler], sessions: Sessions, temporal_client: Client
+    pipeline: Pipeline, sessions: Sessions
 ) -> None:
-    topology, _ = pipeline
-    order = await placed(topology, sessions)
+    topology = pipeline.topology
+    order = await pipeline.place()
     approval = approve_order(order.order_id)
     await broker.publish_command(topology, approval)
     await reaches(sessions, order.order_id, OrderState.SHIPPING)  # approved: it took the command
@@ -292,7 +307,7 @@ async def test_a_command_delivered_again_after_its_order_ended_is_a_duplicate_no
     await broker.publish_command(topology, waiting)
     await reaches(sessions, waiting.order_id, OrderState.CANCELLED)
 
-    await temporal_client.get_workflow_handle(order_workflow_id(order.order_id)).terminate(reason="ended")
+    await pipeline.workflow(order).terminate(reason="ended")
     for command in (approval, early_cancel):
         await forget_outcome(sessions, command.command_id)
         await broker.publish_command(topology, command)
@@ -310,3 +325,35 @@ async def test_a_command_delivered_again_after_its_order_ended_is_a_duplicate_no
             e for e in await trail(sessions, command.order_id) if e.type == EventType.COMMAND_REJECTED.value
         ]
         assert rejections == []
+
+
+async def listed_in_temporal_as(client: Client, state: OrderState, order: PlaceOrder) -> None:
+    """Until a visibility query by the `OrderState` search attribute finds the order's workflow."""
+    query = f"OrderState = '{state.value}' AND WorkflowId = '{order_workflow_id(order.order_id)}'"
+
+    async def listed() -> bool:
+        return [execution.id async for execution in client.list_workflows(query)] != []
+
+    await eventually(listed, what=f"{order.order_id} listed by {query}")
+
+
+async def test_temporal_lists_failed_and_cancelled_orders_by_their_state_with_the_bridges_summary(
+    pipeline: Pipeline, sessions: Sessions
+) -> None:
+    invalid = invalid_order()
+    await broker.publish_command(pipeline.topology, invalid)
+    cancelled = await pipeline.in_review()
+    in_review = (await pipeline.workflow(cancelled).describe()).typed_search_attributes
+    assert (in_review.get(ORDER_STATE), in_review.get(AWAITING_REVIEW)) == ("awaiting_approval", True)
+    await broker.publish_command(pipeline.topology, cancel_order(cancelled.order_id))
+    await reaches(sessions, cancelled.order_id, OrderState.CANCELLED)
+    await reaches(sessions, invalid.order_id, OrderState.FAILED)
+
+    await listed_in_temporal_as(pipeline.client, OrderState.FAILED, invalid)
+    await listed_in_temporal_as(pipeline.client, OrderState.CANCELLED, cancelled)
+    for order in (invalid, cancelled):
+        description = await pipeline.workflow(order).describe()
+        assert description.typed_search_attributes.get(AWAITING_REVIEW) is False
+        assert await description.static_summary() == order_summary(order)
+        # the order's ending is its own: the workflow completes, whatever the order's state
+        assert description.status is WorkflowExecutionStatus.COMPLETED

@@ -13,9 +13,8 @@ from temporalio.api.enums.v1 import EventType as HistoryEventType
 from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from services.workers.boundary import PublishEventsInput
 from services.workers.outbox import Outbox
-from shared.contracts import EXAMPLE_DATA, EventType, PlaceOrder
+from shared.contracts import EXAMPLE_DATA, EventType, OrderEvent, PlaceOrder
 from testsupport.orders import place_order
 
 TASK_QUEUE = "outbox-probe"
@@ -23,7 +22,7 @@ TASK_QUEUE = "outbox-probe"
 
 async def run_probe(
     client: Client,
-    publish_events: Callable[[PublishEventsInput], Awaitable[None]],
+    publish_events: Callable[[list[OrderEvent]], Awaitable[None]],
     probe: type,
     *children: type,
 ) -> None:
@@ -69,8 +68,8 @@ async def test_a_batch_waiting_for_a_next_task_that_never_comes_goes_by_an_activ
     published: list[list[EventType]] = []
 
     @activity.defn(name="publish_events")
-    async def publish_events(batch: PublishEventsInput) -> None:
-        published.append([event.type for event in batch.events])
+    async def publish_events(batch: list[OrderEvent]) -> None:
+        published.append([event.type for event in batch])
 
     await run_probe(temporal_client, publish_events, OutboxProbe)
 
@@ -108,7 +107,7 @@ async def test_a_batch_published_in_the_next_task_was_committed_before_it_went_o
     seen: list[tuple[bool, list[int]]] = []
 
     @activity.defn(name="publish_events")
-    async def publish_events(batch: PublishEventsInput) -> None:
+    async def publish_events(batch: list[OrderEvent]) -> None:
         info = activity.info()
         assert info.workflow_id is not None
         history = await temporal_client.get_workflow_handle(info.workflow_id).fetch_history()

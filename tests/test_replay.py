@@ -4,12 +4,10 @@
 (happy path, cancel after payment, a dispatch failure shipped again, a start with early commands,
 a cancellation through Temporal, the deadline), recorded from the scenarios in
 `workflow_harness.py` with production's attempts: three in flight, failed, timed-out and
-cancelled ones among them. Before 1.0 (no deployment runs orders), a workflow change records them
-again in the same commit:
+cancelled ones among them. The workflows change freely (no `workflow.patched`): a change to what
+they do records them again in the same commit:
 
     .venv/bin/python tests/record_histories.py
-
-From 1.0 on, a change behind `workflow.patched` keeps the earlier histories beside the new ones.
 
 Replay runs through the payload codec, as the workers do: histories are recorded encrypted under
 the tests' key (`payload_keys.py`).
@@ -27,7 +25,7 @@ from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, WorkflowRunne
 
 from payload_keys import TEST_DATA_CONVERTER
 from record_histories import HISTORIES, SCENARIOS
-from services.workers.boundary import OrderActivities, ValidateOrderInput
+from services.workers.activity_interface import OrderActivities
 from services.workers.order_workflow import OrderWorkflow
 from services.workers.shipping_workflow import ShippingWorkflow
 from services.workers.worker import sandbox_runner
@@ -83,11 +81,7 @@ class ValidatesFirst(OrderWorkflow):
         return await super().run(start)
 
     async def _lifecycle(self) -> None:
-        await self._step(
-            Step.VALIDATE,
-            OrderActivities.validate_order_step,
-            ValidateOrderInput(order_id=self._order.order_id),
-        )
+        await self._step(Step.VALIDATE, OrderActivities.validate_order_step, self._order.order_id)
         await super()._lifecycle()
 
 

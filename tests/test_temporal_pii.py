@@ -15,7 +15,7 @@ from temporalio.api.common.v1 import Payload
 from temporalio.client import Client, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 
-from services.workers.boundary import OrderActivities
+from services.workers.activity_interface import OrderActivities
 from shared.codec import ENCODING, EncryptionCodec, payload_keyring
 from shared.contracts import EventType, OrderState, Role
 from shared.settings import Settings

@@ -23,10 +23,9 @@ from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
-from pydantic import BaseModel
 from temporalio import activity
 from temporalio.api.enums.v1 import EventType as HistoryEventType
 from temporalio.client import (
@@ -36,28 +35,16 @@ from temporalio.client import (
     WorkflowHandle,
     WorkflowHistory,
 )
+from temporalio.common import TypedSearchAttributes
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from payload_keys import TEST_DATA_CONVERTER
-from services.workers.attempts import DEPENDENCY_UNAVAILABLE
-from services.workers.boundary import (
-    ORDER_INVALID,
-    AdmissionInput,
-    ChargePaymentInput,
-    ChargeResult,
-    DispatchCarrierInput,
-    DispatchResult,
-    MarkShippedInput,
-    OrderActivities,
-    PreparePackageInput,
-    PublishEventsInput,
-    ReceiveOrderInput,
-    RefundPaymentInput,
-    ValidateOrderInput,
-)
+from services.workers import activity_interface
+from services.workers.activity_interface import ChargeOutcome, OrderActivities, PaymentInput
+from services.workers.steps import DEPENDENCY_UNAVAILABLE
 from services.workers.worker import order_worker, shipping_worker
 from shared import contracts
 from shared.contracts import (
@@ -83,12 +70,16 @@ from shared.lifecycle import (
     LifecyclePolicy,
     OrderWorkflowInput,
     Signals,
+    order_summary,
     order_workflow_id,
 )
 from shared.settings import Settings
 from testsupport import orders
 from testsupport.orders import unique_id
 from testsupport.polling import eventually
+from testsupport.temporal import register_search_attributes
+
+T = TypeVar("T")
 
 TRACKING_NUMBER = "TRK-TEST-0001"
 ADDRESS = Address.model_validate(orders.ADDRESS)
@@ -149,7 +140,7 @@ def fails(message: str = "mock failure") -> Behaviour:
 
 def invalid(message: str = "mock rule broken") -> Behaviour:
     async def behaviour() -> None:
-        raise ApplicationError(message, type=ORDER_INVALID, non_retryable=True)
+        raise ApplicationError(message, type=activity_interface.ORDER_INVALID, non_retryable=True)
 
     return behaviour
 
@@ -209,12 +200,13 @@ BUSINESS_STEPS = frozenset(
 
 
 class MockActivities(OrderActivities):
-    """One mock per activity: records each input, then plays the next scripted behaviour.
+    """One mock per activity: records each input, then plays the next scripted behaviour and
+    returns what the real activity would.
 
     Unscripted, a business step plays `steps_otherwise`, the other activities pass."""
 
     def __init__(self, steps_otherwise: Behaviour = passes) -> None:
-        self.calls: dict[str, list[BaseModel]] = defaultdict(list)
+        self.calls: dict[str, list[Any]] = defaultdict(list)
         self.events: list[OrderEvent] = []
         self.conflicting: list[tuple[OrderEvent, OrderEvent]] = []
         """Events published again under the same id with other content: never allowed."""
@@ -239,71 +231,63 @@ class MockActivities(OrderActivities):
     def events_of(self, event_type: EventType) -> list[OrderEvent]:
         return [event for event in self.events if event.type is event_type]
 
-    async def _play(self, name: str, input: BaseModel) -> None:
+    async def _play(self, name: str, input: object, result: T) -> T:
         self.calls[name].append(input)
         script = self._scripts[name]
         behaviour = script.popleft() if script else self._otherwise.get(name, passes)
         await behaviour()
+        return result
+
+    async def receive_order(self, order: PlaceOrder) -> None:
+        return await self._play("receive_order", order, None)
+
+    async def validate_order(self, order_id: str) -> None:
+        return await self._play("validate_order", order_id, None)
+
+    async def charge_payment(self, payment: PaymentInput) -> ChargeOutcome:
+        return await self._play("charge_payment", payment, ChargeOutcome.CHARGED)
+
+    async def prepare_package(self, order_id: str) -> None:
+        return await self._play("prepare_package", order_id, None)
+
+    async def dispatch_carrier(self, dispatch: activity_interface.DispatchCarrierInput) -> str:
+        return await self._play("dispatch_carrier", dispatch, TRACKING_NUMBER)
+
+    async def mark_shipped(self, order_id: str) -> None:
+        return await self._play("mark_shipped", order_id, None)
 
     @activity.defn
-    async def receive_order(self, input: ReceiveOrderInput) -> None:
-        await self._play("receive_order", input)
-
-    @activity.defn
-    async def validate_order(self, input: ValidateOrderInput) -> None:
-        await self._play("validate_order", input)
-
-    @activity.defn
-    async def charge_payment(self, input: ChargePaymentInput) -> ChargeResult:
-        await self._play("charge_payment", input)
-        return ChargeResult(already_charged=False)
-
-    @activity.defn
-    async def prepare_package(self, input: PreparePackageInput) -> None:
-        await self._play("prepare_package", input)
-
-    @activity.defn
-    async def dispatch_carrier(self, input: DispatchCarrierInput) -> DispatchResult:
-        await self._play("dispatch_carrier", input)
-        return DispatchResult(tracking_number=TRACKING_NUMBER)
-
-    @activity.defn
-    async def mark_shipped(self, input: MarkShippedInput) -> None:
-        await self._play("mark_shipped", input)
-
-    @activity.defn
-    async def refund_payment(self, input: RefundPaymentInput) -> bool:
-        await self._play("refund_payment", input)
+    async def refund_payment(self, payment: PaymentInput) -> bool:
         # as the business function: a payment no charge attempt reached is voided, not refunded
-        return bool(self.calls["charge_payment"])
+        return await self._play("refund_payment", payment, bool(self.calls["charge_payment"]))
 
     @activity.defn
-    async def publish_events(self, input: PublishEventsInput) -> None:
-        await self._play("publish_events", input)
+    async def publish_events(self, events: list[OrderEvent]) -> None:
+        await self._play("publish_events", events, None)
         # at least once: a workflow task retried (a signal landed as it completed, say) runs its
         # local activities again, and a republished event must be the same event
         seen = {event.event_id: event for event in self.events}
-        for event in input.events:
+        for event in events:
             if event.event_id not in seen:
                 self.events.append(event)
             elif seen[event.event_id] != event:
                 self.conflicting.append((seen[event.event_id], event))
 
     @activity.defn
-    async def leave_admission_for_review(self, input: AdmissionInput) -> None:
-        await self._play("leave_admission_for_review", input)
+    async def leave_admission_for_review(self, order_id: str) -> None:
+        return await self._play("leave_admission_for_review", order_id, None)
 
     @activity.defn
-    async def resume_admission(self, input: AdmissionInput) -> bool:
-        await self._play("resume_admission", input)
+    async def resume_admission(self, order_id: str) -> bool:
+        await self._play("resume_admission", order_id, None)
         if self.no_slot_answers:
             self.no_slot_answers -= 1
             return False
         return True
 
     @activity.defn
-    async def release_admission(self, input: AdmissionInput) -> None:
-        await self._play("release_admission", input)
+    async def release_admission(self, order_id: str) -> None:
+        return await self._play("release_admission", order_id, None)
 
 
 # --- commands -------------------------------------------------------------------------------------
@@ -341,20 +325,17 @@ class OrderHarness:
         self,
         client: Client,
         mocks: MockActivities,
-        order_queue: str,
-        shipping_queue: str,
-        *,
-        order_id: str | None = None,
-        sticky: bool = True,
-        policy: dict[str, Any] | None = None,
+        order_id: str | None,
+        sticky: bool,
+        policy: dict[str, Any],
     ) -> None:
         self.client = client
         self.mocks = mocks
-        self.order_queue = order_queue
-        self.shipping_queue = shipping_queue
         self.sticky = sticky
         self.order = place_order(order_id)
-        self.policy = policy_for(shipping_queue).model_copy(update=policy or {})
+        suffix = uuid4().hex[:8]  # fresh task queues: no other test's worker takes this one's tasks
+        self.order_queue, self.shipping_queue = f"order-tq-{suffix}", f"shipping-tq-{suffix}"
+        self.policy = policy_for(self.shipping_queue).model_copy(update=policy)
         self._handle: WorkflowHandle[Any, OrderStatus] | None = None
         self._workers: dict[Role, tuple[Worker, asyncio.Task[None]]] = {}
 
@@ -365,6 +346,14 @@ class OrderHarness:
     @property
     def workflow_id(self) -> str:
         return order_workflow_id(self.order_id)
+
+    @property
+    def payment(self) -> PaymentInput:
+        """The order's payment, as the charge and the refund get it."""
+        payload = self.order.payload
+        return PaymentInput(
+            order_id=self.order_id, payment_id=payload.payment_id, amount_cents=payload.amount_cents
+        )
 
     def shipment_id(self, attempt: int) -> str:
         return f"{self.workflow_id}-shipping-{attempt}"
@@ -399,6 +388,7 @@ class OrderHarness:
             task_queue=self.order_queue,
             task_timeout=WORKFLOW_TASK_TIMEOUT,
             result_type=OrderStatus,
+            static_summary=order_summary(self.order),
         )
         return self._handle
 
@@ -451,16 +441,23 @@ class OrderHarness:
         await self.handle.signal(Signals.UPDATE_ADDRESS, command)
         return command
 
-    async def start_and_approve(self, **policy: Any) -> ApproveOrder:
-        """Start the lifecycle (`policy` as for `start`) and approve the order once it is in review."""
+    async def start_in_review(self, **policy: Any) -> None:
+        """Start the lifecycle (`policy` as for `start`) and wait until the order is in review."""
         await self.start(**policy)
         await self.wait_for_event(EventType.AWAITING_APPROVAL)
+
+    async def start_and_approve(self, **policy: Any) -> ApproveOrder:
+        """Start the lifecycle (`policy` as for `start`) and approve the order once it is in review."""
+        await self.start_in_review(**policy)
         return await self.approve()
 
     # observations
     async def status(self) -> OrderStatus:
         status: OrderStatus = await self.handle.query(STATUS_QUERY, result_type=OrderStatus)
         return status
+
+    async def search_attributes(self) -> TypedSearchAttributes:
+        return (await self.handle.describe()).typed_search_attributes
 
     async def wait_for_event(self, event_type: EventType, timeout: float = PROMPTLY) -> OrderEvent:
         what = f"a {event_type.value} event"
@@ -567,6 +564,7 @@ async def own_time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
         data_converter=TEST_DATA_CONVERTER, test_server_existing_path=binary
     )
     try:
+        await register_search_attributes(env.client)
         yield env
     finally:
         await env.shutdown()
@@ -584,10 +582,7 @@ async def order_harness(
     """Workers for both task queues (fresh names) with the mocks, and a harness for one order.
     `unscripted` is what a business step's mock plays when its script does not say; `policy`
     overrides fields of the test policy."""
-    mocks = MockActivities(unscripted)
-    suffix = uuid4().hex[:8]
-    queues = f"order-tq-{suffix}", f"shipping-tq-{suffix}"
-    harness = OrderHarness(client, mocks, *queues, order_id=order_id, sticky=sticky, policy=policy)
+    harness = OrderHarness(client, MockActivities(unscripted), order_id, sticky, policy or {})
     for role in Role:
         harness.start_worker(role)
     try:
@@ -646,9 +641,7 @@ async def temporal_cancel_scenario(harness: OrderHarness) -> OrderStatus:
 async def deadline_scenario(harness: OrderHarness) -> OrderStatus:
     """Dispatch never succeeds: the lifecycle's deadline fails the order during its shipment."""
     harness.mocks.script(OrderActivities.dispatch_carrier, then=hangs)
-    await harness.start(
+    await harness.start_and_approve(
         lifecycle_deadline_seconds=5.0, review_window_seconds=2.0, dispatch_attempts_per_shipment=50
     )
-    await harness.wait_for_event(EventType.AWAITING_APPROVAL)
-    await harness.approve()
     return await harness.result()

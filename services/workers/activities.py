@@ -1,12 +1,11 @@
-"""The activities: unpack the input, call the business function, return. Nothing else lives here.
-
-These are one attempt of each business step; `OrderActivities` runs a step's attempts around them.
-"""
+"""`OrderActivities` implemented: each business step's attempt calls its business function; the
+other activities refund, publish events, and move the order's admission slot."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import structlog
 from aio_pika.abc import AbstractRobustConnection
@@ -15,115 +14,85 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
-from services.workers import business
-from services.workers.attempts import DEPENDENCY_UNAVAILABLE, describe_failure
-from services.workers.boundary import (
+from services.workers import business_functions as business
+from services.workers.activity_interface import (
     ORDER_INVALID,
     PAYMENT_VOIDED,
-    AdmissionInput,
-    ChargePaymentInput,
-    ChargeResult,
+    ChargeOutcome,
     DispatchCarrierInput,
-    DispatchResult,
-    MarkShippedInput,
     OrderActivities,
-    PreparePackageInput,
-    PublishEventsInput,
-    ReceiveOrderInput,
-    RefundPaymentInput,
-    ValidateOrderInput,
+    PaymentInput,
 )
-from shared.admissions import AdmissionSlots
+from services.workers.steps import DEPENDENCY_UNAVAILABLE, describe_failure
+from shared.admission_table import AdmissionSlots
 from shared.broker import Topology, publish_event
 from shared.consuming import is_transient
+from shared.contracts import OrderEvent, PlaceOrder
 from shared.lifecycle import Signals, order_workflow_id
 
 log = structlog.get_logger(__name__)
 
 
+@dataclass(frozen=True)
 class BusinessActivities(OrderActivities):
-    """`OrderActivities` on the database (business functions, admissions), the broker, and
-    Temporal (to wake an approved order that a freed slot went to)."""
+    sessions: business.Sessions
+    topology: Topology
+    broker: AbstractRobustConnection
+    slots: AdmissionSlots
+    client: Client  # to wake an approved order that a freed slot went to
 
-    def __init__(
-        self,
-        sessions: business.Sessions,
-        topology: Topology,
-        broker: AbstractRobustConnection,
-        slots: AdmissionSlots,
-        client: Client,
-    ) -> None:
-        self._sessions = sessions
-        self._topology = topology
-        self._broker = broker
-        self._slots = slots
-        self._client = client
-
-    async def receive_order(self, input: ReceiveOrderInput) -> None:
+    async def receive_order(self, order: PlaceOrder) -> None:
         with _step_failures():
-            await business.order_received(self._sessions, input.order)
+            await business.order_received(self.sessions, order)
 
-    async def validate_order(self, input: ValidateOrderInput) -> None:
+    async def validate_order(self, order_id: str) -> None:
         with _step_failures():
-            await business.order_validated(self._sessions, input.order_id)
+            await business.order_validated(self.sessions, order_id)
 
-    async def charge_payment(self, input: ChargePaymentInput) -> ChargeResult:
+    async def charge_payment(self, payment: PaymentInput) -> ChargeOutcome:
         with _step_failures():
-            outcome = await business.payment_charged(
-                self._sessions,
-                payment_id=input.payment_id,
-                order_id=input.order_id,
-                amount_cents=input.amount_cents,
-            )
-        return ChargeResult(already_charged=outcome is business.ChargeOutcome.ALREADY_CHARGED)
+            return await business.payment_charged(self.sessions, payment)
 
-    async def prepare_package(self, input: PreparePackageInput) -> None:
+    async def prepare_package(self, order_id: str) -> None:
         with _step_failures():
-            await business.package_prepared(self._sessions, input.order_id)
+            await business.package_prepared(self.sessions, order_id)
 
-    async def dispatch_carrier(self, input: DispatchCarrierInput) -> DispatchResult:
+    async def dispatch_carrier(self, dispatch: DispatchCarrierInput) -> str:
         with _step_failures():
-            tracking_number = await business.carrier_dispatched(self._sessions, input.order_id, input.address)
-        return DispatchResult(tracking_number=tracking_number)
+            return await business.carrier_dispatched(self.sessions, dispatch.order_id, dispatch.address)
 
-    async def mark_shipped(self, input: MarkShippedInput) -> None:
+    async def mark_shipped(self, order_id: str) -> None:
         with _step_failures():
-            await business.order_shipped(self._sessions, input.order_id)
+            await business.order_shipped(self.sessions, order_id)
 
     @activity.defn
-    async def refund_payment(self, input: RefundPaymentInput) -> bool:
-        return await business.payment_refunded(
-            self._sessions,
-            payment_id=input.payment_id,
-            order_id=input.order_id,
-            amount_cents=input.amount_cents,
-        )
+    async def refund_payment(self, payment: PaymentInput) -> bool:
+        return await business.payment_refunded(self.sessions, payment)
 
     @activity.defn
-    async def publish_events(self, input: PublishEventsInput) -> None:
-        if activity.info().is_local and not self._broker.connected.is_set():
+    async def publish_events(self, events: list[OrderEvent]) -> None:
+        if activity.info().is_local and not self.broker.connected.is_set():
             # a local activity holds its workflow task open: while the broker is away, the batch
             # goes to the regular activity, which waits for it in the background
             raise ApplicationError("the broker is away", type=DEPENDENCY_UNAVAILABLE, non_retryable=True)
-        for event in input.events:
-            await publish_event(self._topology, event)
+        for event in events:
+            await publish_event(self.topology, event)
 
     @activity.defn
-    async def leave_admission_for_review(self, input: AdmissionInput) -> None:
-        await wake_resumed(self._client, await self._slots.leave_for_review(input.order_id))
+    async def leave_admission_for_review(self, order_id: str) -> None:
+        await wake_resumed(self.client, await self.slots.leave_for_review(order_id))
 
     @activity.defn
-    async def resume_admission(self, input: AdmissionInput) -> bool:
-        return await self._slots.resume(input.order_id)
+    async def resume_admission(self, order_id: str) -> bool:
+        return await self.slots.resume(order_id)
 
     @activity.defn
-    async def release_admission(self, input: AdmissionInput) -> None:
-        await wake_resumed(self._client, await self._slots.release(input.order_id))
+    async def release_admission(self, order_id: str) -> None:
+        await wake_resumed(self.client, await self.slots.release(order_id))
 
 
 async def wake_resumed(client: Client, order_id: str | None) -> None:
-    """Tell the approved order a freed slot went to that it holds one. Best effort: an order
-    waiting for a slot asks again now and then, which covers a wake-up lost here."""
+    """Tell the approved order a freed slot went to that it holds one (best effort: it asks again too)."""
     if order_id is None:
         return
     try:
@@ -134,9 +103,7 @@ async def wake_resumed(client: Client, order_id: str | None) -> None:
 
 @contextmanager
 def _step_failures() -> Iterator[None]:
-    """How a business step's failure reaches the workflow: a broken business rule, or a charge of
-    a voided payment, fails the step for good; a database outage is told apart from the step
-    failing (it will work again once the database is back); anything else is one failed attempt."""
+    """A broken rule or a voided payment fails the step for good; a database outage spends no attempt."""
     try:
         yield
     except business.OrderInvalid as exc:

@@ -6,22 +6,16 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, suppress
 from datetime import datetime, timedelta
-from typing import TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from pydantic import BaseModel
-
-    from services.workers.boundary import AdmissionInput, OrderActivities
+    from services.workers.activity_interface import OrderActivities
+    from services.workers.steps import InputT, ResultT
     from shared.contracts import OrderStatus
 
-In = TypeVar("In", bound=BaseModel)
-T = TypeVar("T")
-
-# not fault-injected, so retried in the worker until done; the backoff stays below the local
-# retry threshold (60 s), so Core never turns it into a timer
+# not fault-injected: retried in the worker, backing off below Core's local retry threshold (60 s)
 MUST_GET_THROUGH_ATTEMPT = timedelta(seconds=5)
 MUST_GET_THROUGH_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=100), maximum_interval=timedelta(seconds=2)
@@ -30,7 +24,9 @@ MUST_GET_THROUGH_RETRY = RetryPolicy(
 SLOT_RECHECK = timedelta(seconds=5)
 
 
-async def get_through(activity: Callable[[OrderActivities, In], Awaitable[T]], arg: In) -> T:
+async def get_through(
+    activity: Callable[[OrderActivities, InputT], Awaitable[ResultT]], arg: InputT
+) -> ResultT:
     """Run a local activity that must succeed (a refund, what happens to the slot)."""
     return await workflow.execute_local_activity_method(
         activity, arg, start_to_close_timeout=MUST_GET_THROUGH_ATTEMPT, retry_policy=MUST_GET_THROUGH_RETRY
@@ -41,7 +37,6 @@ class AdmissionSlot:
     def __init__(self, status: OrderStatus, gathering: Callable[[], AbstractContextManager[None]]) -> None:
         self._status = status  # the order's, which shows its wait for a slot
         self._gathering = gathering
-        self._input = AdmissionInput(order_id=status.order_id)
         self._woken = False
 
     def wake(self) -> None:
@@ -51,8 +46,7 @@ class AdmissionSlot:
     async def leave_for_review(
         self, approved: Callable[[], bool], grace_seconds: float, window_over: Callable[[], bool]
     ) -> bool:
-        """Give the slot to another order while a person decides, unless approved within the
-        grace (a reviewing service, say); True if it was given back."""
+        """Give the slot to another order while a person decides, unless approved within the grace."""
         with suppress(TimeoutError):
             await workflow.wait_condition(approved, timeout=grace_seconds)
         if approved() or window_over():
@@ -63,18 +57,16 @@ class AdmissionSlot:
     async def regain(self) -> None:
         """Until the order holds a slot again; its wait shows in the status."""
         began = workflow.now()
-        waited = False
         while True:
             self._woken = False  # before asking: a wake-up arriving meanwhile is not missed
             if await self._call(OrderActivities.resume_admission):
                 break
-            if not waited:
+            if self._status.waiting_for_slot_since is None:
                 self._log("waiting for a slot to go on", began)
                 self._status.waiting_for_slot_since = began
-                waited = True
             with suppress(TimeoutError):
                 await workflow.wait_condition(lambda: self._woken, timeout=SLOT_RECHECK)
-        if waited:
+        if self._status.waiting_for_slot_since is not None:
             self._status.waiting_for_slot_since = None
             self._log("slot regained", began)
 
@@ -82,16 +74,11 @@ class AdmissionSlot:
         """The lifecycle has ended: give the slot back, or capacity is lost for good."""
         await self._call(OrderActivities.release_admission)
 
-    async def _call(self, activity: Callable[[OrderActivities, AdmissionInput], Awaitable[T]]) -> T:
+    async def _call(self, activity: Callable[[OrderActivities, str], Awaitable[ResultT]]) -> ResultT:
         with self._gathering():
-            return await get_through(activity, self._input)
+            return await get_through(activity, self._status.order_id)
 
     def _log(self, message: str, began: datetime) -> None:
-        workflow.logger.info(
-            message,
-            extra={
-                "order_id": self._status.order_id,
-                "step": self._status.step.value,
-                "waited_seconds": round((workflow.now() - began).total_seconds(), 3),
-            },
-        )
+        waited = round((workflow.now() - began).total_seconds(), 3)
+        extra = {"order_id": self._status.order_id, "step": self._status.step.value, "waited_seconds": waited}
+        workflow.logger.info(message, extra=extra)

@@ -1,5 +1,5 @@
 """The parts of OrderWorkflow's state: the phase of its lifecycle and why it stops, its deadline,
-the order's record (status and events) and its shipments."""
+the order's record (status and events), which commands apply, and its shipments."""
 
 from __future__ import annotations
 
@@ -12,21 +12,18 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
-    from services.workers.attempts import DEADLINE_EXCEEDED, AttemptLog
-    from services.workers.boundary import (
-        CarrierDispatched,
-        ChargePaymentInput,
-        DispatchFailed,
-        PackagePrepared,
-        ShippingInput,
-        ShippingResult,
-    )
+    from services.workers import visibility
+    from services.workers.activity_interface import PaymentInput
     from services.workers.outbox import Command, Outbox
+    from services.workers.shipment import CarrierDispatched, DispatchFailed, PackagePrepared, ShippingInput
     from services.workers.shipping_workflow import ShippingWorkflow
+    from services.workers.steps import DEADLINE_EXCEEDED, AttemptLog
+    from shared.authorization import FORBIDDEN, refusal
     from shared.contracts import (
         AdmittedData,
         CancelOrder,
         CarrierDispatchedData,
+        CommandRejectedData,
         DispatchFailedData,
         EventPayload,
         OrderState,
@@ -127,9 +124,10 @@ class OrderRecord:
         self.attempts = AttemptLog(order.order_id)
 
     def advance(self, state: OrderState, data: EventPayload, command: Command | None = None) -> None:
-        """A state change: status, event and log line together."""
+        """A state change: status, event, what Temporal shows and a log line together."""
         self.status.state = state
         self.emit(data, command=command)
+        visibility.show(self.status, self._order.payload.amount_cents)
         extra = {"order_id": self.status.order_id, "state": state.value, "step": self.status.step.value}
         workflow.logger.info("state transition", extra=extra | {"seq": self.outbox.last_seq})
 
@@ -148,9 +146,9 @@ class OrderRecord:
             OrderState.RECEIVED, AdmittedData(queued_at=start.queued_at, admission_wait_seconds=wait)
         )
 
-    def payment(self) -> ChargePaymentInput:
+    def payment(self) -> PaymentInput:
         payload = self._order.payload
-        return ChargePaymentInput(
+        return PaymentInput(
             order_id=self.status.order_id, payment_id=payload.payment_id, amount_cents=payload.amount_cents
         )
 
@@ -161,13 +159,45 @@ class OrderRecord:
         )
 
 
+class CommandGate:
+    """Which commands apply: a duplicate is ignored; one its issuer may not send (`forbidden`), or that
+    the lifecycle no longer takes, is rejected with a `command_rejected` event."""
+
+    def __init__(self, record: OrderRecord) -> None:
+        self._status = record.status
+        self._emit = record.emit
+        self._seen: set[str] = set()
+
+    def accept(self, command: Command, blocked: str | None) -> bool:
+        """True if the command is new and may apply; `blocked` says why the lifecycle refuses it."""
+        command_id = str(command.command_id)
+        if command_id in self._seen:
+            extra = {"order_id": self._status.order_id, "command_id": command_id}
+            workflow.logger.info("duplicate command ignored", extra=extra)
+            return False
+        self._seen.add(command_id)
+        in_review = self._status.state is OrderState.AWAITING_APPROVAL
+        why = refusal(command.type, command.issued_by, self._status.placed_by, in_review)
+        if why is not None:
+            self._reject(command, FORBIDDEN, why)
+        elif blocked is not None:
+            self._reject(command, blocked)
+        return why is None and blocked is None
+
+    def _reject(self, command: Command, reason: str, detail: str | None = None) -> None:
+        rejected = CommandRejectedData(command_type=command.type, reason=reason, detail=detail)
+        self._emit(rejected, command)
+        extra = {"order_id": self._status.order_id, "command_id": str(command.command_id)}
+        workflow.logger.warning("command rejected", extra=extra | rejected.model_dump(mode="json"))
+
+
 class Shipping:
     """The order's shipments: how far the package got, the running one, what failed."""
 
     def __init__(self, record: OrderRecord, policy: LifecyclePolicy) -> None:
         self.phase = ShippingPhase.PREPARING
         self.shipments = 0
-        self.current: workflow.ChildWorkflowHandle[ShippingWorkflow, ShippingResult] | None = None
+        self.current: workflow.ChildWorkflowHandle[ShippingWorkflow, CarrierDispatched | None] | None = None
         self.failures: list[str] = []
         self._record = record
         self._policy = policy
@@ -180,7 +210,7 @@ class Shipping:
         last = f"; last: {self.failures[-1]}" if self.failures else ""
         return Stop(OrderState.FAILED, f"dispatch failed {self._policy.max_shipping_attempts} times{last}")
 
-    async def run(self, deadline: datetime, cancelled: Callable[[], bool]) -> ShippingResult:
+    async def run(self, deadline: datetime, cancelled: Callable[[], bool]) -> CarrierDispatched | None:
         """Run one more ShippingWorkflow; one that broke rather than reported counts as a failed dispatch."""
         self.shipments += 1
         status = self._record.status
@@ -212,7 +242,7 @@ class Shipping:
             if isinstance(cause, ApplicationError) and cause.type == DEADLINE_EXCEEDED:
                 raise LifecycleStopped(Stop(OrderState.FAILED, cause.message)) from err
             self.failures.append(str(cause or err))
-            return ShippingResult()
+            return None
         finally:
             self.current = None
 

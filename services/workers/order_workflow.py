@@ -5,7 +5,8 @@
 A cancel (a CancelOrder command or a Temporal cancellation) or the deadline stops it wherever it
 is: the shipment is cancelled, a charge refunded, then the admission slot given back. The
 reviewer's time counts against the review window, not the deadline, and meanwhile the slot serves
-another order. Each state change is an event on `orders.events`, numbered by the outbox.
+another order. Each state change is an event on `orders.events` (numbered by the outbox) and shows
+in the workflow's search attributes (`visibility`).
 """
 
 from __future__ import annotations
@@ -13,30 +14,16 @@ from __future__ import annotations
 import asyncio
 from contextlib import suppress
 from datetime import timedelta
-from typing import TypeVar
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
-    from pydantic import BaseModel
-
+    from services.workers.activity_interface import ORDER_INVALID, ChargeOutcome, OrderActivities
     from services.workers.admission_slot import AdmissionSlot, get_through
-    from services.workers.attempts import deadline_reason
-    from services.workers.boundary import (
-        ORDER_INVALID,
-        ChargeResult,
-        DispatchFailed,
-        MarkShippedInput,
-        OrderActivities,
-        PackagePrepared,
-        ReceiveOrderInput,
-        RefundPaymentInput,
-        ValidateOrderInput,
-    )
-    from services.workers.command_gate import CommandGate
     from services.workers.order_state import (
         BEFORE_PAYMENT,
+        CommandGate,
         Deadline,
         LifecycleStopped,
         OrderRecord,
@@ -45,8 +32,16 @@ with workflow.unsafe.imports_passed_through():
         ShippingPhase,
         Stop,
     )
+    from services.workers.shipment import DispatchFailed, PackagePrepared
     from services.workers.shipping_workflow import ShippingWorkflow
-    from services.workers.steps import StepActivity, StepDeadlineExceeded, StepPolicy, run_step
+    from services.workers.steps import (
+        DEADLINE_EXCEEDED,
+        InputT,
+        ResultT,
+        StepActivity,
+        deadline_reason,
+        run_step,
+    )
     from shared.contracts import (
         AddressUpdatedData,
         ApprovedData,
@@ -68,9 +63,6 @@ with workflow.unsafe.imports_passed_through():
     )
     from shared.lifecycle import EVENTS_QUERY, ORDER_WORKFLOW, STATUS_QUERY, OrderWorkflowInput, Signals
 
-InputT = TypeVar("InputT", bound=BaseModel)
-ResultT = TypeVar("ResultT")
-
 CANCELLED_THROUGH_TEMPORAL = "cancelled through Temporal (workflow cancellation request)"
 
 
@@ -89,7 +81,7 @@ class OrderWorkflow:
         self._stop: Stop | None = None  # why, once asked to stop
         self._shipping = Shipping(self._record, self._policy)
         self._slot = AdmissionSlot(self._status, self._outbox.gathering)
-        self._commands = CommandGate(self._status, self._emit)
+        self._commands = CommandGate(self._record)
         self._approval: ApproveOrder | None = None
         self._admit(start)
 
@@ -121,30 +113,23 @@ class OrderWorkflow:
 
     async def _lifecycle(self) -> None:
         order_id = self._order.order_id
-        await self._step(
-            Step.RECEIVE, OrderActivities.receive_order_step, ReceiveOrderInput(order=self._order)
-        )
+        await self._step(Step.RECEIVE, OrderActivities.receive_order_step, self._order)
         self._advance(OrderState.RECEIVED, ReceivedData(placed_by=self._status.placed_by))
 
-        await self._step(
-            Step.VALIDATE, OrderActivities.validate_order_step, ValidateOrderInput(order_id=order_id)
-        )
+        await self._step(Step.VALIDATE, OrderActivities.validate_order_step, order_id)
         self._advance(OrderState.VALIDATED, ValidatedData())
 
         await self._review()
 
-        charge = await self._charge_payment()
-        amount_cents = self._order.payload.amount_cents
-        self._advance(
-            OrderState.PAID,
-            PaymentChargedData(amount_cents=amount_cents, already_charged=charge.already_charged),
-        )
+        payment = self._record.payment()
+        charge = await self._step(Step.CHARGE_PAYMENT, OrderActivities.charge_payment_step, payment)
+        already_charged = charge is ChargeOutcome.ALREADY_CHARGED
+        charged = PaymentChargedData(amount_cents=payment.amount_cents, already_charged=already_charged)
+        self._advance(OrderState.PAID, charged)
 
         self._status.tracking_number = tracking_number = await self._ship()
 
-        await self._step(
-            Step.MARK_SHIPPED, OrderActivities.mark_shipped_step, MarkShippedInput(order_id=order_id)
-        )
+        await self._step(Step.MARK_SHIPPED, OrderActivities.mark_shipped_step, order_id)
         self._advance(OrderState.SHIPPED, ShippedData(tracking_number=tracking_number))
 
     def _admit(self, start: OrderWorkflowInput) -> None:
@@ -166,8 +151,7 @@ class OrderWorkflow:
             min(self._policy.review_slot_grace_seconds, window),
             lambda: self._deadline.paused_seconds() >= window,
         )
-        # not in a `finally`: a workflow evicted from the cache closes this coroutine outside the
-        # workflow's event loop, where the clock cannot be read
+        # not in a `finally`: an evicted workflow closes this coroutine where the clock cannot be read
         try:
             await workflow.wait_condition(
                 lambda: self._approval is not None, timeout=window - self._deadline.paused_seconds()
@@ -188,26 +172,20 @@ class OrderWorkflow:
         approved = ApprovedData(approved_by=self._status.approved_by, note=approval.payload.note)
         self._advance(OrderState.APPROVED, approved, command=approval)
 
-    async def _charge_payment(self) -> ChargeResult:
-        charge = self._record.payment()
-        return await self._step(Step.CHARGE_PAYMENT, OrderActivities.charge_payment_step, charge)
-
     async def _ship(self) -> str:
-        """Ship until a shipment dispatches to the order's current address; each DispatchFailed
-        is one more try, up to the policy's bound."""
+        """Ship until a shipment dispatches to the order's current address, up to the policy's bound."""
         failures = 0
         while failures < self._policy.max_shipping_attempts:
-            result = await self._shipping.run(self._deadline.at, cancelled=self._concluding)
+            dispatched = await self._shipping.run(self._deadline.at, cancelled=self._concluding)
             if self._concluding():
-                # it ended before it saw our cancel, which the SDK then drops: record what the
-                # carrier got, and stop as asked
-                if result.dispatched is not None:
-                    self._shipping.dispatched(result.dispatched)
+                # it ended before it saw our cancel (which the SDK then drops): record what the carrier got
+                if dispatched is not None:
+                    self._shipping.dispatched(dispatched)
                 raise asyncio.CancelledError()
-            if result.dispatched is None:
+            if dispatched is None:
                 failures += 1
-            elif self._shipping.dispatched(result.dispatched):
-                return result.dispatched.tracking_number
+            elif self._shipping.dispatched(dispatched):
+                return dispatched.tracking_number
             # else the address changed as the carrier took the old one: dispatch again
         raise LifecycleStopped(self._shipping.gave_up())
 
@@ -251,9 +229,7 @@ class OrderWorkflow:
     async def _refund(self) -> bool:
         self._status.step = Step.REFUND
         with self._outbox.gathering():
-            return await get_through(
-                OrderActivities.refund_payment, RefundPaymentInput(**self._record.payment().model_dump())
-            )
+            return await get_through(OrderActivities.refund_payment, self._record.payment())
 
     def _concluding(self) -> bool:
         return self._phase is Phase.CONCLUDING
@@ -271,8 +247,7 @@ class OrderWorkflow:
         blocked = "order already approved" if self._approval is not None else self._change_blocked()
         if self._commands.accept(command, blocked):
             self._approval = command
-            # in review its event comes now, before anything later in this task; an early
-            # approval waits for the review step
+            # in review its event comes now, before anything later in this task; an early one waits
             if self._status.state is OrderState.AWAITING_APPROVAL:
                 self._record_approval()
 
@@ -333,13 +308,19 @@ class OrderWorkflow:
     # --- helpers ---------------------------------------------------------------------------------
     async def _step(self, step: Step, activity: StepActivity[InputT, ResultT], arg: InputT) -> ResultT:
         self._status.step = step
-        policy = StepPolicy.of(self._policy, self._deadline.at)
         try:
             with self._outbox.gathering():
-                return await run_step(step, activity, arg, policy=policy, attempts=self._record.attempts)
-        except StepDeadlineExceeded as exceeded:
-            raise LifecycleStopped(Stop(OrderState.FAILED, exceeded.message)) from exceeded
+                return await run_step(
+                    step,
+                    activity,
+                    arg,
+                    policy=self._policy,
+                    deadline=self._deadline.at,
+                    attempts=self._record.attempts,
+                )
         except ApplicationError as err:
+            if err.type == DEADLINE_EXCEEDED:
+                raise LifecycleStopped(Stop(OrderState.FAILED, err.message)) from err
             if err.type == ORDER_INVALID:
                 raise LifecycleStopped(Stop(OrderState.FAILED, f"invalid order: {err.message}")) from err
             raise

@@ -16,7 +16,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from services.workers.boundary import OrderActivities, PublishEventsInput
+    from services.workers.activity_interface import OrderActivities
     from shared.contracts import (
         ApproveOrder,
         CancelOrder,
@@ -39,17 +39,14 @@ PUBLISH_NOW_ATTEMPT = timedelta(seconds=2)
 PUBLISH_NOW_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=100), maximum_attempts=2)
 
 
-class WorkflowTasks:
-    """Temporal starts a workflow task only after committing the one before: a task, named by the
-    history length it began at, is committed once a later one runs."""
+def current_task() -> int:
+    """The workflow task running, named by the history length it began at."""
+    return workflow.info().get_current_history_length()
 
-    @staticmethod
-    def current() -> int:
-        return workflow.info().get_current_history_length()
 
-    @staticmethod
-    def committed(task: int) -> bool:
-        return WorkflowTasks.current() > task
+def committed(task: int) -> bool:
+    """Temporal starts a workflow task only after committing the one before."""
+    return current_task() > task
 
 
 class Outbox:
@@ -84,9 +81,8 @@ class Outbox:
 
     @contextmanager
     def gathering(self) -> Iterator[None]:
-        """Around a local activity: its workflow task stays open meanwhile, so what that task
-        emits before, during and after it goes out in one batch."""
-        task = WorkflowTasks.current()
+        """Around a local activity: what its workflow task emits before, during and after goes out as one."""
+        task = current_task()
         self._local_work.append(task)
         try:
             yield
@@ -94,40 +90,37 @@ class Outbox:
             self._local_work.remove(task)
 
     def hold_until(self, released: Callable[[], bool]) -> None:
-        """What is pending waits until `released()`: a progress report goes with the outcome
-        that soon follows it, one batch instead of two."""
+        """What is pending waits until `released()`: a progress report goes with the outcome that follows."""
         self._held_until = released
 
     def close(self) -> None:
-        """The lifecycle has ended: `publish` returns once the pending events are out (later
-        ones, rejections of commands that came too late, need another `publish`)."""
+        """The lifecycle has ended: `publish` returns once the pending events are out (not later ones)."""
         self._closed = True
 
     def publish_in_next_task(self) -> None:
-        """This workflow task issues a command sure to bring the next one (a child's start): its
-        batch waits for that task, the proof of its commit, and goes out there by a local activity."""
-        self._next_task_brings = WorkflowTasks.current()
+        """This task issues a command sure to bring the next one (a child's start): its batch waits for
+        that task, the proof of its commit, and goes out there by a local activity."""
+        self._next_task_brings = current_task()
 
     async def publish(self) -> None:
         while True:
             await self._batch_gathered()
             if not self._pending:
                 return
-            batch = PublishEventsInput(events=self._pending)
+            batch = self._pending
             self._pending = []
-            task = WorkflowTasks.current()
+            task = current_task()
             if task == self._next_task_brings:
                 # unless the lifecycle ends in this very task, cancelling the start before it is sent
-                await workflow.wait_condition(lambda: WorkflowTasks.committed(task) or self._closed)  # noqa: B023
-            if WorkflowTasks.committed(task):
+                await workflow.wait_condition(lambda: committed(task) or self._closed)  # noqa: B023
+            if committed(task):
                 await self._publish_now(batch)
             else:
                 # the server creates an activity's task only once it has committed this one
                 await self._publish_eventually(batch)
 
     async def _batch_gathered(self) -> None:
-        """Until no local work keeps this workflow task open and what this activation woke has
-        had its turn: the batch then holds all the task adds (batching only, not correctness)."""
+        """Until no local work keeps this task open and what this activation woke has had its turn."""
         while True:
             await workflow.wait_condition(self._batch_due)
             # a round more: what woke with us, and what it starts, runs on to its next wait first
@@ -136,10 +129,10 @@ class Outbox:
                 return
 
     def _batch_due(self) -> bool:
-        held = WorkflowTasks.current() in self._local_work
+        held = current_task() in self._local_work
         return self._closed or (bool(self._pending) and not held and self._held_until())
 
-    async def _publish_eventually(self, batch: PublishEventsInput) -> None:
+    async def _publish_eventually(self, batch: list[OrderEvent]) -> None:
         await workflow.execute_activity_method(
             OrderActivities.publish_events,
             batch,
@@ -147,7 +140,7 @@ class Outbox:
             retry_policy=PUBLISH_RETRY,
         )
 
-    async def _publish_now(self, batch: PublishEventsInput) -> None:
+    async def _publish_now(self, batch: list[OrderEvent]) -> None:
         try:
             await workflow.execute_local_activity_method(
                 OrderActivities.publish_events,
@@ -158,6 +151,6 @@ class Outbox:
         except (ActivityError, ApplicationError) as err:  # gave up: timed out, or failed for good
             workflow.logger.warning(
                 "publishing events in the background",
-                extra={"order_id": self._order.order_id, "seq": batch.events[0].seq, "error": str(err)},
+                extra={"order_id": self._order.order_id, "seq": batch[0].seq, "error": str(err)},
             )
             await self._publish_eventually(batch)

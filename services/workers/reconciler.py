@@ -1,21 +1,8 @@
-"""Orders whose workflow closed without running its own ending, ended truthfully.
-
-Terminating a workflow (`temporal workflow terminate`, the UI's Terminate, a workflow timeout)
-runs no workflow code: no refund, no terminal event, the admission slot never released, and the
-order would stay `awaiting_approval` or `shipping` forever. The reconciler runs beside the
-workers, which own the business functions and the event publishing. It looks for orders whose
-admission row says their lifecycle runs (holding a slot, waiting for one, or waiting for their
-reviewer) while their workflow is closed, and ends each as the workflow would have:
-
-1. the events the lifecycle emitted (the `events` query replays its history) are published, so
-   those it never got out arrive, each with its own id (the audit table keeps each once);
-2. unless the last of them is terminal, a charge is refunded (or the payment voided, so an
-   attempt cut short cannot charge later) and an `order.terminated` event follows, saying why
-   and whether money had been charged;
-3. the slot is released (to the approved order waiting longest for one, if any).
-
-Each order is handled under its admission row's lock, so several worker processes share the
-work without doing it twice; a failure leaves the row as it was, for the next round.
+"""Orders whose workflow closed without running its own ending (terminated through Temporal, timed
+out), ended truthfully: the events the lifecycle emitted are published, a charge refunded (or the
+payment voided) and an `order.terminated` event follows, then the admission slot is released.
+Each order is handled under its admission row's lock, so several worker processes share the work;
+a failure leaves the row as it was, for the next round.
 """
 
 from __future__ import annotations
@@ -26,7 +13,7 @@ from uuid import NAMESPACE_URL, uuid5
 
 import structlog
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 from temporalio.api.enums.v1 import EventType as HistoryEventType
 from temporalio.client import (
@@ -37,9 +24,10 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError, RPCStatusCode
 
-from services.workers import business
+from services.workers import business_functions as business
 from services.workers.activities import wake_resumed
-from shared.admissions import AdmissionSlots, AdmissionStatus
+from services.workers.activity_interface import PaymentInput
+from shared.admission_table import AdmissionSlots, AdmissionStatus
 from shared.broker import Topology, publish_event
 from shared.consuming import stopped_within
 from shared.contracts import OrderEvent, TerminatedData, event_of
@@ -47,27 +35,23 @@ from shared.db import Admission, Order, transaction
 from shared.lifecycle import EVENTS_QUERY, order_workflow_id
 
 RECONCILE_INTERVAL_SECONDS = 5.0
+# orders in review looked at per round: any number may wait for their reviewer, so they take turns
 REVIEWING_PER_ROUND = 50
-"""Orders waiting for their reviewer, looked at per round: any number may wait, so they take turns."""
+# how long a workflow has been closed before we act: what it had in flight when it closed (an event
+# batch being published, a slot release) gets to land first
 SETTLE_TIME = timedelta(seconds=5)
-"""How long a workflow has been closed before we act: what it had in flight when it closed (an
-event batch being published, a slot release) gets to land first."""
-
 QUERY_TIMEOUT = timedelta(seconds=10)  # a closed workflow is replayed by a worker to answer
-
 CLEAN_ENDINGS = frozenset({WorkflowExecutionStatus.COMPLETED, WorkflowExecutionStatus.CANCELED})
+# lifecycles started, not ended, and holding or waiting for a slot: looked at every round
+STARTED = [AdmissionStatus.RUNNING.value, AdmissionStatus.RESUMING.value]
 
 log = structlog.get_logger(__name__)
 
-Sessions = async_sessionmaker[AsyncSession]
-
-
-STARTED = [AdmissionStatus.RUNNING.value, AdmissionStatus.RESUMING.value]
-"""Lifecycles started, not ended, and holding or waiting for a slot: looked at every round."""
-
 
 class Reconciler:
-    def __init__(self, client: Client, sessions: Sessions, topology: Topology, slots: AdmissionSlots) -> None:
+    def __init__(
+        self, client: Client, sessions: business.Sessions, topology: Topology, slots: AdmissionSlots
+    ) -> None:
         self._client = client
         self._sessions = sessions
         self._topology = topology
@@ -85,7 +69,7 @@ class Reconciler:
     async def reconcile(self) -> list[str]:
         """One round; returns the orders it ended."""
         ended = []
-        for order_id in await self._started() + await self._reviewing():
+        for order_id in await self._due():
             try:
                 if await self._reconcile(order_id):
                     ended.append(order_id)
@@ -95,32 +79,23 @@ class Reconciler:
                 )
         return ended
 
-    async def _started(self) -> list[str]:
+    async def _due(self) -> list[str]:
+        """The started lifecycles admitted a while ago, and the next turn of those in review."""
+        order_id, status = col(Admission.order_id), col(Admission.status)
+        started = select(order_id).where(
+            status.in_(STARTED), col(Admission.admitted_at) < func.now() - SETTLE_TIME
+        )
+        reviewing = (
+            select(order_id)
+            .where(status == AdmissionStatus.REVIEWING.value, order_id > self._reviewing_after)
+            .order_by(order_id)
+            .limit(REVIEWING_PER_ROUND)
+        )
         async with self._sessions() as session:
-            settled = func.now() - SETTLE_TIME
-            rows = await session.scalars(
-                select(col(Admission.order_id)).where(
-                    col(Admission.status).in_(STARTED), col(Admission.admitted_at) < settled
-                )
-            )
-            return list(rows)
-
-    async def _reviewing(self) -> list[str]:
-        """The next turn of orders waiting for their reviewer."""
-        async with self._sessions() as session:
-            rows = list(
-                await session.scalars(
-                    select(col(Admission.order_id))
-                    .where(
-                        col(Admission.status) == AdmissionStatus.REVIEWING.value,
-                        col(Admission.order_id) > self._reviewing_after,
-                    )
-                    .order_by(col(Admission.order_id))
-                    .limit(REVIEWING_PER_ROUND)
-                )
-            )
-        self._reviewing_after = rows[-1] if len(rows) == REVIEWING_PER_ROUND else ""
-        return rows
+            running = list(await session.scalars(started))
+            in_review = list(await session.scalars(reviewing))
+        self._reviewing_after = in_review[-1] if len(in_review) == REVIEWING_PER_ROUND else ""
+        return running + in_review
 
     async def _reconcile(self, order_id: str) -> bool:
         handle = self._client.get_workflow_handle(order_workflow_id(order_id))
@@ -141,7 +116,7 @@ class Reconciler:
             for event in emitted:
                 await publish_event(self._topology, event)
             if not emitted[-1].type.is_terminal:
-                await self._end(session, order_id, description, emitted[-1])
+                await self._end(session, description, emitted[-1])
             resumed = await self._slots.release_in(session, order_id)
         await wake_resumed(self._client, resumed)
         if description.status in CLEAN_ENDINGS:
@@ -149,18 +124,16 @@ class Reconciler:
         return True
 
     async def _end(
-        self,
-        session: AsyncSession,
-        order_id: str,
-        description: WorkflowExecutionDescription,
-        last: OrderEvent,
+        self, session: AsyncSession, description: WorkflowExecutionDescription, last: OrderEvent
     ) -> None:
+        order_id = last.order_id
         order = await session.get(Order, order_id)
         assert order is not None, f"order {order_id} holds a slot but has no row"
         # refunding an order that never reached its charge only voids a payment nobody charged
-        refunded = await business.payment_refunded(
-            self._sessions, payment_id=order.payment_id, order_id=order_id, amount_cents=order.amount_cents
+        payment = PaymentInput(
+            order_id=order_id, payment_id=order.payment_id, amount_cents=order.amount_cents
         )
+        refunded = await business.payment_refunded(self._sessions, payment)
         reason = await self._why_closed(description)
         assert description.close_time is not None
         data = TerminatedData(

@@ -1,100 +1,83 @@
 """ShippingWorkflow (task queue `shipping-tq`): prepare the package, then dispatch it to the carrier.
 
-A child of OrderWorkflow, which owns the order's status and the numbering of its events. The
-shipment signals `PackagePrepared` as soon as the package is ready, and returns the dispatch (the
-tracking number and the address the carrier was given). When dispatch keeps failing it signals
-the parent `DispatchFailed(reason)` and ends; the parent decides whether to ship again.
+A child of OrderWorkflow, which owns the order's status and events. It signals `PackagePrepared` as
+soon as the package is ready and returns the dispatch; when dispatch keeps failing it signals
+`DispatchFailed` and ends, and the parent decides whether to ship again.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TypeVar
 
 from temporalio import workflow
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from pydantic import BaseModel
-
-    from services.workers.attempts import AttemptLog
-    from services.workers.boundary import (
-        CarrierDispatched,
-        DispatchCarrierInput,
-        DispatchFailed,
-        DispatchResult,
-        OrderActivities,
-        PackagePrepared,
-        PreparePackageInput,
-        ShippingInput,
-        ShippingResult,
-    )
-    from services.workers.steps import (
-        StepActivity,
-        StepExhausted,
-        StepPolicy,
-        run_step,
-    )
+    from services.workers.activity_interface import DispatchCarrierInput, OrderActivities
+    from services.workers.shipment import CarrierDispatched, DispatchFailed, PackagePrepared, ShippingInput
+    from services.workers.steps import STEP_EXHAUSTED, AttemptLog, run_step
     from shared.contracts import Address, Step
     from shared.lifecycle import SHIPPING_WORKFLOW, Signals
-
-InputT = TypeVar("InputT", bound=BaseModel)
-ResultT = TypeVar("ResultT")
 
 
 @workflow.defn(name=SHIPPING_WORKFLOW)
 class ShippingWorkflow:
     @workflow.init
     def __init__(self, shipment: ShippingInput) -> None:
+        self._shipment = shipment
         self._address = shipment.address
         self._attempts = AttemptLog(shipment.order_id)
 
     @workflow.run
-    async def run(self, shipment: ShippingInput) -> ShippingResult:
+    async def run(self, shipment: ShippingInput) -> CarrierDispatched | None:
+        """The dispatch; None if it failed (and `DispatchFailed` told the parent why)."""
         parent = workflow.get_external_workflow_handle(shipment.parent_workflow_id)
-        policy = StepPolicy.of(shipment.policy, shipment.deadline)
-
         if not shipment.package_ready:
-            prepare = PreparePackageInput(order_id=shipment.order_id)
-            await self._step(Step.PREPARE_PACKAGE, OrderActivities.prepare_package_step, prepare, policy)
+            await self._prepare_package()
             # awaited: the parent has it before this shipment's result or failure
-            await parent.signal(
-                Signals.PACKAGE_PREPARED, PackagePrepared(prepare=self._attempts.report(Step.PREPARE_PACKAGE))
-            )
-
-        dispatch_policy = StepPolicy.of(
-            shipment.policy, shipment.deadline, max_attempts=shipment.policy.dispatch_attempts_per_shipment
-        )
+            prepared = PackagePrepared(prepare=self._attempts.report(Step.PREPARE_PACKAGE))
+            await parent.signal(Signals.PACKAGE_PREPARED, prepared)
         try:
-            dispatched, address = await self._dispatch(shipment.order_id, dispatch_policy)
-        except StepExhausted as exhausted:
-            failed = DispatchFailed(
-                reason=str(exhausted), dispatch=self._attempts.report(Step.DISPATCH_CARRIER)
-            )
+            tracking_number, address = await self._dispatch()
+        except ApplicationError as err:
+            if err.type != STEP_EXHAUSTED:
+                raise
+            failed = DispatchFailed(reason=err.message, dispatch=self._attempts.report(Step.DISPATCH_CARRIER))
             await parent.signal(Signals.DISPATCH_FAILED, failed)
-            return ShippingResult()
-        return ShippingResult(
-            dispatched=CarrierDispatched(
-                tracking_number=dispatched.tracking_number,
-                address=address,
-                dispatch=self._attempts.report(Step.DISPATCH_CARRIER),
-            )
-        )
+            return None
+        dispatch = self._attempts.report(Step.DISPATCH_CARRIER)
+        return CarrierDispatched(tracking_number=tracking_number, address=address, dispatch=dispatch)
 
     @workflow.signal(name=Signals.UPDATE_ADDRESS)
     def update_address(self, address: Address) -> None:
         self._address = address
 
-    async def _dispatch(self, order_id: str, policy: StepPolicy) -> tuple[DispatchResult, Address]:
+    async def _prepare_package(self) -> None:
+        shipment = self._shipment
+        await run_step(
+            Step.PREPARE_PACKAGE,
+            OrderActivities.prepare_package_step,
+            shipment.order_id,
+            policy=shipment.policy,
+            deadline=shipment.deadline,
+            attempts=self._attempts,
+        )
+
+    async def _dispatch(self) -> tuple[str, Address]:
         """Dispatch to the current address; if it changes mid-dispatch, dispatch to the new one.
-        Returns the carrier's answer and the address it was given."""
+        Returns the tracking number and the address the carrier was given."""
+        shipment = self._shipment
         while True:
             address = self._address
             dispatch = asyncio.create_task(
-                self._step(
+                run_step(
                     Step.DISPATCH_CARRIER,
                     OrderActivities.dispatch_carrier_step,
-                    DispatchCarrierInput(order_id=order_id, address=address),
-                    policy,
+                    DispatchCarrierInput(order_id=shipment.order_id, address=address),
+                    policy=shipment.policy,
+                    deadline=shipment.deadline,
+                    attempts=self._attempts,
+                    max_attempts=shipment.policy.dispatch_attempts_per_shipment,
                 )
             )
             try:
@@ -107,10 +90,5 @@ class ShippingWorkflow:
                 dispatch.cancel()
             workflow.logger.info(
                 "address changed during dispatch; dispatching to the new one",
-                extra={"order_id": order_id, "step": Step.DISPATCH_CARRIER.value},
+                extra={"order_id": shipment.order_id, "step": Step.DISPATCH_CARRIER.value},
             )
-
-    async def _step(
-        self, step: Step, activity: StepActivity[InputT, ResultT], arg: InputT, policy: StepPolicy
-    ) -> ResultT:
-        return await run_step(step, activity, arg, policy=policy, attempts=self._attempts)

@@ -8,35 +8,35 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
 from typing import TypedDict, Unpack
 
+import structlog
 from temporalio import workflow
+from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client
+from temporalio.service import RPCError
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker, WorkflowRunner
-from temporalio.worker.workflow_sandbox import (
-    SandboxedWorkflowRunner,
-    SandboxRestrictions,
-)
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from services.workers.activities import BusinessActivities
-from services.workers.boundary import OrderActivities
+from services.workers.activity_interface import OrderActivities
 from services.workers.order_workflow import OrderWorkflow
 from services.workers.reconciler import Reconciler
 from services.workers.shipping_workflow import ShippingWorkflow
+from services.workers.visibility import SEARCH_ATTRIBUTES
 from shared import broker, db
-from shared.admissions import AdmissionSlots
+from shared.admission_table import AdmissionSlots
 from shared.settings import Settings
 from shared.temporal import tracing_interceptors
 
-# Imported once outside the sandbox instead of again for every workflow run: these are pure
-# (models, the workflow's state and the step loop) and re-importing them per run costs the worker CPU.
+# pure modules imported once outside the sandbox, not again for every workflow run
 SANDBOX_PASSTHROUGH = (
     "shared",
+    "services.workers.activity_interface",
     "services.workers.admission_slot",
-    "services.workers.boundary",
-    "services.workers.command_gate",
     "services.workers.order_state",
     "services.workers.outbox",
+    "services.workers.shipment",
     "services.workers.steps",
-    "services.workers.attempts",
+    "services.workers.visibility",
     "pydantic",
     "pydantic_core",
     "annotated_types",
@@ -46,11 +46,12 @@ SANDBOX_PASSTHROUGH = (
 
 STICKY_QUEUE_TIMEOUT = timedelta(seconds=2)
 
-# A step is a local activity that holds its workflow task open: every lifecycle in a step holds a
-# workflow task slot and a local activity slot, and the defaults (100) would cap a worker there.
+# a lifecycle in a step holds a workflow task slot and a local activity slot: the defaults (100) cap too low
 MAX_WORKFLOW_TASKS = 500
 MAX_LOCAL_ACTIVITIES = 1000
 MAX_ACTIVITIES = 100  # only publish_events runs as a regular activity: one batch of an order at a time
+
+log = structlog.get_logger(__name__)
 
 
 def sandbox_runner() -> SandboxedWorkflowRunner:
@@ -60,11 +61,8 @@ def sandbox_runner() -> SandboxedWorkflowRunner:
 
 
 def workflow_runner(settings: Settings) -> WorkflowRunner:
-    """Production runs workflows without Temporal's sandbox unless `ORDERFLOW_WORKFLOW_SANDBOX`:
-    the sandbox re-imports each workflow module per run and wraps every activation, about a
-    quarter of the workers' CPU per order (docs/performance.md). Its guard stays where it finds
-    mistakes: the workflow tests run every workflow in it (a call to the clock, randomness or I/O
-    fails there), and the replay tests catch a change that breaks determinism."""
+    """Without Temporal's sandbox unless `ORDERFLOW_WORKFLOW_SANDBOX`: it costs a quarter of the CPU per
+    order (docs/performance.md), and the workflow and replay tests, which run in it, keep its guard."""
     return sandbox_runner() if settings.workflow_sandbox else UnsandboxedWorkflowRunner()
 
 
@@ -87,15 +85,16 @@ def order_activities(activities: OrderActivities) -> list[Activity]:
 
 
 def shipping_activities(activities: OrderActivities) -> list[Activity]:
-    return [
-        activities.prepare_package_step,
-        activities.dispatch_carrier_step,
-    ]
+    return [activities.prepare_package_step, activities.dispatch_carrier_step]
 
 
 class WorkerOptions(TypedDict, total=False):
-    workflow_runner: WorkflowRunner | None
+    """What the launcher, the bench and the tests choose (the runner's default: the sandbox)."""
+
+    workflow_runner: WorkflowRunner
     max_cached_workflows: int
+    no_remote_activities: bool
+    graceful_shutdown_timeout: timedelta
 
 
 def order_worker(
@@ -108,10 +107,8 @@ def shipping_worker(
     client: Client, task_queue: str, activities: OrderActivities, **options: Unpack[WorkerOptions]
 ) -> Worker:
     # its activities are all local: no polls for remote activity tasks
-    local_only = shipping_activities(activities)
-    return workflow_worker(
-        client, task_queue, ShippingWorkflow, local_only, no_remote_activities=True, **options
-    )
+    options.setdefault("no_remote_activities", True)
+    return workflow_worker(client, task_queue, ShippingWorkflow, shipping_activities(activities), **options)
 
 
 def workflow_worker(
@@ -119,37 +116,47 @@ def workflow_worker(
     task_queue: str,
     workflow_class: type,
     activities: Sequence[Activity],
-    *,
-    workflow_runner: WorkflowRunner | None = None,
-    max_cached_workflows: int = 1000,
-    no_remote_activities: bool = False,
+    **options: Unpack[WorkerOptions],
 ) -> Worker:
-    """A worker as in production: the launcher and the bench choose the runner (None: the
-    sandbox), tests a smaller cache (1000 is the SDK's default)."""
+    """A worker as in production."""
+    options.setdefault("workflow_runner", sandbox_runner())
     return Worker(
         client,
         task_queue=task_queue,
         workflows=[workflow_class],
         activities=activities,
-        workflow_runner=workflow_runner or sandbox_runner(),
-        max_cached_workflows=max_cached_workflows,
-        no_remote_activities=no_remote_activities,
+        interceptors=tracing_interceptors(),
         max_concurrent_workflow_tasks=MAX_WORKFLOW_TASKS,
         max_concurrent_local_activities=MAX_LOCAL_ACTIVITIES,
         max_concurrent_activities=MAX_ACTIVITIES,
-        # after a crash, a workflow's next task waits this long for the dead worker before any
-        # worker takes it (the default, 10 s, would eat most of a lifecycle's 15 s)
+        # after a crash, a workflow's next task waits this long for the dead worker (default 10 s)
         sticky_queue_schedule_to_start_timeout=STICKY_QUEUE_TIMEOUT,
-        interceptors=tracing_interceptors(),
+        **options,
     )
+
+
+async def require_search_attributes(client: Client) -> None:
+    """Stop at once if the namespace lacks the search attributes: each workflow task would fail instead."""
+    request = ListSearchAttributesRequest(namespace=client.namespace)
+    try:
+        registered = (await client.operator_service.list_search_attributes(request)).custom_attributes
+    except RPCError as error:  # a namespace that may not list them (a cloud API key's, say): go on
+        log.warning("could not check the search attributes", error=repr(error))
+        return
+    missing = [key.name for key in SEARCH_ATTRIBUTES if key.name not in registered]
+    if missing:
+        raise RuntimeError(
+            f"Temporal namespace {client.namespace!r} lacks the search attributes {', '.join(missing)}:"
+            " create them (README, search attributes), then start the workers again"
+        )
 
 
 @asynccontextmanager
 async def running_workers(client: Client, settings: Settings) -> AsyncIterator[None]:
-    """Both workers polling, and the reconciler of terminated lifecycles beside them, with their
-    database pool and broker channel, until the block ends."""
+    """Both workers polling, and the reconciler of terminated lifecycles beside them, until the block ends."""
     # the JSON log line carries the workflow's context as fields, not appended to the message
     workflow.logger.workflow_info_on_message = False
+    await require_search_attributes(client)
     async with AsyncExitStack() as stack:
         engine = db.create_engine(settings)
         stack.push_async_callback(engine.dispose)
@@ -158,16 +165,17 @@ async def running_workers(client: Client, settings: Settings) -> AsyncIterator[N
         channel, topology = await broker.open_channel(connection)
         await broker.declare_audit_queue(channel, topology, settings)
         sessions = db.session_factory(engine)
-        # each write of a business function is one statement, and READ COMMITTED gives each
-        # statement its own snapshot anyway: in autocommit they need no BEGIN and COMMIT round
-        # trips, a third of a step's trips to the database (the slots need real transactions)
+        # each write of a business function is one statement: autocommit spares its BEGIN and COMMIT
         one_statement_at_a_time = db.session_factory(engine.execution_options(isolation_level="AUTOCOMMIT"))
         slots = AdmissionSlots(sessions, settings.max_running_lifecycles)
         activities = BusinessActivities(one_statement_at_a_time, topology, connection, slots, client)
-        runner = workflow_runner(settings)
+        options = WorkerOptions(
+            workflow_runner=workflow_runner(settings),
+            graceful_shutdown_timeout=timedelta(seconds=settings.drain_seconds),
+        )
         for worker in (
-            order_worker(client, settings.order_task_queue, activities, workflow_runner=runner),
-            shipping_worker(client, settings.shipping_task_queue, activities, workflow_runner=runner),
+            order_worker(client, settings.order_task_queue, activities, **options),
+            shipping_worker(client, settings.shipping_task_queue, activities, **options),
         ):
             await stack.enter_async_context(worker)
         stop_reconciling = asyncio.Event()
