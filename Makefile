@@ -43,7 +43,9 @@ lock: | $(BIN)/python
 
 ## Temporal dev server (UI on :8233), migrations, API (:8000), bridge, workers, audit; Ctrl-C stops all.
 ## The gateway trusts a local development issuer whose key is made in .run/ on first start
-## (`orderflow token --role reviewer --subject rita` prints a token).
+## (`orderflow token --role reviewer --subject rita` prints a token). Where nothing answers at the
+## default database or broker URL, it starts an embedded PostgreSQL, and a RabbitMQ of its own when
+## rabbitmq-server is installed, their data in .run/ too; what it cannot have is one line on stderr.
 run: install
 	$(BIN)/python -m devstack
 
@@ -63,7 +65,8 @@ format: install
 	$(BIN)/ruff check --fix --exit-zero .
 	$(BIN)/ruff format .
 
-## The gate, then the whole test suite against real PostgreSQL, RabbitMQ and Temporal servers.
+## The gate, then the whole test suite against real PostgreSQL, RabbitMQ and Temporal servers; a
+## server or program the machine lacks stops it before the first test, with one line on how to get it.
 test: check
 	$(BIN)/pytest
 

@@ -66,9 +66,10 @@ from bench.load import BENCH_PUBLISHER, Load, customer_token, offer, place_comma
 from bench.measure import Ledger, OrderClock, Outcome
 from bench.pipeline import approve_command
 from bench.report import MAX_FAULTS_SHOWN
+from devstack.servers import PrivatePostgres, PrivateRabbitMQ
 from devstack.stack import RUN_DIR, Stack, TemporalDevServer, free_port, running_stack, with_payload_keys
 from services.audit.projection import STATE_OF_EVENT
-from services.workers.business import PaymentStatus
+from services.workers.business_functions import PaymentStatus
 from shared import broker, db, local_issuer
 from shared.contracts import EventType, OrderEvent
 from shared.db import AuditEvent, Order, Payment
@@ -76,7 +77,12 @@ from shared.lifecycle import ORDER_WORKFLOW, order_workflow_id
 from shared.settings import Settings
 from shared.temporal import connect_temporal
 from testsupport.orders import ONCE_PER_COMPLETED_ORDER, order_body_of
-from testsupport.servers import PrivatePostgres, PrivateRabbitMQ, private_servers, publish_until_confirmed
+from testsupport.servers import (
+    ServerPrograms,
+    on_private_servers,
+    private_servers,
+    publish_until_confirmed,
+)
 
 CHAOS_DATABASE = "orderflow_chaos"
 EVENTS_QUEUE = "chaos.events"
@@ -159,29 +165,21 @@ class PatientClients:
 @asynccontextmanager
 async def running_chaos_system(log_file: Path) -> AsyncIterator[ChaosSystem]:
     """The stack on private servers, and a Temporal dev server keeping its state in a file."""
-    api_port = free_port()
     with tempfile.TemporaryDirectory(prefix="orderflow-chaos-temporal-") as temporal_dir:
         temporal = TemporalDevServer(
             port=free_port(), ui_port=free_port(), db_file=Path(temporal_dir) / "temporal.db", ui=False
         )
         issuer_key = Path(temporal_dir) / "local-issuer.pem"
         local_issuer.ensure_key(issuer_key)
-        async with private_servers() as (postgres, rabbitmq):
-            settings = with_payload_keys(Settings(), RUN_DIR).model_copy(
+        async with private_servers(ServerPrograms.found()) as (postgres, rabbitmq):
+            identity = with_payload_keys(Settings(), RUN_DIR).model_copy(
                 update={
                     **BENCH_PUBLISHER,
                     "auth_local_issuer": True,
                     "auth_local_issuer_key_file": issuer_key,
-                    "database_url": postgres.database_url(CHAOS_DATABASE),
-                    "amqp_url": rabbitmq.amqp_url,
-                    "temporal_address": f"127.0.0.1:{temporal.port}",
-                    "api_port": api_port,
-                    "api_url": f"http://127.0.0.1:{api_port}",
-                    # an outage of a few seconds must not turn into a timeout (see the docstring)
-                    "review_window_seconds": 30.0,
-                    "lifecycle_deadline_seconds": 45.0,
                 }
             )
+            settings = on_private_servers(identity, postgres, rabbitmq, temporal, CHAOS_DATABASE)
             with log_file.open("w") as log:
                 async with running_stack(settings, temporal=temporal, log=log) as stack:
                     yield ChaosSystem(settings, stack, postgres, rabbitmq)

@@ -33,10 +33,10 @@ from pydantic import SecretStr
 from pydantic_core import to_jsonable_python
 from sqlalchemy.engine import make_url
 
+from services.workers.visibility import dev_server_arguments
 from shared import broker_users, connection_security, local_issuer, schema
 from shared.codec import ensure_keys_file
 from shared.contracts import Role
-from shared.logging import settings_or_exit
 from shared.settings import Settings
 
 SERVICES = ("api", "bridge", "workers", "audit")
@@ -77,6 +77,7 @@ class TemporalDevServer:
             "synchronous=off",
             "--log-level",
             "error",
+            *dev_server_arguments(),  # the order workflow's search attributes
         ]
         if self.db_file is not None:
             args += ["--db-filename", str(self.db_file)]
@@ -360,44 +361,6 @@ def sign_in_help(settings: Settings) -> str:
     )
 
 
-async def run_until_interrupted(settings: Settings, run_dir: Path) -> int:
-    """`make run`: the dev server listens where ORDERFLOW_TEMPORAL_ADDRESS says (its UI 1000 ports
-    higher, 8233 by default) and keeps its data in `run_dir`, so orders survive a restart."""
-    port = int(settings.temporal_address.rsplit(":", 1)[1])
-    codec_endpoint = f"{settings.api_url}/codec"
-    temporal = TemporalDevServer(port, port + 1000, run_dir / "temporal.db", codec_endpoint=codec_endpoint)
-    if "codec_cors_origins" not in settings.model_fields_set:
-        settings = settings.model_copy(update={"codec_cors_origins": temporal.ui_origins()})
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    settings, accounts = await with_broker_accounts(settings, run_dir)
-    async with running_stack(settings, temporal=temporal, log=sys.stdout, accounts=accounts) as stack:
-        print(
-            "\norderflow is running:\n"
-            f"  Dashboard   {settings.api_url}/dashboard\n"
-            f"  API docs    {settings.api_url}/docs\n"
-            f"  Metrics     {settings.api_url}/metrics and {metrics_urls(settings)}\n"
-            f"  Temporal UI http://127.0.0.1:{temporal.ui_port}  (payloads encrypted: docs/security.md)\n"
-            f"  RabbitMQ    {settings.amqp_url.rsplit('@', 1)[-1]}"
-            "  (exchanges orders.commands, orders.events)\n"
-            f"  Processes   {', '.join(name for name in stack.pids() if name != 'temporal')}\n"
-            f"{sign_in_help(settings)}"
-            "  Ctrl-C stops everything.\n",
-            flush=True,
-        )
-        stopped = asyncio.create_task(stop.wait())
-        crashed = asyncio.create_task(stack.first_exit())
-        done, _ = await asyncio.wait({stopped, crashed}, return_when=asyncio.FIRST_COMPLETED)
-        if crashed in done:
-            print(f"\n{crashed.result()} exited; stopping everything.", file=sys.stderr)
-            return 1
-        crashed.cancel()
-    print("orderflow stopped.")
-    return 0
-
-
 def with_local_issuer(settings: Settings) -> Settings:
     """`make run`'s identity: the local development issuer, its key created on first start (mode
     0600, in .run/), unless ORDERFLOW_AUTH_LOCAL_ISSUER=false; the services are told explicitly."""
@@ -455,13 +418,3 @@ def with_local_publishers(settings: Settings) -> Settings:
             "amqp_delegates": [*settings.amqp_delegates, LOCAL_DEFAULT_BROKER_USER, operator],
         }
     )
-
-
-def main() -> int:
-    """`make run`, with its data in .run/. Logs are readable lines unless ORDERFLOW_LOG_JSON says
-    otherwise."""
-    settings = for_a_person(
-        with_local_publishers(with_payload_keys(with_local_issuer(settings_or_exit("stack")), RUN_DIR))
-    )
-    RUN_DIR.mkdir(exist_ok=True)
-    return asyncio.run(run_until_interrupted(settings, RUN_DIR))

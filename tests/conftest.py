@@ -24,13 +24,20 @@ from temporalio.testing import WorkflowEnvironment
 
 from devstack.stack import isolated_settings
 from payload_keys import TEST_DATA_CONVERTER, TEST_PAYLOAD_KEYS
+from services.workers.visibility import SEARCH_ATTRIBUTES
 from shared import db, local_issuer, schema
 from shared.contracts import Role
 from shared.settings import Settings
+from testsupport.temporal import register_search_attributes
 
 # the fixtures of the support package, for every test that asks for them by name (a test imports
-# only the helpers it calls)
-pytest_plugins = ["testsupport.amqp", "testsupport.gateway", "testsupport.system"]
+# only the helpers it calls), and the check that the machine has what the selected tests need
+pytest_plugins = [
+    "testsupport.amqp",
+    "testsupport.gateway",
+    "testsupport.prerequisites",
+    "testsupport.system",
+]
 
 BIN = Path(sys.executable).parent
 # ORDERFLOW_TEST_ID lets test sessions run side by side, each on its own database and vhost
@@ -89,30 +96,24 @@ async def db_sessions(
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def temporal_dev_server() -> AsyncIterator[WorkflowEnvironment]:
     """A real Temporal dev server (in memory, WAL-style SQLite settings), once per session."""
-    env = await WorkflowEnvironment.start_local(
+    async with await WorkflowEnvironment.start_local(
         data_converter=TEST_DATA_CONVERTER,
         dev_server_existing_path=_binary("temporal"),
         dev_server_log_level="error",
-        dev_server_extra_args=[
-            "--sqlite-pragma",
-            "journal_mode=wal",
-            "--sqlite-pragma",
-            "synchronous=off",
-        ],
-    )
-    yield env
-    await env.shutdown()
+        dev_server_extra_args=["--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=off"],
+        search_attributes=SEARCH_ATTRIBUTES,
+    ) as env:
+        yield env
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
     """Temporal's time-skipping test server: timers and timeouts pass instantly."""
-    env = await WorkflowEnvironment.start_time_skipping(
-        data_converter=TEST_DATA_CONVERTER,
-        test_server_existing_path=_binary("temporal-test-server"),
-    )
-    yield env
-    await env.shutdown()
+    async with await WorkflowEnvironment.start_time_skipping(
+        data_converter=TEST_DATA_CONVERTER, test_server_existing_path=_binary("temporal-test-server")
+    ) as env:
+        await register_search_attributes(env.client)
+        yield env
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 from temporalio.client import Client
 
+from devstack.servers import PrivatePostgres, PrivateRabbitMQ
 from devstack.stack import Stack, TemporalDevServer, free_port, running_stack
 from shared import broker, db
 from shared.contracts import EventType, OrderStatus, Role
@@ -42,7 +43,12 @@ from shared.temporal import connect_temporal
 from testsupport.gateway import bearer
 from testsupport.orders import ONCE_PER_COMPLETED_ORDER, approve_order, order_body_of, place_order, unique_id
 from testsupport.polling import eventually
-from testsupport.servers import PrivatePostgres, PrivateRabbitMQ, private_servers, publish_until_confirmed
+from testsupport.servers import (
+    ServerPrograms,
+    on_private_servers,
+    private_servers,
+    publish_until_confirmed,
+)
 from testsupport.system import LIFECYCLE_TIMEOUT, EventLog, audit_trail, full_trail_stored
 
 pytestmark = pytest.mark.e2e
@@ -72,7 +78,7 @@ class Subscriber:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def crash(
-    tmp_path_factory: pytest.TempPathFactory, base_settings: Settings
+    tmp_path_factory: pytest.TempPathFactory, base_settings: Settings, server_programs: ServerPrograms
 ) -> AsyncIterator[CrashSystem]:
     """api, bridge, workers and audit as processes, on private servers and a Temporal dev server
     that keeps its state in a file."""
@@ -82,22 +88,9 @@ async def crash(
         db_file=tmp_path_factory.mktemp("temporal") / "temporal.db",
         ui=False,
     )
-    api_port = free_port()
-    async with private_servers() as (postgres, rabbitmq):
+    async with private_servers(server_programs) as (postgres, rabbitmq):
         # the session's identities, keys and publishers' roles, on servers of its own
-        settings = base_settings.model_copy(
-            update={
-                "database_url": postgres.database_url(CRASH_DATABASE),
-                "amqp_url": rabbitmq.amqp_url,
-                "temporal_address": f"127.0.0.1:{temporal.port}",
-                "api_port": api_port,
-                "api_url": f"http://127.0.0.1:{api_port}",
-                # as in tests/test_e2e.py: what happens is checked here, not how fast, and a
-                # recovery must not turn an order into a timeout
-                "review_window_seconds": 30.0,
-                "lifecycle_deadline_seconds": 45.0,
-            }
-        )
+        settings = on_private_servers(base_settings, postgres, rabbitmq, temporal, CRASH_DATABASE)
         with tempfile.NamedTemporaryFile("w+", prefix="orderflow-crash-", suffix=".log", delete=False) as log:
             try:
                 async with running_stack(settings, temporal=temporal, log=log) as stack:

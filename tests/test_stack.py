@@ -1,20 +1,29 @@
 """`make run` (python -m devstack): everything comes up, answers, and Ctrl-C stops it all;
 several bridges and workers run side by side when the settings ask for them; the local issuer's key
-is made on first start and the gateway trusts it."""
+is made on first start and the gateway trusts it. Where nothing answers at the default database or
+broker URL it starts an embedded PostgreSQL or a private RabbitMQ, with their data in its run
+folder; a configured server that does not answer is one line and exit code 1."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import os
+import shutil
 import signal
 import stat
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 
+from devstack import servers
+from devstack.dependencies import local_dependencies, startable_broker, startable_database
+from devstack.servers import ServerUnavailable, answers
 from devstack.stack import (
     for_a_person,
     free_port,
@@ -22,12 +31,14 @@ from devstack.stack import (
     running_stack,
     service_environment,
     service_of,
+    with_broker_accounts,
     with_local_issuer,
 )
-from shared import local_issuer
+from shared import broker, local_issuer, schema
 from shared.contracts import Role
 from shared.settings import Settings
 from testsupport.polling import eventually
+from testsupport.servers import reachable_directory
 
 START_TIMEOUT_SECONDS = 60.0
 REPO = Path(__file__).resolve().parents[1]
@@ -195,3 +206,117 @@ async def test_several_bridges_and_workers_start_restart_and_stop(
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    """`make run`'s folder for its servers' data."""
+    directory = reachable_directory()
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("url", "startable"),
+    [
+        ("postgresql+asyncpg://postgres@127.0.0.1:5432/orderflow", True),
+        ("postgresql+asyncpg://postgres@127.0.0.1:5439/orderflow_dev", True),
+        ("postgresql+asyncpg://postgres:secret@127.0.0.1:5432/orderflow", False),
+        ("postgresql+asyncpg://orderflow@127.0.0.1:5432/orderflow", False),
+        ("postgresql+asyncpg://postgres@db.internal:5432/orderflow", False),
+        ("amqp://guest:guest@127.0.0.1:5672/", True),
+        ("amqp://guest:guest@127.0.0.1:5673", True),
+        ("amqp://guest:guest@127.0.0.1:5672/orders", False),
+        ("amqp://orderflow:secret@127.0.0.1:5672/", False),
+        ("amqps://guest:guest@127.0.0.1:5671/", False),
+    ],
+)
+def test_make_run_may_start_a_server_at_the_default_url_on_any_port(url: str, startable: bool) -> None:
+    may_start = startable_broker if url.startswith("amqp") else startable_database
+    assert may_start(url) is startable
+
+
+async def test_make_run_starts_an_embedded_postgresql_where_nothing_answers_at_the_default_url(
+    base_settings: Settings, run_dir: Path
+) -> None:
+    port = free_port()
+    database_url = f"postgresql+asyncpg://postgres@127.0.0.1:{port}/orderflow"
+    settings = base_settings.model_copy(update={"database_url": database_url})
+
+    async with local_dependencies(settings, run_dir):
+        await schema.ensure_database(database_url)
+    assert not answers("127.0.0.1", port)  # stopped with `make run`
+
+    async with local_dependencies(settings, run_dir):  # the next `make run`: the same data
+        server = await asyncpg.connect(host="127.0.0.1", port=port, user="postgres", database="orderflow")
+        try:
+            assert await server.fetchval("SELECT current_database()") == "orderflow"
+        finally:
+            await server.close()
+    assert not answers("127.0.0.1", port)
+    assert (run_dir / "postgres" / "data" / "PG_VERSION").is_file()
+
+
+async def test_make_run_starts_a_private_rabbitmq_where_nothing_answers_at_the_default_url(
+    base_settings: Settings, run_dir: Path
+) -> None:
+    port = free_port()
+    settings = base_settings.model_copy(update={"amqp_url": f"amqp://guest:guest@127.0.0.1:{port}/"})
+    environment_before = dict(os.environ)
+
+    async with local_dependencies(settings, run_dir):
+        # rabbitmqctl makes the services' broker users on it, as under `make run`
+        _, accounts = await with_broker_accounts(settings, run_dir)
+        bridge = settings.model_copy(
+            update={
+                "amqp_url": accounts["bridge"]["ORDERFLOW_AMQP_URL"],
+                "amqp_password_file": Path(accounts["bridge"]["ORDERFLOW_AMQP_PASSWORD_FILE"]),
+            }
+        )
+        connection = await broker.connect(bridge, "stack-tests", patience=0)
+        await connection.close()
+    assert not answers("127.0.0.1", port)
+    assert dict(os.environ) == environment_before
+    assert (run_dir / "rabbitmq" / "mnesia").is_dir()
+
+
+async def test_make_run_says_how_to_get_rabbitmq_where_none_answers_and_none_is_installed(
+    base_settings: Settings, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(run_dir))
+    monkeypatch.setattr(servers, "RABBITMQ_SERVER_PLACES", ())
+    port = free_port()
+    settings = base_settings.model_copy(update={"amqp_url": f"amqp://guest:guest@127.0.0.1:{port}/"})
+
+    with pytest.raises(ServerUnavailable) as refused:
+        async with local_dependencies(settings, run_dir):
+            pass
+
+    assert str(refused.value) == (
+        f"nothing answers at amqp://guest@127.0.0.1:{port}/, and rabbitmq-server is not installed: "
+        "`sudo apt-get install rabbitmq-server` (Debian, Ubuntu), `brew install rabbitmq` (macOS), or "
+        "`docker compose -f compose/compose.yaml up -d rabbitmq` with "
+        "ORDERFLOW_AMQP_URL=amqp://orderflow:orderflow@127.0.0.1:5672/"
+    )
+
+
+def test_make_run_names_a_configured_database_that_does_not_answer_in_one_line(tmp_path: Path) -> None:
+    port = free_port()
+    unset = {name: value for name, value in os.environ.items() if not name.startswith("ORDERFLOW_")}
+    env = unset | {
+        "PYTHONPATH": str(REPO),
+        "ORDERFLOW_DATABASE_URL": f"postgresql+asyncpg://orderflow:s3cret@127.0.0.1:{port}/orderflow",
+    }
+
+    run = subprocess.run(
+        [sys.executable, "-m", "devstack"], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+    )
+
+    shown = f"postgresql+asyncpg://orderflow@127.0.0.1:{port}/orderflow"  # no password
+    said = (
+        f"make run: nothing answers at {shown} (ORDERFLOW_DATABASE_URL): start it, or unset "
+        "ORDERFLOW_DATABASE_URL for a server of make run's own"
+    )
+    assert run.returncode == 1
+    assert run.stderr.splitlines() == [said]
+    assert run.stdout == ""

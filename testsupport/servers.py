@@ -1,174 +1,111 @@
 """PostgreSQL and RabbitMQ servers of our own, for what restarts them (tests/test_crash.py,
-bench/chaos.py), and a client's publish that rides out such a restart.
+bench/chaos.py), the settings of a system on them, and a client's publish that rides out such a
+restart.
 
 The machine's servers on 5432 and 5672 are shared with whoever else runs tests at the same time, so
-whatever restarts a server restarts one started here: on free ports, with its data in a temporary
-directory that goes when it stops. A restart keeps the data, as a real one does.
+whatever restarts a server restarts one started here (devstack/servers.py): on free ports, with its
+data in a temporary directory that goes when it stops. A restart keeps the data, as a real one does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import signal
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
-from devstack.stack import free_port, wait_for_port
+from devstack.servers import (
+    PrivatePostgres,
+    PrivateRabbitMQ,
+    embedded_postgres,
+    machine_postgres,
+    rabbitmq_server,
+)
+from devstack.stack import TemporalDevServer, free_port
 from shared import broker
 from shared.contracts import Command
+from shared.settings import Settings
 
-POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's; its tools are not on the PATH
-# the server script itself: the /usr/sbin wrapper would switch to the rabbitmq user and its home
-RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
-START_TIMEOUT_SECONDS = 60.0
-STOP_TIMEOUT_SECONDS = 30.0
 PUBLISH_ATTEMPT_SECONDS = 5.0
 PUBLISH_RETRY_SECONDS = 0.2
 PUBLISH_PATIENCE_SECONDS = 60.0
 
 
-async def run(*command: str) -> None:
-    """Run a command to its end; raise with its output if it failed."""
-    process = await asyncio.create_subprocess_exec(
-        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    output, _ = await process.communicate()
-    if process.returncode:
-        raise RuntimeError(
-            f"{' '.join(command)} exited {process.returncode}: {output.decode(errors='replace')}"
-        )
+@dataclass(frozen=True)
+class ServerPrograms:
+    """What private servers are started from: the folder of PostgreSQL's server programs and the
+    rabbitmq-server script."""
+
+    postgres: Path
+    rabbitmq_server: Path
+
+    @classmethod
+    def found(cls) -> ServerPrograms:
+        """The machine's PostgreSQL, else the embedded one's; ServerUnavailable without them."""
+        return cls(machine_postgres() or embedded_postgres(), rabbitmq_server())
 
 
-class PrivatePostgres:
-    """A cluster of its own (initdb), run by pg_ctl: as the postgres user when we are root, since
-    PostgreSQL refuses to run as root. Trust authentication on 127.0.0.1, like the machine's."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self._directory = directory
-        self._as_owner: list[str] = []
-        if os.geteuid() == 0:
-            shutil.chown(directory, "postgres")
-            self._as_owner = ["runuser", "-u", "postgres", "--"]
-
-    def database_url(self, database: str) -> str:
-        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{database}"
-
-    async def start(self) -> None:
-        """The first start creates the cluster."""
-        if not (self._directory / "data").exists():
-            await self._pg_ctl("initdb", "-o", "--auth=trust --username=postgres --encoding=UTF8 --no-sync")
-        options = f"-p {self.port} -k {self._directory} -c listen_addresses=127.0.0.1 -c fsync=off"
-        await self._pg_ctl("start", "-o", options)
-
-    async def stop(self) -> None:
-        """A fast shutdown: open sessions are ended, as in any restart."""
-        await self._pg_ctl("stop", "-m", "fast")
-
-    async def restart(self) -> None:
-        await self.stop()
-        await self.start()
-
-    async def _pg_ctl(self, action: str, *options: str) -> None:
-        # -l: the server's output goes to a file, not to the pipe that run() reads to its end
-        log = self._directory / "server.log"
-        data = self._directory / "data"
-        await run(
-            *self._as_owner,
-            str(POSTGRES_BIN / "pg_ctl"),
-            action,
-            "-w",
-            "-D",
-            str(data),
-            "-l",
-            str(log),
-            *options,
-        )
-
-
-class PrivateRabbitMQ:
-    """A node of its own: its own name, ports, data and Erlang cookie, no plugins, and none of the
-    machine's configuration (/etc/rabbitmq would put it on 5672)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self._directory = directory
-        self._process: asyncio.subprocess.Process | None = None
-        config = directory / "rabbitmq.conf"
-        config.write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
-        no_plugins = directory / "enabled_plugins"
-        no_plugins.write_text("")
-        no_env_file = directory / "rabbitmq-env.conf"
-        no_env_file.write_text("")
-        self._env = {
-            **os.environ,
-            "HOME": str(directory),  # where Erlang keeps the node's cookie
-            "RABBITMQ_NODENAME": f"orderflow-{self.port}@localhost",
-            "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(free_port()),
-            "RABBITMQ_MNESIA_BASE": str(directory / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(directory / "log"),
-            "RABBITMQ_CONFIG_FILE": str(config),
-            "RABBITMQ_CONF_ENV_FILE": str(no_env_file),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(no_plugins),
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
-        }
-
-    @property
-    def amqp_url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
-
-    async def start(self) -> None:
-        with (self._directory / "server.log").open("ab") as log:
-            self._process = await asyncio.create_subprocess_exec(
-                str(RABBITMQ_SERVER), env=self._env, stdout=log, stderr=log, start_new_session=True
-            )
-        await wait_for_port(self.port, START_TIMEOUT_SECONDS)
-
-    async def stop(self) -> None:
-        """SIGTERM: the server script stops the node cleanly (`rabbitmqctl stop`)."""
-        process, self._process = self._process, None
-        if process is None or process.returncode is not None:
-            return
-        process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), STOP_TIMEOUT_SECONDS)
-        except TimeoutError:
-            os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
-
-    async def restart(self) -> None:
-        await self.stop()
-        await self.start()
-
-
-def _servers_directory() -> Path:
+def reachable_directory() -> Path:
+    """A new temporary directory that the postgres account, which runs PostgreSQL for root, can
+    reach (pytest's own are the user's alone)."""
     base = Path(tempfile.mkdtemp(prefix="orderflow-servers-"))
-    base.chmod(0o755)  # the postgres user reaches its directory through this one
+    base.chmod(0o755)
     return base
 
 
 @asynccontextmanager
-async def private_servers() -> AsyncIterator[tuple[PrivatePostgres, PrivateRabbitMQ]]:
+async def private_servers(programs: ServerPrograms) -> AsyncIterator[tuple[PrivatePostgres, PrivateRabbitMQ]]:
     """A PostgreSQL and a RabbitMQ server; stopped, and their data deleted, at the end."""
-    base = _servers_directory()
+    base = reachable_directory()
     async with AsyncExitStack() as exits:
         exits.callback(shutil.rmtree, base, ignore_errors=True)
         (base / "postgres").mkdir()
         (base / "rabbitmq").mkdir()
-        postgres = PrivatePostgres(base / "postgres")
+        postgres = PrivatePostgres(base / "postgres", free_port(), programs.postgres)
         await postgres.start()
         exits.push_async_callback(postgres.stop)
-        rabbitmq = PrivateRabbitMQ(base / "rabbitmq")
+        rabbitmq = PrivateRabbitMQ(base / "rabbitmq", free_port(), programs.rabbitmq_server)
         exits.push_async_callback(rabbitmq.stop)  # also stops a node that never opened its port
         await rabbitmq.start()
         yield postgres, rabbitmq
+
+
+def unhurried(settings: Settings) -> Settings:
+    """`settings` for a system whose tests check what happens, not how fast (bench/ measures that
+    with the shipped timings): a slow machine must not turn an order into a timeout, and a
+    person-like client gets time to act. Its API listens on a free port."""
+    port = free_port()
+    return settings.model_copy(
+        update={
+            "api_port": port,
+            "api_url": f"http://127.0.0.1:{port}",
+            "review_window_seconds": 30.0,
+            "lifecycle_deadline_seconds": 45.0,
+        }
+    )
+
+
+def on_private_servers(
+    settings: Settings,
+    postgres: PrivatePostgres,
+    rabbitmq: PrivateRabbitMQ,
+    temporal: TemporalDevServer,
+    database: str,
+) -> Settings:
+    """`settings` for a system on these servers (its database called `database`), unhurried: a
+    server's restart must not turn an order into a timeout."""
+    return unhurried(settings).model_copy(
+        update={
+            "database_url": postgres.database_url(database),
+            "amqp_url": rabbitmq.amqp_url,
+            "temporal_address": f"127.0.0.1:{temporal.port}",
+        }
+    )
 
 
 async def publish_until_confirmed(

@@ -17,33 +17,24 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from devstack.stack import free_port, running_stack
+from devstack.stack import running_stack
 from shared import broker
-from shared.admissions import AdmissionStatus
+from shared.admission_table import AdmissionStatus
 from shared.contracts import EventType, OrderEvent
 from shared.db import Admission, AuditEvent, create_engine
 from shared.settings import Settings
 from testsupport.orders import ADDRESS
 from testsupport.polling import eventually
+from testsupport.servers import unhurried
 
 LIFECYCLE_TIMEOUT = 60.0  # generous: the contract's 15 s is measured by bench/lifecycle.py
 
 
 @asynccontextmanager
 async def running_system(settings: Settings, name: str) -> AsyncIterator[Settings]:
-    """api, bridge, workers and audit as processes (the `make run` launcher), the API on a free
-    port, against the session's database, vhost and dev server. These tests check what happens,
-    not how fast (bench/ measures that with the shipped timings): a slow machine must not turn an
-    order into a timeout, and a person-like client gets time to act."""
-    port = free_port()
-    system_settings = settings.model_copy(
-        update={
-            "api_port": port,
-            "api_url": f"http://127.0.0.1:{port}",
-            "review_window_seconds": 30.0,
-            "lifecycle_deadline_seconds": 45.0,
-        }
-    )
+    """api, bridge, workers and audit as processes (the `make run` launcher), unhurried, against
+    the session's database, vhost and dev server."""
+    system_settings = unhurried(settings)
     await release_slots_left_held(settings)
     with tempfile.NamedTemporaryFile("w+", prefix=f"orderflow-{name}-", suffix=".log", delete=False) as log:
         try:
