@@ -1,30 +1,33 @@
 """The dashboard: its figures (`GET /stats`) and its files against a gateway process, and the page
-itself in headless Chromium (Debian's `chromium`, driven by Playwright) against the whole system:
-signed in with a token (from a `orderflow token --link` link, or pasted), the buttons of its role,
-and a cross-site form post that changes nothing.
+itself in headless Chromium (Debian's `chromium`, driven by Playwright): against a gateway and rows
+of the read model, an order found by its id, its events as fields, its link to the Temporal UI and a
+layout whose parts never overlap, on screens from a phone's to a desktop's; against the whole
+system, signed in with a token (from a `orderflow token --link` link, or pasted), the buttons of its
+role, a cancel only once confirmed, and a cross-site form post that changes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, FloatRect, Page, ViewportSize, async_playwright, expect
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from typer.testing import CliRunner
 
 from services.cli.main import app as cli
-from shared.admissions import AdmissionStatus
+from shared.admission_table import AdmissionStatus
 from shared.contracts import EventType, OrderState, Role
 from shared.db import Admission, transaction
+from shared.lifecycle import order_workflow_id
 from shared.settings import Settings
 from testsupport.gateway import bearer, serving_page
 from testsupport.orders import order_body, unique_id
@@ -89,7 +92,9 @@ def completed_in(figures: dict[str, Any], minute: datetime) -> int:
     return int(count)
 
 
-async def test_the_dashboard_is_a_page_a_script_and_a_style_sheet(gateway_url: str) -> None:
+async def test_the_dashboard_is_a_page_a_script_and_a_style_sheet(
+    gateway_url: str, settings: Settings
+) -> None:
     # no token: the page is its own sign-in page, and holds no data
     async with httpx.AsyncClient(base_url=gateway_url) as client:
         page = await client.get("/dashboard")
@@ -102,6 +107,8 @@ async def test_the_dashboard_is_a_page_a_script_and_a_style_sheet(gateway_url: s
     assert '<script src="/dashboard/static/dashboard.js"' in page.text
     assert "<script>" not in page.text  # no inline script: the policy allows none
     assert '<meta name="orderflow-roles-claim" content="roles">' in page.text
+    workflows = f"{settings.temporal_ui_url}/namespaces/{settings.temporal_namespace}/workflows"
+    assert f'<meta name="orderflow-workflow-url" content="{workflows}/order-{{order_id}}">' in page.text
     policy = dict(rule.split(" ", 1) for rule in page.headers["content-security-policy"].split("; "))
     assert (policy["default-src"], policy["script-src"], policy["connect-src"]) == (
         "'none'",
@@ -127,18 +134,178 @@ async def test_the_figures_are_for_reviewers_and_operators(gateway_url: str, bas
     assert anonymous.headers["www-authenticate"].startswith("Bearer")
 
 
-# --- the page in a browser, against the whole system ---------------------------------------------
+# --- the page in a browser -----------------------------------------------------------------------
 @pytest_asyncio.fixture(loop_scope="session")
-async def browser() -> AsyncIterator[Browser]:
-    """Headless Chromium: Debian's package (`.ci/run` installs it), not a download of Playwright's."""
-    chromium = shutil.which("chromium")
-    assert chromium, "no chromium on PATH: apt-get install chromium"
+async def browser(chromium: str) -> AsyncIterator[Browser]:
+    """Headless Chromium (or Chrome) of the machine's (`.ci/run` installs Debian's), not a download of
+    Playwright's."""
     async with async_playwright() as playwright:
         launched = await playwright.chromium.launch(executable_path=chromium)
         yield launched
         await launched.close()
 
 
+# against a gateway and rows of the read model
+PHONE = "phone"
+SCREENS: dict[str, ViewportSize] = {
+    PHONE: {"width": 390, "height": 844},
+    "laptop": {"width": 1280, "height": 800},
+    "desktop": {"width": 1400, "height": 900},
+    "full HD": {"width": 1920, "height": 1080},
+}
+ALL_COLUMNS = ["Order", "State", "Amount", "Created", "Updated"]
+# an order waiting for its reviewer whose address was changed: the longest state in the list, an
+# address in the timeline
+IN_REVIEW_WITH_NEW_ADDRESS = (
+    EventType.QUEUED,
+    EventType.ADMITTED,
+    EventType.RECEIVED,
+    EventType.VALIDATED,
+    EventType.ADDRESS_UPDATED,
+    EventType.AWAITING_APPROVAL,
+)
+LONG_ORDER_ID = 60  # ids go up to 64 characters; `insert_order` makes its payment id `pay-<order id>`
+PIXEL = 0.5  # what rounding may leave between boxes that touch
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def order_in_review(db_sessions: async_sessionmaker[AsyncSession]) -> str:
+    """An order with a long id, in review, with its events; its id."""
+    order_id = unique_id("review-" + "w" * 40)
+    assert len(order_id) == LONG_ORDER_ID
+    await insert_order(db_sessions, order_id, OrderState.AWAITING_APPROVAL)
+    await insert_events(
+        db_sessions, order_id, dict(enumerate(IN_REVIEW_WITH_NEW_ADDRESS, start=1)), example_data=True
+    )
+    return order_id
+
+
+async def signed_in(browser: Browser, gateway_url: str, settings: Settings, subject: str, role: Role) -> Page:
+    """A page of the dashboard, signed in as `subject` with `role` by a link, once it is live."""
+    token = bearer(settings, subject, role)["Authorization"].removeprefix("Bearer ")
+    page = await browser.new_page(viewport=SCREENS["desktop"], timezone_id="UTC", locale="en-GB")
+    await page.goto(f"{gateway_url}/dashboard#token={token}")
+    await expect(page.locator("#live")).to_have_text("live")
+    return page
+
+
+async def find(page: Page, order_id: str) -> None:
+    await page.fill("#find-id", order_id)
+    await page.click("#find button[type=submit]")
+
+
+async def test_an_order_is_found_by_its_id_with_its_events_as_fields_and_its_workflow_linked(
+    browser: Browser, gateway_url: str, settings: Settings, order_in_review: str
+) -> None:
+    page = await signed_in(browser, gateway_url, settings, "olga", Role.OPERATOR)
+
+    await find(page, "no-such-order")
+    await expect(page.locator("#find-message")).to_have_text("No order no-such-order.")
+    await expect(page.locator("#detail")).to_be_hidden()
+
+    await find(page, order_in_review)
+    await expect(page.locator("#find-message")).to_have_text("")
+    await expect(page.locator("#detail-id")).to_have_text(order_in_review)
+    await expect(page.locator("#detail-state")).to_have_text("awaiting_approval")
+    workflow = f"{settings.temporal_ui_url}/namespaces/{settings.temporal_namespace}/workflows"
+    link = page.locator("#workflow-link")
+    await expect(link).to_have_attribute("href", f"{workflow}/{order_workflow_id(order_in_review)}")
+    await expect(link).to_have_attribute("target", "_blank")
+
+    timeline = page.locator("#timeline li")
+    await expect(timeline).to_have_count(len(IN_REVIEW_WITH_NEW_ADDRESS))
+    # times as the page's clock reads them (UTC here), numbers as they are, an address on one line
+    assert await fields_of(page, "queued") == {"queued at": "12:00:00", "placed by": "alice"}
+    assert await fields_of(page, "admitted") == {"queued at": "12:00:00", "admission wait seconds": "0.25"}
+    assert await fields_of(page, "address_updated") == {
+        "address": "Ada Lovelace, 12 St James's Square, London, SW1Y 4JH, GB"
+    }
+    assert await fields_of(page, "awaiting_approval") == {"review window seconds": "300"}
+    assert await fields_of(page, "validated") == {}
+    assert "{" not in await page.locator("#timeline").inner_text()  # no raw JSON
+
+
+async def test_the_list_and_the_order_never_overlap_from_a_phone_to_a_desktop(
+    browser: Browser, gateway_url: str, settings: Settings, order_in_review: str
+) -> None:
+    page = await signed_in(browser, gateway_url, settings, "olga", Role.OPERATOR)
+    await find(page, order_in_review)
+    await expect(page.locator("#timeline li")).to_have_count(len(IN_REVIEW_WITH_NEW_ADDRESS))
+    await expect(page.locator(f'#orders tbody tr[data-order-id="{order_in_review}"]')).to_be_visible()
+
+    for screen, size in SCREENS.items():
+        await page.set_viewport_size(size)
+        await page.evaluate("window.scrollTo(0, 0)")
+        layout = await layout_of(page)
+        assert layout.page_width <= size["width"], f"{screen}: the page scrolls sideways"
+        assert layout.panel_overflow == 0, f"{screen}: the order's panel scrolls sideways"
+        assert not overlap(layout.list, layout.panel), f"{screen}: the panel lies over the list"
+        for name, column in layout.columns.items():
+            assert within_width(column, layout.list), f"{screen}: {name} sticks out of the list"
+            assert not overlap(column, layout.panel), f"{screen}: the panel lies over {name}"
+        for (name, column), (other_name, other) in combinations(layout.columns.items(), 2):
+            assert not overlap(column, other), f"{screen}: {name} and {other_name} overlap"
+        if screen == PHONE:  # the panel under the list, which leaves out when orders were created
+            assert list(layout.columns) == [name for name in ALL_COLUMNS if name != "Created"]
+            assert layout.panel["y"] >= layout.list["y"] + layout.list["height"]
+        else:
+            assert list(layout.columns) == ALL_COLUMNS, screen
+            assert layout.panel["x"] >= right_of(layout.list), f"{screen}: the panel is not beside the list"
+
+
+class Layout(NamedTuple):
+    list: FloatRect
+    columns: dict[str, FloatRect]  # those shown, by their headings
+    panel: FloatRect
+    page_width: int
+    panel_overflow: int
+
+
+async def layout_of(page: Page) -> Layout:
+    """Where the list, its columns and the order's panel are, and whether anything is too wide."""
+    headings = page.locator("#orders th")
+    names = await headings.all_text_contents()
+    boxes = [await heading.bounding_box() for heading in await headings.all()]
+    return Layout(
+        list=await box_of(page, "section.orders"),
+        columns={name: box for name, box in zip(names, boxes, strict=True) if box is not None},
+        panel=await box_of(page, "#detail"),
+        page_width=await page.evaluate("document.documentElement.scrollWidth"),
+        panel_overflow=await page.locator("#detail").evaluate(
+            "aside => aside.scrollWidth - aside.clientWidth"
+        ),
+    )
+
+
+async def box_of(page: Page, selector: str) -> FloatRect:
+    box = await page.locator(selector).bounding_box()
+    assert box is not None, f"{selector} is not shown"
+    return box
+
+
+def right_of(box: FloatRect) -> float:
+    return box["x"] + box["width"]
+
+
+def overlap(one: FloatRect, other: FloatRect) -> bool:
+    across = min(right_of(one), right_of(other)) - max(one["x"], other["x"])
+    down = min(one["y"] + one["height"], other["y"] + other["height"]) - max(one["y"], other["y"])
+    return across > PIXEL and down > PIXEL
+
+
+def within_width(inner: FloatRect, outer: FloatRect) -> bool:
+    return inner["x"] >= outer["x"] - PIXEL and right_of(inner) <= right_of(outer) + PIXEL
+
+
+async def fields_of(page: Page, event_type: str) -> dict[str, str]:
+    """The fields the timeline shows of the order's event of `event_type`."""
+    event = page.locator(f'#timeline li[data-type="{event_type}"]')
+    names = await event.locator("dt").all_text_contents()
+    values = await event.locator("dd").all_text_contents()
+    return dict(zip(names, values, strict=True))
+
+
+# against the whole system
 def sign_in_link(settings: Settings, subject: str, role: Role) -> str:
     """What `orderflow token --link` prints, run as a person would under `make run`."""
     result = CliRunner().invoke(
@@ -263,10 +430,31 @@ async def test_a_customer_signs_in_with_a_pasted_token_and_sees_its_own_orders_w
     await row.click()
     await expect(page.locator("#detail-id")).to_have_text(own)
     await expect(page.locator("#approve")).to_be_hidden()
+    await expect(page.locator("#workflow-link")).to_be_hidden()  # the Temporal UI is for the staff
     await expect(page.locator("#cancel")).to_be_enabled(timeout=LIFECYCLE_TIMEOUT_MS)
-    await page.click("#cancel")
+
+    cancels: list[str] = []
+    page.on(
+        "request", lambda request: cancels.append(request.url) if request.url.endswith("/cancel") else None
+    )
+    confirmation = page.locator("#cancel-dialog")
+    await page.click("#cancel")  # kept, with the dialog's button
+    await expect(confirmation).to_be_visible()
+    await expect(page.locator("#cancel-order-id")).to_have_text(own)
+    await page.click("#cancel-keep")
+    await expect(confirmation).to_be_hidden()
+    await page.click("#cancel")  # kept, with Escape
+    await expect(confirmation).to_be_visible()
+    await page.keyboard.press("Escape")
+    await expect(confirmation).to_be_hidden()
+    await page.click("#cancel")  # confirmed
+    await page.fill("#cancel-reason", "ordered twice")
+    await page.click("#cancel-confirm")
     await expect(page.locator("#action-result")).to_have_text("CancelOrder accepted")
+    assert cancels == [f"{system.api_url}/orders/{own}/cancel"]  # the confirmed one alone
     await expect(page.locator("#detail-state")).to_have_text("cancelled", timeout=LIFECYCLE_TIMEOUT_MS)
+    await expect(page.locator('#timeline li[data-type="cancelled"]')).to_have_count(1)
+    assert (await fields_of(page, "cancelled"))["reason"] == "ordered twice"
 
     # a token the gateway does not take (another issuer's, say) sends it back to sign in
     await page.evaluate(

@@ -1,16 +1,19 @@
 """The live dashboard (`/dashboard`: a page, a script and a style sheet from `static/`) and the figures
 it shows (`GET /stats`).
 
-The page lists orders (`GET /orders`), shows an order's status and timeline (`GET /orders/{id}`,
-its event stream) and steers it (the command endpoints); it follows every order through
-`/events/stream`, so it needs nothing but the gateway's public API. The page itself is open: it is
-also the sign-in page, holds no data, and sends the bearer token it signs in with on every request.
+The page lists orders (`GET /orders`), finds one by its id, shows an order's status and timeline
+(`GET /orders/{id}`, its event stream) with a link to its workflow in the Temporal UI, and steers it
+(the command endpoints); it follows every order through `/events/stream`, so it needs nothing but
+the gateway's public API. The page itself is open: it is also the sign-in page, holds no data, and
+sends the bearer token it signs in with on every request.
 """
 
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
@@ -23,12 +26,16 @@ from services.api.auth import AUTH_RESPONSES, Overseer
 from services.api.dependencies import SessionDep
 from services.api.schemas import AdmissionLoad, MinuteCount, Stats
 from services.api.streams import newest_position
-from shared.admissions import HOLDING_SLOT, AdmissionStatus
+from shared.admission_table import HOLDING_SLOT, AdmissionStatus
 from shared.contracts import OrderState
 from shared.db import Admission, Order
+from shared.lifecycle import order_workflow_id
+from shared.settings import Settings
+from shared.temporal import connect_config
 
 STATIC_DIR = Path(__file__).parent / "static"
 DASHBOARD_PAGE = (STATIC_DIR / "dashboard.html").read_text()
+PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")  # `{{name}}` in the page: a value from the settings
 # its own script and style sheet only, requests to this gateway only, never in a frame, no form
 # that submits anywhere: an injected script or a clickjacking page gets nowhere
 CONTENT_SECURITY_POLICY = (
@@ -49,9 +56,20 @@ router.mount("/dashboard/static", StaticFiles(directory=STATIC_DIR), name="dashb
 
 @router.get("/dashboard", include_in_schema=False)
 async def dashboard(request: Request) -> HTMLResponse:
-    """The page, told which claim holds the roles (it shows them; the gateway decides)."""
-    roles_claim = html.escape(request.app.state.settings.auth_roles_claim)
-    return HTMLResponse(DASHBOARD_PAGE.replace("{{roles_claim}}", roles_claim), headers=PAGE_HEADERS)
+    """The page, told which claim holds the roles (it shows them; the gateway decides) and where the
+    Temporal UI shows an order's workflow."""
+    settings: Settings = request.app.state.settings
+    values = {"roles_claim": settings.auth_roles_claim, "workflow_url": workflow_url_template(settings)}
+    page = PLACEHOLDER.sub(lambda found: html.escape(values[found[1]]), DASHBOARD_PAGE)
+    return HTMLResponse(page, headers=PAGE_HEADERS)
+
+
+def workflow_url_template(settings: Settings) -> str:
+    """An order's workflow in the Temporal UI, `{order_id}` standing for the order's id (the page
+    fills it in), in the namespace the services use."""
+    namespace = quote(connect_config(settings).get("namespace", settings.temporal_namespace), safe="")
+    workflow_id = order_workflow_id("{order_id}")
+    return f"{settings.temporal_ui_url.rstrip('/')}/namespaces/{namespace}/workflows/{workflow_id}"
 
 
 @router.get(

@@ -22,6 +22,9 @@ const IN_REVIEW = "awaiting_approval";
 
 const $ = (selector) => document.querySelector(selector);
 const ROLES_CLAIM = $('meta[name="orderflow-roles-claim"]').content;
+// the order's workflow in the Temporal UI, `{order_id}` standing for the order's id
+const WORKFLOW_URL = $('meta[name="orderflow-workflow-url"]').content;
+const DEFAULT_CANCEL_REASON = "cancelled from the dashboard";
 
 // who is signed in; `ended` aborts everything the session started (requests, streams)
 const session = { token: null, subject: null, roles: new Set(), ended: null, timers: [] };
@@ -67,7 +70,7 @@ function rolesIn(claims) {
 }
 
 const has = (...roles) => roles.some((role) => session.roles.has(role));
-const seesEveryOrder = () => has("reviewer", "operator"); // the figures and every order's stream
+const seesEveryOrder = () => has("reviewer", "operator"); // the figures, every order's stream, Temporal
 
 // the token of a sign-in link, taken out of the address bar (and so out of the history) at once
 function tokenFromFragment() {
@@ -103,6 +106,7 @@ function signOut(message) {
   Object.assign(view, { state: null, cursor: null, selected: null, orderStream: null, status: null });
   $("#orders tbody").replaceChildren();
   $("#detail").hidden = true;
+  $("#cancel-dialog").close();
   showSignIn(message);
 }
 
@@ -139,6 +143,13 @@ async function getJson(path) {
   const response = await api(path);
   if (!response.ok) throw new Error(`${path}: ${response.status}`);
   return response.json();
+}
+
+// what the gateway answered a request it refused, for a person
+async function refusal(response) {
+  const answer = await response.json().catch(() => ({ detail: response.statusText }));
+  const detail = typeof answer.detail === "string" ? answer.detail : JSON.stringify(answer.detail);
+  return `refused (${response.status}): ${detail}`;
 }
 
 // Follow a server-sent event stream. EventSource cannot send an Authorization header, so fetch()
@@ -235,7 +246,7 @@ function orderRow(order) {
     element("td", order.order_id, "id"),
     element("td", order.state, `state ${order.state}`),
     element("td", money(order.amount_cents), "amount"),
-    element("td", time(order.created_at)),
+    element("td", time(order.created_at), "created"),
     element("td", time(order.updated_at)),
   );
   row.addEventListener("click", () => select(order.order_id));
@@ -275,10 +286,16 @@ function select(orderId) {
   for (const row of document.querySelectorAll("#orders tbody tr")) {
     row.classList.toggle("selected", row.dataset.orderId === orderId);
   }
-  $("#detail").hidden = false;
+  const detail = $("#detail");
+  detail.hidden = false;
   $("#detail-id").textContent = orderId;
   $("#action-result").textContent = "";
   $("#timeline").replaceChildren();
+  const workflow = $("#workflow-link");
+  workflow.hidden = !seesEveryOrder();
+  workflow.href = WORKFLOW_URL.replace("{order_id}", encodeURIComponent(orderId));
+  // where the panel is under the list (a narrow screen) and out of sight, bring it up
+  if (detail.getBoundingClientRect().top > window.innerHeight) detail.scrollIntoView();
   showActions();
   refreshStatus();
   view.orderStream = new AbortController();
@@ -331,17 +348,43 @@ function addToTimeline(event) {
   const item = element("li");
   item.dataset.seq = event.seq;
   item.dataset.type = event.type;
-  const details = Object.keys(event.data).length ? JSON.stringify(event.data) : "";
   item.append(
     element("span", `#${event.seq}`, "seq"),
     element("span", time(event.occurred_at), "when"),
     element("span", event.type, `type ${event.type}`),
-    element("code", details),
   );
+  const fields = Object.entries(event.data).filter(([, value]) => value !== null);
+  if (fields.length) item.append(fieldList(fields));
   // in seq order (a rejection outside any lifecycle has seq 0 and goes last)
   const timeline = $("#timeline");
   const later = [...timeline.children].find((other) => event.seq > 0 && (Number(other.dataset.seq) > event.seq || other.dataset.seq === "0"));
   timeline.insertBefore(item, later ?? null);
+}
+
+// an event's data as a list of its fields, each named in words
+function fieldList(fields) {
+  const list = element("dl");
+  for (const [key, value] of fields) {
+    const [name, text] = field(key, value);
+    list.append(element("dt", name.replaceAll("_", " ")), element("dd", text));
+  }
+  return list;
+}
+
+// `amount_cents: 2500` reads "amount 25.00", `queued_at` a time of day, an address one line
+function field(key, value) {
+  if (key.endsWith("_cents")) return [key.slice(0, -"_cents".length), money(value)];
+  if (key.endsWith("_at")) return [key, time(value)];
+  return [key, readable(value)];
+}
+
+function readable(value) {
+  if (typeof value === "boolean") return value ? "yes" : "no";
+  if (Array.isArray(value)) return value.map(readable).join("; ");
+  if (value !== null && typeof value === "object") {
+    return Object.values(value).filter((part) => part !== null && part !== "").map(readable).join(", ");
+  }
+  return String(value);
 }
 
 async function command(action, body) {
@@ -353,10 +396,30 @@ async function command(action, body) {
     headers: { "content-type": "application/json" },
     body: JSON.stringify(body),
   });
-  const answer = await response.json().catch(() => ({ detail: response.statusText }));
-  result.textContent = response.ok
-    ? `${answer.type} accepted`
-    : `refused (${response.status}): ${typeof answer.detail === "string" ? answer.detail : JSON.stringify(answer.detail)}`;
+  result.textContent = response.ok ? `${(await response.json()).type} accepted` : await refusal(response);
+}
+
+// a cancel cannot be taken back: it is sent only once confirmed in the dialog (with its reason)
+function confirmCancel() {
+  $("#cancel-order-id").textContent = view.selected;
+  $("#cancel-reason").value = "";
+  $("#cancel-reason").placeholder = DEFAULT_CANCEL_REASON;
+  $("#cancel-dialog").showModal();
+}
+
+function cancelConfirmed() {
+  const reason = $("#cancel-reason").value.trim() || DEFAULT_CANCEL_REASON;
+  $("#cancel-dialog").close();
+  command("cancel", { reason }).catch(() => {});
+}
+
+// an order by its id, whether or not the list shows it
+async function find(orderId) {
+  const message = $("#find-message");
+  message.textContent = "";
+  const response = await api(`/orders/${encodeURIComponent(orderId)}`);
+  if (response.ok) select(orderId);
+  else message.textContent = response.status === 404 ? `No order ${orderId}.` : await refusal(response);
 }
 
 // --- live ---------------------------------------------------------------------------------------
@@ -393,7 +456,13 @@ function start() {
 }
 
 $("#approve").addEventListener("click", () => command("approve", {}).catch(() => {}));
-$("#cancel").addEventListener("click", () => command("cancel", { reason: "cancelled from the dashboard" }).catch(() => {}));
+$("#cancel").addEventListener("click", confirmCancel);
+$("#cancel-confirm").addEventListener("click", cancelConfirmed);
+$("#cancel-keep").addEventListener("click", () => $("#cancel-dialog").close());
+$("#find").addEventListener("submit", (submitted) => {
+  submitted.preventDefault();
+  find($("#find-id").value).catch(() => {});
+});
 $("#more").addEventListener("click", async () => renderOrders(await loadOrders(view.cursor), true));
 $("#sign-out").addEventListener("click", () => signOut("Signed out."));
 $("#sign-in-form").addEventListener("submit", (submitted) => {
