@@ -6,9 +6,11 @@
 The whole system (the `make run` launcher) runs on servers of its own: a PostgreSQL and a RabbitMQ
 started for the run (testsupport/servers.py; never the machine's shared ones) and a Temporal dev
 server that keeps its state in a file. Orders are placed over the REST gateway at a steady rate and
-approved when they ask, as in bench/lifecycle.py. Meanwhile, one at a time and spread evenly over
-the load, api, bridge, workers and audit are killed -9 and started again, RabbitMQ and PostgreSQL
-are restarted, and the Temporal server is killed -9 and started again (--rounds times over).
+approved when they ask, as in bench/lifecycle.py; every --cancel-every-th order is cancelled over
+AMQP as soon as its placement is accepted, racing its registration. Meanwhile, one at a time and
+spread evenly over the load, api, bridge, workers and audit are killed -9 and started again,
+RabbitMQ and PostgreSQL are restarted, and the Temporal server is killed -9 and started again
+(--rounds times over).
 
 The clients ride out the outages as real ones should: a placement or approval the system did not
 confirm (connection refused, 503) is sent again with the same command id, so it has one effect,
@@ -71,12 +73,12 @@ from devstack.stack import RUN_DIR, Stack, TemporalDevServer, free_port, running
 from services.audit.projection import STATE_OF_EVENT
 from services.workers.business_functions import PaymentStatus
 from shared import broker, db, local_issuer
-from shared.contracts import EventType, OrderEvent
+from shared.contracts import Command, EventType, OrderEvent
 from shared.db import AuditEvent, Order, Payment
 from shared.lifecycle import ORDER_WORKFLOW, order_workflow_id
 from shared.settings import Settings
 from shared.temporal import connect_temporal
-from testsupport.orders import ONCE_PER_COMPLETED_ORDER, order_body_of
+from testsupport.orders import ONCE_PER_COMPLETED_ORDER, cancel_order, order_body_of
 from testsupport.servers import (
     ServerPrograms,
     on_private_servers,
@@ -119,18 +121,29 @@ class PatientClients:
     riding out outages: what the system did not confirm is sent again, with the same command id,
     until it is."""
 
-    def __init__(self, api: httpx.AsyncClient, topology: broker.Topology, ledger: Ledger) -> None:
+    def __init__(
+        self, api: httpx.AsyncClient, topology: broker.Topology, ledger: Ledger, cancel_every: int
+    ) -> None:
         self._api = api
         self._topology = topology
         self._ledger = ledger
-        self._approvals: set[asyncio.Task[None]] = set()
+        self._cancel_every = cancel_every
+        self._placements = 0
+        self._commands: set[asyncio.Task[None]] = set()
 
     async def place(self, order_id: str) -> None:
         body = order_body_of(place_command(order_id))
         while True:
             if await self._placed(body):
-                return
+                break
             await asyncio.sleep(RETRY_SECONDS)
+        self._placements += 1
+        if self._cancel_every and self._placements % self._cancel_every == 0:
+            self._send(cancel_order(order_id))
+
+    def _send(self, command: Command) -> None:
+        sending = publish_until_confirmed(self._topology, command, patience=APPROVAL_PATIENCE_SECONDS)
+        self._commands.add(asyncio.create_task(sending))
 
     async def _placed(self, body: dict[str, Any]) -> bool:
         try:
@@ -152,14 +165,11 @@ class PatientClients:
         clock = self._ledger.observe(event.order_id, event.type, seq=event.seq, event_id=event.event_id)
         if clock is not None and event.type is EventType.AWAITING_APPROVAL and not clock.approval_requested:
             clock.approval_requested = True
-            approval = publish_until_confirmed(
-                self._topology, approve_command(event.order_id), patience=APPROVAL_PATIENCE_SECONDS
-            )
-            self._approvals.add(asyncio.create_task(approval))
+            self._send(approve_command(event.order_id))
 
-    async def approvals_sent(self) -> None:
-        """Every approval confirmed by the broker (raises if one never was)."""
-        await asyncio.gather(*self._approvals)
+    async def commands_sent(self) -> None:
+        """Every approval and cancel confirmed by the broker (raises if one never was)."""
+        await asyncio.gather(*self._commands)
 
 
 @asynccontextmanager
@@ -381,14 +391,14 @@ async def run(args: argparse.Namespace) -> tuple[Outcome, Findings, int]:
                 base_url=system.settings.api_url, timeout=30, headers=customer_token(system.settings)
             )
         )
-        clients = PatientClients(api, topology, ledger)
+        clients = PatientClients(api, topology, ledger, args.cancel_every)
         # durable: the events published while the broker restarts wait for the clients in it
         events = await channel.declare_queue(EVENTS_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
         await events.bind(topology.events, routing_key="order.#")
         await events.consume(clients.on_event)
         await asyncio.gather(offer(clients, ledger, load), disrupt_in_turn(system, schedule, interval))
         await ledger.settle(args.patience)
-        await clients.approvals_sent()
+        await clients.commands_sent()
         findings = await examine(system, ledger, args.patience)
     return Outcome("chaos", load.orders, load.rate, ledger, cpu_seconds={}), findings, len(schedule)
 
@@ -400,6 +410,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--orders", type=int, default=300, help="how many orders")
     parser.add_argument("--rate", type=float, default=4.0, help="orders placed per second")
     parser.add_argument("--rounds", type=int, default=1, help="times each process and server is disrupted")
+    parser.add_argument(
+        "--cancel-every",
+        type=int,
+        default=10,
+        metavar="N",
+        help="cancel every N-th order as soon as it is placed (0: none)",
+    )
     parser.add_argument(
         "--patience",
         type=float,

@@ -102,40 +102,7 @@ redelivered from here automatically."""
 
 
 def build_asyncapi() -> Json:
-    channels: Json = {}
-    operations: Json = {}
-    messages: Json = {}
-    for command, model in COMMAND_MODELS.items():
-        key, name = COMMAND_ROUTING_KEYS[command], command.value
-        messages[name] = _message(name, name, _summary(model), _ref(model.__name__), "command", name)
-        channels[key] = _channel(key, name, name, "commands")
-        operations[f"send.{key}"] = _operation("send", key, name, f"Send a {name} command.", "persistent")
-    for event in EventType:
-        key, name, model = event.routing_key, f"OrderEvent.{event.value}", EVENT_DATA[event]
-        summary = _summary(model) + (" Terminal: the lifecycle has ended." if event.is_terminal else "")
-        narrowed: Json = {"properties": {"type": {"const": event.value}, "data": _ref(model.__name__)}}
-        payload: Json = {"allOf": [_ref("OrderEvent"), narrowed]}
-        messages[name] = _message(name, f"Order {event.value}", summary, payload, "event", event.value)
-        channels[key] = _channel(key, name, f"Order {event.value}", "events")
-        operations[f"receive.{key}"] = _operation(
-            "receive", key, name, f"Receive `{event.value}` events.", "persistent_timestamped"
-        )
-    messages["DeadLetter"] = {
-        "name": "DeadLetter",
-        "title": "Dead letter",
-        "summary": "A message that a consumer gave up on, with the reason in its headers.",
-        "headers": _ref(DeadLetterHeaders.__name__),
-        "payload": {"description": "The original body, unchanged; it may not even be JSON."},
-    }
-    channels[DEAD_LETTER_QUEUE] = _channel(DEAD_LETTER_QUEUE, "DeadLetter", "Dead letter", "deadLetter") | {
-        "description": DEAD_LETTER_DESCRIPTION
-    }
-    operations[f"receive.{DEAD_LETTER_QUEUE}"] = _operation(
-        "receive",
-        DEAD_LETTER_QUEUE,
-        "DeadLetter",
-        "Operators inspect (and, if they choose, republish) messages that were given up on.",
-    )
+    channels, operations, messages = _channels_operations_messages()
     return {
         "asyncapi": "3.0.0",
         "info": {"title": "orderflow", "version": version("orderflow"), "description": INFO_DESCRIPTION},
@@ -173,6 +140,45 @@ def build_asyncapi() -> Json:
             },
         },
     }
+
+
+def _channels_operations_messages() -> tuple[Json, Json, Json]:
+    """A channel, an operation and a message for each command, each event type and dead letters."""
+    channels: Json = {}
+    operations: Json = {}
+    messages: Json = {}
+    for command, model in COMMAND_MODELS.items():
+        key, name = COMMAND_ROUTING_KEYS[command], command.value
+        messages[name] = _message(name, name, _summary(model), _ref(model.__name__), "command", name)
+        channels[key] = _channel(key, name, name, "commands")
+        operations[f"send.{key}"] = _operation("send", key, name, f"Send a {name} command.", "persistent")
+    for event in EventType:
+        key, name, model = event.routing_key, f"OrderEvent.{event.value}", EVENT_DATA[event]
+        summary = _summary(model) + (" Terminal: the lifecycle has ended." if event.is_terminal else "")
+        narrowed: Json = {"properties": {"type": {"const": event.value}, "data": _ref(model.__name__)}}
+        payload: Json = {"allOf": [_ref("OrderEvent"), narrowed]}
+        messages[name] = _message(name, f"Order {event.value}", summary, payload, "event", event.value)
+        channels[key] = _channel(key, name, f"Order {event.value}", "events")
+        operations[f"receive.{key}"] = _operation(
+            "receive", key, name, f"Receive `{event.value}` events.", "persistent_timestamped"
+        )
+    messages["DeadLetter"] = {
+        "name": "DeadLetter",
+        "title": "Dead letter",
+        "summary": "A message that a consumer gave up on, with the reason in its headers.",
+        "headers": _ref(DeadLetterHeaders.__name__),
+        "payload": {"description": "The original body, unchanged; it may not even be JSON."},
+    }
+    channels[DEAD_LETTER_QUEUE] = _channel(DEAD_LETTER_QUEUE, "DeadLetter", "Dead letter", "deadLetter") | {
+        "description": DEAD_LETTER_DESCRIPTION
+    }
+    operations[f"receive.{DEAD_LETTER_QUEUE}"] = _operation(
+        "receive",
+        DEAD_LETTER_QUEUE,
+        "DeadLetter",
+        "Operators inspect (and, if they choose, republish) messages that were given up on.",
+    )
+    return channels, operations, messages
 
 
 def _summary(model: type[BaseModel]) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
-import re
 import signal
 import sys
 import threading
@@ -26,7 +25,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import partial
-from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
@@ -42,6 +40,7 @@ from shared.probes import (
     serve_endpoints,
     temporal_serving,
 )
+from shared.reachability import Whereabouts, diagnose, unreachable_line, without_password
 from shared.settings import ENV_PREFIX, Settings
 from shared.temporal import connect_config, connect_temporal
 
@@ -49,9 +48,6 @@ EXIT_UNREACHABLE = 2
 EXIT_STOPPED_LATE = 1
 CLOSE_SECONDS = 1.0  # after the drain, for closing the connections
 RETRY_SECONDS = 1.0
-# the Rust core of the Temporal SDK tells why it could not connect only inside its error's text
-_TEMPORAL_OS_ERROR = re.compile(r"Os \{ code: (\d+)")
-_TEMPORAL_CAUSE = re.compile(r'error: "([^"]+)"')
 
 log = structlog.get_logger(__name__)
 
@@ -62,15 +58,6 @@ class Dependency(StrEnum):
     BROKER = "broker"
     DATABASE = "database"
     TEMPORAL = "temporal"
-
-
-@dataclass(frozen=True)
-class Whereabouts:
-    """What to tell a person about a server that does not answer."""
-
-    product: str
-    address: str  # without a password
-    setting: str  # the environment variable that says where it is
 
 
 def whereabouts(dependency: Dependency, settings: Settings) -> Whereabouts:
@@ -87,12 +74,6 @@ def whereabouts(dependency: Dependency, settings: Settings) -> Whereabouts:
             return Whereabouts(
                 "Temporal", target, f"{ENV_PREFIX}TEMPORAL_ADDRESS" if own else "TEMPORAL_ADDRESS"
             )
-
-
-def without_password(url: str) -> str:
-    parts = urlsplit(url)
-    user, at, host = parts.netloc.rpartition("@")
-    return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}{at}{host}"))
 
 
 @dataclass(frozen=True)
@@ -218,40 +199,6 @@ async def _reach(
             log.info("waiting for a server", server=where.product, address=where.address, reason=why)
         if await stopped_within(stop, RETRY_SECONDS):
             return None
-
-
-def unreachable_line(program: str, where: Whereabouts, error: BaseException) -> str:
-    failure = diagnose(error)
-    if failure.answered:
-        return (
-            f"{program}: {where.product} at {where.address} refused the connection ({failure.reason}); "
-            f"check {where.setting}"
-        )
-    return (
-        f"{program}: cannot reach {where.product} at {where.address} ({failure.reason}); "
-        f"is it running? set {where.setting}"
-    )
-
-
-@dataclass(frozen=True)
-class Failure:
-    reason: str  # as a person would say it: `connection refused`, not the wrappers' words
-    answered: bool  # the server was there, and refused (a wrong password, a missing database)
-
-
-def diagnose(error: BaseException) -> Failure:
-    cause = error.__cause__ or error  # what DependencyUnavailable or SQLAlchemy wraps
-    if isinstance(error, TimeoutError) or isinstance(cause, TimeoutError):
-        return Failure("no answer", answered=False)
-    if isinstance(cause, OSError) and cause.errno is not None and cause.errno > 0:
-        return Failure(os.strerror(cause.errno).lower(), answered=False)
-    if isinstance(cause, OSError) and cause.errno is not None and cause.strerror:  # a name not resolved
-        return Failure(cause.strerror.lower(), answered=False)
-    if os_error := _TEMPORAL_OS_ERROR.search(str(cause)):
-        return Failure(os.strerror(int(os_error[1])).lower(), answered=False)
-    if temporal_cause := _TEMPORAL_CAUSE.search(str(cause)):
-        return Failure(temporal_cause[1].lower(), answered=False)
-    return Failure((str(cause).strip() or type(cause).__name__).splitlines()[0], answered=True)
 
 
 def stop_on_signals(drain_seconds: int) -> asyncio.Event:

@@ -448,7 +448,7 @@ async def test_an_unreachable_broker_is_a_clear_error(base_settings: Settings, c
     amqp_url = f"amqp://guest:guest@127.0.0.1:{closed_port()}/"
     unreachable = base_settings.model_copy(update={"amqp_url": amqp_url})
 
-    failed(await dlq(unreachable, *command), "cannot work on the dead-letter queue")
+    failed(await dlq(unreachable, *command), "cannot reach RabbitMQ at amqp://guest@127.0.0.1:")
 
 
 # --- a broker of an older orderflow ------------------------------------------------------------------

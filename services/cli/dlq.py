@@ -22,9 +22,9 @@ from aio_pika.exceptions import AMQPError
 from aiormq.abc import DeliveredMessage
 
 from services.cli import render
-from services.cli.errors import fail, reason
+from services.cli.errors import fail, unreachable
 from shared import broker
-from shared.settings import Settings
+from shared.settings import ENV_PREFIX, Settings
 
 CONNECTION_NAME = "orderflow-cli-dlq"
 DIAGNOSIS_HEADER_PREFIX = "x-orderflow-"
@@ -225,14 +225,14 @@ async def republish(dead_letter: DeadLetter, exchange: str, publisher: str | Non
         )
 
 
-def run(operation: Coroutine[object, object, T]) -> T:
+def run(settings: Settings, operation: Coroutine[object, object, T]) -> T:
     """Run one dlq operation; a refusal or an unreachable broker ends the command with a message."""
     try:
         return asyncio.run(operation)
     except DeadLetterError as error:
         fail(str(error))
     except (AMQPError, OSError) as error:
-        fail(f"cannot work on the dead-letter queue: {reason(error)}")
+        unreachable("RabbitMQ", settings.amqp_url, f"{ENV_PREFIX}AMQP_URL", error)
 
 
 # --- how the CLI shows them -------------------------------------------------------------------------

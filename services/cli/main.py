@@ -13,18 +13,18 @@ from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
-from aio_pika.exceptions import AMQPError
+from aio_pika.exceptions import AMQPConnectionError, AMQPError
 from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 
 from services.cli import credentials, dlq, health, render
-from services.cli.errors import BAD_SETTING_EXIT_CODE, WATCH_TIMEOUT_EXIT_CODE, fail, reason
+from services.cli.errors import BAD_SETTING_EXIT_CODE, WATCH_TIMEOUT_EXIT_CODE, fail, reason, unreachable
 from services.cli.gateway import Gateway, Query, order_path
 from services.cli.watch import ENDING_EXIT_CODES, follow_order
 from shared import broker_users, connection_security, local_issuer, schema
 from shared.broker import DEAD_LETTER_QUEUE
 from shared.contracts import OrderState, RecordedEvent, Role
-from shared.settings import Settings, invalid_settings_message
+from shared.settings import ENV_PREFIX, Settings, invalid_settings_message
 
 app = typer.Typer(
     name="orderflow",
@@ -373,6 +373,8 @@ def migrate() -> None:
     try:
         schema.migrate(connection_security.database_url(chosen), connection_security.postgres_ssl(chosen))
     except Exception as error:  # noqa: BLE001 (any failure is reported as a message, not a traceback)
+        if isinstance(error, ConnectionError) or isinstance(error.__cause__, ConnectionError):
+            unreachable("PostgreSQL", chosen.database_url, f"{ENV_PREFIX}DATABASE_URL", error)
         fail(f"migration failed: {reason(error)}")
     typer.echo(f"database {make_url(chosen.database_url).database!r} is at the newest migration")
 
@@ -408,9 +410,12 @@ def provision_broker(
     Each service then runs with a broker user that may not declare or delete anything. A
     dead-letter queue left by an older orderflow (a quorum queue) is replaced, its dead letters kept.
     """
+    current = settings()
     try:
         accounts = None if passwords is None else broker_users.read_passwords(passwords)
-        asyncio.run(broker_users.provision(settings(), accounts, management_url))
+        asyncio.run(broker_users.provision(current, accounts, management_url))
+    except (ConnectionError, AMQPConnectionError) as error:
+        unreachable("RabbitMQ", current.amqp_url, f"{ENV_PREFIX}AMQP_URL", error)
     except (broker_users.CannotCreateUsers, OSError, AMQPError) as error:
         fail(f"cannot provision the broker: {reason(error)}")
     typer.echo("the broker is provisioned" + (" with the services' users" if passwords else ""))
@@ -451,7 +456,8 @@ def list_dead_letters(
     The queue is read no further than --limit needs.
     """
     selection = dlq.Selection(reason=with_reason, consumer=from_consumer)
-    shown, unread = dlq.run(dlq.find(settings(), selection, limit))
+    current = settings()
+    shown, unread = dlq.run(current, dlq.find(current, selection, limit))
     if as_json:
         print_json([dlq.as_json(dead_letter, with_body=False) for dead_letter in shown])
     else:
@@ -469,7 +475,8 @@ def show_dead_letter(
 ) -> None:
     """Show one dead letter: why, where it came from, and its body (pretty-printed if JSON)."""
     selection = dlq.Selection(message_ids=frozenset({message_id}))
-    (oldest, *copies), _ = dlq.run(dlq.find(settings(), selection))
+    current = settings()
+    (oldest, *copies), _ = dlq.run(current, dlq.find(current, selection))
     if as_json:
         print_json(dlq.as_json(oldest, with_body=True))
     else:
@@ -508,8 +515,9 @@ def replay_dead_letters(
     if (with_reason or from_consumer) and not replay_all:
         raise typer.BadParameter("--reason and --consumer select with --all", param_hint="--all")
     selection = dlq.Selection(frozenset(message_ids or ()), with_reason, from_consumer)
+    current = settings()
     if replay_all and not yes:
-        chosen, _ = dlq.run(dlq.find(settings(), selection))
+        chosen, _ = dlq.run(current, dlq.find(current, selection))
         if not chosen:
             fail("no dead letter matches")
         typer.confirm(f"Replay {len(chosen)} dead letter(s) to the exchanges they came from?", abort=True)
@@ -517,4 +525,4 @@ def replay_dead_letters(
     def report(replayed: dlq.Replayed) -> None:
         typer.echo(json.dumps(asdict(replayed)) if as_json else dlq.replayed_text(replayed))
 
-    dlq.run(dlq.replay(settings(), selection, exchange, report))
+    dlq.run(current, dlq.replay(current, selection, exchange, report))
