@@ -3,7 +3,8 @@ vhost of its own, placements over AMQP or the REST gateway, approvals through th
 
 A subscriber on `orders.events` feeds every event into the run's `Ledger` (times, seq checks) and
 approves each order when its `awaiting_approval` event arrives, as a reviewer would (or a given
-number of seconds later, as a person would).
+number of seconds later, as a person would). Its CPU is its processes' and the PostgreSQL and
+RabbitMQ servers'.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import asyncio
 import os
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -23,7 +23,7 @@ import httpx
 from aio_pika.abc import AbstractIncomingMessage
 
 from bench.load import BENCH_PUBLISHER, BENCH_REVIEWER, Shed, customer_token, place_command
-from bench.measure import Ledger, OrderClock, cpu_by_kind
+from bench.measure import Ledger, cpu_by_kind, server_pids
 from devstack.stack import (
     RUN_DIR,
     Stack,
@@ -134,8 +134,10 @@ class Pipeline:
         api: httpx.AsyncClient | None,
         review_seconds: float,
         issuers: bool,
+        servers: dict[str, int],
     ) -> None:
         self._stack = stack
+        self._servers = servers
         self._issuers = issuers  # False for a revision from before commands named their issuer
         self._topology = topology
         self._ledger = ledger
@@ -160,7 +162,7 @@ class Pipeline:
         answer.raise_for_status()
 
     def cpu_seconds(self) -> dict[str, float]:
-        return cpu_by_kind(self._stack.pids(), service_of)
+        return cpu_by_kind(self._stack.pids() | self._servers, service_of)
 
     async def on_event(self, message: AbstractIncomingMessage) -> None:
         await message.ack()
@@ -170,18 +172,15 @@ class Pipeline:
         )
         if clock is not None and event.type is EventType.AWAITING_APPROVAL and not clock.approval_requested:
             clock.approval_requested = True
-            self._approve(event.order_id, clock)
+            self._approve(event.order_id)
 
-    def _approve(self, order_id: str, clock: OrderClock) -> None:
-        task = asyncio.create_task(self._review(order_id, clock))
+    def _approve(self, order_id: str) -> None:
+        task = asyncio.create_task(self._review(order_id))
         self._approvals.add(task)
         task.add_done_callback(self._approvals.discard)
 
-    async def _review(self, order_id: str, clock: OrderClock) -> None:
-        if self._review_seconds:
-            began = time.monotonic()
-            await asyncio.sleep(self._review_seconds)
-            clock.reviewer_seconds = time.monotonic() - began
+    async def _review(self, order_id: str) -> None:
+        await asyncio.sleep(self._review_seconds)
         await broker.publish_command(self._topology, approve_command(order_id, self._issuers))
 
 
@@ -210,7 +209,8 @@ async def running_pipeline(config: PipelineConfig, ledger: Ledger) -> AsyncItera
                     httpx.AsyncClient(base_url=settings.api_url, timeout=30, headers=customer_token(settings))
                 )
             issuers = config.tree is None or (config.tree / "shared" / "authorization.py").exists()
-            pipeline = Pipeline(stack, topology, ledger, api, config.review_seconds, issuers)
+            servers = server_pids(settings)
+            pipeline = Pipeline(stack, topology, ledger, api, config.review_seconds, issuers, servers)
             events = await channel.declare_queue(exclusive=True, auto_delete=True)
             await events.bind(topology.events, routing_key="order.#")
             await events.consume(pipeline.on_event)
