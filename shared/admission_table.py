@@ -7,7 +7,7 @@ lifecycle. The lifecycle gives its slot back while it waits for its reviewer (`l
 so orders awaiting a human decision do not hold back the ones behind them, and takes one again
 once approved (`resume`), ahead of every waiting placement; its last step releases the slot for
 good (`release`). A slot given back goes first to the longest-waiting approved order (the caller
-tells it with `SLOT_GRANTED`), else to the bridges, woken through PostgreSQL's NOTIFY on
+tells it with the `SLOT_FREED` signal), else to the bridges, woken through PostgreSQL's NOTIFY on
 `ADMISSIONS_CHANNEL`.
 """
 

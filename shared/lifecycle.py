@@ -23,8 +23,8 @@ class Signals:
     APPROVE = "approve"
     CANCEL = "cancel"
     UPDATE_ADDRESS = "update_address"
-    # a slot freed for the approved order waiting to go on (see shared/admission_table.py)
-    SLOT_GRANTED = "slot_granted"
+    # a slot was freed: the approved order waiting for one asks again (shared/admission_table.py)
+    SLOT_FREED = "slot_freed"
     # child -> parent
     PACKAGE_PREPARED = "package_prepared"
     DISPATCH_FAILED = "dispatch_failed"

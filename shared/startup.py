@@ -169,7 +169,7 @@ async def _reach_or_exit(
     settings: Settings, program: str, checks: dict[str, Check], stop: asyncio.Event
 ) -> None:
     deadline = asyncio.get_running_loop().time() + settings.startup_patience_seconds
-    waits = (_reach(settings, Dependency(name), check, deadline, stop) for name, check in checks.items())
+    waits = (_wait_for(settings, Dependency(name), check, deadline, stop) for name, check in checks.items())
     unreachable = [outcome for outcome in await asyncio.gather(*waits) if outcome is not None]
     if stop.is_set():
         raise SystemExit(0)  # stopped before it started: nothing to finish
@@ -181,7 +181,7 @@ async def _reach_or_exit(
         raise SystemExit(EXIT_UNREACHABLE)
 
 
-async def _reach(
+async def _wait_for(
     settings: Settings, dependency: Dependency, check: Check, deadline: float, stop: asyncio.Event
 ) -> Unreachable | None:
     """None once the dependency answers, or once the service is told to stop."""

@@ -923,7 +923,7 @@ async def test_an_approved_order_waits_for_a_slot_and_goes_on_when_one_is_handed
     waiting = await harness.status()
     assert waiting.state is OrderState.APPROVED and waiting.waiting_for_slot_since is not None
 
-    await harness.handle.signal(Signals.SLOT_GRANTED)
+    await harness.handle.signal(Signals.SLOT_FREED)
     await harness.wait_for_call(OrderActivities.charge_payment)  # woken: no recheck timer passed
     status = await harness.result()
 

@@ -96,7 +96,7 @@ async def wake_resumed(client: Client, order_id: str | None) -> None:
     if order_id is None:
         return
     try:
-        await client.get_workflow_handle(order_workflow_id(order_id)).signal(Signals.SLOT_GRANTED)
+        await client.get_workflow_handle(order_workflow_id(order_id)).signal(Signals.SLOT_FREED)
     except RPCError as error:
         log.warning("could not wake the order a slot went to", order_id=order_id, error=repr(error))
 

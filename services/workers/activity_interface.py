@@ -104,7 +104,7 @@ class OrderActivities(ABC):
     @activity.defn
     @abstractmethod
     async def resume_admission(self, order_id: str) -> bool:
-        """The order is approved: True once it holds a slot again (`Signals.SLOT_GRANTED`: ask again)."""
+        """The order is approved: True once it holds a slot again (`Signals.SLOT_FREED`: ask again)."""
 
     @activity.defn
     @abstractmethod

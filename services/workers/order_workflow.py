@@ -283,8 +283,8 @@ class OrderWorkflow:
             return "order already dispatched"
         return None
 
-    @workflow.signal(name=Signals.SLOT_GRANTED)
-    def slot_wake_up(self) -> None:
+    @workflow.signal(name=Signals.SLOT_FREED)
+    def on_slot_freed(self) -> None:
         self._slot.wake()
 
     # --- progress reports from the shipping child ------------------------------------------------
