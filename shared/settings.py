@@ -99,6 +99,12 @@ class Settings(BaseSettings):
         default=100, ge=1, description="placements one bridge holds (registered, waiting for a slot) at once"
     )
     audit_prefetch: int = Field(default=64, ge=1)
+    audit_batch_linger_ms: int = Field(
+        default=20,
+        ge=0,
+        le=1000,
+        description="how long an audit batch gathers after its first event before it is written (0: at once)",
+    )
     max_event_deliveries: int = Field(
         default=5, ge=1, description="deliveries of one event to the audit consumer before dead-lettering"
     )

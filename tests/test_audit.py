@@ -326,6 +326,48 @@ async def test_events_arriving_together_share_a_transaction_and_a_bad_one_fails_
     assert [row.seq for row in await stored_events(db_sessions, order_id)] == [1, 2, 3]
 
 
+def batches_written() -> tuple[float, float]:
+    """How many batches the audit consumers of this process committed, and how many events."""
+    return (
+        REGISTRY.get_sample_value("orderflow_audit_batch_events_count") or 0.0,
+        REGISTRY.get_sample_value("orderflow_audit_batch_events_sum") or 0.0,
+    )
+
+
+async def test_events_published_apart_gather_in_one_batch_for_its_linger(
+    audit_settings: Settings, audit_queue: str, broker_channel: Broker, db_sessions: Sessions, order_id: str
+) -> None:
+    lifecycle = [event(order_id, seq, EventType.VALIDATED) for seq in range(1, 9)]
+    before = batches_written()
+
+    async with running(run_audit, audit_settings.model_copy(update={"audit_batch_linger_ms": 1000})):
+        # each apart long enough for a batch of its own to commit, all within the first one's linger
+        for one in lifecycle:
+            await publish(broker_channel, one)
+            await asyncio.sleep(0.04)
+        await stored(db_sessions, *lifecycle)
+
+    batches, events = batches_written()
+    assert (batches, events) == (before[0] + 1, before[1] + len(lifecycle))
+    queue = await broker_channel[0].declare_queue(audit_queue, passive=True)
+    assert queue.declaration_result.message_count == 0  # all acked: none handed back when it stopped
+
+
+async def test_a_full_batch_is_written_without_waiting_out_its_linger(
+    db_sessions: Sessions, order_id: str
+) -> None:
+    audit_log = AuditLog(db_sessions, asyncio.Event(), max_batch=3, linger_seconds=60)
+    events = [event(order_id, seq, EventType.VALIDATED) for seq in (1, 2, 3)]
+    messages = [AckedMessage() for _ in events]
+    before = batches_written()
+
+    handling = (audit_log.handle(m, e) for m, e in zip(messages, events, strict=True))  # type: ignore[arg-type]
+    await asyncio.wait_for(asyncio.gather(*handling), timeout=10)
+
+    assert batches_written() == (before[0] + 1, before[1] + 3)
+    assert all(m.acked for m in messages)
+
+
 async def test_a_handler_cancelled_mid_batch_holds_up_no_later_event(
     db_sessions: Sessions, order_id: str
 ) -> None:

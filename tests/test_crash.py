@@ -91,6 +91,8 @@ async def crash(
     async with private_servers(server_programs) as (postgres, rabbitmq):
         # the session's identities, keys and publishers' roles, on servers of its own
         settings = on_private_servers(base_settings, postgres, rabbitmq, temporal, CRASH_DATABASE)
+        # a batch is what arrived while the last one committed, with no window: the mid-batch kill's premise
+        settings = settings.model_copy(update={"audit_batch_linger_ms": 0})
         with tempfile.NamedTemporaryFile("w+", prefix="orderflow-crash-", suffix=".log", delete=False) as log:
             try:
                 async with running_stack(settings, temporal=temporal, log=log) as stack:

@@ -5,9 +5,12 @@ acked after its commit. A terminal event recorded is a lifecycle ended (`lifecyc
 from __future__ import annotations
 
 import asyncio
+from contextlib import suppress
+from dataclasses import dataclass
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
+from prometheus_client import Histogram
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.audit.lifecycle_metrics import count_endings, lifecycle_endings
@@ -24,6 +27,12 @@ MAX_BATCH = 200
 
 log = structlog.get_logger(__name__)
 
+BATCH_SIZE = Histogram(
+    "orderflow_audit_batch_events",
+    "Events the audit consumer wrote per committed transaction",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200),
+)
+
 
 async def run_audit(settings: Settings, stop: asyncio.Event) -> None:
     """Consume events until `stop` is set, let in-flight ones finish, then disconnect."""
@@ -33,7 +42,13 @@ async def run_audit(settings: Settings, stop: asyncio.Event) -> None:
         async with broker_channel as (channel, topology):
             queue = await declare_audit_queue(channel, topology, settings)
             sessions = db.session_factory(engine)
-            audit = AuditLog(sessions, stop)
+            audit = AuditLog(
+                sessions,
+                stop,
+                # a batch cannot outgrow what the broker hands out unacked
+                max_batch=min(MAX_BATCH, settings.audit_prefetch),
+                linger_seconds=settings.audit_batch_linger_ms / 1000,
+            )
             consumer = QueueConsumer(
                 CONSUMER_NAME, topology, settings.max_event_deliveries, stop, settings.drain_seconds
             )
@@ -44,21 +59,37 @@ async def run_audit(settings: Settings, stop: asyncio.Event) -> None:
         await engine.dispose()
 
 
+@dataclass(frozen=True)
+class PendingEvent:
+    """An event waiting for its batch, with the future its handler awaits and when it arrived."""
+
+    event: OrderEvent
+    recorded: asyncio.Future[bool]
+    arrived_at: float
+
+
 class AuditLog:
     """Records events in batched transactions and acks each event after its batch committed.
 
-    The events that arrive while one transaction commits form the next batch: a busy queue costs
-    a few transactions, a quiet one no delay. A batch that fails is retried one event at a time,
-    so a bad event fails alone.
+    A batch gathers for `linger_seconds` after its first event arrived, or until it holds
+    `max_batch` events, so a lifecycle's events share a few transactions instead of one each; the
+    events that arrive while one batch commits join the next. A batch that fails is retried one
+    event at a time, so a bad event fails alone.
     """
 
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], stop: asyncio.Event, max_batch: int = MAX_BATCH
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        stop: asyncio.Event,
+        max_batch: int = MAX_BATCH,
+        linger_seconds: float = 0.0,
     ) -> None:
         self._sessions = sessions
         self._stop = stop
         self._max_batch = max_batch
-        self._pending: list[tuple[OrderEvent, asyncio.Future[bool]]] = []
+        self._linger_seconds = linger_seconds
+        self._pending: list[PendingEvent] = []
+        self._batch_full = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
 
     async def handle(self, message: AbstractIncomingMessage, event: OrderEvent) -> None:
@@ -68,8 +99,11 @@ class AuditLog:
             event_type=event.type.value,
             seq=event.seq,
         )
-        recorded: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._pending.append((event, recorded))
+        loop = asyncio.get_running_loop()
+        recorded: asyncio.Future[bool] = loop.create_future()
+        self._pending.append(PendingEvent(event, recorded, loop.time()))
+        if len(self._pending) >= self._max_batch:
+            self._batch_full.set()
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_pending())
         is_new = await recorded
@@ -81,26 +115,37 @@ class AuditLog:
 
     async def _write_pending(self) -> None:
         while self._pending:
+            await self._gather_batch()
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]
             await self._write(batch)
 
-    async def _write(self, batch: list[tuple[OrderEvent, asyncio.Future[bool]]]) -> None:
-        events = [event for event, _ in batch]
+    async def _gather_batch(self) -> None:
+        """Wait until the oldest pending event has lingered, the batch is full or the consumer stops."""
+        linger_left = self._pending[0].arrived_at + self._linger_seconds - asyncio.get_running_loop().time()
+        if linger_left <= 0 or len(self._pending) >= self._max_batch or self._stop.is_set():
+            return
+        self._batch_full.clear()
+        with suppress(TimeoutError):
+            async with asyncio.timeout(linger_left):
+                await self._batch_full.wait()
+
+    async def _write(self, batch: list[PendingEvent]) -> None:
+        events = [pending.event for pending in batch]
         try:
             outcomes = await retry_transient(lambda: self._record(events), self._stop)
         except Exception as error:  # noqa: BLE001 (whatever failed, each event is tried alone)
             if len(batch) > 1:
                 for single in batch:
                     await self._write([single])
-            elif not batch[0][1].cancelled():
-                batch[0][1].set_exception(error)
+            elif not batch[0].recorded.cancelled():
+                batch[0].recorded.set_exception(error)
             return
-        for (_, recorded), is_new in zip(batch, outcomes, strict=True):
+        for pending, is_new in zip(batch, outcomes, strict=True):
             # a handler cancelled meanwhile (its channel closed; the broker delivers its event
             # again) waits for nothing, and must not stop the writer before the events after it
-            if not recorded.cancelled():
-                recorded.set_result(is_new)
+            if not pending.recorded.cancelled():
+                pending.recorded.set_result(is_new)
 
     async def _record(self, events: list[OrderEvent]) -> list[bool]:
         async with db.transaction(self._sessions) as session:
@@ -113,4 +158,5 @@ class AuditLog:
             endings = await lifecycle_endings(session, terminals)
         # once committed: a batch rolled back is recorded (and counted) again
         count_endings(endings)
+        BATCH_SIZE.observe(len(events))
         return recorded
