@@ -1,36 +1,15 @@
 """The bearer token the CLI sends: `--token`, else `ORDERFLOW_TOKEN` (typer reads both), else the
-one `orderflow login` stored in the user's config directory, readable by its owner only. A token
-is never printed back, except by `orderflow token`, which is asked for one."""
+one `orderflow login` stored, readable by its owner only. Only `orderflow token` prints a token."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import jwt
 
-STORED_TOKEN_MODE = 0o600
-CONFIG_DIR_MODE = 0o700
-
-
-class NotAToken(Exception):
-    """The text is not a JWT whose claims can be read (the gateway verifies it; this only reads)."""
-
-
-@dataclass(frozen=True)
-class TokenClaims:
-    """What a token says of its bearer, read without verifying it: for display only."""
-
-    subject: str
-    roles: list[str]
-    expires_at: datetime | None
-
-    def describe(self) -> str:
-        roles = ", ".join(self.roles) or "no role"
-        until = f", until {self.expires_at.isoformat(timespec='seconds')}" if self.expires_at else ""
-        return f"{self.subject} ({roles}{until})"
+from services.cli.errors import fail
 
 
 def stored_token_path() -> Path:
@@ -39,15 +18,18 @@ def stored_token_path() -> Path:
     return Path(config_home) / "orderflow" / "token"
 
 
-def store(token: str) -> Path:
-    """Keep `token` for later commands, readable by its owner only; returns where."""
+def login(token: str, roles_claim: str) -> str:
+    """Keep a token that has not expired for later commands, readable by its owner only; says whose."""
+    holder, expires_at = claims(token, roles_claim)
+    if expires_at is not None and expires_at <= datetime.now(UTC):
+        fail(f"this token expired at {expires_at.isoformat(timespec='seconds')}")
     path = stored_token_path()
-    path.parent.mkdir(mode=CONFIG_DIR_MODE, parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, STORED_TOKEN_MODE)
-    os.fchmod(descriptor, STORED_TOKEN_MODE)  # a file left by an older login may be wider
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # a file left by an older login may be wider
     with os.fdopen(descriptor, "w") as file:
         file.write(token + "\n")
-    return path
+    return f"signed in as {holder}; the token is in {path}"
 
 
 def forget() -> bool:
@@ -69,20 +51,19 @@ def chosen(given: str | None) -> str | None:
         return None
 
 
-def claims(token: str, roles_claim: str) -> TokenClaims:
-    """The subject, roles (under the dotted `roles_claim`) and expiry the token claims."""
+def claims(token: str, roles_claim: str) -> tuple[str, datetime | None]:
+    """Who the token says its bearer is, and its expiry: read without verifying it, for display only."""
     try:
         fields = jwt.decode(token, options={"verify_signature": False})
     except jwt.DecodeError:
-        raise NotAToken("this is not a JWT access token (header.payload.signature)") from None
+        fail("this is not a JWT access token (header.payload.signature)")
     roles: object = fields
     for part in roles_claim.split("."):
         roles = roles.get(part) if isinstance(roles, dict) else None
     if isinstance(roles, str):
         roles = roles.split()
+    named = ", ".join(str(role) for role in roles) if isinstance(roles, list) else ""
     expiry = fields.get("exp")
-    return TokenClaims(
-        subject=str(fields.get("sub", "(no subject)")),
-        roles=[str(role) for role in roles] if isinstance(roles, list) else [],
-        expires_at=datetime.fromtimestamp(expiry, UTC) if isinstance(expiry, int | float) else None,
-    )
+    expires_at = datetime.fromtimestamp(expiry, UTC) if isinstance(expiry, int | float) else None
+    until = f", until {expires_at.isoformat(timespec='seconds')}" if expires_at else ""
+    return f"{fields.get('sub', '(no subject)')} ({named or 'no role'}{until})", expires_at

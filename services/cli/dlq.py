@@ -1,23 +1,22 @@
 """`orderflow dlq`: look into the dead-letter queue and replay what a consumer gave up on.
 
-AMQP reads a queue only by taking from it: dead letters are taken unacknowledged (basic.get) and
-each one not replayed is given back (basic.nack, requeue). The dead-letter queue is a classic queue,
-which puts a message given back in its old place and counts no delivery, so reading leaves it as it
-was. A replayed dead letter is acked once the broker confirmed its republication: a crash in
-between leaves it in both places, harmless as consumers take a command id or event id once.
+Reading takes dead letters unacknowledged and gives them back (basic.nack, requeue), which a classic
+queue puts back in place, counting no delivery. A replayed one is acked once its republication is
+confirmed: a crash in between leaves it in both places, harmless as consumers take an id once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection, HeadersType
+import typer
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, HeadersType
 from aio_pika.exceptions import AMQPError
 from aiormq.abc import DeliveredMessage
 
@@ -28,49 +27,45 @@ from shared.settings import ENV_PREFIX, Settings
 
 CONNECTION_NAME = "orderflow-cli-dlq"
 DIAGNOSIS_HEADER_PREFIX = "x-orderflow-"
-# the count of the quorum queue it was in: left on a replayed message, its consumer would give up
-# on it too soon
+# left on a replayed message, the count of its quorum queue would make its consumer give up too soon
 DELIVERY_COUNT_HEADER = "x-delivery-count"
 SHORT_ERROR_LENGTH = 60
 
 T = TypeVar("T")
 
 
-class DeadLetterError(Exception):
-    """A dlq command cannot do what it was asked; the message says why, for the operator."""
-
-
 @dataclass(frozen=True)
 class DeadLetter:
     """A message in the dead-letter queue, and why it is there (orderflow's headers on it)."""
 
-    message: AbstractIncomingMessage
-    reason: str | None
+    message_id: str | None
     consumer: str | None
-    error: str | None
-    exchange: str | None  # None: dead-lettered before orderflow kept the exchange
+    reason: str | None
     deliveries: int | None
+    exchange: str | None  # None: dead-lettered before orderflow kept the exchange
+    routing_key: str
+    error: str | None
+    message: AbstractIncomingMessage
 
     @classmethod
     def of(cls, message: AbstractIncomingMessage) -> DeadLetter:
         headers = message.headers or {}
+        text = {name: str(value) for name, value in headers.items() if value is not None}
         deliveries = headers.get(broker.DELIVERIES_HEADER)
         return cls(
-            message,
-            reason=header_text(headers, broker.REASON_HEADER),
-            consumer=header_text(headers, broker.CONSUMER_HEADER),
-            error=header_text(headers, broker.ERROR_HEADER),
-            exchange=header_text(headers, broker.EXCHANGE_HEADER),
+            message.message_id,
+            consumer=text.get(broker.CONSUMER_HEADER),
+            reason=text.get(broker.REASON_HEADER),
             deliveries=deliveries if isinstance(deliveries, int) else None,
+            exchange=text.get(broker.EXCHANGE_HEADER),
+            routing_key=message.routing_key or "",
+            error=text.get(broker.ERROR_HEADER),
+            message=message,
         )
 
-    @property
-    def message_id(self) -> str | None:
-        return self.message.message_id
-
-    @property
-    def routing_key(self) -> str:
-        return self.message.routing_key or ""
+    def diagnosis(self) -> dict[str, object]:
+        """What `dlq list --json` prints: all but the message."""
+        return {name: value for name, value in vars(self).items() if name != "message"}
 
     def original_headers(self) -> HeadersType:
         """Its headers as its publisher sent them: without orderflow's diagnosis and the count."""
@@ -79,11 +74,6 @@ class DeadLetter:
             for name, value in (self.message.headers or {}).items()
             if not name.startswith(DIAGNOSIS_HEADER_PREFIX) and name != DELIVERY_COUNT_HEADER
         }
-
-
-def header_text(headers: Mapping[str, object], name: str) -> str | None:
-    value = headers.get(name)
-    return None if value is None else str(value)
 
 
 @dataclass(frozen=True)
@@ -102,21 +92,12 @@ class Selection:
         )
 
 
-@dataclass(frozen=True)
-class Replayed:
-    """A dead letter sent back: which, and where to."""
-
-    message_id: str | None
-    exchange: str
-    routing_key: str
-
-
 @dataclass
 class DeadLetterQueue:
     """The dead-letter queue as one connection reads it: what it took, and how many it left behind."""
 
-    connection: AbstractRobustConnection
     queue: AbstractQueue
+    publisher: str | None  # the user replayed dead letters are published as
     taken: list[AbstractIncomingMessage] = field(default_factory=list)
     unread: int = 0
 
@@ -134,44 +115,36 @@ class DeadLetterQueue:
                 chosen.append(dead_letter)
         missing = selection.message_ids - {dead_letter.message_id for dead_letter in chosen}
         if missing:
-            raise DeadLetterError(f"no dead letter has the message id {', '.join(sorted(missing))}")
+            fail(f"no dead letter has the message id {', '.join(sorted(missing))}")
         return chosen
-
-    async def give_back(self) -> None:
-        with suppress(AMQPError, RuntimeError):  # a channel that is gone gave them back already
-            for message in self.taken:
-                if not message.processed:
-                    await message.nack(requeue=True)
 
 
 @asynccontextmanager
 async def dead_letter_queue(settings: Settings) -> AsyncIterator[DeadLetterQueue]:
     """The dead-letter queue; what the block takes and does not ack goes back when it ends."""
     # an operator's command says at once that the broker is down, rather than wait like a service
-    connection = await broker.connect(settings, CONNECTION_NAME, patience=0)
-    async with connection:
-        channel, _ = await broker.open_channel(connection)
-        queue = DeadLetterQueue(connection, await channel.get_queue(broker.DEAD_LETTER_QUEUE))
+    async with await broker.connect(settings, CONNECTION_NAME, patience=0) as connection:
+        channel, topology = await broker.open_channel(connection)
+        queue = DeadLetterQueue(await channel.get_queue(broker.DEAD_LETTER_QUEUE), topology.publisher)
         try:
             yield queue
         finally:
-            await queue.give_back()
+            with suppress(AMQPError, RuntimeError):  # a channel that is gone gave them back already
+                for message in queue.taken:
+                    if not message.processed:
+                        await message.nack(requeue=True)
 
 
 async def find(
     settings: Settings, selection: Selection, limit: int | None = None
 ) -> tuple[list[DeadLetter], int]:
-    """The selected dead letters, oldest first and no more than `limit`, and how many dead letters
-    were left unread behind them; the queue is left as it was."""
+    """The selected dead letters (no more than `limit`), and how many were left unread behind them."""
     async with dead_letter_queue(settings) as dead_letters:
         return await dead_letters.take(selection, limit), dead_letters.unread
 
 
 async def replay(
-    settings: Settings,
-    selection: Selection,
-    exchange_if_unknown: str | None,
-    on_replayed: Callable[[Replayed], None],
+    settings: Settings, selection: Selection, exchange_if_unknown: str | None, as_json: bool
 ) -> None:
     """Republish the selected dead letters, oldest first, each to the exchange it came from, and
     remove each from the dead-letter queue once the broker confirmed it. Nothing is replayed unless
@@ -179,17 +152,23 @@ async def replay(
     async with dead_letter_queue(settings) as dead_letters:
         chosen = await dead_letters.take(selection)
         if not chosen:
-            raise DeadLetterError("no dead letter matches")
+            fail("no dead letter matches")
         destinations = [destination(dead_letter, exchange_if_unknown) for dead_letter in chosen]
         # asked first, as publishing to a missing exchange would close the channel halfway through
         for name in sorted(set(destinations) - {""}):  # the default exchange cannot be declared
             if not await broker.in_place(dead_letters.queue.channel, exchanges=(name,)):
-                raise DeadLetterError(f"there is no exchange {name!r} to replay to")
-        publisher = broker.connection_user(dead_letters.connection)
+                fail(f"there is no exchange {name!r} to replay to")
         for dead_letter, exchange in zip(chosen, destinations, strict=True):
-            await republish(dead_letter, exchange, publisher)
+            await republish(dead_letter, exchange, dead_letters.publisher)
             await dead_letter.message.ack()
-            on_replayed(Replayed(dead_letter.message_id, exchange, dead_letter.routing_key))
+            message_id, routing_key = dead_letter.message_id, dead_letter.routing_key
+            if as_json:
+                typer.echo(
+                    json.dumps({"message_id": message_id, "exchange": exchange, "routing_key": routing_key})
+                )
+            else:
+                where = exchange or "the default exchange"
+                typer.echo(f"replayed {message_id or '-'} to {where} with routing key {routing_key}")
 
 
 def destination(dead_letter: DeadLetter, exchange_if_unknown: str | None) -> str:
@@ -197,7 +176,7 @@ def destination(dead_letter: DeadLetter, exchange_if_unknown: str | None) -> str
         return dead_letter.exchange
     if exchange_if_unknown is not None:
         return exchange_if_unknown
-    raise DeadLetterError(
+    fail(
         f"dead letter {dead_letter.message_id} does not say which exchange it came from (it was "
         f"dead-lettered before orderflow kept that): name it with --exchange"
     )
@@ -205,7 +184,7 @@ def destination(dead_letter: DeadLetter, exchange_if_unknown: str | None) -> str
 
 async def republish(dead_letter: DeadLetter, exchange: str, publisher: str | None) -> None:
     """Publish it as its publisher did, but as `publisher` (the broker lets nobody publish in
-    another's name), on the channel it came on, and wait for the broker's confirm."""
+    another's name), and wait for the broker's confirm."""
     properties = dead_letter.message.properties  # a copy of those it came with
     properties.headers = dead_letter.original_headers()
     properties.delivery_mode = aio_pika.DeliveryMode.PERSISTENT
@@ -219,45 +198,33 @@ async def republish(dead_letter: DeadLetter, exchange: str, publisher: str | Non
         mandatory=True,
     )
     if isinstance(confirmation, DeliveredMessage):
-        raise DeadLetterError(
+        fail(
             f"exchange {exchange!r} routes {dead_letter.routing_key!r} to no queue: dead letter "
             f"{dead_letter.message_id} and those after it stay in {broker.DEAD_LETTER_QUEUE}"
         )
 
 
 def run(settings: Settings, operation: Coroutine[object, object, T]) -> T:
-    """Run one dlq operation; a refusal or an unreachable broker ends the command with a message."""
+    """Run one dlq operation; an unreachable broker ends the command with a message."""
     try:
         return asyncio.run(operation)
-    except DeadLetterError as error:
-        fail(str(error))
     except (AMQPError, OSError) as error:
         unreachable("RabbitMQ", settings.amqp_url, f"{ENV_PREFIX}AMQP_URL", error)
 
 
 # --- how the CLI shows them -------------------------------------------------------------------------
-def as_json(dead_letter: DeadLetter, *, with_body: bool) -> dict[str, object]:
-    item: dict[str, object] = {
-        "message_id": dead_letter.message_id,
-        "consumer": dead_letter.consumer,
-        "reason": dead_letter.reason,
-        "deliveries": dead_letter.deliveries,
-        "exchange": dead_letter.exchange,
-        "routing_key": dead_letter.routing_key,
-        "error": dead_letter.error,
+def in_full(dead_letter: DeadLetter) -> dict[str, object]:
+    """What `dlq show --json` prints: the diagnosis, the message's properties and its body."""
+    message = dead_letter.message
+    body, is_json = readable_body(message.body)
+    return dead_letter.diagnosis() | {
+        "content_type": message.content_type,
+        "type": message.type,
+        "correlation_id": message.correlation_id,
+        "headers": message.headers,
+        "body_is_json": is_json,
+        "body": body,
     }
-    if with_body:
-        message = dead_letter.message
-        body, is_json = readable_body(message.body)
-        item |= {
-            "content_type": message.content_type,
-            "type": message.type,
-            "correlation_id": message.correlation_id,
-            "headers": message.headers,
-            "body_is_json": is_json,
-            "body": body,
-        }
-    return item
 
 
 def readable_body(body: bytes) -> tuple[object, bool]:
@@ -314,8 +281,3 @@ def details(dead_letter: DeadLetter) -> str:
 
 def indented(block: str) -> str:
     return "\n".join(f"    {line}" for line in block.splitlines())
-
-
-def replayed_text(replayed: Replayed) -> str:
-    exchange = replayed.exchange or "the default exchange"
-    return f"replayed {replayed.message_id or '-'} to {exchange} with routing key {replayed.routing_key}"

@@ -11,10 +11,7 @@ import httpx
 from services.cli.errors import fail, reason
 
 REQUEST_TIMEOUT_SECONDS = 15.0
-Answer = dict[str, Any]
-"""A gateway's answer: whatever JSON its response models write, which the CLI reads by key."""
-Query = dict[str, str | int | None]
-"""Query parameters; one that is None is left out."""
+Answer = dict[str, Any]  # whatever JSON the gateway's response models write, read by key
 NO_TOKEN_HINT = "no token was sent: give --token, set ORDERFLOW_TOKEN or run `orderflow login`"
 
 
@@ -30,44 +27,70 @@ class Gateway:
         # without a token the gateway answers 401, which `refused` explains
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
-    def get(self, path: str, params: Query | None = None) -> Answer:
-        # httpx would send a None parameter as an empty value
-        present = {name: value for name, value in (params or {}).items() if value is not None}
-        return answer_of(self.request("GET", path, params=present))
-
-    def post(self, path: str, body: Mapping[str, object]) -> Answer:
-        return answer_of(self.request("POST", path, body=body))
-
     def request(
-        self,
-        method: str,
-        path: str,
-        params: Mapping[str, str | int] | None = None,
-        body: Mapping[str, object] | None = None,
+        self, method: str, path: str, params: Mapping[str, object] | None = None, body: object = None
     ) -> httpx.Response:
         """The gateway's response, whatever its status; an unreachable gateway ends the command."""
+        # httpx would send a None parameter as an empty value
+        present = {name: str(value) for name, value in (params or {}).items() if value is not None}
         try:
-            with httpx.Client(
-                base_url=self.base_url, headers=self.headers, timeout=REQUEST_TIMEOUT_SECONDS
-            ) as client:
-                return client.request(method, path, params=params, json=body)
+            return httpx.request(
+                method,
+                self.base_url + path,
+                params=present,
+                json=body,
+                headers=self.headers,
+                timeout=REQUEST_TIMEOUT_SECONDS,
+            )
         except httpx.HTTPError as error:
             fail(f"cannot reach the gateway at {self.base_url}: {reason(error)}")
 
+    def answer(
+        self, method: str, path: str, params: Mapping[str, object] | None = None, body: object = None
+    ) -> Answer:
+        """The answer asked for; any other ends the command."""
+        response = self.request(method, path, params, body)
+        if response.is_error:
+            refused(response)
+        answer: Answer = response.json()
+        return answer
 
-def answer_of(response: httpx.Response) -> Answer:
-    if response.is_error:
-        refused(response)
-    answer: Answer = response.json()
-    return answer
+    def health(self) -> Answer:
+        """Whether the gateway is live (/healthz) and ready (/readyz), and each dependency's check. An
+        answer that is not its health ends the command."""
+        liveness = self.request("GET", "/healthz")
+        if not liveness.is_success:
+            fail(f"the gateway at {self.base_url} is not live: /healthz answered {described(liveness)}")
+        readiness = self.request("GET", "/readyz")
+        # /readyz answers with the checks either way: 200 when all passed, 503 when one failed
+        if readiness.status_code not in (httpx.codes.OK, httpx.codes.SERVICE_UNAVAILABLE):
+            fail(f"the gateway at {self.base_url} answered /readyz with {described(readiness)}")
+        try:
+            checks = {
+                name: {"ok": bool(check["ok"]), "detail": str(check["detail"])}
+                for name, check in readiness.json()["checks"].items()
+            }
+        except (ValueError, LookupError, TypeError, AttributeError):  # not the Readiness schema
+            fail(f"{self.base_url} is not an orderflow gateway: /readyz answered {readiness.text[:200]!r}")
+        failed = [name for name, check in checks.items() if not check["ok"]]
+        return {
+            "gateway": self.base_url,
+            "live": True,
+            "ready": not failed,
+            "checks": checks,
+            "failed": failed,
+        }
 
 
 def refused(response: httpx.Response) -> NoReturn:
     """Report an answer other than the one asked for, and exit."""
-    detail = error_detail(response)
-    if response.status_code == httpx.codes.UNAUTHORIZED and "Authorization" not in response.request.headers:
-        detail = f"{detail} ({NO_TOKEN_HINT})"
-    fail(f"the gateway answered {response.status_code} {response.reason_phrase}: {detail}")
+    unauthorized = response.status_code == httpx.codes.UNAUTHORIZED
+    hint = f" ({NO_TOKEN_HINT})" if unauthorized and "Authorization" not in response.request.headers else ""
+    fail(f"the gateway answered {described(response)}{hint}")
+
+
+def described(response: httpx.Response) -> str:
+    return f"{response.status_code} {response.reason_phrase}: {error_detail(response)}"
 
 
 def error_detail(response: httpx.Response) -> str:
@@ -83,4 +106,4 @@ def error_detail(response: httpx.Response) -> str:
 
 def error_location(loc: list[str | int]) -> str:
     """`['body', 'address', 'country']` -> `address.country` (where the value came from is implied)."""
-    return ".".join(str(part) for part in (loc[1:] if len(loc) > 1 else loc))
+    return ".".join(str(part) for part in (loc[1:] or loc))

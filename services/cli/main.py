@@ -6,24 +6,22 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
-from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import typer
 from aio_pika.exceptions import AMQPConnectionError, AMQPError
 from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 
-from services.cli import credentials, dlq, health, render
+from services.cli import credentials, dlq, render
 from services.cli.errors import BAD_SETTING_EXIT_CODE, WATCH_TIMEOUT_EXIT_CODE, fail, reason, unreachable
-from services.cli.gateway import Gateway, Query, order_path
-from services.cli.watch import ENDING_EXIT_CODES, follow_order
+from services.cli.gateway import Answer, Gateway, order_path
+from services.cli.watch import ENDING_EXIT_CODES, follow_order, note
 from shared import broker_users, connection_security, local_issuer, schema
 from shared.broker import DEAD_LETTER_QUEUE
-from shared.contracts import OrderState, RecordedEvent, Role
+from shared.contracts import OrderState, Role
 from shared.settings import ENV_PREFIX, Settings, invalid_settings_message
 
 app = typer.Typer(
@@ -34,7 +32,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,  # locals would print settings, passwords included
 )
-Shown = TypeVar("Shown", bound=Mapping[str, object])
 
 
 def print_version(requested: bool) -> None:
@@ -101,17 +98,15 @@ def print_json(value: object) -> None:
     typer.echo(json.dumps(value, indent=2, default=str))
 
 
-def show(answer: Shown, as_json: bool, as_text: Callable[[Shown], str]) -> None:
+def show(answer: Answer, as_json: bool, as_text: Callable[[Answer], str]) -> None:
     if as_json:
         print_json(answer)
     else:
         typer.echo(as_text(answer))
 
 
-def send_command(
-    api_url: str | None, token: str | None, path: str, body: Mapping[str, object], as_json: bool
-) -> None:
-    show(gateway(api_url, token).post(path, body), as_json, render.accepted)
+def send_command(gateway: Gateway, path: str, body: Mapping[str, object], as_json: bool) -> None:
+    show(gateway.answer("POST", path, body=body), as_json, render.accepted)
 
 
 def address(
@@ -130,16 +125,14 @@ def address(
 
 def parse_item(text: str) -> dict[str, str | int]:
     """`SKU:QTY[:PRICE_CENTS]` -> an order item (the gateway checks the bounds)."""
-    parts = text.split(":")
+    sku, *numbers = text.split(":")
     try:
-        if len(parts) not in (2, 3):
-            raise ValueError
-        item: dict[str, str | int] = {"sku": parts[0], "qty": int(parts[1])}
-        if len(parts) == 3:
-            item["unit_price_cents"] = int(parts[2])
+        values = [int(number) for number in numbers]
     except ValueError:
-        raise typer.BadParameter(f"{text!r} is not SKU:QTY[:PRICE_CENTS]", param_hint="--item") from None
-    return item
+        values = []
+    if len(values) not in (1, 2):
+        raise typer.BadParameter(f"{text!r} is not SKU:QTY[:PRICE_CENTS]", param_hint="--item")
+    return dict(zip(("sku", "qty", "unit_price_cents"), (sku, *values), strict=False))
 
 
 # --- commands -------------------------------------------------------------------------------------
@@ -174,7 +167,7 @@ def place(
         "correlation_id": correlation_id,
         "command_id": command_id,
     }
-    send_command(api_url, token, "/orders", body, as_json)
+    send_command(gateway(api_url, token), "/orders", body, as_json)
 
 
 def add_steering_command(action: str, field: str, field_help: str, summary: str) -> None:
@@ -189,7 +182,7 @@ def add_steering_command(action: str, field: str, field_help: str, summary: str)
         as_json: AsJson = False,
     ) -> None:
         body = {field: text, "command_id": command_id}
-        send_command(api_url, token, order_path(order_id, action), body, as_json)
+        send_command(gateway(api_url, token), order_path(order_id, action), body, as_json)
 
     app.command(action, help=summary)(steer)
 
@@ -225,13 +218,13 @@ def update_address(
         "address": address(name, line1, line2, city, region, postal_code, country),
         "command_id": command_id,
     }
-    send_command(api_url, token, order_path(order_id, "address"), body, as_json)
+    send_command(gateway(api_url, token), order_path(order_id, "address"), body, as_json)
 
 
 @app.command()
 def status(order_id: OrderId, api_url: ApiUrl = None, token: Token = None, as_json: AsJson = False) -> None:
     """Show an order's live status (from its workflow, else from the orders table)."""
-    show(gateway(api_url, token).get(order_path(order_id)), as_json, render.order_status)
+    show(gateway(api_url, token).answer("GET", order_path(order_id)), as_json, render.order_status)
 
 
 @app.command("list")
@@ -244,14 +237,14 @@ def list_orders(
     as_json: AsJson = False,
 ) -> None:
     """List orders, newest first (a customer's own only)."""
-    params: Query = {"state": state.value if state else None, "limit": limit, "cursor": cursor}
-    show(gateway(api_url, token).get("/orders", params), as_json, render.order_page)
+    params = {"state": state.value if state else None, "limit": limit, "cursor": cursor}
+    show(gateway(api_url, token).answer("GET", "/orders", params), as_json, render.order_page)
 
 
 @app.command()
 def history(order_id: OrderId, api_url: ApiUrl = None, token: Token = None, as_json: AsJson = False) -> None:
     """Show an order's events from the audit table, in order."""
-    show(gateway(api_url, token).get(order_path(order_id, "events")), as_json, render.history)
+    show(gateway(api_url, token).answer("GET", order_path(order_id, "events")), as_json, render.history)
 
 
 WATCH_EXIT_CODES = ", ".join(f"{code} {ending.value}" for ending, code in ENDING_EXIT_CODES.items())
@@ -270,31 +263,23 @@ def watch(
     api_url: ApiUrl = None,
     token: Token = None,
 ) -> None:
-    """Print an order's events until it ends; the exit code says how it ended.
-
-    Prints the events so far, then each as it happens, from the gateway's event stream of the order
-    (nothing but the gateway's URL is needed), resuming the stream if the connection is lost.
-    """
-
-    def print_event(event: RecordedEvent) -> None:
-        typer.echo(json.dumps(event.model_dump(mode="json")) if as_json else render.event(event))
-
-    def note(text: str) -> None:
-        typer.echo(text, err=True)
-
+    """Print an order's events so far, then each as it happens, until it ends; the exit code says how."""
     note(f"watching order {order_id} for up to {timeout:g} s ...")
-    ending = asyncio.run(follow_order(gateway(api_url, token), order_id, timeout, print_event, note))
-    if ending is None:
+    try:
+        ending = asyncio.run(
+            asyncio.wait_for(follow_order(gateway(api_url, token), order_id, as_json), timeout)
+        )
+    except TimeoutError:
         fail(f"order {order_id} did not end within {timeout:g} s", WATCH_TIMEOUT_EXIT_CODE)
     note(f"order {order_id} {ending.type.value}")
     raise typer.Exit(ENDING_EXIT_CODES[ending.type])
 
 
-@app.command("health", epilog="Exit codes: 0 ready; 1 not ready, or the gateway cannot be reached.")
-def health_command(api_url: ApiUrl = None, as_json: AsJson = False) -> None:
+@app.command(epilog="Exit codes: 0 ready; 1 not ready, or the gateway cannot be reached.")
+def health(api_url: ApiUrl = None, as_json: AsJson = False) -> None:
     """Ask the gateway whether it is live and ready: /healthz, then /readyz (broker, database, Temporal)."""
-    found = health.gateway_health(Gateway(api_url or settings().api_url, token=None))
-    show(found, as_json, health.as_text)
+    found = Gateway(api_url or settings().api_url, token=None).health()
+    show(found, as_json, render.health)
     if not found["ready"]:
         raise typer.Exit(1)
 
@@ -321,8 +306,7 @@ def token_command(
 ) -> None:
     """Print a bearer token from the local development issuer that `make run` sets up.
 
-    Use it with --token, ORDERFLOW_TOKEN or `orderflow login`. A gateway trusts it only when
-    ORDERFLOW_AUTH_LOCAL_ISSUER=true (as under `make run`); elsewhere, get tokens from your issuer.
+    A gateway trusts it only when ORDERFLOW_AUTH_LOCAL_ISSUER=true (as under `make run`).
     """
     current = settings()
     if not local_issuer.under_make_run(current):
@@ -343,21 +327,10 @@ def login(
         str | None, typer.Option("--token", help="The token; by default read from stdin.")
     ] = None,
 ) -> None:
-    """Store a bearer token for the commands that follow, in $XDG_CONFIG_HOME/orderflow/token.
-
-    Readable by you only; --token and ORDERFLOW_TOKEN still win over it.
-    """
+    """Store a bearer token for the commands that follow (--token and ORDERFLOW_TOKEN win over it)."""
     if token is None:
         token = typer.prompt("Token", hide_input=True) if sys.stdin.isatty() else sys.stdin.read()
-    token = token.strip()
-    try:
-        holder = credentials.claims(token, settings().auth_roles_claim)
-    except credentials.NotAToken as error:
-        fail(str(error))
-    if holder.expires_at is not None and holder.expires_at <= datetime.now(UTC):
-        fail(f"this token expired at {holder.expires_at.isoformat(timespec='seconds')}")
-    path = credentials.store(token)
-    typer.echo(f"signed in as {holder.describe()}; the token is in {path}")
+    typer.echo(credentials.login(token.strip(), settings().auth_roles_claim))
 
 
 @app.command()
@@ -405,11 +378,8 @@ def provision_broker(
         typer.Option(help="Create the users through this RabbitMQ management API (default: rabbitmqctl)."),
     ] = None,
 ) -> None:
-    """Declare orderflow's exchanges and queues, and create its services' users.
-
-    Each service then runs with a broker user that may not declare or delete anything. A
-    dead-letter queue left by an older orderflow (a quorum queue) is replaced, its dead letters kept.
-    """
+    """Declare orderflow's exchanges and queues, and create its services' users (who may not declare
+    or delete anything)."""
     current = settings()
     try:
         accounts = None if passwords is None else broker_users.read_passwords(passwords)
@@ -450,16 +420,12 @@ def list_dead_letters(
     from_consumer: FromConsumer = None,
     as_json: AsJson = False,
 ) -> None:
-    """List dead letters, oldest first; the queue is left as it was.
-
-    One line each: message id, consumer, reason, deliveries, routing key and the error (shortened).
-    The queue is read no further than --limit needs.
-    """
-    selection = dlq.Selection(reason=with_reason, consumer=from_consumer)
+    """List dead letters, oldest first; the queue is left as it was."""
     current = settings()
+    selection = dlq.Selection(reason=with_reason, consumer=from_consumer)
     shown, unread = dlq.run(current, dlq.find(current, selection, limit))
     if as_json:
-        print_json([dlq.as_json(dead_letter, with_body=False) for dead_letter in shown])
+        print_json([dead_letter.diagnosis() for dead_letter in shown])
     else:
         typer.echo(dlq.summaries(shown))
     if unread:
@@ -474,11 +440,10 @@ def show_dead_letter(
     as_json: AsJson = False,
 ) -> None:
     """Show one dead letter: why, where it came from, and its body (pretty-printed if JSON)."""
-    selection = dlq.Selection(message_ids=frozenset({message_id}))
     current = settings()
-    (oldest, *copies), _ = dlq.run(current, dlq.find(current, selection))
+    (oldest, *copies), _ = dlq.run(current, dlq.find(current, dlq.Selection(frozenset({message_id}))))
     if as_json:
-        print_json(dlq.as_json(oldest, with_body=True))
+        print_json(dlq.in_full(oldest))
     else:
         typer.echo(dlq.details(oldest))
     if copies:
@@ -505,11 +470,8 @@ def replay_dead_letters(
     yes: Annotated[bool, typer.Option("--yes", help="Replay --all without asking.")] = False,
     as_json: AsJson = False,
 ) -> None:
-    """Republish dead letters to the exchange they came from, and remove them from the queue.
-
-    Each goes with its routing key, body and properties, and leaves the dead-letter queue once the
-    broker has confirmed it. Safe to repeat: consumers take a command id or event id once.
-    """
+    """Republish dead letters to the exchange they came from, and remove them from the queue once
+    the broker confirmed them. Safe to repeat: consumers take a command id or event id once."""
     if bool(message_ids) == replay_all:
         raise typer.BadParameter("give message ids or --all (not both)", param_hint="MESSAGE_ID... / --all")
     if (with_reason or from_consumer) and not replay_all:
@@ -521,8 +483,4 @@ def replay_dead_letters(
         if not chosen:
             fail("no dead letter matches")
         typer.confirm(f"Replay {len(chosen)} dead letter(s) to the exchanges they came from?", abort=True)
-
-    def report(replayed: dlq.Replayed) -> None:
-        typer.echo(json.dumps(asdict(replayed)) if as_json else dlq.replayed_text(replayed))
-
-    dlq.run(current, dlq.replay(current, selection, exchange, report))
+    dlq.run(current, dlq.replay(current, selection, exchange, as_json))

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 
 from services.cli.gateway import Answer
-from shared.contracts import OrderEvent, RecordedEvent
+from shared.contracts import RecordedEvent
 
 
 def accepted(answer: Answer) -> str:
@@ -21,7 +21,7 @@ def order_status(status: Answer) -> str:
     step = f", step {status['step']}" if status.get("step") else ""
     rows = [
         ("payment", status["payment_id"]),
-        ("address", address(status["address"])),
+        ("address", ", ".join(str(value) for value in status["address"].values() if value)),
         ("attempts", ", ".join(f"{step} {count}" for step, count in status.get("attempts", {}).items())),
         ("errors", "".join(f"\n    {step_error(error)}" for error in status.get("recent_errors", []))),
         ("shipping", status.get("shipping_attempts") and f"{status['shipping_attempts']} attempt(s)"),
@@ -35,6 +35,10 @@ def order_status(status: Answer) -> str:
     lines = [f"order {status['order_id']}: {status['state']}{step} (from {source})"]
     lines += [f"  {label:<9} {value}" for label, value in rows if value]
     return "\n".join(lines)
+
+
+def step_error(error: Answer) -> str:
+    return f"{error['step']} attempt {error['attempt']} at {error['at']}: {error['error']}"
 
 
 def order_page(page: Answer) -> str:
@@ -56,7 +60,7 @@ def history(answer: Answer) -> str:
     return "\n".join(event(RecordedEvent.model_validate(item)) for item in answer["events"])
 
 
-def event(order_event: OrderEvent | RecordedEvent) -> str:
+def event(order_event: RecordedEvent) -> str:
     item = order_event.model_dump(mode="json")
     data = f"  {json.dumps(item['data'], sort_keys=True)}" if item["data"] else ""
     return (
@@ -64,13 +68,13 @@ def event(order_event: OrderEvent | RecordedEvent) -> str:
     )
 
 
-def address(fields: Answer) -> str:
-    parts = ("name", "line1", "line2", "city", "region", "postal_code", "country")
-    return ", ".join(str(fields[part]) for part in parts if fields.get(part))
-
-
-def step_error(error: Answer) -> str:
-    return f"{error['step']} attempt {error['attempt']} at {error['at']}: {error['error']}"
+def health(found: Answer) -> str:
+    rows = [["gateway", "live", found["gateway"]]]
+    rows += [
+        [name, "ok" if check["ok"] else "FAILED", check["detail"]] for name, check in found["checks"].items()
+    ]
+    verdict = "ready" if found["ready"] else f"not ready: {', '.join(found['failed'])}"
+    return f"{table(['DEPENDENCY', 'STATE', 'DETAIL'], rows)}\n{verdict}"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

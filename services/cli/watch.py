@@ -1,18 +1,16 @@
-"""`orderflow watch`: follow one order through the gateway's stream of its events until it ends.
-
-The stream sends the order's history, then each event as it is stored, and ends after its terminal
-event; one lost on the way (the gateway restarted, say) is resumed with `Last-Event-ID`, so every
-event is reported once.
-"""
+"""`orderflow watch`: follow one order through the gateway's stream of its events until it ends,
+resuming a lost stream with `Last-Event-ID`, so every event is printed once."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import httpx
+import typer
 
+from services.cli import render
 from services.cli.errors import fail, reason
 from services.cli.gateway import Gateway, order_path, refused
 from shared.contracts import EventType, RecordedEvent
@@ -28,48 +26,29 @@ ENDING_EXIT_CODES = {
 }
 
 
-async def follow_order(
-    gateway: Gateway,
-    order_id: str,
-    timeout: float,
-    on_event: Callable[[RecordedEvent], None],
-    on_note: Callable[[str], None],
-) -> RecordedEvent | None:
-    """Report the order's events as the gateway streams them; its terminal event, or None if it has
-    not ended within `timeout` seconds. An unreachable gateway, or an answer other than the stream
-    or 404 (the order may not be known yet), ends the command."""
-    try:
-        async with (
-            asyncio.timeout(timeout),
-            httpx.AsyncClient(
-                base_url=gateway.base_url,
-                headers=gateway.headers,
-                timeout=httpx.Timeout(CONNECT_TIMEOUT_SECONDS, read=None),
-            ) as client,
-        ):
-            return await follow_stream(client, order_id, on_event, on_note)
-    except TimeoutError:
-        return None
+def note(text: str) -> None:
+    typer.echo(text, err=True)
 
 
-async def follow_stream(
-    client: httpx.AsyncClient,
-    order_id: str,
-    on_event: Callable[[RecordedEvent], None],
-    on_note: Callable[[str], None],
-) -> RecordedEvent:
+async def follow_order(gateway: Gateway, order_id: str, as_json: bool) -> RecordedEvent:
+    """Print the order's events as the gateway streams them, until its terminal event. An unreachable
+    gateway, or an answer other than the stream or 404 (the order may not be known yet), ends the command."""
     path = order_path(order_id, "events/stream")
+    timeout = httpx.Timeout(CONNECT_TIMEOUT_SECONDS, read=None)
     last_event_id: str | None = None
     ending: RecordedEvent | None = None
     answered = told_unknown = False
     while ending is None:
-        headers = {"Last-Event-ID": last_event_id} if last_event_id is not None else {}
+        headers = gateway.headers | ({"Last-Event-ID": last_event_id} if last_event_id is not None else {})
         try:
-            async with client.stream("GET", path, headers=headers) as response:
+            async with (
+                httpx.AsyncClient(base_url=gateway.base_url, headers=headers, timeout=timeout) as client,
+                client.stream("GET", path) as response,
+            ):
                 answered = True
                 if response.status_code == httpx.codes.NOT_FOUND:
                     if not told_unknown:
-                        on_note(f"order {order_id} is not known yet; waiting for it")
+                        note(f"order {order_id} is not known yet; waiting for it")
                         told_unknown = True
                 elif response.status_code != httpx.codes.OK:
                     await response.aread()
@@ -78,16 +57,15 @@ async def follow_stream(
                     async for event_id, data in server_sent_events(response):
                         last_event_id = event_id
                         if data is not None:
-                            event = contract_event(data)
-                            on_event(event)
+                            event = printed(data, as_json)
                             # read on: the stream ends after what was stored with the ending
                             ending = event if event.type.is_terminal else ending
                     if ending is None:
-                        on_note("the stream ended before the order did (the gateway stopped?); resuming")
+                        note("the stream ended before the order did (the gateway stopped?); resuming")
         except httpx.TransportError as error:
             if not answered:
-                fail(f"cannot reach the gateway at {client.base_url}: {reason(error)}")
-            on_note(f"lost the stream ({reason(error)}); resuming")
+                fail(f"cannot reach the gateway at {gateway.base_url}: {reason(error)}")
+            note(f"lost the stream ({reason(error)}); resuming")
         if ending is None:
             await asyncio.sleep(RETRY_SECONDS)
     return ending
@@ -113,8 +91,10 @@ async def server_sent_events(response: httpx.Response) -> AsyncIterator[tuple[st
         data, has_id = [], False
 
 
-def contract_event(data: str) -> RecordedEvent:
-    """The event in a streamed event's data (which adds its audit `position`)."""
+def printed(data: str, as_json: bool) -> RecordedEvent:
+    """Print the event in a streamed event's data (less the audit `position` the stream adds)."""
     fields = json.loads(data)
     fields.pop("position", None)
-    return RecordedEvent.model_validate(fields)
+    event = RecordedEvent.model_validate(fields)
+    typer.echo(json.dumps(event.model_dump(mode="json")) if as_json else render.event(event))
+    return event
