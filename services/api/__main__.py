@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from types import FrameType
-from typing import TypedDict
+from typing import Any
 
 import structlog
 import uvicorn
@@ -58,14 +57,7 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-class ServingOptions(TypedDict):
-    ssl_certfile: Path | None
-    ssl_keyfile: Path | None
-    proxy_headers: bool
-    forwarded_allow_ips: list[str] | None
-
-
-def serving_options(settings: Settings) -> ServingOptions:
+def serving_options(settings: Settings) -> dict[str, Any]:
     """HTTPS when given a certificate; X-Forwarded-For/-Proto believed only from the configured
     proxies (uvicorn would trust 127.0.0.1 by default)."""
     proxies = [address.strip() for address in settings.api_forwarded_allow_ips.split(",") if address.strip()]

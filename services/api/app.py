@@ -61,17 +61,12 @@ def create_app(settings: Settings) -> FastAPI:
         openapi_tags=TAGS,
         lifespan=lifespan,
         # FastAPI traces requests by itself once a tracer provider is installed (shared/tracing.py)
-        telemetry={"exclude": telemetry.untraced},
+        telemetry={"exclude": lambda scope: scope.get("path") in telemetry.UNTRACED_PATHS},
     )
     app.openapi = partial(openapi_document, app)  # type: ignore[method-assign]
     app.state.settings = settings
-    app.include_router(commands.router)
-    app.include_router(orders.router)
-    app.include_router(health.router)
-    app.include_router(streams.router)
-    app.include_router(dashboard.router)
-    app.include_router(telemetry.router)
-    app.include_router(codec.router)
+    for routes in (commands, orders, health, streams, dashboard, telemetry, codec):
+        app.include_router(routes.router)
     app.add_middleware(telemetry.HttpMetrics)
     app.add_middleware(codec.CodecCors, origins=settings.codec_cors_origins)
     # outermost: an oversized body is refused before any other layer reads it
@@ -97,8 +92,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def openapi_document(app: FastAPI) -> dict[str, Any]:  # an OpenAPI document: JSON of any shape
-    """FastAPI's document, made once, its request bodies described as they are checked
-    (`StrippedTextJsonSchema`; the responses carry stripped text, which its patterns allow too)."""
+    """FastAPI's document, made once, its request bodies described as `StrippedTextJsonSchema` checks them."""
     if app.openapi_schema is None:
         document = get_openapi(
             title=app.title,

@@ -1,10 +1,6 @@
-"""Who is calling: OAuth2 bearer tokens (JWT access tokens) verified against their issuer's keys.
-
-A route declares the roles it admits, `Security(current_actor, scopes=[...])` (any one will do), and
-gets the caller as an `Actor`: a missing or invalid token is a 401, a token without the role a 403.
-Keys come from an issuer's JWKS (fetched and cached here) or the local development issuer. Tokens
-and keys are never logged.
-"""
+"""Who is calling: JWT bearer tokens verified against their issuer's keys (a JWKS or the local
+development issuer). A route admits roles as scopes: no or a bad token is a 401, no such role a 403.
+Tokens and keys are never logged."""
 
 from __future__ import annotations
 
@@ -13,8 +9,7 @@ import ipaddress
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Annotated, Protocol
+from typing import Annotated
 from urllib.parse import urlsplit
 
 import httpx
@@ -59,7 +54,6 @@ class InvalidToken(Exception):
     """The bearer token is not one the gateway accepts; the message says why (never the token)."""
 
 
-# --- keys -----------------------------------------------------------------------------------------
 class KeySet:
     """The signing keys of one JWKS document, by key id (`kid`), parsed once per algorithm."""
 
@@ -76,15 +70,13 @@ class KeySet:
         return kid in self._keys
 
     def key(self, kid: str | None, algorithm: str) -> jwt.PyJWK:
-        """The key `kid` for `algorithm`; a key naming its own `alg` keeps it (a token claiming
-        another then fails the signature check)."""
+        # a key naming its own `alg` keeps it: a token claiming another then fails the signature check
         if (kid, algorithm) not in self._parsed:
             jwk = self._keys.get(kid)
             if jwk is None:
                 raise InvalidToken("the token's signing key is not among its issuer's keys")
             try:
-                named = jwk.get("alg")
-                self._parsed[kid, algorithm] = jwt.PyJWK(jwk, algorithm=str(named) if named else algorithm)
+                self._parsed[kid, algorithm] = jwt.PyJWK(jwk, algorithm=str(jwk.get("alg") or algorithm))
             except jwt.PyJWTError as error:
                 raise InvalidToken(f"the issuer's key {kid!r} cannot verify {algorithm}") from error
         return self._parsed[kid, algorithm]
@@ -92,10 +84,6 @@ class KeySet:
     async def keys_for(self, kid: str | None) -> KeySet:
         """Keys known at start-up (the local development issuer's) are their own source."""
         return self
-
-
-class KeySource(Protocol):
-    async def keys_for(self, kid: str | None) -> KeySet: ...
 
 
 class PublishedKeys:
@@ -143,7 +131,9 @@ class PublishedKeys:
         log.info("issuer keys fetched", url=self._url)
 
 
-# --- the issuers trusted --------------------------------------------------------------------------
+KeySource = KeySet | PublishedKeys
+
+
 def trusted_issuers(settings: Settings) -> dict[str, KeySource]:
     """`iss` -> where its keys come from; raises `AuthNotConfigured` when none is (fully) configured."""
     issuers: dict[str, KeySource] = {}
@@ -171,24 +161,15 @@ def trusted_issuers(settings: Settings) -> dict[str, KeySource]:
 def check_jwks_url(url: str) -> None:
     """Keys travel over HTTPS; plain HTTP only from this machine (a local issuer or a test)."""
     parts = urlsplit(url)
-    host = parts.hostname
-    if host and (parts.scheme == "https" or (parts.scheme == "http" and is_loopback(host))):
-        return
-    raise AuthNotConfigured("ORDERFLOW_AUTH_JWKS_URL should be an https:// URL (http:// only on loopback)")
-
-
-def is_loopback(host: str) -> bool:
+    host = parts.hostname or ""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return host == "localhost"
-
-
-# --- verifying a token ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class VerifiedToken:
-    actor: Actor
-    expires_at: int  # the token's `exp`, seconds since the epoch
+        loopback = host == "localhost"
+    if not host or not (parts.scheme == "https" or (parts.scheme == "http" and loopback)):
+        raise AuthNotConfigured(
+            "ORDERFLOW_AUTH_JWKS_URL should be an https:// URL (http:// only on loopback)"
+        )
 
 
 class TokenVerifier:
@@ -209,15 +190,12 @@ class TokenVerifier:
         return cls(settings, trusted_issuers(settings))
 
     async def actor(self, token: str) -> Actor:
-        return (await self.verify(token)).actor
-
-    async def verify(self, token: str) -> VerifiedToken:
         try:
-            header = jwt.get_unverified_header(token)
             # which issuer's keys to check it with; the checked token must then name that issuer
-            issuer = jwt.decode(token, options={"verify_signature": False}).get("iss")
+            unverified = jwt.decode_complete(token, options={"verify_signature": False})
         except jwt.PyJWTError as error:
             raise InvalidToken("the token is not a well-formed JWT") from error
+        header, issuer = unverified["header"], unverified["payload"].get("iss")
         settings = self._settings
         algorithm = header.get("alg")
         if algorithm not in settings.auth_algorithms:
@@ -237,8 +215,7 @@ class TokenVerifier:
                 leeway=settings.auth_clock_skew_seconds,
                 options={"require": REQUIRED_CLAIMS},
             )
-            actor = Actor(subject=claims["sub"], roles=roles_in(claims, settings.auth_roles_claim))
-            return VerifiedToken(actor, expires_at=int(claims["exp"]))
+            return Actor(subject=claims["sub"], roles=roles_in(claims, settings.auth_roles_claim))
         except jwt.PyJWTError as error:
             raise InvalidToken(describe(error)) from error
         except ValidationError as error:
@@ -246,8 +223,7 @@ class TokenVerifier:
 
 
 def roles_in(claims: Mapping[str, object], claim_path: str) -> frozenset[Role]:
-    """The known roles under `claim_path` (dots nest): a list of names or one space-separated
-    string; names orderflow does not know are ignored."""
+    """The known roles under `claim_path` (dots nest): a list of names or a space-separated string."""
     value: object = claims
     for name in claim_path.split("."):
         value = value.get(name) if isinstance(value, dict) else None
@@ -257,7 +233,6 @@ def roles_in(claims: Mapping[str, object], claim_path: str) -> frozenset[Role]:
     return frozenset(Role(name) for name in names if isinstance(name, str) and name in ROLE_NAMES)
 
 
-# --- the route dependency -------------------------------------------------------------------------
 bearer_token = HTTPBearer(
     auto_error=False,  # a missing token is answered below, with the header RFC 6750 asks for
     scheme_name="bearer",

@@ -1,23 +1,19 @@
-"""Command endpoints: each publishes one contract command to `orders.commands`.
-
-A 202 means RabbitMQ confirmed the command; anything less is a 503 and nothing was published, so a
-client may retry, ideally with the same command id. Each command carries its caller as `issued_by`
-(from the bearer token), which the bridge and the workflow authorize again against the order.
+"""Command endpoints: each publishes one contract command to `orders.commands`, answering 202 once
+RabbitMQ confirmed it. The caller goes as `issued_by`, which the bridge and the workflow authorize again.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Annotated
 from uuid import UUID, uuid4, uuid5
 
 import structlog
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, status
-from fastapi.types import DecoratedCallable
 
 from services.api.auth import AUTH_RESPONSES, Approver, Canceller, Placer, Readdresser
 from services.api.connections import BrokerLink
@@ -88,7 +84,7 @@ PLACE_RESPONSES: Responses = {
 
 @dataclass(frozen=True)
 class CommandSender:
-    """What every command route does with its request (a dependency): check, build, publish, answer 202."""
+    """What every command route does with its request: check, build, publish, answer 202."""
 
     request: Request
     connections: ConnectionsDep
@@ -97,10 +93,14 @@ class CommandSender:
     async def send(
         self, command_type: CommandType, actor: Actor, order_id: str, body: CommandOptions | None
     ) -> CommandAccepted:
-        """`body` None: an approval or cancellation sent without one (its payload's fields are optional)."""
-        body = body or CommandOptions()
-        if command_type is not CommandType.PLACE:
-            await self.refuse_early(command_type, actor, order_id)
+        body = body or CommandOptions()  # an approval or cancellation may come without a body
+        if command_type is not CommandType.PLACE:  # 403 at once where the orders table names the placer
+            async with self.connections.sessions() as session:
+                order = await session.get(Order, order_id)
+            # whether the order is in review, or exists, is the workflow's to say: the table may lag behind
+            reason = None if order is None else refusal(command_type, actor, order.placed_by, in_review=True)
+            if reason is not None:
+                raise HTTPException(status.HTTP_403_FORBIDDEN, detail=reason)
         command = command_adapter.validate_python(
             {
                 "type": command_type,
@@ -121,16 +121,6 @@ class CommandSender:
             order_id=order_id,
             status_url=str(self.request.url_for("order_status", order_id=order_id)),
         )
-
-    async def refuse_early(self, command_type: CommandType, actor: Actor, order_id: str) -> None:
-        """403 at once where the orders table already names the order's placer. Whether the order is
-        in review is left to the workflow (the table may lag behind it), and so is an order the
-        table lacks yet."""
-        async with self.connections.sessions() as session:
-            order = await session.get(Order, order_id)
-        reason = None if order is None else refusal(command_type, actor, order.placed_by, in_review=True)
-        if reason is not None:
-            raise HTTPException(status.HTTP_403_FORBIDDEN, detail=reason)
 
 
 Sender = Annotated[CommandSender, Depends()]
@@ -160,45 +150,32 @@ class BacklogFull(Exception):
 
 async def publish(broker: LazyConnection[BrokerLink], command: Command) -> None:
     """Returns once the broker confirmed `command`; raises `BacklogFull` or `DependencyUnavailable`."""
-    context = {
-        "order_id": command.order_id,
-        "command_id": str(command.command_id),
-        "type": command.type.value,
-    }
+    logger = log.bind(order_id=command.order_id, command_id=str(command.command_id), type=command.type.value)
     link = await broker.get()
     try:
         async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
             await publish_command(link.topology, command)
     except CommandRefused as refused:
-        log.warning("placement refused: backlog full", **context)
+        logger.warning("placement refused: backlog full")
         raise BacklogFull(
             "too many orders are waiting to start: the placement was not accepted; "
             "retry after the time in Retry-After"
         ) from refused
     except (CommandNotRouted, TimeoutError, *CONNECTION_EXCEPTIONS) as error:
-        log.warning("command not accepted", **context, reason=describe(error))
+        logger.warning("command not accepted", reason=describe(error))
         raise DependencyUnavailable("broker", f"the command was not accepted ({describe(error)})") from error
-    log.info("command accepted", **context, correlation_id=command.correlation_id)
+    logger.info("command accepted", correlation_id=command.correlation_id)
 
 
-def command_route(
-    path: str, summary: str, description: str, responses: Responses = ORDER_COMMAND_RESPONSES
-) -> Callable[[DecoratedCallable], DecoratedCallable]:
-    return router.post(
-        path,
-        status_code=status.HTTP_202_ACCEPTED,
-        summary=summary,
-        description=description,
-        responses=responses,
-    )
+command_route = partial(router.post, status_code=status.HTTP_202_ACCEPTED, responses=ORDER_COMMAND_RESPONSES)
 
 
 @command_route(
     "",
-    "Place an order",
-    "Publishes a `PlaceOrder` command (routing key `order.place`). The order is `queued` until the "
-    "bridge admits its lifecycle (at most `max_running_lifecycles` run at once).",
-    PLACE_RESPONSES,
+    summary="Place an order",
+    description="Publishes a `PlaceOrder` command (routing key `order.place`). The order is `queued` "
+    "until the bridge admits its lifecycle (at most `max_running_lifecycles` run at once).",
+    responses=PLACE_RESPONSES,
 )
 async def place_order(actor: Placer, body: PlaceOrderRequest, sender: Sender) -> CommandAccepted:
     return await sender.send(CommandType.PLACE, actor, body.order_id or f"ord-{uuid4().hex}", body)
@@ -206,9 +183,9 @@ async def place_order(actor: Placer, body: PlaceOrderRequest, sender: Sender) ->
 
 @command_route(
     "/{order_id}/approve",
-    "Approve an order waiting in manual review",
-    "Publishes an `ApproveOrder` command (routing key `order.approve`). The approver is the token's "
-    "subject, who must not be the order's placer (four eyes).",
+    summary="Approve an order waiting in manual review",
+    description="Publishes an `ApproveOrder` command (routing key `order.approve`). The approver is "
+    "the token's subject, who must not be the order's placer (four eyes).",
 )
 async def approve_order(
     actor: Approver, order_id: OrderIdPath, sender: Sender, body: ApproveOrderRequest | None = None
@@ -218,8 +195,8 @@ async def approve_order(
 
 @command_route(
     "/{order_id}/address",
-    "Change an order's shipping address (until dispatch)",
-    "Publishes an `UpdateAddress` command (routing key `order.update_address`): by the order's "
+    summary="Change an order's shipping address (until dispatch)",
+    description="Publishes an `UpdateAddress` command (routing key `order.update_address`): by the order's "
     "placer or an operator.",
 )
 async def update_address(
@@ -230,8 +207,8 @@ async def update_address(
 
 @command_route(
     "/{order_id}/cancel",
-    "Cancel an order (until dispatch; refunds if it was paid)",
-    "Publishes a `CancelOrder` command (routing key `order.cancel`): by the order's placer, an "
+    summary="Cancel an order (until dispatch; refunds if it was paid)",
+    description="Publishes a `CancelOrder` command (routing key `order.cancel`): by the order's placer, an "
     "operator, or a reviewer while the order is in review.",
 )
 async def cancel_order(

@@ -1,8 +1,5 @@
-"""The gateway's connections to RabbitMQ, PostgreSQL and Temporal, opened once per process.
-
-The broker and Temporal are connected at start-up and, once lost, again on the next request that
-needs them, so the gateway stays up (and reports not ready) while a dependency is down.
-"""
+"""The gateway's connections to RabbitMQ, PostgreSQL and Temporal, opened once per process; the broker
+and Temporal, once lost, again on the next request that needs them (the gateway stays up, not ready)."""
 
 from __future__ import annotations
 

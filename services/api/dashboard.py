@@ -1,11 +1,6 @@
-"""The live dashboard (`/dashboard`: a page, a script and a style sheet from `static/`) and the figures
-it shows (`GET /stats`).
-
-The page lists orders (`GET /orders`), finds one by its id, shows an order's status and timeline
-(`GET /orders/{id}`, its event stream) with a link to its workflow in the Temporal UI, and steers it
-(the command endpoints); it follows every order through `/events/stream`, so it needs nothing but
-the gateway's public API. The page itself is open: it is also the sign-in page, holds no data, and
-sends the bearer token it signs in with on every request.
+"""The live dashboard (`/dashboard`: a page, script and style sheet from `static/`) and its figures
+(`GET /stats`). The page uses only the gateway's public API; it is open, as the sign-in page holding no
+data, and sends the bearer token it signs in with on every request.
 """
 
 from __future__ import annotations
@@ -56,8 +51,7 @@ router.mount("/dashboard/static", StaticFiles(directory=STATIC_DIR), name="dashb
 
 @router.get("/dashboard", include_in_schema=False)
 async def dashboard(request: Request) -> HTMLResponse:
-    """The page, told which claim holds the roles (it shows them; the gateway decides) and where the
-    Temporal UI shows an order's workflow."""
+    """The page, told the claim holding the roles (it shows them; the gateway decides) and workflow URL."""
     settings: Settings = request.app.state.settings
     values = {"roles_claim": settings.auth_roles_claim, "workflow_url": workflow_url_template(settings)}
     page = PLACEHOLDER.sub(lambda found: html.escape(values[found[1]]), DASHBOARD_PAGE)
@@ -65,8 +59,7 @@ async def dashboard(request: Request) -> HTMLResponse:
 
 
 def workflow_url_template(settings: Settings) -> str:
-    """An order's workflow in the Temporal UI, `{order_id}` standing for the order's id (the page
-    fills it in), in the namespace the services use."""
+    """An order's workflow in the Temporal UI, `{order_id}` standing for the id (the page fills it in)."""
     namespace = quote(connect_config(settings).get("namespace", settings.temporal_namespace), safe="")
     workflow_id = order_workflow_id("{order_id}")
     return f"{settings.temporal_ui_url.rstrip('/')}/namespaces/{namespace}/workflows/{workflow_id}"
@@ -83,20 +76,19 @@ def workflow_url_template(settings: Settings) -> str:
 async def stats(_: Overseer, request: Request, session: SessionDep) -> Stats:
     # one snapshot: the figures and `position` agree
     await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
-    counts = await orders_per_state(session)
+    counted = await session.execute(select(col(Order.state), func.count()).group_by(col(Order.state)))
+    found: dict[str, int] = dict(counted.all())
+    counts = {state: found.get(state, 0) for state in OrderState}
     return Stats(
         counts=counts,
         total=sum(counts.values()),
         admission=await admission_load(session, request.app.state.settings.max_running_lifecycles),
-        completed_per_minute=await completed_per_minute(session, THROUGHPUT_MINUTES),
+        completed_per_minute=[
+            MinuteCount(minute=minute, count=count)
+            for minute, count in await session.execute(COMPLETED_PER_MINUTE)
+        ],
         position=await newest_position(session),
     )
-
-
-async def orders_per_state(session: AsyncSession) -> dict[OrderState, int]:
-    counted = await session.execute(select(col(Order.state), func.count()).group_by(col(Order.state)))
-    found = {OrderState(state): count for state, count in counted}
-    return {state: found.get(state, 0) for state in OrderState}
 
 
 async def admission_load(session: AsyncSession, max_running: int) -> AdmissionLoad:
@@ -122,11 +114,4 @@ COMPLETED_PER_MINUTE = text(
     LEFT JOIN orders ON orders.state = :completed AND date_trunc('minute', orders.updated_at) = minute
     GROUP BY minute ORDER BY minute
     """
-)
-
-
-async def completed_per_minute(session: AsyncSession, minutes: int) -> list[MinuteCount]:
-    counted = await session.execute(
-        COMPLETED_PER_MINUTE, {"minutes": minutes, "completed": OrderState.COMPLETED.value}
-    )
-    return [MinuteCount(minute=minute, count=count) for minute, count in counted]
+).bindparams(minutes=THROUGHPUT_MINUTES, completed=OrderState.COMPLETED.value)

@@ -1,9 +1,5 @@
-"""The gateway's error answers and how they are documented.
-
-Every error but a validation error has one body, `ErrorMessage` (`{"detail": "a sentence"}`); a 422
-lists the invalid fields (FastAPI's `HTTPValidationError`). Each operation documents the errors it
-can answer with, so the OpenAPI document says exactly what a client may get.
-"""
+"""The gateway's error answers, `ErrorMessage` (`{"detail": "a sentence"}`) but for a 422's list of
+invalid fields, and their entries in the operations' OpenAPI `responses`."""
 
 from __future__ import annotations
 
@@ -38,8 +34,8 @@ def documented_error(description: str, *, retry_after: bool = False) -> dict[str
 
 
 def json_error(description: str) -> dict[str, object]:
-    """An `ErrorMessage` answer documented as JSON whatever the operation's own media type (an event
-    stream's errors are JSON too); the schema is there because `documented_error` puts it there."""
+    """`documented_error` for a route of another media type (an event stream's errors are JSON); the
+    `$ref` resolves as other routes' `documented_error` entries put `ErrorMessage` there."""
     schema = {"$ref": "#/components/schemas/ErrorMessage"}
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 

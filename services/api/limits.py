@@ -21,8 +21,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.api.auth import AnyRole
-from services.api.errors import Responses, documented_error
-from services.api.schemas import ErrorMessage
+from services.api.errors import Responses, documented_error, error_answer
 
 # a validation error's `input` longer than this (as JSON) is left out of the answer
 ECHOED_INPUT_LIMIT = 200
@@ -59,55 +58,40 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None:
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                await self._too_large(send)
-                return
-            await self.app(scope, receive, send)  # the server holds the body to its declared length
+        if declared is None:
+            replay = await self._read_ahead(receive)
+        elif declared.isdigit() and int(declared) > self.max_bytes:
+            replay = None
+        else:
+            replay = receive  # the server holds the body to its declared length
+        if replay is None:
+            detail = f"the request body is larger than {self.max_bytes} bytes"
+            answer = error_answer(status.HTTP_413_CONTENT_TOO_LARGE, detail, {"Connection": "close"})
+            await answer(scope, receive, send)
             return
-        body = await self._read_ahead(receive)
-        if body is None:
-            await self._too_large(send)
-            return
-        await self.app(scope, replaying(body, receive), send)
+        await self.app(scope, replay, send)
 
-    async def _read_ahead(self, receive: Receive) -> Message | None:
-        """The whole body as one message; None once it grows past the limit."""
+    async def _read_ahead(self, receive: Receive) -> Receive | None:
+        """A `receive` handing out the whole body, read ahead; None once it grows past the limit."""
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                return message  # the client left: the app sees that
-            chunk = message.get("body", b"")
-            size += len(chunk)
+                break  # the client left: the app sees that
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
             if size > self.max_bytes:
                 return None
-            chunks.append(chunk)
             if not message.get("more_body", False):
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+        pending = [message]
 
-    async def _too_large(self, send: Send) -> None:
-        detail = f"the request body is larger than {self.max_bytes} bytes"
-        body = ErrorMessage(detail=detail).model_dump_json()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status.HTTP_413_CONTENT_TOO_LARGE,
-                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
-            }
-        )
-        await send({"type": "http.response.body", "body": body.encode()})
+        async def replay() -> Message:
+            return pending.pop() if pending else await receive()
 
-
-def replaying(first: Message, receive: Receive) -> Receive:
-    """`receive` that hands `first` out first (a body read ahead), then passes through."""
-    pending = [first]
-
-    async def replay() -> Message:
-        return pending.pop() if pending else await receive()
-
-    return replay
+        return replay
 
 
 class WriteRateLimit:

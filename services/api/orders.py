@@ -1,7 +1,6 @@
 """Order queries: live status (workflow first, then the orders table), history, and the list.
 
-A reviewer or operator reads every order; a customer only those it placed, and another's order is
-unknown to it (404), as if it did not exist.
+A customer reads only the orders it placed: another's is unknown to it (404), as if it did not exist.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from temporalio.common import QueryRejectCondition
 from temporalio.service import RPCError, RPCStatusCode
 
 from services.api.auth import AUTH_RESPONSES, AnyRole, may_read, readable_by, sees_every_order
-from services.api.connections import Connections
 from services.api.dependencies import ConnectionsDep, OrderIdPath, SessionDep
 from services.api.errors import Responses, documented_error
 from services.api.schemas import OrderHistory, OrderPage, OrderStatusView, OrderSummary, StatusSource
@@ -31,13 +29,11 @@ from shared.probes import DependencyUnavailable, describe
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# `<created_at in microseconds since EPOCH>_<order id>`: every string of this form is a cursor (17
-# digits stay below the year 9999), so the OpenAPI document describes cursors exactly
+# exactly the cursors: `<created_at in microseconds since EPOCH>_<order id>` (17 digits reach the year 9999)
 CURSOR_PATTERN = r"^[0-9]{1,17}_[A-Za-z0-9._-]{1,64}$"
 # bounded so a workflow no worker can answer for falls back to the orders table quickly
 STATUS_QUERY_TIMEOUT = timedelta(seconds=2)
-# closed without the workflow's own ending: until the workers' reconciler has written it, the
-# orders table still shows where the lifecycle was
+# closed through Temporal, not by the workflow: the orders table lacks the ending until reconciled
 ENDED_WITHOUT_ITS_CODE = frozenset(
     {WorkflowExecutionStatus.TERMINATED, WorkflowExecutionStatus.TIMED_OUT, WorkflowExecutionStatus.FAILED}
 )
@@ -75,7 +71,14 @@ async def order_status(
     actor: AnyRole, order_id: OrderIdPath, connections: ConnectionsDep, session: SessionDep
 ) -> OrderStatusView:
     try:
-        live = await query_workflow_status(connections, order_id)
+        client = await connections.temporal.get()
+        # one cancelled, terminated or failed through Temporal would answer with the state it was in
+        live = await client.get_workflow_handle(order_workflow_id(order_id)).query(
+            STATUS_QUERY,
+            result_type=OrderStatus,
+            rpc_timeout=STATUS_QUERY_TIMEOUT,
+            reject_condition=QueryRejectCondition.NOT_COMPLETED_CLEANLY,
+        )
     except NO_WORKFLOW_ANSWER as no_answer:
         log.info(
             "workflow did not answer, reading the orders table", order_id=order_id, reason=describe(no_answer)
@@ -132,11 +135,10 @@ async def list_orders(
         query = query.where(Order.placed_by == actor.subject)
     if state is not None:
         query = query.where(Order.state == state.value)
-    if cursor:
-        after_created_at, after_id = decode_cursor(cursor)
-        query = query.where(
-            or_(created_at < after_created_at, and_(created_at == after_created_at, order_id > after_id))
-        )
+    if cursor:  # where the previous page ended: its last order's created_at and id
+        micros, after_id = cursor.split("_", 1)
+        after = EPOCH + timedelta(microseconds=int(micros))
+        query = query.where(or_(created_at < after, and_(created_at == after, order_id > after_id)))
     orders = list(await session.scalars(query))
     summary_fields = set(OrderSummary.model_fields)
     return OrderPage(
@@ -154,27 +156,6 @@ def cursor_after(order: Order) -> str:
     return f"{(order.created_at - EPOCH) // timedelta(microseconds=1)}_{order.id}"
 
 
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    """The (created_at, id) of the order a page ended with."""
-    micros, order_id = cursor.split("_", 1)
-    return EPOCH + timedelta(microseconds=int(micros)), order_id
-
-
-async def query_workflow_status(connections: Connections, order_id: str) -> OrderStatus:
-    """The workflow's own status; raises one of `NO_WORKFLOW_ANSWER` if it does not answer."""
-    client = await connections.temporal.get()
-    handle = client.get_workflow_handle(order_workflow_id(order_id))
-    # a workflow that was cancelled, terminated or failed through Temporal would answer with the
-    # state it was in; the orders table has its ending
-    live: OrderStatus = await handle.query(
-        STATUS_QUERY,
-        result_type=OrderStatus,
-        rpc_timeout=STATUS_QUERY_TIMEOUT,
-        reject_condition=QueryRejectCondition.NOT_COMPLETED_CLEANLY,
-    )
-    return live
-
-
 async def status_from_read_model(
     session: AsyncSession, order_id: str, no_answer: Exception
 ) -> OrderStatusView:
@@ -186,17 +167,7 @@ async def status_from_read_model(
         # Temporal could not be asked, so "unknown" would be a guess
         reason = f"{describe(no_answer)}; and the orders table has no row for the order"
         raise DependencyUnavailable("temporal", reason) from no_answer
-    view = status_from_row(order)
-    closed_as = no_answer.status if isinstance(no_answer, WorkflowQueryRejectedError) else None
-    if closed_as in ENDED_WITHOUT_ITS_CODE and not view.state.is_terminal:
-        ending = closed_as.name.lower()
-        reason = f"the workflow was {ending} through Temporal; the order's ending follows shortly"
-        return view.model_copy(update={"state": OrderState.TERMINATED, "reason": reason})
-    return view
-
-
-def status_from_row(order: Order) -> OrderStatusView:
-    return OrderStatusView.model_validate(
+    view = OrderStatusView.model_validate(
         {
             **order.model_dump(include=set(OrderStatusView.model_fields)),
             "source": StatusSource.READ_MODEL,
@@ -205,6 +176,12 @@ def status_from_row(order: Order) -> OrderStatusView:
             "finished_at": order.updated_at if OrderState(order.state).is_terminal else None,
         }
     )
+    closed_as = no_answer.status if isinstance(no_answer, WorkflowQueryRejectedError) else None
+    if closed_as in ENDED_WITHOUT_ITS_CODE and not view.state.is_terminal:
+        ending = closed_as.name.lower()
+        reason = f"the workflow was {ending} through Temporal; the order's ending follows shortly"
+        return view.model_copy(update={"state": OrderState.TERMINATED, "reason": reason})
+    return view
 
 
 def unknown_order(order_id: str) -> HTTPException:

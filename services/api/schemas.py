@@ -25,14 +25,12 @@ from shared.contracts import (
 )
 
 
-# --- errors -------------------------------------------------------------------------------------
 class ErrorMessage(BaseModel):
     """The body of every error answer but a validation error (422, FastAPI's `HTTPValidationError`)."""
 
     detail: str = Field(description="What went wrong, in a sentence.")
 
 
-# --- commands -------------------------------------------------------------------------------------
 class CommandOptions(Model):
     """Fields every command request may carry besides its payload."""
 
@@ -63,12 +61,7 @@ class UpdateAddressRequest(CommandOptions, UpdateAddressPayload):
 
 
 # the bodies commands are sent with (their OpenAPI schemas are made by `app.openapi_document`)
-REQUEST_BODIES: tuple[type[CommandOptions], ...] = (
-    PlaceOrderRequest,
-    ApproveOrderRequest,
-    CancelOrderRequest,
-    UpdateAddressRequest,
-)
+REQUEST_BODIES = (PlaceOrderRequest, ApproveOrderRequest, CancelOrderRequest, UpdateAddressRequest)
 
 
 class CommandAccepted(BaseModel):
@@ -80,7 +73,6 @@ class CommandAccepted(BaseModel):
     status_url: str = Field(description="Where to follow the order: GET it.")
 
 
-# --- queries --------------------------------------------------------------------------------------
 class StatusSource(StrEnum):
     WORKFLOW = "workflow"
     READ_MODEL = "read_model"
@@ -126,7 +118,6 @@ class OrderHistory(BaseModel):
     events: list[RecordedEvent] = Field(description="Ordered by `seq`, then by when they were recorded.")
 
 
-# --- streams and the dashboard --------------------------------------------------------------------
 class StreamedEvent(RecordedEvent):
     """An event as the streams send it: the contract's event and its place in the audit table."""
 

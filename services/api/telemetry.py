@@ -17,7 +17,6 @@ from prometheus_client import (
     generate_latest,
 )
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -73,11 +72,6 @@ class HttpMetrics:
             HTTP_REQUEST_DURATION.labels(scope["method"], route).observe(time.perf_counter() - started)
 
 
-def untraced(scope: Scope) -> bool:
-    """For FastAPI's own tracing: the requests it leaves out."""
-    return scope.get("path") in UNTRACED_PATHS
-
-
 # the admission backlog's gauges, counted in the `admissions` table across all bridges at each scrape
 BACKLOG_GAUGES: tuple[tuple[str, str, frozenset[AdmissionStatus]], ...] = (
     (
@@ -102,29 +96,24 @@ BACKLOG_GAUGES: tuple[tuple[str, str, frozenset[AdmissionStatus]], ...] = (
     ),
 )
 BACKLOG_STATUSES = [status.value for _, _, statuses in BACKLOG_GAUGES for status in statuses]
-
-
-async def admission_counts(sessions: async_sessionmaker[AsyncSession]) -> dict[AdmissionStatus, int] | None:
-    """Admissions per backlog status; None when the table cannot be read."""
-    try:
-        async with sessions() as session:
-            rows = await session.execute(
-                select(col(Admission.status), func.count())
-                .where(col(Admission.status).in_(BACKLOG_STATUSES))
-                .group_by(col(Admission.status))
-            )
-            return {AdmissionStatus(status): count for status, count in rows.all()}
-    except Exception as error:  # noqa: BLE001 (a scrape answers without the backlog rather than fail)
-        log.warning("admission backlog unavailable", error=repr(error))
-        return None
+BACKLOG_QUERY = (
+    select(col(Admission.status), func.count())
+    .where(col(Admission.status).in_(BACKLOG_STATUSES))
+    .group_by(col(Admission.status))
+)
 
 
 @router.get(METRICS_PATH, include_in_schema=False)
 async def metrics(connections: ConnectionsDep) -> Response:
     """The process's metrics in Prometheus' text format, the admission backlog read just now."""
     backlog = CollectorRegistry()
-    counts = await admission_counts(connections.sessions)
-    if counts is not None:
+    try:
+        async with connections.sessions() as session:
+            rows = (await session.execute(BACKLOG_QUERY)).all()
+    except Exception as error:  # noqa: BLE001 (a scrape answers without the backlog rather than fail)
+        log.warning("admission backlog unavailable", error=repr(error))
+    else:
+        counts = {AdmissionStatus(status): count for status, count in rows}
         for name, documentation, statuses in BACKLOG_GAUGES:
             value = sum(counts.get(status, 0) for status in statuses)
             Gauge(name, documentation, registry=backlog).set(value)
