@@ -151,7 +151,7 @@ def test_the_orders_row_is_listed_as_its_registrations_events_leave_it() -> None
         ("cancelled", 2, "too late"),
         ("cancelled", 2, NO_REASON_GIVEN),
     ]
-    assert all(row["order_id"] == "o-1" and row["placed_by"] == GUEST.subject for row in listings)
+    assert all(row["id"] == "o-1" and row["placed_by"] == GUEST.subject for row in listings)
 
 
 def test_a_registration_publishes_queued_the_refusals_and_the_cancel_that_ends_it() -> None:

@@ -9,14 +9,13 @@ from shared.logging import configure_logging, settings_or_exit
 from shared.startup import Dependency, started
 from shared.tracing import configure_tracing
 
-DEPENDENCIES = (Dependency.BROKER, Dependency.DATABASE)
-
 
 async def main() -> None:
     settings = settings_or_exit(CONSUMER_NAME)
     configure_logging(settings, CONSUMER_NAME)
     configure_tracing(CONSUMER_NAME)
-    async with started(settings, CONSUMER_NAME, settings.audit_metrics_port, DEPENDENCIES) as service:
+    dependencies = (Dependency.BROKER, Dependency.DATABASE)
+    async with started(settings, CONSUMER_NAME, settings.audit_metrics_port, dependencies) as service:
         await run_audit(settings, service.stop)
 
 

@@ -1,25 +1,29 @@
-"""The audit consumer: every event on `orders.events` lands once in `order_events`, and the
-`orders` read model follows it (`projection`, checked by `reconciliation`), in one transaction
-acked after its commit. A terminal event recorded is a lifecycle ended (`lifecycle_metrics`)."""
+"""The audit consumer: each event on `orders.events` is stored once in `order_events` and projected
+onto the `orders` read model, in batched transactions acked after their commit; the terminal events
+recorded count how lifecycles end and how long they ran."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
+from datetime import datetime
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlmodel import col
 
-from services.audit.lifecycle_metrics import count_endings, lifecycle_endings
 from services.audit.projection import record_events
 from services.audit.reconciliation import reconcile
 from shared import db
 from shared.broker import declare_audit_queue
 from shared.consuming import QueueConsumer, consumer_channel, retry_transient
-from shared.contracts import OrderEvent
+from shared.contracts import EventType, OrderEvent
+from shared.db import AuditEvent
 from shared.settings import Settings
 
 CONSUMER_NAME = "audit"
@@ -32,16 +36,31 @@ BATCH_SIZE = Histogram(
     "Events the audit consumer wrote per committed transaction",
     buckets=(1, 2, 5, 10, 20, 50, 100, 200),
 )
+LIFECYCLES_ENDED = Counter(
+    "orderflow_lifecycles_ended", "Orders that ended, by outcome (their terminal event's type)", ["outcome"]
+)
+LIFECYCLE_DURATION = Histogram(
+    "orderflow_lifecycle_duration_seconds",
+    "From an order's admitted event to its terminal event, by outcome (admitted orders only)",
+    ["outcome"],
+    # the contract's 15 s (plus the reviewer's time), finely below it
+    buckets=(0.5, 1, 1.5, 2, 3, 5, 8, 10, 12, 14, 15, 20, 30, 60, 120, 300, 600),
+)
+# the (order_id, seq) index covers lifecycle events, seq > 0
+ADMISSIONS = select(col(AuditEvent.order_id), col(AuditEvent.occurred_at)).where(
+    col(AuditEvent.order_id).in_(bindparam("order_ids", expanding=True)),
+    col(AuditEvent.seq) > 0,
+    col(AuditEvent.type) == EventType.ADMITTED.value,
+)
 
 
 async def run_audit(settings: Settings, stop: asyncio.Event) -> None:
     """Consume events until `stop` is set, let in-flight ones finish, then disconnect."""
     engine = db.create_engine(settings)
-    broker_channel = consumer_channel(settings, CONSUMER_NAME, settings.audit_prefetch)
+    sessions = db.session_factory(engine)
     try:
-        async with broker_channel as (channel, topology):
+        async with consumer_channel(settings, CONSUMER_NAME, settings.audit_prefetch) as (channel, topology):
             queue = await declare_audit_queue(channel, topology, settings)
-            sessions = db.session_factory(engine)
             audit = AuditLog(
                 sessions,
                 stop,
@@ -61,7 +80,7 @@ async def run_audit(settings: Settings, stop: asyncio.Event) -> None:
 
 @dataclass(frozen=True)
 class PendingEvent:
-    """An event waiting for its batch, with the future its handler awaits and when it arrived."""
+    """An event waiting for its batch; its handler awaits `recorded`."""
 
     event: OrderEvent
     recorded: asyncio.Future[bool]
@@ -69,13 +88,9 @@ class PendingEvent:
 
 
 class AuditLog:
-    """Records events in batched transactions and acks each event after its batch committed.
-
-    A batch gathers for `linger_seconds` after its first event arrived, or until it holds
-    `max_batch` events, so a lifecycle's events share a few transactions instead of one each; the
-    events that arrive while one batch commits join the next. A batch that fails is retried one
-    event at a time, so a bad event fails alone.
-    """
+    """Records events in batches, each gathered for `linger_seconds` after its first event or up to
+    `max_batch` events, and acks each event after its batch committed. A batch that fails is
+    retried one event at a time, so a bad event fails alone."""
 
     def __init__(
         self,
@@ -121,7 +136,7 @@ class AuditLog:
             await self._write(batch)
 
     async def _gather_batch(self) -> None:
-        """Wait until the oldest pending event has lingered, the batch is full or the consumer stops."""
+        """Wait until the oldest pending event has lingered, the batch is full, or stop."""
         linger_left = self._pending[0].arrived_at + self._linger_seconds - asyncio.get_running_loop().time()
         if linger_left <= 0 or len(self._pending) >= self._max_batch or self._stop.is_set():
             return
@@ -142,21 +157,37 @@ class AuditLog:
                 batch[0].recorded.set_exception(error)
             return
         for pending, is_new in zip(batch, outcomes, strict=True):
-            # a handler cancelled meanwhile (its channel closed; the broker delivers its event
-            # again) waits for nothing, and must not stop the writer before the events after it
+            # a handler cancelled meanwhile (the broker delivers its event again) must not stop the writer
             if not pending.recorded.cancelled():
                 pending.recorded.set_result(is_new)
 
     async def _record(self, events: list[OrderEvent]) -> list[bool]:
         async with db.transaction(self._sessions) as session:
             recorded = await record_events(session, events)
-            terminals = [
-                event
-                for event, is_new in zip(events, recorded, strict=True)
-                if is_new and event.type.is_terminal
-            ]
-            endings = await lifecycle_endings(session, terminals)
+            new = zip(events, recorded, strict=True)
+            endings = await lifecycle_endings(session, [event for event, is_new in new if is_new])
         # once committed: a batch rolled back is recorded (and counted) again
-        count_endings(endings)
+        for outcome, seconds in endings:
+            LIFECYCLES_ENDED.labels(outcome.value).inc()
+            if seconds is not None:
+                LIFECYCLE_DURATION.labels(outcome.value).observe(seconds)
         BATCH_SIZE.observe(len(events))
         return recorded
+
+
+async def lifecycle_endings(
+    session: AsyncSession, events: Sequence[OrderEvent]
+) -> list[tuple[EventType, float | None]]:
+    """Each terminal event's type and the seconds since its order's `admitted` (None if not recorded)."""
+    terminals = [event for event in events if event.type.is_terminal]
+    if not terminals:
+        return []
+    order_ids = sorted({terminal.order_id for terminal in terminals})
+    admissions = await session.execute(ADMISSIONS, {"order_ids": order_ids})
+    admitted_at: dict[str, datetime] = dict(admissions.all())
+    endings: list[tuple[EventType, float | None]] = []
+    for terminal in terminals:
+        admitted = admitted_at.get(terminal.order_id)
+        seconds = None if admitted is None else (terminal.occurred_at - admitted).total_seconds()
+        endings.append((terminal.type, seconds))
+    return endings

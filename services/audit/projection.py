@@ -1,11 +1,7 @@
-"""The audit table and the `orders` read model, written from a batch of events in one transaction.
+"""The audit table and the `orders` read model, written from a batch of events in two statements.
 
-Events may arrive twice or out of order: the audit row is unique on `event_id` and on
-`(order_id, seq)`, so a repeat stores and projects nothing, and the projection never moves an order
-back. A batch costs two statements whatever its size. Every transaction that stores events holds the
-table's position lock until it commits (migration 0004), so batches project one after another, each
-seeing the events of those before it.
-"""
+A repeated event stores and projects nothing; the projection never moves an order back. Storing
+holds the table's position lock until the commit (migration 0004), so batches project in turn."""
 
 from __future__ import annotations
 
@@ -35,6 +31,7 @@ from shared.contracts import (
     TerminatedData,
 )
 
+# `address_updated` and `command_rejected` leave the state as it is
 STATE_OF_EVENT: dict[EventType, OrderState] = {
     EventType.QUEUED: OrderState.QUEUED,
     EventType.ADMITTED: OrderState.RECEIVED,
@@ -53,7 +50,6 @@ STATE_OF_EVENT: dict[EventType, OrderState] = {
     EventType.FAILED: OrderState.FAILED,
     EventType.TERMINATED: OrderState.TERMINATED,
 }
-"""`address_updated` and `command_rejected` leave the state as it is."""
 
 # the order column each of these events carries (`fact_value` reads it)
 FACT_OF_EVENT: dict[EventType, str] = {
@@ -153,9 +149,8 @@ PROJECT_ONTO_ORDERS = text(
 
 @dataclass(frozen=True)
 class Changes:
-    """What some events bring to their orders' rows, as if applied one at a time in seq order:
-    per order, the newest state-changing event and the newest of those with a reason; per order
-    and fact-carrying type, the newest event, if it carries a value."""
+    """Per order, the newest state-changing event and the newest with a reason; per order and
+    fact-carrying type, the newest event, if it carries a value."""
 
     states: dict[str, Event]
     reasons: dict[str, Event]
@@ -200,8 +195,7 @@ def reason_of(data: EventPayload | dict[str, JsonValue]) -> str | None:
 
 
 async def record_events(session: AsyncSession, events: Sequence[OrderEvent]) -> list[bool]:
-    """Store the events and project the new ones; per event, False if it was stored before (or
-    earlier in `events`), and nothing was done for it."""
+    """Store the events and project the new ones; per event, False if it was stored before."""
     inserted = await session.execute(STORE_EVENTS, _store_parameters(events))
     inserted_ids = set(inserted.scalars())
     recorded: list[bool] = []
@@ -238,7 +232,6 @@ def _projection_parameters(changes: Changes) -> dict[str, Sequence[object]]:
     facts = changes.facts
 
     def values(column: str) -> list[str | None]:
-        """Per fact event, the value it gives `column` (None where it gives another column one)."""
         carried = [fact_value(event.data) if FACT_OF_EVENT[event.type] == column else None for event in facts]
         return [value.model_dump_json() if isinstance(value, Address) else value for value in carried]
 

@@ -1,10 +1,5 @@
-"""Reconciliation of the read model: an order whose row is behind its newest recorded
-state-changing event is projected again from all its events, and counted.
-
-A row falls behind if it commits after its events were projected (they found no row to update).
-That happens right after an order is created, so a round looks only at the orders created
-within `RECONCILE_WINDOW`.
-"""
+"""Reconciliation of the read model: a recent order's row that committed after its events were
+projected (they found no row) is projected again from all its events, and counted."""
 
 from __future__ import annotations
 
@@ -67,7 +62,7 @@ async def reconcile(sessions: async_sessionmaker[AsyncSession], stop: asyncio.Ev
 
 
 async def repair_rows_behind(sessions: async_sessionmaker[AsyncSession]) -> list[str]:
-    """Project the recent orders whose rows are behind their events again: their ids."""
+    """Project again the recent orders whose rows are behind their events: their ids."""
     async with sessions() as session:
         behind = list(
             await session.scalars(
@@ -86,8 +81,7 @@ async def repair_rows_behind(sessions: async_sessionmaker[AsyncSession]) -> list
 
 
 async def repair(sessions: async_sessionmaker[AsyncSession], order_id: str) -> bool:
-    """Project all of the order's events if its row is still behind them (locked first, so that
-    the events read after it are all those recorded); False if it is not."""
+    """Project all of the order's events if its row, locked first, is still behind them."""
     async with transaction(sessions) as session:
         if await session.scalar(LOCK_IF_BEHIND, {"order_id": order_id, "state_types": STATE_TYPES}) is None:
             return False

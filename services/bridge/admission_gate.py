@@ -1,26 +1,20 @@
-"""The bridge's admission gate: at most `max_running_lifecycles` lifecycles run at once, counted
-across bridges in the `admissions` table; the other placements wait, unacked, for a slot.
-
-A waiting order exists for everyone (`queued`) and commands apply to it; a command that overtakes
-its placement is parked on an `unplaced` row until the placement registers. Each decision is a
-plain function of the order's row, taken in one transaction holding the row's lock.
-"""
+"""The admission gate: at most `max_running_lifecycles` lifecycles run at once across bridges
+(the `admissions` table); other placements wait, unacked, for a slot. Commands apply to a waiting
+order; one that overtakes its placement is parked on an `unplaced` row until it registers."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
-from typing import TypedDict
+from typing import Any
 from uuid import UUID
 
-from pydantic import JsonValue
-from sqlalchemy import bindparam, select, text
+from sqlalchemy import Executable, Result, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlmodel import col
 
 from services.bridge.lifecycles import (
     ORDER_ENDED,
@@ -35,7 +29,7 @@ from shared.admission_table import ADMISSIONS_CHANNEL, LOCK_SLOTS, AdmissionStat
 from shared.authorization import refusal
 from shared.consuming import RetrySoon
 from shared.contracts import CancelOrder, Command, OrderState, PlaceOrder, command_adapter
-from shared.db import INSERT_ORDER, Admission, order_row
+from shared.db import INSERT_ORDER, order_row
 from shared.lifecycle import EarlyCommand
 from shared.notifications import ChannelListener, first_of
 from shared.settings import Settings
@@ -43,10 +37,15 @@ from shared.settings import Settings
 CANCELLED_SEQ = QUEUED_SEQ + 1  # the end of an order cancelled while it waited
 NO_REASON_GIVEN = "cancelled on request"
 
+# an order never leaves these for a status a command could change: its commands go to the lifecycle
+LIFECYCLE_STARTED = frozenset(
+    {AdmissionStatus.RUNNING, AdmissionStatus.REVIEWING, AdmissionStatus.RESUMING, AdmissionStatus.ENDED}
+)
+
 # a waiting placement looks again this often even if no release notification reached it
 SLOT_POLL_SECONDS = 1.0
 
-# the outcome of a command found in `processed_commands`: acked, and not recorded again
+# a command found in `processed_commands`: acked, and not recorded again
 ALREADY_PROCESSED = Outcome(OutcomeKind.DUPLICATE, "command already processed")
 PLACED_BY_ANOTHER = Outcome(OutcomeKind.REJECTED, ORDER_EXISTS)
 WAITING_FOR_PLACEMENT = Outcome(OutcomeKind.ACCEPTED, "waiting for the order's placement")
@@ -64,18 +63,12 @@ REGISTER_NEW = text(
     RETURNING queued_at
     """
 )
-LOCK_ADMISSION = (
-    select(
-        col(Admission.status),
-        col(Admission.place_command_id),
-        col(Admission.placed_by),
-        col(Admission.cancel_command_id),
-        col(Admission.early_commands),
-        col(Admission.queued_at),
-    )
-    .where(col(Admission.order_id) == bindparam("order_id"))
-    .with_for_update()
-)
+LOCK_ADMISSION = text(
+    """
+    SELECT status, place_command_id, placed_by, cancel_command_id, early_commands, queued_at
+    FROM admissions WHERE order_id = :order_id FOR UPDATE
+    """
+).columns(early_commands=JSONB)
 REGISTER_PARKED = text(
     """
     UPDATE admissions SET status = :status, place_command_id = :command_id, placed_by = :placed_by,
@@ -131,15 +124,12 @@ PARK = text(
     """
 ).bindparams(bindparam("commands", type_=JSONB))
 NOW = text("SELECT now()")
-UNPLACED_BEFORE = select(col(Admission.order_id)).where(
-    col(Admission.status) == AdmissionStatus.UNPLACED.value,
-    col(Admission.created_at) < bindparam("before"),
-)
+UNPLACED_BEFORE = text("SELECT order_id FROM admissions WHERE status = 'unplaced' AND created_at < :before")
 DELETE_ADMISSION = text("DELETE FROM admissions WHERE order_id = :order_id")
 
 
 class AdmissionInProgress(RetrySoon):
-    """Another bridge is starting this order's lifecycle right now: try the command again soon."""
+    """Another bridge is starting this order's lifecycle: try the command again soon."""
 
 
 @dataclass(frozen=True)
@@ -152,7 +142,7 @@ class Slot:
 
 @dataclass(frozen=True)
 class Refused:
-    """A parked command its order's placer turned out not to allow: rejected as it registers."""
+    """A parked command the order's placer does not allow: rejected as the placement registers."""
 
     command: Command
     outcome: Outcome
@@ -170,7 +160,7 @@ class Registration:
 
 
 class Signal(StrEnum):
-    """A command the gate leaves to the order's lifecycle: signal it."""
+    """A command the gate leaves to the order's lifecycle."""
 
     STARTED = "started"  # the lifecycle runs, or ran
     IF_ANY = "if_any"  # nothing known here: the order may predate admission, or its placement be behind
@@ -189,26 +179,13 @@ class AdmissionRecord:
 
     @property
     def slot(self) -> Slot:
-        """What its lifecycle starts with, once it holds a slot."""
         assert self.queued_at is not None, "a placed order was queued"
         return Slot(self.queued_at, early_commands(self.commands))
 
 
-class CommandRecord(TypedDict):
-    """A command's row in `processed_commands`; `replace` overrules an outcome recorded before."""
-
-    command_id: UUID
-    order_id: str
-    type: str
-    outcome: str
-    detail: str | None
-    replace: bool
-
-
 # --- the decisions -------------------------------------------------------------------------------
 def judge_parked(parked: list[Command], placed_by: str | None) -> tuple[list[Command], tuple[Refused, ...]]:
-    """The parked commands the order's placer allows, and the others with why not (an order
-    waiting for admission is not in review)."""
+    """The parked commands the placer allows, and the others with why not (not in review yet)."""
     kept: list[Command] = []
     refused: list[Refused] = []
     for command in parked:
@@ -236,7 +213,7 @@ def steering(record: AdmissionRecord | None, command: SteeringCommand) -> Outcom
     match record.status:
         case AdmissionStatus.ADMITTING:
             raise AdmissionInProgress(command.order_id)
-        case status if status.lifecycle_started:
+        case status if status in LIFECYCLE_STARTED:
             return Signal.STARTED
         case AdmissionStatus.CANCELLED if record.cancel_command_id == command.command_id:
             return CANCELLED_BEFORE_ADMISSION  # this very cancel, delivered again
@@ -259,7 +236,6 @@ def order_listing(command: PlaceOrder, cancel: CancelOrder | None) -> dict[str, 
 
 
 def cancel_reason(command: SteeringCommand) -> str:
-    """Why a cancel ended the order, as its `cancelled` event and the order's row say."""
     return (command.payload.reason if isinstance(command, CancelOrder) else None) or NO_REASON_GIVEN
 
 
@@ -269,9 +245,8 @@ def early_commands(commands: list[Command]) -> list[EarlyCommand]:
 
 # --- the ledger ----------------------------------------------------------------------------------
 class AdmissionLedger:
-    """The bridge's records: the `admissions` table, in the transactions that keep bridges from
-    racing, and `processed_commands`, the outcome of each command that has had its one effect
-    (recorded with the admission change it goes with, often in the same statement)."""
+    """The `admissions` table, changed in transactions that keep bridges from racing, and
+    `processed_commands`, each command's outcome (recorded with its admission change)."""
 
     def __init__(self, engine: AsyncEngine, max_running: int) -> None:
         self._engine = engine
@@ -285,9 +260,8 @@ class AdmissionLedger:
         publish: Callable[[Registration], Awaitable[None]],
         take_free_slot: bool,
     ) -> Registration | Outcome:
-        """Record a placement, list its order and `publish` its events before the record commits
-        (a crash repeats them, with the same ids); with `take_free_slot`, take a free slot in the
-        same transaction. A placement delivered again publishes nothing new."""
+        """Record a placement, list its order and `publish` its events before the commit (a crash
+        repeats them, same ids); with `take_free_slot`, take a free slot in the same transaction."""
         async with self._engine.begin() as connection:
             while (added := await self._add(connection, command)) is None:
                 pass  # the row in the way was deleted before it could be locked: add the placement's
@@ -310,8 +284,8 @@ class AdmissionLedger:
     async def _add(
         self, connection: AsyncConnection, command: PlaceOrder
     ) -> _Added | Registration | Outcome | None:
-        """The placement added to a row of its own or to its parked commands' row, or what was
-        there before; None if the row in its way went away before it could be locked."""
+        """The placement added to its own row or its parked commands' row, or what was there
+        before; None if the row in its way went away before it could be locked."""
         ids = {"order_id": command.order_id, "command_id": command.command_id}
         placed_by = command.issued_by.subject if command.issued_by else None
         queued_at = await connection.scalar(REGISTER_NEW, {**ids, "placed_by": placed_by})
@@ -339,48 +313,43 @@ class AdmissionLedger:
         return _Added(Registration(status, queued_at, cancel, refused=refused), early_commands(kept))
 
     async def take_slot(self, order_id: str) -> Slot | AdmissionStatus:
-        """A slot for the waiting order, if the running lifecycles leave one; else the order's
-        status (`waiting`: no slot free; `cancelled`: it will never need one)."""
+        """A slot for the waiting order if one is free, else its status (`waiting` or `cancelled`)."""
         async with self._engine.begin() as connection:
             record = await _locked(connection, order_id)
             assert record is not None, "a registered placement keeps its row"
-            if record.status.holds_slot:  # another delivery of the placement took it: start it (again)
+            if record.status is AdmissionStatus.WAITING and await self._take_free_slot(connection, order_id):
                 return record.slot
-            if record.status is not AdmissionStatus.WAITING:
-                return record.status
-            if not await self._take_free_slot(connection, order_id):
-                return AdmissionStatus.WAITING
-            return record.slot
+            # one that holds a slot was taken by another delivery of the placement: start it (again)
+            return record.slot if record.status.holds_slot else record.status
 
     async def _take_free_slot(self, connection: AsyncConnection, order_id: str) -> bool:
-        """Turn the order, locked and waiting, `admitting` if fewer than the bound hold slots."""
+        """Turn the locked, waiting order `admitting` if fewer than the bound hold slots."""
         await connection.execute(LOCK_SLOTS)
-        taken = await connection.scalar(
-            TAKE_FREE_SLOT, {"order_id": order_id, "max_running": self._max_running}
-        )
-        return taken is not None
+        parameters = {"order_id": order_id, "max_running": self._max_running}
+        return await connection.scalar(TAKE_FREE_SLOT, parameters) is not None
+
+    async def _run(self, statement: Executable, parameters: Mapping[str, object]) -> Result[Any]:
+        async with self._autocommit.connect() as connection:
+            return await connection.execute(statement, parameters)
 
     async def settle_start(self, command: PlaceOrder, outcome: Outcome) -> None:
-        """Record the placement's outcome with what became of its slot: its lifecycle runs (unless
-        it has already ended and released it), or could not start and gives it back."""
+        """Record the placement's outcome with its slot: kept by a running lifecycle, or given back."""
         status = AdmissionStatus.ENDED if outcome.kind is OutcomeKind.REJECTED else AdmissionStatus.RUNNING
-        async with self._autocommit.connect() as connection:
-            await connection.execute(SETTLE_START, {**_record(command, outcome), "status": status.value})
+        await self._run(SETTLE_START, {**_record(command, outcome), "status": status.value})
 
     async def steer(
         self, command: SteeringCommand, publish_cancelled: Callable[[], Awaitable[None]]
     ) -> Outcome | Signal:
-        """Apply a command to its order if the order does not run yet (publishing `cancelled`
-        before the commit if it ends it), or leave it to the lifecycle."""
+        """Apply a command to an order not running yet (publishing `cancelled` before the commit
+        if it ends it), or leave it to the lifecycle."""
         ids = {"order_id": command.order_id, "command_id": command.command_id}
-        async with self._autocommit.connect() as connection:
-            seen = (await connection.execute(COMMAND_SEES, ids)).one()
+        seen = (await self._run(COMMAND_SEES, ids)).one()
         if seen.processed:
             return ALREADY_PROCESSED
         if seen.status is None:
             return Signal.IF_ANY
-        if AdmissionStatus(seen.status).lifecycle_started:
-            return Signal.STARTED  # states an order never leaves for one a command could change
+        if AdmissionStatus(seen.status) in LIFECYCLE_STARTED:
+            return Signal.STARTED
         async with self._engine.begin() as connection:
             record = await _locked(connection, command.order_id)
             decision = steering(record, command)
@@ -395,40 +364,31 @@ class AdmissionLedger:
             return decision
 
     async def park(self, command: Command) -> bool:
-        """Keep a command for a placement not registered yet; False if one registered meanwhile
-        (steer the command again)."""
-        async with self._autocommit.connect() as connection:
-            parked = await connection.scalar(
-                PARK, {"order_id": command.order_id, "commands": [command.model_dump(mode="json")]}
-            )
-        return parked is not None
+        """Keep a command for a placement to come; False if one registered meanwhile."""
+        parameters = {"order_id": command.order_id, "commands": [command.model_dump(mode="json")]}
+        return (await self._run(PARK, parameters)).first() is not None
 
     async def is_processed(self, command: Command) -> bool:
-        async with self._autocommit.connect() as connection:
-            return bool(await connection.scalar(IS_PROCESSED, {"command_id": command.command_id}))
+        return bool((await self._run(IS_PROCESSED, {"command_id": command.command_id})).scalar())
 
     async def record(self, command: Command, outcome: Outcome, replace: bool = False) -> None:
-        """Record the command's outcome; `replace` overrules an earlier one (a parked command
-        rejected)."""
-        async with self._autocommit.connect() as connection:
-            await connection.execute(RECORD, _record(command, outcome, replace))
+        """Record the command's outcome; `replace` overrules an earlier one (a parked command's)."""
+        await self._run(RECORD, _record(command, outcome, replace))
 
     # --- housekeeping ----------------------------------------------------------------------------
     async def now(self) -> datetime:
-        async with self._autocommit.connect() as connection:
-            now: datetime = (await connection.execute(NOW)).scalar_one()
+        now: datetime = (await self._run(NOW, {})).scalar_one()
         return now
 
     async def unplaced_before(self, created_before: datetime) -> list[str]:
         """Orders with commands parked before `created_before` and still no placement."""
-        async with self._autocommit.connect() as connection:
-            return list(await connection.scalars(UNPLACED_BEFORE, {"before": created_before}))
+        return list((await self._run(UNPLACED_BEFORE, {"before": created_before})).scalars())
 
     async def give_up_unplaced(
         self, order_id: str, publish_rejections: Callable[[list[Command]], Awaitable[None]]
     ) -> None:
-        """Drop the order's parked commands, publishing their rejections before the drop commits
-        (unless a placement registered meanwhile)."""
+        """Drop the order's parked commands (unless its placement came), publishing their
+        rejections before the commit."""
         async with self._engine.begin() as connection:
             record = await _locked(connection, order_id)
             if record is None or record.status is not AdmissionStatus.UNPLACED:
@@ -450,17 +410,14 @@ async def _locked(connection: AsyncConnection, order_id: str) -> AdmissionRecord
     if row is None:
         return None
     status, place_command_id, placed_by, cancel_command_id, entries, queued_at = row
-    commands = _commands(entries)
+    commands = [command_adapter.validate_python(entry) for entry in entries]
     return AdmissionRecord(
         AdmissionStatus(status), place_command_id, placed_by, cancel_command_id, commands, queued_at
     )
 
 
-def _commands(entries: list[dict[str, JsonValue]]) -> list[Command]:
-    return [command_adapter.validate_python(entry) for entry in entries]
-
-
-def _record(command: Command, outcome: Outcome, replace: bool = False) -> CommandRecord:
+def _record(command: Command, outcome: Outcome, replace: bool = False) -> dict[str, object]:
+    """A command's `processed_commands` row; `replace` overrules an outcome recorded before."""
     return {
         "command_id": command.command_id,
         "order_id": command.order_id,
@@ -472,8 +429,8 @@ def _record(command: Command, outcome: Outcome, replace: bool = False) -> Comman
 
 
 class SlotGate:
-    """Where this bridge's placements wait for a slot: one asks at a time, in arrival order, and
-    asks again when a lifecycle anywhere releases one (PostgreSQL NOTIFY) or every second."""
+    """Where this bridge's placements wait for a slot, one at a time in arrival order, asking
+    again when a lifecycle anywhere releases one (PostgreSQL NOTIFY) or every second."""
 
     def __init__(self, settings: Settings) -> None:
         self._released = asyncio.Event()
@@ -482,7 +439,7 @@ class SlotGate:
         self._listener = ChannelListener(settings, ADMISSIONS_CHANNEL, self._released.set)
 
     def idle(self) -> bool:
-        """No placement waits here: one registering now takes a free slot without overtaking any."""
+        """No placement waits here: one registering now may take a free slot without overtaking."""
         return not self._waiting
 
     async def wait_for(

@@ -1,13 +1,6 @@
-"""The command bridge: commands from `orders.commands` become workflow starts and signals.
-
-Placements (a queue of their own) are registered at once and held, unacked, until the admission
-gate gives them a slot; approve, cancel and update address never wait behind them. A command its
-broker user may not send (`issuers`) is rejected as `forbidden`. Each other command, in its order's
-arrival order, is skipped if `processed_commands` has its id, else applied (or answered with an
-`order.command_rejected` event), then its outcome is recorded and it is acked. A crash before the
-record redelivers it: starts, registrations and signals are recognised, events re-published with
-the same ids.
-"""
+"""The command bridge: commands from `orders.commands` become workflow starts and signals, each
+applied once in its order's arrival order, recorded in `processed_commands`, then acked. Placements
+are held, unacked, until the admission gate gives them a slot; other commands never wait behind them."""
 
 from __future__ import annotations
 
@@ -93,7 +86,7 @@ async def run_bridge(settings: Settings, stop: asyncio.Event) -> None:
             OrderLifecycles(temporal, settings),
             AdmissionLedger(engine, settings.max_running_lifecycles),
             SlotGate(settings),
-            PublisherIdentities.of(settings),
+            PublisherIdentities(settings.amqp_publisher_roles, settings.amqp_delegates),
             topology,
             stop,
         )
@@ -135,15 +128,15 @@ class Bridge:
         self._order_locks = OrderLocks()
 
     async def handle(self, message: AbstractIncomingMessage, command: Command) -> None:
-        """A placement (from either queue: one published to the command queue by hand is still a
-        placement), or an approve, cancel or update-address command."""
+        """A command from either queue (a placement published to the command queue is one too)."""
         structlog.contextvars.bind_contextvars(
             order_id=command.order_id, command_id=str(command.command_id), command_type=command.type.value
         )
         issuer = self._identities.authorize(message.user_id, command)
-        if isinstance(issuer, Outcome):
+        if isinstance(issuer, Outcome):  # forbidden, unless its id was processed before
             async with self._ordered(command.order_id):
-                outcome = await self._refuse(command, issuer)
+                processed = await self._retry(lambda: self._ledger.is_processed(command))
+                outcome = ALREADY_PROCESSED if processed else await self._conclude(command, issuer)
         elif isinstance(command, PlaceOrder):
             outcome = await self._place(command.model_copy(update={"issued_by": issuer}))
         else:
@@ -161,16 +154,10 @@ class Bridge:
             await self._retry(lambda: self._ledger.record(command, outcome))
         return outcome
 
-    async def _refuse(self, command: Command, refusal: Outcome) -> Outcome:
-        """A command its issuer may not send; the id of one processed before stays a duplicate."""
-        if await self._retry(lambda: self._ledger.is_processed(command)):
-            return ALREADY_PROCESSED
-        return await self._conclude(command, refusal)
-
     # --- placements ------------------------------------------------------------------------------
     async def _place(self, command: PlaceOrder) -> Outcome:
-        """Register the placement, wait for a slot, start the lifecycle (not under the order's
-        lock throughout: the wait for a slot must not hold up its commands)."""
+        """Register the placement, wait for a slot, start the lifecycle; the order's lock is not
+        held while it waits, so that its commands are not held up."""
         async with self._ordered(command.order_id):
             registration = await self._retry(
                 lambda: self._ledger.register(
@@ -223,8 +210,7 @@ class Bridge:
 
     # --- housekeeping ----------------------------------------------------------------------------
     async def sweep(self, placements: AbstractQueue) -> None:
-        """Every second: reject parked commands that no placement can still be coming for. (Slots
-        of lifecycles that ended without releasing them are the workers' reconciler's.)"""
+        """Every second: reject parked commands that no placement can still be coming for."""
         drained_at: datetime | None = None
         while not await stopped_within(self._stop, SWEEP_INTERVAL_SECONDS):
             try:
@@ -236,9 +222,8 @@ class Bridge:
     async def _reject_unplaced(
         self, placements: AbstractQueue, drained_at: datetime | None
     ) -> datetime | None:
-        """A command parked before a moment when no placement waited in the broker (every one
-        published by then is registered) has no placement coming: reject it as `unknown order`.
-        Returns the moment the placement queue was last seen empty (None: it is not)."""
+        """Reject as `unknown order` the commands parked before the placement queue was last seen
+        empty (every placement published by then is registered); returns that moment, now."""
         declared = await placements.declare()
         if declared.message_count:
             return None
@@ -275,8 +260,7 @@ class Bridge:
 
 
 def bridge_event(command: Command, data: EventPayload, seq: int) -> OrderEvent:
-    """An event the bridge publishes on behalf of `command`; its id is derived from the command,
-    so an event re-published after a crash is seen once."""
+    """An event on behalf of `command`, its id derived from the command's: re-published, it is the same."""
     return event_of(
         data,
         event_id=uuid5(command.command_id, data.event_type.value),
@@ -289,19 +273,17 @@ def bridge_event(command: Command, data: EventPayload, seq: int) -> OrderEvent:
 
 
 def registration_events(command: PlaceOrder, registration: Registration) -> list[OrderEvent]:
-    """What registering a placement publishes: `queued`, the rejections of parked commands its
-    placer does not allow, and `cancelled` if a parked cancel ended it."""
+    """`queued`, the rejections of parked commands the placer does not allow, and `cancelled` if a
+    parked cancel ended the order."""
     placed_by = command.issued_by.subject if command.issued_by else None
     queued = QueuedData(queued_at=registration.queued_at, placed_by=placed_by)
     rejections = [rejection_event(refused.command, refused.outcome) for refused in registration.refused]
-    cancel = registration.cancel
-    ended = [] if cancel is None else [cancelled_before_admission(cancel)]
+    ended = [cancelled_before_admission(registration.cancel)] if registration.cancel else []
     return [bridge_event(command, queued, QUEUED_SEQ), *rejections, *ended]
 
 
 def rejection_event(command: Command, rejection: Outcome) -> OrderEvent:
-    """`order.command_rejected` for a command that found no running lifecycle (or was forbidden);
-    `detail` explains a `forbidden`."""
+    """`order.command_rejected`; its `detail` explains a `forbidden`."""
     rejected = CommandRejectedData(
         command_type=command.type, reason=rejection.detail or "", detail=rejection.explanation or None
     )
@@ -309,13 +291,12 @@ def rejection_event(command: Command, rejection: Outcome) -> OrderEvent:
 
 
 def cancelled_before_admission(command: SteeringCommand) -> OrderEvent:
-    """The end of an order cancelled while it waited."""
     cancelled = CancelledData(reason=cancel_reason(command), refunded=False, admitted=False)
     return bridge_event(command, cancelled, seq=CANCELLED_SEQ)
 
 
 class OrderLocks:
-    """One lock per order, granted in the order asked for; dropped once nobody holds or awaits it"""
+    """One lock per order, granted in the order asked for; dropped once nobody holds or awaits it."""
 
     def __init__(self) -> None:
         self._locks: dict[str, asyncio.Lock] = {}

@@ -1,10 +1,6 @@
-"""Who issued a command that came over AMQP, and whether that issuer may send it at all.
-
-The issuer is the publisher's broker user, from the message's `user_id`: RabbitMQ refuses a publish
-whose `user_id` is not the connection's user, so the property is proof, unlike anything in the body.
-`amqp_publisher_roles` gives each broker user its roles; a delegate (`amqp_delegates`: the gateway,
-which verified a bearer token) names the end user it acts for in the command's `issued_by`.
-"""
+"""Who issued a command that came over AMQP: the publisher's broker user (RabbitMQ checks the
+message's `user_id`), or the end user a delegate (the gateway) names in `issued_by`; and whether
+that issuer may send it."""
 
 from __future__ import annotations
 
@@ -13,7 +9,6 @@ from collections.abc import Iterable, Mapping
 from services.bridge.lifecycles import Outcome, forbidden
 from shared.authorization import may_issue
 from shared.contracts import Actor, Command, Role
-from shared.settings import Settings
 
 NO_USER_ID = "publish with user_id set to your broker user"
 NOT_A_DELEGATE = "issued_by names someone else, and this broker user is not a delegate"
@@ -26,10 +21,6 @@ class PublisherIdentities:
     def __init__(self, roles: Mapping[str, Iterable[Role]], delegates: Iterable[str]) -> None:
         self._roles = {user: frozenset(granted) for user, granted in roles.items()}
         self._delegates = frozenset(delegates)
-
-    @classmethod
-    def of(cls, settings: Settings) -> PublisherIdentities:
-        return cls(settings.amqp_publisher_roles, settings.amqp_delegates)
 
     def authorize(self, user_id: str | None, command: Command) -> Actor | Outcome:
         """The command's verified issuer, or why the command is forbidden."""

@@ -1,7 +1,5 @@
 """The bridge's side of Temporal: an admitted placement becomes a workflow start, any other command
-a signal. Both say what became of the command and never publish; transient Temporal errors
-propagate as `RPCError` for the caller to retry.
-"""
+a signal; both return the command's outcome and leave transient `RPCError`s to the caller."""
 
 from __future__ import annotations
 
@@ -64,10 +62,8 @@ class OutcomeKind(StrEnum):
 @dataclass(frozen=True)
 class Outcome:
     kind: OutcomeKind
-    detail: str | None = None
-    """The rejection reason, or why the command counts as a duplicate."""
-    explanation: str | None = None
-    """What a person reads about a rejection whose reason is a fixed word (`forbidden`)."""
+    detail: str | None = None  # the rejection reason, or why the command is a duplicate
+    explanation: str | None = None  # for a person, about a rejection's fixed word (`forbidden`)
 
 
 ACCEPTED = Outcome(OutcomeKind.ACCEPTED)
@@ -88,7 +84,6 @@ class OrderLifecycles:
     async def start(
         self, command: PlaceOrder, queued_at: datetime, early_commands: list[EarlyCommand]
     ) -> Outcome:
-        """Start the order's lifecycle."""
         workflow_id = order_workflow_id(command.order_id)
         start = OrderWorkflowInput(
             order=command,
@@ -148,8 +143,7 @@ async def _why_not_running(handle: WorkflowHandle[object, OrderStatus]) -> str:
 
 
 async def _was_applied(handle: WorkflowHandle[object, OrderStatus], command: SteeringCommand) -> bool:
-    """Whether the ended lifecycle took the command: each command it took (applied or rejected)
-    is named by one of its events. Its history answers, replayed by a worker."""
+    """Whether the ended lifecycle took the command: one of its events names each one it took."""
     try:
         emitted: list[OrderEvent] = await handle.query(
             EVENTS_QUERY, result_type=list[OrderEvent], rpc_timeout=EVENTS_QUERY_TIMEOUT
