@@ -5,12 +5,7 @@ import logging
 import warnings
 
 import structlog
-from temporalio.runtime import (
-    LogForwardingConfig,
-    LoggingConfig,
-    Runtime,
-    TelemetryFilter,
-)
+from temporalio.runtime import LogForwardingConfig, LoggingConfig, Runtime, TelemetryFilter
 
 from services.workers.worker import running_workers
 from shared.logging import configure_logging
@@ -21,13 +16,13 @@ from shared.tracing import configure_tracing
 
 # Expected once per hung attempt, so not worth a line each: Core cuts the attempt at its timeout,
 # and the attempt (cancelled) or a loser (finished just as it was cancelled) reports back late.
-ROUTINE = ("Tried to complete untracked local activity",)
+ROUTINE = "Tried to complete untracked local activity"
 
 
 def core_logs() -> LoggingConfig:
     """Core's log lines into our JSON logs (they went to stderr as text), without the routine ones."""
     core = logging.getLogger("temporalio.core")
-    core.addFilter(lambda record: not any(routine in record.getMessage() for routine in ROUTINE))
+    core.addFilter(lambda record: ROUTINE not in record.getMessage())
     warnings.filterwarnings("ignore", message="Cannot find activity to cancel")
     levels = TelemetryFilter(core_level="WARN", other_level="ERROR")
     return LoggingConfig(filter=levels, forwarding=LogForwardingConfig(logger=core))

@@ -1,9 +1,5 @@
-"""The activities as the workflows see them: `OrderActivities` and the models they take and return.
-
-Workflows call `OrderActivities.charge_payment_step` and friends by reference, so the type checker
-sees each call; the workers' implementation (`activities.BusinessActivities`), the tests' mocks and
-the bench's bare steps subclass it. Workflow code imports this module, so it holds no I/O.
-"""
+"""The activities as the workflows call them (by reference, type-checked), and their models; the
+workers' `BusinessActivities`, the tests' mocks and the bench subclass `OrderActivities`. No I/O."""
 
 from __future__ import annotations
 

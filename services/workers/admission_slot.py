@@ -8,18 +8,14 @@ from contextlib import AbstractContextManager, suppress
 from datetime import datetime, timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from services.workers.activity_interface import OrderActivities
-    from services.workers.steps import InputT, ResultT
+    from services.workers.steps import UNTIL_DONE, InputT, ResultT
     from shared.contracts import OrderStatus
 
-# not fault-injected: retried in the worker, backing off below Core's local retry threshold (60 s)
+# not fault-injected: retried in the worker (`UNTIL_DONE` backs off below Core's local retry threshold, 60 s)
 MUST_GET_THROUGH_ATTEMPT = timedelta(seconds=5)
-MUST_GET_THROUGH_RETRY = RetryPolicy(
-    initial_interval=timedelta(milliseconds=100), maximum_interval=timedelta(seconds=2)
-)
 # an approved order waiting for a slot asks again this often, should its wake-up be lost
 SLOT_RECHECK = timedelta(seconds=5)
 
@@ -29,7 +25,7 @@ async def get_through(
 ) -> ResultT:
     """Run a local activity that must succeed (a refund, what happens to the slot)."""
     return await workflow.execute_local_activity_method(
-        activity, arg, start_to_close_timeout=MUST_GET_THROUGH_ATTEMPT, retry_policy=MUST_GET_THROUGH_RETRY
+        activity, arg, start_to_close_timeout=MUST_GET_THROUGH_ATTEMPT, retry_policy=UNTIL_DONE
     )
 
 

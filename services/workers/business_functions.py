@@ -1,9 +1,5 @@
-"""The six business functions of the lifecycle on PostgreSQL, and the refund that compensates a charge.
-
-Each business function calls `flaky_call()` first, as the contract says, then does its database
-work. Every one is safe to run again: an attempt may time out after its work committed, and the
-retry must not do it twice.
-"""
+"""The lifecycle's six business functions on PostgreSQL, each calling `flaky_call()` first, and the
+refund of a charge. Each is safe to run again: an attempt may time out after its work committed."""
 
 from __future__ import annotations
 
@@ -131,7 +127,7 @@ async def carrier_dispatched(sessions: Sessions, order_id: str, address: Address
         .where(col(Order.id) == order_id)
         .values(
             address=address.model_dump(),
-            tracking_number=func.coalesce(col(Order.tracking_number), _new_tracking_number()),
+            tracking_number=func.coalesce(col(Order.tracking_number), "TRK-" + secrets.token_hex(6).upper()),
             dispatched_at=func.coalesce(col(Order.dispatched_at), func.now()),
         )
         .returning(col(Order.tracking_number))
@@ -140,10 +136,6 @@ async def carrier_dispatched(sessions: Sessions, order_id: str, address: Address
     if tracking_number is None:
         raise LookupError(f"order {order_id} is not in the database")
     return tracking_number
-
-
-def _new_tracking_number() -> str:
-    return "TRK-" + secrets.token_hex(6).upper()
 
 
 async def order_shipped(sessions: Sessions, order_id: str) -> None:
@@ -159,8 +151,8 @@ async def _stamp(session: AsyncSession, order_id: str, column: Mapped[datetime |
 
 
 async def payment_refunded(sessions: Sessions, payment: PaymentInput) -> bool:
-    """Compensate a charge (no fault injection: not a business step, and it must get through): True
-    if refunded; with none committed, the payment is voided so that a late attempt cannot charge."""
+    """True if it refunds the charge; with none committed, it voids the payment so that no late attempt
+    charges it. Not a business step (it must get through): no fault injection."""
     return await _to_its_end(sessions, lambda session: _refund(session, payment))
 
 

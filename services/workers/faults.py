@@ -1,8 +1,5 @@
-"""The fault injector of the contract. Every business function calls it first.
-
-It stays exactly as specified: a third of the calls fail, a third hang far longer than any
-timeout, a third pass. Unit tests may substitute it; nothing else switches it off.
-"""
+"""The contract's fault injector, called first by every business function, exactly as specified: a
+third of the calls fail, a third hang far longer than any timeout. Only unit tests substitute it."""
 
 import asyncio
 import random

@@ -1,5 +1,5 @@
-"""The parts of OrderWorkflow's state: the phase of its lifecycle and why it stops, its deadline,
-the order's record (status and events), which commands apply, and its shipments."""
+"""The parts of OrderWorkflow's state: why it stops, its deadline, the order's record (status and
+events), which commands apply, and its shipments."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ with workflow.unsafe.imports_passed_through():
     from services.workers import visibility
     from services.workers.activity_interface import PaymentInput
     from services.workers.outbox import Command, Outbox
-    from services.workers.shipment import CarrierDispatched, DispatchFailed, PackagePrepared, ShippingInput
+    from services.workers.shipment import CarrierDispatched, DispatchFailed, ShippingInput
     from services.workers.shipping_workflow import ShippingWorkflow
-    from services.workers.steps import DEADLINE_EXCEEDED, AttemptLog
+    from services.workers.steps import DEADLINE_EXCEEDED, AttemptLog, StepAttempts
     from shared.authorization import FORBIDDEN, refusal
     from shared.contracts import (
         AdmittedData,
@@ -38,27 +38,14 @@ with workflow.unsafe.imports_passed_through():
 BEFORE_PAYMENT = frozenset({Step.RECEIVE, Step.VALIDATE, Step.REVIEW})
 
 
-class Phase(StrEnum):
-    RUNNING = "running"
-    STOPPING = "stopping"  # a cancel or the deadline asked the lifecycle to stop
-    CONCLUDING = "concluding"  # the lifecycle is over: refund, slot release, last events
+class Stop(Exception):
+    """Why a lifecycle that did not complete stops; raised inside it when the order cannot go on."""
 
-
-@dataclass(frozen=True)
-class Stop:
-    """Why a lifecycle that did not complete stops."""
-
-    state: OrderState  # CANCELLED or FAILED
-    reason: str
-    command: CancelOrder | None = None
-
-
-class LifecycleStopped(Exception):
-    """Raised inside the lifecycle when a step decides the order cannot go on."""
-
-    def __init__(self, stop: Stop) -> None:
-        super().__init__(stop.reason)
-        self.stop = stop
+    def __init__(self, state: OrderState, reason: str, command: CancelOrder | None = None) -> None:
+        super().__init__(reason)
+        self.state = state  # CANCELLED or FAILED
+        self.reason = reason
+        self.command = command
 
 
 @dataclass
@@ -122,6 +109,8 @@ class OrderRecord:
         self.outbox = Outbox(order, start.first_seq)
         self._order = order
         self.attempts = AttemptLog(order.order_id)
+        payment_id, amount_cents = order.payload.payment_id, order.payload.amount_cents
+        self.payment = PaymentInput(order_id=order.order_id, payment_id=payment_id, amount_cents=amount_cents)
 
     def advance(self, state: OrderState, data: EventPayload, command: Command | None = None) -> None:
         """A state change: status, event, what Temporal shows and a log line together."""
@@ -146,16 +135,9 @@ class OrderRecord:
             OrderState.RECEIVED, AdmittedData(queued_at=start.queued_at, admission_wait_seconds=wait)
         )
 
-    def payment(self) -> PaymentInput:
-        payload = self._order.payload
-        return PaymentInput(
-            order_id=self.status.order_id, payment_id=payload.payment_id, amount_cents=payload.amount_cents
-        )
-
     def snapshot(self) -> OrderStatus:
-        attempts = self.attempts
         return self.status.model_copy(
-            update={"attempts": dict(attempts.attempts), "recent_errors": list(attempts.errors)}
+            update={"attempts": dict(self.attempts.attempts), "recent_errors": list(self.attempts.errors)}
         )
 
 
@@ -206,10 +188,6 @@ class Shipping:
     def step(self) -> Step:
         return Step.PREPARE_PACKAGE if self.phase is ShippingPhase.PREPARING else Step.DISPATCH_CARRIER
 
-    def gave_up(self) -> Stop:
-        last = f"; last: {self.failures[-1]}" if self.failures else ""
-        return Stop(OrderState.FAILED, f"dispatch failed {self._policy.max_shipping_attempts} times{last}")
-
     async def run(self, deadline: datetime, cancelled: Callable[[], bool]) -> CarrierDispatched | None:
         """Run one more ShippingWorkflow; one that broke rather than reported counts as a failed dispatch."""
         self.shipments += 1
@@ -240,14 +218,14 @@ class Shipping:
                 raise  # the order is stopping, not shipping again
             cause = err.cause
             if isinstance(cause, ApplicationError) and cause.type == DEADLINE_EXCEEDED:
-                raise LifecycleStopped(Stop(OrderState.FAILED, cause.message)) from err
+                raise Stop(OrderState.FAILED, cause.message) from err
             self.failures.append(str(cause or err))
             return None
         finally:
             self.current = None
 
-    def package_ready(self, prepared: PackagePrepared) -> None:
-        self._record.attempts.merge(prepared.prepare)
+    def package_ready(self, prepare: StepAttempts) -> None:
+        self._record.attempts.merge(prepare)
         self.phase = ShippingPhase.PACKAGE_READY
         self._record.status.step = self.step
         self._record.emit(PackagePreparedData())

@@ -1,13 +1,6 @@
-"""OrderWorkflow (task queue `order-tq`): one order's whole lifecycle.
-
-    admitted → receive → validate → review → charge payment → ShippingWorkflow → mark shipped
-
-A cancel (a CancelOrder command or a Temporal cancellation) or the deadline stops it wherever it
-is: the shipment is cancelled, a charge refunded, then the admission slot given back. The
-reviewer's time counts against the review window, not the deadline, and meanwhile the slot serves
-another order. Each state change is an event on `orders.events` (numbered by the outbox) and shows
-in the workflow's search attributes (`visibility`).
-"""
+"""OrderWorkflow (task queue `order-tq`): one order's lifecycle, admitted → receive → validate →
+review → charge payment → ShippingWorkflow → mark shipped. A cancel or the deadline stops it where it
+is: the shipment is cancelled, a charge refunded, then the admission slot given back."""
 
 from __future__ import annotations
 
@@ -25,20 +18,19 @@ with workflow.unsafe.imports_passed_through():
         BEFORE_PAYMENT,
         CommandGate,
         Deadline,
-        LifecycleStopped,
         OrderRecord,
-        Phase,
         Shipping,
         ShippingPhase,
         Stop,
     )
-    from services.workers.shipment import DispatchFailed, PackagePrepared
+    from services.workers.shipment import DispatchFailed
     from services.workers.shipping_workflow import ShippingWorkflow
     from services.workers.steps import (
         DEADLINE_EXCEEDED,
         InputT,
         ResultT,
         StepActivity,
+        StepAttempts,
         deadline_reason,
         run_step,
     )
@@ -77,8 +69,8 @@ class OrderWorkflow:
         self._record = OrderRecord(start)
         self._status, self._outbox = self._record.status, self._record.outbox
         self._advance, self._emit = self._record.advance, self._record.emit
-        self._phase = Phase.RUNNING
-        self._stop: Stop | None = None  # why, once asked to stop
+        self._stop: Stop | None = None  # why, once a cancel or the deadline asked it to stop
+        self._concluding = False  # the lifecycle is over: refund, slot release, last events
         self._shipping = Shipping(self._record, self._policy)
         self._slot = AdmissionSlot(self._status, self._outbox.gathering)
         self._commands = CommandGate(self._record)
@@ -92,9 +84,7 @@ class OrderWorkflow:
         lifecycle = asyncio.create_task(self._lifecycle())
         cancelled_through_temporal = False
         try:
-            if await self._deadline.passes_before(
-                lambda: lifecycle.done() or self._phase is not Phase.RUNNING
-            ):
+            if await self._deadline.passes_before(lambda: lifecycle.done() or self._stop is not None):
                 reason = deadline_reason(self._status.step.value, self._policy.lifecycle_deadline_seconds)
                 self._request_stop(Stop(OrderState.FAILED, reason))
         except asyncio.CancelledError:  # an operator cancelled the workflow: end it like a CancelOrder
@@ -121,7 +111,7 @@ class OrderWorkflow:
 
         await self._review()
 
-        payment = self._record.payment()
+        payment = self._record.payment
         charge = await self._step(Step.CHARGE_PAYMENT, OrderActivities.charge_payment_step, payment)
         already_charged = charge is ChargeOutcome.ALREADY_CHARGED
         charged = PaymentChargedData(amount_cents=payment.amount_cents, already_charged=already_charged)
@@ -158,7 +148,7 @@ class OrderWorkflow:
             )
         except TimeoutError:
             self._deadline.resume()
-            raise LifecycleStopped(Stop(OrderState.CANCELLED, "review_timeout")) from None
+            raise Stop(OrderState.CANCELLED, "review_timeout") from None
         if gave_slot_back:
             await self._slot.regain()  # its wait counts as the review's
         self._deadline.resume()
@@ -176,8 +166,8 @@ class OrderWorkflow:
         """Ship until a shipment dispatches to the order's current address, up to the policy's bound."""
         failures = 0
         while failures < self._policy.max_shipping_attempts:
-            dispatched = await self._shipping.run(self._deadline.at, cancelled=self._concluding)
-            if self._concluding():
+            dispatched = await self._shipping.run(self._deadline.at, cancelled=lambda: self._concluding)
+            if self._concluding:
                 # it ended before it saw our cancel (which the SDK then drops): record what the carrier got
                 if dispatched is not None:
                     self._shipping.dispatched(dispatched)
@@ -187,7 +177,8 @@ class OrderWorkflow:
             elif self._shipping.dispatched(dispatched):
                 return dispatched.tracking_number
             # else the address changed as the carrier took the old one: dispatch again
-        raise LifecycleStopped(self._shipping.gave_up())
+        last = f"; last: {self._shipping.failures[-1]}" if self._shipping.failures else ""
+        raise Stop(OrderState.FAILED, f"dispatch failed {failures} times{last}")
 
     # --- how it concludes ------------------------------------------------------------------------
     async def _conclude(self, lifecycle: asyncio.Task[None], publisher: asyncio.Task[None]) -> None:
@@ -201,16 +192,16 @@ class OrderWorkflow:
 
     async def _stop_lifecycle(self, lifecycle: asyncio.Task[None]) -> Stop | None:
         """Stop the lifecycle if a cancel or the deadline came first; None if it completed."""
-        self._phase = Phase.CONCLUDING
+        self._concluding = True
         if not lifecycle.done():
             lifecycle.cancel()
-            with suppress(asyncio.CancelledError, ApplicationError, ChildWorkflowError, LifecycleStopped):
+            with suppress(asyncio.CancelledError, ApplicationError, ChildWorkflowError, Stop):
                 await lifecycle  # stopped on purpose: `self._stop` says why
             return self._stop
         try:
             lifecycle.result()
-        except LifecycleStopped as stopped:
-            return stopped.stop
+        except Stop as stop:
+            return stop
         return None
 
     async def _finish(self, stop: Stop | None) -> None:
@@ -218,25 +209,19 @@ class OrderWorkflow:
             self._status.step = Step.DONE
             self._advance(OrderState.COMPLETED, CompletedData())
             return
-        # an attempt cut short may still have charged
-        refunded = await self._refund() if self._status.step not in BEFORE_PAYMENT else False
+        refunded = False
+        if self._status.step not in BEFORE_PAYMENT:  # an attempt cut short may still have charged
+            self._status.step = Step.REFUND
+            with self._outbox.gathering():
+                refunded = await get_through(OrderActivities.refund_payment, self._record.payment)
         self._status.step = Step.DONE
         self._status.refunded = refunded
         self._status.reason = stop.reason
         ending = CancelledData if stop.state is OrderState.CANCELLED else FailedData
         self._advance(stop.state, ending(reason=stop.reason, refunded=refunded), command=stop.command)
 
-    async def _refund(self) -> bool:
-        self._status.step = Step.REFUND
-        with self._outbox.gathering():
-            return await get_through(OrderActivities.refund_payment, self._record.payment())
-
-    def _concluding(self) -> bool:
-        return self._phase is Phase.CONCLUDING
-
     def _request_stop(self, stop: Stop) -> None:
         self._stop = stop
-        self._phase = Phase.STOPPING
         if stop.state is OrderState.CANCELLED:
             extra = {"order_id": self._order.order_id, "step": self._status.step.value, "reason": stop.reason}
             workflow.logger.info("cancel requested", extra=extra)
@@ -277,7 +262,7 @@ class OrderWorkflow:
         return True
 
     def _change_blocked(self) -> str | None:
-        if self._phase is not Phase.RUNNING:
+        if self._stop is not None or self._concluding:
             return "order has ended or is ending"
         if self._shipping.phase is ShippingPhase.DISPATCHED:
             return "order already dispatched"
@@ -289,8 +274,9 @@ class OrderWorkflow:
 
     # --- progress reports from the shipping child ------------------------------------------------
     @workflow.signal(name=Signals.PACKAGE_PREPARED)
-    def on_package_prepared(self, prepared: PackagePrepared) -> None:
-        self._shipping.package_ready(prepared)
+    def on_package_prepared(self, prepare: StepAttempts) -> None:
+        """The package is ready for the carrier: how its preparation went."""
+        self._shipping.package_ready(prepare)
 
     @workflow.signal(name=Signals.DISPATCH_FAILED)
     def on_dispatch_failed(self, failed: DispatchFailed) -> None:
@@ -320,7 +306,7 @@ class OrderWorkflow:
                 )
         except ApplicationError as err:
             if err.type == DEADLINE_EXCEEDED:
-                raise LifecycleStopped(Stop(OrderState.FAILED, err.message)) from err
+                raise Stop(OrderState.FAILED, err.message) from err
             if err.type == ORDER_INVALID:
-                raise LifecycleStopped(Stop(OrderState.FAILED, f"invalid order: {err.message}")) from err
+                raise Stop(OrderState.FAILED, f"invalid order: {err.message}") from err
             raise

@@ -1,9 +1,5 @@
-"""An order's outbox: its events, numbered without gaps, published in order by one loop.
-
-`emit` appends an event; `publish` (a task beside the lifecycle) sends each batch only once the
-workflow task that emitted it is committed, so a task run again after a failure cannot have
-published events it then emits differently. docs/design.md tells how the commit is known.
-"""
+"""An order's events, numbered without gaps; `publish` sends each batch once the workflow task that
+emitted it is committed, so a task run again cannot have published events it then emits differently."""
 
 from __future__ import annotations
 
@@ -17,6 +13,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from services.workers.activity_interface import OrderActivities
+    from services.workers.steps import UNTIL_DONE
     from shared.contracts import (
         ApproveOrder,
         CancelOrder,
@@ -30,10 +27,6 @@ with workflow.unsafe.imports_passed_through():
 Command = ApproveOrder | CancelOrder | UpdateAddress
 
 PUBLISH_ATTEMPT = timedelta(seconds=5)
-# retried without limit: while the broker is away the batch waits, and later ones behind it
-PUBLISH_RETRY = RetryPolicy(
-    initial_interval=timedelta(milliseconds=100), maximum_interval=timedelta(seconds=2)
-)
 # a committed batch's fast path: a slow broker hands it to the regular activity (docs/performance.md)
 PUBLISH_NOW_ATTEMPT = timedelta(seconds=2)
 PUBLISH_NOW_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=100), maximum_attempts=2)
@@ -137,7 +130,7 @@ class Outbox:
             OrderActivities.publish_events,
             batch,
             start_to_close_timeout=PUBLISH_ATTEMPT,
-            retry_policy=PUBLISH_RETRY,
+            retry_policy=UNTIL_DONE,  # while the broker is away the batch waits, and later ones behind it
         )
 
     async def _publish_now(self, batch: list[OrderEvent]) -> None:

@@ -1,13 +1,11 @@
-"""Orders whose workflow closed without running its own ending (terminated through Temporal, timed
-out), ended truthfully: the events the lifecycle emitted are published, a charge refunded (or the
-payment voided) and an `order.terminated` event follows, then the admission slot is released.
-Each order is handled under its admission row's lock, so several worker processes share the work;
-a failure leaves the row as it was, for the next round.
-"""
+"""Orders whose workflow closed without its own ending (terminated, timed out) ended truthfully: their
+events published, a charge refunded, `order.terminated` sent, the slot released. Under the admission
+row's lock, so several worker processes share the work; a failure leaves the row for the next round."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from uuid import NAMESPACE_URL, uuid5
 
@@ -48,15 +46,13 @@ STARTED = [AdmissionStatus.RUNNING.value, AdmissionStatus.RESUMING.value]
 log = structlog.get_logger(__name__)
 
 
+@dataclass
 class Reconciler:
-    def __init__(
-        self, client: Client, sessions: business.Sessions, topology: Topology, slots: AdmissionSlots
-    ) -> None:
-        self._client = client
-        self._sessions = sessions
-        self._topology = topology
-        self._slots = slots
-        self._reviewing_after = ""  # where the next round's turn of orders in review begins
+    client: Client
+    sessions: business.Sessions
+    topology: Topology
+    slots: AdmissionSlots
+    reviewing_after: str = field(default="", init=False)  # where the next turn of orders in review begins
 
     async def run(self, stop: asyncio.Event) -> None:
         """Reconcile every few seconds until `stop` is set; a failed round waits for the next."""
@@ -87,18 +83,18 @@ class Reconciler:
         )
         reviewing = (
             select(order_id)
-            .where(status == AdmissionStatus.REVIEWING.value, order_id > self._reviewing_after)
+            .where(status == AdmissionStatus.REVIEWING.value, order_id > self.reviewing_after)
             .order_by(order_id)
             .limit(REVIEWING_PER_ROUND)
         )
-        async with self._sessions() as session:
+        async with self.sessions() as session:
             running = list(await session.scalars(started))
             in_review = list(await session.scalars(reviewing))
-        self._reviewing_after = in_review[-1] if len(in_review) == REVIEWING_PER_ROUND else ""
+        self.reviewing_after = in_review[-1] if len(in_review) == REVIEWING_PER_ROUND else ""
         return running + in_review
 
     async def _reconcile(self, order_id: str) -> bool:
-        handle = self._client.get_workflow_handle(order_workflow_id(order_id))
+        handle = self.client.get_workflow_handle(order_workflow_id(order_id))
         try:
             description = await handle.describe()
         except RPCError as error:
@@ -107,18 +103,18 @@ class Reconciler:
             return False  # nothing to reconcile from (the bridge has not started it, say)
         if not _closed_long_enough(description):
             return False
-        async with transaction(self._sessions) as session:
+        async with transaction(self.sessions) as session:
             if not await _lock_slot(session, order_id):
                 return False  # released meanwhile, or another worker process has it
             emitted: list[OrderEvent] = await handle.query(
                 EVENTS_QUERY, result_type=list[OrderEvent], rpc_timeout=QUERY_TIMEOUT
             )
             for event in emitted:
-                await publish_event(self._topology, event)
+                await publish_event(self.topology, event)
             if not emitted[-1].type.is_terminal:
                 await self._end(session, description, emitted[-1])
-            resumed = await self._slots.release_in(session, order_id)
-        await wake_resumed(self._client, resumed)
+            resumed = await self.slots.release_in(session, order_id)
+        await wake_resumed(self.client, resumed)
         if description.status in CLEAN_ENDINGS:
             log.warning("released the slot of a lifecycle that ended without releasing it", order_id=order_id)
         return True
@@ -133,7 +129,7 @@ class Reconciler:
         payment = PaymentInput(
             order_id=order_id, payment_id=order.payment_id, amount_cents=order.amount_cents
         )
-        refunded = await business.payment_refunded(self._sessions, payment)
+        refunded = await business.payment_refunded(self.sessions, payment)
         reason = await self._why_closed(description)
         assert description.close_time is not None
         data = TerminatedData(
@@ -150,7 +146,7 @@ class Reconciler:
             occurred_at=description.close_time,
             correlation_id=last.correlation_id,
         )
-        await publish_event(self._topology, terminated)
+        await publish_event(self.topology, terminated)
         log.warning(
             "state transition",
             order_id=order_id,
@@ -161,7 +157,7 @@ class Reconciler:
         )
 
     async def _why_closed(self, description: WorkflowExecutionDescription) -> str:
-        handle = self._client.get_workflow_handle(description.id, run_id=description.run_id)
+        handle = self.client.get_workflow_handle(description.id, run_id=description.run_id)
         async for event in handle.fetch_history_events(
             event_filter_type=WorkflowHistoryEventFilterType.CLOSE_EVENT
         ):

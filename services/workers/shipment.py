@@ -1,6 +1,5 @@
-"""What OrderWorkflow and its ShippingWorkflow child exchange: the shipment's input, the progress it
-signals to the order, and the dispatch it returns. Outside the workflow module, so the sandbox
-imports it once."""
+"""What OrderWorkflow and its ShippingWorkflow child exchange (outside the workflow modules, so the
+sandbox imports it once)."""
 
 from __future__ import annotations
 
@@ -20,12 +19,6 @@ class ShippingInput(BaseModel):
     package_ready: bool
     policy: LifecyclePolicy
     deadline: datetime  # the lifecycle's: a step still running then gives up
-
-
-class PackagePrepared(BaseModel):
-    """Signal to the parent: the package is ready for the carrier."""
-
-    prepare: StepAttempts
 
 
 class DispatchFailed(BaseModel):

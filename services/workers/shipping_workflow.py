@@ -1,9 +1,5 @@
-"""ShippingWorkflow (task queue `shipping-tq`): prepare the package, then dispatch it to the carrier.
-
-A child of OrderWorkflow, which owns the order's status and events. It signals `PackagePrepared` as
-soon as the package is ready and returns the dispatch; when dispatch keeps failing it signals
-`DispatchFailed` and ends, and the parent decides whether to ship again.
-"""
+"""ShippingWorkflow (task queue `shipping-tq`), a child of OrderWorkflow: prepare the package (signal
+`PACKAGE_PREPARED`), then dispatch it and return the dispatch, or signal `DispatchFailed` and end."""
 
 from __future__ import annotations
 
@@ -14,7 +10,7 @@ from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from services.workers.activity_interface import DispatchCarrierInput, OrderActivities
-    from services.workers.shipment import CarrierDispatched, DispatchFailed, PackagePrepared, ShippingInput
+    from services.workers.shipment import CarrierDispatched, DispatchFailed, ShippingInput
     from services.workers.steps import STEP_EXHAUSTED, AttemptLog, run_step
     from shared.contracts import Address, Step
     from shared.lifecycle import SHIPPING_WORKFLOW, Signals
@@ -33,10 +29,16 @@ class ShippingWorkflow:
         """The dispatch; None if it failed (and `DispatchFailed` told the parent why)."""
         parent = workflow.get_external_workflow_handle(shipment.parent_workflow_id)
         if not shipment.package_ready:
-            await self._prepare_package()
+            await run_step(
+                Step.PREPARE_PACKAGE,
+                OrderActivities.prepare_package_step,
+                shipment.order_id,
+                policy=shipment.policy,
+                deadline=shipment.deadline,
+                attempts=self._attempts,
+            )
             # awaited: the parent has it before this shipment's result or failure
-            prepared = PackagePrepared(prepare=self._attempts.report(Step.PREPARE_PACKAGE))
-            await parent.signal(Signals.PACKAGE_PREPARED, prepared)
+            await parent.signal(Signals.PACKAGE_PREPARED, self._attempts.report(Step.PREPARE_PACKAGE))
         try:
             tracking_number, address = await self._dispatch()
         except ApplicationError as err:
@@ -52,20 +54,8 @@ class ShippingWorkflow:
     def update_address(self, address: Address) -> None:
         self._address = address
 
-    async def _prepare_package(self) -> None:
-        shipment = self._shipment
-        await run_step(
-            Step.PREPARE_PACKAGE,
-            OrderActivities.prepare_package_step,
-            shipment.order_id,
-            policy=shipment.policy,
-            deadline=shipment.deadline,
-            attempts=self._attempts,
-        )
-
     async def _dispatch(self) -> tuple[str, Address]:
-        """Dispatch to the current address; if it changes mid-dispatch, dispatch to the new one.
-        Returns the tracking number and the address the carrier was given."""
+        """The tracking number and the address the carrier got: the current one, even if it changed."""
         shipment = self._shipment
         while True:
             address = self._address

@@ -1,9 +1,6 @@
-"""A business step: the workflow runs it as one local activity (`run_step`), inside which its
-attempts run side by side (`attempt_step`): each cut at its timeout, a failed one replaced at once,
-the first success wins (docs/design.md). The step reports how it went (`StepAttempts`), and the order
-keeps that (`AttemptLog`). The workflow, not Temporal's retry policy, bounds a step: the fault
-injector hangs a third of the attempts. Workflows import this module, passed through their sandbox.
-"""
+"""A business step: one local activity (`run_step`) whose attempts run side by side (`attempt_step`),
+each cut at its timeout, a failed one replaced at once, the first success winning (docs/design.md).
+The step, not Temporal's retry policy, bounds them: the fault injector hangs a third of the attempts."""
 
 from __future__ import annotations
 
@@ -36,6 +33,8 @@ FIRST_OUTAGE_BACKOFF_SECONDS = 0.2
 MAX_OUTAGE_BACKOFF_SECONDS = 2.0
 RECENT_ERRORS = 10  # how many of its latest errors a step reports, and an order's status keeps
 ONE_ATTEMPT = RetryPolicy(maximum_attempts=1)
+# what must get through (a refund, the slot, an event batch): retried without limit, backing off
+UNTIL_DONE = RetryPolicy(initial_interval=timedelta(milliseconds=100), maximum_interval=timedelta(seconds=2))
 # beyond the step's own deadline check: the time its last attempt may take, and some slack
 STEP_ACTIVITY_GRACE = timedelta(seconds=1)
 
@@ -118,9 +117,8 @@ async def run_step(
     attempts: AttemptLog,
     max_attempts: int | None = None,
 ) -> ResultT:
-    """The winning attempt's result; the step's attempts go to `attempts` whatever the outcome. A
-    failed step raises a non-retryable ApplicationError: the business error, `STEP_EXHAUSTED` or
-    `DEADLINE_EXCEEDED` (checked by the step: its open workflow task hides a timer's firing)."""
+    """The winning attempt's result, the attempts logged in `attempts`; a failed step raises its non-retryable
+    error, `STEP_EXHAUSTED` or `DEADLINE_EXCEEDED` (checked by the step: its workflow task hides timers)."""
     time_left = max(deadline - workflow.now(), timedelta(0))
     plan = AttemptPlan(
         order_id=attempts.order_id,

@@ -1,8 +1,5 @@
-"""What Temporal's UI and CLI show of an order workflow besides its status: the custom search
-attributes it keeps current, so that an operator lists orders by state (`OrderState='failed'`),
-review or amount, and its current details. Every Temporal server the project starts registers the
-attributes from `SEARCH_ATTRIBUTES`; a cluster has them created once (README).
-"""
+"""The search attributes (an operator lists orders by `OrderState='failed'`, review or amount) and
+current details an order workflow shows in Temporal's UI and CLI; a cluster creates them once (README)."""
 
 from __future__ import annotations
 
@@ -28,8 +25,7 @@ def dev_server_arguments() -> list[str]:
 
 
 def show(status: OrderStatus, amount_cents: int) -> None:
-    """In the workflow, at a state change: the search attributes (one history event, only when the
-    state differs from what they say) and the current details."""
+    """At a state change: the search attributes (upserted only if the state changed), and the details."""
     if workflow.info().typed_search_attributes.get(ORDER_STATE) != status.state.value:
         workflow.upsert_search_attributes(
             [
