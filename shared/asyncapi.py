@@ -1,9 +1,6 @@
-"""The AsyncAPI 3.0 document of orderflow's broker contract, generated from the contract's models.
-
-`docs/asyncapi.json` is its output (`python -m shared.asyncapi > docs/asyncapi.json`) and
-`tests/test_asyncapi.py` fails when the two differ. Each routing key is a channel whose AMQP binding
-(`is: routingKey`) names the exchange, which is how the AMQP bindings describe a topic exchange.
-"""
+"""The AsyncAPI 3.0 document of the broker contract, generated from the contract's models into
+`docs/asyncapi.json` (`python -m shared.asyncapi`). Each routing key is a channel whose AMQP binding
+(`is: routingKey`) names the exchange: how the AMQP bindings describe a topic exchange."""
 
 from __future__ import annotations
 
@@ -132,7 +129,9 @@ def build_asyncapi() -> Json:
             "channelBindings": {
                 "commands": _topic_exchange(COMMANDS_EXCHANGE),
                 "events": _topic_exchange(EVENTS_EXCHANGE),
-                "deadLetter": _durable_queue(DEAD_LETTER_QUEUE),
+                "deadLetter": _amqp(
+                    {"is": "queue", "queue": {"name": DEAD_LETTER_QUEUE, "exclusive": False, **DURABLE}}
+                ),
             },
             "operationBindings": {
                 "persistent": _amqp({"deliveryMode": 2}),
@@ -208,7 +207,7 @@ def _message(name: str, title: str, summary: str, payload: Json, trait: str, amq
         "payload": payload,
         "traits": [{"$ref": f"#/components/messageTraits/{trait}"}],
         # the AMQP `type` property that orderflow's publishers set
-        "bindings": {"amqp": {"messageType": amqp_type, "bindingVersion": AMQP_BINDING_VERSION}},
+        "bindings": _amqp({"messageType": amqp_type}),
     }
 
 
@@ -254,10 +253,6 @@ def _topic_exchange(name: str) -> Json:
     return _amqp({"is": "routingKey", "exchange": {"name": name, "type": "topic", **DURABLE}})
 
 
-def _durable_queue(name: str) -> Json:
-    return _amqp({"is": "queue", "queue": {"name": name, "exclusive": False, **DURABLE}})
-
-
 def _amqp(binding: Json) -> Json:
     return {"amqp": {**binding, "bindingVersion": AMQP_BINDING_VERSION}}
 
@@ -267,9 +262,5 @@ def to_json(document: Json) -> str:
     return json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def main() -> None:
-    print(to_json(build_asyncapi()), end="")
-
-
 if __name__ == "__main__":
-    main()
+    print(to_json(build_asyncapi()), end="")

@@ -1,8 +1,6 @@
-"""Who may issue which command: one set of rules for the gateway, the bridge and the workflow.
-
-Free of I/O, so workflow code uses it too. Roles are checked on arrival; the rules that depend on the
-order (its placer, its review) where the order is known, by the bridge or the workflow.
-"""
+"""Who may issue which command: one set of rules for the gateway, the bridge and the workflow (free
+of I/O). Roles are checked on arrival; the rules that depend on the order (its placer, its review)
+where the order is known, by the bridge or the workflow."""
 
 from __future__ import annotations
 
@@ -31,16 +29,12 @@ def refusal(
     if actor is None or not may_issue(command_type, actor):
         return "the issuer has no role that may send this command"
     placer = placed_by is not None and actor.subject == placed_by
+    placer_or_operator = placer or actor.has(Role.OPERATOR)
     match command_type:
-        case CommandType.PLACE:
-            return None
-        case CommandType.APPROVE:
-            return "nobody approves an order they placed (four eyes)" if placer else None
-        case CommandType.CANCEL:
-            if placer or actor.has(Role.OPERATOR) or (in_review and actor.has(Role.REVIEWER)):
-                return None
+        case CommandType.APPROVE if placer:
+            return "nobody approves an order they placed (four eyes)"
+        case CommandType.CANCEL if not (placer_or_operator or (in_review and actor.has(Role.REVIEWER))):
             return "only its placer, an operator, or a reviewer while it is in review cancels an order"
-        case CommandType.UPDATE_ADDRESS:
-            if placer or actor.has(Role.OPERATOR):
-                return None
+        case CommandType.UPDATE_ADDRESS if not placer_or_operator:
             return "only its placer or an operator changes an order's address"
+    return None

@@ -1,9 +1,6 @@
-"""Temporal payloads encrypted (AES-256-GCM) before they leave the process, so no history holds
-order data in plaintext, failure texts included.
-
-Each payload is sealed whole under the keyring's first key; the key's id travels in its metadata, so
-after a rotation a payload sealed under an older key opens while that key stays in the keyring.
-"""
+"""Temporal payloads, failure texts included, encrypted (AES-256-GCM) before they leave the process.
+Each is sealed under the keyring's first key, whose id travels in its metadata: after a rotation, a
+payload sealed under an older key opens while that key stays in the keyring."""
 
 from __future__ import annotations
 
@@ -13,7 +10,6 @@ import dataclasses
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,15 +41,8 @@ class UndecryptablePayload(ValueError):
     """A payload that cannot be opened: its key is not in the keyring, or it was altered."""
 
 
-@dataclass(frozen=True)
-class PayloadKeyring:
-    """Keys by id, in order: the first encrypts, every one decrypts."""
-
-    ciphers: Mapping[str, AESGCM]
-
-    @property
-    def current(self) -> str:
-        return next(iter(self.ciphers))
+PayloadKeyring = Mapping[str, AESGCM]
+"""Ciphers by key id, in order: the first encrypts, every one decrypts."""
 
 
 def parse_key_entries(entries: Iterator[tuple[str, str]]) -> dict[str, AESGCM]:
@@ -93,13 +82,13 @@ def _entries(settings: Settings) -> Iterator[tuple[str, str]]:
 
 def payload_keyring(settings: Settings) -> PayloadKeyring:
     """The keys of `payload_keys` then `payload_keys_file`; an error names where, never a key."""
-    ciphers = parse_key_entries(_entries(settings))
-    if not ciphers:
+    keyring = parse_key_entries(_entries(settings))
+    if not keyring:
         raise PayloadKeysError(
             f"no payload encryption key: set {KEYS_VARIABLE} or {KEYS_FILE_VARIABLE} "
             "(`make run` creates .run/payload-keys)"
         )
-    return PayloadKeyring(ciphers)
+    return keyring
 
 
 class EncryptionCodec(PayloadCodec):
@@ -107,6 +96,7 @@ class EncryptionCodec(PayloadCodec):
 
     def __init__(self, keyring: PayloadKeyring) -> None:
         self._keyring = keyring
+        self._current = next(iter(keyring))
 
     async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
         return [self.encrypt(payload) for payload in payloads]
@@ -115,20 +105,16 @@ class EncryptionCodec(PayloadCodec):
         return [self.decrypt(payload) for payload in payloads]
 
     def encrypt(self, payload: Payload) -> Payload:
-        key_id = self._keyring.current
-        nonce = os.urandom(NONCE_BYTES)
+        key_id, nonce = self._current, os.urandom(NONCE_BYTES)
         # the key id as associated data: a payload relabelled with another key id does not open
-        sealed = self._keyring.ciphers[key_id].encrypt(nonce, payload.SerializeToString(), key_id.encode())
-        return Payload(
-            metadata={"encoding": ENCODING, KEY_ID_METADATA: key_id.encode()},
-            data=nonce + sealed,
-        )
+        sealed = self._keyring[key_id].encrypt(nonce, payload.SerializeToString(), key_id.encode())
+        return Payload(metadata={"encoding": ENCODING, KEY_ID_METADATA: key_id.encode()}, data=nonce + sealed)
 
     def decrypt(self, payload: Payload) -> Payload:
         if payload.metadata.get("encoding") != ENCODING:
             return payload
         key_id = payload.metadata.get(KEY_ID_METADATA, b"").decode(errors="replace")
-        cipher = self._keyring.ciphers.get(key_id)
+        cipher = self._keyring.get(key_id)
         if cipher is None:
             raise UndecryptablePayload(f"payload encrypted with key {key_id!r}, which is not in the keyring")
         try:
@@ -147,12 +133,7 @@ def encrypted_data_converter(keyring: PayloadKeyring) -> DataConverter:
     )
 
 
-def new_key_line(key_id: str) -> str:
-    """A fresh key as a keyring entry, `id:base64`."""
-    return f"{key_id}:{base64.b64encode(os.urandom(KEY_BYTES)).decode()}"
-
-
 def ensure_keys_file(path: Path, key_id: str) -> None:
-    """Create `path` holding one new key, unless it exists."""
+    """Create `path` holding one new key (a line `id:base64`), unless it exists."""
     if not path.exists():
-        create_private_file(path, (new_key_line(key_id) + "\n").encode())
+        create_private_file(path, f"{key_id}:{base64.b64encode(os.urandom(KEY_BYTES)).decode()}\n".encode())

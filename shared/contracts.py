@@ -1,8 +1,7 @@
 """The public contract: commands into orderflow, events out of it, and an order's status.
 
 `docs/asyncapi.json` is generated from these models (their docstrings are its summaries). Free of
-I/O imports: workflow code uses this module too.
-"""
+I/O imports: workflow code uses this module too."""
 
 from __future__ import annotations
 
@@ -232,113 +231,99 @@ class EventData(Model):
 
     event_type: ClassVar[EventType]
 
+    def __init_subclass__(cls, event_type: EventType) -> None:
+        super().__init_subclass__()
+        cls.event_type = event_type
 
-class QueuedData(EventData):
+
+class QueuedData(EventData, event_type=EventType.QUEUED):
     """The placement was accepted and waits for admission (seq 1)."""
 
-    event_type = EventType.QUEUED
     queued_at: IsoTimestamp
     placed_by: Subject | None
 
 
-class AdmittedData(EventData):
+class AdmittedData(EventData, event_type=EventType.ADMITTED):
     """The lifecycle started: its 15 seconds count from here."""
 
-    event_type = EventType.ADMITTED
     queued_at: IsoTimestamp | None = Field(description="null: started without waiting in the queue")
     admission_wait_seconds: float | None
 
 
-class ReceivedData(EventData):
+class ReceivedData(EventData, event_type=EventType.RECEIVED):
     """The order was recorded."""
 
-    event_type = EventType.RECEIVED
     placed_by: Subject | None
 
 
-class ValidatedData(EventData):
+class ValidatedData(EventData, event_type=EventType.VALIDATED):
     """The order passed validation."""
 
-    event_type = EventType.VALIDATED
 
-
-class AwaitingApprovalData(EventData):
+class AwaitingApprovalData(EventData, event_type=EventType.AWAITING_APPROVAL):
     """The order waits for an ApproveOrder; at the end of its review window without one
     (ORDERFLOW_REVIEW_WINDOW_SECONDS) it is cancelled with reason review_timeout."""
 
-    event_type = EventType.AWAITING_APPROVAL
     review_window_seconds: float
 
 
-class ApprovedData(EventData):
+class ApprovedData(EventData, event_type=EventType.APPROVED):
     """A reviewer approved the order."""
 
-    event_type = EventType.APPROVED
     approved_by: Subject | None = Field(description="The verified subject that sent the approval")
     note: str | None
 
 
-class PaymentChargedData(EventData):
+class PaymentChargedData(EventData, event_type=EventType.PAYMENT_CHARGED):
     """The payment was charged (once per payment_id)."""
 
-    event_type = EventType.PAYMENT_CHARGED
     amount_cents: int
     already_charged: bool = Field(description="True: this payment_id had been charged before")
 
 
-class ShippingStartedData(EventData):
+class ShippingStartedData(EventData, event_type=EventType.SHIPPING_STARTED):
     """Shipping started."""
 
-    event_type = EventType.SHIPPING_STARTED
     shipping_attempt: int = Field(ge=1)
 
 
-class PackagePreparedData(EventData):
+class PackagePreparedData(EventData, event_type=EventType.PACKAGE_PREPARED):
     """The package was prepared."""
 
-    event_type = EventType.PACKAGE_PREPARED
 
-
-class CarrierDispatchedData(EventData):
+class CarrierDispatchedData(EventData, event_type=EventType.CARRIER_DISPATCHED):
     """A carrier took the package."""
 
-    event_type = EventType.CARRIER_DISPATCHED
     tracking_number: str
     address: Address = Field(description="Where the carrier takes the package")
 
 
-class DispatchFailedData(EventData):
+class DispatchFailedData(EventData, event_type=EventType.DISPATCH_FAILED):
     """A dispatch failed; shipping is retried a bounded number of times."""
 
-    event_type = EventType.DISPATCH_FAILED
     reason: str
     shipping_attempt: int = Field(ge=1)
 
 
-class ShippedData(EventData):
+class ShippedData(EventData, event_type=EventType.SHIPPED):
     """The order was marked shipped."""
 
-    event_type = EventType.SHIPPED
     tracking_number: str
 
 
-class CompletedData(EventData):
+class CompletedData(EventData, event_type=EventType.COMPLETED):
     """The lifecycle finished successfully."""
 
-    event_type = EventType.COMPLETED
 
-
-class AddressUpdatedData(EventData):
+class AddressUpdatedData(EventData, event_type=EventType.ADDRESS_UPDATED):
     """The shipping address changed."""
 
-    event_type = EventType.ADDRESS_UPDATED
     address: Address
 
 
-class CancelledData(EventData):
+class CancelledData(EventData, event_type=EventType.CANCELLED):
     """The order was cancelled."""
 
-    event_type = EventType.CANCELLED
     reason: str
     refunded: bool
     admitted: bool | None = Field(
@@ -348,30 +333,27 @@ class CancelledData(EventData):
     )
 
 
-class FailedData(EventData):
+class FailedData(EventData, event_type=EventType.FAILED):
     """The lifecycle failed."""
 
-    event_type = EventType.FAILED
     reason: str
     refunded: bool
 
 
-class TerminatedData(EventData):
+class TerminatedData(EventData, event_type=EventType.TERMINATED):
     """The order's workflow was terminated through Temporal (or timed out or failed there), so none
     of its own code ran at the end; written by the reconciler."""
 
-    event_type = EventType.TERMINATED
     reason: str = Field(description="Includes the termination's reason")
     workflow_status: str = Field(description="How Temporal closed the workflow, such as TERMINATED")
     charged: bool = Field(description="Whether the payment had been charged")
     refunded: bool = Field(description="Every charge is refunded")
 
 
-class CommandRejectedData(EventData):
+class CommandRejectedData(EventData, event_type=EventType.COMMAND_REJECTED):
     """A command could not apply (a cancel after shipment, an approve of an unknown order, ...); the
     event's `command_id` names it. Nothing was applied."""
 
-    event_type = EventType.COMMAND_REJECTED
     command_type: CommandType
     reason: str = Field(description="`forbidden`: the command's issuer may not send it")
     detail: str | None = Field(
@@ -533,12 +515,7 @@ class OrderState(StrEnum):
 
     @property
     def is_terminal(self) -> bool:
-        return self in TERMINAL_STATES
-
-
-TERMINAL_STATES = frozenset(
-    {OrderState.COMPLETED, OrderState.CANCELLED, OrderState.FAILED, OrderState.TERMINATED}
-)
+        return self in {OrderState.COMPLETED, OrderState.CANCELLED, OrderState.FAILED, OrderState.TERMINATED}
 
 
 class Step(StrEnum):

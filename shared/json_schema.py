@@ -1,9 +1,7 @@
 """JSON Schema of the contract models as they validate, for the OpenAPI and AsyncAPI documents.
 
 Free text is stripped before its length is checked, so `minLength`/`maxLength` would be wrong both
-ways (`" "` is refused, a padded name past 200 characters accepted): a pattern over the text as sent
-documents it instead.
-"""
+ways (`" "` is refused, a padded name past 200 characters accepted): a pattern documents it instead."""
 
 from __future__ import annotations
 
@@ -18,12 +16,10 @@ WHITESPACE = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 def stripped_text_pattern(min_length: int, max_length: int) -> str:
     """Text of `min_length` (0 or 1) to `max_length` characters once stripped: the outer runs take the
     whitespace, with `min_length` 1 the first character between them is not whitespace."""
-    space = f"[{WHITESPACE}]*"
-    if min_length == 0:
-        return rf"^{space}[\s\S]{{0,{max_length}}}{space}$"
-    if min_length == 1:
-        return rf"^{space}[^{WHITESPACE}][\s\S]{{0,{max_length - 1}}}{space}$"
-    raise ValueError(f"no pattern for a stripped text of at least {min_length} characters")
+    if min_length not in (0, 1):
+        raise ValueError(f"no pattern for a stripped text of at least {min_length} characters")
+    space, first = f"[{WHITESPACE}]*", f"[^{WHITESPACE}]" if min_length else ""
+    return rf"^{space}{first}[\s\S]{{0,{max_length - min_length}}}{space}$"
 
 
 class StrippedTextJsonSchema(GenerateJsonSchema):

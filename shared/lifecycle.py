@@ -1,8 +1,5 @@
-"""How the outside world addresses an order's workflow: ids, names and the start input.
-
-The bridge starts and signals workflows with these; the workers implement them. Plain pydantic
-models only, so workflow code can import this module inside Temporal's sandbox.
-"""
+"""How the outside world addresses an order's workflow: ids, names and the start input. The bridge
+starts and signals workflows with these, the workers implement them; free of I/O for the sandbox."""
 
 from __future__ import annotations
 

@@ -56,9 +56,7 @@ async def _server(
 def upgrade(database_url: str, ssl: PostgresSSL | None = None) -> None:
     """Apply every migration (alembic runs its own event loop, so call this outside one)."""
     config = Config(str(ALEMBIC_INI))
-    config.attributes["database_url"] = database_url
-    config.attributes["ssl"] = ssl
-    config.attributes["configure_logging"] = False
+    config.attributes.update(database_url=database_url, ssl=ssl, configure_logging=False)
     # alembic's migration context is one per process: two threads migrating at once (two
     # systems a benchmark starts side by side) would run each other's migrations
     with _MIGRATING:

@@ -1,9 +1,6 @@
 """The Temporal client every service uses: pydantic models as encrypted JSON (`shared.codec`).
-
-Where and how to connect comes from Temporal's own environment configuration (`TEMPORAL_ADDRESS`,
-`TEMPORAL_API_KEY`, `TEMPORAL_TLS*`, `TEMPORAL_PROFILE`, ...); what it leaves unsaid, address and
-namespace, from `ORDERFLOW_TEMPORAL_ADDRESS` and `ORDERFLOW_TEMPORAL_NAMESPACE`.
-"""
+Temporal's own environment configuration (`TEMPORAL_ADDRESS`, `TEMPORAL_TLS*`, `TEMPORAL_PROFILE`,
+...) says how to connect; what it leaves unsaid, address and namespace, orderflow's settings."""
 
 from __future__ import annotations
 
@@ -13,7 +10,6 @@ from collections.abc import Mapping, Sequence
 import structlog
 from temporalio.client import Client, Interceptor
 from temporalio.contrib.opentelemetry import TracingInterceptor
-from temporalio.converter import DataConverter
 from temporalio.envconfig import ClientConfig, ClientConnectConfig
 from temporalio.service import RPCError
 
@@ -34,10 +30,6 @@ def connect_config(settings: Settings, environ: Mapping[str, str] | None = None)
     return defaults | ClientConfig.load_client_connect_config(override_env_vars=environ)
 
 
-def temporal_data_converter(settings: Settings) -> DataConverter:
-    return encrypted_data_converter(payload_keyring(settings))
-
-
 async def connect_temporal(
     settings: Settings,
     patience: float = CONNECT_PATIENCE_SECONDS,
@@ -45,7 +37,7 @@ async def connect_temporal(
 ) -> Client:
     """Connect, waiting up to `patience` seconds for a server that is still starting."""
     config = connect_config(settings)
-    data_converter = temporal_data_converter(settings)
+    data_converter = encrypted_data_converter(payload_keyring(settings))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + patience
     while True:

@@ -7,8 +7,10 @@ import base64
 
 from pydantic import SecretStr
 
+from shared.codec import encrypted_data_converter, payload_keyring
 from shared.settings import Settings
-from shared.temporal import temporal_data_converter
 
 TEST_PAYLOAD_KEYS = SecretStr("test-1:" + base64.b64encode(bytes(range(32))).decode())
-TEST_DATA_CONVERTER = temporal_data_converter(Settings.model_construct(payload_keys=TEST_PAYLOAD_KEYS))
+TEST_DATA_CONVERTER = encrypted_data_converter(
+    payload_keyring(Settings.model_construct(payload_keys=TEST_PAYLOAD_KEYS))
+)
