@@ -1,15 +1,7 @@
-"""The `admissions` table, shared by the bridge (`services/bridge/admission_gate.py`, which admits
-placements) and the running lifecycles (`AdmissionSlots`): its statuses, its slot lock, and what a
-lifecycle does with its slot. Together they bound how many lifecycles run at once.
-
-The bridge writes a row when a placement arrives and turns it `running` when it starts the
-lifecycle. The lifecycle gives its slot back while it waits for its reviewer (`leave_for_review`),
-so orders awaiting a human decision do not hold back the ones behind them, and takes one again
-once approved (`resume`), ahead of every waiting placement; its last step releases the slot for
-good (`release`). A slot given back goes first to the longest-waiting approved order (the caller
-tells it with the `SLOT_FREED` signal), else to the bridges, woken through PostgreSQL's NOTIFY on
-`ADMISSIONS_CHANNEL`.
-"""
+"""The `admissions` table, which bounds how many lifecycles run at once: the bridge admits placements
+(`services/bridge/admission_gate.py`); a lifecycle gives its slot back while in review and takes one again
+once approved, ahead of every placement (`AdmissionSlots`). A freed slot goes to the longest-waiting
+approved order (woken by `SLOT_FREED`), else to the bridges (woken by NOTIFY on `ADMISSIONS_CHANNEL`)."""
 
 from __future__ import annotations
 
@@ -40,16 +32,6 @@ class AdmissionStatus(StrEnum):
     @property
     def holds_slot(self) -> bool:
         return self in (AdmissionStatus.ADMITTING, AdmissionStatus.RUNNING)
-
-    @property
-    def lifecycle_started(self) -> bool:
-        """The bridge has started its lifecycle: commands go to the workflow."""
-        return self in (
-            AdmissionStatus.RUNNING,
-            AdmissionStatus.REVIEWING,
-            AdmissionStatus.RESUMING,
-            AdmissionStatus.ENDED,
-        )
 
     @property
     def in_lifecycle(self) -> bool:
@@ -104,17 +86,15 @@ Sessions = async_sessionmaker[AsyncSession]
 
 
 class AdmissionSlots:
-    """What a running lifecycle does with its slot. Each method is one transaction holding the
-    order's row lock; those that hand a slot on return the approved order that got it, which the
-    caller must wake (the order asks again now and then, should the wake-up be lost)."""
+    """What a running lifecycle does with its slot, each in a transaction holding the order's row lock.
+    Those that hand a slot on return the approved order that got it, for the caller to wake."""
 
     def __init__(self, sessions: Sessions, max_running: int) -> None:
         self._sessions = sessions  # transactional: the slot lock lasts until the commit
         self._max_running = max_running
 
     async def leave_for_review(self, order_id: str) -> str | None:
-        """The order waits for its reviewer: give its slot back. Nothing if it holds none (asked
-        again, or started without the bridge)."""
+        """The order waits for its reviewer: give its slot back, if it holds one."""
         async with transaction(self._sessions) as session:
             if await self._locked_status(session, order_id) is not AdmissionStatus.RUNNING:
                 return None
@@ -122,8 +102,7 @@ class AdmissionSlots:
             return await self._hand_on(session)
 
     async def resume(self, order_id: str) -> bool:
-        """The order is approved: True once it holds a slot again. Without a free one it waits
-        `resuming`, ahead of every placement and behind the approved orders that asked before."""
+        """The order is approved: True once it holds a slot again, else it waits `resuming`."""
         async with transaction(self._sessions) as session:
             status = await self._locked_status(session, order_id)
             if status not in (AdmissionStatus.REVIEWING, AdmissionStatus.RESUMING):
@@ -136,8 +115,7 @@ class AdmissionSlots:
             return False
 
     async def release(self, order_id: str) -> str | None:
-        """The order's lifecycle has ended: free its slot, or its place among those waiting for
-        one. Idempotent."""
+        """The order's lifecycle has ended: free its slot, or its place in the queue for one. Idempotent."""
         async with transaction(self._sessions) as session:
             return await self.release_in(session, order_id)
 

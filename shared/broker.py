@@ -1,8 +1,5 @@
-"""The RabbitMQ topology, declared here once, and publishing.
-
-A service looks up what it uses and declares only what is missing, so on a provisioned broker its
-own user needs no configure permission. The exchanges are the public contract; the queues are ours.
-"""
+"""The RabbitMQ topology, declared here once, and publishing. A service declares only what is missing,
+so on a provisioned broker its user needs no configure permission."""
 
 from __future__ import annotations
 
@@ -25,7 +22,7 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelNotFoundEntity, DeliveryError
 from aiormq.abc import DeliveredMessage, FieldTable
-from aiormq.exceptions import ChannelAccessRefused, ChannelPreconditionFailed
+from aiormq.exceptions import ChannelAccessRefused
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
@@ -54,8 +51,6 @@ MAX_ERROR_HEADER_LENGTH = 2000
 
 PLACE_ROUTING_KEY = COMMAND_ROUTING_KEYS[CommandType.PLACE]
 STEERING_ROUTING_KEYS = tuple(key for key in COMMAND_ROUTING_KEYS.values() if key != PLACE_ROUTING_KEY)
-# before placements had a queue of their own, the command queue took every command with this key
-LEGACY_COMMAND_BINDING = "order.*"
 AUDIT_ROUTING_KEYS = ("order.#",)
 
 T = TypeVar("T")
@@ -262,55 +257,8 @@ async def provision(channel: AbstractChannel, settings: Settings) -> None:
     """Declare everything, bindings updated, as an administrator: the services' users need not configure."""
     topology = await create_topology(channel)
     await create_consumer_queue(channel, topology.commands, placement_queue(settings))
-    commands = await create_consumer_queue(channel, topology.commands, command_queue(settings))
-    await commands.unbind(topology.commands, LEGACY_COMMAND_BINDING)
+    await create_consumer_queue(channel, topology.commands, command_queue(settings))
     await create_consumer_queue(channel, topology.events, audit_queue(settings))
-
-
-async def replace_quorum_dead_letter_queue(connection: AbstractRobustConnection) -> None:
-    """Before 1.0 the dead-letter queue was a quorum queue: its dead letters move, in order, to the
-    classic queue that replaces it, by way of a holding queue (the two have one name)."""
-    holding = f"{DEAD_LETTER_QUEUE}.moving"
-    async with connection.channel() as channel:
-        quorum = await declared_otherwise(channel, DEAD_LETTER_QUEUE, DEAD_LETTER_QUEUE_ARGUMENTS)
-        interrupted = await in_place(channel, queues=(holding,))  # by a failure halfway
-    if quorum:
-        await move_dead_letters(connection, DEAD_LETTER_QUEUE, holding)
-    if quorum or interrupted:
-        await move_dead_letters(connection, holding, DEAD_LETTER_QUEUE)
-
-
-async def move_dead_letters(connection: AbstractRobustConnection, source: str, target: str) -> None:
-    """New dead letters go to `target` from now on, those in `source` follow in order, and `source`
-    is deleted; one arriving while the bindings change may be kept twice, never lost. On a channel of
-    its own: RabbitMQ 3.10 fails a publish to the new queue on a channel that took from the old."""
-    async with connection.channel() as channel:
-        exchange = await channel.get_exchange(DEAD_LETTER_EXCHANGE)
-        target_queue = await channel.declare_queue(
-            target, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS
-        )
-        await target_queue.bind(exchange, routing_key="#")
-        source_queue = await channel.get_queue(source)
-        await source_queue.unbind(exchange, routing_key="#")
-        while (message := await source_queue.get(no_ack=False, fail=False)) is not None:
-            await channel.default_exchange.publish(message, routing_key=target)  # confirmed
-            await message.ack()
-        await source_queue.delete(if_unused=False, if_empty=False)  # drained (quorum queues know no if-empty)
-
-
-async def declared_otherwise(channel: AbstractChannel, queue: str, arguments: FieldTable) -> bool:
-    """Whether `queue` exists with other arguments: declared with these (made if missing) on a
-    channel of its own, which the broker closes when it refuses."""
-    underlay = await channel.get_underlay_channel()
-    probe = await underlay.connection.channel()
-    try:
-        await probe.queue_declare(queue, durable=True, arguments=arguments)
-    except ChannelPreconditionFailed:
-        return True
-    finally:
-        if not probe.is_closed:
-            await probe.close()
-    return False
 
 
 async def open_channel(
@@ -333,14 +281,8 @@ async def publish_command(topology: Topology, command: Command) -> None:
     """Publish and await the confirm; `CommandRefused`: backlog full, `CommandNotRouted`: no queue bound."""
     routing_key = COMMAND_ROUTING_KEYS[command.type]
     # without an issuer the body names none (revisions before issuers knew no such field)
-    unnamed = {"issued_by"} if command.issued_by is None else None
-    message = _published(
-        topology,
-        command.model_dump_json(exclude=unnamed),
-        command.command_id,
-        command.correlation_id,
-        command.type,
-    )
+    body = command.model_dump_json(exclude={"issued_by"} if command.issued_by is None else None)
+    message = _published(topology, body, command.command_id, command.correlation_id, command.type)
     try:
         confirmation = await topology.commands.publish(message, routing_key=routing_key, mandatory=True)
     except DeliveryError as refused:
@@ -380,12 +322,7 @@ def _published(
 
 
 async def dead_letter(
-    topology: Topology,
-    message: AbstractIncomingMessage,
-    *,
-    consumer: str,
-    reason: str,
-    error: str,
+    topology: Topology, message: AbstractIncomingMessage, *, consumer: str, reason: str, error: str
 ) -> None:
     """To the dead-letter queue, saying why, then acked: a crash in between duplicates it, never loses it."""
     why = DeadLetterHeaders(

@@ -1,9 +1,5 @@
-"""Least privilege on the broker: one RabbitMQ user per service, allowed only what it uses.
-
-No service may configure (declare, delete): an administrator declares the topology once
-(`shared.broker.provision`). The users, their password hashes and permissions are RabbitMQ
-definitions, applied by `rabbitmqctl import_definitions` (`make run`) or `load_definitions` (compose).
-"""
+"""Least privilege on the broker: one RabbitMQ user per service, allowed only what it uses (no configure:
+an administrator provisions the topology), as definitions for `rabbitmqctl` or the management API."""
 
 from __future__ import annotations
 
@@ -25,12 +21,7 @@ from pydantic import JsonValue
 from yarl import URL
 
 from shared import broker
-from shared.broker import (
-    COMMANDS_EXCHANGE,
-    DEAD_LETTER_EXCHANGE,
-    DEAD_LETTER_QUEUE,
-    EVENTS_EXCHANGE,
-)
+from shared.broker import COMMANDS_EXCHANGE, DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, EVENTS_EXCHANGE
 from shared.connection_security import amqp_ssl_context, amqp_url, create_private_file, read_secret
 from shared.settings import Settings
 
@@ -168,7 +159,6 @@ async def provision(
             await asyncio.to_thread(post_definitions, management_url, settings, content)
     connection = await broker.connect(settings, "orderflow-provisioning", patience=0)
     async with connection:
-        await broker.replace_quorum_dead_letter_queue(connection)
         await broker.provision(await connection.channel(), settings)
 
 

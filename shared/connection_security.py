@@ -1,6 +1,5 @@
 """Secrets in files and secured connections: every connection to RabbitMQ and PostgreSQL takes its
-password (from a file, never logged) and its TLS context from here.
-"""
+password (from a file, never logged) and its TLS context from here."""
 
 from __future__ import annotations
 

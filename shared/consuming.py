@@ -1,9 +1,6 @@
-"""How orderflow's consumers (the bridge, the audit consumer) treat what they receive: each message
-in a task of its own, acked by its handler. A body that is not the contract's JSON is dead-lettered
-at once; a transient outage (Temporal, PostgreSQL) is retried in place; any other failure requeues
-the message until its `max_deliveries`th delivery dead-letters it (`processing_failed`). On stop,
-messages in flight get `drain_seconds`; the broker hands out again what is left unacked.
-"""
+"""How the consumers (bridge, audit) treat a message: a body that is not the contract's JSON is dead-lettered,
+a transient outage retried in place, any other failure requeued until its `max_deliveries`th delivery
+dead-letters it. On stop, messages in flight get `drain_seconds`; what is left unacked comes again."""
 
 from __future__ import annotations
 
@@ -54,7 +51,6 @@ class InvalidMessage(Exception):
     def __init__(self, reason: str, error: str) -> None:
         super().__init__(error)
         self.reason = reason
-        self.error = error
 
 
 class RetrySoon(Exception):
@@ -102,11 +98,9 @@ async def retry_transient(operation: Callable[[], Awaitable[T]], stop: asyncio.E
 
 
 async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
-    try:
+    with suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
-        return False
-    return True
+    return stop.is_set()
 
 
 @asynccontextmanager
@@ -194,7 +188,7 @@ class QueueConsumer:
                 model = parse_body(validate, message.body)
             except InvalidMessage as invalid:
                 tracing.record_failure(invalid)
-                await self._dead_letter(message, queue, invalid.reason, invalid.error)
+                await self._dead_letter(message, queue, invalid.reason, str(invalid))
                 return
             await handle(message, model)
         except Stopping:

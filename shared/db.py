@@ -1,8 +1,5 @@
-"""PostgreSQL: the tables (sqlmodel) and the async engine (asyncpg).
-
-Only the migrations (`migrations/`) create and change the schema; these models describe it for
-queries, and `tests/test_migrations.py` checks that the two agree.
-"""
+"""PostgreSQL: the tables (sqlmodel) and the async engine (asyncpg). Only `migrations/` changes the
+schema; these models describe it for queries (`tests/test_migrations.py` checks that they agree)."""
 
 from __future__ import annotations
 
@@ -13,27 +10,10 @@ from uuid import UUID
 
 import asyncpg
 from pydantic import JsonValue
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    DateTime,
-    FetchedValue,
-    Index,
-    Integer,
-    String,
-    Text,
-    bindparam,
-    func,
-    text,
-)
+from sqlalchemy import BigInteger, Column, DateTime, FetchedValue, Index, Integer, String, Text, func, text
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlmodel import Field, SQLModel
 
 from shared.connection_security import database_url, postgres_ssl
@@ -96,13 +76,7 @@ class AuditEvent(SQLModel, table=True):
 
     __tablename__ = "order_events"
     __table_args__ = (
-        Index(
-            "uq_order_events_order_seq",
-            "order_id",
-            "seq",
-            unique=True,
-            postgresql_where=text("seq > 0"),
-        ),
+        Index("uq_order_events_order_seq", "order_id", "seq", unique=True, postgresql_where=text("seq > 0")),
         Index("uq_order_events_position", "position", unique=True),
         Index("ix_order_events_order_position", "order_id", "position"),
     )
@@ -164,27 +138,14 @@ class Admission(SQLModel, table=True):
     ended_at: datetime | None = Field(default=None, sa_column=_timestamp())
 
 
-INSERT_ORDER = (
-    insert(Order)
-    .values(
-        id=bindparam("order_id"),
-        payment_id=bindparam("payment_id"),
-        items=bindparam("items"),
-        address=bindparam("address"),
-        amount_cents=bindparam("amount_cents"),
-        state=bindparam("state"),
-        placed_by=bindparam("placed_by"),
-    )
-    .on_conflict_do_nothing(index_elements=[Order.id])
-)
-"""The order's row as first written, by the bridge or the lifecycle, whichever comes first (parameters:
-`order_row`)."""
+INSERT_ORDER = insert(Order).on_conflict_do_nothing(index_elements=[Order.id])
+"""The order's row as first written (by the bridge or the lifecycle, whichever is first): `order_row`."""
 
 
 def order_row(order: PlaceOrder, state: OrderState) -> dict[str, object]:
     payload = order.payload
     return {
-        "order_id": order.order_id,
+        "id": order.order_id,
         "payment_id": payload.payment_id,
         "items": [item.model_dump() for item in payload.items],
         "address": payload.address.model_dump(),

@@ -1,9 +1,5 @@
-"""The local development issuer: a signing key on disk that mints bearer tokens for `make run`.
-
-The gateway trusts it only with `ORDERFLOW_AUTH_LOCAL_ISSUER=true` (never by default), so a
-production gateway cannot run open by accident. Its key is readable by its owner only, kept outside
-git (`.run/`), and never logged.
-"""
+"""The local development issuer: a signing key on disk (owner-only, in `.run/`) that mints bearer tokens
+for `make run`; the gateway trusts it only with `ORDERFLOW_AUTH_LOCAL_ISSUER=true`."""
 
 from __future__ import annotations
 
@@ -25,8 +21,7 @@ from shared.contracts import Role
 if TYPE_CHECKING:
     from shared.settings import Settings
 
-ISSUER = "orderflow-local"
-"""The `iss` of its tokens."""
+ISSUER = "orderflow-local"  # the `iss` of its tokens
 ALGORITHM = "ES256"
 KEY_ID_LENGTH = 16
 

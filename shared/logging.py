@@ -1,16 +1,12 @@
-"""Structured logs: one JSON line per event, from structlog and the standard library alike, with the
-current span's `trace_id` and `span_id` when there is one.
-
-Workflow code logs through `temporalio.workflow.logger` (standard logging, silent during replay);
-its `extra` fields (order_id, step, attempt, ...) land in the same lines.
-"""
+"""Structured logs: one JSON line per event, from structlog and the standard library (its `extra` fields
+too, as workflow code's) alike, with the current span's `trace_id` and `span_id` when there is one."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from typing import NoReturn, TextIO
+from typing import NoReturn
 
 import structlog
 from opentelemetry import trace
@@ -45,11 +41,6 @@ def _trace_context(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDic
     return event_dict
 
 
-def _colours_on(stream: TextIO) -> bool:
-    """Colour only on a terminal, and never with NO_COLOR set (https://no-color.org)."""
-    return stream.isatty() and not os.environ.get("NO_COLOR")
-
-
 def configure_logging(settings: Settings, service: str) -> None:
     shared_processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -65,9 +56,11 @@ def configure_logging(settings: Settings, service: str) -> None:
     renderer = (
         structlog.processors.JSONRenderer(default=str)
         if settings.log_json
-        # plain tracebacks: rich's show every frame's locals and block the event loop for seconds
+        # plain tracebacks (rich's show every frame's locals, blocking for seconds); no colour off a
+        # terminal or with NO_COLOR set (https://no-color.org)
         else structlog.dev.ConsoleRenderer(
-            colors=_colours_on(sys.stdout), exception_formatter=structlog.dev.plain_traceback
+            colors=sys.stdout.isatty() and not os.environ.get("NO_COLOR"),
+            exception_formatter=structlog.dev.plain_traceback,
         )
     )
     structlog.configure(

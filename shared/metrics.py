@@ -1,8 +1,5 @@
-"""How a process serves its Prometheus metrics (prometheus_client's default registry), Temporal's too.
-
-The Temporal SDK's Rust core serves its own metrics on a loopback port; each scrape of ours adds
-them, so one port shows everything and the Python side does no work per metric update.
-"""
+"""Temporal's metrics in this process's Prometheus registry: the SDK's Rust core serves them on a loopback
+port, and each scrape of ours adds them (no Python work per metric update)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
-"""What a service tells the platform running it: alive (`/healthz`), ready (`/readyz`: the broker,
-database and Temporal it uses answer) and its metrics (`/metrics`).
-
-The gateway answers the probes from its app (services/api/health.py); the bridge, workers and audit
-consumer serve them beside their metrics on one small HTTP server (`serve_endpoints`), whose thread
-asks the service's event loop: /healthz answers 200 while that loop runs, /readyz runs the same
-checks as the gateway's on it. Both keep their connections in `LazyConnection`s, and a dependency
-found down is a `DependencyUnavailable`: a 503 at the gateway, a failed check at /readyz.
-"""
+"""What a service tells the platform running it: alive (`/healthz`: its event loop runs), ready (`/readyz`:
+the servers it uses answer) and its metrics (`/metrics`); the gateway serves them from its app, the other
+services from a small HTTP server beside their work (`serve_endpoints`)."""
 
 from __future__ import annotations
 
@@ -50,14 +44,9 @@ class DependencyUnavailable(Exception):
 
 
 def describe(error: BaseException) -> str:
-    """A one-line reason for an error, even for exceptions without a message (or with several
-    lines, as SQLAlchemy's, whose first says what happened)."""
+    """A one-line reason for an error, even one without a message or with several lines (SQLAlchemy's)."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
-async def _nothing_to_close(_: object) -> None:
-    """The Temporal client has no close(); its connection ends with the process."""
 
 
 class LazyConnection(Generic[T]):
@@ -67,7 +56,7 @@ class LazyConnection(Generic[T]):
         self,
         name: str,
         open_: Callable[[], Awaitable[T]],
-        close: Callable[[T], Awaitable[None]] = _nothing_to_close,
+        close: Callable[[T], Awaitable[None]] | None = None,  # None: the Temporal client has no close()
     ) -> None:
         self.name = name
         self._open = open_
@@ -92,7 +81,7 @@ class LazyConnection(Generic[T]):
 
     async def close(self) -> None:
         value, self._value = self._value, None
-        if value is not None:
+        if value is not None and self._close is not None:
             await self._close(value)
 
 
@@ -146,9 +135,8 @@ async def temporal_serving(client: Client) -> str:
 
 
 def serve_endpoints(host: str, port: int, checks: Mapping[str, Check]) -> None:
-    """Serve /metrics, /healthz and /readyz (of `checks`, run on the calling event loop) at
-    http://host:port from a thread (port 0: not at all). A port already taken costs the endpoints,
-    not the service: it logs the error and runs on."""
+    """Serve /metrics, /healthz and /readyz (`checks`, run on this event loop) from a thread (port 0: not
+    at all). A port already taken costs the endpoints, not the service."""
     if not port:
         return
     endpoints = Endpoints(checks, asyncio.get_running_loop())

@@ -28,10 +28,6 @@ def without_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}{at}{host}"))
 
 
-def unreachable_line(program: str, where: Whereabouts, error: BaseException) -> str:
-    return f"{program}: {unreachable_reason(where, error)}"
-
-
 def unreachable_reason(where: Whereabouts, error: BaseException) -> str:
     failure = diagnose(error)
     if failure.answered:

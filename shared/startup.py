@@ -1,16 +1,6 @@
-"""How a service starts and stops.
-
-Starting, it serves its probes and waits up to `startup_patience_seconds` for the broker, database
-and Temporal it uses (a server that is starting or restarting comes up in that time). One that
-still does not answer ends the start with one line on stderr naming it, where it was looked for
-(without a password) and the setting that says where, and exit code 2, not a traceback:
-`orderflow-bridge: cannot reach RabbitMQ at amqp://bridge@127.0.0.1:5673/ (connection refused); is it
-running? set ORDERFLOW_AMQP_URL`. The connections it waited on stay open for its /readyz checks.
-
-Stopping (SIGINT, SIGTERM), it lets the work in hand finish for `drain_seconds`; whatever it still
-waits for a second later (a server that hung, say), the process exits then: within the 10 s a
-platform gives it before SIGKILL.
-"""
+"""How a service starts: its probes served, its servers waited for (`startup_patience_seconds`, else one
+line on stderr and exit code 2). How it stops: `drain_seconds` for the work in hand, a second to close,
+then it exits, within the 10 s a platform gives before SIGKILL."""
 
 from __future__ import annotations
 
@@ -40,7 +30,7 @@ from shared.probes import (
     serve_endpoints,
     temporal_serving,
 )
-from shared.reachability import Whereabouts, diagnose, unreachable_line, without_password
+from shared.reachability import Whereabouts, diagnose, unreachable_reason, without_password
 from shared.settings import ENV_PREFIX, Settings
 from shared.temporal import connect_config, connect_temporal
 
@@ -83,8 +73,7 @@ class ProbeChannel:
 
 
 class ServiceConnections:
-    """The service's own connection to each server it uses, for its probes (beside those its work
-    uses): opened while it starts, checked by /readyz."""
+    """The service's own connection to each server it uses, for /readyz (beside those its work uses)."""
 
     def __init__(self, settings: Settings, program: str, dependencies: Collection[Dependency]) -> None:
         self.dependencies = dependencies
@@ -132,9 +121,8 @@ class Started:
 async def started(
     settings: Settings, service: str, endpoints_port: int, dependencies: Collection[Dependency]
 ) -> AsyncIterator[Started]:
-    """Serve the service's metrics and probes on `endpoints_port` and wait for its `dependencies`; exit
-    (one line, code 2) if one does not answer in time, quietly if stopped meanwhile. Closes the
-    probes' connections at the end."""
+    """Serve metrics and probes on `endpoints_port` (0: none) and wait for `dependencies`; exit with one
+    line and code 2 if one does not answer in time, quietly if stopped meanwhile."""
     program = f"orderflow-{service}"
     stop = stop_on_signals(settings.drain_seconds)
     connections = ServiceConnections(settings, program, dependencies)
@@ -148,21 +136,9 @@ async def started(
 
 
 async def reach_or_exit(settings: Settings, service: str, dependencies: Collection[Dependency]) -> None:
-    """Wait for `dependencies` as `started` does, then let go of them: for a service whose work opens
-    connections of its own (the gateway)."""
-    program = f"orderflow-{service}"
-    connections = ServiceConnections(settings, program, dependencies)
-    try:
-        stop = stop_on_signals(settings.drain_seconds)
-        await _reach_or_exit(settings, program, connections.checks(), stop)
-    finally:
-        await connections.close()
-
-
-@dataclass(frozen=True)
-class Unreachable:
-    dependency: Dependency
-    error: Exception
+    """Wait for `dependencies` as `started` does, then let go of them (the gateway opens its own)."""
+    async with started(settings, service, 0, dependencies):
+        pass
 
 
 async def _reach_or_exit(
@@ -170,21 +146,20 @@ async def _reach_or_exit(
 ) -> None:
     deadline = asyncio.get_running_loop().time() + settings.startup_patience_seconds
     waits = (_wait_for(settings, Dependency(name), check, deadline, stop) for name, check in checks.items())
-    unreachable = [outcome for outcome in await asyncio.gather(*waits) if outcome is not None]
+    errors = await asyncio.gather(*waits)
     if stop.is_set():
         raise SystemExit(0)  # stopped before it started: nothing to finish
-    if unreachable:
-        first = unreachable[0]
-        print(
-            unreachable_line(program, whereabouts(first.dependency, settings), first.error), file=sys.stderr
-        )
-        raise SystemExit(EXIT_UNREACHABLE)
+    for name, error in zip(checks, errors, strict=True):
+        if error is not None:
+            where = whereabouts(Dependency(name), settings)
+            print(f"{program}: {unreachable_reason(where, error)}", file=sys.stderr)
+            raise SystemExit(EXIT_UNREACHABLE)
 
 
 async def _wait_for(
     settings: Settings, dependency: Dependency, check: Check, deadline: float, stop: asyncio.Event
-) -> Unreachable | None:
-    """None once the dependency answers, or once the service is told to stop."""
+) -> Exception | None:
+    """Why the dependency did not answer by `deadline`; None once it answers, or the service stops."""
     loop = asyncio.get_running_loop()
     while True:
         try:
@@ -193,7 +168,7 @@ async def _wait_for(
             return None
         except Exception as error:  # noqa: BLE001 (whatever the reason, the server did not answer)
             if loop.time() + RETRY_SECONDS > deadline:
-                return Unreachable(dependency, error)
+                return error
             where = whereabouts(dependency, settings)
             why = diagnose(error).reason
             log.info("waiting for a server", server=where.product, address=where.address, reason=why)
@@ -202,8 +177,7 @@ async def _wait_for(
 
 
 def stop_on_signals(drain_seconds: int) -> asyncio.Event:
-    """An event set by SIGINT or SIGTERM, for the service to stop on; the process ends at the
-    latest `drain_seconds` + `CLOSE_SECONDS` later."""
+    """Set by SIGINT or SIGTERM; the process ends at the latest `drain_seconds` + `CLOSE_SECONDS` later."""
     stop = asyncio.Event()
 
     def on_signal() -> None:
@@ -218,8 +192,7 @@ def stop_on_signals(drain_seconds: int) -> asyncio.Event:
 
 
 def exit_unless_ended_within(seconds: float) -> None:
-    """Whatever the process still waits for then (a server that hung, say), it exits `seconds`
-    from now: before the platform kills it, with a line saying so."""
+    """Exit `seconds` from now, with a line saying so, whatever the process still waits for then."""
     # run in this context, so that its log line names the service as the others do
     watchdog = threading.Timer(seconds, contextvars.copy_context().run, [_exit_now])
     watchdog.daemon = True

@@ -1,11 +1,6 @@
-"""Traces (OpenTelemetry) along an order's path: gateway → broker → bridge → Temporal → activities →
-events → audit consumer, carried over AMQP in the W3C `traceparent` header.
-
-Configured by OpenTelemetry's standard environment variables, which its SDK reads (endpoint, resource,
-sampler; `OTEL_SERVICE_NAME` is `orderflow-<service>` by default). Unless they name an exporter or an
-OTLP endpoint, or with `OTEL_SDK_DISABLED=true`, no tracer provider is installed and every hook here
-does nothing.
-"""
+"""Traces (OpenTelemetry) along an order's path, carried over AMQP in the W3C `traceparent` header and
+configured by OpenTelemetry's environment variables: unless they name an exporter or an OTLP endpoint,
+no tracer provider is installed and every hook here does nothing."""
 
 from __future__ import annotations
 
@@ -57,10 +52,8 @@ def _exporter_names() -> list[str]:
     """`OTEL_TRACES_EXPORTER` (comma-separated; `none` for none), else `otlp` if an OTLP endpoint is set."""
     named = os.environ.get(OTEL_TRACES_EXPORTER)
     if named is None:
-        endpoint = os.environ.get(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) or os.environ.get(
-            OTEL_EXPORTER_OTLP_ENDPOINT
-        )
-        return ["otlp"] if endpoint else []
+        endpoints = (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT)
+        return ["otlp"] if any(os.environ.get(endpoint) for endpoint in endpoints) else []
     names = (name.strip() for name in named.split(","))
     return [name for name in names if name not in ("", "none")]
 
