@@ -22,14 +22,12 @@ import pytest_asyncio
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, HeadersType
 from typer.testing import CliRunner, Result
 
-from devstack.stack import drop_vhost
 from services.cli.main import app
 from shared import broker
-from shared.broker_users import vhost_of
 from shared.consuming import QueueConsumer
 from shared.contracts import command_adapter
 from shared.settings import Settings
-from testsupport.amqp import drain, moved_to, publish_raw
+from testsupport.amqp import drain, publish_raw
 from testsupport.gateway import closed_port
 from testsupport.orders import place_order
 from testsupport.polling import eventually
@@ -449,38 +447,6 @@ async def test_an_unreachable_broker_is_a_clear_error(base_settings: Settings, c
     unreachable = base_settings.model_copy(update={"amqp_url": amqp_url})
 
     failed(await dlq(unreachable, *command), "cannot reach RabbitMQ at amqp://guest@127.0.0.1:")
-
-
-# --- a broker of an older orderflow ------------------------------------------------------------------
-async def test_provisioning_replaces_a_quorum_dead_letter_queue_keeping_its_dead_letters(
-    base_settings: Settings,
-) -> None:
-    vhost = f"{vhost_of(base_settings.amqp_url)}_quorum_dlq"
-    older = moved_to(base_settings, vhost)
-    connection = await broker.connect(older, "tests-dlq-older")
-    try:
-        channel = await connection.channel()
-        exchange = await channel.declare_exchange(
-            broker.DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        quorum = await channel.declare_queue(
-            broker.DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
-        )
-        await quorum.bind(exchange, routing_key="#")
-        kept = [await publish_raw(exchange, f"order.{n}", b"{}") for n in range(3)]
-
-        succeeded(await orderflow(older, "broker", "provision"))
-        arriving = await publish_raw(exchange, "order.3", b"{}")
-
-        # a plain declare that the broker refuses unless the queue is a classic one
-        classic = await channel.declare_queue(
-            broker.DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "classic"}
-        )
-        assert await ids_waiting(classic) == [*kept, arriving]
-        assert not await broker.in_place(channel, queues=(f"{broker.DEAD_LETTER_QUEUE}.moving",))
-    finally:
-        await connection.close()
-        drop_vhost(vhost)
 
 
 # --- the consumers' own dead letters ----------------------------------------------------------------
