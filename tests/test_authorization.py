@@ -418,7 +418,7 @@ class Clock:
 
 
 def verifier_of(settings: Settings, clock: Clock) -> TokenVerifier:
-    keys = PublishedKeys(settings.auth_jwks_url, cache_seconds=300, refetch_seconds=10, clock=clock)
+    keys = PublishedKeys(settings.auth_jwks_url, cache_seconds=300, clock=clock)
     return TokenVerifier(settings, {ISSUER: keys})
 
 

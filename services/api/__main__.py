@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from types import FrameType
 from typing import Any
 
 import structlog
 import uvicorn
+from fastapi import FastAPI
 from uvicorn.config import STARTUP_FAILURE
 
 from services.api.app import create_app
@@ -29,26 +31,28 @@ def main() -> None:
         raise SystemExit(2) from None
     asyncio.run(reach_or_exit(settings, "api", tuple(Dependency)))
     configure_tracing("api")  # before the app: FastAPI traces once a provider is installed
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.api_host,
         port=settings.api_port,
         log_config=None,  # uvicorn's loggers stay on the JSON handler configured above
         timeout_graceful_shutdown=settings.drain_seconds,
         **serving_options(settings),
     )
-    server = DrainingServer(config, settings.drain_seconds)
+    server = DrainingServer(config, app, settings.drain_seconds)
     server.run()
     if not server.started:
         raise SystemExit(STARTUP_FAILURE)  # uvicorn logged why (the port is taken, say)
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, which gives the requests in hand `drain_seconds` when told to stop, and
-    exits a second later whatever it still waits for (as the other services do)."""
+    """uvicorn's server that, told to stop, ends the event streams, gives the requests in hand
+    `drain_seconds`, and exits a second later whatever it still waits for (as the other services do)."""
 
-    def __init__(self, config: uvicorn.Config, drain_seconds: int) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: int) -> None:
         super().__init__(config)
+        self._app = app
         self._drain_seconds = drain_seconds
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -56,10 +60,13 @@ class DrainingServer(uvicorn.Server):
             exit_unless_ended_within(self._drain_seconds + CLOSE_SECONDS)
         super().handle_exit(sig, frame)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._app.state.event_feed.stopping.set()  # else the drain would wait for each stream's client
+        await super().shutdown(sockets)
+
 
 def serving_options(settings: Settings) -> dict[str, Any]:
-    """HTTPS when given a certificate; X-Forwarded-For/-Proto believed only from the configured
-    proxies (uvicorn would trust 127.0.0.1 by default)."""
+    """HTTPS when given a certificate; X-Forwarded-For/-Proto only from the configured proxies."""
     proxies = [address.strip() for address in settings.api_forwarded_allow_ips.split(",") if address.strip()]
     return {
         "ssl_certfile": settings.api_tls_cert_file,

@@ -9,14 +9,12 @@ from typing import Any
 
 from fastapi import FastAPI, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
 from services.api import codec, commands, dashboard, health, limits, orders, streams, telemetry
 from services.api.auth import TokenVerifier
-from services.api.commands import BacklogFull
 from services.api.connections import Connections
-from services.api.errors import backlog_full, dependency_unavailable, method_not_allowed
+from services.api.errors import dependency_unavailable, method_not_allowed
 from services.api.schemas import REQUEST_BODIES
 from shared.json_schema import StrippedTextJsonSchema
 from shared.probes import DependencyUnavailable
@@ -75,7 +73,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.stream_slots = limits.StreamSlots(settings.api_max_streams_per_caller)
     app.add_exception_handler(RequestValidationError, limits.validation_error)
     app.add_exception_handler(DependencyUnavailable, dependency_unavailable)
-    app.add_exception_handler(BacklogFull, backlog_full)
     app.add_exception_handler(status.HTTP_405_METHOD_NOT_ALLOWED, method_not_allowed)
     return app
 
@@ -93,23 +90,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def openapi_document(app: FastAPI) -> dict[str, Any]:  # an OpenAPI document: JSON of any shape
     """FastAPI's document, made once, its request bodies described as `StrippedTextJsonSchema` checks them."""
-    if app.openapi_schema is None:
-        document = get_openapi(
-            title=app.title,
-            version=app.version,
-            description=app.description,
-            routes=app.routes,
-            tags=app.openapi_tags,
-        )
-        _, bodies = models_json_schema(
-            [(model, "validation") for model in REQUEST_BODIES],
-            ref_template="#/components/schemas/{model}",
-            schema_generator=StrippedTextJsonSchema,
-        )
-        components = document["components"]["schemas"]
-        renamed = bodies["$defs"].keys() - components.keys()
-        if renamed:  # FastAPI named a schema otherwise (an input and output variant, say)
-            raise RuntimeError(f"request body schemas missing from the OpenAPI document: {renamed}")
-        components.update(bodies["$defs"])
-        app.openapi_schema = document
-    return app.openapi_schema
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    document = FastAPI.openapi(app)  # kept as `app.openapi_schema`, completed below
+    _, bodies = models_json_schema(
+        [(model, "validation") for model in REQUEST_BODIES],
+        ref_template="#/components/schemas/{model}",
+        schema_generator=StrippedTextJsonSchema,
+    )
+    components = document["components"]["schemas"]
+    renamed = bodies["$defs"].keys() - components.keys()
+    if renamed:  # FastAPI named a schema otherwise (an input and output variant, say)
+        raise RuntimeError(f"request body schemas missing from the OpenAPI document: {renamed}")
+    components.update(bodies["$defs"])
+    return document

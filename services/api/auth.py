@@ -9,7 +9,7 @@ import ipaddress
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Annotated
+from typing import Annotated, cast
 from urllib.parse import urlsplit
 
 import httpx
@@ -88,18 +88,11 @@ class KeySet:
 
 class PublishedKeys:
     """An issuer's JWKS, fetched when first needed, trusted for `cache_seconds`, and fetched again
-    sooner (at most every `refetch_seconds`) for a key id it lacks: the issuer has rotated."""
+    sooner (at most every `UNKNOWN_KEY_REFETCH_SECONDS`) for a key id it lacks: the issuer has rotated."""
 
-    def __init__(
-        self,
-        url: str,
-        cache_seconds: float,
-        refetch_seconds: float = UNKNOWN_KEY_REFETCH_SECONDS,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, url: str, cache_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._url = url
         self._cache_seconds = cache_seconds
-        self._refetch_seconds = refetch_seconds
         self._clock = clock
         self._keys: KeySet | None = None
         self._fetched_at = -math.inf
@@ -111,7 +104,7 @@ class PublishedKeys:
             now = self._clock()
             expired = now - self._fetched_at >= self._cache_seconds
             rotated = self._keys is not None and kid not in self._keys
-            if (expired or rotated) and now - self._attempted_at >= self._refetch_seconds:
+            if (expired or rotated) and now - self._attempted_at >= UNKNOWN_KEY_REFETCH_SECONDS:
                 self._attempted_at = now
                 await self._fetch(now)
             if self._keys is None or now - self._fetched_at >= self._cache_seconds:
@@ -132,30 +125,6 @@ class PublishedKeys:
 
 
 KeySource = KeySet | PublishedKeys
-
-
-def trusted_issuers(settings: Settings) -> dict[str, KeySource]:
-    """`iss` -> where its keys come from; raises `AuthNotConfigured` when none is (fully) configured."""
-    issuers: dict[str, KeySource] = {}
-    if bool(settings.auth_issuer) != bool(settings.auth_jwks_url):
-        raise AuthNotConfigured("ORDERFLOW_AUTH_ISSUER and ORDERFLOW_AUTH_JWKS_URL go together: set both")
-    if settings.auth_issuer:
-        check_jwks_url(settings.auth_jwks_url)
-        issuers[settings.auth_issuer] = PublishedKeys(
-            settings.auth_jwks_url, settings.auth_jwks_cache_seconds
-        )
-    if settings.auth_local_issuer:
-        try:
-            jwks = local_issuer.public_jwks(settings.auth_local_issuer_key_file)
-        except local_issuer.NoLocalIssuer as error:
-            raise AuthNotConfigured(str(error)) from None
-        issuers[local_issuer.ISSUER] = KeySet(jwks)
-    if not issuers:
-        raise AuthNotConfigured(
-            "no token issuer is configured: set ORDERFLOW_AUTH_ISSUER and ORDERFLOW_AUTH_JWKS_URL, or "
-            "ORDERFLOW_AUTH_LOCAL_ISSUER=true for development (the gateway never runs without auth)"
-        )
-    return issuers
 
 
 def check_jwks_url(url: str) -> None:
@@ -181,13 +150,33 @@ class TokenVerifier:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenVerifier:
-        """Raises `AuthNotConfigured` for a configuration the gateway must not start with."""
+        """Trusts the configured issuers; raises `AuthNotConfigured` when none is (fully) configured, or
+        for another configuration the gateway must not start with."""
         unsafe = [name for name in settings.auth_algorithms if name not in ASYMMETRIC_ALGORITHMS]
         if unsafe:
             raise AuthNotConfigured(
                 f"ORDERFLOW_AUTH_ALGORITHMS may name asymmetric signatures only, not {', '.join(unsafe)}"
             )
-        return cls(settings, trusted_issuers(settings))
+        if bool(settings.auth_issuer) != bool(settings.auth_jwks_url):
+            raise AuthNotConfigured("ORDERFLOW_AUTH_ISSUER and ORDERFLOW_AUTH_JWKS_URL go together: set both")
+        issuers: dict[str, KeySource] = {}  # `iss` -> where its keys come from
+        if settings.auth_issuer:
+            check_jwks_url(settings.auth_jwks_url)
+            issuers[settings.auth_issuer] = PublishedKeys(
+                settings.auth_jwks_url, settings.auth_jwks_cache_seconds
+            )
+        if settings.auth_local_issuer:
+            try:
+                jwks = local_issuer.public_jwks(settings.auth_local_issuer_key_file)
+            except local_issuer.NoLocalIssuer as error:
+                raise AuthNotConfigured(str(error)) from None
+            issuers[local_issuer.ISSUER] = KeySet(jwks)
+        if not issuers:
+            raise AuthNotConfigured(
+                "no token issuer is configured: set ORDERFLOW_AUTH_ISSUER and ORDERFLOW_AUTH_JWKS_URL, or "
+                "ORDERFLOW_AUTH_LOCAL_ISSUER=true for development (the gateway never runs without auth)"
+            )
+        return cls(settings, issuers)
 
     async def actor(self, token: str) -> Actor:
         try:
@@ -244,8 +233,7 @@ bearer_token = HTTPBearer(
 
 
 def get_verifier(request: Request) -> TokenVerifier:
-    verifier: TokenVerifier = request.app.state.token_verifier
-    return verifier
+    return cast(TokenVerifier, request.app.state.token_verifier)
 
 
 async def current_actor(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 import jwt
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, Security, status
@@ -22,7 +22,6 @@ from services.api.errors import Responses, documented_error
 from services.api.limits import BODY_LIMIT_RESPONSES
 from shared.codec import EncryptionCodec, PayloadKeysError, UndecryptablePayload, payload_keyring
 from shared.contracts import Actor, Role
-from shared.settings import Settings
 
 PREFIX = "/codec"
 # what the UI sends: its JSON, the namespace, and (with an OIDC-enabled UI) the operator's token
@@ -50,9 +49,8 @@ class CodecPayloads(BaseModel):
 
 def payload_codec(request: Request) -> EncryptionCodec:
     """The gateway's keys, read at each call, so a rotated keys file needs no restart here."""
-    settings: Settings = request.app.state.settings
     try:
-        return EncryptionCodec(payload_keyring(settings))
+        return EncryptionCodec(payload_keyring(request.app.state.settings))
     except PayloadKeysError as error:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(error)) from None
 
@@ -140,15 +138,7 @@ async def open_session(
     token = credentials.credentials
     # TokenOperator has verified the token: its `exp` can be read as it is
     lifetime = int(jwt.decode(token, options={"verify_signature": False})["exp"]) - int(time.time())
-    response.set_cookie(
-        SESSION_COOKIE,
-        token,
-        max_age=max(lifetime, 0),
-        path=PREFIX,
-        secure=request.url.scheme == "https",
-        httponly=True,
-        samesite="strict",
-    )
+    response.set_cookie(SESSION_COOKIE, token, max_age=max(lifetime, 0), **cookie_scope(request))
 
 
 @router.delete(
@@ -160,9 +150,13 @@ async def open_session(
 async def close_session(request: Request, response: Response, _: AnyToken) -> None:
     """Clears the cookie `POST /codec/session` set (any valid token may: signing out, or another
     user signing in on this browser)."""
-    response.delete_cookie(
-        SESSION_COOKIE, path=PREFIX, secure=request.url.scheme == "https", httponly=True, samesite="strict"
-    )
+    response.delete_cookie(SESSION_COOKIE, **cookie_scope(request))
+
+
+def cookie_scope(request: Request) -> dict[str, Any]:
+    """The session cookie goes to `/codec` alone, over HTTPS when served so, never to a script or from
+    another site; deleting it names the same."""
+    return {"path": PREFIX, "secure": request.url.scheme == "https", "httponly": True, "samesite": "strict"}
 
 
 class CodecCors:

@@ -1,6 +1,5 @@
 """Command endpoints: each publishes one contract command to `orders.commands`, answering 202 once
-RabbitMQ confirmed it. The caller goes as `issued_by`, which the bridge and the workflow authorize again.
-"""
+RabbitMQ confirmed it. The caller goes as `issued_by`, which the bridge and the workflow authorize again."""
 
 from __future__ import annotations
 
@@ -16,15 +15,15 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, status
 
 from services.api.auth import AUTH_RESPONSES, Approver, Canceller, Placer, Readdresser
-from services.api.connections import BrokerLink
-from services.api.dependencies import ConnectionsDep, OrderIdPath
+from services.api.connections import ConnectionsDep
 from services.api.errors import UNREADABLE_BODY, Responses, documented_error
-from services.api.limits import WRITE_LIMIT_RESPONSES, WriteRateLimit
+from services.api.limits import WRITE_LIMIT_RESPONSES
 from services.api.schemas import (
     ApproveOrderRequest,
     CancelOrderRequest,
     CommandAccepted,
     CommandOptions,
+    OrderIdPath,
     PlaceOrderRequest,
     UpdateAddressRequest,
 )
@@ -32,7 +31,7 @@ from shared.authorization import refusal
 from shared.broker import CommandNotRouted, CommandRefused, publish_command
 from shared.contracts import Actor, Command, CommandType, command_adapter
 from shared.db import Order
-from shared.probes import DependencyUnavailable, LazyConnection, describe
+from shared.probes import DependencyUnavailable, describe
 
 # fixed, so one Idempotency-Key maps to one command id in every gateway process, before and after restarts
 IDEMPOTENCY_NAMESPACE = UUID("5b0e7c36-5f0c-4a51-9d43-2a8f1f3c8e21")
@@ -112,9 +111,8 @@ class CommandSender:
                 "payload": body.model_dump(exclude=ENVELOPE_FIELDS),
             }
         )
-        write_limit: WriteRateLimit = self.request.app.state.write_limit
-        await write_limit.check(actor.subject)
-        await publish(self.connections.broker, command)
+        await self.request.app.state.write_limit.check(actor.subject)
+        await self.publish(command)
         return CommandAccepted(
             command_id=command.command_id,
             type=command.type,
@@ -122,12 +120,41 @@ class CommandSender:
             status_url=str(self.request.url_for("order_status", order_id=order_id)),
         )
 
+    async def publish(self, command: Command) -> None:
+        """Returns once the broker confirmed `command`; raises a 503 when it did not."""
+        logger = log.bind(
+            order_id=command.order_id, command_id=str(command.command_id), type=command.type.value
+        )
+        link = await self.connections.broker.get()
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
+                await publish_command(link.topology, command)
+        except CommandRefused as refused:
+            logger.warning("placement refused: backlog full")
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                detail="too many orders are waiting to start: the placement was not accepted; "
+                "retry after the time in Retry-After",
+                headers={"Retry-After": str(self.request.app.state.settings.shed_retry_after_seconds)},
+            ) from refused
+        except (CommandNotRouted, TimeoutError, *CONNECTION_EXCEPTIONS) as error:
+            logger.warning("command not accepted", reason=describe(error))
+            raise DependencyUnavailable(
+                "broker", f"the command was not accepted ({describe(error)})"
+            ) from error
+        logger.info("command accepted", correlation_id=command.correlation_id)
+
 
 Sender = Annotated[CommandSender, Depends()]
 
 
 def resolve_command_id(from_body: UUID | None, idempotency_key: str | None) -> UUID:
-    from_key = command_id_for_key(idempotency_key) if idempotency_key else None
+    from_key = None
+    if idempotency_key:
+        try:
+            from_key = UUID(idempotency_key)
+        except ValueError:
+            from_key = uuid5(IDEMPOTENCY_NAMESPACE, idempotency_key)
     if from_body and from_key and from_body != from_key:
         # a conflict, not a validation error: each id alone is valid, but the key stands for another command
         raise HTTPException(
@@ -135,36 +162,6 @@ def resolve_command_id(from_body: UUID | None, idempotency_key: str | None) -> U
             detail="command_id and the Idempotency-Key header name different commands: send one of them",
         )
     return from_body or from_key or uuid4()
-
-
-def command_id_for_key(key: str) -> UUID:
-    try:
-        return UUID(key)
-    except ValueError:
-        return uuid5(IDEMPOTENCY_NAMESPACE, key)
-
-
-class BacklogFull(Exception):
-    """The broker refused a placement: the admission backlog is full (a 503 with Retry-After)."""
-
-
-async def publish(broker: LazyConnection[BrokerLink], command: Command) -> None:
-    """Returns once the broker confirmed `command`; raises `BacklogFull` or `DependencyUnavailable`."""
-    logger = log.bind(order_id=command.order_id, command_id=str(command.command_id), type=command.type.value)
-    link = await broker.get()
-    try:
-        async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
-            await publish_command(link.topology, command)
-    except CommandRefused as refused:
-        logger.warning("placement refused: backlog full")
-        raise BacklogFull(
-            "too many orders are waiting to start: the placement was not accepted; "
-            "retry after the time in Retry-After"
-        ) from refused
-    except (CommandNotRouted, TimeoutError, *CONNECTION_EXCEPTIONS) as error:
-        logger.warning("command not accepted", reason=describe(error))
-        raise DependencyUnavailable("broker", f"the command was not accepted ({describe(error)})") from error
-    logger.info("command accepted", correlation_id=command.correlation_id)
 
 
 command_route = partial(router.post, status_code=status.HTTP_202_ACCEPTED, responses=ORDER_COMMAND_RESPONSES)

@@ -1,15 +1,17 @@
-"""The gateway's connections to RabbitMQ, PostgreSQL and Temporal, opened once per process; the broker
-and Temporal, once lost, again on the next request that needs them (the gateway stays up, not ready)."""
+"""The gateway's connections to RabbitMQ, PostgreSQL and Temporal, opened once per process (the broker and
+Temporal, once lost, again on the next request that needs them), and the routes' dependencies on them."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from typing import Annotated, Any, cast
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from temporalio.client import Client
 
@@ -19,7 +21,6 @@ from shared.settings import Settings
 from shared.temporal import connect_temporal
 
 log = structlog.get_logger(__name__)
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,24 @@ class Connections:
         await self.engine.dispose()
 
 
-async def warm_up(connection: LazyConnection[T]) -> None:
+async def warm_up(connection: LazyConnection[Any]) -> None:
     """Connect now if the dependency is up; one that is down is only logged (and tried again on use)."""
     try:
         await connection.get()
     except DependencyUnavailable as error:
         log.warning("dependency unavailable at start-up", dependency=error.dependency, reason=error.reason)
+
+
+def get_connections(request: Request) -> Connections:
+    return cast(Connections, request.app.state.connections)
+
+
+ConnectionsDep = Annotated[Connections, Depends(get_connections)]
+
+
+async def get_session(connections: ConnectionsDep) -> AsyncIterator[AsyncSession]:
+    async with connections.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]

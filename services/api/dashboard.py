@@ -1,7 +1,5 @@
-"""The live dashboard (`/dashboard`: a page, script and style sheet from `static/`) and its figures
-(`GET /stats`). The page uses only the gateway's public API; it is open, as the sign-in page holding no
-data, and sends the bearer token it signs in with on every request.
-"""
+"""The live dashboard (`/dashboard`: a page, script and style sheet from `static/`), open as it holds no
+data, and its figures (`GET /stats`); the page uses the public API with the bearer token it signs in with."""
 
 from __future__ import annotations
 
@@ -14,16 +12,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import func, select, text
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from services.api.auth import AUTH_RESPONSES, Overseer
-from services.api.dependencies import SessionDep
+from services.api.connections import SessionDep
 from services.api.schemas import AdmissionLoad, MinuteCount, Stats
 from services.api.streams import newest_position
-from shared.admission_table import HOLDING_SLOT, AdmissionStatus
+from services.api.telemetry import admission_counts
+from shared.admission_table import AdmissionStatus
 from shared.contracts import OrderState
-from shared.db import Admission, Order
+from shared.db import Order
 from shared.lifecycle import order_workflow_id
 from shared.settings import Settings
 from shared.temporal import connect_config
@@ -79,29 +77,20 @@ async def stats(_: Overseer, request: Request, session: SessionDep) -> Stats:
     counted = await session.execute(select(col(Order.state), func.count()).group_by(col(Order.state)))
     found: dict[str, int] = dict(counted.all())
     counts = {state: found.get(state, 0) for state in OrderState}
+    admissions = await admission_counts(session)
     return Stats(
         counts=counts,
         total=sum(counts.values()),
-        admission=await admission_load(session, request.app.state.settings.max_running_lifecycles),
+        admission=AdmissionLoad(
+            backlog=admissions.get(AdmissionStatus.WAITING, 0),
+            running=sum(count for status, count in admissions.items() if status.holds_slot),
+            max_running=request.app.state.settings.max_running_lifecycles,
+        ),
         completed_per_minute=[
             MinuteCount(minute=minute, count=count)
             for minute, count in await session.execute(COMPLETED_PER_MINUTE)
         ],
         position=await newest_position(session),
-    )
-
-
-async def admission_load(session: AsyncSession, max_running: int) -> AdmissionLoad:
-    counted = await session.execute(
-        select(col(Admission.status), func.count())
-        .where(col(Admission.status).in_([AdmissionStatus.WAITING.value, *HOLDING_SLOT]))
-        .group_by(col(Admission.status))
-    )
-    by_status = dict(counted.all())
-    return AdmissionLoad(
-        backlog=by_status.get(AdmissionStatus.WAITING.value, 0),
-        running=sum(by_status.get(status, 0) for status in HOLDING_SLOT),
-        max_running=max_running,
     )
 
 

@@ -3,7 +3,7 @@ invalid fields, and their entries in the operations' OpenAPI `responses`."""
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request, status
+from fastapi import Request, status
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import compile_path
@@ -27,16 +27,13 @@ RETRY_AFTER_HEADER = {
 
 def documented_error(description: str, *, retry_after: bool = False) -> dict[str, object]:
     """An error answer as an operation's `responses` entry: its `ErrorMessage` body and headers."""
-    response: dict[str, object] = {"model": ErrorMessage, "description": description}
-    if retry_after:
-        response["headers"] = RETRY_AFTER_HEADER
-    return response
+    headers = {"headers": RETRY_AFTER_HEADER} if retry_after else {}
+    return {"model": ErrorMessage, "description": description, **headers}
 
 
 def json_error(description: str) -> dict[str, object]:
-    """`documented_error` for a route of another media type (an event stream's errors are JSON); the
-    `$ref` resolves as other routes' `documented_error` entries put `ErrorMessage` there."""
-    schema = {"$ref": "#/components/schemas/ErrorMessage"}
+    """`documented_error` for a route of another media type (an event stream's errors are JSON)."""
+    schema = {"$ref": "#/components/schemas/ErrorMessage"}  # put there by other routes' `documented_error`
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
@@ -48,38 +45,20 @@ UNREADABLE_BODY: Responses = {
 }
 
 
-def error_answer(status_code: int, detail: str, headers: dict[str, str]) -> JSONResponse:
-    return JSONResponse(
-        status_code=status_code, content=ErrorMessage(detail=detail).model_dump(), headers=headers
-    )
-
-
 async def dependency_unavailable(_: Request, error: Exception) -> JSONResponse:
     retry_after = {"Retry-After": str(DEPENDENCY_RETRY_AFTER_SECONDS)}
-    return error_answer(status.HTTP_503_SERVICE_UNAVAILABLE, str(error), retry_after)
-
-
-async def backlog_full(request: Request, error: Exception) -> JSONResponse:
-    retry_after = {"Retry-After": str(request.app.state.settings.shed_retry_after_seconds)}
-    return error_answer(status.HTTP_503_SERVICE_UNAVAILABLE, str(error), retry_after)
+    return JSONResponse({"detail": str(error)}, status.HTTP_503_SERVICE_UNAVAILABLE, retry_after)
 
 
 async def method_not_allowed(request: Request, error: Exception) -> JSONResponse:
-    """A 405 whose `Allow` names every method of the path. Starlette's names only those of the
-    first route matching it, and `/orders` is two routes (GET lists, POST places)."""
+    """A 405 whose `Allow` names every method of the path in the OpenAPI document: Starlette's names
+    only those of the first route matching it, and `/orders` is two routes (GET lists, POST places)."""
     assert isinstance(error, HTTPException)
-    allowed = sorted(
-        set(error.headers["Allow"].split(", ") if error.headers else ())
-        | documented_methods(request.app, request.url.path)
-    )
-    allow = ", ".join(allowed)
+    allowed = set(error.headers["Allow"].split(", ") if error.headers else ())
+    for template, operations in request.app.openapi()["paths"].items():
+        if compile_path(template)[0].match(request.url.path):
+            allowed |= {method.upper() for method in operations}
+            break
+    allow = ", ".join(sorted(allowed))
     detail = f"{request.method} is not allowed here; allowed: {allow}"
-    return error_answer(status.HTTP_405_METHOD_NOT_ALLOWED, detail, {"Allow": allow})
-
-
-def documented_methods(app: FastAPI, path: str) -> set[str]:
-    """The methods the OpenAPI document lists for the path template that `path` matches."""
-    for template, operations in app.openapi()["paths"].items():
-        if compile_path(template)[0].match(path):
-            return {method.upper() for method in operations}
-    return set()
+    return JSONResponse({"detail": detail}, status.HTTP_405_METHOD_NOT_ALLOWED, {"Allow": allow})

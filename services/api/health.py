@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from services.api.connections import Connections
-from services.api.dependencies import ConnectionsDep
+from services.api.connections import ConnectionsDep
 from shared.probes import Readiness, channel_open, database_answers, readiness, temporal_serving
 
 router = APIRouter(tags=["health"])
@@ -22,21 +21,15 @@ async def healthz() -> dict[str, str]:
     responses={status.HTTP_503_SERVICE_UNAVAILABLE: {"model": Readiness, "description": "Not ready."}},
 )
 async def readyz(connections: ConnectionsDep, response: Response) -> Readiness:
+    async def broker() -> str:
+        return await channel_open((await connections.broker.get()).channel)
+
+    async def temporal() -> str:
+        return await temporal_serving(await connections.temporal.get())
+
     answer = await readiness(
-        {
-            "broker": lambda: check_broker(connections),
-            "database": lambda: database_answers(connections.engine),
-            "temporal": lambda: check_temporal(connections),
-        }
+        {"broker": broker, "database": lambda: database_answers(connections.engine), "temporal": temporal}
     )
     if not answer.ready:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     return answer
-
-
-async def check_broker(connections: Connections) -> str:
-    return await channel_open((await connections.broker.get()).channel)
-
-
-async def check_temporal(connections: Connections) -> str:
-    return await temporal_serving(await connections.temporal.get())

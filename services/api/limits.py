@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, cast
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.encoders import jsonable_encoder
@@ -21,7 +21,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.api.auth import AnyRole
-from services.api.errors import Responses, documented_error, error_answer
+from services.api.errors import Responses, documented_error
 
 # a validation error's `input` longer than this (as JSON) is left out of the answer
 ECHOED_INPUT_LIMIT = 200
@@ -65,11 +65,11 @@ class BodySizeLimit:
         else:
             replay = receive  # the server holds the body to its declared length
         if replay is None:
-            detail = f"the request body is larger than {self.max_bytes} bytes"
-            answer = error_answer(status.HTTP_413_CONTENT_TOO_LARGE, detail, {"Connection": "close"})
+            too_large = {"detail": f"the request body is larger than {self.max_bytes} bytes"}
+            answer = JSONResponse(too_large, status.HTTP_413_CONTENT_TOO_LARGE, {"Connection": "close"})
             await answer(scope, receive, send)
-            return
-        await self.app(scope, replay, send)
+        else:
+            await self.app(scope, replay, send)
 
     async def _read_ahead(self, receive: Receive) -> Receive | None:
         """A `receive` handing out the whole body, read ahead; None once it grows past the limit."""
@@ -139,15 +139,13 @@ class StreamSlots:
 
 
 def stream_slots(request: Request) -> StreamSlots:
-    slots: StreamSlots = request.app.state.stream_slots
-    return slots
+    return cast(StreamSlots, request.app.state.stream_slots)
 
 
 async def holding_stream_slot(
     slots: Annotated[StreamSlots, Depends(stream_slots)], actor: AnyRole
 ) -> AsyncIterator[None]:
-    """Holds one of the caller's stream slots until the stream ends (FastAPI runs the code after
-    `yield` once the response is sent)."""
+    """Holds one of the caller's stream slots until the stream ends (FastAPI resumes it once sent)."""
     with slots.held(actor.subject):
         yield
 
@@ -163,4 +161,3 @@ async def validation_error(_: Request, error: Exception) -> JSONResponse:
 
 
 StreamSlot = Annotated[None, Depends(holding_stream_slot)]
-"""One of the caller's event streams, held while the stream runs."""

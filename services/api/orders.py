@@ -1,7 +1,5 @@
-"""Order queries: live status (workflow first, then the orders table), history, and the list.
-
-A customer reads only the orders it placed: another's is unknown to it (404), as if it did not exist.
-"""
+"""Order queries: live status (workflow first, then the orders table), history, and the list; a
+customer reads only the orders it placed: another's is unknown to it (404), as if it did not exist."""
 
 from __future__ import annotations
 
@@ -18,9 +16,16 @@ from temporalio.common import QueryRejectCondition
 from temporalio.service import RPCError, RPCStatusCode
 
 from services.api.auth import AUTH_RESPONSES, AnyRole, may_read, readable_by, sees_every_order
-from services.api.dependencies import ConnectionsDep, OrderIdPath, SessionDep
+from services.api.connections import ConnectionsDep, SessionDep
 from services.api.errors import Responses, documented_error
-from services.api.schemas import OrderHistory, OrderPage, OrderStatusView, OrderSummary, StatusSource
+from services.api.schemas import (
+    OrderHistory,
+    OrderIdPath,
+    OrderPage,
+    OrderStatusView,
+    OrderSummary,
+    StatusSource,
+)
 from shared.contracts import OrderState, OrderStatus, RecordedEvent
 from shared.db import AuditEvent, Order
 from shared.lifecycle import STATUS_QUERY, order_workflow_id
@@ -140,12 +145,8 @@ async def list_orders(
         after = EPOCH + timedelta(microseconds=int(micros))
         query = query.where(or_(created_at < after, and_(created_at == after, order_id > after_id)))
     orders = list(await session.scalars(query))
-    summary_fields = set(OrderSummary.model_fields)
     return OrderPage(
-        items=[
-            OrderSummary.model_validate({**order.model_dump(include=summary_fields), "order_id": order.id})
-            for order in orders[:limit]
-        ],
+        items=[OrderSummary.model_validate(order, from_attributes=True) for order in orders[:limit]],
         next_cursor=cursor_after(orders[limit - 1]) if len(orders) > limit else None,
     )
 

@@ -1,11 +1,13 @@
-"""Request and response bodies of the gateway, built on the contract's models and bounds."""
+"""Request and response bodies and path parameters of the gateway, on the contract's models and bounds."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import Annotated
 from uuid import UUID
 
+from fastapi import Path
 from pydantic import BaseModel, Field
 
 from shared.contracts import (
@@ -23,6 +25,10 @@ from shared.contracts import (
     Step,
     UpdateAddressPayload,
 )
+
+OrderIdPath = Annotated[
+    Identifier, Path(description="The order id: 1 to 64 letters, digits, '.', '_' or '-'.")
+]
 
 
 class ErrorMessage(BaseModel):
@@ -98,7 +104,7 @@ class OrderStatusView(OrderStatus):
 
 
 class OrderSummary(BaseModel):
-    order_id: str
+    order_id: str = Field(validation_alias="id")  # read from an orders row
     state: OrderState
     payment_id: str
     amount_cents: int

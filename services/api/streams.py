@@ -1,18 +1,13 @@
 """Server-sent event streams of the audit table's committed events: one order's, and every order's.
-
 An event's SSE `id` is its `position` (commit order, migration 0004), so `Last-Event-ID` resumes right
-after it. Streams wake on the table trigger's NOTIFY, and poll every `POLL_SECONDS` while it is not heard.
-"""
+after it. Streams wake on the table trigger's NOTIFY, and poll every `POLL_SECONDS` while it is not heard."""
 
 from __future__ import annotations
 
 import asyncio
-import signal
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from types import FrameType
-from typing import Annotated
+from typing import Annotated, cast
 
 import structlog
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, status
@@ -23,11 +18,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 
 from services.api.auth import AUTH_RESPONSES, AnyRole, Overseer, readable_by
-from services.api.connections import Connections
-from services.api.dependencies import ConnectionsDep, OrderIdPath
+from services.api.connections import Connections, ConnectionsDep
 from services.api.errors import json_error
 from services.api.limits import STREAM_LIMIT_RESPONSES, StreamSlot
-from services.api.schemas import StreamedEvent
+from services.api.schemas import OrderIdPath, StreamedEvent
 from shared.contracts import TERMINAL_EVENTS
 from shared.db import AuditEvent, Order
 from shared.notifications import ChannelListener, first_of
@@ -64,28 +58,12 @@ class EventFeed:
 
 @asynccontextmanager
 async def event_feed(app: FastAPI) -> AsyncIterator[None]:
-    """`app.state.event_feed`, listening while the app runs; it stops at shutdown, and already on SIGINT
-    or SIGTERM (before the previous handler, uvicorn's, runs), as uvicorn waits for every stream to end."""
+    """`app.state.event_feed`, listening while the app runs (the server stops it before it drains)."""
     feed = app.state.event_feed = EventFeed(app.state.settings)
     listener = asyncio.create_task(feed.listener.run(feed.stopping))
-    loop = asyncio.get_running_loop()
-
-    def chained(sig: int, frame: FrameType | None) -> None:
-        loop.call_soon_threadsafe(feed.stopping.set)
-        previous[signal.Signals(sig)](sig, frame)
-
-    installed = {}
-    if threading.current_thread() is threading.main_thread():  # signal handlers belong to the main thread
-        installed = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    # a default handler ends the process anyway, so it is not wrapped
-    previous = {sig: handler for sig, handler in installed.items() if callable(handler)}
-    for sig in previous:
-        signal.signal(sig, chained)
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         feed.stopping.set()
         listener.cancel()  # it may be connecting to a database that does not answer
         with suppress(asyncio.CancelledError):
@@ -96,8 +74,7 @@ router = APIRouter(tags=["orders"], lifespan=event_feed)
 
 
 def get_feed(request: Request) -> EventFeed:
-    feed: EventFeed = request.app.state.event_feed
-    return feed
+    return cast(EventFeed, request.app.state.event_feed)
 
 
 FeedDep = Annotated[EventFeed, Depends(get_feed)]

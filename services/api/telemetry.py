@@ -17,10 +17,11 @@ from prometheus_client import (
     generate_latest,
 )
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.api.dependencies import ConnectionsDep
+from services.api.connections import ConnectionsDep
 from shared.admission_table import AdmissionStatus
 from shared.db import Admission
 
@@ -103,17 +104,21 @@ BACKLOG_QUERY = (
 )
 
 
+async def admission_counts(session: AsyncSession) -> dict[AdmissionStatus, int]:
+    """How many admissions are in each status the backlog gauges count (absent: none)."""
+    return {AdmissionStatus(status): count for status, count in await session.execute(BACKLOG_QUERY)}
+
+
 @router.get(METRICS_PATH, include_in_schema=False)
 async def metrics(connections: ConnectionsDep) -> Response:
     """The process's metrics in Prometheus' text format, the admission backlog read just now."""
     backlog = CollectorRegistry()
     try:
         async with connections.sessions() as session:
-            rows = (await session.execute(BACKLOG_QUERY)).all()
+            counts = await admission_counts(session)
     except Exception as error:  # noqa: BLE001 (a scrape answers without the backlog rather than fail)
         log.warning("admission backlog unavailable", error=repr(error))
     else:
-        counts = {AdmissionStatus(status): count for status, count in rows}
         for name, documentation, statuses in BACKLOG_GAUGES:
             value = sum(counts.get(status, 0) for status in statuses)
             Gauge(name, documentation, registry=backlog).set(value)
