@@ -47,7 +47,7 @@ def test_each_fact_comes_from_the_newest_event_of_its_type() -> None:
 
     assert changes.facts == [addresses[1], dispatched, shipped]
     # the dispatch's address is where the package went, not a change of the order's
-    assert [fact_value(e.data) for e in changes.facts] == [
+    assert [fact_value(e) for e in changes.facts] == [
         Address.model_validate(NEW_ADDRESS),
         "TRK-1",
         "TRK-2",

@@ -1,6 +1,5 @@
-"""The audit consumer: each event on `orders.events` is stored once in `order_events` and projected
-onto the `orders` read model, in batched transactions acked after their commit; the terminal events
-recorded count how lifecycles end and how long they ran."""
+"""The audit consumer: each event on `orders.events` is stored once and projected onto the `orders`
+read model, in batched transactions acked after their commit; it counts how lifecycles end."""
 
 from __future__ import annotations
 
@@ -8,7 +7,6 @@ import asyncio
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from datetime import datetime
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
@@ -84,13 +82,12 @@ class PendingEvent:
 
     event: OrderEvent
     recorded: asyncio.Future[bool]
-    arrived_at: float
+    write_by: float  # the loop's time when its linger ends
 
 
 class AuditLog:
-    """Records events in batches, each gathered for `linger_seconds` after its first event or up to
-    `max_batch` events, and acks each event after its batch committed. A batch that fails is
-    retried one event at a time, so a bad event fails alone."""
+    """Records events in batches (of up to `max_batch`, lingering `linger_seconds`), acked once
+    committed; a batch that fails is retried one event at a time, so a bad event fails alone."""
 
     def __init__(
         self,
@@ -109,14 +106,11 @@ class AuditLog:
 
     async def handle(self, message: AbstractIncomingMessage, event: OrderEvent) -> None:
         structlog.contextvars.bind_contextvars(
-            order_id=event.order_id,
-            event_id=str(event.event_id),
-            event_type=event.type.value,
-            seq=event.seq,
+            order_id=event.order_id, event_id=str(event.event_id), event_type=event.type.value, seq=event.seq
         )
         loop = asyncio.get_running_loop()
         recorded: asyncio.Future[bool] = loop.create_future()
-        self._pending.append(PendingEvent(event, recorded, loop.time()))
+        self._pending.append(PendingEvent(event, recorded, loop.time() + self._linger_seconds))
         if len(self._pending) >= self._max_batch:
             self._batch_full.set()
         if self._writer is None or self._writer.done():
@@ -130,20 +124,15 @@ class AuditLog:
 
     async def _write_pending(self) -> None:
         while self._pending:
-            await self._gather_batch()
+            # a batch is written once its oldest event has lingered, it is full, or on stop
+            linger_left = self._pending[0].write_by - asyncio.get_running_loop().time()
+            if linger_left > 0 and len(self._pending) < self._max_batch and not self._stop.is_set():
+                self._batch_full.clear()
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._batch_full.wait(), linger_left)
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]
             await self._write(batch)
-
-    async def _gather_batch(self) -> None:
-        """Wait until the oldest pending event has lingered, the batch is full, or stop."""
-        linger_left = self._pending[0].arrived_at + self._linger_seconds - asyncio.get_running_loop().time()
-        if linger_left <= 0 or len(self._pending) >= self._max_batch or self._stop.is_set():
-            return
-        self._batch_full.clear()
-        with suppress(TimeoutError):
-            async with asyncio.timeout(linger_left):
-                await self._batch_full.wait()
 
     async def _write(self, batch: list[PendingEvent]) -> None:
         events = [pending.event for pending in batch]
@@ -183,11 +172,9 @@ async def lifecycle_endings(
     if not terminals:
         return []
     order_ids = sorted({terminal.order_id for terminal in terminals})
-    admissions = await session.execute(ADMISSIONS, {"order_ids": order_ids})
-    admitted_at: dict[str, datetime] = dict(admissions.all())
-    endings: list[tuple[EventType, float | None]] = []
-    for terminal in terminals:
-        admitted = admitted_at.get(terminal.order_id)
-        seconds = None if admitted is None else (terminal.occurred_at - admitted).total_seconds()
-        endings.append((terminal.type, seconds))
-    return endings
+    admitted_at = dict((await session.execute(ADMISSIONS, {"order_ids": order_ids})).all())
+    return [
+        (terminal.type, None if admitted is None else (terminal.occurred_at - admitted).total_seconds())
+        for terminal in terminals
+        for admitted in [admitted_at.get(terminal.order_id)]
+    ]

@@ -15,19 +15,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.contracts import (
     Address,
-    AddressUpdatedData,
-    ApprovedData,
     CancelledData,
-    CarrierDispatchedData,
     EventPayload,
     EventType,
     FailedData,
     OrderEvent,
     OrderState,
-    QueuedData,
-    ReceivedData,
     RecordedEvent,
-    ShippedData,
     TerminatedData,
 )
 
@@ -51,7 +45,7 @@ STATE_OF_EVENT: dict[EventType, OrderState] = {
     EventType.TERMINATED: OrderState.TERMINATED,
 }
 
-# the order column each of these events carries (`fact_value` reads it)
+# the order column each of these events carries: its data's field of that name
 FACT_OF_EVENT: dict[EventType, str] = {
     EventType.QUEUED: "placed_by",
     EventType.RECEIVED: "placed_by",
@@ -99,21 +93,19 @@ PROJECT_ONTO_ORDERS = text(
     fact_change AS (
         SELECT
             fact.order_id,
-            (array_agg(CAST(fact.address AS jsonb) ORDER BY fact.seq DESC)
-                FILTER (WHERE fact.address IS NOT NULL))[1] AS address,
-            (array_agg(fact.tracking_number ORDER BY fact.seq DESC)
-                FILTER (WHERE fact.tracking_number IS NOT NULL))[1] AS tracking_number,
-            (array_agg(fact.placed_by ORDER BY fact.seq DESC)
-                FILTER (WHERE fact.placed_by IS NOT NULL))[1] AS placed_by,
-            (array_agg(fact.approved_by ORDER BY fact.seq DESC)
-                FILTER (WHERE fact.approved_by IS NOT NULL))[1] AS approved_by,
+            (array_agg(CAST(fact.value AS jsonb) ORDER BY fact.seq DESC)
+                FILTER (WHERE fact.column_name = 'address'))[1] AS address,
+            (array_agg(fact.value ORDER BY fact.seq DESC)
+                FILTER (WHERE fact.column_name = 'tracking_number'))[1] AS tracking_number,
+            (array_agg(fact.value ORDER BY fact.seq DESC)
+                FILTER (WHERE fact.column_name = 'placed_by'))[1] AS placed_by,
+            (array_agg(fact.value ORDER BY fact.seq DESC)
+                FILTER (WHERE fact.column_name = 'approved_by'))[1] AS approved_by,
             max(fact.occurred_at) AS fact_at
         FROM unnest(
-            CAST(:fact_order_ids AS text[]), CAST(:fact_types AS text[]),
-            CAST(:fact_seqs AS integer[]), CAST(:fact_times AS timestamptz[]),
-            CAST(:addresses AS text[]), CAST(:tracking_numbers AS text[]),
-            CAST(:placed_bys AS text[]), CAST(:approved_bys AS text[])
-        ) AS fact (order_id, type, seq, occurred_at, address, tracking_number, placed_by, approved_by)
+            CAST(:fact_order_ids AS text[]), CAST(:fact_types AS text[]), CAST(:fact_seqs AS integer[]),
+            CAST(:fact_times AS timestamptz[]), CAST(:fact_columns AS text[]), CAST(:fact_values AS text[])
+        ) AS fact (order_id, type, seq, occurred_at, column_name, value)
         WHERE NOT EXISTS (
             SELECT FROM order_events AS newer
             -- seq > 0 as well: the (order_id, seq) index covers lifecycle events only
@@ -149,8 +141,7 @@ PROJECT_ONTO_ORDERS = text(
 
 @dataclass(frozen=True)
 class Changes:
-    """Per order, the newest state-changing event and the newest with a reason; per order and
-    fact-carrying type, the newest event, if it carries a value."""
+    """The newest state-changing event and reason of each order, and its newest fact of each type."""
 
     states: dict[str, Event]
     reasons: dict[str, Event]
@@ -171,19 +162,13 @@ def changes_of(events: Iterable[Event]) -> Changes:
         if event.type in FACT_OF_EVENT:
             _keep_newest(facts, (event.order_id, event.type), event)
     # the newest event of a fact's type wins: one without a value leaves the column as it is
-    return Changes(states, reasons, [event for event in facts.values() if fact_value(event.data) is not None])
+    return Changes(states, reasons, [event for event in facts.values() if fact_value(event) is not None])
 
 
-def fact_value(data: EventPayload | dict[str, JsonValue]) -> str | Address | None:
-    """The value an event gives its type's column in FACT_OF_EVENT."""
-    match data:
-        case QueuedData(placed_by=value) | ReceivedData(placed_by=value) | ApprovedData(approved_by=value):
-            return value
-        case AddressUpdatedData(address=value):
-            return value
-        case CarrierDispatchedData(tracking_number=value) | ShippedData(tracking_number=value):
-            return value
-    return None
+def fact_value(event: Event) -> str | Address | None:
+    """The value the event gives its type's column in FACT_OF_EVENT (None for data of another shape)."""
+    value: str | Address | None = getattr(event.data, FACT_OF_EVENT[event.type], None)
+    return value
 
 
 def reason_of(data: EventPayload | dict[str, JsonValue]) -> str | None:
@@ -230,11 +215,7 @@ def _projection_parameters(changes: Changes) -> dict[str, Sequence[object]]:
     states = list(changes.states.values())
     reasons = [changes.reasons.get(event.order_id) for event in states]
     facts = changes.facts
-
-    def values(column: str) -> list[str | None]:
-        carried = [fact_value(event.data) if FACT_OF_EVENT[event.type] == column else None for event in facts]
-        return [value.model_dump_json() if isinstance(value, Address) else value for value in carried]
-
+    values = [fact_value(event) for event in facts]
     return {
         "state_order_ids": [event.order_id for event in states],
         "state_seqs": [event.seq for event in states],
@@ -246,10 +227,8 @@ def _projection_parameters(changes: Changes) -> dict[str, Sequence[object]]:
         "fact_types": [event.type.value for event in facts],
         "fact_seqs": [event.seq for event in facts],
         "fact_times": [event.occurred_at for event in facts],
-        "addresses": values("address"),
-        "tracking_numbers": values("tracking_number"),
-        "placed_bys": values("placed_by"),
-        "approved_bys": values("approved_by"),
+        "fact_columns": [FACT_OF_EVENT[event.type] for event in facts],
+        "fact_values": [value.model_dump_json() if isinstance(value, Address) else value for value in values],
     }
 
 

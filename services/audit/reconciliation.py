@@ -66,8 +66,7 @@ async def repair_rows_behind(sessions: async_sessionmaker[AsyncSession]) -> list
     async with sessions() as session:
         behind = list(
             await session.scalars(
-                RECENT_BEHIND,
-                {"window": RECONCILE_WINDOW, "limit": MAX_REPAIRS, "state_types": STATE_TYPES},
+                RECENT_BEHIND, {"window": RECONCILE_WINDOW, "limit": MAX_REPAIRS, "state_types": STATE_TYPES}
             )
         )
     repaired: list[str] = []

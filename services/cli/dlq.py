@@ -1,9 +1,6 @@
-"""`orderflow dlq`: look into the dead-letter queue and replay what a consumer gave up on.
-
-Reading takes dead letters unacknowledged and gives them back (basic.nack, requeue), which a classic
-queue puts back in place, counting no delivery. A replayed one is acked once its republication is
-confirmed: a crash in between leaves it in both places, harmless as consumers take an id once.
-"""
+"""`orderflow dlq`: look into the dead-letter queue and replay what a consumer gave up on. Reading
+takes dead letters unacked and nacks them back (requeue), in place and counting no delivery; a replayed
+one is acked once its republication is confirmed (a crash in between is harmless: ids are taken once)."""
 
 from __future__ import annotations
 
@@ -102,8 +99,7 @@ class DeadLetterQueue:
     unread: int = 0
 
     async def take(self, selection: Selection, limit: int | None = None) -> list[DeadLetter]:
-        """The selected dead letters, oldest first, taken from the head until `limit` of them are
-        found; an error when a message id is not among them."""
+        """The selected dead letters, oldest first, up to `limit`; an error if a message id is missing."""
         chosen: list[DeadLetter] = []
         while limit is None or len(chosen) < limit:
             message = await self.queue.get(no_ack=False, fail=False)
@@ -146,9 +142,8 @@ async def find(
 async def replay(
     settings: Settings, selection: Selection, exchange_if_unknown: str | None, as_json: bool
 ) -> None:
-    """Republish the selected dead letters, oldest first, each to the exchange it came from, and
-    remove each from the dead-letter queue once the broker confirmed it. Nothing is replayed unless
-    each has an exchange to go to; the first that the broker routes to no queue stops the replay."""
+    """Republish the selected dead letters, oldest first, each acked once the broker confirmed it;
+    nothing is replayed unless each has an exchange, and the first one routed nowhere stops it."""
     async with dead_letter_queue(settings) as dead_letters:
         chosen = await dead_letters.take(selection)
         if not chosen:
@@ -183,8 +178,7 @@ def destination(dead_letter: DeadLetter, exchange_if_unknown: str | None) -> str
 
 
 async def republish(dead_letter: DeadLetter, exchange: str, publisher: str | None) -> None:
-    """Publish it as its publisher did, but as `publisher` (the broker lets nobody publish in
-    another's name), and wait for the broker's confirm."""
+    """Publish it as its publisher did, but as `publisher` (nobody may publish in another's name)."""
     properties = dead_letter.message.properties  # a copy of those it came with
     properties.headers = dead_letter.original_headers()
     properties.delivery_mode = aio_pika.DeliveryMode.PERSISTENT

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 from urllib.parse import quote
 
 import httpx
@@ -52,12 +52,10 @@ class Gateway:
         response = self.request(method, path, params, body)
         if response.is_error:
             refused(response)
-        answer: Answer = response.json()
-        return answer
+        return cast(Answer, response.json())
 
     def health(self) -> Answer:
-        """Whether the gateway is live (/healthz) and ready (/readyz), and each dependency's check. An
-        answer that is not its health ends the command."""
+        """Whether the gateway is live (/healthz) and ready (/readyz), and each dependency's check."""
         liveness = self.request("GET", "/healthz")
         if not liveness.is_success:
             fail(f"the gateway at {self.base_url} is not live: /healthz answered {described(liveness)}")

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Mapping
 from importlib.metadata import version
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from aio_pika.exceptions import AMQPConnectionError, AMQPError
@@ -17,12 +17,14 @@ from sqlalchemy.engine import make_url
 
 from services.cli import credentials, dlq, render
 from services.cli.errors import BAD_SETTING_EXIT_CODE, WATCH_TIMEOUT_EXIT_CODE, fail, reason, unreachable
-from services.cli.gateway import Answer, Gateway, order_path
+from services.cli.gateway import Gateway, order_path
 from services.cli.watch import ENDING_EXIT_CODES, follow_order, note
 from shared import broker_users, connection_security, local_issuer, schema
 from shared.broker import DEAD_LETTER_QUEUE
 from shared.contracts import OrderState, Role
 from shared.settings import ENV_PREFIX, Settings, invalid_settings_message
+
+T = TypeVar("T")
 
 app = typer.Typer(
     name="orderflow",
@@ -94,33 +96,22 @@ def gateway(api_url: str | None, token: str | None) -> Gateway:
     return Gateway(api_url or settings().api_url, credentials.chosen(token))
 
 
-def print_json(value: object) -> None:
-    typer.echo(json.dumps(value, indent=2, default=str))
-
-
-def show(answer: Answer, as_json: bool, as_text: Callable[[Answer], str]) -> None:
-    if as_json:
-        print_json(answer)
-    else:
-        typer.echo(as_text(answer))
+def show(
+    value: T, as_json: bool, as_text: Callable[[T], str], as_data: Callable[[T], object] = lambda value: value
+) -> None:
+    typer.echo(json.dumps(as_data(value), indent=2, default=str) if as_json else as_text(value))
 
 
 def send_command(gateway: Gateway, path: str, body: Mapping[str, object], as_json: bool) -> None:
     show(gateway.answer("POST", path, body=body), as_json, render.accepted)
 
 
-def address(
-    name: str, line1: str, line2: str | None, city: str, region: str | None, postal_code: str, country: str
-) -> dict[str, str | None]:
-    return {
-        "name": name,
-        "line1": line1,
-        "line2": line2,
-        "city": city,
-        "region": region,
-        "postal_code": postal_code,
-        "country": country,
-    }
+ADDRESS_FIELDS = ("name", "line1", "line2", "city", "region", "postal_code", "country")
+
+
+def address(*values: str | None) -> dict[str, str | None]:
+    """The address fields, given in ADDRESS_FIELDS' order."""
+    return dict(zip(ADDRESS_FIELDS, values, strict=True))
 
 
 def parse_item(text: str) -> dict[str, str | int]:
@@ -424,10 +415,7 @@ def list_dead_letters(
     current = settings()
     selection = dlq.Selection(reason=with_reason, consumer=from_consumer)
     shown, unread = dlq.run(current, dlq.find(current, selection, limit))
-    if as_json:
-        print_json([dead_letter.diagnosis() for dead_letter in shown])
-    else:
-        typer.echo(dlq.summaries(shown))
+    show(shown, as_json, dlq.summaries, lambda found: [dead_letter.diagnosis() for dead_letter in found])
     if unread:
         # with --reason or --consumer, those behind the last one shown were not looked at
         not_shown = "not searched" if with_reason or from_consumer else "not shown"
@@ -442,10 +430,7 @@ def show_dead_letter(
     """Show one dead letter: why, where it came from, and its body (pretty-printed if JSON)."""
     current = settings()
     (oldest, *copies), _ = dlq.run(current, dlq.find(current, dlq.Selection(frozenset({message_id}))))
-    if as_json:
-        print_json(dlq.in_full(oldest))
-    else:
-        typer.echo(dlq.details(oldest))
+    show(oldest, as_json, dlq.details, dlq.in_full)
     if copies:
         typer.echo(f"{len(copies)} more dead letter(s) have this message id", err=True)
 

@@ -31,8 +31,7 @@ def note(text: str) -> None:
 
 
 async def follow_order(gateway: Gateway, order_id: str, as_json: bool) -> RecordedEvent:
-    """Print the order's events as the gateway streams them, until its terminal event. An unreachable
-    gateway, or an answer other than the stream or 404 (the order may not be known yet), ends the command."""
+    """Print the order's events as the gateway streams them, until its terminal event."""
     path = order_path(order_id, "events/stream")
     timeout = httpx.Timeout(CONNECT_TIMEOUT_SECONDS, read=None)
     last_event_id: str | None = None
@@ -72,8 +71,7 @@ async def follow_order(gateway: Gateway, order_id: str, as_json: bool) -> Record
 
 
 async def server_sent_events(response: httpx.Response) -> AsyncIterator[tuple[str | None, str | None]]:
-    """The last event id and the data (None: the block only moved the id) of each block of a
-    `text/event-stream` body that carries either, as the SSE standard reads them."""
+    """The last event id and data (None: only the id moved) of each `text/event-stream` block."""
     event_id: str | None = None
     data: list[str] = []
     has_id = False
