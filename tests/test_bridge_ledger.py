@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 from sqlalchemy import func, select, text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlmodel import col
 
 from devstack.stack import isolated_settings
@@ -28,7 +28,7 @@ from services.bridge.admission_gate import (
 from services.bridge.consumer import registration_events
 from services.bridge.lifecycles import ACCEPTED, Outcome, OutcomeKind
 from shared import db, schema
-from shared.admission_table import AdmissionSlots, AdmissionStatus, Sessions
+from shared.admission_table import AdmissionSlots, AdmissionStatus
 from shared.authorization import FORBIDDEN
 from shared.contracts import Actor, CancelOrder, CancelOrderPayload, Command, OrderState, Role
 from shared.db import Admission, Order, ProcessedCommand, transaction
@@ -36,6 +36,7 @@ from shared.settings import Settings
 from testsupport.orders import GUEST, approve_order, cancel_order, place_order, unique_id
 from testsupport.session import session_name
 
+Sessions = async_sessionmaker[AsyncSession]
 LEDGER_DATABASE = session_name("orderflow_test_ledger")
 
 
@@ -250,7 +251,9 @@ async def test_parked_commands_the_placer_does_not_allow_are_refused_as_it_regis
 
     assert isinstance(registration, Registration) and registration.slot is not None
     assert registration.cancel is None  # the stranger's cancel did not end it
-    assert [(r.command, r.outcome.detail) for r in registration.refused] == [(by_stranger, FORBIDDEN)]
+    assert [(command, outcome.detail) for command, outcome in registration.refused] == [
+        (by_stranger, FORBIDDEN)
+    ]
     assert registration.slot.early_commands == [approval]
     assert await recorded(engine, by_stranger) == OutcomeKind.REJECTED.value
 

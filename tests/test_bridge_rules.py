@@ -20,7 +20,6 @@ from services.bridge.admission_gate import (
     WAITING_FOR_PLACEMENT,
     AdmissionInProgress,
     AdmissionRecord,
-    Refused,
     Registration,
     Signal,
     Slot,
@@ -74,7 +73,7 @@ def test_parked_commands_are_kept_if_the_placer_allows_them_and_refused_otherwis
     kept, refused = judge_parked([cancel, strangers_cancel, approval, own_approval], GUEST.subject)
 
     assert kept == [cancel, approval]
-    assert [(r.command, r.outcome.kind, r.outcome.detail) for r in refused] == [
+    assert [(command, outcome.kind, outcome.detail) for command, outcome in refused] == [
         (strangers_cancel, OutcomeKind.REJECTED, FORBIDDEN),
         (own_approval, OutcomeKind.REJECTED, FORBIDDEN),
     ]
@@ -156,7 +155,7 @@ def test_the_orders_row_is_listed_as_its_registrations_events_leave_it() -> None
 
 def test_a_registration_publishes_queued_the_refusals_and_the_cancel_that_ends_it() -> None:
     placement, cancel, strangers = place_order("o-1"), cancel_order("o-1"), by_stranger(approve_order("o-1"))
-    refusal = Refused(strangers, forbidden(NO_ROLE))
+    refusal = (strangers, forbidden(NO_ROLE))
     registration = Registration(AdmissionStatus.CANCELLED, QUEUED_AT, cancel, refused=(refusal,))
 
     events = registration_events(placement, registration)

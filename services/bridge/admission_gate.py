@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Any
 from uuid import UUID
 
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from sqlalchemy import Executable, Result, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -28,7 +29,7 @@ from services.bridge.lifecycles import (
 from shared.admission_table import ADMISSIONS_CHANNEL, LOCK_SLOTS, AdmissionStatus
 from shared.authorization import refusal
 from shared.consuming import RetrySoon
-from shared.contracts import CancelOrder, Command, OrderState, PlaceOrder, command_adapter
+from shared.contracts import CancelOrder, Command, OrderState, PlaceOrder
 from shared.db import INSERT_ORDER, order_row
 from shared.lifecycle import EarlyCommand
 from shared.notifications import ChannelListener, first_of
@@ -65,10 +66,10 @@ REGISTER_NEW = text(
 )
 LOCK_ADMISSION = text(
     """
-    SELECT status, place_command_id, placed_by, cancel_command_id, early_commands, queued_at
+    SELECT status, place_command_id, placed_by, cancel_command_id, early_commands AS commands, queued_at
     FROM admissions WHERE order_id = :order_id FOR UPDATE
     """
-).columns(early_commands=JSONB)
+).columns(commands=JSONB)
 REGISTER_PARKED = text(
     """
     UPDATE admissions SET status = :status, place_command_id = :command_id, placed_by = :placed_by,
@@ -140,12 +141,8 @@ class Slot:
     early_commands: list[EarlyCommand]
 
 
-@dataclass(frozen=True)
-class Refused:
-    """A parked command the order's placer does not allow: rejected as the placement registers."""
-
-    command: Command
-    outcome: Outcome
+# a parked command the order's placer does not allow, and its rejection as the placement registers
+Refused = tuple[Command, Outcome]
 
 
 @dataclass(frozen=True)
@@ -166,7 +163,7 @@ class Signal(StrEnum):
     IF_ANY = "if_any"  # nothing known here: the order may predate admission, or its placement be behind
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass
 class AdmissionRecord:
     """An order's `admissions` row."""
 
@@ -186,15 +183,9 @@ class AdmissionRecord:
 # --- the decisions -------------------------------------------------------------------------------
 def judge_parked(parked: list[Command], placed_by: str | None) -> tuple[list[Command], tuple[Refused, ...]]:
     """The parked commands the placer allows, and the others with why not (not in review yet)."""
-    kept: list[Command] = []
-    refused: list[Refused] = []
-    for command in parked:
-        why = refusal(command.type, command.issued_by, placed_by, in_review=False)
-        if why is None:
-            kept.append(command)
-        else:
-            refused.append(Refused(command, forbidden(why)))
-    return kept, tuple(refused)
+    verdicts = [(c, refusal(c.type, c.issued_by, placed_by, in_review=False)) for c in parked]
+    refused = tuple((command, forbidden(why)) for command, why in verdicts if why is not None)
+    return [command for command, why in verdicts if why is None], refused
 
 
 def registered_before(record: AdmissionRecord, command: PlaceOrder) -> Registration | Outcome:
@@ -265,32 +256,32 @@ class AdmissionLedger:
         async with self._engine.begin() as connection:
             while (added := await self._add(connection, command)) is None:
                 pass  # the row in the way was deleted before it could be locked: add the placement's
-            if not isinstance(added, _Added):
+            if not isinstance(added, tuple):
                 return added
-            registration = added.registration
+            registration, early = added
             await connection.execute(LIST_ORDER, order_listing(command, registration.cancel))
             await publish(registration)
-            for refused in registration.refused:  # recorded as waiting for the placement until now
-                await connection.execute(RECORD, _record(refused.command, refused.outcome, replace=True))
+            for parked, outcome in registration.refused:  # recorded as waiting for the placement until now
+                await connection.execute(RECORD, _record(parked, outcome, replace=True))
             if (
                 take_free_slot
                 and registration.status is AdmissionStatus.WAITING
                 and await self._take_free_slot(connection, command.order_id)
             ):
-                slot = Slot(registration.queued_at, added.early_commands)
+                slot = Slot(registration.queued_at, early)
                 return replace(registration, status=AdmissionStatus.ADMITTING, slot=slot)
             return registration
 
     async def _add(
         self, connection: AsyncConnection, command: PlaceOrder
-    ) -> _Added | Registration | Outcome | None:
-        """The placement added to its own row or its parked commands' row, or what was there
-        before; None if the row in its way went away before it could be locked."""
+    ) -> tuple[Registration, list[EarlyCommand]] | Registration | Outcome | None:
+        """The placement just added (its events still to publish) with the commands its lifecycle starts
+        with, or what was there before; None if the row in its way went away before it could be locked."""
         ids = {"order_id": command.order_id, "command_id": command.command_id}
         placed_by = command.issued_by.subject if command.issued_by else None
         queued_at = await connection.scalar(REGISTER_NEW, {**ids, "placed_by": placed_by})
         if queued_at is not None:
-            return _Added(Registration(AdmissionStatus.WAITING, queued_at), [])
+            return Registration(AdmissionStatus.WAITING, queued_at), []
         record = await _locked(connection, command.order_id)
         # a statement after the lock has a snapshot of its own: it sees a record its holder made
         if await connection.scalar(IS_PROCESSED, ids):
@@ -310,7 +301,7 @@ class AdmissionLedger:
             "commands": [c.model_dump(mode="json") for c in kept],
         }
         queued_at = await connection.scalar(REGISTER_PARKED, parameters)
-        return _Added(Registration(status, queued_at, cancel, refused=refused), early_commands(kept))
+        return Registration(status, queued_at, cancel, refused=refused), early_commands(kept)
 
     async def take_slot(self, order_id: str) -> Slot | AdmissionStatus:
         """A slot for the waiting order if one is free, else its status (`waiting` or `cancelled`)."""
@@ -340,8 +331,8 @@ class AdmissionLedger:
     async def steer(
         self, command: SteeringCommand, publish_cancelled: Callable[[], Awaitable[None]]
     ) -> Outcome | Signal:
-        """Apply a command to an order not running yet (publishing `cancelled` before the commit
-        if it ends it), or leave it to the lifecycle."""
+        """Apply a command to an order not running yet (publishing `cancelled` first if it ends it),
+        or leave it to the lifecycle."""
         ids = {"order_id": command.order_id, "command_id": command.command_id}
         seen = (await self._run(COMMAND_SEES, ids)).one()
         if seen.processed:
@@ -387,8 +378,7 @@ class AdmissionLedger:
     async def give_up_unplaced(
         self, order_id: str, publish_rejections: Callable[[list[Command]], Awaitable[None]]
     ) -> None:
-        """Drop the order's parked commands (unless its placement came), publishing their
-        rejections before the commit."""
+        """Drop the order's parked commands (unless its placement came), publishing their rejections first."""
         async with self._engine.begin() as connection:
             record = await _locked(connection, order_id)
             if record is None or record.status is not AdmissionStatus.UNPLACED:
@@ -397,23 +387,9 @@ class AdmissionLedger:
             await connection.execute(DELETE_ADMISSION, {"order_id": order_id})
 
 
-@dataclass(frozen=True)
-class _Added:
-    """A placement registered just now: its events are still to be published."""
-
-    registration: Registration
-    early_commands: list[EarlyCommand]
-
-
 async def _locked(connection: AsyncConnection, order_id: str) -> AdmissionRecord | None:
     row = (await connection.execute(LOCK_ADMISSION, {"order_id": order_id})).first()
-    if row is None:
-        return None
-    status, place_command_id, placed_by, cancel_command_id, entries, queued_at = row
-    commands = [command_adapter.validate_python(entry) for entry in entries]
-    return AdmissionRecord(
-        AdmissionStatus(status), place_command_id, placed_by, cancel_command_id, commands, queued_at
-    )
+    return None if row is None else AdmissionRecord(**row._mapping)
 
 
 def _record(command: Command, outcome: Outcome, replace: bool = False) -> dict[str, object]:

@@ -156,8 +156,7 @@ class Bridge:
 
     # --- placements ------------------------------------------------------------------------------
     async def _place(self, command: PlaceOrder) -> Outcome:
-        """Register the placement, wait for a slot, start the lifecycle; the order's lock is not
-        held while it waits, so that its commands are not held up."""
+        """Register the placement, wait for a slot (without the order's lock), start the lifecycle."""
         async with self._ordered(command.order_id):
             registration = await self._retry(
                 lambda: self._ledger.register(
@@ -224,8 +223,7 @@ class Bridge:
     ) -> datetime | None:
         """Reject as `unknown order` the commands parked before the placement queue was last seen
         empty (every placement published by then is registered); returns that moment, now."""
-        declared = await placements.declare()
-        if declared.message_count:
+        if (await placements.declare()).message_count:
             return None
         if drained_at is not None:
             for order_id in await self._ledger.unplaced_before(drained_at):
@@ -273,11 +271,10 @@ def bridge_event(command: Command, data: EventPayload, seq: int) -> OrderEvent:
 
 
 def registration_events(command: PlaceOrder, registration: Registration) -> list[OrderEvent]:
-    """`queued`, the rejections of parked commands the placer does not allow, and `cancelled` if a
-    parked cancel ended the order."""
+    """`queued`, the rejections of refused parked commands, and `cancelled` if a parked cancel ends it."""
     placed_by = command.issued_by.subject if command.issued_by else None
     queued = QueuedData(queued_at=registration.queued_at, placed_by=placed_by)
-    rejections = [rejection_event(refused.command, refused.outcome) for refused in registration.refused]
+    rejections = [rejection_event(*refused) for refused in registration.refused]
     ended = [cancelled_before_admission(registration.cancel)] if registration.cancel else []
     return [bridge_event(command, queued, QUEUED_SEQ), *rejections, *ended]
 

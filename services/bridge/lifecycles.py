@@ -121,8 +121,7 @@ class OrderLifecycles:
                 raise
             reason = await _why_not_running(handle)
             if reason == ORDER_ENDED and await _was_applied(handle, command):
-                # delivered again after the lifecycle took it and ended (the first delivery's
-                # outcome was never recorded): it is a duplicate, not a rejection
+                # taken by the lifecycle before it ended, the first outcome never recorded: a duplicate
                 return Outcome(OutcomeKind.DUPLICATE, APPLIED_BEFORE_THE_END)
             return Outcome(OutcomeKind.REJECTED, reason)
         return ACCEPTED

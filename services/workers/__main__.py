@@ -14,8 +14,7 @@ from shared.startup import Dependency, started
 from shared.temporal import temporal_settings_or_exit
 from shared.tracing import configure_tracing
 
-# Expected once per hung attempt, so not worth a line each: Core cuts the attempt at its timeout,
-# and the attempt (cancelled) or a loser (finished just as it was cancelled) reports back late.
+# once per hung attempt, not worth a line each: Core cut it (or a loser) at its timeout, and it reported late
 ROUTINE = "Tried to complete untracked local activity"
 
 

@@ -72,8 +72,7 @@ class BusinessActivities(OrderActivities):
     @activity.defn
     async def publish_events(self, events: list[OrderEvent]) -> None:
         if activity.info().is_local and not self.broker.connected.is_set():
-            # a local activity holds its workflow task open: while the broker is away, the batch
-            # goes to the regular activity, which waits for it in the background
+            # a local activity holds its workflow task open: the regular activity waits for the broker
             raise ApplicationError("the broker is away", type=DEPENDENCY_UNAVAILABLE, non_retryable=True)
         for event in events:
             await publish_event(self.topology, event)

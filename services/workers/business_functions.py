@@ -43,8 +43,7 @@ class PaymentStatus(StrEnum):
 
 
 async def _to_its_end(sessions: Sessions, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
-    """`work` in a transaction that ends as it would even if the attempt is abandoned meanwhile: cut
-    mid-statement, its connection would be thrown away, and opening another costs far more."""
+    """`work` in a transaction shielded from a cut attempt: cut mid-statement, it costs its connection."""
 
     async def in_transaction() -> T:
         async with transaction(sessions) as session:
@@ -85,8 +84,7 @@ async def _validate(session: AsyncSession, order_id: str) -> None:
 
 
 async def payment_charged(sessions: Sessions, payment: PaymentInput) -> ChargeOutcome:
-    """Charge once per `payment_id`: the insert claims it, so a concurrent call waits on the unique
-    key, then finds it charged; a payment voided by `payment_refunded` is never charged."""
+    """Charge once per `payment_id` (its insert claims it); one voided by `payment_refunded` never is."""
     await faults.flaky_call()
     return await _to_its_end(sessions, lambda session: _charge(session, payment))
 

@@ -38,6 +38,12 @@ with workflow.unsafe.imports_passed_through():
 BEFORE_PAYMENT = frozenset({Step.RECEIVE, Step.VALIDATE, Step.REVIEW})
 
 
+class Phase(StrEnum):
+    RUNNING = "running"
+    STOPPING = "stopping"  # a cancel or the deadline asked the lifecycle to stop
+    CONCLUDING = "concluding"  # the lifecycle is over: refund, slot release, last events
+
+
 class Stop(Exception):
     """Why a lifecycle that did not complete stops; raised inside it when the order cannot go on."""
 
@@ -90,7 +96,8 @@ class ShippingPhase(StrEnum):
 
 
 class OrderRecord:
-    """The order's status and its events, changed together."""
+    """The order's status and its events, changed together; which commands apply: a duplicate is
+    ignored, one its issuer may not send (`forbidden`) or the lifecycle no longer takes is rejected."""
 
     def __init__(self, start: OrderWorkflowInput) -> None:
         order = start.order
@@ -111,6 +118,7 @@ class OrderRecord:
         self.attempts = AttemptLog(order.order_id)
         payment_id, amount_cents = order.payload.payment_id, order.payload.amount_cents
         self.payment = PaymentInput(order_id=order.order_id, payment_id=payment_id, amount_cents=amount_cents)
+        self._seen_commands: set[str] = set()
 
     def advance(self, state: OrderState, data: EventPayload, command: Command | None = None) -> None:
         """A state change: status, event, what Temporal shows and a log line together."""
@@ -140,26 +148,16 @@ class OrderRecord:
             update={"attempts": dict(self.attempts.attempts), "recent_errors": list(self.attempts.errors)}
         )
 
-
-class CommandGate:
-    """Which commands apply: a duplicate is ignored; one its issuer may not send (`forbidden`), or that
-    the lifecycle no longer takes, is rejected with a `command_rejected` event."""
-
-    def __init__(self, record: OrderRecord) -> None:
-        self._status = record.status
-        self._emit = record.emit
-        self._seen: set[str] = set()
-
     def accept(self, command: Command, blocked: str | None) -> bool:
         """True if the command is new and may apply; `blocked` says why the lifecycle refuses it."""
         command_id = str(command.command_id)
-        if command_id in self._seen:
-            extra = {"order_id": self._status.order_id, "command_id": command_id}
+        if command_id in self._seen_commands:
+            extra = {"order_id": self.status.order_id, "command_id": command_id}
             workflow.logger.info("duplicate command ignored", extra=extra)
             return False
-        self._seen.add(command_id)
-        in_review = self._status.state is OrderState.AWAITING_APPROVAL
-        why = refusal(command.type, command.issued_by, self._status.placed_by, in_review)
+        self._seen_commands.add(command_id)
+        in_review = self.status.state is OrderState.AWAITING_APPROVAL
+        why = refusal(command.type, command.issued_by, self.status.placed_by, in_review)
         if why is not None:
             self._reject(command, FORBIDDEN, why)
         elif blocked is not None:
@@ -168,8 +166,8 @@ class CommandGate:
 
     def _reject(self, command: Command, reason: str, detail: str | None = None) -> None:
         rejected = CommandRejectedData(command_type=command.type, reason=reason, detail=detail)
-        self._emit(rejected, command)
-        extra = {"order_id": self._status.order_id, "command_id": str(command.command_id)}
+        self.emit(rejected, command)
+        extra = {"order_id": self.status.order_id, "command_id": str(command.command_id)}
         workflow.logger.warning("command rejected", extra=extra | rejected.model_dump(mode="json"))
 
 

@@ -16,9 +16,9 @@ with workflow.unsafe.imports_passed_through():
     from services.workers.admission_slot import AdmissionSlot, get_through
     from services.workers.order_state import (
         BEFORE_PAYMENT,
-        CommandGate,
         Deadline,
         OrderRecord,
+        Phase,
         Shipping,
         ShippingPhase,
         Stop,
@@ -69,11 +69,10 @@ class OrderWorkflow:
         self._record = OrderRecord(start)
         self._status, self._outbox = self._record.status, self._record.outbox
         self._advance, self._emit = self._record.advance, self._record.emit
-        self._stop: Stop | None = None  # why, once a cancel or the deadline asked it to stop
-        self._concluding = False  # the lifecycle is over: refund, slot release, last events
+        self._phase = Phase.RUNNING
+        self._stop: Stop | None = None  # why, once asked to stop
         self._shipping = Shipping(self._record, self._policy)
         self._slot = AdmissionSlot(self._status, self._outbox.gathering)
-        self._commands = CommandGate(self._record)
         self._approval: ApproveOrder | None = None
         self._admit(start)
 
@@ -84,12 +83,14 @@ class OrderWorkflow:
         lifecycle = asyncio.create_task(self._lifecycle())
         cancelled_through_temporal = False
         try:
-            if await self._deadline.passes_before(lambda: lifecycle.done() or self._stop is not None):
+            if await self._deadline.passes_before(
+                lambda: lifecycle.done() or self._phase is not Phase.RUNNING
+            ):
                 reason = deadline_reason(self._status.step.value, self._policy.lifecycle_deadline_seconds)
                 self._request_stop(Stop(OrderState.FAILED, reason))
         except asyncio.CancelledError:  # an operator cancelled the workflow: end it like a CancelOrder
             cancelled_through_temporal = True
-            if self._stop is None:
+            if self._phase is Phase.RUNNING:
                 self._request_stop(Stop(OrderState.CANCELLED, CANCELLED_THROUGH_TEMPORAL))
         conclusion = asyncio.create_task(self._conclude(lifecycle, publisher))
         while not conclusion.done():
@@ -166,8 +167,10 @@ class OrderWorkflow:
         """Ship until a shipment dispatches to the order's current address, up to the policy's bound."""
         failures = 0
         while failures < self._policy.max_shipping_attempts:
-            dispatched = await self._shipping.run(self._deadline.at, cancelled=lambda: self._concluding)
-            if self._concluding:
+            dispatched = await self._shipping.run(
+                self._deadline.at, cancelled=lambda: self._phase is Phase.CONCLUDING
+            )
+            if self._phase is Phase.CONCLUDING:
                 # it ended before it saw our cancel (which the SDK then drops): record what the carrier got
                 if dispatched is not None:
                     self._shipping.dispatched(dispatched)
@@ -192,7 +195,7 @@ class OrderWorkflow:
 
     async def _stop_lifecycle(self, lifecycle: asyncio.Task[None]) -> Stop | None:
         """Stop the lifecycle if a cancel or the deadline came first; None if it completed."""
-        self._concluding = True
+        self._phase = Phase.CONCLUDING
         if not lifecycle.done():
             lifecycle.cancel()
             with suppress(asyncio.CancelledError, ApplicationError, ChildWorkflowError, Stop):
@@ -221,7 +224,7 @@ class OrderWorkflow:
         self._advance(stop.state, ending(reason=stop.reason, refunded=refunded), command=stop.command)
 
     def _request_stop(self, stop: Stop) -> None:
-        self._stop = stop
+        self._phase, self._stop = Phase.STOPPING, stop
         if stop.state is OrderState.CANCELLED:
             extra = {"order_id": self._order.order_id, "step": self._status.step.value, "reason": stop.reason}
             workflow.logger.info("cancel requested", extra=extra)
@@ -230,7 +233,7 @@ class OrderWorkflow:
     @workflow.signal(name=Signals.APPROVE)
     def approve(self, command: ApproveOrder) -> None:
         blocked = "order already approved" if self._approval is not None else self._change_blocked()
-        if self._commands.accept(command, blocked):
+        if self._record.accept(command, blocked):
             self._approval = command
             # in review its event comes now, before anything later in this task; an early one waits
             if self._status.state is OrderState.AWAITING_APPROVAL:
@@ -238,7 +241,7 @@ class OrderWorkflow:
 
     @workflow.signal(name=Signals.CANCEL)
     def cancel(self, command: CancelOrder) -> None:
-        if self._commands.accept(command, self._change_blocked()):
+        if self._record.accept(command, self._change_blocked()):
             self._request_stop(
                 Stop(OrderState.CANCELLED, command.payload.reason or "cancelled on request", command)
             )
@@ -255,14 +258,14 @@ class OrderWorkflow:
                 raise
 
     def _change_address(self, command: UpdateAddress) -> bool:
-        if not self._commands.accept(command, self._change_blocked()):
+        if not self._record.accept(command, self._change_blocked()):
             return False
         self._status.address = command.payload.address
         self._emit(AddressUpdatedData(address=command.payload.address), command=command)
         return True
 
     def _change_blocked(self) -> str | None:
-        if self._stop is not None or self._concluding:
+        if self._phase is not Phase.RUNNING:
             return "order has ended or is ending"
         if self._shipping.phase is ShippingPhase.DISPATCHED:
             return "order already dispatched"

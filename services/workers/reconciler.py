@@ -35,13 +35,13 @@ from shared.lifecycle import EVENTS_QUERY, order_workflow_id
 RECONCILE_INTERVAL_SECONDS = 5.0
 # orders in review looked at per round: any number may wait for their reviewer, so they take turns
 REVIEWING_PER_ROUND = 50
-# how long a workflow has been closed before we act: what it had in flight when it closed (an event
-# batch being published, a slot release) gets to land first
+# a workflow closed this long ago is ours: what it had in flight (events, a slot release) has landed
 SETTLE_TIME = timedelta(seconds=5)
 QUERY_TIMEOUT = timedelta(seconds=10)  # a closed workflow is replayed by a worker to answer
 CLEAN_ENDINGS = frozenset({WorkflowExecutionStatus.COMPLETED, WorkflowExecutionStatus.CANCELED})
 # lifecycles started, not ended, and holding or waiting for a slot: looked at every round
 STARTED = [AdmissionStatus.RUNNING.value, AdmissionStatus.RESUMING.value]
+LIFECYCLE_ROWS = [*STARTED, AdmissionStatus.REVIEWING.value]  # the rows the reconciler may end
 
 log = structlog.get_logger(__name__)
 
@@ -103,8 +103,13 @@ class Reconciler:
             return False  # nothing to reconcile from (the bridge has not started it, say)
         if not _closed_long_enough(description):
             return False
+        lock_slot = (
+            select(col(Admission.order_id))
+            .where(col(Admission.order_id) == order_id, col(Admission.status).in_(LIFECYCLE_ROWS))
+            .with_for_update(skip_locked=True)
+        )
         async with transaction(self.sessions) as session:
-            if not await _lock_slot(session, order_id):
+            if await session.scalar(lock_slot) is None:
                 return False  # released meanwhile, or another worker process has it
             emitted: list[OrderEvent] = await handle.query(
                 EVENTS_QUERY, result_type=list[OrderEvent], rpc_timeout=QUERY_TIMEOUT
@@ -176,15 +181,3 @@ def _closed_long_enough(description: WorkflowExecutionDescription) -> bool:
 
 def _status_name(status: WorkflowExecutionStatus | None) -> str:
     return status.name.lower() if status is not None else "unknown"
-
-
-async def _lock_slot(session: AsyncSession, order_id: str) -> bool:
-    row = await session.scalar(
-        select(col(Admission.order_id))
-        .where(
-            col(Admission.order_id) == order_id,
-            col(Admission.status).in_([*STARTED, AdmissionStatus.REVIEWING.value]),
-        )
-        .with_for_update(skip_locked=True)
-    )
-    return row is not None
