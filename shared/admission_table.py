@@ -1,19 +1,17 @@
-"""The `admissions` table, which bounds how many lifecycles run at once: the bridge admits placements
-(`services/bridge/admission_gate.py`); a lifecycle gives its slot back while in review and takes one again
-once approved, ahead of every placement (`AdmissionSlots`). A freed slot goes to the longest-waiting
-approved order (woken by `SLOT_FREED`), else to the bridges (woken by NOTIFY on `ADMISSIONS_CHANNEL`)."""
+"""The `admissions` table, which bounds how many lifecycles run at once. The bridge admits placements; a
+lifecycle gives its slot back while in review and, once approved, gets one before any placement. A freed
+slot goes to the longest-waiting approved order, else to the bridges (NOTIFY on `ADMISSIONS_CHANNEL`)."""
 
 from __future__ import annotations
 
 from enum import StrEnum
 
-from sqlalchemy import bindparam, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db import transaction
 
-ADMISSIONS_CHANNEL = "orderflow_admissions"
-"""NOTIFY channel: a payload-less ping whenever a slot is released."""
+ADMISSIONS_CHANNEL = "orderflow_admissions"  # NOTIFY: a payload-less ping whenever a slot is released
 
 # any fixed number: the key of the advisory lock under which slots are counted and taken
 SLOT_LOCK_KEY = 0x0F5E_ADD1
@@ -63,10 +61,8 @@ RESUME = text(
     """
 )
 WAIT_TO_RESUME = text(
-    """
-    UPDATE admissions SET status = 'resuming', resuming_since = coalesce(resuming_since, now())
-    WHERE order_id = :order_id
-    """
+    "UPDATE admissions SET status = 'resuming', resuming_since = coalesce(resuming_since, now())"
+    " WHERE order_id = :order_id"
 )
 # under LOCK_SLOTS: the longest-waiting approved order gets the slot just freed, if it is free
 HAND_ON = text(
@@ -79,17 +75,15 @@ HAND_ON = text(
       AND (SELECT count(*) FROM admissions WHERE status IN ('admitting', 'running')) < :max_running
     RETURNING order_id
     """
-).bindparams(bindparam("max_running"))
+)
 NOTIFY_RELEASED = text("SELECT pg_notify(:channel, '')").bindparams(channel=ADMISSIONS_CHANNEL)
-
-Sessions = async_sessionmaker[AsyncSession]
 
 
 class AdmissionSlots:
     """What a running lifecycle does with its slot, each in a transaction holding the order's row lock.
     Those that hand a slot on return the approved order that got it, for the caller to wake."""
 
-    def __init__(self, sessions: Sessions, max_running: int) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], max_running: int) -> None:
         self._sessions = sessions  # transactional: the slot lock lasts until the commit
         self._max_running = max_running
 

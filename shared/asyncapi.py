@@ -40,12 +40,7 @@ AMQP_BINDING_VERSION = "0.3.0"
 SCHEMA_REF = "#/components/schemas/{model}"
 DURABLE: Json = {"durable": True, "autoDelete": False, "vhost": "/"}
 
-COMMAND_MODELS: dict[CommandType, type[BaseModel]] = {
-    CommandType.PLACE: PlaceOrder,
-    CommandType.APPROVE: ApproveOrder,
-    CommandType.CANCEL: CancelOrder,
-    CommandType.UPDATE_ADDRESS: UpdateAddress,
-}
+COMMAND_MODELS: list[type[BaseModel]] = [PlaceOrder, ApproveOrder, CancelOrder, UpdateAddress]
 
 INFO_DESCRIPTION = f"""\
 orderflow runs each order's lifecycle durably: commands go into the exchange
@@ -146,9 +141,10 @@ def _channels_operations_messages() -> tuple[Json, Json, Json]:
     channels: Json = {}
     operations: Json = {}
     messages: Json = {}
-    for command, model in COMMAND_MODELS.items():
-        key, name = COMMAND_ROUTING_KEYS[command], command.value
-        messages[name] = _message(name, name, _summary(model), _ref(model.__name__), "command", name)
+    for model in COMMAND_MODELS:
+        name = model.__name__  # a command's model is named as its type
+        key = COMMAND_ROUTING_KEYS[CommandType(name)]
+        messages[name] = _message(name, name, _summary(model), _ref(name), "command", name)
         channels[key] = _channel(key, name, name, "commands")
         operations[f"send.{key}"] = _operation("send", key, name, f"Send a {name} command.", "persistent")
     for event in EventType:
@@ -225,7 +221,7 @@ def _operation(action: str, channel: str, message: str, summary: str, bindings: 
 
 def _schemas() -> Json:
     """The models' JSON schemas, each under its own name, referring to each other by `$ref`."""
-    models: list[type[BaseModel]] = [*COMMAND_MODELS.values(), OrderEvent, DeadLetterHeaders]
+    models: list[type[BaseModel]] = [*COMMAND_MODELS, OrderEvent, DeadLetterHeaders]
     _, top = models_json_schema(
         [(model, "validation") for model in models],
         ref_template=SCHEMA_REF,
@@ -235,7 +231,7 @@ def _schemas() -> Json:
     for event, example in EXAMPLE_DATA.items():
         schemas[EVENT_DATA[event].__name__]["examples"] = [example.model_dump(mode="json")]
     # commands are parsed as a union discriminated by `type`: on the wire it is required
-    for model in COMMAND_MODELS.values():
+    for model in COMMAND_MODELS:
         schemas[model.__name__]["required"].append("type")
     return schemas
 

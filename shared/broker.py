@@ -4,10 +4,9 @@ so on a provisioned broker its user needs no configure permission."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import StrEnum
 from typing import TypeVar
 from uuid import UUID
 
@@ -42,9 +41,6 @@ CONSUMER_HEADER = "x-orderflow-consumer"
 DELIVERIES_HEADER = "x-orderflow-deliveries"
 EXCHANGE_HEADER = "x-orderflow-exchange"
 EXCHANGES = (COMMANDS_EXCHANGE, EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE)
-# classic: `orderflow dlq` reads by taking and giving back, which a classic queue neither reorders
-# nor counts as a delivery (a quorum queue's delivery limit would drop a dead letter read often)
-DEAD_LETTER_QUEUE_ARGUMENTS: FieldTable = {"x-queue-type": "classic"}
 CONNECT_PATIENCE_SECONDS = 60.0
 CONNECT_RETRY_SECONDS = 1.0
 MAX_ERROR_HEADER_LENGTH = 2000
@@ -137,26 +133,22 @@ async def connect(
 async def declare_topology(channel: AbstractChannel, publisher: str | None = None) -> Topology:
     """The exchanges and the dead-letter queue: looked up when in place, else declared."""
     if await in_place(channel, exchanges=EXCHANGES, queues=(DEAD_LETTER_QUEUE,)):
-        return Topology(
-            commands=await channel.get_exchange(COMMANDS_EXCHANGE, ensure=False),
-            events=await channel.get_exchange(EVENTS_EXCHANGE, ensure=False),
-            dead_letter=await channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False),
-            publisher=publisher,
-        )
+        commands, events, dead_letter = [await channel.get_exchange(name, ensure=False) for name in EXCHANGES]
+        return Topology(commands, events, dead_letter, publisher)
     return await configuring(create_topology(channel, publisher))
 
 
 async def create_topology(channel: AbstractChannel, publisher: str | None = None) -> Topology:
-    commands = await channel.declare_exchange(COMMANDS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-    events = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-    dead_letter = await channel.declare_exchange(
-        DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
-    )
+    commands, events, dead_letter = [
+        await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True) for name in EXCHANGES
+    ]
+    # classic: `orderflow dlq` reads by taking and giving back, which a classic queue neither reorders
+    # nor counts as a delivery (a quorum queue's delivery limit would drop a dead letter read often)
     dead_letter_queue = await channel.declare_queue(
-        DEAD_LETTER_QUEUE, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS
+        DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "classic"}
     )
     await dead_letter_queue.bind(dead_letter, routing_key="#")
-    return Topology(commands=commands, events=events, dead_letter=dead_letter, publisher=publisher)
+    return Topology(commands, events, dead_letter, publisher)
 
 
 async def in_place(
@@ -280,9 +272,7 @@ def connection_user(connection: AbstractRobustConnection) -> str | None:
 async def publish_command(topology: Topology, command: Command) -> None:
     """Publish and await the confirm; `CommandRefused`: backlog full, `CommandNotRouted`: no queue bound."""
     routing_key = COMMAND_ROUTING_KEYS[command.type]
-    # without an issuer the body names none (revisions before issuers knew no such field)
-    body = command.model_dump_json(exclude={"issued_by"} if command.issued_by is None else None)
-    message = _published(topology, body, command.command_id, command.correlation_id, command.type)
+    message = _published(topology, command, command.command_id)
     try:
         confirmation = await topology.commands.publish(message, routing_key=routing_key, mandatory=True)
     except DeliveryError as refused:
@@ -293,28 +283,21 @@ async def publish_command(topology: Topology, command: Command) -> None:
 
 
 async def publish_event(topology: Topology, event: OrderEvent) -> None:
-    message = _published(
-        topology, event.model_dump_json(), event.event_id, event.correlation_id, event.type, event.occurred_at
-    )
+    message = _published(topology, event, event.event_id, event.occurred_at)
     await topology.events.publish(message, routing_key=event.type.routing_key)
 
 
 def _published(
-    topology: Topology,
-    body: str,
-    message_id: UUID,
-    correlation_id: str | None,
-    message_type: StrEnum,
-    timestamp: datetime | None = None,
+    topology: Topology, model: Command | OrderEvent, message_id: UUID, timestamp: datetime | None = None
 ) -> aio_pika.Message:
     """Persistent JSON from `topology`'s publisher, carrying the current trace."""
     return aio_pika.Message(
-        body=body.encode(),
+        body=model.model_dump_json().encode(),
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         message_id=str(message_id),
-        correlation_id=correlation_id,
-        type=message_type.value,
+        correlation_id=model.correlation_id,
+        type=model.type.value,
         user_id=topology.publisher,
         timestamp=timestamp,
         headers=trace_headers(),
@@ -349,6 +332,5 @@ async def dead_letter(
 
 def delivery_count(message: AbstractIncomingMessage) -> int:
     """How many times this message was delivered before (quorum queues count it)."""
-    headers: Mapping[str, object] = message.headers or {}
-    count = headers.get("x-delivery-count", 0)
-    return int(count) if isinstance(count, int) else 0
+    count = (message.headers or {}).get("x-delivery-count")
+    return count if isinstance(count, int) else 0

@@ -12,7 +12,6 @@ import secrets
 import shutil
 import subprocess
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -31,31 +30,27 @@ PASSWORD_BYTES = 24
 MANAGEMENT_TIMEOUT_SECONDS = 30.0
 
 
-@dataclass(frozen=True)
-class Grant:
-    """A user's permissions on one vhost: regular expressions over exchange and queue names."""
-
-    configure: str = NOTHING
-    write: str = NOTHING
-    read: str = NOTHING
-
-
 def only(*names: str) -> str:
     """A permission pattern matching exactly these exchange or queue names."""
     return "^(" + "|".join(re.escape(name) for name in names) + ")$"
 
 
-def grants(settings: Settings) -> dict[str, Grant]:
+def grant(*, write: str = NOTHING, read: str = NOTHING) -> dict[str, str]:
+    """A user's permissions on one vhost (never configure), as regular expressions over names."""
+    return {"configure": NOTHING, "write": write, "read": read}
+
+
+def grants(settings: Settings) -> dict[str, dict[str, str]]:
     """Each account and what it may do (a replay of a dead letter goes to the exchange it came from)."""
     return {
-        "gateway": Grant(write=only(COMMANDS_EXCHANGE)),
-        "bridge": Grant(
+        "gateway": grant(write=only(COMMANDS_EXCHANGE)),
+        "bridge": grant(
             write=only(EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE),
             read=only(settings.placement_queue, settings.command_queue),
         ),
-        "workers": Grant(write=only(EVENTS_EXCHANGE)),
-        "audit": Grant(write=only(DEAD_LETTER_EXCHANGE), read=only(settings.audit_queue)),
-        "operator": Grant(
+        "workers": grant(write=only(EVENTS_EXCHANGE)),
+        "audit": grant(write=only(DEAD_LETTER_EXCHANGE), read=only(settings.audit_queue)),
+        "operator": grant(
             write=only(COMMANDS_EXCHANGE, EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE),
             read=only(DEAD_LETTER_QUEUE),
         ),
@@ -77,7 +72,6 @@ def definitions(
     settings: Settings, vhost: str, passwords: Mapping[str, str], prefix: str = USER_PREFIX
 ) -> dict[str, JsonValue]:
     """RabbitMQ definitions of the accounts in `passwords` (user `prefix` + account), granted on `vhost`."""
-    granted = grants(settings)
     return {
         "vhosts": [{"name": vhost}],
         "users": [
@@ -90,7 +84,7 @@ def definitions(
             for account, password in passwords.items()
         ],
         "permissions": [
-            {"user": prefix + account, "vhost": vhost, **vars(granted[account])} for account in passwords
+            {"user": prefix + account, "vhost": vhost, **grants(settings)[account]} for account in passwords
         ],
     }
 

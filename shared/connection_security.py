@@ -52,32 +52,21 @@ def database_url(settings: Settings) -> str:
 
 
 def postgres_ssl(settings: Settings) -> PostgresSSL:
-    """libpq's sslmode semantics (`require` checks nothing unless given a root certificate); asyncpg
-    knows `disable`, `allow` and `prefer` by name."""
+    """libpq's sslmode semantics: `require` checks nothing unless given a root certificate."""
     mode = settings.database_sslmode
-    if mode in ("disable", "allow", "prefer"):
+    if mode in ("disable", "allow", "prefer"):  # asyncpg knows these by name
         return mode
-    return client_context(
-        settings.database_sslrootcert,
-        settings.database_sslcert,
-        settings.database_sslkey,
-        verify=mode != "require" or settings.database_sslrootcert is not None,
-        check_hostname=mode == "verify-full",
+    context = client_context(
+        settings.database_sslrootcert, settings.database_sslcert, settings.database_sslkey
     )
-
-
-def client_context(
-    ca_file: Path | None,
-    cert_file: Path | None,
-    key_file: Path | None,
-    *,
-    verify: bool = True,
-    check_hostname: bool = True,
-) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
-    context.check_hostname = verify and check_hostname
-    if not verify:
+    context.check_hostname = mode == "verify-full"
+    if mode == "require" and settings.database_sslrootcert is None:
         context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def client_context(ca_file: Path | None, cert_file: Path | None, key_file: Path | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
     if cert_file is not None:
         context.load_cert_chain(cert_file, key_file)
     return context

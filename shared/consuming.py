@@ -157,21 +157,18 @@ class QueueConsumer:
         try:
             await self._stop.wait()
         finally:
-            drained_by = asyncio.get_running_loop().time() + self._drain_seconds
+            loop = asyncio.get_running_loop()
+            drained_by = loop.time() + self._drain_seconds
             with suppress(AMQPError, OSError, TimeoutError):
                 await queue.cancel(consumer_tag, timeout=5)
-            await self._drain(drained_by)
+            if self._in_flight:
+                timeout = max(0.0, drained_by - loop.time())
+                _, unfinished = await asyncio.wait(set(self._in_flight), timeout=timeout)
+                if unfinished:
+                    log.warning("drain time over: messages left for redelivery", messages=len(unfinished))
+                for task in unfinished:
+                    task.cancel()
             log.info("stopped consuming", queue=queue.name)
-
-    async def _drain(self, drained_by: float) -> None:
-        if not self._in_flight:
-            return
-        timeout = max(0.0, drained_by - asyncio.get_running_loop().time())
-        _, unfinished = await asyncio.wait(set(self._in_flight), timeout=timeout)
-        if unfinished:
-            log.warning("drain time over: messages left for redelivery", messages=len(unfinished))
-        for task in unfinished:
-            task.cancel()
 
     async def _handle_safely(
         self,

@@ -22,13 +22,13 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     ValidatorFunctionWrapHandler,
+    WrapValidator,
     field_validator,
 )
 from pydantic_core import PydanticCustomError
 
 MAX_ITEMS = 100
 MAX_QTY = 1_000
-MAX_UNIT_PRICE_CENTS = 100_000_000
 
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
 """An order id, payment id or SKU."""
@@ -37,7 +37,6 @@ CorrelationId = Annotated[str, StringConstraints(max_length=128)]
 """A caller's id that ties related commands and events together."""
 
 ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-OptionalText = Annotated[str, StringConstraints(strip_whitespace=True, max_length=500)]
 
 
 class Model(BaseModel):
@@ -61,7 +60,7 @@ class Address(Model):
 class OrderItem(Model):
     sku: Identifier
     qty: Annotated[int, Field(ge=1, le=MAX_QTY)]
-    unit_price_cents: Annotated[int, Field(ge=0, le=MAX_UNIT_PRICE_CENTS)] = Field(
+    unit_price_cents: Annotated[int, Field(ge=0, le=100_000_000)] = Field(
         default=0, description="Optional; the payment amount is the sum of qty x unit_price_cents"
     )
 
@@ -114,7 +113,7 @@ class PlaceOrderPayload(Model):
 
 
 class ApproveOrderPayload(Model):
-    note: OptionalText | None = None
+    note: Annotated[str, StringConstraints(strip_whitespace=True, max_length=500)] | None = None
 
 
 class CancelOrderPayload(Model):
@@ -174,12 +173,8 @@ class UpdateAddress(_CommandEnvelope):
 Command = Annotated[PlaceOrder | ApproveOrder | CancelOrder | UpdateAddress, Field(discriminator="type")]
 command_adapter: TypeAdapter[Command] = TypeAdapter(Command)
 
-COMMAND_ROUTING_KEYS: dict[CommandType, str] = {
-    CommandType.PLACE: "order.place",
-    CommandType.APPROVE: "order.approve",
-    CommandType.CANCEL: "order.cancel",
-    CommandType.UPDATE_ADDRESS: "order.update_address",
-}
+# order.place, order.approve, order.cancel, order.update_address
+COMMAND_ROUTING_KEYS = {command: f"order.{command.name.lower()}" for command in CommandType}
 
 
 class EventType(StrEnum):
@@ -432,7 +427,7 @@ class EventEnvelope(Model):
     command_id: UUID | None = None
 
 
-def _typed_data(data: object, info: ValidationInfo) -> EventPayload:
+def _typed_data(data: object, _: ValidatorFunctionWrapHandler, info: ValidationInfo) -> EventPayload:
     """`data` read as its event type's model only, so payloads of the same shape stay apart."""
     event_type = info.data.get("type")  # validated before `data`
     if event_type is None:
@@ -441,37 +436,29 @@ def _typed_data(data: object, info: ValidationInfo) -> EventPayload:
     return data if isinstance(data, model) else model.model_validate(data)
 
 
+def _recorded_data(
+    data: object, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+) -> EventPayload | dict[str, JsonValue]:
+    try:
+        return _typed_data(data, handler, info)
+    except ValidationError:
+        return _JSON_OBJECT.validate_python(data)
+
+
+_JSON_OBJECT: TypeAdapter[dict[str, JsonValue]] = TypeAdapter(dict[str, JsonValue])
+
+
 class OrderEvent(EventEnvelope):
     """One lifecycle event. `seq` is 1, 2, 3, ... per order without gaps; 0 marks a
     `command_rejected` for an order that has no running lifecycle (unknown or already ended)."""
 
-    data: EventPayload
-
-    @field_validator("data", mode="wrap")
-    @classmethod
-    def _data_of_its_type(
-        cls, data: object, _: ValidatorFunctionWrapHandler, info: ValidationInfo
-    ) -> EventPayload:
-        return _typed_data(data, info)
+    data: Annotated[EventPayload, WrapValidator(_typed_data)]
 
 
 class RecordedEvent(EventEnvelope):
     """An event as the audit table holds it; `data` of another shape (older, or by hand) stays as stored."""
 
-    data: EventPayload | dict[str, JsonValue]
-
-    @field_validator("data", mode="wrap")
-    @classmethod
-    def _data_of_its_type(
-        cls, data: object, _: ValidatorFunctionWrapHandler, info: ValidationInfo
-    ) -> EventPayload | dict[str, JsonValue]:
-        try:
-            return _typed_data(data, info)
-        except ValidationError:
-            return _JSON_OBJECT.validate_python(data)
-
-
-_JSON_OBJECT: TypeAdapter[dict[str, JsonValue]] = TypeAdapter(dict[str, JsonValue])
+    data: Annotated[EventPayload | dict[str, JsonValue], WrapValidator(_recorded_data)]
 
 
 def event_of(

@@ -160,8 +160,7 @@ async def insert_order(session: AsyncSession, order: PlaceOrder, state: OrderSta
 
 
 def create_engine(settings: Settings, *, pre_ping: bool = False) -> AsyncEngine:
-    """A pool of connections. `pre_ping` costs a round trip per transaction: worth it only where
-    nobody retries (a connection found dead invalidates the whole pool anyway)."""
+    """A pool; `pre_ping` costs a round trip per transaction, worth it only where nobody retries."""
     # enough kept open for a worker's steps at full load: opening a connection costs more than using it
     return create_async_engine(
         database_url(settings),

@@ -10,14 +10,14 @@ import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import timedelta
-from socketserver import ThreadingMixIn
 from typing import Generic, TypeVar
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 from wsgiref.types import StartResponse, WSGIEnvironment
 
 import structlog
 from aio_pika.abc import AbstractChannel
 from prometheus_client import REGISTRY, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 from pydantic import BaseModel, Field
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -66,18 +66,14 @@ class LazyConnection(Generic[T]):
 
     async def get(self) -> T:
         """The open connection; raises `DependencyUnavailable` if it cannot be opened now."""
-        if self._value is None:
-            async with self._lock:  # one connection attempt at a time, not one per request
-                if self._value is None:
-                    self._value = await self._open_in_time()
+        async with self._lock:  # one connection attempt at a time, not one per request
+            if self._value is None:
+                try:
+                    async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
+                        self._value = await self._open()
+                except Exception as error:  # whatever stops the connection, the dependency is unavailable
+                    raise DependencyUnavailable(self.name, describe(error)) from error
         return self._value
-
-    async def _open_in_time(self) -> T:
-        try:
-            async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
-                return await self._open()
-        except Exception as error:  # whatever stops the connection, the dependency is unavailable
-            raise DependencyUnavailable(self.name, describe(error)) from error
 
     async def close(self) -> None:
         value, self._value = self._value, None
@@ -135,8 +131,7 @@ async def temporal_serving(client: Client) -> str:
 
 
 def serve_endpoints(host: str, port: int, checks: Mapping[str, Check]) -> None:
-    """Serve /metrics, /healthz and /readyz (`checks`, run on this event loop) from a thread (port 0: not
-    at all). A port already taken costs the endpoints, not the service."""
+    """Serve /metrics, /healthz and /readyz from a thread (port 0: not at all; a port taken: logged)."""
     if not port:
         return
     endpoints = Endpoints(checks, asyncio.get_running_loop())
@@ -195,9 +190,7 @@ def _json(start_response: StartResponse, status: str, body: object) -> list[byte
     return [content]
 
 
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
+class _ThreadingServer(ThreadingWSGIServer):  # a daemon thread per request
     def __init__(self, address: tuple[str, int], handler: type[WSGIRequestHandler]) -> None:
         self.address_family = socket.getaddrinfo(*address, type=socket.SOCK_STREAM)[0][0]  # IPv4 or 6
         super().__init__(address, handler)

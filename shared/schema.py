@@ -1,6 +1,5 @@
-"""Create the database if it is missing and bring its schema to the newest migration.
-
-`ssl` is what `connection_security.postgres_ssl` makes of the settings (None: asyncpg's default)."""
+"""Create the database if it is missing and bring its schema to the newest migration; `ssl` is what
+`connection_security.postgres_ssl` makes of the settings (None: asyncpg's default)."""
 
 from __future__ import annotations
 
@@ -39,14 +38,8 @@ async def _server(
 ) -> AsyncIterator[tuple[asyncpg.Connection, str]]:
     """A connection to the server's `postgres` database, and the name of the URL's database."""
     url = make_url(database_url)
-    server = await asyncpg.connect(
-        host=url.host,
-        port=url.port or 5432,
-        user=url.username,
-        password=url.password,
-        database="postgres",
-        ssl=ssl,
-    )
+    server_url = url.set(drivername="postgresql", database="postgres")
+    server = await asyncpg.connect(server_url.render_as_string(hide_password=False), ssl=ssl)
     try:
         yield server, str(url.database)
     finally:

@@ -28,8 +28,7 @@ from shared.contracts import Role
 from shared.lifecycle import LifecyclePolicy
 
 ENV_PREFIX = "ORDERFLOW_"
-# what each URL setting must start with; checked when settings are read, so a typo is reported as
-# a bad setting at start-up rather than as a failed (or endlessly retried) connection later
+# each URL setting's schemes: a typo is then a bad setting at start-up, not a failed connection later
 URL_SCHEMES = {
     "amqp_url": ("amqp", "amqps"),
     "api_url": ("http", "https"),
@@ -44,21 +43,17 @@ CERTIFICATE_OF_KEY = {
 VERIFYING_SSLMODES = ("require", "verify-ca", "verify-full")
 
 
-def _empty_is_none(value: object) -> object:
-    return None if value == "" else value
+def _empty_is(unset: object) -> BeforeValidator:
+    """An empty value, as an unset variable in a compose file reads, taken as `unset`."""
+    return BeforeValidator(lambda value: unset if value == "" else value)
 
 
-def _empty_is_zero(value: object) -> object:
-    return 0 if value == "" else value
-
-
-OptionalPath = Annotated[Path | None, BeforeValidator(_empty_is_none)]
-"""A path; empty, as an unset variable in a compose file reads, means none."""
-OptionalFile = Annotated[FilePath | None, BeforeValidator(_empty_is_none)]
+OptionalPath = Annotated[Path | None, _empty_is(None)]
+OptionalFile = Annotated[FilePath | None, _empty_is(None)]
 """An existing file; empty means none."""
 KeyFile = Annotated[OptionalFile, Field(validate_default=True)]
 """A private key file, checked even when unset: it goes with its certificate (`CERTIFICATE_OF_KEY`)."""
-Port = Annotated[int, BeforeValidator(_empty_is_zero), Field(ge=0, le=65535)]
+Port = Annotated[int, _empty_is(0), Field(ge=0, le=65535)]
 """A port to listen on; 0 or empty: none."""
 
 # under the 10 s a platform (Docker, Kubernetes) waits between SIGTERM and SIGKILL by default

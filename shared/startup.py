@@ -76,20 +76,17 @@ class ServiceConnections:
     """The service's own connection to each server it uses, for /readyz (beside those its work uses)."""
 
     def __init__(self, settings: Settings, program: str, dependencies: Collection[Dependency]) -> None:
-        self.dependencies = dependencies
         self.broker = LazyConnection(
             Dependency.BROKER, partial(_open_channel, settings, program), _close_channel
         )
         self.database = db.create_engine(settings)  # connects on first use
         self.temporal = LazyConnection(Dependency.TEMPORAL, partial(connect_temporal, settings, patience=0))
-
-    def checks(self) -> dict[str, Check]:
         every: dict[Dependency, Check] = {
             Dependency.BROKER: self._check_broker,
             Dependency.DATABASE: partial(database_answers, self.database),
             Dependency.TEMPORAL: self._check_temporal,
         }
-        return {name.value: check for name, check in every.items() if name in self.dependencies}
+        self.checks = {name.value: check for name, check in every.items() if name in dependencies}
 
     async def _check_broker(self) -> str:
         return await channel_open((await self.broker.get()).channel)
@@ -121,15 +118,13 @@ class Started:
 async def started(
     settings: Settings, service: str, endpoints_port: int, dependencies: Collection[Dependency]
 ) -> AsyncIterator[Started]:
-    """Serve metrics and probes on `endpoints_port` (0: none) and wait for `dependencies`; exit with one
-    line and code 2 if one does not answer in time, quietly if stopped meanwhile."""
+    """Serve metrics and probes on `endpoints_port` (0: none) and wait for `dependencies` (else exit)."""
     program = f"orderflow-{service}"
     stop = stop_on_signals(settings.drain_seconds)
     connections = ServiceConnections(settings, program, dependencies)
     try:
-        checks = connections.checks()
-        serve_endpoints(settings.metrics_host, endpoints_port, checks)
-        await _reach_or_exit(settings, program, checks, stop)
+        serve_endpoints(settings.metrics_host, endpoints_port, connections.checks)
+        await _reach_or_exit(settings, program, connections.checks, stop)
         yield Started(stop, connections)
     finally:
         await connections.close()
@@ -146,20 +141,19 @@ async def _reach_or_exit(
 ) -> None:
     deadline = asyncio.get_running_loop().time() + settings.startup_patience_seconds
     waits = (_wait_for(settings, Dependency(name), check, deadline, stop) for name, check in checks.items())
-    errors = await asyncio.gather(*waits)
+    reasons = await asyncio.gather(*waits)
     if stop.is_set():
         raise SystemExit(0)  # stopped before it started: nothing to finish
-    for name, error in zip(checks, errors, strict=True):
-        if error is not None:
-            where = whereabouts(Dependency(name), settings)
-            print(f"{program}: {unreachable_reason(where, error)}", file=sys.stderr)
-            raise SystemExit(EXIT_UNREACHABLE)
+    if reason := next(filter(None, reasons), None):
+        print(f"{program}: {reason}", file=sys.stderr)
+        raise SystemExit(EXIT_UNREACHABLE)
 
 
 async def _wait_for(
     settings: Settings, dependency: Dependency, check: Check, deadline: float, stop: asyncio.Event
-) -> Exception | None:
+) -> str | None:
     """Why the dependency did not answer by `deadline`; None once it answers, or the service stops."""
+    where = whereabouts(dependency, settings)
     loop = asyncio.get_running_loop()
     while True:
         try:
@@ -168,8 +162,7 @@ async def _wait_for(
             return None
         except Exception as error:  # noqa: BLE001 (whatever the reason, the server did not answer)
             if loop.time() + RETRY_SECONDS > deadline:
-                return error
-            where = whereabouts(dependency, settings)
+                return unreachable_reason(where, error)
             why = diagnose(error).reason
             log.info("waiting for a server", server=where.product, address=where.address, reason=why)
         if await stopped_within(stop, RETRY_SECONDS):
