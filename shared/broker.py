@@ -3,15 +3,14 @@ so on a provisioned broker its user needs no configure permission."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import TypeVar
 from uuid import UUID
 
 import aio_pika
-import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -27,6 +26,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from shared.connection_security import amqp_ssl_context, amqp_url
 from shared.contracts import COMMAND_ROUTING_KEYS, Command, CommandType, OrderEvent
+from shared.reachability import CONNECT_PATIENCE_SECONDS, patiently
 from shared.settings import Settings
 from shared.tracing import trace_headers
 
@@ -41,8 +41,6 @@ CONSUMER_HEADER = "x-orderflow-consumer"
 DELIVERIES_HEADER = "x-orderflow-deliveries"
 EXCHANGE_HEADER = "x-orderflow-exchange"
 EXCHANGES = (COMMANDS_EXCHANGE, EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE)
-CONNECT_PATIENCE_SECONDS = 60.0
-CONNECT_RETRY_SECONDS = 1.0
 MAX_ERROR_HEADER_LENGTH = 2000
 
 PLACE_ROUTING_KEY = COMMAND_ROUTING_KEYS[CommandType.PLACE]
@@ -114,20 +112,15 @@ async def connect(
     settings: Settings, name: str, patience: float = CONNECT_PATIENCE_SECONDS
 ) -> AbstractRobustConnection:
     """A robust connection; it reconnects only once connected, so the first try waits `patience` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + patience
-    while True:
-        try:
-            return await aio_pika.connect_robust(
-                amqp_url(settings),
-                ssl_context=amqp_ssl_context(settings),
-                client_properties={"connection_name": name},
-            )
-        except CONNECTION_EXCEPTIONS as error:
-            if loop.time() >= deadline:
-                raise
-            structlog.get_logger().info("waiting for the broker", connection=name, error=str(error))
-            await asyncio.sleep(CONNECT_RETRY_SECONDS)
+    connecting = partial(
+        aio_pika.connect_robust,
+        amqp_url(settings),
+        ssl_context=amqp_ssl_context(settings),
+        client_properties={"connection_name": name},
+    )
+    return await patiently(
+        connecting, CONNECTION_EXCEPTIONS, patience, "waiting for the broker", connection=name
+    )
 
 
 async def declare_topology(channel: AbstractChannel, publisher: str | None = None) -> Topology:

@@ -5,12 +5,13 @@ dead-letters it. On stop, messages in flight get `drain_seconds`; what is left u
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import AMQPError
 from prometheus_client import Counter
 from pydantic import ValidationError
@@ -18,10 +19,11 @@ from sqlalchemy.exc import DBAPIError
 from temporalio.service import RPCError, RPCStatusCode
 
 from shared import broker, tracing
-from shared.settings import DRAIN_SECONDS, Settings
+from shared.settings import DRAIN_SECONDS
 
 T = TypeVar("T")
 M = TypeVar("M")
+Handler = Callable[[AbstractIncomingMessage, M], Awaitable[None]]  # a message and its validated body
 
 FIRST_RETRY_DELAY_SECONDS = 0.1
 MAX_RETRY_DELAY_SECONDS = 5.0
@@ -103,42 +105,29 @@ async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
     return stop.is_set()
 
 
-@asynccontextmanager
-async def consumer_channel(
-    settings: Settings, name: str, prefetch: int
-) -> AsyncIterator[tuple[AbstractChannel, broker.Topology]]:
-    """A connection named after the service, with one confirming channel; closed on exit."""
-    connection = await broker.connect(settings, name)
-    try:
-        yield await broker.open_channel(connection, prefetch)
-    finally:
-        await connection.close()
+async def periodically(
+    stop: asyncio.Event, seconds: float, work: Callable[[], Awaitable[object]], failed: str
+) -> None:
+    """`work()` every `seconds` until `stop`; a failed round is logged as `failed` and waits for the next."""
+    while not await stopped_within(stop, seconds):
+        try:
+            await work()
+        except Exception as error:  # noqa: BLE001 (housekeeping never stops its service)
+            log.warning(failed, error=repr(error))
 
 
+@dataclass
 class QueueConsumer:
     """Feeds one queue's messages to a handler until stopped; settles what the handler could not."""
 
-    def __init__(
-        self,
-        name: str,
-        topology: broker.Topology,
-        max_deliveries: int,
-        stop: asyncio.Event,
-        drain_seconds: float = DRAIN_SECONDS,
-    ) -> None:
-        self._name = name
-        self._topology = topology
-        self._max_deliveries = max_deliveries
-        self._stop = stop
-        self._drain_seconds = drain_seconds
-        self._in_flight: set[asyncio.Task[object]] = set()
+    name: str
+    topology: broker.Topology
+    max_deliveries: int
+    stop: asyncio.Event
+    drain_seconds: float = DRAIN_SECONDS
+    _in_flight: set[asyncio.Task[object]] = field(default_factory=set, init=False)
 
-    async def run(
-        self,
-        queue: AbstractQueue,
-        validate: Callable[[bytes], M],
-        handle: Callable[[AbstractIncomingMessage, M], Awaitable[None]],
-    ) -> None:
+    async def run(self, queue: AbstractQueue, validate: Callable[[bytes], M], handle: Handler[M]) -> None:
         """Consume until `stop` is set, then give in-flight messages `drain_seconds` to finish."""
 
         async def on_message(message: AbstractIncomingMessage) -> None:
@@ -155,10 +144,10 @@ class QueueConsumer:
         consumer_tag = await queue.consume(on_message)
         log.info("consuming", queue=queue.name)
         try:
-            await self._stop.wait()
+            await self.stop.wait()
         finally:
             loop = asyncio.get_running_loop()
-            drained_by = loop.time() + self._drain_seconds
+            drained_by = loop.time() + self.drain_seconds
             with suppress(AMQPError, OSError, TimeoutError):
                 await queue.cancel(consumer_tag, timeout=5)
             if self._in_flight:
@@ -171,11 +160,7 @@ class QueueConsumer:
             log.info("stopped consuming", queue=queue.name)
 
     async def _handle_safely(
-        self,
-        message: AbstractIncomingMessage,
-        queue: str,
-        validate: Callable[[bytes], M],
-        handle: Callable[[AbstractIncomingMessage, M], Awaitable[None]],
+        self, message: AbstractIncomingMessage, queue: str, validate: Callable[[bytes], M], handle: Handler[M]
     ) -> None:
         # every message runs in a task of its own (aio-pika's doing), so what the handler binds
         # here (order id, command id, ...) stays on this message's log lines
@@ -199,14 +184,11 @@ class QueueConsumer:
     ) -> None:
         deliveries = broker.delivery_count(message) + 1
         try:
-            if deliveries >= self._max_deliveries:
+            if deliveries >= self.max_deliveries:
                 await self._dead_letter(message, queue, "processing_failed", repr(error))
             else:
                 log.warning(
-                    "processing failed, requeued",
-                    error=repr(error),
-                    deliveries=deliveries,
-                    exc_info=error,
+                    "processing failed, requeued", error=repr(error), deliveries=deliveries, exc_info=error
                 )
                 # reject, not nack: RabbitMQ >= 4.3 counts only rejects in a quorum queue's
                 # x-delivery-count, and that count is what sends a poison message to the DLQ
@@ -219,6 +201,6 @@ class QueueConsumer:
     async def _dead_letter(
         self, message: AbstractIncomingMessage, queue: str, reason: str, error: str
     ) -> None:
-        await broker.dead_letter(self._topology, message, consumer=self._name, reason=reason, error=error)
+        await broker.dead_letter(self.topology, message, consumer=self.name, reason=reason, error=error)
         MESSAGES_DEAD_LETTERED.labels(queue, reason).inc()
         log.error("message dead-lettered", outcome="dead_lettered", reason=reason, error=error)

@@ -1,16 +1,45 @@
-"""Why a server did not answer, in one line a person can act on: what it is, where it was looked
-for (without a password) and the setting that says where. For the services' start and the CLI."""
+"""Waiting for a server that is still starting, and why one did not answer, in one line a person can
+act on: what it is, where it was looked for (without a password) and the setting that says where."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
+
+import structlog
+
+T = TypeVar("T")
+
+CONNECT_PATIENCE_SECONDS = 60.0
 
 # the Rust core of the Temporal SDK tells why it could not connect only inside its error's text
 _TEMPORAL_OS_ERROR = re.compile(r"Os \{ code: (\d+)")
 _TEMPORAL_CAUSE = re.compile(r'error: "([^"]+)"')
+
+
+async def patiently(
+    connect: Callable[[], Awaitable[T]],
+    errors: tuple[type[BaseException], ...],
+    patience: float,
+    waiting: str,
+    **fields: object,
+) -> T:
+    """`connect()`, tried again each second while it fails with `errors`, for up to `patience` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    while True:
+        try:
+            return await connect()
+        except errors as error:
+            if loop.time() >= deadline:
+                raise
+            structlog.get_logger().info(waiting, **fields, error=str(error))
+            await asyncio.sleep(1.0)
 
 
 @dataclass(frozen=True)
@@ -30,15 +59,10 @@ def without_password(url: str) -> str:
 
 def unreachable_reason(where: Whereabouts, error: BaseException) -> str:
     failure = diagnose(error)
+    server = f"{where.product} at {where.address}"
     if failure.answered:
-        return (
-            f"{where.product} at {where.address} refused the connection ({failure.reason}); "
-            f"check {where.setting}"
-        )
-    return (
-        f"cannot reach {where.product} at {where.address} ({failure.reason}); "
-        f"is it running? set {where.setting}"
-    )
+        return f"{server} refused the connection ({failure.reason}); check {where.setting}"
+    return f"cannot reach {server} ({failure.reason}); is it running? set {where.setting}"
 
 
 @dataclass(frozen=True)

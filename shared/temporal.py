@@ -4,10 +4,9 @@ Temporal's own environment configuration (`TEMPORAL_ADDRESS`, `TEMPORAL_TLS*`, `
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
+from functools import partial
 
-import structlog
 from temporalio.client import Client, Interceptor
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.envconfig import ClientConfig, ClientConnectConfig
@@ -15,10 +14,9 @@ from temporalio.service import RPCError
 
 from shared.codec import PayloadKeysError, encrypted_data_converter, payload_keyring
 from shared.logging import configure_logging, settings_or_exit, stop_starting
+from shared.reachability import CONNECT_PATIENCE_SECONDS, patiently
 from shared.settings import Settings
 from shared.tracing import tracing_enabled
-
-CONNECT_PATIENCE_SECONDS = 60.0
 
 
 def connect_config(settings: Settings, environ: Mapping[str, str] | None = None) -> ClientConnectConfig:
@@ -31,25 +29,16 @@ def connect_config(settings: Settings, environ: Mapping[str, str] | None = None)
 
 
 async def connect_temporal(
-    settings: Settings,
-    patience: float = CONNECT_PATIENCE_SECONDS,
-    interceptors: Sequence[Interceptor] = (),
+    settings: Settings, patience: float = CONNECT_PATIENCE_SECONDS, interceptors: Sequence[Interceptor] = ()
 ) -> Client:
     """Connect, waiting up to `patience` seconds for a server that is still starting."""
     config = connect_config(settings)
     data_converter = encrypted_data_converter(payload_keyring(settings))
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + patience
-    while True:
-        try:
-            return await Client.connect(**config, data_converter=data_converter, interceptors=interceptors)
-        except (RuntimeError, RPCError) as error:
-            if loop.time() > deadline:
-                raise
-            structlog.get_logger().info(
-                "waiting for temporal", address=config.get("target_host"), error=str(error)
-            )
-            await asyncio.sleep(1.0)
+    connecting = partial(Client.connect, **config, data_converter=data_converter, interceptors=interceptors)
+    address = config.get("target_host")
+    return await patiently(
+        connecting, (RuntimeError, RPCError), patience, "waiting for temporal", address=address
+    )
 
 
 def temporal_settings_or_exit(service: str) -> Settings:

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
@@ -16,10 +17,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
 from services.audit.projection import record_events
-from services.audit.reconciliation import reconcile
-from shared import db
+from services.audit.reconciliation import RECONCILE_EVERY_SECONDS, repair_rows_behind
+from shared import broker, db
 from shared.broker import declare_audit_queue
-from shared.consuming import QueueConsumer, consumer_channel, retry_transient
+from shared.consuming import QueueConsumer, periodically, retry_transient
 from shared.contracts import EventType, OrderEvent
 from shared.db import AuditEvent
 from shared.settings import Settings
@@ -57,7 +58,8 @@ async def run_audit(settings: Settings, stop: asyncio.Event) -> None:
     engine = db.create_engine(settings)
     sessions = db.session_factory(engine)
     try:
-        async with consumer_channel(settings, CONSUMER_NAME, settings.audit_prefetch) as (channel, topology):
+        async with await broker.connect(settings, CONSUMER_NAME) as connection:
+            channel, topology = await broker.open_channel(connection, settings.audit_prefetch)
             queue = await declare_audit_queue(channel, topology, settings)
             audit = AuditLog(
                 sessions,
@@ -69,8 +71,10 @@ async def run_audit(settings: Settings, stop: asyncio.Event) -> None:
             consumer = QueueConsumer(
                 CONSUMER_NAME, topology, settings.max_event_deliveries, stop, settings.drain_seconds
             )
+            repair = partial(repair_rows_behind, sessions)
             await asyncio.gather(
-                consumer.run(queue, OrderEvent.model_validate_json, audit.handle), reconcile(sessions, stop)
+                consumer.run(queue, OrderEvent.model_validate_json, audit.handle),
+                periodically(stop, RECONCILE_EVERY_SECONDS, repair, "reconciliation failed; trying again"),
             )
     finally:
         await engine.dispose()

@@ -3,7 +3,6 @@ projected (they found no row) is projected again from all its events, and counte
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 
 import structlog
@@ -13,7 +12,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
 from services.audit.projection import STATE_OF_EVENT, project
-from shared.consuming import stopped_within
 from shared.contracts import RecordedEvent
 from shared.db import AuditEvent, transaction
 
@@ -49,16 +47,6 @@ EVENTS_OF_ORDER = select(AuditEvent).where(
 )
 
 log = structlog.get_logger(__name__)
-
-
-async def reconcile(sessions: async_sessionmaker[AsyncSession], stop: asyncio.Event) -> None:
-    """Repair the rows behind their events every `RECONCILE_EVERY_SECONDS` until `stop`."""
-    while not await stopped_within(stop, RECONCILE_EVERY_SECONDS):
-        try:
-            await repair_rows_behind(sessions)
-        # a round that fails waits for the next one, never stops the consumer
-        except Exception as error:  # noqa: BLE001
-            log.warning("reconciliation failed; trying again", error=repr(error))
 
 
 async def repair_rows_behind(sessions: async_sessionmaker[AsyncSession]) -> list[str]:

@@ -40,7 +40,7 @@ from services.bridge.lifecycles import (
 from shared import broker, db
 from shared.admission_table import AdmissionStatus
 from shared.broker import Topology, declare_command_queue, declare_placement_queue, publish_event
-from shared.consuming import QueueConsumer, Stopping, retry_transient, stopped_within
+from shared.consuming import QueueConsumer, Stopping, periodically, retry_transient
 from shared.contracts import (
     CancelledData,
     Command,
@@ -96,10 +96,11 @@ async def run_bridge(settings: Settings, stop: asyncio.Event) -> None:
                 CONSUMER_NAME, topology, settings.max_command_deliveries, stop, settings.drain_seconds
             )
 
+        sweep = partial(bridge.sweep, placements)
         await asyncio.gather(
             consumer().run(placements, PlaceOrder.model_validate_json, bridge.handle),
             consumer().run(commands, command_adapter.validate_json, bridge.handle),
-            bridge.sweep(placements),
+            periodically(stop, SWEEP_INTERVAL_SECONDS, sweep, "housekeeping failed; trying again"),
             bridge.gate.listen(stop),
         )
     finally:
@@ -126,6 +127,7 @@ class Bridge:
         self._topology = topology
         self._stop = stop
         self._order_locks = OrderLocks()
+        self._drained_at: datetime | None = None  # when the sweep last saw the placement queue empty
 
     async def handle(self, message: AbstractIncomingMessage, command: Command) -> None:
         """A command from either queue (a placement published to the command queue is one too)."""
@@ -209,29 +211,18 @@ class Bridge:
 
     # --- housekeeping ----------------------------------------------------------------------------
     async def sweep(self, placements: AbstractQueue) -> None:
-        """Every second: reject parked commands that no placement can still be coming for."""
-        drained_at: datetime | None = None
-        while not await stopped_within(self._stop, SWEEP_INTERVAL_SECONDS):
-            try:
-                drained_at = await self._reject_unplaced(placements, drained_at)
-            # housekeeping waits for the next round, never stops the bridge
-            except Exception as error:  # noqa: BLE001
-                log.warning("housekeeping failed; trying again", error=repr(error))
-
-    async def _reject_unplaced(
-        self, placements: AbstractQueue, drained_at: datetime | None
-    ) -> datetime | None:
         """Reject as `unknown order` the commands parked before the placement queue was last seen
-        empty (every placement published by then is registered); returns that moment, now."""
+        empty: every placement published by then is registered, none is still coming for them."""
         if (await placements.declare()).message_count:
-            return None
-        if drained_at is not None:
-            for order_id in await self._ledger.unplaced_before(drained_at):
+            self._drained_at = None
+            return
+        if self._drained_at is not None:
+            for order_id in await self._ledger.unplaced_before(self._drained_at):
                 try:
                     await self._ledger.give_up_unplaced(order_id, self._reject_parked)
                 except Exception as error:  # noqa: BLE001 (one order's trouble must not keep the others parked)
                     log.warning("could not reject parked commands", order_id=order_id, error=repr(error))
-        return await self._ledger.now()
+        self._drained_at = await self._ledger.now()
 
     async def _reject_parked(self, commands: list[Command]) -> None:
         for command in commands:

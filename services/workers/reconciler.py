@@ -27,7 +27,7 @@ from services.workers.activities import wake_resumed
 from services.workers.activity_interface import PaymentInput
 from shared.admission_table import AdmissionSlots, AdmissionStatus
 from shared.broker import Topology, publish_event
-from shared.consuming import stopped_within
+from shared.consuming import periodically
 from shared.contracts import OrderEvent, TerminatedData, event_of
 from shared.db import Admission, Order, transaction
 from shared.lifecycle import EVENTS_QUERY, order_workflow_id
@@ -55,12 +55,9 @@ class Reconciler:
     reviewing_after: str = field(default="", init=False)  # where the next turn of orders in review begins
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Reconcile every few seconds until `stop` is set; a failed round waits for the next."""
-        while not await stopped_within(stop, RECONCILE_INTERVAL_SECONDS):
-            try:
-                await self.reconcile()
-            except Exception as error:  # noqa: BLE001 (housekeeping must never stop the workers)
-                log.warning("reconciling failed; trying again", error=repr(error))
+        await periodically(
+            stop, RECONCILE_INTERVAL_SECONDS, self.reconcile, "reconciling failed; trying again"
+        )
 
     async def reconcile(self) -> list[str]:
         """One round; returns the orders it ended."""
