@@ -37,8 +37,6 @@ class AdmissionStatus(StrEnum):
         return self.holds_slot or self in (AdmissionStatus.REVIEWING, AdmissionStatus.RESUMING)
 
 
-HOLDING_SLOT = [AdmissionStatus.ADMITTING.value, AdmissionStatus.RUNNING.value]
-
 LOCK_SLOTS = text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=SLOT_LOCK_KEY)
 LOCK_ORDER = text("SELECT status FROM admissions WHERE order_id = :order_id FOR UPDATE")
 LEAVE_FOR_REVIEW = text(

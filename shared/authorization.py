@@ -4,6 +4,8 @@ where the order is known, by the bridge or the workflow."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from shared.contracts import Actor, CommandType, Role
 
 FORBIDDEN = "forbidden"
@@ -15,6 +17,16 @@ ROLES_FOR: dict[CommandType, frozenset[Role]] = {
     CommandType.CANCEL: frozenset({Role.CUSTOMER, Role.REVIEWER, Role.OPERATOR}),
     CommandType.UPDATE_ADDRESS: frozenset({Role.CUSTOMER, Role.OPERATOR}),
 }
+
+
+def role_names(claims: Mapping[str, object], claim_path: str) -> list[str]:
+    """The role names under `claim_path` (dots nest): a list of names or a space-separated string."""
+    value: object = claims
+    for name in claim_path.split("."):
+        value = value.get(name) if isinstance(value, dict) else None
+    if isinstance(value, str):
+        value = value.split()
+    return [name for name in value if isinstance(name, str)] if isinstance(value, list) else []
 
 
 def may_issue(command_type: CommandType, actor: Actor | None) -> bool:

@@ -18,10 +18,11 @@ import structlog
 from aio_pika.abc import AbstractChannel
 from prometheus_client import REGISTRY, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
-from pydantic import BaseModel, Field
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
+
+from shared.readiness import DependencyCheck, Readiness
 
 CHECK_TIMEOUT_SECONDS = 3.0
 CONNECT_TIMEOUT_SECONDS = 5.0
@@ -79,17 +80,6 @@ class LazyConnection(Generic[T]):
         value, self._value = self._value, None
         if value is not None and self._close is not None:
             await self._close(value)
-
-
-class DependencyCheck(BaseModel):
-    ok: bool
-    detail: str
-
-
-class Readiness(BaseModel):
-    ready: bool
-    checks: dict[str, DependencyCheck]
-    failed: list[str] = Field(description="Names of the dependencies that are not ready.")
 
 
 async def readiness(checks: Mapping[str, Check]) -> Readiness:

@@ -25,7 +25,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from services.bridge.consumer import run_bridge
 from shared import broker, db, schema
-from shared.admission_table import HOLDING_SLOT, AdmissionSlots
+from shared.admission_table import AdmissionSlots, AdmissionStatus
 from shared.broker import (
     CommandRefused,
     declare_command_queue,
@@ -60,6 +60,7 @@ ADMISSION_DATABASE = session_name("orderflow_test_admission")
 
 # --- the stand-in lifecycle ----------------------------------------------------------------------
 ENDED_BY_SIGNAL = {Signals.APPROVE: "approved", Signals.CANCEL: "cancelled"}
+HOLDING_SLOT = [status for status in AdmissionStatus if status.holds_slot]
 
 
 class SlotActivities:

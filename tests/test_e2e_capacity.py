@@ -23,7 +23,7 @@ from sqlmodel import col
 
 from devstack.stack import free_port, running_stack
 from shared import broker, db, schema
-from shared.admission_table import HOLDING_SLOT
+from shared.admission_table import AdmissionStatus
 from shared.contracts import EventType, OrderEvent, Role
 from shared.db import Admission
 from shared.settings import Settings
@@ -39,6 +39,7 @@ CAPACITY_DATABASE = session_name("orderflow_test_capacity")
 ORDERS = 40
 MAX_RUNNING = 3
 PROMISE_SECONDS = 15.0
+HOLDING_SLOT = [status for status in AdmissionStatus if status.holds_slot]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

@@ -8,7 +8,7 @@ import asyncio
 import ipaddress
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, cast
 from urllib.parse import urlsplit
 
@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.errors import Responses, json_error
 from shared import local_issuer
-from shared.authorization import ROLES_FOR
+from shared.authorization import ROLES_FOR, role_names
 from shared.contracts import Actor, CommandType, Role
 from shared.db import Order
 from shared.probes import DependencyUnavailable, describe
@@ -204,22 +204,12 @@ class TokenVerifier:
                 leeway=settings.auth_clock_skew_seconds,
                 options={"require": REQUIRED_CLAIMS},
             )
-            return Actor(subject=claims["sub"], roles=roles_in(claims, settings.auth_roles_claim))
+            names = role_names(claims, settings.auth_roles_claim)  # those orderflow does not know are ignored
+            return Actor(subject=claims["sub"], roles=frozenset(map(Role, ROLE_NAMES.intersection(names))))
         except jwt.PyJWTError as error:
             raise InvalidToken(describe(error)) from error
         except ValidationError as error:
             raise InvalidToken("the token's subject is not a valid subject") from error
-
-
-def roles_in(claims: Mapping[str, object], claim_path: str) -> frozenset[Role]:
-    """The known roles under `claim_path` (dots nest): a list of names or a space-separated string."""
-    value: object = claims
-    for name in claim_path.split("."):
-        value = value.get(name) if isinstance(value, dict) else None
-    if isinstance(value, str):
-        value = value.split()
-    names: Iterable[object] = value if isinstance(value, list) else []
-    return frozenset(Role(name) for name in names if isinstance(name, str) and name in ROLE_NAMES)
 
 
 bearer_token = HTTPBearer(

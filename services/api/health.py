@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 
 from services.api.connections import ConnectionsDep
-from shared.probes import Readiness, channel_open, database_answers, readiness, temporal_serving
+from shared.probes import channel_open, database_answers, readiness, temporal_serving
+from shared.readiness import Readiness
 
 router = APIRouter(tags=["health"])
 

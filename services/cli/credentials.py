@@ -10,6 +10,7 @@ from pathlib import Path
 import jwt
 
 from services.cli.errors import fail
+from shared.authorization import role_names
 
 
 def stored_token_path() -> Path:
@@ -57,12 +58,7 @@ def claims(token: str, roles_claim: str) -> tuple[str, datetime | None]:
         fields = jwt.decode(token, options={"verify_signature": False})
     except jwt.DecodeError:
         fail("this is not a JWT access token (header.payload.signature)")
-    roles: object = fields
-    for part in roles_claim.split("."):
-        roles = roles.get(part) if isinstance(roles, dict) else None
-    if isinstance(roles, str):
-        roles = roles.split()
-    named = ", ".join(str(role) for role in roles) if isinstance(roles, list) else ""
+    named = ", ".join(role_names(fields, roles_claim))
     expiry = fields.get("exp")
     expires_at = datetime.fromtimestamp(expiry, UTC) if isinstance(expiry, int | float) else None
     until = f", until {expires_at.isoformat(timespec='seconds')}" if expires_at else ""

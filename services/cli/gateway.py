@@ -7,8 +7,10 @@ from typing import Any, NoReturn, cast
 from urllib.parse import quote
 
 import httpx
+from pydantic import ValidationError
 
 from services.cli.errors import fail, reason
+from shared.readiness import Readiness
 
 REQUEST_TIMEOUT_SECONDS = 15.0
 Answer = dict[str, Any]  # whatever JSON the gateway's response models write, read by key
@@ -64,20 +66,10 @@ class Gateway:
         if readiness.status_code not in (httpx.codes.OK, httpx.codes.SERVICE_UNAVAILABLE):
             fail(f"the gateway at {self.base_url} answered /readyz with {described(readiness)}")
         try:
-            checks = {
-                name: {"ok": bool(check["ok"]), "detail": str(check["detail"])}
-                for name, check in readiness.json()["checks"].items()
-            }
-        except (ValueError, LookupError, TypeError, AttributeError):  # not the Readiness schema
+            answer = Readiness.model_validate_json(readiness.content)
+        except ValidationError:
             fail(f"{self.base_url} is not an orderflow gateway: /readyz answered {readiness.text[:200]!r}")
-        failed = [name for name, check in checks.items() if not check["ok"]]
-        return {
-            "gateway": self.base_url,
-            "live": True,
-            "ready": not failed,
-            "checks": checks,
-            "failed": failed,
-        }
+        return {"gateway": self.base_url, "live": True, **answer.model_dump()}
 
 
 def refused(response: httpx.Response) -> NoReturn:

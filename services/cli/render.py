@@ -63,9 +63,7 @@ def history(answer: Answer) -> str:
 def event(order_event: RecordedEvent) -> str:
     item = order_event.model_dump(mode="json")
     data = f"  {json.dumps(item['data'], sort_keys=True)}" if item["data"] else ""
-    return (
-        f"{item['occurred_at']}  #{order_event.seq:<3} {order_event.order_id}  {order_event.type.value}{data}"
-    )
+    return f"{item['occurred_at']}  #{item['seq']:<3} {item['order_id']}  {item['type']}{data}"
 
 
 def health(found: Answer) -> str:
