@@ -40,24 +40,22 @@ def main() -> None:
         timeout_graceful_shutdown=settings.drain_seconds,
         **serving_options(settings),
     )
-    server = DrainingServer(config, app, settings.drain_seconds)
+    server = DrainingServer(config, app)
     server.run()
     if not server.started:
         raise SystemExit(STARTUP_FAILURE)  # uvicorn logged why (the port is taken, say)
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server that, told to stop, ends the event streams, gives the requests in hand
-    `drain_seconds`, and exits a second later whatever it still waits for (as the other services do)."""
+    """uvicorn's server that, told to stop, ends event streams, drains, and exits at most a second later."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: int) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
         self._app = app
-        self._drain_seconds = drain_seconds
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.should_exit:
-            exit_unless_ended_within(self._drain_seconds + CLOSE_SECONDS)
+            exit_unless_ended_within(self._app.state.settings.drain_seconds + CLOSE_SECONDS)
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -66,7 +64,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def serving_options(settings: Settings) -> dict[str, Any]:
-    """HTTPS when given a certificate; X-Forwarded-For/-Proto only from the configured proxies."""
+    """uvicorn.Config's keyword arguments: HTTPS given a certificate; X-Forwarded-* only from the proxies."""
     proxies = [address.strip() for address in settings.api_forwarded_allow_ips.split(",") if address.strip()]
     return {
         "ssl_certfile": settings.api_tls_cert_file,

@@ -134,9 +134,8 @@ async def open_session(
     """Sets an `HttpOnly`, `SameSite=Strict` cookie for `/codec` holding the operator's token while
     it lasts, so that a Temporal UI of the same site decodes with *Include cross-origin credentials*.
     It authorizes `/codec/decode` and `/codec/encode`, nothing else."""
-    assert credentials is not None  # TokenOperator refused the request otherwise
+    assert credentials is not None  # TokenOperator verified it (else refused): its `exp` can be read as is
     token = credentials.credentials
-    # TokenOperator has verified the token: its `exp` can be read as it is
     lifetime = int(jwt.decode(token, options={"verify_signature": False})["exp"]) - int(time.time())
     response.set_cookie(SESSION_COOKIE, token, max_age=max(lifetime, 0), **cookie_scope(request))
 
@@ -154,14 +153,12 @@ async def close_session(request: Request, response: Response, _: AnyToken) -> No
 
 
 def cookie_scope(request: Request) -> dict[str, Any]:
-    """The session cookie goes to `/codec` alone, over HTTPS when served so, never to a script or from
-    another site; deleting it names the same."""
+    """The session cookie's scope, as set_cookie's keywords: `/codec`, HTTPS if so, no script or site."""
     return {"path": PREFIX, "secure": request.url.scheme == "https", "httponly": True, "samesite": "strict"}
 
 
 class CodecCors:
-    """CORS for the codec routes alone: the Temporal UI's origins may call them with credentials;
-    every other route of the gateway answers no cross-origin request."""
+    """CORS for the codec routes alone, for the Temporal UI's origins with credentials; none elsewhere."""
 
     def __init__(self, app: ASGIApp, origins: Sequence[str]) -> None:
         self._app = app

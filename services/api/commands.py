@@ -122,9 +122,7 @@ class CommandSender:
 
     async def publish(self, command: Command) -> None:
         """Returns once the broker confirmed `command`; raises a 503 when it did not."""
-        logger = log.bind(
-            order_id=command.order_id, command_id=str(command.command_id), type=command.type.value
-        )
+        logger = log.bind(order_id=command.order_id, command_id=str(command.command_id), type=command.type)
         link = await self.connections.broker.get()
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):

@@ -69,7 +69,7 @@ class Connections:
         await self.engine.dispose()
 
 
-async def warm_up(connection: LazyConnection[Any]) -> None:
+async def warm_up(connection: LazyConnection[Any]) -> None:  # a connection to any kind of server
     """Connect now if the dependency is up; one that is down is only logged (and tried again on use)."""
     try:
         await connection.get()

@@ -75,8 +75,7 @@ async def stats(_: Overseer, request: Request, session: SessionDep) -> Stats:
     # one snapshot: the figures and `position` agree
     await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
     counted = await session.execute(select(col(Order.state), func.count()).group_by(col(Order.state)))
-    found: dict[str, int] = dict(counted.all())
-    counts = {state: found.get(state, 0) for state in OrderState}
+    counts = dict.fromkeys(OrderState, 0) | {OrderState(state): count for state, count in counted}
     admissions = await admission_counts(session)
     return Stats(
         counts=counts,

@@ -51,8 +51,7 @@ async def dependency_unavailable(_: Request, error: Exception) -> JSONResponse:
 
 
 async def method_not_allowed(request: Request, error: Exception) -> JSONResponse:
-    """A 405 whose `Allow` names every method of the path in the OpenAPI document: Starlette's names
-    only those of the first route matching it, and `/orders` is two routes (GET lists, POST places)."""
+    """A 405 allowing all methods of the path (Starlette's: the first matching route's; `/orders` has 2)."""
     assert isinstance(error, HTTPException)
     allowed = set(error.headers["Allow"].split(", ") if error.headers else ())
     for template, operations in request.app.openapi()["paths"].items():

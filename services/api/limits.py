@@ -7,8 +7,8 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Annotated, cast
 
 from fastapi import Depends, HTTPException, Request, status
@@ -46,8 +46,7 @@ STREAM_LIMIT_RESPONSES: Responses = {
 
 
 class BodySizeLimit:
-    """Answers 413 to a body larger than `max_bytes` before anything parses it: by its Content-Length,
-    or, sent without one (chunked), once what arrived passes the limit (it is read ahead, then replayed)."""
+    """A 413 for a body over `max_bytes`, before any parsing: by Content-Length, or as a chunked one comes."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -60,10 +59,8 @@ class BodySizeLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is None:
             replay = await self._read_ahead(receive)
-        elif declared.isdigit() and int(declared) > self.max_bytes:
-            replay = None
-        else:
-            replay = receive  # the server holds the body to its declared length
+        else:  # the server holds the body to its declared length
+            replay = None if declared.isdigit() and int(declared) > self.max_bytes else receive
         if replay is None:
             too_large = {"detail": f"the request body is larger than {self.max_bytes} bytes"}
             answer = JSONResponse(too_large, status.HTTP_413_CONTENT_TOO_LARGE, {"Connection": "close"})
@@ -114,28 +111,12 @@ class WriteRateLimit:
                 )
 
 
+@dataclass
 class StreamSlots:
     """How many event streams each caller has open; a caller at the cap gets a 429."""
 
-    def __init__(self, per_subject: int) -> None:
-        self._per_subject = per_subject
-        self._open: Counter[str] = Counter()
-
-    @contextmanager
-    def held(self, subject: str) -> Iterator[None]:
-        if self._open[subject] >= self._per_subject:
-            raise HTTPException(
-                status.HTTP_429_TOO_MANY_REQUESTS,
-                detail=f"at most {self._per_subject} event streams per caller are open at once",
-                headers={"Retry-After": "5"},
-            )
-        self._open[subject] += 1
-        try:
-            yield
-        finally:
-            self._open[subject] -= 1
-            if not self._open[subject]:
-                del self._open[subject]
+    per_subject: int
+    open: Counter[str] = field(default_factory=Counter)
 
 
 def stream_slots(request: Request) -> StreamSlots:
@@ -146,8 +127,19 @@ async def holding_stream_slot(
     slots: Annotated[StreamSlots, Depends(stream_slots)], actor: AnyRole
 ) -> AsyncIterator[None]:
     """Holds one of the caller's stream slots until the stream ends (FastAPI resumes it once sent)."""
-    with slots.held(actor.subject):
+    if slots.open[actor.subject] >= slots.per_subject:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail=f"at most {slots.per_subject} event streams per caller are open at once",
+            headers={"Retry-After": "5"},
+        )
+    slots.open[actor.subject] += 1
+    try:
         yield
+    finally:
+        slots.open[actor.subject] -= 1
+        if not slots.open[actor.subject]:
+            del slots.open[actor.subject]
 
 
 async def validation_error(_: Request, error: Exception) -> JSONResponse:

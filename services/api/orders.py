@@ -105,11 +105,8 @@ async def order_status(
 async def order_history(actor: AnyRole, order_id: OrderIdPath, session: SessionDep) -> OrderHistory:
     if not await readable_by(session, actor, order_id):
         raise unknown_order(order_id)
-    query = (
-        select(AuditEvent)
-        .where(AuditEvent.order_id == order_id)
-        .order_by(col(AuditEvent.seq), col(AuditEvent.recorded_at))
-    )
+    in_seq_order = col(AuditEvent.seq), col(AuditEvent.recorded_at)
+    query = select(AuditEvent).where(AuditEvent.order_id == order_id).order_by(*in_seq_order)
     rows = list(await session.scalars(query))
     if not rows and await session.get(Order, order_id) is None:
         raise unknown_order(order_id)
@@ -152,7 +149,6 @@ async def list_orders(
 
 
 def cursor_after(order: Order) -> str:
-    """The cursor of the page that follows `order` (matching `CURSOR_PATTERN`)."""
     assert order.created_at is not None  # the column is NOT NULL
     return f"{(order.created_at - EPOCH) // timedelta(microseconds=1)}_{order.id}"
 

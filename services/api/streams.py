@@ -162,18 +162,20 @@ async def follow(
 async def order_has_ended(
     actor: AnyRole, order_id: OrderIdPath, connections: ConnectionsDep, after: ResumeDep
 ) -> bool:
-    """Whether the order has ended, answering first 404 for an unknown order (to a customer, one it
-    did not place) and 204 for an ended one with nothing after the resume point."""
+    """Whether the order has ended; 404 if unknown (or, to a customer, another's), 204 if all is sent."""
+    of_order = col(AuditEvent.order_id) == order_id
+    known = exists().where(of_order) | exists().where(col(Order.id) == order_id)
+    ending = exists().where(of_order, col(AuditEvent.type).in_(TERMINAL_TYPES))
     async with connections.sessions() as session:
-        if not await order_is_known(session, order_id) or not await readable_by(session, actor, order_id):
+        is_known, ended = (await session.execute(select(known, ending))).one()
+        if not is_known or not await readable_by(session, actor, order_id):
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND,
                 detail=f"order {order_id!r} is unknown: no events and no row in the orders table",
             )
-        ended = await has_ended(session, order_id)
         if ended and not await events_after(session, after or 0, 1, order_id):
             raise HTTPException(status.HTTP_204_NO_CONTENT)  # an EventSource stops reconnecting on a 204
-    return ended
+    return bool(ended)
 
 
 @router.get(
@@ -246,17 +248,6 @@ async def event_stream(
             after = await newest_position(session)
     async for event in follow(feed, connections, after, limit=limit, timeout=timeout):
         yield event  # type: ignore[misc]  # as in order_event_stream
-
-
-async def order_is_known(session: AsyncSession, order_id: str) -> bool:
-    has_events = exists().where(col(AuditEvent.order_id) == order_id)
-    has_row = exists().where(col(Order.id) == order_id)
-    return bool(await session.scalar(select(has_events | has_row)))
-
-
-async def has_ended(session: AsyncSession, order_id: str) -> bool:
-    ending = exists().where(col(AuditEvent.order_id) == order_id, col(AuditEvent.type).in_(TERMINAL_TYPES))
-    return bool(await session.scalar(select(ending)))
 
 
 async def events_after(

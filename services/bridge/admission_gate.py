@@ -319,7 +319,7 @@ class AdmissionLedger:
         parameters = {"order_id": order_id, "max_running": self._max_running}
         return await connection.scalar(TAKE_FREE_SLOT, parameters) is not None
 
-    async def _run(self, statement: Executable, parameters: Mapping[str, object]) -> Result[Any]:
+    async def _run(self, statement: Executable, parameters: Mapping[str, object]) -> Result[Any]:  # any row
         async with self._autocommit.connect() as connection:
             return await connection.execute(statement, parameters)
 
@@ -394,14 +394,8 @@ async def _locked(connection: AsyncConnection, order_id: str) -> AdmissionRecord
 
 def _record(command: Command, outcome: Outcome, replace: bool = False) -> dict[str, object]:
     """A command's `processed_commands` row; `replace` overrules an outcome recorded before."""
-    return {
-        "command_id": command.command_id,
-        "order_id": command.order_id,
-        "type": command.type.value,
-        "outcome": outcome.kind.value,
-        "detail": outcome.detail,
-        "replace": replace,
-    }
+    of_command = {"command_id": command.command_id, "order_id": command.order_id, "type": command.type.value}
+    return {**of_command, "outcome": outcome.kind.value, "detail": outcome.detail, "replace": replace}
 
 
 class SlotGate:

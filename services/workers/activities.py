@@ -105,10 +105,9 @@ def _step_failures() -> Iterator[None]:
     """A broken rule or a voided payment fails the step for good; a database outage spends no attempt."""
     try:
         yield
-    except business.OrderInvalid as exc:
-        raise ApplicationError(str(exc), type=ORDER_INVALID, non_retryable=True) from exc
-    except business.PaymentVoided as exc:
-        raise ApplicationError(str(exc), type=PAYMENT_VOIDED, non_retryable=True) from exc
+    except (business.OrderInvalid, business.PaymentVoided) as exc:
+        error_type = ORDER_INVALID if isinstance(exc, business.OrderInvalid) else PAYMENT_VOIDED
+        raise ApplicationError(str(exc), type=error_type, non_retryable=True) from exc
     except Exception as exc:
         if is_transient(exc):
             raise ApplicationError(describe_failure(exc), type=DEPENDENCY_UNAVAILABLE) from exc

@@ -167,9 +167,7 @@ class OrderWorkflow:
         """Ship until a shipment dispatches to the order's current address, up to the policy's bound."""
         failures = 0
         while failures < self._policy.max_shipping_attempts:
-            dispatched = await self._shipping.run(
-                self._deadline.at, cancelled=lambda: self._phase is Phase.CONCLUDING
-            )
+            dispatched = await self._shipping.run(self._deadline.at, lambda: self._phase is Phase.CONCLUDING)
             if self._phase is Phase.CONCLUDING:
                 # it ended before it saw our cancel (which the SDK then drops): record what the carrier got
                 if dispatched is not None:
@@ -278,7 +276,6 @@ class OrderWorkflow:
     # --- progress reports from the shipping child ------------------------------------------------
     @workflow.signal(name=Signals.PACKAGE_PREPARED)
     def on_package_prepared(self, prepare: StepAttempts) -> None:
-        """The package is ready for the carrier: how its preparation went."""
         self._shipping.package_ready(prepare)
 
     @workflow.signal(name=Signals.DISPATCH_FAILED)

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
-from typing import TypedDict, Unpack
+from typing import Any
 
 import structlog
 from temporalio import workflow
@@ -88,37 +88,20 @@ def shipping_activities(activities: OrderActivities) -> list[Activity]:
     return [activities.prepare_package_step, activities.dispatch_carrier_step]
 
 
-class WorkerOptions(TypedDict, total=False):
-    """What the launcher, the bench and the tests choose (the runner's default: the sandbox)."""
-
-    workflow_runner: WorkflowRunner
-    max_cached_workflows: int
-    no_remote_activities: bool
-    graceful_shutdown_timeout: timedelta
-
-
-def order_worker(
-    client: Client, task_queue: str, activities: OrderActivities, **options: Unpack[WorkerOptions]
-) -> Worker:
+def order_worker(client: Client, task_queue: str, activities: OrderActivities, **options: Any) -> Worker:
     return workflow_worker(client, task_queue, OrderWorkflow, order_activities(activities), **options)
 
 
-def shipping_worker(
-    client: Client, task_queue: str, activities: OrderActivities, **options: Unpack[WorkerOptions]
-) -> Worker:
+def shipping_worker(client: Client, task_queue: str, activities: OrderActivities, **options: Any) -> Worker:
     # its activities are all local: no polls for remote activity tasks
     options.setdefault("no_remote_activities", True)
     return workflow_worker(client, task_queue, ShippingWorkflow, shipping_activities(activities), **options)
 
 
 def workflow_worker(
-    client: Client,
-    task_queue: str,
-    workflow_class: type,
-    activities: Sequence[Activity],
-    **options: Unpack[WorkerOptions],
+    client: Client, task_queue: str, workflow_class: type, activities: Sequence[Activity], **options: Any
 ) -> Worker:
-    """A worker as in production."""
+    """A worker as in production; `options` are `Worker`'s (the runner's default: the sandbox)."""
     options.setdefault("workflow_runner", sandbox_runner())
     return Worker(
         client,
@@ -169,10 +152,10 @@ async def running_workers(client: Client, settings: Settings) -> AsyncIterator[N
         one_statement_at_a_time = db.session_factory(engine.execution_options(isolation_level="AUTOCOMMIT"))
         slots = AdmissionSlots(sessions, settings.max_running_lifecycles)
         activities = BusinessActivities(one_statement_at_a_time, topology, connection, slots, client)
-        options = WorkerOptions(
-            workflow_runner=workflow_runner(settings),
-            graceful_shutdown_timeout=timedelta(seconds=settings.drain_seconds),
-        )
+        options = {
+            "workflow_runner": workflow_runner(settings),
+            "graceful_shutdown_timeout": timedelta(seconds=settings.drain_seconds),
+        }
         for worker in (
             order_worker(client, settings.order_task_queue, activities, **options),
             shipping_worker(client, settings.shipping_task_queue, activities, **options),
