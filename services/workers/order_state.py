@@ -113,18 +113,21 @@ class OrderRecord:
             started_at=now,
             updated_at=now,
         )
-        self.outbox = Outbox(order, start.first_seq)
-        self._order = order
+        amount_cents = order.payload.amount_cents
+        self.outbox = Outbox(
+            order, start.first_seq, on_batch=lambda: visibility.show_state(self.status, amount_cents)
+        )
         self.attempts = AttemptLog(order.order_id)
-        payment_id, amount_cents = order.payload.payment_id, order.payload.amount_cents
-        self.payment = PaymentInput(order_id=order.order_id, payment_id=payment_id, amount_cents=amount_cents)
+        self.payment = PaymentInput(
+            order_id=order.order_id, payment_id=order.payload.payment_id, amount_cents=amount_cents
+        )
         self._seen_commands: set[str] = set()
 
     def advance(self, state: OrderState, data: EventPayload, command: Command | None = None) -> None:
         """A state change: status, event, what Temporal shows and a log line together."""
         self.status.state = state
         self.emit(data, command=command)
-        visibility.show(self.status, self._order.payload.amount_cents)
+        visibility.show_details(self.status)
         extra = {"order_id": self.status.order_id, "state": state.value, "step": self.status.step.value}
         workflow.logger.info("state transition", extra=extra | {"seq": self.outbox.last_seq})
 

@@ -43,8 +43,11 @@ def committed(task: int) -> bool:
 
 
 class Outbox:
-    def __init__(self, order: PlaceOrder, first_seq: int) -> None:
+    def __init__(
+        self, order: PlaceOrder, first_seq: int, on_batch: Callable[[], None] = lambda: None
+    ) -> None:
         self._order = order
+        self._on_batch = on_batch  # what goes with each batch, in its workflow task
         self._next_seq = first_seq
         self._pending: list[OrderEvent] = []
         self._closed = False
@@ -102,6 +105,7 @@ class Outbox:
                 return
             batch = self._pending
             self._pending = []
+            self._on_batch()
             task = current_task()
             if task == self._next_task_brings:
                 # unless the lifecycle ends in this very task, cancelling the start before it is sent

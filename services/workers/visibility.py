@@ -24,8 +24,9 @@ def dev_server_arguments() -> list[str]:
     ]
 
 
-def show(status: OrderStatus, amount_cents: int) -> None:
-    """At a state change: the search attributes (upserted only if the state changed), and the details."""
+def show_state(status: OrderStatus, amount_cents: int) -> None:
+    """With each batch of events: the search attributes, upserted if the state changed (one history
+    event per batch, not per state change)."""
     if workflow.info().typed_search_attributes.get(ORDER_STATE) != status.state.value:
         workflow.upsert_search_attributes(
             [
@@ -34,5 +35,8 @@ def show(status: OrderStatus, amount_cents: int) -> None:
                 ORDER_AMOUNT.value_set(amount_cents / 100),
             ]
         )
+
+
+def show_details(status: OrderStatus) -> None:
     details = f"**{status.state.value}** at step {status.step.value}"
     workflow.set_current_details(f"{details}: {status.reason}" if status.reason else details)
