@@ -664,7 +664,7 @@ async def test_temporal_shows_the_state_review_and_amount_as_the_order_goes(harn
         if event.HasField("upsert_workflow_search_attributes_event_attributes")
     ]
     lifecycle = ["received", "validated", "awaiting_approval", "approved", "paid", "shipping", "shipped"]
-    states = [attributes.get(ORDER_STATE) for attributes in upserted]
+    states = [attributes[ORDER_STATE] for attributes in upserted]
     # one upsert a batch of events (not a state change), none for a batch that leaves the state as it
     # was: the review's and the end's for sure, each state once, in the lifecycle's order
     assert states[-1] == "completed" and "awaiting_approval" in states
