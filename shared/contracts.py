@@ -89,7 +89,8 @@ class Actor(Model):
     """The verified issuer of a command and its roles, never taken from a publisher's word."""
 
     subject: Subject
-    roles: frozenset[Role] = frozenset()
+    # written sorted: the same actor is the same JSON in every process (a set has no order of its own)
+    roles: Annotated[frozenset[Role], PlainSerializer(sorted, return_type=list[Role])] = frozenset()
 
     def has(self, *roles: Role) -> bool:
         return not self.roles.isdisjoint(roles)
