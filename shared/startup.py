@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import partial
+from typing import NoReturn
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
@@ -143,10 +144,10 @@ async def _reach_or_exit(
     waits = (_wait_for(settings, Dependency(name), check, deadline, stop) for name, check in checks.items())
     reasons = await asyncio.gather(*waits)
     if stop.is_set():
-        raise SystemExit(0)  # stopped before it started: nothing to finish
+        _exit_before_starting(0)
     if reason := next(filter(None, reasons), None):
         print(f"{program}: {reason}", file=sys.stderr)
-        raise SystemExit(EXIT_UNREACHABLE)
+        _exit_before_starting(EXIT_UNREACHABLE)
 
 
 async def _wait_for(
@@ -192,7 +193,13 @@ def exit_unless_ended_within(seconds: float) -> None:
     watchdog.start()
 
 
+def _exit_before_starting(code: int) -> NoReturn:
+    # no interpreter shutdown: beside the threads of Temporal's core it can abort, losing the exit code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _exit_now() -> None:
     log.error("not stopped within the drain time; exiting without closing what is still open")
-    sys.stdout.flush()
-    os._exit(EXIT_STOPPED_LATE)
+    _exit_before_starting(EXIT_STOPPED_LATE)
