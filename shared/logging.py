@@ -13,7 +13,7 @@ from opentelemetry import trace
 from pydantic import ValidationError
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from shared.settings import Settings, get_settings, invalid_settings_message
+from shared.settings import Settings, invalid_settings_message
 
 _SKIPPED_RECORD_FIELDS = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
@@ -94,7 +94,7 @@ def configure_logging(settings: Settings, service: str) -> None:
 def settings_or_exit(service: str) -> Settings:
     """The settings; when one is bad, `stop_starting` naming it (in JSON: nothing else could be read)."""
     try:
-        return get_settings()
+        return Settings()
     except ValidationError as error:
         configure_logging(Settings.model_construct(), service)
         stop_starting(invalid_settings_message(error))

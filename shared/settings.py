@@ -3,7 +3,6 @@ defaults are safe for a developer machine. `.env.example` documents every settin
 
 from __future__ import annotations
 
-from functools import lru_cache
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Annotated, Literal
@@ -240,11 +239,6 @@ class Settings(BaseSettings):
     def lifecycle_policy(self) -> LifecyclePolicy:
         """The policy a lifecycle starts with: the settings of the same names."""
         return LifecyclePolicy.model_validate(self.model_dump(include=set(LifecyclePolicy.model_fields)))
-
-
-@lru_cache
-def get_settings() -> Settings:
-    return Settings()
 
 
 def invalid_settings_message(error: ValidationError) -> str:

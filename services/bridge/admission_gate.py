@@ -180,7 +180,6 @@ class AdmissionRecord:
         return Slot(self.queued_at, early_commands(self.commands))
 
 
-# --- the decisions -------------------------------------------------------------------------------
 def judge_parked(parked: list[Command], placed_by: str | None) -> tuple[list[Command], tuple[Refused, ...]]:
     """The parked commands the placer allows, and the others with why not (not in review yet)."""
     verdicts = [(c, refusal(c.type, c.issued_by, placed_by, in_review=False)) for c in parked]
@@ -234,7 +233,6 @@ def early_commands(commands: list[Command]) -> list[EarlyCommand]:
     return [c for c in commands if not isinstance(c, CancelOrder | PlaceOrder)]
 
 
-# --- the ledger ----------------------------------------------------------------------------------
 class AdmissionLedger:
     """The `admissions` table, changed in transactions that keep bridges from racing, and
     `processed_commands`, each command's outcome (recorded with its admission change)."""
@@ -366,7 +364,6 @@ class AdmissionLedger:
         """Record the command's outcome; `replace` overrules an earlier one (a parked command's)."""
         await self._run(RECORD, _record(command, outcome, replace))
 
-    # --- housekeeping ----------------------------------------------------------------------------
     async def now(self) -> datetime:
         now: datetime = (await self._run(NOW, {})).scalar_one()
         return now

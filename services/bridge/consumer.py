@@ -91,11 +91,14 @@ async def run_bridge(settings: Settings, stop: asyncio.Event) -> None:
             stop,
         )
 
-        def consumer() -> QueueConsumer:
-            return QueueConsumer(
-                CONSUMER_NAME, topology, settings.max_command_deliveries, stop, settings.drain_seconds
-            )
-
+        consumer = partial(
+            QueueConsumer,
+            CONSUMER_NAME,
+            topology,
+            settings.max_command_deliveries,
+            stop,
+            settings.drain_seconds,
+        )
         sweep = partial(bridge.sweep, placements)
         await asyncio.gather(
             consumer().run(placements, PlaceOrder.model_validate_json, bridge.handle),
@@ -156,7 +159,6 @@ class Bridge:
             await self._retry(lambda: self._ledger.record(command, outcome))
         return outcome
 
-    # --- placements ------------------------------------------------------------------------------
     async def _place(self, command: PlaceOrder) -> Outcome:
         """Register the placement, wait for a slot (without the order's lock), start the lifecycle."""
         async with self._ordered(command.order_id):
@@ -195,7 +197,6 @@ class Bridge:
         await self._retry(lambda: self._ledger.settle_start(command, outcome))
         return outcome
 
-    # --- approve, cancel, update address ---------------------------------------------------------
     async def _steer(self, command: SteeringCommand) -> Outcome:
         publish_cancelled = partial(self._publish, cancelled_before_admission(command))
         while True:
@@ -209,7 +210,6 @@ class Bridge:
                 return WAITING_FOR_PLACEMENT
             # the placement registered meanwhile: steer again
 
-    # --- housekeeping ----------------------------------------------------------------------------
     async def sweep(self, placements: AbstractQueue) -> None:
         """Reject as `unknown order` the commands parked before the placement queue was last seen
         empty: every placement published by then is registered, none is still coming for them."""
@@ -230,7 +230,6 @@ class Bridge:
             await self._ledger.record(command, NO_SUCH_ORDER, replace=True)
             log.info("parked command rejected", order_id=command.order_id, command_id=str(command.command_id))
 
-    # --- helpers ---------------------------------------------------------------------------------
     @asynccontextmanager
     async def _ordered(self, order_id: str) -> AsyncIterator[None]:
         """This bridge's commands of one order, one at a time in delivery order."""

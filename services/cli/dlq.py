@@ -206,7 +206,6 @@ def run(settings: Settings, operation: Coroutine[object, object, T]) -> T:
         unreachable("RabbitMQ", settings.amqp_url, f"{ENV_PREFIX}AMQP_URL", error)
 
 
-# --- how the CLI shows them -------------------------------------------------------------------------
 def in_full(dead_letter: DeadLetter) -> dict[str, object]:
     """What `dlq show --json` prints: the diagnosis, the message's properties and its body."""
     message = dead_letter.message

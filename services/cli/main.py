@@ -54,7 +54,6 @@ def orderflow(
         logging.getLogger().addHandler(logging.NullHandler())
 
 
-# --- options shared by several commands -----------------------------------------------------------
 ApiUrl = Annotated[
     str | None,
     typer.Option(
@@ -126,7 +125,6 @@ def parse_item(text: str) -> dict[str, str | int]:
     return dict(zip(("sku", "qty", "unit_price_cents"), (sku, *values), strict=False))
 
 
-# --- commands -------------------------------------------------------------------------------------
 @app.command()
 def place(
     payment_id: Annotated[str, typer.Option("--payment-id", help="The payment's id.")],
@@ -275,7 +273,6 @@ def health(api_url: ApiUrl = None, as_json: AsJson = False) -> None:
         raise typer.Exit(1)
 
 
-# --- identity ---------------------------------------------------------------------------------------
 @app.command("token", epilog="Exit codes: 0 printed; 1 no local issuer is configured, or its key is missing.")
 def token_command(
     roles: Annotated[
@@ -343,7 +340,6 @@ def migrate() -> None:
     typer.echo(f"database {make_url(chosen.database_url).database!r} is at the newest migration")
 
 
-# --- the broker's users and topology ----------------------------------------------------------------
 broker_app = typer.Typer(
     name="broker",
     help="Provision RabbitMQ for orderflow, as the administrator settings.amqp_url (env "
@@ -382,7 +378,6 @@ def provision_broker(
     typer.echo("the broker is provisioned" + (" with the services' users" if passwords else ""))
 
 
-# --- the dead-letter queue ------------------------------------------------------------------------
 dlq_app = typer.Typer(
     name="dlq",
     help=f"Inspect the dead-letter queue ({DEAD_LETTER_QUEUE}) and replay what a consumer "

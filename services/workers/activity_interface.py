@@ -61,7 +61,6 @@ class OrderActivities(ABC):
     async def mark_shipped_step(self, run: StepRun[str]) -> StepDone[None]:
         return await run_attempts(run, self.mark_shipped)
 
-    # --- one attempt of a business step ---------------------------------------------------------
     @abstractmethod
     async def receive_order(self, order: PlaceOrder) -> None: ...
 
@@ -81,7 +80,6 @@ class OrderActivities(ABC):
     @abstractmethod
     async def mark_shipped(self, order_id: str) -> None: ...
 
-    # --- what the lifecycle does beside its steps ------------------------------------------------
     @activity.defn
     @abstractmethod
     async def refund_payment(self, payment: PaymentInput) -> bool:
