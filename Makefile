@@ -68,10 +68,13 @@ format: install
 ## The gate, then the whole test suite against real PostgreSQL, RabbitMQ and Temporal servers; a
 ## server or program the machine lacks stops it before the first test, with one line on how to get it.
 ## The test files run on TEST_WORKERS pytest-xdist workers, each with its own database, vhost and
-## Temporal servers (most tests wait on servers, so three keep two cores busy).
+## Temporal servers (most tests wait on servers, so three keep two cores busy); mypy runs beside
+## them, and a finding of either fails it.
 TEST_WORKERS ?= 3
-test: check
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
+test: lint
+	$(BIN)/mypy & typing=$$!; \
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile; tests=$$?; \
+	wait $$typing && exit $$tests
 
 ## 200 orders through the whole pipeline with the real fault injector (see docs/performance.md).
 bench: install
