@@ -52,7 +52,6 @@ class Outbox:
         self._pending: list[OrderEvent] = []
         self._closed = False
         self._local_work: list[int] = []  # the workflow task each running local activity began in
-        self._held_until: Callable[[], bool] = lambda: True
         self._next_task_brings = -1  # the workflow task whose batch waits for the next one
         self.emitted: list[OrderEvent] = []
 
@@ -84,10 +83,6 @@ class Outbox:
             yield
         finally:
             self._local_work.remove(task)
-
-    def hold_until(self, released: Callable[[], bool]) -> None:
-        """What is pending waits until `released()`: a progress report goes with the outcome that follows."""
-        self._held_until = released
 
     def close(self) -> None:
         """The lifecycle has ended: `publish` returns once the pending events are out (not later ones)."""
@@ -127,7 +122,7 @@ class Outbox:
 
     def _batch_due(self) -> bool:
         held = current_task() in self._local_work
-        return self._closed or (bool(self._pending) and not held and self._held_until())
+        return self._closed or (bool(self._pending) and not held)
 
     async def _publish_eventually(self, batch: list[OrderEvent]) -> None:
         await workflow.execute_activity_method(

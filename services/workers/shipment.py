@@ -26,6 +26,7 @@ class DispatchFailed(BaseModel):
 
     reason: str
     dispatch: StepAttempts
+    prepare: StepAttempts | None = None  # this shipment's preparation, if it prepared the package
 
 
 class CarrierDispatched(BaseModel):
@@ -34,3 +35,4 @@ class CarrierDispatched(BaseModel):
     tracking_number: str
     address: Address
     dispatch: StepAttempts
+    prepare: StepAttempts | None = None  # this shipment's preparation, if it prepared the package

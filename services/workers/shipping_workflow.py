@@ -1,9 +1,12 @@
-"""ShippingWorkflow (task queue `shipping-tq`), a child of OrderWorkflow: prepare the package (signal
-`PACKAGE_PREPARED`), then dispatch it and return the dispatch, or signal `DispatchFailed` and end."""
+"""ShippingWorkflow (task queue `shipping-tq`), a child of OrderWorkflow: prepare the package, then
+dispatch it and return the dispatch, or signal `DispatchFailed` and end. Both carry the preparation;
+a shipment stopped after it signals `PACKAGE_PREPARED` first."""
 
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
@@ -11,9 +14,11 @@ from temporalio.exceptions import ApplicationError
 with workflow.unsafe.imports_passed_through():
     from services.workers.activity_interface import DispatchCarrierInput, OrderActivities
     from services.workers.shipment import CarrierDispatched, DispatchFailed, ShippingInput
-    from services.workers.steps import STEP_EXHAUSTED, AttemptLog, run_step
+    from services.workers.steps import STEP_EXHAUSTED, AttemptLog, StepAttempts, run_step
     from shared.contracts import Address, Step
     from shared.lifecycle import SHIPPING_WORKFLOW, Signals
+
+TASK_BOUNDARY = timedelta(milliseconds=1)
 
 
 @workflow.defn(name=SHIPPING_WORKFLOW)
@@ -28,6 +33,7 @@ class ShippingWorkflow:
     async def run(self, shipment: ShippingInput) -> CarrierDispatched | None:
         """The dispatch; None if it failed (and `DispatchFailed` told the parent why)."""
         parent = workflow.get_external_workflow_handle(shipment.parent_workflow_id)
+        prepared = None
         if not shipment.package_ready:
             await run_step(
                 Step.PREPARE_PACKAGE,
@@ -37,18 +43,26 @@ class ShippingWorkflow:
                 deadline=shipment.deadline,
                 attempts=self._attempts,
             )
-            # awaited: the parent has it before this shipment's result or failure
-            await parent.signal(Signals.PACKAGE_PREPARED, self._attempts.report(Step.PREPARE_PACKAGE))
+            prepared = self._attempts.report(Step.PREPARE_PACKAGE)
+            # the task ends here, so an address update sent during the preparation reaches the dispatch
+            await workflow.sleep(TASK_BOUNDARY)
         try:
             tracking_number, address = await self._dispatch()
         except ApplicationError as err:
             if err.type != STEP_EXHAUSTED:
+                await _report_prepared(parent, prepared)
                 raise
-            failed = DispatchFailed(reason=err.message, dispatch=self._attempts.report(Step.DISPATCH_CARRIER))
+            dispatch = self._attempts.report(Step.DISPATCH_CARRIER)
+            failed = DispatchFailed(reason=err.message, dispatch=dispatch, prepare=prepared)
             await parent.signal(Signals.DISPATCH_FAILED, failed)
             return None
+        except asyncio.CancelledError:
+            await _report_prepared(parent, prepared)
+            raise
         dispatch = self._attempts.report(Step.DISPATCH_CARRIER)
-        return CarrierDispatched(tracking_number=tracking_number, address=address, dispatch=dispatch)
+        return CarrierDispatched(
+            tracking_number=tracking_number, address=address, dispatch=dispatch, prepare=prepared
+        )
 
     @workflow.signal(name=Signals.UPDATE_ADDRESS)
     def update_address(self, address: Address) -> None:
@@ -82,3 +96,11 @@ class ShippingWorkflow:
                 "address changed during dispatch; dispatching to the new one",
                 extra={"order_id": shipment.order_id, "step": Step.DISPATCH_CARRIER.value},
             )
+
+
+async def _report_prepared(
+    parent: workflow.ExternalWorkflowHandle[Any], prepared: StepAttempts | None
+) -> None:
+    """A stopped shipment's parent still learns that the package is ready, before the shipment ends."""
+    if prepared is not None:
+        await parent.signal(Signals.PACKAGE_PREPARED, prepared)
