@@ -155,10 +155,6 @@ def order_row(order: PlaceOrder, state: OrderState) -> dict[str, object]:
     }
 
 
-async def insert_order(session: AsyncSession, order: PlaceOrder, state: OrderState) -> None:
-    await session.execute(INSERT_ORDER, order_row(order, state))
-
-
 def create_engine(settings: Settings, *, pre_ping: bool = False) -> AsyncEngine:
     """A pool; `pre_ping` costs a round trip per transaction, worth it only where nobody retries."""
     # enough kept open for a worker's steps at full load: opening a connection costs more than using it

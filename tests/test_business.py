@@ -16,7 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 from temporalio.exceptions import ApplicationError
@@ -402,6 +402,41 @@ async def test_each_business_step_calls_the_fault_injector_first(
     # the failure came before any database work
     assert await order_snapshot(db_sessions, placed.order_id) == before
     assert await stored_payments(db_sessions, placed.payload.payment_id) == []
+
+
+async def statements_sent(sessions: Sessions, work: Awaitable[Any]) -> list[str]:
+    """The SQL statements that `work` sends through the sessions' engine (BEGIN and COMMIT aside)."""
+    engine = sessions.kw["bind"].sync_engine
+    sent: list[str] = []
+
+    def record(connection: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        sent.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        await work
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    return sent
+
+
+async def statements_per_step(sessions: Sessions, placed: PlaceOrder) -> dict[str, int]:
+    return {
+        name: len(await statements_sent(sessions, step(sessions, placed)))
+        for name, step in BUSINESS_STEPS.items()
+    }
+
+
+async def test_each_business_step_attempt_is_one_statement_but_a_first_validation(sessions: Sessions) -> None:
+    placed = business_order()
+    first = await statements_per_step(sessions, placed)
+    again = await statements_per_step(sessions, placed)
+
+    one_each = dict.fromkeys(BUSINESS_STEPS, 1)
+    # validation reads the order with its payment's holder, then stamps it; once stamped, it only reads
+    assert first == {**one_each, "order_validated": 2}
+    # a charge that finds the payment claimed reads the claim
+    assert again == {**one_each, "payment_charged": 2}
 
 
 @pytest.mark.parametrize("draw", [0.0, 0.1, 0.3299])
