@@ -62,18 +62,28 @@ class OutboxProbe:
         await publisher
 
 
-async def test_a_batch_waiting_for_a_next_task_that_never_comes_goes_by_an_activity(
+async def test_a_batch_waiting_for_a_next_task_that_never_comes_goes_out_after_a_timer(
     temporal_client: Client,
 ) -> None:
-    published: list[list[EventType]] = []
+    published: list[tuple[bool, list[EventType], list[HistoryEventType.ValueType]]] = []
 
     @activity.defn(name="publish_events")
     async def publish_events(batch: list[OrderEvent]) -> None:
-        published.append([event.type for event in batch])
+        info = activity.info()
+        assert info.workflow_id is not None
+        history = await temporal_client.get_workflow_handle(info.workflow_id).fetch_history()
+        kinds = [event.event_type for event in history.events]
+        published.append((info.is_local, [event.type for event in batch], kinds))
 
     await run_probe(temporal_client, publish_events, OutboxProbe)
 
-    assert published == [[EventType.SHIPPING_STARTED], [EventType.CANCELLED]]
+    assert [(local, batch) for local, batch, _ in published] == [
+        (True, [EventType.SHIPPING_STARTED]),
+        (True, [EventType.CANCELLED]),
+    ]
+    # each went out in a task after the one that emitted it: the timer's, whose start was committed
+    for _, _, history in published:
+        assert HistoryEventType.EVENT_TYPE_TIMER_FIRED in history
 
 
 @workflow.defn(name="CommitProbeChild")

@@ -1,5 +1,6 @@
-"""An order's events, numbered without gaps; `publish` sends each batch once the workflow task that
-emitted it is committed, so a task run again cannot have published events it then emits differently."""
+"""An order's events, numbered without gaps; `publish` sends each batch by a local activity in a
+workflow task after the one that emitted it, so a task run again cannot have published events it
+then emits differently."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ with workflow.unsafe.imports_passed_through():
         UpdateAddress,
         event_of,
     )
+    from shared.lifecycle import TASK_BOUNDARY
 
 Command = ApproveOrder | CancelOrder | UpdateAddress
 
@@ -105,11 +107,10 @@ class Outbox:
             if task == self._next_task_brings:
                 # unless the lifecycle ends in this very task, cancelling the start before it is sent
                 await workflow.wait_condition(lambda: committed(task) or self._closed)  # noqa: B023
-            if committed(task):
-                await self._publish_now(batch)
-            else:
-                # the server creates an activity's task only once it has committed this one
-                await self._publish_eventually(batch)
+            if not committed(task):
+                # a timer ends this task: the server starts the next one only once it has committed it
+                await workflow.sleep(TASK_BOUNDARY)
+            await self._publish_now(batch)
 
     async def _batch_gathered(self) -> None:
         """Until no local work keeps this task open and what this activation woke has had its turn."""

@@ -5,7 +5,6 @@ a shipment stopped after it signals `PACKAGE_PREPARED` first."""
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
@@ -16,9 +15,7 @@ with workflow.unsafe.imports_passed_through():
     from services.workers.shipment import CarrierDispatched, DispatchFailed, ShippingInput
     from services.workers.steps import STEP_EXHAUSTED, AttemptLog, StepAttempts, run_step
     from shared.contracts import Address, Step
-    from shared.lifecycle import SHIPPING_WORKFLOW, Signals
-
-TASK_BOUNDARY = timedelta(milliseconds=1)
+    from shared.lifecycle import SHIPPING_WORKFLOW, TASK_BOUNDARY, Signals
 
 
 @workflow.defn(name=SHIPPING_WORKFLOW)
