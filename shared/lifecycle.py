@@ -32,7 +32,6 @@ EVENTS_QUERY = "events"
 """Every event the lifecycle emitted so far (a list of `OrderEvent`), published or not."""
 
 WORKFLOW_TASK_TIMEOUT = timedelta(seconds=3)
-TASK_BOUNDARY = timedelta(milliseconds=1)  # the shortest timer: what it brings is the next workflow task
 """Of orders and their shipments: bounds a signal's wait during a long step and a dead worker's
 hand-over, and leaves a busy machine time to answer (docs/design.md)."""
 

@@ -225,17 +225,16 @@ class Shipping:
         finally:
             self.current = None
 
-    def package_ready(self, prepare: StepAttempts | None) -> None:
-        """The shipment prepared the package (reported with its outcome, or before it stopped)."""
-        if prepare is None:
-            return
+    def package_ready(self, prepare: StepAttempts) -> None:
         self._record.attempts.merge(prepare)
         self.phase = ShippingPhase.PACKAGE_READY
         self._record.status.step = self.step
         self._record.emit(PackagePreparedData())
+        # the dispatch follows in a moment: this shipment's outcome and this go out together
+        shipment = self.current
+        self._record.outbox.hold_until(lambda: self.current is not shipment)
 
     def dispatch_failed(self, failed: DispatchFailed) -> None:
-        self.package_ready(failed.prepare)
         self._record.attempts.merge(failed.dispatch)
         self.failures.append(failed.reason)
         self._record.emit(DispatchFailedData(reason=failed.reason, shipping_attempt=self.shipments))
@@ -246,7 +245,6 @@ class Shipping:
 
     def dispatched(self, dispatched: CarrierDispatched) -> bool:
         """The carrier has the package; True if for the order's current address."""
-        self.package_ready(dispatched.prepare)
         self._record.attempts.merge(dispatched.dispatch)
         address = dispatched.address
         self._record.emit(CarrierDispatchedData(tracking_number=dispatched.tracking_number, address=address))

@@ -86,7 +86,8 @@ class OrderWorkflow:
             if await self._deadline.passes_before(
                 lambda: lifecycle.done() or self._phase is not Phase.RUNNING
             ):
-                self._request_stop(Stop(OrderState.FAILED, DEADLINE_EXCEEDED))  # `_finish` names the step
+                reason = deadline_reason(self._status.step.value, self._policy.lifecycle_deadline_seconds)
+                self._request_stop(Stop(OrderState.FAILED, reason))
         except asyncio.CancelledError:  # an operator cancelled the workflow: end it like a CancelOrder
             cancelled_through_temporal = True
             if self._phase is Phase.RUNNING:
@@ -209,8 +210,6 @@ class OrderWorkflow:
             self._status.step = Step.DONE
             self._advance(OrderState.COMPLETED, CompletedData())
             return
-        if stop.reason == DEADLINE_EXCEEDED:  # named once a stopped shipment has said how far it got
-            stop.reason = deadline_reason(self._status.step.value, self._policy.lifecycle_deadline_seconds)
         refunded = False
         if self._status.step not in BEFORE_PAYMENT:  # an attempt cut short may still have charged
             self._status.step = Step.REFUND

@@ -1,6 +1,5 @@
-"""An order's events, numbered without gaps; `publish` sends each batch by a local activity in a
-workflow task after the one that emitted it, so a task run again cannot have published events it
-then emits differently."""
+"""An order's events, numbered without gaps; `publish` sends each batch once the workflow task that
+emitted it is committed, so a task run again cannot have published events it then emits differently."""
 
 from __future__ import annotations
 
@@ -24,7 +23,6 @@ with workflow.unsafe.imports_passed_through():
         UpdateAddress,
         event_of,
     )
-    from shared.lifecycle import TASK_BOUNDARY
 
 Command = ApproveOrder | CancelOrder | UpdateAddress
 
@@ -54,6 +52,7 @@ class Outbox:
         self._pending: list[OrderEvent] = []
         self._closed = False
         self._local_work: list[int] = []  # the workflow task each running local activity began in
+        self._held_until: Callable[[], bool] = lambda: True
         self._next_task_brings = -1  # the workflow task whose batch waits for the next one
         self.emitted: list[OrderEvent] = []
 
@@ -86,6 +85,10 @@ class Outbox:
         finally:
             self._local_work.remove(task)
 
+    def hold_until(self, released: Callable[[], bool]) -> None:
+        """What is pending waits until `released()`: a progress report goes with the outcome that follows."""
+        self._held_until = released
+
     def close(self) -> None:
         """The lifecycle has ended: `publish` returns once the pending events are out (not later ones)."""
         self._closed = True
@@ -107,10 +110,11 @@ class Outbox:
             if task == self._next_task_brings:
                 # unless the lifecycle ends in this very task, cancelling the start before it is sent
                 await workflow.wait_condition(lambda: committed(task) or self._closed)  # noqa: B023
-            if not committed(task):
-                # a timer ends this task: the server starts the next one only once it has committed it
-                await workflow.sleep(TASK_BOUNDARY)
-            await self._publish_now(batch)
+            if committed(task):
+                await self._publish_now(batch)
+            else:
+                # the server creates an activity's task only once it has committed this one
+                await self._publish_eventually(batch)
 
     async def _batch_gathered(self) -> None:
         """Until no local work keeps this task open and what this activation woke has had its turn."""
@@ -123,7 +127,7 @@ class Outbox:
 
     def _batch_due(self) -> bool:
         held = current_task() in self._local_work
-        return self._closed or (bool(self._pending) and not held)
+        return self._closed or (bool(self._pending) and not held and self._held_until())
 
     async def _publish_eventually(self, batch: list[OrderEvent]) -> None:
         await workflow.execute_activity_method(

@@ -26,7 +26,6 @@ class DispatchFailed(BaseModel):
 
     reason: str
     dispatch: StepAttempts
-    prepare: StepAttempts | None = None  # this shipment's preparation, if it prepared the package
 
 
 class CarrierDispatched(BaseModel):
@@ -35,4 +34,3 @@ class CarrierDispatched(BaseModel):
     tracking_number: str
     address: Address
     dispatch: StepAttempts
-    prepare: StepAttempts | None = None  # this shipment's preparation, if it prepared the package

@@ -1,11 +1,9 @@
-"""ShippingWorkflow (task queue `shipping-tq`), a child of OrderWorkflow: prepare the package, then
-dispatch it and return the dispatch, or signal `DispatchFailed` and end. Both carry the preparation;
-a shipment stopped after it signals `PACKAGE_PREPARED` first."""
+"""ShippingWorkflow (task queue `shipping-tq`), a child of OrderWorkflow: prepare the package (signal
+`PACKAGE_PREPARED`), then dispatch it and return the dispatch, or signal `DispatchFailed` and end."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
@@ -13,9 +11,9 @@ from temporalio.exceptions import ApplicationError
 with workflow.unsafe.imports_passed_through():
     from services.workers.activity_interface import DispatchCarrierInput, OrderActivities
     from services.workers.shipment import CarrierDispatched, DispatchFailed, ShippingInput
-    from services.workers.steps import STEP_EXHAUSTED, AttemptLog, StepAttempts, run_step
+    from services.workers.steps import STEP_EXHAUSTED, AttemptLog, run_step
     from shared.contracts import Address, Step
-    from shared.lifecycle import SHIPPING_WORKFLOW, TASK_BOUNDARY, Signals
+    from shared.lifecycle import SHIPPING_WORKFLOW, Signals
 
 
 @workflow.defn(name=SHIPPING_WORKFLOW)
@@ -30,7 +28,6 @@ class ShippingWorkflow:
     async def run(self, shipment: ShippingInput) -> CarrierDispatched | None:
         """The dispatch; None if it failed (and `DispatchFailed` told the parent why)."""
         parent = workflow.get_external_workflow_handle(shipment.parent_workflow_id)
-        prepared = None
         if not shipment.package_ready:
             await run_step(
                 Step.PREPARE_PACKAGE,
@@ -40,26 +37,18 @@ class ShippingWorkflow:
                 deadline=shipment.deadline,
                 attempts=self._attempts,
             )
-            prepared = self._attempts.report(Step.PREPARE_PACKAGE)
-            # the task ends here, so an address update sent during the preparation reaches the dispatch
-            await workflow.sleep(TASK_BOUNDARY)
+            # awaited: the parent has it before this shipment's result or failure
+            await parent.signal(Signals.PACKAGE_PREPARED, self._attempts.report(Step.PREPARE_PACKAGE))
         try:
             tracking_number, address = await self._dispatch()
         except ApplicationError as err:
             if err.type != STEP_EXHAUSTED:
-                await _report_prepared(parent, prepared)
                 raise
-            dispatch = self._attempts.report(Step.DISPATCH_CARRIER)
-            failed = DispatchFailed(reason=err.message, dispatch=dispatch, prepare=prepared)
+            failed = DispatchFailed(reason=err.message, dispatch=self._attempts.report(Step.DISPATCH_CARRIER))
             await parent.signal(Signals.DISPATCH_FAILED, failed)
             return None
-        except asyncio.CancelledError:
-            await _report_prepared(parent, prepared)
-            raise
         dispatch = self._attempts.report(Step.DISPATCH_CARRIER)
-        return CarrierDispatched(
-            tracking_number=tracking_number, address=address, dispatch=dispatch, prepare=prepared
-        )
+        return CarrierDispatched(tracking_number=tracking_number, address=address, dispatch=dispatch)
 
     @workflow.signal(name=Signals.UPDATE_ADDRESS)
     def update_address(self, address: Address) -> None:
@@ -93,11 +82,3 @@ class ShippingWorkflow:
                 "address changed during dispatch; dispatching to the new one",
                 extra={"order_id": shipment.order_id, "step": Step.DISPATCH_CARRIER.value},
             )
-
-
-async def _report_prepared(
-    parent: workflow.ExternalWorkflowHandle[Any], prepared: StepAttempts | None
-) -> None:
-    """A stopped shipment's parent still learns that the package is ready, before the shipment ends."""
-    if prepared is not None:
-        await parent.signal(Signals.PACKAGE_PREPARED, prepared)
