@@ -11,7 +11,9 @@ from uuid import uuid4
 
 import pytest
 import pytest_asyncio
+from aio_pika import IncomingMessage
 from aio_pika.abc import AbstractQueue
+from aiormq.exceptions import ChannelInvalidStateError
 from prometheus_client import REGISTRY
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -49,6 +51,8 @@ from testsupport.read_model import EVENTS_START, event, insert_order
 from testsupport.services import DownDatabase, running
 
 Sessions = async_sessionmaker[AsyncSession]
+Acks = list[tuple[int | None, bool]]
+"""The acks a channel was sent, in order: each delivery tag, and whether it acked all up to it."""
 
 START = EVENTS_START
 # as the events carry it: every field, unset ones null
@@ -77,6 +81,20 @@ async def audit(audit_settings: Settings, audit_queue: str, db_sessions: Session
         yield audit_settings
 
 
+@pytest.fixture
+def acks(monkeypatch: pytest.MonkeyPatch) -> Acks:
+    """Every ack of a message this process consumes from the broker."""
+    sent: Acks = []
+    ack = IncomingMessage.ack
+
+    async def recorded(message: IncomingMessage, multiple: bool = False) -> None:
+        sent.append((message.delivery_tag, multiple))
+        await ack(message, multiple)
+
+    monkeypatch.setattr(IncomingMessage, "ack", recorded)
+    return sent
+
+
 @pytest_asyncio.fixture
 async def order_id(db_sessions: Sessions) -> str:
     """An order whose read-model row exists, as `order_received` inserts it."""
@@ -86,6 +104,16 @@ async def order_id(db_sessions: Sessions) -> str:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+def settled(acks: Acks) -> set[int | None]:
+    """The deliveries `acks` settled, each once: a second ack of one (the broker would close the
+    channel) means a multiple ack swept a delivery whose settling was someone else's."""
+    done: set[int | None] = set()
+    for tag, multiple in acks:
+        assert tag not in done, f"delivery {tag} acked twice"
+        done |= set(range(1, (tag or 0) + 1)) if multiple else {tag}
+    return done
+
+
 async def stored_events(sessions: Sessions, order_id: str) -> list[AuditEvent]:
     async with sessions() as session:
         rows = await session.scalars(
@@ -245,10 +273,12 @@ async def test_the_lifecycle_projects_onto_the_order(
 
 # --- failures ------------------------------------------------------------------------------------
 async def test_invalid_events_are_dead_lettered_and_the_consumer_keeps_going(
-    audit: Settings, broker_channel: Broker, dead_letters: AbstractQueue, db_sessions: Sessions
+    audit: Settings, broker_channel: Broker, dead_letters: AbstractQueue, db_sessions: Sessions, acks: Acks
 ) -> None:
     events = broker_channel[1].events
     received = event(unique_id("ord"), 1, EventType.RECEIVED).model_dump_json()
+    first = event(unique_id("ord"), 1, EventType.RECEIVED)
+    await publish(broker_channel, first)
     not_json = await publish_raw(events, "order.received", b"\xff not json")
     not_an_event = await publish_raw(
         events, "order.received", received.replace('"seq":1', '"seq":-1').encode()
@@ -256,11 +286,17 @@ async def test_invalid_events_are_dead_lettered_and_the_consumer_keeps_going(
     valid = event(unique_id("ord"), 1, EventType.RECEIVED)
     await publish(broker_channel, valid)
 
-    await stored(db_sessions, valid)
+    await stored(db_sessions, first, valid)
     dead = await dead_lettered(dead_letters, {not_json, not_an_event})
     assert verdict(dead[not_json]) == ("invalid_json", "audit")
     assert verdict(dead[not_an_event]) == ("schema_invalid", "audit")
     assert "seq" in str(dead[not_an_event].headers[ERROR_HEADER])
+
+    # each of the four deliveries settled once: no ack of the audit's swept a dead letter's
+    async def all_settled() -> bool:
+        return settled(acks) == {1, 2, 3, 4}
+
+    await eventually(all_settled)
 
 
 async def test_an_event_that_keeps_failing_is_dead_lettered_after_its_deliveries(
@@ -297,14 +333,37 @@ async def test_a_database_outage_neither_loses_nor_dead_letters_an_event(
         await stored(db_sessions, received)
 
 
-class AckedMessage:
-    """Just enough of an incoming message for `AuditLog.handle`: it remembers its ack."""
+class Deliveries:
+    """A channel's deliveries, just enough of each for `AuditLog`; their acks are kept."""
 
     def __init__(self) -> None:
-        self.acked = False
+        self.acks: Acks = []
+        self.closed = False
+        self._delivered = 0
 
-    async def ack(self) -> None:
-        self.acked = True
+    def next(self) -> AckedMessage:
+        self._delivered += 1
+        return AckedMessage(self, self._delivered)
+
+
+class AckedMessage:
+    """An incoming message as `AuditLog` uses it: a delivery tag on a channel, and its ack."""
+
+    def __init__(self, deliveries: Deliveries, delivery_tag: int) -> None:
+        self._deliveries, self.delivery_tag = deliveries, delivery_tag
+
+    @property
+    def channel(self) -> Deliveries:
+        if self._deliveries.closed:
+            raise ChannelInvalidStateError  # as aio-pika's message does
+        return self._deliveries
+
+    @property
+    def acked(self) -> bool:
+        return self.delivery_tag in settled(self._deliveries.acks)
+
+    async def ack(self, multiple: bool = False) -> None:
+        self.channel.acks.append((self.delivery_tag, multiple))
 
 
 async def test_events_arriving_together_share_a_transaction_and_a_bad_one_fails_alone(
@@ -313,7 +372,8 @@ async def test_events_arriving_together_share_a_transaction_and_a_bad_one_fails_
     audit_log = AuditLog(db_sessions, asyncio.Event(), max_batch=50)
     good = [event(order_id, seq, EventType.VALIDATED) for seq in (1, 2, 3)]
     unfit = event(order_id, 4, EventType.CARRIER_DISPATCHED, tracking_number="T" * 65)
-    messages = [AckedMessage() for _ in range(4)]
+    deliveries = Deliveries()
+    messages = [deliveries.next() for _ in range(4)]
 
     outcomes = await asyncio.gather(
         *(audit_log.handle(m, e) for m, e in zip(messages, [*good, unfit], strict=True)),  # type: ignore[arg-type]
@@ -324,6 +384,45 @@ async def test_events_arriving_together_share_a_transaction_and_a_bad_one_fails_
     assert "too long" in str(outcomes[3])
     assert [m.acked for m in messages] == [True, True, True, False]
     assert [row.seq for row in await stored_events(db_sessions, order_id)] == [1, 2, 3]
+    # the bad one is its consumer's to requeue or dead-letter: no later ack may settle it
+    later = deliveries.next()
+    await audit_log.handle(later, event(order_id, 5, EventType.VALIDATED))  # type: ignore[arg-type]
+    assert (deliveries.acks[-1], messages[3].acked) == ((later.delivery_tag, False), False)
+
+
+async def test_a_batch_with_every_delivery_not_acked_yet_is_acked_at_once(
+    db_sessions: Sessions, order_id: str
+) -> None:
+    audit_log = AuditLog(db_sessions, asyncio.Event(), max_batch=3)
+    deliveries = Deliveries()
+
+    for seqs in ((1, 2, 3), (4, 5, 6)):
+        batch = [(deliveries.next(), event(order_id, seq, EventType.VALIDATED)) for seq in seqs]
+        await asyncio.gather(*(audit_log.handle(m, e) for m, e in batch))  # type: ignore[arg-type]
+
+    assert deliveries.acks == [(3, True), (6, True)]
+
+
+async def test_after_a_delivery_settled_elsewhere_each_event_is_acked_alone(
+    db_sessions: Sessions, order_id: str
+) -> None:
+    """A message the consumer dead-letters never reaches the log, and is acked by the consumer when
+    it is in the dead-letter queue: a multiple ack must not settle it before."""
+    audit_log = AuditLog(db_sessions, asyncio.Event(), max_batch=2)
+    deliveries = Deliveries()
+    dead_lettered = deliveries.next()
+
+    for seqs in ((1, 2), (3, 4)):
+        batch = [(deliveries.next(), event(order_id, seq, EventType.VALIDATED)) for seq in seqs]
+        await asyncio.gather(*(audit_log.handle(m, e) for m, e in batch))  # type: ignore[arg-type]
+
+    assert deliveries.acks == [(2, False), (3, False), (4, False), (5, False)]
+    assert not dead_lettered.acked
+    # a new channel (after a reconnect) has nothing unacked before its first delivery
+    reconnected = Deliveries()
+    batch = [(reconnected.next(), event(order_id, seq, EventType.VALIDATED)) for seq in (5, 6)]
+    await asyncio.gather(*(audit_log.handle(m, e) for m, e in batch))  # type: ignore[arg-type]
+    assert reconnected.acks == [(2, True)]
 
 
 def batches_written() -> tuple[float, float]:
@@ -335,7 +434,12 @@ def batches_written() -> tuple[float, float]:
 
 
 async def test_events_published_apart_gather_in_one_batch_for_its_linger(
-    audit_settings: Settings, audit_queue: str, broker_channel: Broker, db_sessions: Sessions, order_id: str
+    audit_settings: Settings,
+    audit_queue: str,
+    broker_channel: Broker,
+    db_sessions: Sessions,
+    order_id: str,
+    acks: Acks,
 ) -> None:
     lifecycle = [event(order_id, seq, EventType.VALIDATED) for seq in range(1, 9)]
     before = batches_written()
@@ -349,6 +453,7 @@ async def test_events_published_apart_gather_in_one_batch_for_its_linger(
 
     batches, events = batches_written()
     assert (batches, events) == (before[0] + 1, before[1] + len(lifecycle))
+    assert acks == [(len(lifecycle), True)]  # the broker's consumer channel delivered them, from tag 1
     queue = await broker_channel[0].declare_queue(audit_queue, passive=True)
     assert queue.declaration_result.message_count == 0  # all acked: none handed back when it stopped
 
@@ -358,7 +463,8 @@ async def test_a_full_batch_is_written_without_waiting_out_its_linger(
 ) -> None:
     audit_log = AuditLog(db_sessions, asyncio.Event(), max_batch=3, linger_seconds=60)
     events = [event(order_id, seq, EventType.VALIDATED) for seq in (1, 2, 3)]
-    messages = [AckedMessage() for _ in events]
+    deliveries = Deliveries()
+    messages = [deliveries.next() for _ in events]
     before = batches_written()
 
     handling = (audit_log.handle(m, e) for m, e in zip(messages, events, strict=True))  # type: ignore[arg-type]
@@ -372,18 +478,20 @@ async def test_a_handler_cancelled_mid_batch_holds_up_no_later_event(
     db_sessions: Sessions, order_id: str
 ) -> None:
     """When the broker connection drops, the handlers of its deliveries are cancelled, possibly
-    while their batch is being written (the broker delivers those events again). The events that
-    arrive meanwhile must still be recorded and acked."""
+    while their batch is being written (the broker delivers those events again: their channel,
+    closed, can ack nothing). The events that arrive meanwhile must still be recorded and acked."""
     audit_log = AuditLog(db_sessions, asyncio.Event())
     dropped, kept = event(order_id, 1, EventType.RECEIVED), event(order_id, 2, EventType.VALIDATED)
-    kept_message = AckedMessage()
+    lost, reconnected = Deliveries(), Deliveries()
+    kept_message = reconnected.next()
 
-    dropped_handler = asyncio.create_task(audit_log.handle(AckedMessage(), dropped))  # type: ignore[arg-type]
+    dropped_handler = asyncio.create_task(audit_log.handle(lost.next(), dropped))  # type: ignore[arg-type]
     await asyncio.sleep(0)  # it has handed its event to the writer and waits for the batch
     dropped_handler.cancel()
+    lost.closed = True
     await asyncio.wait_for(audit_log.handle(kept_message, kept), timeout=10)  # type: ignore[arg-type]
 
-    assert kept_message.acked
+    assert (lost.acks, reconnected.acks) == ([], [(1, True)])
     assert [row.seq for row in await stored_events(db_sessions, order_id)] == [1, 2]
 
 
@@ -558,8 +666,9 @@ async def test_a_batch_with_an_ending_counts_it_once(db_sessions: Sessions, orde
     before = ended("completed")
 
     batch = [admitted, event(order_id, 1, EventType.RECEIVED), completed, completed]
-    await asyncio.gather(*(audit_log.handle(AckedMessage(), one) for one in batch))  # type: ignore[arg-type]
-    await audit_log.handle(AckedMessage(), completed)  # type: ignore[arg-type]
+    deliveries = Deliveries()
+    await asyncio.gather(*(audit_log.handle(deliveries.next(), one) for one in batch))  # type: ignore[arg-type]
+    await audit_log.handle(deliveries.next(), completed)  # type: ignore[arg-type]
 
     count, timed, seconds = ended("completed")
     assert (count, timed) == (before[0] + 1, before[1] + 1)

@@ -84,6 +84,7 @@ async def run_audit(settings: Settings, stop: asyncio.Event) -> None:
 class PendingEvent:
     """An event waiting for its batch; its handler awaits `recorded`."""
 
+    message: AbstractIncomingMessage
     event: OrderEvent
     recorded: asyncio.Future[bool]
     write_by: float  # the loop's time when its linger ends
@@ -107,6 +108,7 @@ class AuditLog:
         self._pending: list[PendingEvent] = []
         self._batch_full = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        self._first_unacked: tuple[object, int] = (None, 1)  # a channel and its first delivery not acked
 
     async def handle(self, message: AbstractIncomingMessage, event: OrderEvent) -> None:
         structlog.contextvars.bind_contextvars(
@@ -114,14 +116,12 @@ class AuditLog:
         )
         loop = asyncio.get_running_loop()
         recorded: asyncio.Future[bool] = loop.create_future()
-        self._pending.append(PendingEvent(event, recorded, loop.time() + self._linger_seconds))
+        self._pending.append(PendingEvent(message, event, recorded, loop.time() + self._linger_seconds))
         if len(self._pending) >= self._max_batch:
             self._batch_full.set()
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_pending())
-        is_new = await recorded
-        await message.ack()
-        if is_new:
+        if await recorded:
             log.debug("event recorded", outcome="recorded")  # the workers log each transition already
         else:
             log.info("duplicate event", outcome="duplicate")
@@ -142,6 +142,7 @@ class AuditLog:
         events = [pending.event for pending in batch]
         try:
             outcomes = await retry_transient(lambda: self._record(events), self._stop)
+            await self._ack([pending.message for pending in batch])
         except Exception as error:  # noqa: BLE001 (whatever failed, each event is tried alone)
             if len(batch) > 1:
                 for single in batch:
@@ -150,9 +151,19 @@ class AuditLog:
                 batch[0].recorded.set_exception(error)
             return
         for pending, is_new in zip(batch, outcomes, strict=True):
-            # a handler cancelled meanwhile (the broker delivers its event again) must not stop the writer
+            # a handler cancelled meanwhile (its event is stored and acked all the same) must not stop it
             if not pending.recorded.cancelled():
                 pending.recorded.set_result(is_new)
+
+    async def _ack(self, messages: list[AbstractIncomingMessage]) -> None:
+        """One multiple ack when `messages` are all that their channel (a new one's tags start at 1) has
+        not acked, else one each: a gap is a message dead-lettered, requeued or left for redelivery."""
+        channel = messages[0].channel
+        first = self._first_unacked[1] if self._first_unacked[0] is channel else 1
+        whole = all(m.channel is channel and m.delivery_tag == first + i for i, m in enumerate(messages))
+        self._first_unacked = (channel, first + len(messages) if whole else 0)  # 0: single acks for good
+        for message in messages[-1:] if whole else messages:
+            await message.ack(multiple=whole)
 
     async def _record(self, events: list[OrderEvent]) -> list[bool]:
         async with db.transaction(self._sessions) as session:

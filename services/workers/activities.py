@@ -3,6 +3,7 @@ other activities refund, publish events, and move the order's admission slot."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -74,8 +75,8 @@ class BusinessActivities(OrderActivities):
         if activity.info().is_local and not self.broker.connected.is_set():
             # a local activity holds its workflow task open: the regular activity waits for the broker
             raise ApplicationError("the broker is away", type=DEPENDENCY_UNAVAILABLE, non_retryable=True)
-        for event in events:
-            await publish_event(self.topology, event)
+        # the confirms awaited together; sent in order still, as each publish takes the channel's lock in turn
+        await asyncio.gather(*(publish_event(self.topology, event) for event in events))
 
     @activity.defn
     async def leave_admission_for_review(self, order_id: str) -> None:
