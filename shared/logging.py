@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn, TextIO
 
 import structlog
 from opentelemetry import trace
 from pydantic import ValidationError
-from structlog.typing import EventDict, Processor, WrappedLogger
+from structlog.tracebacks import ExceptionDictTransformer
+from structlog.typing import EventDict, WrappedLogger
 
 from shared.settings import Settings, invalid_settings_message
 
@@ -24,69 +25,67 @@ _SKIPPED_RECORD_FIELDS = frozenset(
 
 def _record_extras(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     """Copy a standard-library record's `extra=` fields into the event (Temporal's context too)."""
-    record: logging.LogRecord | None = event_dict.get("_record")
-    if record is not None:
-        for key, value in vars(record).items():
-            if key not in _SKIPPED_RECORD_FIELDS and not key.startswith("_") and key not in event_dict:
-                event_dict[key] = value
+    record = event_dict.pop("_record", None)
+    for key, value in vars(record).items() if record else ():
+        if key not in _SKIPPED_RECORD_FIELDS and not key.startswith("_") and key not in event_dict:
+            event_dict[key] = value
     return event_dict
 
 
 def _trace_context(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     """The current span's ids in OpenTelemetry's hex form, so a log line leads to its trace."""
-    span = trace.get_current_span().get_span_context()
-    if span.is_valid:
+    if (span := trace.get_current_span().get_span_context()).is_valid:
         event_dict["trace_id"] = trace.format_trace_id(span.trace_id)
         event_dict["span_id"] = trace.format_span_id(span.span_id)
     return event_dict
 
 
+class _StdoutLogger(structlog.WriteLogger):
+    """structlog's lines straight to standard output, named as `get_logger` was asked (the `logger` field)."""
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__(sys.stdout)
+        self.name = name
+
+
+class _RecordLines(logging.StreamHandler[TextIO]):
+    """Standard-library records as structlog's own lines: through its processors, without a record's copy."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: Any = {"event": record.getMessage(), "_record": record, "exc_info": record.exc_info}
+        for processor in structlog.get_config()["processors"]:
+            line = processor(None, record.levelname.lower(), line)
+        return str(line)
+
+
 def configure_logging(settings: Settings, service: str) -> None:
-    shared_processors: list[Processor] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _trace_context,
-        # tracebacks as data, without local variables (they hold whole requests and secrets)
-        structlog.processors.ExceptionRenderer(
-            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
-        ),
-    ]
-    renderer = (
-        structlog.processors.JSONRenderer(default=str)
-        if settings.log_json
-        # plain tracebacks (rich's show every frame's locals, blocking for seconds); no colour off a
-        # terminal or with NO_COLOR set (https://no-color.org)
-        else structlog.dev.ConsoleRenderer(
-            colors=sys.stdout.isatty() and not os.environ.get("NO_COLOR"),
-            exception_formatter=structlog.dev.plain_traceback,
-        )
-    )
+    logging.root.setLevel(settings.log_level.upper())
     structlog.configure(
-        # a line below the level is dropped before the processors spend time on it
         processors=[
-            structlog.stdlib.filter_by_level,
-            *shared_processors,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _trace_context,
+            # tracebacks without local variables (they hold whole requests and secrets): data in JSON, plain
+            # text on a console (rich's show every frame's locals, blocking for seconds)
+            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
+            if settings.log_json
+            else structlog.processors.format_exc_info,
+            _record_extras,
+            structlog.processors.JSONRenderer(default=str)
+            if settings.log_json
+            # no colour off a terminal or with NO_COLOR set (https://no-color.org)
+            else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty() and not os.environ.get("NO_COLOR")),
         ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        logger_factory=_StdoutLogger,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.root.level),
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[*shared_processors, _record_extras],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-        )
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.log_level.upper())
+    logging.root.handlers[:] = [_RecordLines(sys.stdout)]
     for noisy in ("aiormq", "aio_pika", "sqlalchemy.engine", "httpx", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # every failed attempt is logged once, by the workflow, with its step and attempt number
+    # every failed attempt is logged once, by its step (`steps._failed_attempt`), with its number
     logging.getLogger("temporalio.activity").setLevel(logging.ERROR)
     structlog.contextvars.bind_contextvars(service=service)
 
@@ -102,5 +101,5 @@ def settings_or_exit(service: str) -> Settings:
 
 def stop_starting(reason: str) -> NoReturn:
     """Stop a service that cannot start with one critical log line and exit code 2, not a traceback."""
-    structlog.get_logger().critical(reason)
+    structlog.get_logger(__name__).critical(reason)
     raise SystemExit(2)

@@ -38,7 +38,7 @@ async def patiently(
         except errors as error:
             if loop.time() >= deadline:
                 raise
-            structlog.get_logger().info(waiting, **fields, error=str(error))
+            structlog.get_logger(__name__).info(waiting, **fields, error=str(error))
             await asyncio.sleep(1.0)
 
 

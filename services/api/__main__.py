@@ -27,7 +27,7 @@ def main() -> None:
     try:
         TokenVerifier.from_settings(settings)  # checked before serving: the gateway never runs open
     except AuthNotConfigured as error:
-        structlog.get_logger().critical(f"the gateway cannot start: {error}")
+        structlog.get_logger(__name__).critical(f"the gateway cannot start: {error}")
         raise SystemExit(2) from None
     asyncio.run(reach_or_exit(settings, "api", tuple(Dependency)))
     configure_tracing("api")  # before the app: FastAPI traces once a provider is installed

@@ -32,7 +32,7 @@ async def main() -> None:
     configure_logging(settings, "workers")
     configure_tracing("workers")
     Runtime.set_default(temporal_runtime(settings.worker_metrics_port, logging=core_logs()))
-    log = structlog.get_logger()
+    log = structlog.get_logger(__name__)
     async with started(settings, "workers", settings.worker_metrics_port, tuple(Dependency)) as service:
         client = await service.connections.temporal.get()
         async with running_workers(client, settings):
