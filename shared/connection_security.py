@@ -32,8 +32,7 @@ def amqp_url(settings: Settings) -> str:
     """`amqp_url` with the password from `amqp_password_file`, when one is given."""
     if settings.amqp_password_file is None:
         return settings.amqp_url
-    url = URL(settings.amqp_url)
-    return str(url.with_password(read_secret(settings.amqp_password_file)))
+    return str(URL(settings.amqp_url).with_password(read_secret(settings.amqp_password_file)))
 
 
 def amqp_ssl_context(settings: Settings) -> ssl.SSLContext | None:

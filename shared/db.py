@@ -180,7 +180,5 @@ async def transaction(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterat
 
 async def listening_connection(settings: Settings, timeout: float = 60.0) -> asyncpg.Connection:
     """A plain asyncpg connection for LISTEN (it stays open: outside the pool), secured as the engine's."""
-    dsn = make_url(database_url(settings)).set(drivername="postgresql")
-    return await asyncpg.connect(
-        dsn.render_as_string(hide_password=False), ssl=postgres_ssl(settings), timeout=timeout
-    )
+    dsn = make_url(database_url(settings)).set(drivername="postgresql").render_as_string(hide_password=False)
+    return await asyncpg.connect(dsn, ssl=postgres_ssl(settings), timeout=timeout)

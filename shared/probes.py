@@ -114,8 +114,7 @@ async def database_answers(engine: AsyncEngine) -> str:
 
 
 async def temporal_serving(client: Client) -> str:
-    timeout = timedelta(seconds=CHECK_TIMEOUT_SECONDS)
-    if not await client.service_client.check_health(timeout=timeout):
+    if not await client.service_client.check_health(timeout=timedelta(seconds=CHECK_TIMEOUT_SECONDS)):
         raise DependencyUnavailable("temporal", "the workflow service is not serving")
     return "workflow service serving"
 

@@ -35,9 +35,8 @@ async def connect_temporal(
     config = connect_config(settings)
     data_converter = encrypted_data_converter(payload_keyring(settings))
     connecting = partial(Client.connect, **config, data_converter=data_converter, interceptors=interceptors)
-    address = config.get("target_host")
     return await patiently(
-        connecting, (RuntimeError, RPCError), patience, "waiting for temporal", address=address
+        connecting, (RuntimeError, RPCError), patience, "waiting for temporal", address=config["target_host"]
     )
 
 

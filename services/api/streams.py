@@ -262,5 +262,4 @@ async def events_after(
 
 
 async def newest_position(session: AsyncSession) -> int:
-    position: int | None = await session.scalar(select(func.max(col(AuditEvent.position))))
-    return position or 0
+    return await session.scalar(select(func.max(col(AuditEvent.position)))) or 0

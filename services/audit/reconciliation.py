@@ -73,8 +73,7 @@ async def repair(sessions: async_sessionmaker[AsyncSession], order_id: str) -> b
         if await session.scalar(LOCK_IF_BEHIND, {"order_id": order_id, "state_types": STATE_TYPES}) is None:
             return False
         stored = await session.scalars(EVENTS_OF_ORDER, {"order_id": order_id})
-        events = [RecordedEvent.model_validate(row, from_attributes=True) for row in stored]
-        await project(session, events)
+        await project(session, [RecordedEvent.model_validate(row, from_attributes=True) for row in stored])
     REPAIRS.inc()
     log.warning("read model row repaired", order_id=order_id)
     return True

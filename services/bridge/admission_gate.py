@@ -244,10 +244,7 @@ class AdmissionLedger:
         self._max_running = max_running
 
     async def register(
-        self,
-        command: PlaceOrder,
-        publish: Callable[[Registration], Awaitable[None]],
-        take_free_slot: bool,
+        self, command: PlaceOrder, publish: Callable[[Registration], Awaitable[None]], take_free_slot: bool
     ) -> Registration | Outcome:
         """Record a placement, list its order and `publish` its events before the commit (a crash
         repeats them, same ids); with `take_free_slot`, take a free slot in the same transaction."""

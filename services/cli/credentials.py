@@ -15,8 +15,7 @@ from shared.authorization import role_names
 
 def stored_token_path() -> Path:
     """`$XDG_CONFIG_HOME/orderflow/token` (`~/.config/orderflow/token` by default)."""
-    config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(config_home) / "orderflow" / "token"
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "orderflow" / "token"
 
 
 def login(token: str, roles_claim: str) -> str:

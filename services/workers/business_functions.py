@@ -97,8 +97,7 @@ async def _validate(connection: AsyncConnection, order_id: str) -> None:
         raise LookupError(f"order {order_id} is not in the database")
     stored_items, payment_id, validated_at, payer = order
     items = [OrderItem.model_validate(item) for item in stored_items]
-    skus = Counter(item.sku for item in items)
-    repeated = sorted(sku for sku, count in skus.items() if count > 1)
+    repeated = sorted(sku for sku, count in Counter(item.sku for item in items).items() if count > 1)
     if repeated:
         raise OrderInvalid(f"each SKU may appear once; repeated: {', '.join(repeated)}")
     total = sum(item.qty for item in items)
